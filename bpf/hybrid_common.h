@@ -1,0 +1,169 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* hybrid_common.h: constants, map names and map key/value layouts shared by the BPF programs
+ * (bpf/hybrid.bpf.c) and userspace. hybrid/abi.py mirrors this file: change both, and
+ * tests/unit/test_abi.py proves they agree (sizes and field offsets as compiled by bcc).
+ *
+ * Rules for everything in here: fixed-width types only, explicit padding, no pointers, no
+ * bitfields, every struct a multiple of 8 bytes. Byte order is stated on every field.
+ *
+ * Division of labour (why two programs, and how they talk):
+ *   hybrid_xdp         (XDP)           drop checks only: blocked prefixes and flows whose verdict
+ *                                      is BLOCK. Lookups, never writes to the flow table.
+ *   hybrid_tc_ingress  (tc clsact in)  full classification: flow table update, flag reasons,
+ *                                      the mark (an skb exists here; XDP cannot set skb->mark).
+ * XDP learns what to drop from the maps (flow table and prefix trie), not from metadata:
+ * data_meta is unsupported by several drivers' native XDP, and a packet must never go
+ * unclassified because of the NIC it arrived on. tc enforces blocks too, so an interface
+ * attached without XDP (or a packet that raced a new BLOCK verdict) still drops at tc.
+ */
+#ifndef HYBRID_COMMON_H
+#define HYBRID_COMMON_H
+
+/* ---- Load-time knobs (bcc -D flags; defaults here) ------------------------------------------ */
+#ifndef HYBRID_FLOW_TABLE_SIZE
+#define HYBRID_FLOW_TABLE_SIZE 131072   /* LRU: the least recently used flow is evicted when full */
+#endif /* HYBRID_FLOW_TABLE_SIZE */
+#ifndef HYBRID_PREFIX_TABLE_SIZE
+#define HYBRID_PREFIX_TABLE_SIZE 16384
+#endif /* HYBRID_PREFIX_TABLE_SIZE */
+/* HYBRID_PIN_DIR: when defined (a string literal, a directory on a bpffs), every map is created
+ * pinned there, or reopened if a pin already exists (state survives a restart of the tool). */
+
+#define HYBRID_MAX_IFACES 64            /* stats slots; slot 0 counts unregistered interfaces */
+#define HYBRID_MAX_VLAN_DEPTH 2         /* 802.1Q / 802.1ad tags parsed */
+#define HYBRID_MAX_IPV6_EXT 6           /* IPv6 extension headers walked before giving up */
+
+/* ---- Map names (bcc table names; also the pin file names) ----------------------------------- */
+#define HYBRID_MAP_CONFIG   "hybrid_config"    /* array[1]  of struct hybrid_config */
+#define HYBRID_MAP_FLOWS    "hybrid_flows"     /* lru_hash  struct hybrid_flow_key -> struct hybrid_flow */
+#define HYBRID_MAP_PREFIXES "hybrid_prefixes"  /* lpm_trie  struct hybrid_prefix_key -> struct hybrid_prefix */
+#define HYBRID_MAP_PORTS    "hybrid_ports"     /* array[65536] of __u8 HYBRID_PORT_* bits, index = port (host order) */
+#define HYBRID_MAP_IFACES   "hybrid_ifaces"    /* hash      __u32 ifindex -> struct hybrid_iface */
+#define HYBRID_MAP_STATS    "hybrid_stats"     /* percpu_array[HYBRID_MAX_IFACES] of struct hybrid_stats */
+
+/* ---- Program names --------------------------------------------------------------------------- */
+#define HYBRID_PROG_XDP "hybrid_xdp"
+#define HYBRID_PROG_TC  "hybrid_tc_ingress"
+
+/* ---- Flow verdict states (struct hybrid_flow.verdict) ---------------------------------------- */
+#define HYBRID_VERDICT_NONE    0  /* classified by the flag policy below */
+#define HYBRID_VERDICT_INSPECT 1  /* every packet is flagged (the engine asked to keep looking) */
+#define HYBRID_VERDICT_BYPASS  2  /* never flagged: the engine has decided, traffic stays in kernel */
+#define HYBRID_VERDICT_BLOCK   3  /* dropped at XDP (or at tc when no XDP is attached) */
+
+/* ---- Flag reasons: bit masks in hybrid_config.reasons and in the per-reason counters --------- */
+#define HYBRID_REASON_SYN        (1U << 0)  /* TCP SYN without ACK: a new connection */
+#define HYBRID_REASON_FIRST_N    (1U << 1)  /* one of the first N payload packets of its direction */
+#define HYBRID_REASON_PORT       (1U << 2)  /* either port of the flow is watched */
+#define HYBRID_REASON_PREFIX     (1U << 3)  /* source or destination in a watched prefix */
+#define HYBRID_REASON_SUSPICIOUS (1U << 4)  /* impossible TCP flag combination (see below) */
+#define HYBRID_REASON_FRAGMENT   (1U << 5)  /* IP fragment: ports unknown, netfilter reassembles it */
+#define HYBRID_REASON_INSPECT    (1U << 6)  /* flow in INSPECT state */
+#define HYBRID_REASON_MALFORMED  (1U << 7)  /* valid IP header, unparseable transport header */
+#define HYBRID_REASON_COUNT      8
+#define HYBRID_REASONS_ALL       ((1U << HYBRID_REASON_COUNT) - 1)
+
+/* Suspicious TCP flags (HYBRID_REASON_SUSPICIOUS), tested on the 8 flag bits:
+ *   none set (NULL scan); SYN+FIN; SYN+RST; FIN+RST; FIN+PSH+URG (Xmas); FIN without ACK. */
+
+/* ---- hybrid_config.flags ---------------------------------------------------------------------- */
+#define HYBRID_CFG_HAVE_PREFIXES (1U << 0)  /* the prefix trie is non-empty: skip lookups otherwise */
+#define HYBRID_CFG_HAVE_PORTS    (1U << 1)  /* some port is watched: skip the array lookup otherwise */
+
+/* ---- hybrid_ports values ---------------------------------------------------------------------- */
+#define HYBRID_PORT_TCP (1U << 0)
+#define HYBRID_PORT_UDP (1U << 1)
+
+/* ---- hybrid_prefix.action bits ---------------------------------------------------------------- */
+#define HYBRID_PREFIX_WATCH (1U << 0)  /* flag every packet from or to it (until bypass/block) */
+#define HYBRID_PREFIX_BLOCK (1U << 1)  /* drop every packet from or to it at XDP */
+
+/* ---- hybrid_flow.flags ------------------------------------------------------------------------ */
+#define HYBRID_FLOW_ORIG_HI   (1U << 0)  /* the first packet seen came from the "hi" endpoint */
+#define HYBRID_FLOW_MIDSTREAM (1U << 1)  /* TCP flow first seen on a non-SYN (existed before attach) */
+
+/* ---- hybrid_iface.flags ----------------------------------------------------------------------- */
+#define HYBRID_IFACE_XDP (1U << 0)  /* an XDP program is attached here too (informational) */
+
+/* ---- Counters: index into struct hybrid_stats.c ----------------------------------------------
+ * XDP counts XDP_*; tc counts the rest. Invariant at tc, per interface:
+ *   PACKETS = NOT_IP + MALFORMED_L3 + FLAGGED + BYPASSED + PASSED + DROP_TC_FLOW + DROP_TC_PREFIX
+ * and FLAGGED <= sum(REASON_*) (a packet may have several reasons; each is counted). */
+#define HYBRID_CNT_XDP_PACKETS     0   /* packets seen by hybrid_xdp */
+#define HYBRID_CNT_XDP_DROP_FLOW   1   /* dropped at XDP: flow verdict BLOCK */
+#define HYBRID_CNT_XDP_DROP_PREFIX 2   /* dropped at XDP: source or destination in a blocked prefix */
+#define HYBRID_CNT_PACKETS         3   /* packets seen by hybrid_tc_ingress */
+#define HYBRID_CNT_NOT_IP          4   /* passed unclassified: not IPv4/IPv6 (ARP, LLDP, ...) */
+#define HYBRID_CNT_MALFORMED_L3    5   /* passed unflagged: truncated/invalid IP header; the stack drops it */
+#define HYBRID_CNT_FLAGGED         6   /* marked for the queue, any reason */
+#define HYBRID_CNT_BYPASSED        7   /* not flagged because the flow is in BYPASS */
+#define HYBRID_CNT_PASSED          8   /* not flagged: no reason applied */
+#define HYBRID_CNT_DROP_TC_FLOW    9   /* dropped at tc: flow verdict BLOCK */
+#define HYBRID_CNT_DROP_TC_PREFIX  10  /* dropped at tc: blocked prefix */
+#define HYBRID_CNT_FLOW_NEW        11  /* flow table entries created */
+#define HYBRID_CNT_FLOW_FULL       12  /* flow table insert failed (packet still classified, uncounted) */
+#define HYBRID_CNT_VERDICT_EXPIRED 13  /* verdicts that reached their expiry and reverted to NONE */
+#define HYBRID_CNT_REASON_BASE     14  /* HYBRID_CNT_REASON_BASE + bit index of HYBRID_REASON_* */
+#define HYBRID_CNT_MAX             (HYBRID_CNT_REASON_BASE + HYBRID_REASON_COUNT)  /* 22 */
+
+/* ---- Structs ---------------------------------------------------------------------------------- */
+
+/* The one configuration entry. Written by userspace at attach (and later to change knobs),
+ * read by both programs on every packet. */
+struct hybrid_config {
+	__u32 mark_value;   /* host order; bits ORed into skb->mark of flagged packets (within mask) */
+	__u32 mark_mask;    /* host order; the bits hybrid owns: new = (value & mask) | (old & ~mask) */
+	__u32 reasons;      /* HYBRID_REASON_* bits that may flag a packet */
+	__u32 first_n;      /* payload-carrying packets flagged per direction at a flow's start */
+	__u32 flags;        /* HYBRID_CFG_* */
+	__u32 _pad0;
+};                          /* 24 bytes */
+
+/* Direction-independent flow key. Addresses are IPv6 or IPv4-mapped IPv6 (::ffff:a.b.c.d),
+ * network byte order. The (address, port) pair that compares lower (memcmp of the address, then
+ * port as a host-order number) is "lo", the other "hi"; a packet from lo travels direction 0. */
+struct hybrid_flow_key {
+	__u8  addr_lo[16];  /* network order */
+	__u8  addr_hi[16];  /* network order */
+	__u16 port_lo;      /* network order; ICMP/ICMPv6 echo: the identifier; other ICMP: 0 */
+	__u16 port_hi;      /* network order; as port_lo */
+	__u16 vlan;         /* host order; outer VLAN id (12 bits), 0 when untagged */
+	__u8  proto;        /* IPPROTO_* */
+	__u8  _pad0;
+};                          /* 40 bytes */
+
+struct hybrid_flow {
+	__u64 first_seen_ns;       /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 last_seen_ns;        /* CLOCK_MONOTONIC */
+	__u64 verdict_expires_ns;  /* CLOCK_MONOTONIC; verdict reverts to NONE at this time; 0 = never */
+	__u64 packets[2];          /* per direction (0: from lo, 1: from hi) */
+	__u64 bytes[2];            /* per direction, L3 length */
+	__u32 payload_packets[2];  /* per direction: packets with transport payload (first-N budget) */
+	__u32 flagged;             /* packets of this flow flagged for the queue */
+	__u8  verdict;             /* HYBRID_VERDICT_* */
+	__u8  flags;               /* HYBRID_FLOW_* */
+	__u16 _pad0;
+};                                 /* 72 bytes */
+
+/* LPM trie key: prefixlen counts bits of addr. IPv4 prefixes are stored IPv4-mapped, so
+ * 198.18.0.0/15 is ::ffff:198.18.0.0/111 (96 + 15). */
+struct hybrid_prefix_key {
+	__u32 prefixlen;    /* host order */
+	__u8  addr[16];     /* network order */
+};                          /* 20 bytes (the kernel requires exactly this layout: no padding) */
+
+struct hybrid_prefix {
+	__u32 action;       /* HYBRID_PREFIX_* */
+	__u32 _pad0;
+};                          /* 8 bytes */
+
+struct hybrid_iface {
+	__u32 slot;         /* index into hybrid_stats, 1..HYBRID_MAX_IFACES-1 */
+	__u32 flags;        /* HYBRID_IFACE_* */
+};                          /* 8 bytes */
+
+struct hybrid_stats {
+	__u64 c[HYBRID_CNT_MAX];
+};                          /* 176 bytes; per CPU: userspace sums over possible CPUs */
+
+#endif /* HYBRID_COMMON_H */

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Install everything hybrid needs on a Debian 12 machine, into .venv at the repository root.
+# Idempotent: run it again after a pull. Needs root (apt-get, /lib/modules).
+set -o errexit -o nounset -o pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$repo/.venv"
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root: sudo ./scripts/setup.sh"
+command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian 12 (bookworm)"
+
+# --- Debian packages --------------------------------------------------------------------------
+# python3-bpfcc: bcc for Debian's /usr/bin/python3 (the PyPI "bcc" is unrelated)
+# linux-headers-amd64: bcc compiles against kernel headers at run time
+# libnetfilter-queue-dev, python3-dev, gcc: NetfilterQueue is built from source by pip
+# iptables, iproute2, util-linux (nsenter), conntrack: netfilter and netlink plumbing
+# iperf3, nginx-light, wrk, curl, iputils-ping: the lab's clients and servers and the benchmarks
+packages=(
+  python3 python3-venv python3-dev python3-bpfcc gcc
+  linux-headers-amd64 libnetfilter-queue-dev
+  iptables iproute2 util-linux conntrack ethtool
+  iperf3 nginx-light wrk curl iputils-ping
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say "Debian packages already installed"
+fi
+# nginx-light's postinst starts a server on :80 of the root namespace; the lab runs its own.
+if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
+  systemctl disable --now nginx >/dev/null 2>&1 || true
+elif [ -f /run/nginx.pid ]; then
+  nginx -s quit 2>/dev/null || true
+fi
+
+# --- Kernel headers for bcc ---------------------------------------------------------------------
+# bcc looks in /lib/modules/$(uname -r)/{build,source}. When no headers package matches the running
+# kernel (this reference VM runs a custom 6.18), point both at Debian's generic headers: the
+# arch tree (build) and the common tree (source). BCC_KERNEL_SOURCE cannot express that split.
+kver=$(uname -r)
+mod="/lib/modules/$kver"
+if [ -e "$mod/build/include/generated/autoconf.h" ] || [ -e "$mod/build/include/linux/kconfig.h" ]; then
+  say "kernel headers for $kver: $(readlink -f "$mod/build")"
+else
+  if apt-get install -y -qq --no-install-recommends "linux-headers-$kver" >/dev/null 2>&1; then
+    say "installed linux-headers-$kver"
+  else
+    arch_tree=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$arch_tree" ] || die "no /usr/src/linux-headers-*-amd64 tree: apt-get install linux-headers-amd64"
+    common_tree="${arch_tree%-amd64}-common"
+    [ -d "$common_tree" ] || die "$common_tree missing: apt-get install --reinstall linux-headers-amd64"
+    mkdir -p "$mod"
+    ln -sfn "$arch_tree" "$mod/build"
+    ln -sfn "$common_tree" "$mod/source"
+    say "no headers package for $kver: linked $mod/build -> $arch_tree, source -> $common_tree"
+  fi
+fi
+
+# --- Python virtual environment ------------------------------------------------------------------
+# Debian's interpreter, because python3-bpfcc is built for it; --system-site-packages so the venv
+# sees bcc from /usr/lib/python3/dist-packages.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys; sys.exit(sys.base_prefix != "/usr")' 2>/dev/null; then
+  rm -rf "$venv"
+  say "creating $venv (Debian's /usr/bin/python3, with system site-packages for bcc)"
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+say "installing hybrid and its Python dependencies into $venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip>=23" >/dev/null
+# PYTHONWARNINGS: silence setuptools' editable-install banner (warnings only; errors still show)
+PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+
+# --- Smoke check: every import the tool needs -----------------------------------------------------
+"$venv/bin/python" - <<'PY' || die "the virtual environment is incomplete (see the error above)"
+import bcc, netfilterqueue, pyroute2, click, hybrid, cli.main  # noqa: F401
+PY
+say "done. Check the machine with: sudo $venv/bin/hybridctl doctor"
