@@ -1,0 +1,238 @@
+"""A three-namespace testbed: client -- gateway -- server, joined by veth pairs.
+
+::
+
+    [NAME-client] eth0 ---- to-client [NAME-gw] to-server ---- eth0 [NAME-server]
+     198.18.1.2/24          198.18.1.1/24        198.18.2.1/24       198.18.2.2/24
+     2001:2:0:1::2/64       2001:2:0:1::1/64     2001:2:0:2::1/64    2001:2:0:2::2/64
+
+Addresses come from the benchmarking ranges (RFC 2544 198.18.0.0/15, RFC 5180 2001:2::/48).
+The gateway forwards; the client and server have a route to each other's subnet through it and
+no default route, so nothing can leave the lab. The same code builds the lab for
+``hybridctl lab``, the test fixtures and the benchmarks. Names are prefixed so that several labs
+(tests running side by side) never collide; a lab's record lives in /run/hybrid/labs so that
+``lab down``/``status`` work from another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+from . import sysutil
+from .errors import ConfigError, HybridError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+LAB_DIR = "/run/hybrid/labs"
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,20}$")
+ROLES = ("client", "gw", "server")
+
+
+@dataclass(frozen=True)
+class Host:
+    role: str
+    netns: str
+    ifname: str
+    ipv4: str   # address without prefix length
+    ipv6: str
+
+
+@dataclass(frozen=True)
+class LabInfo:
+    name: str
+    client: Host
+    server: Host
+    gw_client: Host   # the gateway's interface facing the client
+    gw_server: Host   # the gateway's interface facing the server
+
+
+def lab_info(name: str) -> LabInfo:
+    """The fixed layout of the lab called ``name`` (no system access)."""
+    if not NAME_RE.match(name):
+        raise ConfigError(f"lab name {name!r}: use 1-21 lowercase letters, digits or '-', starting with a letter")
+    gw = f"{name}-gw"
+    return LabInfo(
+        name=name,
+        client=Host("client", f"{name}-client", "eth0", "198.18.1.2", "2001:2:0:1::2"),
+        server=Host("server", f"{name}-server", "eth0", "198.18.2.2", "2001:2:0:2::2"),
+        gw_client=Host("gw", gw, "to-client", "198.18.1.1", "2001:2:0:1::1"),
+        gw_server=Host("gw", gw, "to-server", "198.18.2.1", "2001:2:0:2::1"),
+    )
+
+
+def existing_netns() -> set[str]:
+    try:
+        return set(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        return set()
+
+
+class Lab:
+    """Build, query and remove one lab. ``with Lab(name) as lab:`` brings it up and always
+    tears it down."""
+
+    def __init__(self, name: str = "hlab"):
+        self.info = lab_info(name)
+        self.name = name
+
+    # -- names -------------------------------------------------------------------------------
+    @property
+    def namespaces(self) -> list[str]:
+        i = self.info
+        return [i.client.netns, i.gw_client.netns, i.server.netns]
+
+    def netns(self, role: str) -> str:
+        if role not in ROLES:
+            raise ConfigError(f"unknown lab role {role!r}: use one of {', '.join(ROLES)}")
+        return f"{self.name}-{role}"
+
+    @property
+    def record_path(self) -> str:
+        return os.path.join(LAB_DIR, f"{self.name}.json")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def up(self) -> LabInfo:
+        """Create the namespaces, links, addresses and routes. All or nothing: a failure half-way
+        removes what was created."""
+        sysutil.require_root("lab up")
+        clash = set(self.namespaces) & existing_netns()
+        if clash:
+            raise HybridError(f"lab {self.name!r} is already up (namespaces {', '.join(sorted(clash))}): "
+                              f"run 'hybridctl lab down --name {self.name}' first")
+        with contextlib.ExitStack() as undo:
+            undo.callback(self.down)
+            self._build()
+            undo.pop_all()
+        os.makedirs(LAB_DIR, mode=0o700, exist_ok=True)
+        with open(self.record_path, "w") as f:
+            json.dump(asdict(self.info), f, indent=1)
+        log.info("lab %s up", self.name)
+        return self.info
+
+    def _build(self) -> None:
+        i = self.info
+        ip = sysutil.which("ip")
+        for ns in self.namespaces:
+            sysutil.run([ip, "netns", "add", ns], what=f"creating namespace {ns}")
+        # Create each pair inside the gateway namespace with its peer directly in the end host's,
+        # so no interface ever appears in the caller's namespace (no name clashes there).
+        for gw_if, host in ((i.gw_client, i.client), (i.gw_server, i.server)):
+            sysutil.run([ip, "-n", gw_if.netns, "link", "add", gw_if.ifname, "type", "veth",
+                         "peer", "name", host.ifname, "netns", host.netns],
+                        what=f"creating veth {gw_if.ifname}")
+        for h in (i.client, i.gw_client, i.gw_server, i.server):
+            # No IPv6 duplicate address detection: addresses are usable at once, not "tentative".
+            sysutil.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{h.ifname}.accept_dad=0"], netns=h.netns)
+            sysutil.run([ip, "-n", h.netns, "addr", "add", f"{h.ipv4}/24", "dev", h.ifname])
+            sysutil.run([ip, "-n", h.netns, "addr", "add", f"{h.ipv6}/64", "dev", h.ifname, "nodad"])
+            sysutil.run([ip, "-n", h.netns, "link", "set", h.ifname, "up"])
+        for ns in self.namespaces:
+            sysutil.run([ip, "-n", ns, "link", "set", "lo", "up"])
+        sysutil.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], netns=i.gw_client.netns)
+        sysutil.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"], netns=i.gw_client.netns)
+        # Routes to the far subnet only: no default route, so nothing can leave the lab.
+        for host, gw_if, far in ((i.client, i.gw_client, i.server), (i.server, i.gw_server, i.client)):
+            net4 = far.ipv4.rsplit(".", 1)[0] + ".0/24"
+            net6 = far.ipv6.rsplit("::", 1)[0] + "::/64"
+            sysutil.run([ip, "-n", host.netns, "route", "add", net4, "via", gw_if.ipv4])
+            sysutil.run([ip, "-n", host.netns, "-6", "route", "add", net6, "via", gw_if.ipv6])
+
+    def down(self) -> list[str]:
+        """Remove the lab's namespaces (which removes their veths, iptables rules and XDP/tc
+        programs) and its record. Idempotent; returns the namespaces that were removed."""
+        sysutil.require_root("lab down")
+        removed = []
+        present = existing_netns()
+        for ns in self.namespaces:
+            if ns in present:
+                # Stop whatever still runs in there (servers we started), then delete.
+                _kill_netns_pids(ns)
+                sysutil.run([sysutil.which("ip"), "netns", "del", ns], what=f"removing namespace {ns}")
+                removed.append(ns)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.record_path)
+        # hybrid attached in the gateway lived and died with the namespace; its pins and state
+        # file live outside it (bpffs, /run) and go now.
+        from .attach import purge_instance
+        purge_instance(self.info.gw_client.netns)
+        return removed
+
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    # -- running things inside ---------------------------------------------------------------
+    def run(self, role: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+        return sysutil.run(argv, netns=self.netns(role), **kw)
+
+    def popen(self, role: str, argv: Sequence[str], **kw) -> subprocess.Popen:
+        """Start a long-running program in a namespace (the caller stops it)."""
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.PIPE)
+        return subprocess.Popen(sysutil.netns_prefix(self.netns(role)) + list(argv), **kw)
+
+    def status(self) -> dict:
+        present = existing_netns()
+        state = {ns: ns in present for ns in self.namespaces}
+        return {"name": self.name, "up": all(state.values()), "namespaces": state,
+                "recorded": os.path.exists(self.record_path)}
+
+    def ping(self, src_role: str, dst: str, count: int = 1, timeout: float = 2) -> bool:
+        proc = self.run(src_role, ["ping", "-n", "-q", "-c", str(count), "-W", str(int(timeout)), dst],
+                        check=False, timeout=timeout * count + 5)
+        return proc.returncode == 0
+
+
+def recorded_labs() -> list[str]:
+    try:
+        return sorted(f[:-5] for f in os.listdir(LAB_DIR) if f.endswith(".json"))
+    except FileNotFoundError:
+        return []
+
+
+def _kill_netns_pids(ns: str) -> None:
+    proc = sysutil.run([sysutil.which("ip"), "netns", "pids", ns], check=False)
+    for pid in proc.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+
+
+# -- per-thread namespace switching ----------------------------------------------------------
+# A network namespace is a per-thread attribute: a thread may setns() into a lab namespace,
+# open sockets there (they stay bound to it), and switch back, without touching other threads.
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def netns(name: str) -> Iterator[None]:
+    """Run the body with the calling thread in network namespace ``name``. Sockets created in
+    the body belong to that namespace for their whole life."""
+    path = f"/run/netns/{name}"
+    if not os.path.exists(path):
+        raise NotFoundError(f"network namespace {name!r} does not exist")
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise HybridError(f"setns into {name}: {os.strerror(err)}", errno=err)
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:  # pragma: no cover - would be a kernel bug
+                raise HybridError("cannot return to the original network namespace")
+    finally:
+        os.close(target)
+        os.close(home)

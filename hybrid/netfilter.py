@@ -1,0 +1,214 @@
+"""The netfilter side: one dedicated chain that sends BPF-marked packets to NFQUEUE.
+
+::
+
+    -A FORWARD -m comment --comment hybrid -j HYBRID                  (inserted first)
+    -A HYBRID -m mark --mark 0x1000000/0x1000000 -m comment --comment "hybrid: flagged by BPF"
+              -j NFQUEUE --queue-num 0 --queue-bypass                 (or --queue-balance a:b)
+
+Why this shape:
+- An NFQUEUE verdict ends the packet's trip through the chain, so the queue rule sits in its own
+  chain jumped to first; unmarked packets fall through to the user's rules untouched. The engine
+  accepts with NF_REPEAT after clearing the mark bit, so an accepted packet traverses the user's
+  ruleset from the top (it is not waved past the user's own DROP rules).
+- ``--queue-bypass``: when no engine is bound, marked packets pass (fail-open). Without it
+  (fail-closed) they are dropped while the engine is away.
+- Install and removal are each one ``iptables-restore --noflush`` transaction per family, computed
+  from the current ruleset: re-installing replaces our chain and our jumps, never duplicates them,
+  and never touches a rule that is not ours (every one of ours carries a "hybrid" comment).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from . import sysutil
+from .errors import ConfigError, HybridError
+
+log = logging.getLogger(__name__)
+
+CHAIN = "HYBRID"
+COMMENT = "hybrid"
+HOOKS = {"forward": "FORWARD", "input": "INPUT"}
+FAMILIES = {"ipv4": ("iptables-save", "iptables-restore"), "ipv6": ("ip6tables-save", "ip6tables-restore")}
+LOCK_WAIT = "5"  # seconds iptables-restore waits for the xtables lock held by another tool
+
+
+@dataclass(frozen=True)
+class QueueRule:
+    """What the chain installs; everything the user can choose about the netfilter side."""
+
+    mark_value: int
+    mark_mask: int
+    queue_first: int = 0
+    queue_last: int = 0          # > queue_first: --queue-balance first:last
+    fail_open: bool = True       # --queue-bypass
+    hooks: tuple[str, ...] = ("forward",)
+    families: tuple[str, ...] = ("ipv4", "ipv6")
+
+    def __post_init__(self):
+        if not 0 <= self.queue_first <= self.queue_last <= 65535:
+            raise ConfigError(f"queues {self.queue_first}-{self.queue_last}: need 0 <= first <= last <= 65535")
+        if self.mark_mask == 0 or self.mark_value & ~self.mark_mask:
+            raise ConfigError(f"mark 0x{self.mark_value:x}/0x{self.mark_mask:x}: the mask must be non-zero "
+                              "and contain every bit of the mark")
+        for h in self.hooks:
+            if h not in HOOKS:
+                raise ConfigError(f"hook {h!r}: use one of {', '.join(HOOKS)}")
+        for f in self.families:
+            if f not in FAMILIES:
+                raise ConfigError(f"family {f!r}: use ipv4 and/or ipv6")
+
+    def queue_target(self) -> str:
+        if self.queue_last > self.queue_first:
+            target = f"NFQUEUE --queue-balance {self.queue_first}:{self.queue_last}"
+        else:
+            target = f"NFQUEUE --queue-num {self.queue_first}"
+        return target + (" --queue-bypass" if self.fail_open else "")
+
+
+def _jump_rule(hook: str) -> str:
+    return f"-A {HOOKS[hook]} -m comment --comment {COMMENT} -j {CHAIN}"
+
+
+def install_text(rule: QueueRule, current_save: str) -> str:
+    """iptables-restore input that (re)installs our chain and jumps atomically."""
+    lines = ["*filter", f":{CHAIN} - [0:0]"]  # declaring a chain with --noflush empties it
+    lines.append(f"-A {CHAIN} -m mark --mark 0x{rule.mark_value:x}/0x{rule.mark_mask:x} "
+                 f'-m comment --comment "{COMMENT}: flagged by BPF" -j {rule.queue_target()}')
+    lines += [_delete(r) for r in our_jumps(current_save)]
+    for hook in rule.hooks:
+        lines.append(f"-I {HOOKS[hook]} 1 -m comment --comment {COMMENT} -j {CHAIN}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def remove_text(current_save: str) -> str | None:
+    """iptables-restore input that removes every jump to our chain and the chain; None when
+    there is nothing of ours."""
+    jumps = our_jumps(current_save)
+    has_chain = re.search(rf"^:{CHAIN} ", current_save, re.M) is not None
+    if not jumps and not has_chain:
+        return None
+    lines = ["*filter", *(_delete(r) for r in jumps)]
+    if has_chain:
+        lines += [f"-F {CHAIN}", f"-X {CHAIN}"]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def our_jumps(save: str) -> list[str]:
+    """Rules (as iptables-save prints them) in the built-in chains that jump to our chain."""
+    out = []
+    for line in _filter_table(save):
+        line = _strip_counters(line)
+        if line.startswith("-A ") and re.search(rf"-j {CHAIN}(\s|$)", line) and not line.startswith(f"-A {CHAIN} "):
+            out.append(line)
+    return out
+
+
+def _delete(rule: str) -> str:
+    return "-D" + rule[2:]
+
+
+def _strip_counters(line: str) -> str:
+    return re.sub(r"^\[\d+:\d+\]\s+", "", line)
+
+
+def _filter_table(save: str) -> Iterable[str]:
+    in_filter = False
+    for line in save.splitlines():
+        if line.startswith("*"):
+            in_filter = line.strip() == "*filter"
+        elif in_filter:
+            yield line
+
+
+def _save(family: str, netns: str | None, counters: bool = False) -> str:
+    save_cmd = FAMILIES[family][0]
+    argv = [save_cmd, "-t", "filter"] + (["-c"] if counters else [])
+    return sysutil.run(argv, netns=netns, what=f"{save_cmd}").stdout
+
+
+def _restore(family: str, text: str, netns: str | None, action: str) -> None:
+    restore_cmd = FAMILIES[family][1]
+    log.debug("%s <<\n%s", restore_cmd, text)
+    sysutil.run([restore_cmd, "--noflush", "-w", LOCK_WAIT], input=text, netns=netns,
+                what=f"{action} the {family} netfilter rules ({restore_cmd})")
+
+
+def install(rule: QueueRule, netns: str | None = None) -> None:
+    """Install or replace the chain and jumps in every family. A family that fails after an
+    earlier one succeeded rolls the earlier one back."""
+    done: list[str] = []
+    try:
+        for family in rule.families:
+            _restore(family, install_text(rule, _save(family, netns)), netns, "installing")
+            done.append(family)
+    except BaseException:
+        remove(done, netns)
+        raise
+
+
+def remove(families: Sequence[str] = tuple(FAMILIES), netns: str | None = None) -> list[str]:
+    """Remove our chain and jumps. Idempotent; returns the families that had something of ours."""
+    removed = []
+    for family in families:
+        try:
+            save = _save(family, netns)
+        except sysutil.ToolMissingError:
+            continue
+        text = remove_text(save)
+        if text:
+            _restore(family, text, netns, "removing")
+            removed.append(family)
+    return removed
+
+
+@dataclass
+class ChainStatus:
+    family: str
+    installed: bool
+    hooks: list[str] = field(default_factory=list)
+    queued_packets: int = 0   # packets that matched the queue rule (queued, or bypassed if no engine)
+    queued_bytes: int = 0
+    rule: str = ""
+
+
+_RULE_COUNTERS = re.compile(r"^\[(\d+):(\d+)\]\s+(-A " + CHAIN + r" .*)$")
+
+
+def status(families: Sequence[str] = tuple(FAMILIES), netns: str | None = None) -> list[ChainStatus]:
+    out = []
+    for family in families:
+        try:
+            save = _save(family, netns, counters=True)
+        except sysutil.ToolMissingError:
+            continue
+        st = ChainStatus(family, installed=re.search(rf"^:{CHAIN} ", save, re.M) is not None)
+        for line in _filter_table(save):
+            m = _RULE_COUNTERS.match(line)
+            if m and "NFQUEUE" in m.group(3):
+                st.queued_packets += int(m.group(1))
+                st.queued_bytes += int(m.group(2))
+                st.rule = m.group(3)
+        for jump in our_jumps(save):
+            hook = jump.split()[1]
+            st.hooks.append(next((k for k, v in HOOKS.items() if v == hook), hook))
+        out.append(st)
+    return out
+
+
+def leftovers(netns: str | None = None) -> list[str]:
+    """Every rule line mentioning hybrid in the filter tables (for leak checks and doctor)."""
+    found = []
+    for family in FAMILIES:
+        try:
+            save = _save(family, netns)
+        except HybridError:
+            continue
+        found += [f"{family}: {ln}" for ln in save.splitlines() if COMMENT in ln.lower() and not ln.startswith("#")]
+    return found
