@@ -214,23 +214,24 @@ def kernel_headers(release: str | None = None) -> dict[str, str | None]:
     return found
 
 
-@contextlib.contextmanager
-def captured_stderr() -> Iterator[Callable[[], str]]:
-    """Capture what C code (clang inside libbcc) writes to fd 2, so it reaches the report
-    instead of the terminal. Yields a function returning what was captured so far."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
+class captured_stderr:  # noqa: N801 - used like a function: ``with captured_stderr() as err:``
+    """Capture what C code (clang inside libbcc) writes to fd 2, so it reaches the report instead
+    of the terminal. ``err.text`` holds it once the block is left (also when it raised)."""
 
-        def read() -> str:
-            tmp.seek(0)
-            return tmp.read().decode(errors="replace")
-        try:
-            yield read
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    def __enter__(self) -> captured_stderr:
+        sys.stderr.flush()
+        self.text = ""
+        self._saved = os.dup(2)
+        self._tmp = tempfile.TemporaryFile(mode="w+b")
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        with self._tmp:
+            self._tmp.seek(0)
+            self.text = self._tmp.read().decode(errors="replace")
 
 
 def first_error(text: str) -> str:
@@ -284,20 +285,22 @@ class Probe:
         if headers["build"] is None:
             raise CheckFailed(f"no kernel headers at /lib/modules/{platform.release()}/build", HEADERS_FIX)
         start = time.monotonic()
-        with captured_stderr() as err:
-            try:
-                b = bcc.BPF(text=TEST_PROGRAM.encode())
-            except Exception as exc:  # bcc raises a bare Exception
-                raise CheckFailed(f"compile failed: {first_error(err()) or exc}", HEADERS_FIX) from exc
-        elapsed = time.monotonic() - start
+        err = captured_stderr()
         try:
-            with captured_stderr() as err:
+            with err:
+                b = bcc.BPF(text=TEST_PROGRAM.encode())
+        except Exception as exc:  # bcc raises a bare Exception
+            raise CheckFailed(f"compile failed: {first_error(err.text) or exc}", HEADERS_FIX) from exc
+        elapsed = time.monotonic() - start
+        err = captured_stderr()
+        try:
+            with err:
                 xdp = b.load_func(b"doctor_xdp", bcc.BPF.XDP)
                 tc = b.load_func(b"doctor_tc", bcc.BPF.SCHED_CLS)
         except Exception as exc:
             b.cleanup()
-            raise CheckFailed(f"loading into the kernel failed: {first_error(err()) or exc}",
-                              SUDO_FIX + "; see dmesg for verifier messages") from exc
+            fix = SUDO_FIX if os.geteuid() != 0 else "see the verifier's message in the detail and in dmesg"
+            raise CheckFailed(f"loading into the kernel failed: {first_error(err.text) or exc}", fix) from exc
         return Programs(b, xdp.fd, fdinfo_field(xdp.fd, "prog_id"), tc.fd, fdinfo_field(tc.fd, "prog_id"),
                         elapsed, headers)
 
@@ -616,9 +619,14 @@ def run_one(name: str, required: bool, func: Callable[[Probe], Check], probe: Pr
         return Check(name, FAIL if required else WARN, required, str(exc), f"{SETUP_HINT} (installs the tools)")
     except Exception as exc:  # noqa: BLE001 - the point of doctor is to report, never to crash
         log.debug("check %s raised", name, exc_info=True)
-        text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, HybridError) else str(exc)
-        return Check(name, FAIL, required, text, "unexpected error inside the check: report this line"
-                     if not isinstance(exc, HybridError) else SETUP_HINT)
+        if os.geteuid() != 0:
+            fix = SUDO_FIX
+        elif isinstance(exc, HybridError):
+            fix = f"see the detail; {SETUP_HINT} installs and links everything hybrid needs"
+        else:
+            fix = "unexpected error inside the check: report this line"
+        text = str(exc) if isinstance(exc, HybridError) else f"{type(exc).__name__}: {exc}"
+        return Check(name, FAIL, required, text, fix)
 
 
 def run_checks(on_result: Callable[[Check], None] | None = None) -> list[Check]:

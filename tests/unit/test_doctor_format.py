@@ -213,3 +213,26 @@ def test_iptables_flavour(text, flavour):
 def test_first_error_picks_the_compiler_error():
     text = "In file included from x.c:1:\n/virtual/main.c:3:10: fatal error: 'uapi/linux/bpf.h' file not found\n1 error\n"
     assert lib.first_error(text) == "/virtual/main.c:3:10: fatal error: 'uapi/linux/bpf.h' file not found"
+
+
+def test_missing_headers_point_at_setup(monkeypatch):
+    pytest.importorskip("bcc", reason="bcc comes from Debian's python3-bpfcc")
+    monkeypatch.setattr(lib, "kernel_headers", lambda: {"build": None, "source": None})
+    check = lib.run_one("bcc compile", True, lib.check_bcc, lib.Probe())
+    assert check.status == lib.FAIL
+    assert check.detail.startswith("no kernel headers at /lib/modules/")
+    assert "scripts/setup.sh" in check.fix and "linux-headers-amd64" in check.fix
+
+
+def test_compile_error_is_reported_from_clang_not_the_terminal(monkeypatch, capfd):
+    pytest.importorskip("bcc", reason="bcc comes from Debian's python3-bpfcc")
+    monkeypatch.setattr(lib, "TEST_PROGRAM", "#include <hybrid/no_such_header.h>\n" + lib.TEST_PROGRAM)
+    probe = lib.Probe()
+    check = lib.run_one("bcc compile", True, lib.check_bcc, probe)
+    assert check.status == lib.FAIL
+    assert "hybrid/no_such_header.h' file not found" in check.detail
+    assert "scripts/setup.sh" in check.fix
+    # the attach checks reuse the failure instead of compiling again
+    again = lib.run_one("xdp generic", True, lib.check_xdp_generic, probe)
+    assert again.detail.startswith("no test program (bcc compile failed: compile failed:")
+    assert "no_such_header" not in capfd.readouterr().err
