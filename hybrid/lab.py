@@ -179,7 +179,7 @@ class Lab:
     def popen(self, role: str, argv: Sequence[str], **kw) -> subprocess.Popen:
         """Start a long-running program in a namespace (the caller stops it)."""
         kw.setdefault("stdout", subprocess.DEVNULL)
-        kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.DEVNULL)
         return subprocess.Popen(sysutil.netns_prefix(self.netns(role)) + list(argv), **kw)
 
     def status(self) -> dict:

@@ -1,0 +1,88 @@
+"""The iptables-restore transactions, computed from a ruleset, without touching the kernel."""
+
+import pytest
+
+from hybrid import netfilter as nf
+from hybrid.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+EMPTY = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -s 10.0.0.0/8 -j DROP
+COMMIT
+"""
+
+INSTALLED = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:HYBRID - [0:0]
+-A FORWARD -m comment --comment hybrid -j HYBRID
+-A FORWARD -s 10.0.0.0/8 -j DROP
+-A HYBRID -m mark --mark 0x100000/0x100000 -m comment --comment "hybrid: flagged by BPF" -j NFQUEUE --queue-num 0 --queue-bypass
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -j HYBRID_NOT_OURS
+COMMIT
+"""
+
+
+def rule(**kw):
+    base = dict(mark_value=0x100000, mark_mask=0x100000)
+    base.update(kw)
+    return nf.QueueRule(**base)
+
+
+def test_install_on_empty_ruleset_inserts_one_jump_first():
+    text = nf.install_text(rule(), EMPTY)
+    assert text.splitlines() == [
+        "*filter",
+        ":HYBRID - [0:0]",
+        '-A HYBRID -m mark --mark 0x100000/0x100000 -m comment --comment "hybrid: flagged by BPF" '
+        "-j NFQUEUE --queue-num 0 --queue-bypass",
+        "-I FORWARD 1 -m comment --comment hybrid -j HYBRID",
+        "COMMIT",
+    ]
+
+
+def test_reinstall_deletes_the_old_jump_in_the_same_transaction():
+    lines = nf.install_text(rule(hooks=("forward", "input")), INSTALLED).splitlines()
+    assert "-D FORWARD -m comment --comment hybrid -j HYBRID" in lines
+    assert lines.count("-I FORWARD 1 -m comment --comment hybrid -j HYBRID") == 1
+    assert lines.count("-I INPUT 1 -m comment --comment hybrid -j HYBRID") == 1
+    assert lines.index("-D FORWARD -m comment --comment hybrid -j HYBRID") < \
+        lines.index("-I FORWARD 1 -m comment --comment hybrid -j HYBRID")
+
+
+def test_balance_and_fail_closed():
+    text = nf.install_text(rule(queue_first=2, queue_last=5, fail_open=False), EMPTY)
+    assert "-j NFQUEUE --queue-balance 2:5\n" in text
+    assert "--queue-bypass" not in text
+
+
+def test_remove_touches_only_our_rules():
+    text = nf.remove_text(INSTALLED)
+    assert text.splitlines() == ["*filter", "-D FORWARD -m comment --comment hybrid -j HYBRID",
+                                 "-F HYBRID", "-X HYBRID", "COMMIT"]
+    assert nf.remove_text(EMPTY) is None
+
+
+def test_jump_detection_ignores_other_tables_and_similar_chain_names():
+    assert nf.our_jumps(INSTALLED) == ["-A FORWARD -m comment --comment hybrid -j HYBRID"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(mark_mask=0), "mask must be non-zero"),
+    (dict(mark_value=0x3, mark_mask=0x1), "contain every bit"),
+    (dict(queue_first=3, queue_last=1), "first <= last"),
+    (dict(hooks=("prerouting",)), "hook 'prerouting'"),
+    (dict(families=("ipx",)), "family 'ipx'"),
+])
+def test_bad_rules_are_one_line_config_errors(kw, msg):
+    with pytest.raises(ConfigError, match=msg) as exc:
+        rule(**kw)
+    assert "\n" not in str(exc.value)
