@@ -1,0 +1,215 @@
+# mirrors bpf/hybrid_common.h; change both.
+"""The kernel/user contract in Python: constants, map names and ctypes layouts of every map key
+and value. tests/bpf/test_abi.py proves the layouts equal what bcc compiled from the C header.
+
+Byte order follows the header: addresses and ports in flow keys are network order (kept as raw
+bytes / big-endian integers here), everything else host order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+# ---- Load-time knob defaults ------------------------------------------------------------------
+FLOW_TABLE_SIZE = 131072
+PREFIX_TABLE_SIZE = 16384
+
+MAX_IFACES = 64
+MAX_VLAN_DEPTH = 2
+MAX_IPV6_EXT = 6
+
+# ---- Map and program names --------------------------------------------------------------------
+MAP_CONFIG = "hybrid_config"
+MAP_FLOWS = "hybrid_flows"
+MAP_PREFIXES = "hybrid_prefixes"
+MAP_PORTS = "hybrid_ports"
+MAP_IFACES = "hybrid_ifaces"
+MAP_STATS = "hybrid_stats"
+MAP_NAMES = (MAP_CONFIG, MAP_FLOWS, MAP_PREFIXES, MAP_PORTS, MAP_IFACES, MAP_STATS)
+
+PROG_XDP = "hybrid_xdp"
+PROG_TC = "hybrid_tc_ingress"
+
+PORTS_SIZE = 65536  # hybrid_ports: one entry per port
+
+# ---- Verdicts ---------------------------------------------------------------------------------
+VERDICT_NONE = 0
+VERDICT_INSPECT = 1
+VERDICT_BYPASS = 2
+VERDICT_BLOCK = 3
+VERDICT_NAMES = {
+    VERDICT_NONE: "none",
+    VERDICT_INSPECT: "inspect",
+    VERDICT_BYPASS: "bypass",
+    VERDICT_BLOCK: "block",
+}
+
+# ---- Flag reasons (bits) ----------------------------------------------------------------------
+REASON_SYN = 1 << 0
+REASON_FIRST_N = 1 << 1
+REASON_PORT = 1 << 2
+REASON_PREFIX = 1 << 3
+REASON_SUSPICIOUS = 1 << 4
+REASON_FRAGMENT = 1 << 5
+REASON_INSPECT = 1 << 6
+REASON_MALFORMED = 1 << 7
+REASON_COUNT = 8
+REASONS_ALL = (1 << REASON_COUNT) - 1
+# bit -> name, in bit order
+REASON_NAMES = {
+    REASON_SYN: "syn",
+    REASON_FIRST_N: "first_n",
+    REASON_PORT: "port",
+    REASON_PREFIX: "prefix",
+    REASON_SUSPICIOUS: "suspicious",
+    REASON_FRAGMENT: "fragment",
+    REASON_INSPECT: "inspect",
+    REASON_MALFORMED: "malformed",
+}
+
+# ---- Config flags, port bits, prefix actions, flow flags, iface flags ---------------------------
+CFG_HAVE_PREFIXES = 1 << 0
+CFG_HAVE_PORTS = 1 << 1
+
+PORT_TCP = 1 << 0
+PORT_UDP = 1 << 1
+
+PREFIX_WATCH = 1 << 0
+PREFIX_BLOCK = 1 << 1
+
+FLOW_ORIG_HI = 1 << 0
+FLOW_MIDSTREAM = 1 << 1
+
+IFACE_XDP = 1 << 0
+
+# ---- Counters -----------------------------------------------------------------------------------
+CNT_XDP_PACKETS = 0
+CNT_XDP_DROP_FLOW = 1
+CNT_XDP_DROP_PREFIX = 2
+CNT_PACKETS = 3
+CNT_NOT_IP = 4
+CNT_MALFORMED_L3 = 5
+CNT_FLAGGED = 6
+CNT_BYPASSED = 7
+CNT_PASSED = 8
+CNT_DROP_TC_FLOW = 9
+CNT_DROP_TC_PREFIX = 10
+CNT_FLOW_NEW = 11
+CNT_FLOW_FULL = 12
+CNT_VERDICT_EXPIRED = 13
+CNT_REASON_BASE = 14
+CNT_MAX = CNT_REASON_BASE + REASON_COUNT  # 22
+
+# index -> snake_case name
+COUNTER_NAMES: dict[int, str] = {
+    CNT_XDP_PACKETS: "xdp_packets",
+    CNT_XDP_DROP_FLOW: "xdp_drop_flow",
+    CNT_XDP_DROP_PREFIX: "xdp_drop_prefix",
+    CNT_PACKETS: "packets",
+    CNT_NOT_IP: "not_ip",
+    CNT_MALFORMED_L3: "malformed_l3",
+    CNT_FLAGGED: "flagged",
+    CNT_BYPASSED: "bypassed",
+    CNT_PASSED: "passed",
+    CNT_DROP_TC_FLOW: "drop_tc_flow",
+    CNT_DROP_TC_PREFIX: "drop_tc_prefix",
+    CNT_FLOW_NEW: "flow_new",
+    CNT_FLOW_FULL: "flow_full",
+    CNT_VERDICT_EXPIRED: "verdict_expired",
+    **{CNT_REASON_BASE + bit.bit_length() - 1: f"reason_{name}" for bit, name in REASON_NAMES.items()},
+}
+# The tc counters whose sum equals CNT_PACKETS (the invariant in the header).
+TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASSED,
+               CNT_DROP_TC_FLOW, CNT_DROP_TC_PREFIX)
+
+
+def reason_counter(bit: int) -> int:
+    """Counter index of a HYBRID_REASON_* bit."""
+    return CNT_REASON_BASE + bit.bit_length() - 1
+
+
+def reason_names(bits: int) -> list[str]:
+    """Names of the reason bits set in ``bits``, in bit order."""
+    return [name for bit, name in REASON_NAMES.items() if bits & bit]
+
+
+# ---- Structs --------------------------------------------------------------------------------------
+class Config(ctypes.Structure):
+    _fields_ = [
+        ("mark_value", ctypes.c_uint32),
+        ("mark_mask", ctypes.c_uint32),
+        ("reasons", ctypes.c_uint32),
+        ("first_n", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint32),
+    ]
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [
+        ("addr_lo", ctypes.c_uint8 * 16),
+        ("addr_hi", ctypes.c_uint8 * 16),
+        ("port_lo", ctypes.c_uint16),   # network order
+        ("port_hi", ctypes.c_uint16),   # network order
+        ("vlan", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8),
+    ]
+
+
+class Flow(ctypes.Structure):
+    _fields_ = [
+        ("first_seen_ns", ctypes.c_uint64),
+        ("last_seen_ns", ctypes.c_uint64),
+        ("verdict_expires_ns", ctypes.c_uint64),
+        ("packets", ctypes.c_uint64 * 2),
+        ("bytes", ctypes.c_uint64 * 2),
+        ("payload_packets", ctypes.c_uint32 * 2),
+        ("flagged", ctypes.c_uint32),
+        ("verdict", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint16),
+    ]
+
+
+class PrefixKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class Prefix(ctypes.Structure):
+    _fields_ = [
+        ("action", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint32),
+    ]
+
+
+class Iface(ctypes.Structure):
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class Stats(ctypes.Structure):
+    _fields_ = [
+        ("c", ctypes.c_uint64 * CNT_MAX),
+    ]
+
+
+# Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
+# against bcc).
+SIZES = {Config: 24, FlowKey: 40, Flow: 72, PrefixKey: 20, Prefix: 8, Iface: 8, Stats: 176}
+
+# map name -> (key type, value type); value is per CPU for hybrid_stats.
+MAP_LAYOUTS: dict[str, tuple[type, type]] = {
+    MAP_CONFIG: (ctypes.c_uint32, Config),
+    MAP_FLOWS: (FlowKey, Flow),
+    MAP_PREFIXES: (PrefixKey, Prefix),
+    MAP_PORTS: (ctypes.c_uint32, ctypes.c_uint8),
+    MAP_IFACES: (ctypes.c_uint32, Iface),
+    MAP_STATS: (ctypes.c_uint32, Stats),
+}
+PERCPU_MAPS = frozenset({MAP_STATS})

@@ -1,0 +1,164 @@
+"""Compiling and loading the datapath (bpf/hybrid.bpf.c) with bcc.
+
+Only the process that attaches imports this module: it needs bcc, LLVM and kernel headers. The
+verdict engine and status use hybrid.maps on pinned maps (or maps found through a program id)
+and never compile anything.
+
+Load-time knobs go to the compiler as -D flags (HYBRID_FLOW_TABLE_SIZE, HYBRID_PREFIX_TABLE_SIZE,
+HYBRID_PIN_DIR); the source is never edited. With a pin directory every map is created pinned
+there, or reopened when a pin already exists, so flows, verdicts, config and counters survive a
+restart.
+
+Note: closing a Datapath closes bcc's fds; it does not detach anything (bcc's cleanup never
+removes XDP programs or tc filters, and this module never asks it to). Detaching is the attach
+layer's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import abi
+from .errors import ConfigError, HybridError, KernelFeatureError, NotFoundError
+
+if TYPE_CHECKING:
+    from .maps import Maps
+
+log = logging.getLogger(__name__)
+
+SOURCE_NAME = "hybrid.bpf.c"
+_MAX_ENTRIES = 1 << 24
+
+
+def bpf_dir() -> Path:
+    """Directory holding hybrid.bpf.c and its headers: $HYBRID_BPF_DIR, else bpf/ next to the
+    package (source checkout), else share/hybrid/bpf under the installation prefix."""
+    env = os.environ.get("HYBRID_BPF_DIR")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve().parent
+    candidates += [here.parent / "bpf", here / "bpf"]
+    for path in candidates:
+        if (path / SOURCE_NAME).is_file():
+            return path
+    where = ", ".join(str(p) for p in candidates)
+    raise NotFoundError(f"{SOURCE_NAME} not found (looked in {where}): set HYBRID_BPF_DIR to the bpf/ directory")
+
+
+def cflags(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TABLE_SIZE,
+           prefix_table_size: int = abi.PREFIX_TABLE_SIZE, extra_cflags: Sequence[str] = (),
+           include_dir: Path | None = None) -> list[str]:
+    """The compiler flags for one build (validated)."""
+    for what, value in (("flow table size", flow_table_size), ("prefix table size", prefix_table_size)):
+        if not isinstance(value, int) or not 1 <= value <= _MAX_ENTRIES:
+            raise ConfigError(f"{what} must be an integer between 1 and {_MAX_ENTRIES}, not {value!r}")
+    flags = [
+        f"-I{include_dir or bpf_dir()}",
+        f"-DHYBRID_FLOW_TABLE_SIZE={flow_table_size}",
+        f"-DHYBRID_PREFIX_TABLE_SIZE={prefix_table_size}",
+    ]
+    if pin_dir is not None:
+        if not os.path.isabs(pin_dir) or any(c in pin_dir for c in '"\\\n'):
+            raise ConfigError(f"pin directory must be an absolute path without quotes or backslashes: {pin_dir!r}")
+        flags.append(f'-DHYBRID_PIN_DIR="{pin_dir.rstrip("/")}"')
+    flags.extend(extra_cflags)
+    return flags
+
+
+def _kernel_hint() -> str:
+    build = f"/lib/modules/{platform.release()}/build"
+    return f"check that kernel headers exist at {build} (run scripts/setup.sh)"
+
+
+class Datapath:
+    """A compiled and loaded datapath: the bcc module, both program fds and the maps.
+
+    ``bpf`` is the bcc.BPF object (kept alive: closing it closes the program and map fds).
+    """
+
+    def __init__(self, bpf, xdp_fd: int, tc_fd: int, pin_dir: str | None):
+        self.bpf = bpf
+        self.xdp_fd = xdp_fd
+        self.tc_fd = tc_fd
+        self.pin_dir = pin_dir
+
+    def map_fds(self) -> dict[str, int]:
+        """map name -> fd (owned by bcc; valid until close())."""
+        if self.bpf is None:
+            raise HybridError("datapath is closed")
+        return {name: self.bpf.get_table(name).get_fd() for name in abi.MAP_NAMES}
+
+    def maps(self) -> Maps:
+        """A Maps on duplicated fds: it stays usable after this Datapath is closed."""
+        from .maps import Maps
+        return Maps.from_fds(self.map_fds())
+
+    def close(self) -> None:
+        """Release bcc's fds. Attached programs stay attached (the kernel holds them)."""
+        if self.bpf is not None:
+            bpf, self.bpf = self.bpf, None
+            try:
+                bpf.cleanup()
+            except Exception as exc:  # bcc raises bare Exception; closing must not fail
+                log.debug("bcc cleanup: %s", exc)
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TABLE_SIZE,
+                     prefix_table_size: int = abi.PREFIX_TABLE_SIZE,
+                     extra_cflags: Sequence[str] = ()) -> Datapath:
+    """Compile bpf/hybrid.bpf.c with bcc and load both programs (not attached anywhere).
+
+    ``pin_dir``: a directory on a bpffs where every map is pinned (or reopened), or None for
+    private maps that die with the returned Datapath.
+    """
+    src_dir = bpf_dir()
+    flags = cflags(pin_dir, flow_table_size=flow_table_size, prefix_table_size=prefix_table_size,
+                   extra_cflags=extra_cflags, include_dir=src_dir)
+    if pin_dir is not None and not os.path.isdir(pin_dir):
+        raise NotFoundError(f"pin directory {pin_dir} does not exist (it must be on a mounted bpffs)")
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise KernelFeatureError(
+            f"cannot import bcc ({exc}): install python3-bpfcc (run scripts/setup.sh) and use a venv "
+            "with --system-site-packages") from exc
+
+    src = str(src_dir / SOURCE_NAME)
+    log.debug("compiling %s with %s", src, " ".join(flags))
+    try:
+        bpf = BPF(src_file=src.encode(), cflags=flags)
+    except Exception as exc:  # bcc raises bare Exception for compile and map-creation errors
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise KernelFeatureError(f"compiling {src} with bcc failed ({detail}): {_kernel_hint()}") from exc
+    try:
+        try:
+            xdp = bpf.load_func(abi.PROG_XDP.encode(), BPF.XDP)
+        except Exception as exc:
+            raise KernelFeatureError(
+                f"loading XDP program {abi.PROG_XDP} failed ({_last_line(exc)}): the verifier rejected it "
+                "or XDP is unsupported; run hybridctl doctor") from exc
+        try:
+            tc = bpf.load_func(abi.PROG_TC.encode(), BPF.SCHED_CLS)
+        except Exception as exc:
+            raise KernelFeatureError(
+                f"loading tc program {abi.PROG_TC} failed ({_last_line(exc)}): the verifier rejected it "
+                "or cls_bpf is unsupported; run hybridctl doctor") from exc
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return Datapath(bpf, xdp.fd, tc.fd, pin_dir)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
