@@ -90,7 +90,7 @@ class Datapath:
         """map name -> fd (owned by bcc; valid until close())."""
         if self.bpf is None:
             raise HybridError("datapath is closed")
-        return {name: self.bpf.get_table(name).get_fd() for name in abi.MAP_NAMES}
+        return {name: self.bpf.get_table(name.encode()).get_fd() for name in abi.MAP_NAMES}
 
     def maps(self) -> Maps:
         """A Maps on duplicated fds: it stays usable after this Datapath is closed."""

@@ -1,0 +1,348 @@
+"""A pure-Python model of bpf/hybrid.bpf.c: the oracle the BPF tests (and later a fuzzer)
+compare the kernel against. It works on raw frame bytes, like the BPF code, and follows it step
+by step; change both together.
+
+    ref = Reference(abi.Config(...))
+    r = ref.tc(frame, now_ns=..., mark=0)     # TcResult(action, mark, outcome, reasons, ...)
+    x = ref.xdp(frame, now_ns=...)            # XdpResult(action, counter)
+
+Everything here is written from hybrid_common.h's contract, not from the C, where the two could
+differ; the tests exist to find where they do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from hybrid import abi
+from hybrid.maps import canonical_order, parse_cidr
+
+# Parse outcomes (bpf/hybrid.bpf.c enum hybrid_pkt_status)
+PKT_OK, PKT_NOT_IP, PKT_BAD_L3, PKT_FRAGMENT, PKT_BAD_L4 = range(5)
+
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+XDP_DROP, XDP_PASS = 1, 2
+
+ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
+IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT, IPPROTO_AH, IPPROTO_DSTOPTS = 0, 43, 44, 51, 60
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
+EXT_HEADERS = (IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS, IPPROTO_AH)
+
+FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+MAPPED = b"\x00" * 10 + b"\xff\xff"
+
+
+@dataclass
+class Parsed:
+    status: int
+    vlan: int = 0
+    saddr: bytes = b""       # 16 bytes, network order (IPv4 mapped)
+    daddr: bytes = b""
+    sport: int = 0           # host-order numbers
+    dport: int = 0
+    proto: int = 0
+    tcp_flags: int = 0
+    l3_len: int = 0
+    payload_len: int = 0
+
+
+def _be16(b: bytes, off: int) -> int:
+    return int.from_bytes(b[off:off + 2], "big")
+
+
+def parse(frame: bytes) -> Parsed:
+    """parse_packet() for a fully linear frame (BPF_PROG_TEST_RUN frames always are)."""
+    n = len(frame)
+    p = Parsed(PKT_NOT_IP)
+    if n < 14:
+        return p
+    eth_type = _be16(frame, 12)
+    off = 14
+    for i in range(abi.MAX_VLAN_DEPTH):
+        if eth_type not in (ETH_P_8021Q, ETH_P_8021AD):
+            break
+        if off + 4 > n:
+            return Parsed(PKT_NOT_IP, vlan=p.vlan)
+        if i == 0:
+            p.vlan = _be16(frame, off) & 0x0FFF
+        eth_type = _be16(frame, off + 2)
+        off += 4
+    l3 = off
+
+    if eth_type == ETH_P_IP:
+        if l3 + 20 > n:
+            p.status = PKT_BAD_L3
+            return p
+        ver, ihl = frame[l3] >> 4, frame[l3] & 0x0F
+        if ver != 4 or ihl < 5 or l3 + ihl * 4 > n or _be16(frame, l3 + 2) < ihl * 4:
+            p.status = PKT_BAD_L3
+            return p
+        p.l3_len = _be16(frame, l3 + 2)
+        if l3 + p.l3_len > n:
+            p.status = PKT_BAD_L3
+            return p
+        p.saddr = MAPPED + frame[l3 + 12:l3 + 16]
+        p.daddr = MAPPED + frame[l3 + 16:l3 + 20]
+        p.proto = frame[l3 + 9]
+        if _be16(frame, l3 + 6) & 0x3FFF:
+            p.status = PKT_FRAGMENT
+            return p
+        cur = l3 + ihl * 4
+        v6 = False
+    elif eth_type == ETH_P_IPV6:
+        if l3 + 40 > n or frame[l3] >> 4 != 6:
+            p.status = PKT_BAD_L3
+            return p
+        p.l3_len = 40 + _be16(frame, l3 + 4)
+        if l3 + p.l3_len > n:
+            p.status = PKT_BAD_L3
+            return p
+        p.saddr = bytes(frame[l3 + 8:l3 + 24])
+        p.daddr = bytes(frame[l3 + 24:l3 + 40])
+        l3_end = l3 + p.l3_len
+        nh = frame[l3 + 6]
+        cur = l3 + 40
+        result = None
+        for _ in range(abi.MAX_IPV6_EXT):
+            if nh == IPPROTO_FRAGMENT:
+                result = PKT_BAD_L3 if cur + 8 > n or cur + 8 > l3_end else PKT_FRAGMENT
+                break
+            if nh not in EXT_HEADERS:
+                break
+            if cur + 2 > n:
+                result = PKT_BAD_L3
+                break
+            length = (frame[cur + 1] + 2) * 4 if nh == IPPROTO_AH else (frame[cur + 1] + 1) * 8
+            nh = frame[cur]
+            if cur + length > l3_end or cur + length > n:
+                result = PKT_BAD_L3
+                break
+            cur += length
+        else:
+            if nh in EXT_HEADERS or nh == IPPROTO_FRAGMENT:
+                p.proto = 0
+                p.status = PKT_BAD_L4  # too many extension headers: flagged MALFORMED
+                return p
+        if result == PKT_BAD_L3:
+            p.status = PKT_BAD_L3
+            return p
+        p.proto = nh
+        if result == PKT_FRAGMENT:
+            p.status = PKT_FRAGMENT
+            return p
+        v6 = True
+    else:
+        return p
+
+    l4_len = p.l3_len - (cur - l3)
+    bad = Parsed(PKT_BAD_L4, p.vlan, p.saddr, p.daddr, proto=p.proto, l3_len=p.l3_len)
+    if p.proto == IPPROTO_TCP:
+        if cur + 20 > n or frame[cur + 12] >> 4 < 5:
+            return bad
+        hl = (frame[cur + 12] >> 4) * 4
+        if cur + hl > n or hl > l4_len:
+            return bad
+        p.sport, p.dport = _be16(frame, cur), _be16(frame, cur + 2)
+        p.tcp_flags = frame[cur + 13]
+        p.payload_len = l4_len - hl
+    elif p.proto == IPPROTO_UDP:
+        if cur + 8 > n:
+            return bad
+        ulen = _be16(frame, cur + 4)
+        if ulen < 8 or ulen > l4_len:
+            return bad
+        p.sport, p.dport = _be16(frame, cur), _be16(frame, cur + 2)
+        p.payload_len = ulen - 8
+    elif p.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        if (p.proto == IPPROTO_ICMP) == v6 or cur + 8 > n or l4_len < 8:
+            return bad
+        echo = (0, 8) if p.proto == IPPROTO_ICMP else (128, 129)
+        if frame[cur] in echo:
+            p.sport = p.dport = _be16(frame, cur + 4)
+        p.payload_len = l4_len - 8
+    else:
+        p.payload_len = l4_len
+    p.status = PKT_OK
+    return p
+
+
+def suspicious(flags: int) -> bool:
+    return (flags == 0
+            or flags & (SYN | FIN) == SYN | FIN
+            or flags & (SYN | RST) == SYN | RST
+            or flags & (FIN | RST) == FIN | RST
+            or flags & (FIN | PSH | URG) == FIN | PSH | URG
+            or flags & (FIN | ACK) == FIN)
+
+
+def canonical_key(p: Parsed) -> tuple[tuple, int]:
+    """(hashable key, direction) as flow_key_build() orders it."""
+    direction = canonical_order(p.saddr, p.sport, p.daddr, p.dport)
+    lo, hi = ((p.saddr, p.sport), (p.daddr, p.dport)) if direction == 0 else ((p.daddr, p.dport), (p.saddr, p.sport))
+    return (lo[0], hi[0], lo[1], hi[1], p.vlan, p.proto), direction
+
+
+@dataclass
+class RefFlow:
+    first_seen_ns: int
+    last_seen_ns: int
+    flags: int
+    verdict: int = abi.VERDICT_NONE
+    verdict_expires_ns: int = 0
+    packets: list = field(default_factory=lambda: [0, 0])
+    bytes: list = field(default_factory=lambda: [0, 0])
+    payload_packets: list = field(default_factory=lambda: [0, 0])
+    flagged: int = 0
+
+
+@dataclass
+class TcResult:
+    action: int
+    mark: int
+    outcome: int                # the abi.CNT_* outcome counter (NOT_IP ... DROP_TC_PREFIX)
+    reasons: int = 0            # after masking with config.reasons (0 unless flagged)
+    events: tuple = ()          # extra counters bumped: CNT_FLOW_NEW, CNT_VERDICT_EXPIRED
+    key: tuple | None = None
+    direction: int | None = None
+
+    def counters(self) -> dict[int, int]:
+        out = {abi.CNT_PACKETS: 1, self.outcome: 1}
+        for ev in self.events:
+            out[ev] = out.get(ev, 0) + 1
+        if self.outcome == abi.CNT_FLAGGED:
+            for bit in abi.REASON_NAMES:
+                if self.reasons & bit:
+                    out[abi.reason_counter(bit)] = 1
+        return out
+
+
+@dataclass
+class XdpResult:
+    action: int
+    counter: int | None
+
+
+class Reference:
+    def __init__(self, config: abi.Config, ports: dict[int, int] | None = None,
+                 prefixes: dict[str, int] | None = None):
+        self.config = config
+        self.ports = dict(ports or {})
+        self.prefixes: dict[tuple[int, int], int] = {}
+        for cidr, action in (prefixes or {}).items():
+            self.add_prefix(cidr, action)
+        self.flows: dict[tuple, RefFlow] = {}
+
+    def add_prefix(self, cidr: str, action: int) -> None:
+        key = parse_cidr(cidr)
+        self.prefixes[(key.prefixlen, int.from_bytes(bytes(key.addr), "big"))] = action
+
+    def prefix_action(self, addr: bytes) -> int:
+        value = int.from_bytes(addr, "big")
+        best, action = -1, 0
+        for (plen, net), act in self.prefixes.items():
+            mask = ((1 << plen) - 1) << (128 - plen) if plen else 0
+            if value & mask == net & mask and plen > best:
+                best, action = plen, act
+        return action
+
+    def _prefixes_match(self, p: Parsed) -> int:
+        if not self.config.flags & abi.CFG_HAVE_PREFIXES:
+            return 0
+        return self.prefix_action(p.saddr) | self.prefix_action(p.daddr)
+
+    def set_verdict(self, key: tuple, verdict: int, expires_ns: int = 0, now_ns: int = 0) -> None:
+        flow = self.flows.setdefault(key, RefFlow(now_ns, now_ns, 0))
+        flow.verdict, flow.verdict_expires_ns = verdict, expires_ns
+
+    def xdp(self, frame: bytes, now_ns: int) -> XdpResult:
+        p = parse(frame)
+        if p.status in (PKT_NOT_IP, PKT_BAD_L3):
+            return XdpResult(XDP_PASS, None)
+        if self._prefixes_match(p) & abi.PREFIX_BLOCK:
+            return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_PREFIX)
+        if p.status != PKT_OK:
+            return XdpResult(XDP_PASS, None)
+        key, _ = canonical_key(p)
+        flow = self.flows.get(key)
+        if flow and flow.verdict == abi.VERDICT_BLOCK and (
+                flow.verdict_expires_ns == 0 or now_ns < flow.verdict_expires_ns):
+            return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_FLOW)
+        return XdpResult(XDP_PASS, None)
+
+    def tc(self, frame: bytes, now_ns: int, mark: int = 0) -> TcResult:
+        cfg = self.config
+        p = parse(frame)
+        if p.status == PKT_NOT_IP:
+            return TcResult(TC_ACT_OK, mark, abi.CNT_NOT_IP)
+        if p.status == PKT_BAD_L3:
+            return TcResult(TC_ACT_OK, mark, abi.CNT_MALFORMED_L3)
+        reasons = 0
+        act = self._prefixes_match(p)
+        if act & abi.PREFIX_BLOCK:
+            return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_PREFIX)
+        if act & abi.PREFIX_WATCH:
+            reasons |= abi.REASON_PREFIX
+        key = direction = flow = None
+        events: list[int] = []
+        if p.status == PKT_FRAGMENT:
+            reasons |= abi.REASON_FRAGMENT
+        elif p.status == PKT_BAD_L4:
+            reasons |= abi.REASON_MALFORMED
+        else:
+            key, direction = canonical_key(p)
+            flow = self.flows.get(key)
+            if flow is None:
+                flags = abi.FLOW_ORIG_HI if direction else 0
+                if p.proto == IPPROTO_TCP and p.tcp_flags & (SYN | ACK) != SYN:
+                    flags |= abi.FLOW_MIDSTREAM
+                flow = self.flows[key] = RefFlow(now_ns, now_ns, flags)
+                events.append(abi.CNT_FLOW_NEW)
+            flow.last_seen_ns = now_ns
+            flow.packets[direction] += 1
+            flow.bytes[direction] += p.l3_len
+            verdict = flow.verdict
+            if verdict != abi.VERDICT_NONE and flow.verdict_expires_ns and now_ns >= flow.verdict_expires_ns:
+                flow.verdict, flow.verdict_expires_ns = abi.VERDICT_NONE, 0
+                events.append(abi.CNT_VERDICT_EXPIRED)
+                verdict = abi.VERDICT_NONE
+            prev = None
+            if p.payload_len > 0:
+                prev = flow.payload_packets[direction]
+                flow.payload_packets[direction] += 1
+            if verdict == abi.VERDICT_BLOCK:
+                return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_FLOW, 0, tuple(events), key, direction)
+            if verdict == abi.VERDICT_BYPASS:
+                return TcResult(TC_ACT_OK, mark, abi.CNT_BYPASSED, 0, tuple(events), key, direction)
+            if verdict == abi.VERDICT_INSPECT:
+                reasons = abi.REASON_INSPECT
+            else:
+                if p.proto == IPPROTO_TCP and p.tcp_flags & (SYN | ACK) == SYN:
+                    reasons |= abi.REASON_SYN
+                if prev is not None and prev < cfg.first_n:
+                    reasons |= abi.REASON_FIRST_N
+                if cfg.flags & abi.CFG_HAVE_PORTS and p.proto in (IPPROTO_TCP, IPPROTO_UDP):
+                    bit = abi.PORT_TCP if p.proto == IPPROTO_TCP else abi.PORT_UDP
+                    if self.ports.get(p.sport, 0) & bit or self.ports.get(p.dport, 0) & bit:
+                        reasons |= abi.REASON_PORT
+            if p.proto == IPPROTO_TCP and suspicious(p.tcp_flags):
+                reasons |= abi.REASON_SUSPICIOUS
+        reasons &= cfg.reasons
+        if not reasons:
+            return TcResult(TC_ACT_OK, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)
+        if flow is not None:
+            flow.flagged += 1
+        new_mark = (cfg.mark_value & cfg.mark_mask) | (mark & ~cfg.mark_mask & 0xFFFFFFFF)
+        return TcResult(TC_ACT_OK, new_mark, abi.CNT_FLAGGED, reasons, tuple(events), key, direction)
+
+
+def key_tuple(key: abi.FlowKey) -> tuple:
+    """A kernel FlowKey in the reference's hashable form."""
+    return (bytes(key.addr_lo), bytes(key.addr_hi),
+            int.from_bytes(key.port_lo.to_bytes(2, "little"), "big"),
+            int.from_bytes(key.port_hi.to_bytes(2, "little"), "big"), key.vlan, key.proto)
+
+
+def ip16(addr: str) -> bytes:
+    ip = ipaddress.ip_address(addr)
+    return MAPPED + ip.packed if ip.version == 4 else ip.packed
