@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -36,9 +37,15 @@ def summary(checks: list[lib.Check]) -> str:
     return f"doctor: all required checks passed ({warned} warning(s))"
 
 
-def _terminate(signum, _frame):
-    # SystemExit unwinds through the checks' finally blocks, so the throwaway namespace goes too.
-    sys.exit(128 + signum)
+def _terminate_handler(main_pid: int):
+    def terminate(signum, _frame):
+        # SystemExit unwinds through the checks' finally blocks, so the throwaway namespace goes
+        # too. A forked child (pyroute2 forks to open a socket in a namespace and stops it with
+        # SIGTERM) inherits this handler: it must vanish at once, never unwind the copied stack.
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        sys.exit(128 + signum)
+    return terminate
 
 
 @click.command("doctor")
@@ -58,7 +65,7 @@ def doctor(as_json: bool) -> None:
       sudo .venv/bin/hybridctl doctor
       sudo .venv/bin/hybridctl doctor --json | jq '.checks[] | select(.status != "ok")'
     """
-    old = signal.signal(signal.SIGTERM, _terminate)
+    old = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid()))
     try:
         color = not as_json and sys.stdout.isatty()
         on_result = None if as_json else (lambda c: click.echo(format_check(c, color=color)))

@@ -355,6 +355,7 @@ def throwaway_netns(veth: bool = False) -> Iterator[str]:
     """A uniquely named network namespace (optionally holding a veth pair ``dr0``/``dr1``),
     deleted on the way out whatever happens."""
     name = netns_name()
+    owner = os.getpid()
     try:
         sysutil.run(["ip", "netns", "add", name], what=f"creating network namespace {name}")
         if veth:
@@ -362,7 +363,11 @@ def throwaway_netns(veth: bool = False) -> Iterator[str]:
                         what="creating a veth pair")
         yield name
     finally:
-        delete_netns(name)
+        # Only the creator cleans up. pyroute2's IPRoute(netns=...) forks a child (a copy of this
+        # stack) and ends it with SIGTERM; a child that unwound through here would delete the
+        # namespace under the parent's feet (seen: tc read-back failing with ENOENT, 1 run in 10).
+        if os.getpid() == owner:
+            delete_netns(name)
 
 
 @contextlib.contextmanager

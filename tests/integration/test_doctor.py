@@ -109,3 +109,20 @@ def test_interrupted_doctor_leaves_no_namespace(sig):
     assert proc.returncode == (128 + sig if sig == signal.SIGTERM else 130), err
     assert "Traceback" not in err
     assert leftovers(proc.pid) == []
+
+
+def test_forked_child_unwinding_does_not_delete_the_namespace():
+    # pyroute2's IPRoute(netns=...) forks a copy of this process and ends it with SIGTERM; such a
+    # copy unwinding through throwaway_netns must not delete the parent's namespace.
+    parent = os.getpid()
+    try:
+        with lib.throwaway_netns() as ns:
+            pid = os.fork()
+            if pid == 0:
+                raise SystemExit(0)   # the child unwinds through throwaway_netns's finally
+            os.waitpid(pid, 0)
+            assert os.path.lexists(f"/run/netns/{ns}"), "a forked child deleted the namespace"
+    finally:
+        if os.getpid() != parent:
+            os._exit(0)               # the child never gets back into pytest
+    assert not os.path.lexists(f"/run/netns/{ns}")
