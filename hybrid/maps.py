@@ -200,7 +200,8 @@ class Maps:
 
     @classmethod
     def from_prog_id(cls, prog_id: int) -> Maps:
-        """Open the maps used by the loaded program ``prog_id``, matched by kernel map name."""
+        """Open the maps used by the loaded program ``prog_id``, matched by kernel map name.
+        Give the tc program's id: hybrid_xdp does not use hybrid_ports, so its id is refused."""
         prog_fd = bpfsys.prog_get_fd_by_id(prog_id)
         fds: dict[str, int] = {}
         try:
@@ -222,7 +223,8 @@ class Maps:
             _close_all(fds)
             raise NotFoundError(
                 f"BPF program id {prog_id} ({info.name}) does not use the hybrid maps "
-                f"{', '.join(missing)}: is it a hybrid program?", _errno.ENOENT)
+                f"{', '.join(missing)}: pass the id of the tc program ({abi.PROG_TC}), the only one "
+                "that uses every map", _errno.ENOENT)
         return cls(fds, origin=f"prog id {prog_id}")
 
     def _check_layouts(self) -> None:

@@ -1,0 +1,166 @@
+"""hybrid/abi.py and the pure helpers of hybrid/maps.py, without root or BPF: the header's
+constants, the counter-name table, canonical flow-key ordering, CIDR parsing and formatting."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from pathlib import Path
+
+import pytest
+
+from hybrid import abi
+from hybrid.errors import ConfigError
+from hybrid.maps import (addr16, addr_from16, canonical_order, flow_key, format_flow_key, format_prefix,
+                         key_ports, parse_cidr)
+
+pytestmark = pytest.mark.unit
+
+HEADER = Path(__file__).resolve().parents[2] / "bpf" / "hybrid_common.h"
+
+
+def header_defines() -> dict[str, str]:
+    out = {}
+    for m in re.finditer(r"^#define\s+HYBRID_(\w+)\s+(.+?)\s*(?:/\*.*)?$", HEADER.read_text(), re.M):
+        out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def c_value(expr: str, defines: dict[str, str]) -> int | str:
+    """Evaluate a header #define (integers, shifts, other HYBRID_ names, strings)."""
+    if expr.startswith('"'):
+        return expr.strip('"')
+    expr = re.sub(r"(\d+)U\b", r"\1", expr)
+    expr = re.sub(r"HYBRID_(\w+)", lambda m: f"({c_value(defines[m.group(1)], defines)})", expr)
+    return eval(expr, {"__builtins__": {}})  # noqa: S307 (our own header)
+
+
+def test_every_header_constant_is_mirrored():
+    defines = header_defines()
+    assert len(defines) > 50
+    for name, expr in defines.items():
+        if name == "COMMON_H":
+            continue
+        value = c_value(expr, defines)
+        assert hasattr(abi, name), f"abi.py lacks HYBRID_{name}"
+        assert getattr(abi, name) == value, name
+
+
+def test_struct_sizes_match_header_comments():
+    text = HEADER.read_text()
+    stated = dict(re.findall(r"struct hybrid_(\w+) \{.*?\};\s+/\* (\d+) bytes", text, re.S))
+    by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
+                 "prefix": abi.Prefix, "iface": abi.Iface, "stats": abi.Stats}
+    assert set(stated) == set(by_c_name)
+    for cname, size in stated.items():
+        assert ctypes.sizeof(by_c_name[cname]) == int(size) == abi.SIZES[by_c_name[cname]], cname
+
+
+def test_struct_fields_match_header():
+    """Field names and order of every struct equal the C declaration."""
+    text = HEADER.read_text()
+    structs = dict(re.findall(r"struct hybrid_(\w+) \{(.*?)\};", text, re.S))
+    by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
+                 "prefix": abi.Prefix, "iface": abi.Iface, "stats": abi.Stats}
+    for cname, body in structs.items():
+        fields = re.findall(r"__[us]\d+\s+(\w+)", re.sub(r"/\*.*?\*/", "", body, flags=re.S))
+        assert fields == [f[0] for f in by_c_name[cname]._fields_], cname
+
+
+def test_counter_names_table():
+    assert sorted(abi.COUNTER_NAMES) == list(range(abi.CNT_MAX))
+    names = list(abi.COUNTER_NAMES.values())
+    assert len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[a-z0-9_]+", n) for n in names)
+    assert abi.COUNTER_NAMES[abi.CNT_XDP_DROP_FLOW] == "xdp_drop_flow"
+    assert abi.COUNTER_NAMES[abi.CNT_REASON_BASE] == "reason_syn"
+    assert abi.COUNTER_NAMES[abi.CNT_MAX - 1] == "reason_malformed"
+    # Every CNT_* constant's name is its table entry.
+    for attr in dir(abi):
+        if attr.startswith("CNT_") and attr not in ("CNT_MAX", "CNT_REASON_BASE"):
+            assert abi.COUNTER_NAMES[getattr(abi, attr)] == attr[4:].lower(), attr
+    for bit, name in abi.REASON_NAMES.items():
+        assert abi.COUNTER_NAMES[abi.reason_counter(bit)] == f"reason_{name}"
+        assert getattr(abi, f"REASON_{name.upper()}") == bit
+    assert sum(abi.REASON_NAMES) == abi.REASONS_ALL
+    assert abi.reason_names(abi.REASON_SYN | abi.REASON_PORT) == ["syn", "port"]
+    assert set(abi.TC_OUTCOMES) | {abi.CNT_PACKETS} == {
+        abi.CNT_PACKETS, abi.CNT_NOT_IP, abi.CNT_MALFORMED_L3, abi.CNT_FLAGGED, abi.CNT_BYPASSED,
+        abi.CNT_PASSED, abi.CNT_DROP_TC_FLOW, abi.CNT_DROP_TC_PREFIX}
+
+
+def test_verdict_names():
+    assert abi.VERDICT_NAMES == {0: "none", 1: "inspect", 2: "bypass", 3: "block"}
+
+
+# ---- canonical ordering --------------------------------------------------------------------------
+def test_canonical_order_compares_address_then_port():
+    a, b = addr16("10.0.0.1"), addr16("10.0.0.2")
+    assert canonical_order(a, 9999, b, 1) == 0
+    assert canonical_order(b, 1, a, 9999) == 1
+    assert canonical_order(a, 80, a, 443) == 0
+    assert canonical_order(a, 443, a, 80) == 1
+    assert canonical_order(a, 80, a, 80) == 0                       # equal endpoints: lo
+    # memcmp order, not integer order of the last byte: 10.0.0.255 < 10.0.1.0
+    assert canonical_order(addr16("10.0.1.0"), 1, addr16("10.0.0.255"), 1) == 1
+    # IPv4-mapped addresses sort after ::/96-style low IPv6 addresses and before 2001::
+    assert canonical_order(addr16("::1"), 1, a, 1) == 0
+    assert canonical_order(addr16("2001:db8::1"), 1, a, 1) == 1
+    # port compared as a number (host order), not by its network-order bytes
+    assert canonical_order(a, 256, a, 2) == 1
+    with pytest.raises(ValueError):
+        canonical_order(b"\x00" * 4, 1, a, 1)
+
+
+def test_flow_key_same_for_both_directions():
+    k1, d1 = flow_key("198.18.1.2", "198.18.2.2", 40000, 80, 6)
+    k2, d2 = flow_key("198.18.2.2", "198.18.1.2", 80, 40000, 6)
+    assert bytes(k1) == bytes(k2) and (d1, d2) == (0, 1)
+    assert addr_from16(bytes(k1.addr_lo)) == addr_from16(addr16("198.18.1.2"))
+    assert key_ports(k1) == (40000, 80)
+    assert bytes(k1)[32:34] == (40000).to_bytes(2, "big")             # network order in memory
+    assert (k1.vlan, k1.proto, k1._pad0) == (0, 6, 0)
+
+
+def test_flow_key_validation():
+    with pytest.raises(ConfigError, match="not an IPv4 or IPv6 address"):
+        flow_key("nope", "1.2.3.4", 1, 2, 6)
+    with pytest.raises(ConfigError, match="port 70000"):
+        flow_key("1.2.3.4", "1.2.3.5", 70000, 2, 6)
+    with pytest.raises(ConfigError, match="VLAN id 4096"):
+        flow_key("1.2.3.4", "1.2.3.5", 1, 2, 6, vlan=4096)
+
+
+def test_format_flow_key():
+    k, _ = flow_key("198.18.2.2", "198.18.1.2", 80, 40000, 6)
+    assert format_flow_key(k) == "tcp 198.18.1.2:40000 <-> 198.18.2.2:80 vlan 0"
+    k, _ = flow_key("2001:db8::2", "2001:db8::1", 53, 5353, 17, vlan=12)
+    assert format_flow_key(k) == "udp [2001:db8::1]:5353 <-> [2001:db8::2]:53 vlan 12"
+    k, _ = flow_key("10.0.0.1", "10.0.0.2", 77, 77, 1)
+    assert format_flow_key(k) == "icmp 10.0.0.1 <-> 10.0.0.2 id 77 vlan 0"
+    k, _ = flow_key("10.0.0.1", "10.0.0.2", 0, 0, 47)
+    assert format_flow_key(k) == "proto-47 10.0.0.1 <-> 10.0.0.2 vlan 0"
+
+
+# ---- CIDRs ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cidr,plen,canonical", [
+    ("198.18.0.0/15", 111, "198.18.0.0/15"),
+    ("10.1.2.3/8", 104, "10.0.0.0/8"),                               # host bits cleared
+    ("192.0.2.1", 128, "192.0.2.1/32"),
+    ("0.0.0.0/0", 96, "0.0.0.0/0"),
+    ("2001:db8::/32", 32, "2001:db8::/32"),
+    ("::/0", 0, "::/0"),
+    (" 2001:db8::1 ", 128, "2001:db8::1/128"),
+])
+def test_parse_cidr(cidr, plen, canonical):
+    key = parse_cidr(cidr)
+    assert key.prefixlen == plen
+    assert format_prefix(key) == canonical
+    if "." in cidr:
+        assert bytes(key.addr)[:12] == b"\x00" * 10 + b"\xff\xff"
+
+
+@pytest.mark.parametrize("bad", ["", "10.0.0.0/33", "2001:db8::/129", "example.com", "1.2.3/8", "10.0.0.0/-1"])
+def test_parse_cidr_rejects(bad):
+    with pytest.raises(ConfigError, match="is not an IPv4 or IPv6 CIDR"):
+        parse_cidr(bad)
