@@ -1,15 +1,69 @@
-"""hybridctl: entry point. Subcommands live in sibling modules and register here."""
+"""hybridctl: entry point. Subcommands live in sibling modules and register at the bottom.
+
+Errors are turned into output in exactly one place, :class:`HybridGroup`: bad input
+(:class:`~hybrid.errors.ConfigError`) exits 2, every other library error exits 1, each as one
+line; never a traceback.
+"""
 
 from __future__ import annotations
+
+import logging
+import sys
 
 import click
 
 from hybrid import __version__
+from hybrid.errors import ConfigError, HybridError
 
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "HYBRIDCTL"}
+from .common import InputError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "HYBRIDCTL",
+                    "max_content_width": 100}
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+class HybridGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            raise InputError(str(exc)) from None
+        except HybridError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=HybridGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="hybridctl")
-def main() -> None:
-    """hybrid: XDP/tc classification in front of a Python NFQUEUE verdict engine."""
+@click.option("-v", "--verbose", count=True, help="Log what is done (-vv: every command run).")
+def main(verbose: int) -> None:
+    """hybrid: XDP/tc classification in front of a Python NFQUEUE verdict engine.
+
+    BPF programs classify every packet in the kernel and mark only those that need a userspace
+    decision (new connections, the first payload packets of each flow, watched ports and
+    prefixes, odd TCP flags); iptables queues the marked ones to the engine; everything else
+    never leaves the kernel.
+
+    \b
+    Start here:
+      hybridctl doctor            check this machine
+      hybridctl demo              lab + hybrid + traffic, then clean up
+      hybridctl attach eth0 eth1  attach to a gateway's interfaces
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+from .doctor import doctor  # noqa: E402
+from .lab import lab  # noqa: E402
+from .datapath import attach, detach, status  # noqa: E402
+from .demo import demo  # noqa: E402
+from .bench import bench  # noqa: E402
+
+for _cmd in (doctor, lab, attach, detach, status, demo, bench):
+    main.add_command(_cmd)
+
+
+if __name__ == "__main__":
+    main()

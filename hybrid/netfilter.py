@@ -105,8 +105,9 @@ def our_jumps(save: str) -> list[str]:
     out = []
     for line in _filter_table(save):
         line = _strip_counters(line)
-        if line.startswith("-A ") and re.search(rf"-j {CHAIN}(\s|$)", line) and not line.startswith(f"-A {CHAIN} "):
-            out.append(line)
+        if (line.startswith("-A ") and re.search(rf"-j {CHAIN}(\s|$)", line)
+                and not line.startswith(f"-A {CHAIN} ") and f"--comment {COMMENT} " in line):
+            out.append(line)   # a jump without our comment is someone else's: never touch it
     return out
 
 

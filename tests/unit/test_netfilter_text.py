@@ -22,6 +22,7 @@ INSTALLED = """*filter
 :HYBRID - [0:0]
 -A FORWARD -m comment --comment hybrid -j HYBRID
 -A FORWARD -s 10.0.0.0/8 -j DROP
+-A INPUT -s 192.0.2.0/24 -j HYBRID
 -A HYBRID -m mark --mark 0x100000/0x100000 -m comment --comment "hybrid: flagged by BPF" -j NFQUEUE --queue-num 0 --queue-bypass
 COMMIT
 *nat
@@ -71,7 +72,8 @@ def test_remove_touches_only_our_rules():
     assert nf.remove_text(EMPTY) is None
 
 
-def test_jump_detection_ignores_other_tables_and_similar_chain_names():
+def test_jump_detection_ignores_foreign_jumps_other_tables_and_similar_chain_names():
+    # "-A INPUT -s 192.0.2.0/24 -j HYBRID" has no hybrid comment: someone else's, left alone.
     assert nf.our_jumps(INSTALLED) == ["-A FORWARD -m comment --comment hybrid -j HYBRID"]
 
 

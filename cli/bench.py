@@ -1,0 +1,52 @@
+"""hybridctl bench: the side-by-side performance comparison (also scripts/bench.py)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import click
+
+from hybrid import bench as benchmod
+
+DEFAULT_MODES = "baseline,hybrid,nfq-all"
+DEFAULT_WORKLOADS = "bulk-1,bulk-4"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--modes", default=DEFAULT_MODES, show_default=True,
+              help=f"Comma-separated modes: {', '.join(benchmod.MODES)}.")
+@click.option("--workloads", default=DEFAULT_WORKLOADS, show_default=True,
+              help=f"Comma-separated workloads: {', '.join(benchmod.WORKLOADS)}.")
+@click.option("-r", "--repetitions", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(0.5, 300),
+              help="Length of each measurement.")
+@click.option("--quick", is_flag=True, help="Smoke run: 1 repetition of 1 s, bulk-1 only.")
+@click.option("--json", "json_path", metavar="FILE", help="Also write the results as JSON ('-' for stdout).")
+@click.option("--lab-name", default="hbench", show_default=True)
+def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name) -> None:
+    """Measure modes of feeding a userspace engine side by side, in one run, on a fresh lab.
+
+    Reports the median of the repetitions and its ratio to `baseline` (nothing attached)
+    measured in the same run. Repetitions are interleaved across modes.
+
+    \b
+    Example:
+      sudo hybridctl bench --modes baseline,hybrid --workloads bulk-1 -r 5
+    """
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    wl_list = [w.strip() for w in workloads.split(",") if w.strip()]
+    if quick:
+        repetitions, seconds, wl_list = 1, 1.0, ["bulk-1"]
+    say = (lambda m: click.echo(m, err=True))
+    report = benchmod.run(mode_list, wl_list, repetitions, seconds, lab_name=lab_name, progress=say,
+                          command=" ".join(shlex.quote(a) for a in sys.argv))
+    if json_path == "-":
+        click.echo(json.dumps(report.as_dict(), indent=1))
+        return
+    click.echo(benchmod.table(report))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report.as_dict(), f, indent=1)
+        click.echo(f"results written to {json_path}", err=True)

@@ -1,0 +1,509 @@
+"""Attach and detach: the lifecycle of one hybrid instance (one per network namespace).
+
+Attach is a transaction: every step that changes the system registers its undo on an ExitStack,
+so a failure half-way (a missing second interface, a foreign XDP program, a netfilter error)
+leaves the system exactly as it was. Every step is also written to a state file *before* the
+step runs, so ``detach`` from a fresh process, after ``kill -9`` of whoever attached, knows what to
+look for; and it never trusts the file alone: it reads back what is attached (program names via
+netlink and bpf()) and removes only what is hybrid's.
+
+Where things live:
+- state: /run/hybrid/instances/<instance>/state.json (root only, 0600);
+- maps: pinned in <bpffs>/<instance>/ (see hybrid.bpffs), reopened by the next attach so that
+  verdicts and counters survive a restart;
+- programs: attached to the interfaces (XDP and clsact ingress), referenced by nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from . import abi, bpffs, bpfsys, netfilter, netlink, sysutil
+from .errors import ConfigError, HybridError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+STATE_ROOT = "/run/hybrid/instances"
+XDP_MODES = ("auto", "native", "generic", "off")
+TC_PREF = 1
+TC_HANDLE = 0x4859          # "HY": identifies our filter next to others on the same hook
+DEFAULT_MARK = 0x00100000   # bit 20: clear of kube-proxy (0x4000/0x8000), Cilium (0x0F00-0xFF00),
+DEFAULT_MASK = 0x00100000   # Istio (0x539) and Weave (0x20000/0x40000); configurable for the rest
+DEFAULT_FIRST_N = 3         # payload packets per direction; see docs/design.md for why 3
+DEFAULT_REASONS = ("syn", "first-n", "port", "prefix", "suspicious", "fragment", "inspect", "malformed")
+REASON_BITS = {
+    "syn": abi.REASON_SYN,
+    "first-n": abi.REASON_FIRST_N,
+    "port": abi.REASON_PORT,
+    "prefix": abi.REASON_PREFIX,
+    "suspicious": abi.REASON_SUSPICIOUS,
+    "fragment": abi.REASON_FRAGMENT,
+    "inspect": abi.REASON_INSPECT,
+    "malformed": abi.REASON_MALFORMED,
+}
+
+
+@dataclass
+class AttachOptions:
+    interfaces: list[str]
+    xdp_mode: str = "auto"
+    hooks: tuple[str, ...] = ("forward",)
+    mark: int = DEFAULT_MARK
+    mark_mask: int = DEFAULT_MASK
+    queue_first: int = 0
+    queue_last: int = 0
+    fail_open: bool = True
+    reasons: tuple[str, ...] = DEFAULT_REASONS
+    first_n: int = DEFAULT_FIRST_N
+    watch_ports: tuple[int, ...] = ()
+    watch_prefixes: tuple[str, ...] = ()
+    block_prefixes: tuple[str, ...] = ()
+    families: tuple[str, ...] = ("ipv4", "ipv6")
+    flow_table_size: int = 131072
+
+    def validate(self) -> None:
+        if not self.interfaces:
+            raise ConfigError("name at least one interface to attach to")
+        if len(set(self.interfaces)) != len(self.interfaces):
+            raise ConfigError("an interface is named twice")
+        if self.xdp_mode not in XDP_MODES:
+            raise ConfigError(f"xdp mode {self.xdp_mode!r}: use one of {', '.join(XDP_MODES)}")
+        bad = [r for r in self.reasons if r not in REASON_BITS]
+        if bad:
+            raise ConfigError(f"flag reason {bad[0]!r}: use any of {', '.join(REASON_BITS)}")
+        if not 0 <= self.first_n <= 1_000_000:
+            raise ConfigError(f"first-n {self.first_n}: use 0 (off) up to 1000000")
+        for p in self.watch_ports:
+            if not 1 <= p <= 65535:
+                raise ConfigError(f"watched port {p}: use 1-65535")
+        if not 1024 <= self.flow_table_size <= 1 << 24:
+            raise ConfigError(f"flow table size {self.flow_table_size}: use 1024 up to 16777216")
+        self.queue_rule()  # validates marks, queues, hooks, families
+
+    def queue_rule(self) -> netfilter.QueueRule:
+        return netfilter.QueueRule(self.mark, self.mark_mask, self.queue_first, self.queue_last,
+                                   self.fail_open, tuple(self.hooks), tuple(self.families))
+
+    def config(self) -> abi.Config:
+        cfg = abi.Config()
+        cfg.mark_value = self.mark
+        cfg.mark_mask = self.mark_mask
+        cfg.reasons = sum(REASON_BITS[r] for r in set(self.reasons))
+        cfg.first_n = self.first_n
+        return cfg
+
+
+# -- state file ----------------------------------------------------------------------------------
+@dataclass
+class IfaceState:
+    ifname: str
+    ifindex: int
+    xdp_mode: str             # "native", "generic" or "off" (the mode actually used)
+    clsact_created: bool      # we added the clsact qdisc, so we may remove it when it is empty
+    attached_at: float = 0.0
+
+
+@dataclass
+class State:
+    instance: str
+    pin_dir: str
+    options: dict = field(default_factory=dict)
+    interfaces: dict[str, IfaceState] = field(default_factory=dict)
+    netfilter: dict | None = None
+
+    @staticmethod
+    def path(instance: str) -> str:
+        return os.path.join(STATE_ROOT, instance, "state.json")
+
+    @classmethod
+    def load(cls, instance: str) -> State | None:
+        try:
+            with open(cls.path(instance)) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable state %s: %s", cls.path(instance), exc)
+            return None
+        ifaces = {k: IfaceState(**v) for k, v in raw.get("interfaces", {}).items()}
+        return cls(raw["instance"], raw["pin_dir"], raw.get("options", {}), ifaces, raw.get("netfilter"))
+
+    def save(self) -> None:
+        path = self.path(self.instance)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+        os.replace(tmp, path)
+
+    def remove(self) -> None:
+        shutil.rmtree(os.path.dirname(self.path(self.instance)), ignore_errors=True)
+
+
+def instance_name() -> str:
+    """One instance per network namespace, named after it."""
+    return sysutil.netns_id()
+
+
+def choose_xdp_mode(requested: str, link: netlink.LinkInfo) -> str:
+    """The XDP mode for one interface. ``auto`` never picks a mode that costs throughput on the
+    interface at hand. Measured on veth (docs/design.md): native XDP strips the peer's software GSO
+    (-80% TCP throughput) and generic XDP copies every GSO super-packet (-10%); on veth the skb
+    already exists, so dropping at tc is as early as XDP would be. auto: veth and other virtual
+    links -> off (tc enforces blocks), physical NICs -> native (drop before any skb exists)."""
+    if requested != "auto":
+        return requested
+    return "off" if link.kind is not None else "native"
+
+
+# -- attach --------------------------------------------------------------------------------------
+@dataclass
+class AttachResult:
+    instance: str
+    pin_dir: str
+    interfaces: dict[str, str]   # ifname -> xdp mode used
+    reused_pins: bool
+
+
+def attach(opts: AttachOptions) -> AttachResult:
+    """Attach hybrid to ``opts.interfaces`` in the current network namespace (or re-attach:
+    programs are replaced in place, pinned state is reused, rules are never duplicated)."""
+    from . import loader  # bcc/LLVM only for the process that compiles
+
+    sysutil.require_root("attach")
+    opts.validate()
+    links = {name: netlink.link_info(name) for name in opts.interfaces}  # all exist, or nothing changes
+    instance = instance_name()
+    old = State.load(instance)
+    pin_dir = os.path.join(bpffs.ensure(), instance)   # how this process reaches it
+    reused = os.path.isdir(pin_dir) and bool(os.listdir(pin_dir))
+
+    with contextlib.ExitStack() as undo:
+        if not reused:
+            undo.callback(_remove_pins, pin_dir)
+        os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+        state = old or State(instance, "")
+        state.pin_dir = os.path.join(bpffs.bpffs_root(), instance)   # canonical, for people and files
+        state.options = asdict(opts)
+        if old is None:
+            undo.callback(state.remove)
+
+        dp = loader.compile_datapath(pin_dir, flow_table_size=opts.flow_table_size)
+        undo.callback(dp.close)
+        maps = dp.maps()
+        undo.callback(maps.close)
+        old_cfg = maps.get_config() if reused else None
+        _apply_config(maps, opts, old_cfg)
+        if old_cfg is not None:
+            undo.callback(maps.set_config, old_cfg)
+
+        used = {}
+        for name, link in links.items():
+            mode = choose_xdp_mode(opts.xdp_mode, link)
+            prev = state.interfaces.get(name)
+            ist = IfaceState(name, link.ifindex, mode,
+                             clsact_created=prev.clsact_created if prev else not netlink.has_clsact(name),
+                             attached_at=time.time())
+            state.interfaces[name] = ist
+            state.save()   # write-ahead: a kill -9 from here on still leaves a findable record
+            if prev is None:
+                undo.callback(_forget_iface, state, name)
+            _attach_iface(undo, dp, maps, ist, link, prev)
+            used[name] = mode
+
+        rule = opts.queue_rule()
+        state.netfilter = asdict(rule)
+        state.save()
+        netfilter.install(rule)
+        undo.callback(netfilter.remove, rule.families)
+        # Other families we installed before (a re-attach that drops ipv6) must not linger.
+        stale = [f for f in netfilter.FAMILIES if f not in rule.families]
+        if stale:
+            netfilter.remove(stale)
+        state.save()
+        undo.pop_all()
+    maps.close()
+    dp.close()
+    log.info("attached %s in instance %s", ", ".join(f"{k} (xdp {v})" for k, v in used.items()), instance)
+    return AttachResult(instance, state.pin_dir, used, reused)
+
+
+def _apply_config(maps, opts: AttachOptions, old_cfg) -> None:
+    cfg = opts.config()
+    if old_cfg is not None:   # keep what the maps API maintains (e.g. HAVE_PORTS/PREFIXES)
+        cfg.flags = old_cfg.flags
+    maps.set_config(cfg)
+    for port in opts.watch_ports:
+        maps.watch_port(port)
+    for cidr in opts.watch_prefixes:
+        maps.add_prefix(cidr, abi.PREFIX_WATCH)
+    for cidr in opts.block_prefixes:
+        maps.add_prefix(cidr, abi.PREFIX_BLOCK)
+
+
+def _attach_iface(undo: contextlib.ExitStack, dp, maps, ist: IfaceState, link: netlink.LinkInfo,
+                  prev: IfaceState | None) -> None:
+    name = ist.ifname
+    maps.register_iface(link.ifindex, abi.IFACE_XDP if ist.xdp_mode != "off" else 0)
+    if prev is None:
+        undo.callback(maps.unregister_iface, link.ifindex)
+
+    # tc first: classification and marking must be in place before anything is dropped early.
+    if ist.clsact_created and not netlink.has_clsact(name):
+        netlink.clsact_add(name)
+        undo.callback(_remove_clsact_if_empty, name)
+    ours = [f for f in netlink.ingress_filters(name) if _is_our_filter(f)]
+    netlink.tc_filter_add(name, dp.tc_fd, abi.PROG_TC, TC_PREF, TC_HANDLE, replace=bool(ours))
+    if not ours:
+        undo.callback(netlink.tc_filter_del, name, TC_PREF, TC_HANDLE)
+
+    # XDP: replace our own program atomically; never a foreign one.
+    current = link.xdp_prog_id
+    ours_xdp = current and _prog_name(current) == abi.PROG_XDP
+    if ist.xdp_mode == "off":
+        if ours_xdp:
+            netlink.xdp_detach(name, link.driver_xdp or "generic")
+        return
+    if current and not ours_xdp:
+        raise HybridError(f"{name} already has a foreign XDP program (id {current}): detach it, "
+                          "or attach with --xdp-mode off")
+    if ours_xdp and link.driver_xdp != ist.xdp_mode:
+        netlink.xdp_detach(name, link.driver_xdp)
+        ours_xdp = False
+    if ours_xdp:
+        with _prog_fd(current) as old_fd:
+            netlink.xdp_attach(name, dp.xdp_fd, ist.xdp_mode, replace_prog_fd=old_fd)
+    else:
+        netlink.xdp_attach(name, dp.xdp_fd, ist.xdp_mode)
+        undo.callback(_xdp_detach_quiet, name, ist.xdp_mode)
+
+
+def _is_our_filter(f: netlink.TcFilter) -> bool:
+    return f.kind == "bpf" and (f.bpf_name or "").startswith(abi.PROG_TC) and \
+        (f.pref, f.handle) == (TC_PREF, TC_HANDLE)
+
+
+def _prog_name(prog_id: int) -> str | None:
+    """Name of a loaded program by id (None if it vanished meanwhile)."""
+    try:
+        with _prog_fd(prog_id) as fd:
+            return bpfsys.prog_info(fd).name
+    except HybridError:
+        return None
+
+
+@contextlib.contextmanager
+def _prog_fd(prog_id: int):
+    fd = bpfsys.prog_get_fd_by_id(prog_id)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _xdp_detach_quiet(name: str, mode: str) -> None:
+    with contextlib.suppress(HybridError):
+        netlink.xdp_detach(name, mode)
+
+
+def _remove_clsact_if_empty(name: str) -> None:
+    with contextlib.suppress(NotFoundError):
+        if not netlink.ingress_filters(name):
+            netlink.clsact_del(name)
+
+
+def _forget_iface(state: State, name: str) -> None:
+    state.interfaces.pop(name, None)
+    if state.interfaces:
+        state.save()
+
+
+def _remove_pins(pin_dir: str) -> None:
+    shutil.rmtree(pin_dir, ignore_errors=True)   # unlinking a pin drops its reference
+
+
+# -- detach --------------------------------------------------------------------------------------
+@dataclass
+class DetachResult:
+    instance: str
+    interfaces: list[str]             # interfaces we removed something from
+    netfilter_families: list[str]     # families whose rules we removed
+    pins_removed: bool
+    remaining: list[str]              # interfaces still attached
+    kept_clsact: list[str] = field(default_factory=list)  # clsact qdiscs left: not known to be ours
+
+
+def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
+    """Remove hybrid from the named interfaces, or from everything when ``interfaces`` is None.
+    Idempotent, and works without the state file (it then looks for hybrid's programs on every
+    interface and for hybrid's chain)."""
+    sysutil.require_root("detach")
+    instance = instance_name()
+    state = State.load(instance)
+    known = set(state.interfaces) if state else set()
+    if interfaces is None:
+        targets = sorted(known | set(_discover_attached()))
+    else:
+        targets = list(interfaces)
+    touched, kept_clsact = [], []
+    maps = _open_maps(state)
+    try:
+        for name in targets:
+            ist = state.interfaces.get(name) if state else None
+            if _detach_iface(name, ist, maps):
+                touched.append(name)
+            if ist is None and _has_clsact(name):
+                kept_clsact.append(name)
+            if state:
+                state.interfaces.pop(name, None)
+    finally:
+        if maps is not None:
+            maps.close()
+    remaining = sorted(state.interfaces) if state else []
+    families, pins_removed = [], False
+    if not remaining:
+        families = netfilter.remove()
+        pin_dir = _pin_access(instance)
+        if pin_dir and os.path.isdir(pin_dir):
+            _remove_pins(pin_dir)
+            pins_removed = True
+        shutil.rmtree(os.path.join(STATE_ROOT, instance), ignore_errors=True)
+    elif state:
+        state.save()
+    return DetachResult(instance, touched, families, pins_removed, remaining, kept_clsact)
+
+
+def _pin_access(instance: str) -> str | None:
+    """The path through which this process reaches the instance's pins (see hybrid.bpffs)."""
+    base = bpffs.locate()
+    return os.path.join(base, instance) if base else None
+
+
+def _open_maps(state: State | None):
+    from .maps import Maps
+    path = _pin_access(state.instance) if state else None
+    if path is None:
+        return None
+    try:
+        return Maps.open_pinned(path)
+    except HybridError:
+        return None
+
+
+def _detach_iface(name: str, ist: IfaceState | None, maps) -> bool:
+    try:
+        link = netlink.link_info(name)
+    except NotFoundError:
+        return ist is not None   # the interface is gone, and with it whatever was attached
+    did = False
+    if link.xdp_prog_id and _prog_name(link.xdp_prog_id) == abi.PROG_XDP:
+        netlink.xdp_detach(name, link.driver_xdp if link.driver_xdp in netlink.XDP_MODE_FLAGS else "generic")
+        did = True
+    for f in netlink.ingress_filters(name):
+        if _is_our_filter(f):
+            netlink.tc_filter_del(name, f.pref, f.handle)
+            did = True
+    if ist is not None and ist.clsact_created:
+        _remove_clsact_if_empty(name)
+    if maps is not None:
+        with contextlib.suppress(HybridError):
+            maps.unregister_iface(link.ifindex)
+    return did
+
+
+def _has_clsact(name: str) -> bool:
+    try:
+        return netlink.has_clsact(name)
+    except NotFoundError:
+        return False
+
+
+def _has_our_programs(name: str) -> bool:
+    try:
+        link = netlink.link_info(name)
+    except NotFoundError:
+        return False
+    if link.xdp_prog_id and _prog_name(link.xdp_prog_id) == abi.PROG_XDP:
+        return True
+    return any(_is_our_filter(f) for f in netlink.ingress_filters(name))
+
+
+def _discover_attached() -> list[str]:
+    """Interfaces in this namespace that carry a hybrid program (for detach without state)."""
+    out = []
+    for name in _all_ifnames():
+        with contextlib.suppress(HybridError):
+            if _has_our_programs(name):
+                out.append(name)
+    return out
+
+
+def _all_ifnames() -> list[str]:
+    proc = sysutil.run(["ip", "-j", "link", "show"])
+    return [link["ifname"] for link in json.loads(proc.stdout)]
+
+
+# -- status --------------------------------------------------------------------------------------
+def status() -> dict:
+    """What is attached in this namespace and what the kernel counted (summed over CPUs)."""
+    instance = instance_name()
+    state = State.load(instance)
+    out: dict = {"instance": instance, "attached": state is not None and bool(state.interfaces),
+                 "pin_dir": state.pin_dir if state else None, "interfaces": {}, "netfilter": [],
+                 "flows": None, "config": None}
+    if state is None:
+        discovered = _discover_attached()
+        if discovered:
+            out["warning"] = (f"hybrid programs on {', '.join(discovered)} but no state file: "
+                              "run 'hybridctl detach --all' to clean up")
+        return out
+    maps = _open_maps(state)
+    try:
+        stats = maps.stats() if maps else {}
+        for name, ist in state.interfaces.items():
+            entry: dict = {"ifindex": ist.ifindex, "xdp_mode": ist.xdp_mode}
+            try:
+                link = netlink.link_info(name)
+                entry["xdp_attached"] = bool(link.xdp_prog_id) and _prog_name(link.xdp_prog_id) == abi.PROG_XDP
+                entry["tc_attached"] = any(_is_our_filter(f) for f in netlink.ingress_filters(name))
+            except NotFoundError:
+                entry["missing"] = True
+            entry["counters"] = stats.get(ist.ifindex, {})
+            out["interfaces"][name] = entry
+        if maps:
+            out["flows"] = maps.flow_count()
+            cfg = maps.get_config()
+            out["config"] = {"mark": f"0x{cfg.mark_value:x}/0x{cfg.mark_mask:x}", "first_n": cfg.first_n,
+                             "reasons": [r for r, bit in REASON_BITS.items() if cfg.reasons & bit]}
+        else:
+            out["warning"] = f"pinned maps missing under {state.pin_dir}: re-run attach or detach"
+    finally:
+        if maps:
+            maps.close()
+    out["netfilter"] = [asdict(s) for s in netfilter.status()]
+    return out
+
+
+def instances() -> list[str]:
+    try:
+        return sorted(d for d in os.listdir(STATE_ROOT) if os.path.exists(State.path(d)))
+    except FileNotFoundError:
+        return []
+
+
+def purge_instance(instance: str) -> None:
+    """Forget an instance whose network namespace is gone (lab down): its pins and state.
+    The kernel already dropped its programs and rules with the namespace."""
+    pin_dir = _pin_access(instance)
+    if pin_dir and os.path.isdir(pin_dir):
+        _remove_pins(pin_dir)
+    shutil.rmtree(os.path.join(STATE_ROOT, instance), ignore_errors=True)
+
