@@ -6,8 +6,10 @@ by step; change both together.
     r = ref.tc(frame, now_ns=..., mark=0)     # TcResult(action, mark, outcome, reasons, ...)
     x = ref.xdp(frame, now_ns=...)            # XdpResult(action, counter)
 
-Everything here is written from hybrid_common.h's contract, not from the C, where the two could
-differ; the tests exist to find where they do.
+Where the C makes a choice the header leaves open (ICMP payload = bytes after the 8-byte header,
+INSPECT replacing the PREFIX reason, too many IPv6 extension headers = MALFORMED), this model
+makes the same one, and says so in tests/bpf/test_tc.py. It does not model a full flow table
+(FLOW_FULL) or concurrent CPUs.
 """
 
 from __future__ import annotations
