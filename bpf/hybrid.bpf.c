@@ -367,7 +367,10 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 	void *data, *data_end;
 	__u64 now;
 	__u32 zero = 0, dir, events = 0, reasons = 0, pull, pktsize, prev, act;
-	int action = TC_ACT_OK, cnt = HYBRID_CNT_PASSED, rc, i;
+	/* Pass with TC_ACT_UNSPEC, not TC_ACT_OK: with direct-action, TC_ACT_OK ends classification
+	 * on this hook, so another tool's filter at a later priority would never see the packet.
+	 * UNSPEC lets the next filter run and, when none is left, passes the packet. */
+	int action = TC_ACT_UNSPEC, cnt = HYBRID_CNT_PASSED, rc, i;
 	__u8 verdict;
 
 	cfg = hybrid_config.lookup(&zero);

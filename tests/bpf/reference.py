@@ -23,7 +23,10 @@ from hybrid.maps import canonical_order, parse_cidr
 # Parse outcomes (bpf/hybrid.bpf.c enum hybrid_pkt_status)
 PKT_OK, PKT_NOT_IP, PKT_BAD_L3, PKT_FRAGMENT, PKT_BAD_L4 = range(5)
 
-TC_ACT_OK, TC_ACT_SHOT = 0, 2
+# tc verdicts as BPF_PROG_TEST_RUN returns them (retval is a u32): the program passes with
+# TC_ACT_UNSPEC (-1) so that later filters on the hook still run.
+TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2
+TC_ACT_PASS = TC_ACT_UNSPEC
 XDP_DROP, XDP_PASS = 1, 2
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
@@ -276,9 +279,9 @@ class Reference:
         cfg = self.config
         p = parse(frame)
         if p.status == PKT_NOT_IP:
-            return TcResult(TC_ACT_OK, mark, abi.CNT_NOT_IP)
+            return TcResult(TC_ACT_PASS, mark, abi.CNT_NOT_IP)
         if p.status == PKT_BAD_L3:
-            return TcResult(TC_ACT_OK, mark, abi.CNT_MALFORMED_L3)
+            return TcResult(TC_ACT_PASS, mark, abi.CNT_MALFORMED_L3)
         reasons = 0
         act = self._prefixes_match(p)
         if act & abi.PREFIX_BLOCK:
@@ -315,7 +318,7 @@ class Reference:
             if verdict == abi.VERDICT_BLOCK:
                 return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_FLOW, 0, tuple(events), key, direction)
             if verdict == abi.VERDICT_BYPASS:
-                return TcResult(TC_ACT_OK, mark, abi.CNT_BYPASSED, 0, tuple(events), key, direction)
+                return TcResult(TC_ACT_PASS, mark, abi.CNT_BYPASSED, 0, tuple(events), key, direction)
             if verdict == abi.VERDICT_INSPECT:
                 reasons = abi.REASON_INSPECT
             else:
@@ -331,11 +334,11 @@ class Reference:
                 reasons |= abi.REASON_SUSPICIOUS
         reasons &= cfg.reasons
         if not reasons:
-            return TcResult(TC_ACT_OK, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)
+            return TcResult(TC_ACT_PASS, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)
         if flow is not None:
             flow.flagged += 1
         new_mark = (cfg.mark_value & cfg.mark_mask) | (mark & ~cfg.mark_mask & 0xFFFFFFFF)
-        return TcResult(TC_ACT_OK, new_mark, abi.CNT_FLAGGED, reasons, tuple(events), key, direction)
+        return TcResult(TC_ACT_PASS, new_mark, abi.CNT_FLAGGED, reasons, tuple(events), key, direction)
 
 
 def key_tuple(key: abi.FlowKey) -> tuple:

@@ -9,7 +9,7 @@ import time
 import pytest
 from bpfkit import (A4, A6, B4, B6, LO, MARK_VALUE, IP, TCP, UDP, IPv6, Raw, default_config,
                     frame, icmp4_echo, icmp6_echo, pad60, reason_counters, tcp4, tcp6, udp4)
-from reference import TC_ACT_OK, TC_ACT_SHOT, Reference, key_tuple, parse
+from reference import TC_ACT_PASS, TC_ACT_SHOT, Reference, key_tuple, parse
 from scapy.layers.inet import IPOption_RR, IPOption_Timestamp
 from scapy.layers.inet6 import (IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
                                 IPv6ExtHdrRouting)
@@ -31,7 +31,7 @@ def flagged(reasons: int, **extra) -> dict[str, int]:
 # ---- each reason alone -----------------------------------------------------------------------------
 def test_syn_alone(run, maps):
     r = run.tc(tcp4("S"))
-    assert (r.action, r.mark) == (TC_ACT_OK, MARK_VALUE)
+    assert (r.action, r.mark) == (TC_ACT_PASS, MARK_VALUE)
     assert run.nonzero() == flagged(R.REASON_SYN)
     key, direction = flow_key(A4, B4, 40000, 80, 6)
     assert direction == 0
@@ -227,7 +227,7 @@ def test_other_protocol_keyed_by_addresses(run, maps):
 def test_not_ip(run, maps):
     from scapy.layers.l2 import ARP, Ether
     r = run.tc(bytes(Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP()), mark=0x4000)
-    assert (r.action, r.mark) == (TC_ACT_OK, 0x4000)
+    assert (r.action, r.mark) == (TC_ACT_PASS, 0x4000)
     assert run.nonzero() == {"packets": 1, "not_ip": 1}
     assert maps.flow_count() == 0
 
@@ -362,7 +362,7 @@ def test_bypass(run, maps):
     maps.set_verdict(_key(), R.VERDICT_BYPASS, None)
     for f in (tcp4("S"), tcp4("PA", b"x"), tcp4("", sport=40000)):   # not even SUSPICIOUS
         r = run.tc(f, mark=0x4000)
-        assert (r.action, r.mark) == (TC_ACT_OK, 0x4000)
+        assert (r.action, r.mark) == (TC_ACT_PASS, 0x4000)
     assert run.nonzero() == {"packets": 3, "bypassed": 3}
     assert list(maps.get_flow(_key()).packets) == [3, 0]
 
@@ -388,7 +388,7 @@ def test_verdict_expiry(run, maps):
     maps.set_verdict(_key(), R.VERDICT_BLOCK, 0.001)
     time.sleep(0.005)
     r = run.tc(tcp4("A"))
-    assert (r.action, r.mark) == (TC_ACT_OK, 0)                   # back to NONE: a pure ACK passes
+    assert (r.action, r.mark) == (TC_ACT_PASS, 0)                   # back to NONE: a pure ACK passes
     flow = maps.get_flow(_key())
     assert flow.verdict == R.VERDICT_NONE and flow.verdict_expires_ns == 0
     assert run.nonzero() == {"packets": 1, "passed": 1, "verdict_expired": 1}
@@ -408,7 +408,7 @@ def test_block_prefix_drops_both_directions(run, maps):
     maps.add_prefix("198.18.2.0/24", R.PREFIX_BLOCK | R.PREFIX_WATCH)
     assert run.tc(tcp4("S")).action == TC_ACT_SHOT
     assert run.tc(tcp4("S", src=B4, dst=A4)).action == TC_ACT_SHOT
-    assert run.tc(tcp4("S", dst="198.18.3.1")).action == TC_ACT_OK
+    assert run.tc(tcp4("S", dst="198.18.3.1")).action == TC_ACT_PASS
     assert run.nonzero() == {"packets": 3, "drop_tc_prefix": 2, "flagged": 1, "flow_new": 1, "reason_syn": 1}
 
 
@@ -416,7 +416,7 @@ def test_longest_prefix_wins(run, maps):
     maps.add_prefix("198.18.0.0/16", R.PREFIX_BLOCK)
     maps.add_prefix("198.18.2.2/32", R.PREFIX_WATCH)
     maps.add_prefix("198.18.1.0/24", R.PREFIX_WATCH)
-    assert run.tc(tcp4("A")).action == TC_ACT_OK                  # both ends on a watched /24,/32
+    assert run.tc(tcp4("A")).action == TC_ACT_PASS                  # both ends on a watched /24,/32
     assert run.tc(tcp4("A", dst="198.18.9.9")).action == TC_ACT_SHOT
 
 
