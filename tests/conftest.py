@@ -9,7 +9,6 @@ Root-only tests skip with a reason when not root; CI runs as root, so there they
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 
@@ -19,10 +18,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import leakcheck  # noqa: E402
 
 from hybrid.lab import Lab  # noqa: E402
+from leakcheck import new_lab_name  # noqa: E402
 
 IS_ROOT = os.geteuid() == 0
 TAG = leakcheck.session_tag()
-_names = itertools.count()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,10 +52,6 @@ def pytest_sessionfinish(session, exitstatus):
         lines = [f"  {kind}: {', '.join(items)}" for kind, items in leaks.items()]
         sys.stderr.write("\nLEAK CHECK FAILED: the tests left these behind:\n" + "\n".join(lines) + "\n")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def new_lab_name() -> str:
-    return f"{TAG}{next(_names)}"
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ conftest.py and tested itself (tests/integration/test_leakcheck.py)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -43,3 +44,11 @@ def leaked(before: dict[str, set[str]], after: dict[str, set[str]], ours=lambda 
 def session_tag() -> str:
     """Prefix of every namespace and lab this test session creates (lab names: <= 21 chars)."""
     return f"t{os.getpid() % 1000000:06d}"
+
+
+_names = itertools.count()
+
+
+def new_lab_name() -> str:
+    """A lab name unique to this session (and so covered by the leak check)."""
+    return f"{session_tag()}{next(_names)}"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import new_lab_name
+from leakcheck import new_lab_name
 from hybrid import lab as labmod
 from hybrid.demo import Nginx, iperf3
 

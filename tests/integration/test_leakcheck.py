@@ -3,7 +3,7 @@
 import pytest
 
 import leakcheck
-from conftest import new_lab_name
+from leakcheck import new_lab_name
 from hybrid import lab as labmod
 from hybrid import netfilter as nf
 
