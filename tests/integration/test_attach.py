@@ -166,10 +166,14 @@ def test_bulk_transfer_queues_only_handshake_and_first_packets(attached):
     assert c["packets"] + s["packets"] > 1000 * q        # the bulk stayed in the kernel
 
 
-def test_blocked_flow_dies_at_xdp(lab):
-    hctl(lab, "attach", *IFACES, "--xdp-mode", "generic")
+@pytest.mark.parametrize("mode", ["generic", "native"])
+def test_blocked_flow_dies_at_xdp(lab, mode):
+    hctl(lab, "attach", *IFACES, "--xdp-mode", mode)
     try:
         assert udp_send(lab, [b"hello"] * 3, 40001, 9001) == 3
+        assert status(lab)["interfaces"]["to-client"]["xdp_mode"] == mode
+        link = json.loads(lab.run("gw", ["ip", "-j", "link", "show", "to-client"]).stdout)[0]
+        assert link["xdp"]["mode"] == {"generic": 2, "native": 1}[mode]   # really attached that way
         with Maps.open_pinned(pins_of(lab)) as maps:
             key, _ = maps.flow_key(lab.info.client.ipv4, lab.info.server.ipv4, 40001, 9001, socket.IPPROTO_UDP)
             flow = maps.get_flow(key)
@@ -184,6 +188,22 @@ def test_blocked_flow_dies_at_xdp(lab):
     finally:
         hctl(lab, "detach", "--all")
     assert nothing_of_hybrid_left(lab) == []
+
+
+def test_ipv6_connections_are_flagged_and_queued(attached):
+    lab = attached
+    from hybrid.demo import Nginx
+    with bare_consumer(lab) as consumer, Nginx(lab):
+        before = status(lab)
+        for _ in range(3):
+            out = lab.run("client", ["curl", "-s", "-m", "5", f"http://[{lab.info.server.ipv6}]/"]).stdout
+            assert out == "hello from the hybrid lab\n"
+        after = status(lab)
+    syn = counters(after, "to-client")["reason_syn"] - counters(before, "to-client").get("reason_syn", 0)
+    assert syn == 3
+    q6 = queued(after, "ipv6") - queued(before, "ipv6")
+    assert 3 <= q6 <= 3 * (1 + 3 + 3)       # SYN + first 3 payload packets each way, per connection
+    assert consumer.seen >= q6
 
 
 def test_block_verdict_expires(attached):
