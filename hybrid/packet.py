@@ -1,0 +1,420 @@
+"""The verdict engine's per-packet decoder: raw IPv4/IPv6 bytes from NFQUEUE to a :class:`Packet`.
+
+:func:`decode` is on the hot path (called once per queued packet), so it does only what every
+verdict needs: version, addresses as bytes, transport protocol after the IPv6 extension headers,
+ports, TCP flags/seq/ack, ICMP type/code and the offsets of the transport header and payload.
+Everything else is computed on first access and cached: ``ipaddress`` objects, integer addresses,
+the payload bytes, and the protocol views ``http``, ``tls_sni``, ``dns_qname``/``dns_is_response``.
+
+:func:`decode` never raises: a packet it cannot fully decode has ``error`` set to a short reason,
+the fields decoded before the problem set, and the others at their defaults (0, -1 for ICMP
+type/code, ``None``). Lazy views of a broken or irrelevant packet are ``None``.
+
+The rules follow the tc classifier in bpf/hybrid.bpf.c: ICMP only over IPv4 and ICMPv6 only over
+IPv6; a non-first fragment has no transport header; ICMP echo flows are keyed by the identifier
+(see :meth:`Packet.flow_tuple` and :func:`hybrid.maps.flow_key`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import NamedTuple
+
+__all__ = ["HttpRequest", "Packet", "decode"]
+
+_U16 = struct.Struct("!H").unpack_from
+_U16x2 = struct.Struct("!HH").unpack_from
+_IPV4_HDR = struct.Struct("!BxHxxHxB")      # ver/ihl, total length, flags/frag offset, protocol
+_IPV6_HDR = struct.Struct("!HB")            # at offset 4: payload length, next header
+_TCP_HDR = struct.Struct("!HHIIBB")         # ports, seq, ack, data offset, flags
+_UDP_HDR = _U16x2
+
+# IPv6 extension headers walked to find the transport (RFC 8200 4.1, RFC 4302).
+_HOPOPTS, _ROUTING, _FRAGMENT, _AH, _DSTOPTS = 0, 43, 44, 51, 60
+_MAX_EXT_HEADERS = 8
+
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
+_ECHO_TYPES = {4: (0, 8), 6: (128, 129)}     # (reply, request) per IP version
+
+_UNSET = object()                           # "lazy field not computed yet"
+_HTTP_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+_MAX_HTTP_LINE = 8192
+
+
+class HttpRequest(NamedTuple):
+    """An HTTP/1.x request line and its Host header (``None`` when absent or not yet seen)."""
+    method: str
+    host: str | None
+    path: str
+
+
+class Packet:
+    """One decoded IP packet. Build it with :func:`decode`; read-only by convention.
+
+    ``ip_hlen`` counts every header before the transport one (IPv4 options, IPv6 extension
+    headers), so ``l4_off == ip_hlen``. ``payload_off``/``payload_len`` delimit the transport
+    payload (ICMP: after the 8-byte header; a non-first fragment: its fragment data) within the
+    IP length, ignoring any link-layer padding after it.
+    """
+
+    __slots__ = ("raw", "version", "proto", "src_bytes", "dst_bytes", "sport", "dport",
+                 "tcp_flags", "tcp_seq", "tcp_ack", "icmp_type", "icmp_code", "ip_hlen",
+                 "l4_off", "payload_off", "payload_len", "fragment", "error", "indev",
+                 "_src", "_dst", "_payload", "_http", "_sni", "_dns")
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self.version = 0
+        self.proto = 0
+        self.src_bytes = b""
+        self.dst_bytes = b""
+        self.sport = 0
+        self.dport = 0
+        self.tcp_flags = 0
+        self.tcp_seq = 0
+        self.tcp_ack = 0
+        self.icmp_type = -1
+        self.icmp_code = -1
+        self.ip_hlen = 0
+        self.l4_off = 0
+        self.payload_off = 0
+        self.payload_len = 0
+        self.fragment = False
+        self.error: str | None = None
+        self.indev: str | None = None
+        self._src = self._dst = self._payload = self._http = self._sni = self._dns = _UNSET
+
+    def __repr__(self) -> str:
+        if not self.version:
+            return f"<Packet error={self.error!r} len={len(self.raw)}>"
+        err = f" error={self.error!r}" if self.error else ""
+        frag = " fragment" if self.fragment else ""
+        return (f"<Packet v{self.version} proto={self.proto} {self.src}:{self.sport} -> "
+                f"{self.dst}:{self.dport} payload={self.payload_len}{frag}{err}>")
+
+    # -- addresses -------------------------------------------------------------------------
+
+    @property
+    def src(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        if self._src is _UNSET:
+            self._src = _ip_object(self.src_bytes)
+        return self._src
+
+    @property
+    def dst(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        if self._dst is _UNSET:
+            self._dst = _ip_object(self.dst_bytes)
+        return self._dst
+
+    @property
+    def src_int(self) -> int:
+        return int.from_bytes(self.src_bytes, "big")
+
+    @property
+    def dst_int(self) -> int:
+        return int.from_bytes(self.dst_bytes, "big")
+
+    def flow_tuple(self) -> tuple:
+        """``(src, dst, sport, dport, proto)`` ready for :func:`hybrid.maps.flow_key`: addresses
+        as ``ipaddress`` objects (``None`` if undecodable), and for ICMP/ICMPv6 echo the
+        identifier as both ports, like the BPF classifier."""
+        sport, dport = self.sport, self.dport
+        if self.icmp_type in _ECHO_TYPES.get(self.version, ()) and self.payload_off >= self.l4_off + 8:
+            sport = dport = _U16(self.raw, self.l4_off + 4)[0]
+        return (self.src, self.dst, sport, dport, self.proto)
+
+    # -- payload and protocol views --------------------------------------------------------
+
+    @property
+    def payload(self) -> bytes:
+        if self._payload is _UNSET:
+            off = self.payload_off
+            self._payload = self.raw[off:off + self.payload_len] if self.payload_len else b""
+        return self._payload
+
+    @property
+    def http(self) -> HttpRequest | None:
+        """The HTTP/1.x request starting this TCP payload, or ``None``."""
+        if self._http is _UNSET:
+            self._http = (_parse_http(self.payload) if self.proto == IPPROTO_TCP and self.payload_len
+                          and self.payload_off > self.l4_off else None)
+        return self._http
+
+    @property
+    def tls_sni(self) -> str | None:
+        """The server_name of the TLS ClientHello starting this TCP payload, or ``None``."""
+        if self._sni is _UNSET:
+            self._sni = (_parse_sni(self.payload) if self.proto == IPPROTO_TCP and self.payload_len
+                         and self.payload_off > self.l4_off else None)
+        return self._sni
+
+    @property
+    def dns_qname(self) -> str | None:
+        """First question name of a DNS message to or from port 53 (lowercase, no final dot;
+        ``""`` for the root), or ``None``."""
+        return self._dns_view()[1]
+
+    @property
+    def dns_is_response(self) -> bool | None:
+        """QR bit of a DNS message to or from port 53; ``None`` when this is not one."""
+        return self._dns_view()[0]
+
+    def _dns_view(self) -> tuple:
+        if self._dns is _UNSET:
+            self._dns = (None, None)
+            if self.payload_len and (self.sport == 53 or self.dport == 53):
+                if self.proto == IPPROTO_UDP:
+                    self._dns = _parse_dns(self.payload, 0)
+                elif self.proto == IPPROTO_TCP:
+                    self._dns = _parse_dns(self.payload, 2)
+        return self._dns
+
+
+def _ip_object(packed: bytes):
+    if len(packed) == 4:
+        return ipaddress.IPv4Address(packed)
+    if len(packed) == 16:
+        return ipaddress.IPv6Address(packed)
+    return None
+
+
+def decode(raw: bytes) -> Packet:
+    """Decode one IP packet (no link-layer header). Never raises; see the module docstring."""
+    p = Packet(raw)
+    n = len(raw)
+    if not n:
+        p.error = "empty packet"
+        return p
+    version = raw[0] >> 4
+    if version == 4:
+        if n < 20:
+            p.error = "truncated IPv4 header"
+            return p
+        vihl, total, frag, proto = _IPV4_HDR.unpack_from(raw)
+        hlen = (vihl & 15) << 2
+        if hlen < 20:
+            p.error = "bad IPv4 header length"
+            return p
+        if hlen > n:
+            p.error = "truncated IPv4 options"
+            return p
+        p.version = 4
+        p.proto = proto
+        p.src_bytes = raw[12:16]
+        p.dst_bytes = raw[16:20]
+        p.ip_hlen = p.l4_off = p.payload_off = hlen
+        if total < hlen:
+            p.error = "bad IPv4 total length"
+            return p
+        if total > n:
+            p.error = "truncated IPv4 packet"
+            return p
+        end = total
+        if frag & 0x3FFF:                       # MF set or offset != 0
+            p.fragment = True
+            if frag & 0x1FFF:
+                p.payload_len = end - hlen
+                return p
+        off = hlen
+    elif version == 6:
+        if n < 40:
+            p.error = "truncated IPv6 header"
+            return p
+        plen, nh = _IPV6_HDR.unpack_from(raw, 4)
+        p.version = 6
+        p.src_bytes = raw[8:24]
+        p.dst_bytes = raw[24:40]
+        p.ip_hlen = p.l4_off = p.payload_off = 40
+        end = 40 + plen
+        if end > n:
+            p.proto = nh
+            p.error = "truncated IPv6 packet"
+            return p
+        off = 40
+        count = 0
+        while nh == _HOPOPTS or nh == _ROUTING or nh == _DSTOPTS or nh == _FRAGMENT or nh == _AH:
+            count += 1
+            if count > _MAX_EXT_HEADERS:
+                p.proto = nh
+                p.error = "too many IPv6 extension headers"
+                return p
+            if off + 8 > end:
+                p.proto = nh
+                p.error = "truncated IPv6 extension header"
+                return p
+            if nh == _FRAGMENT:
+                ext_len = 8
+                p.fragment = True
+                nonfirst = _U16(raw, off + 2)[0] & 0xFFF8
+            else:
+                ext_len = (raw[off + 1] + 2) << 2 if nh == _AH else (raw[off + 1] + 1) << 3
+                nonfirst = 0
+            if off + ext_len > end:
+                p.proto = nh
+                p.error = "truncated IPv6 extension header"
+                return p
+            nh = raw[off]
+            off += ext_len
+            if nonfirst:
+                p.proto = nh
+                p.ip_hlen = p.l4_off = p.payload_off = off
+                p.payload_len = end - off
+                return p
+        p.proto = nh
+        p.ip_hlen = p.l4_off = p.payload_off = off
+    else:
+        p.error = "not IPv4 or IPv6"
+        return p
+
+    # Transport header at `off`, IP payload ends at `end`.
+    proto = p.proto
+    avail = end - off
+    if proto == IPPROTO_TCP:
+        if avail < 20:
+            p.error = "truncated TCP header"
+            return p
+        p.sport, p.dport, p.tcp_seq, p.tcp_ack, doff, flags = _TCP_HDR.unpack_from(raw, off)
+        p.tcp_flags = flags | ((doff & 1) << 8)          # NS/AE bit above CWR
+        doff = (doff >> 4) << 2
+        if doff < 20:
+            p.error = "bad TCP data offset"
+            return p
+        if doff > avail:
+            p.error = "truncated TCP options"
+            return p
+        p.payload_off = off + doff
+        p.payload_len = avail - doff
+    elif proto == IPPROTO_UDP:
+        if avail < 8:
+            p.error = "truncated UDP header"
+            return p
+        p.sport, p.dport = _UDP_HDR(raw, off)
+        p.payload_off = off + 8
+        p.payload_len = avail - 8
+    elif (proto == IPPROTO_ICMP and version == 4) or (proto == IPPROTO_ICMPV6 and version == 6):
+        if avail < 8:
+            p.error = "truncated ICMP header"
+            return p
+        p.icmp_type = raw[off]
+        p.icmp_code = raw[off + 1]
+        p.payload_off = off + 8
+        p.payload_len = avail - 8
+    else:
+        p.payload_len = avail                            # unknown transport: all of it
+    return p
+
+
+# -- protocol views (lazy; bounded; return None on anything unexpected) ---------------------
+
+def _parse_http(data: bytes) -> HttpRequest | None:
+    eol = data.find(b"\r\n", 0, _MAX_HTTP_LINE)
+    if eol < 0:
+        return None
+    parts = data[:eol].split(b" ")
+    if len(parts) != 3 or parts[2] not in _HTTP_VERSIONS:
+        return None
+    method, path = parts[0], parts[1]
+    if not method or not method.isalpha() or not method.isupper() or len(method) > 16 or not path:
+        return None
+    host = None
+    pos = eol + 2
+    n = len(data)
+    while pos < n:
+        nxt = data.find(b"\r\n", pos)
+        if nxt == pos:                                   # end of headers
+            break
+        line = data[pos:nxt] if nxt >= 0 else data[pos:]
+        if line[:5].lower() == b"host:":
+            host = _http_host(line[5:].strip())
+            break
+        if nxt < 0:
+            break
+        pos = nxt + 2
+    return HttpRequest(method.decode("ascii"), host, path.decode("latin-1"))
+
+
+def _http_host(value: bytes) -> str:
+    if value.startswith(b"["):                           # [v6]:port
+        close = value.find(b"]")
+        if close > 0:
+            value = value[1:close]
+    else:
+        colon = value.rfind(b":")
+        if colon >= 0:
+            value = value[:colon]
+    return value.decode("latin-1").lower()
+
+
+def _parse_sni(d: bytes) -> str | None:
+    """ClientHello -> server_name (RFC 8446 4.1.2, RFC 6066 3). Only the bytes present are
+    read: a ClientHello cut after its SNI extension (a later TCP segment) still answers."""
+    n = len(d)
+    if n < 44 or d[0] != 22 or d[1] != 3 or d[5] != 1:   # handshake record, ClientHello
+        return None
+    end = min(n, 5 + _U16(d, 3)[0], 9 + int.from_bytes(d[6:9], "big"))
+    pos = 9 + 2 + 32                                     # client_version, random
+    if pos + 1 > end:
+        return None
+    pos += 1 + d[pos]                                    # session_id
+    if pos + 2 > end:
+        return None
+    pos += 2 + _U16(d, pos)[0]                           # cipher_suites
+    if pos + 1 > end:
+        return None
+    pos += 1 + d[pos]                                    # compression_methods
+    if pos + 2 > end:
+        return None
+    ext_end = min(end, pos + 2 + _U16(d, pos)[0])
+    pos += 2
+    while pos + 4 <= ext_end:
+        etype, elen = _U16x2(d, pos)
+        pos += 4
+        if etype == 0:                                   # server_name
+            if pos + elen > ext_end or elen < 2:
+                return None
+            lend = min(pos + 2 + _U16(d, pos)[0], pos + elen)
+            pos += 2
+            while pos + 3 <= lend:
+                ntype = d[pos]
+                nlen = _U16(d, pos + 1)[0]
+                pos += 3
+                if pos + nlen > lend:
+                    return None
+                if ntype == 0 and nlen:                  # host_name
+                    return d[pos:pos + nlen].decode("latin-1").lower()
+                pos += nlen
+            return None
+        pos += elen
+    return None
+
+
+def _parse_dns(d: bytes, prefix: int) -> tuple:
+    """(is_response, first question name) of the DNS message at d[prefix:] (RFC 1035 4.1)."""
+    n = len(d)
+    base = prefix
+    if n < base + 12:
+        return (None, None)
+    if prefix:                                           # TCP: 2-byte length prefix
+        n = min(n, base + _U16(d, 0)[0])
+        if n < base + 12:
+            return (None, None)
+    flags, qdcount = _U16x2(d, base + 2)
+    is_response = bool(flags & 0x8000)
+    if not qdcount:
+        return (is_response, None)
+    pos = base + 12
+    labels = []
+    total = 0
+    while pos < n:
+        ln = d[pos]
+        if ln == 0:
+            return (is_response, ".".join(labels).lower())
+        if ln & 0xC0:                                    # compression pointer (or reserved)
+            return (is_response, None)
+        total += ln + 1
+        if total > 255 or pos + 1 + ln > n:
+            return (is_response, None)
+        labels.append(d[pos + 1:pos + 1 + ln].decode("latin-1"))
+        pos += 1 + ln
+    return (is_response, None)
