@@ -139,7 +139,8 @@ class _Source:
 
 
 def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    swapped = [c for c in choices if sorted(c) == sorted(word)]      # transposed letters first
+    close = swapped or difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(choices)}"
 
 
@@ -610,8 +611,9 @@ def compile_rules(text: str, filename: str = "<rules>") -> RuleSet:
 
     for key in doc:
         if key not in TOP_KEYS:
-            hint = (" (rule keys go under a [[rule]] header)" if key in RULE_KEYS else "")
-            raise src.error(None, key, f"unknown top-level key {key!r}{hint}, {_suggest(key, TOP_KEYS)}")
+            if key in RULE_KEYS:
+                raise src.error(None, key, f"{key!r} is a rule key: put it under a [[rule]] header")
+            raise src.error(None, key, f"unknown top-level key {key!r}, {_suggest(key, TOP_KEYS)}")
 
     default_action = doc.get("default", "accept")
     if default_action not in DEFAULT_ACTIONS:
@@ -829,7 +831,8 @@ def _compile_rule(src: _Source, index: int, raw, flow_ttl: int, loader: "_Plugin
         raise err(None, f"rule {name!r} has no action: add action = \"drop\" (one of {', '.join(ACTIONS)})")
     action = raw.get("action", "accept")
     if action not in ACTIONS:
-        hint = difflib.get_close_matches(str(action), ACTIONS, n=1)
+        hint = [a for a in ACTIONS if sorted(a) == sorted(str(action))] or \
+            difflib.get_close_matches(str(action), ACTIONS, n=1)
         raise err("action", f"action {action!r}: write one of {', '.join(ACTIONS)}" +
                   (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
