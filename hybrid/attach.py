@@ -237,16 +237,27 @@ def attach(opts: AttachOptions) -> AttachResult:
 
 
 def _apply_config(maps, opts: AttachOptions, old_cfg) -> None:
+    """Make the maps say exactly what ``opts`` says. On a re-attach the pinned maps still hold
+    the previous options: ports and prefixes no longer asked for are removed, so attaching
+    again means "this configuration", not "this configuration added to the last one"."""
+    from .maps import format_prefix, parse_cidr
     cfg = opts.config()
-    if old_cfg is not None:   # keep what the maps API maintains (e.g. HAVE_PORTS/PREFIXES)
+    if old_cfg is not None:   # keep what the maps API maintains (HAVE_PORTS/PREFIXES)
         cfg.flags = old_cfg.flags
     maps.set_config(cfg)
+    wanted_prefixes: dict[str, int] = {}
+    for cidrs, action in ((opts.watch_prefixes, abi.PREFIX_WATCH), (opts.block_prefixes, abi.PREFIX_BLOCK)):
+        for cidr in cidrs:
+            canon = format_prefix(parse_cidr(cidr))
+            wanted_prefixes[canon] = wanted_prefixes.get(canon, 0) | action
+    for port in set(maps.watched_ports()) - set(opts.watch_ports):
+        maps.unwatch_port(port)
+    for cidr in set(maps.prefixes()) - set(wanted_prefixes):
+        maps.del_prefix(cidr)
     for port in opts.watch_ports:
         maps.watch_port(port)
-    for cidr in opts.watch_prefixes:
-        maps.add_prefix(cidr, abi.PREFIX_WATCH)
-    for cidr in opts.block_prefixes:
-        maps.add_prefix(cidr, abi.PREFIX_BLOCK)
+    for cidr, action in wanted_prefixes.items():
+        maps.add_prefix(cidr, action)
 
 
 def _attach_iface(undo: contextlib.ExitStack, dp, maps, ist: IfaceState, link: netlink.LinkInfo,

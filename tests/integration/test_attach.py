@@ -272,6 +272,22 @@ def test_reattach_replaces_in_place_and_keeps_state(attached):
     assert save.count("-j HYBRID") == 1 and save.count("NFQUEUE") == 1
 
 
+def test_reattach_options_replace_the_previous_ones(lab):
+    hctl(lab, "attach", *IFACES, "--watch-port", "53", "--watch-port", "8080",
+         "--block-prefix", "192.0.2.0/24", "--watch-prefix", "2001:db8::/32")
+    try:
+        with Maps.open_pinned(pins_of(lab)) as maps:
+            assert set(maps.watched_ports()) == {53, 8080}
+            assert maps.prefixes() == {"192.0.2.0/24": abi.PREFIX_BLOCK, "2001:db8::/32": abi.PREFIX_WATCH}
+        hctl(lab, "attach", *IFACES, "--watch-port", "53")
+        with Maps.open_pinned(pins_of(lab)) as maps:
+            assert set(maps.watched_ports()) == {53}
+            assert maps.prefixes() == {}
+            assert not maps.get_config().flags & abi.CFG_HAVE_PREFIXES   # lookups skipped again
+    finally:
+        hctl(lab, "detach", "--all")
+
+
 def test_detach_after_kill_9_at_any_point(lab):
     """kill -9 the attaching process at several points of its work; a fresh detach always
     leaves the namespace clean."""
