@@ -33,11 +33,13 @@ _UDP_HDR = _U16x2
 # IPv6 extension headers walked to find the transport (RFC 8200 4.1, RFC 4302).
 _HOPOPTS, _ROUTING, _FRAGMENT, _AH, _DSTOPTS = 0, 43, 44, 51, 60
 _MAX_EXT_HEADERS = 8
+_V6_EXT = frozenset((_HOPOPTS, _ROUTING, _FRAGMENT, _AH, _DSTOPTS))
 
 IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
 _ECHO_TYPES = {4: (0, 8), 6: (128, 129)}     # (reply, request) per IP version
 
 _UNSET = object()                           # "lazy field not computed yet"
+_new = object.__new__
 _HTTP_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
 _MAX_HTTP_LINE = 8192
 
@@ -181,128 +183,153 @@ def _ip_object(packed: bytes):
 
 def decode(raw: bytes) -> Packet:
     """Decode one IP packet (no link-layer header). Never raises; see the module docstring."""
-    p = Packet(raw)
+    # Everything is computed in locals and stored once at the end: attribute stores dominate
+    # the cost of this function, so no field is written twice.
+    version = proto = sport = dport = flags = seq = ack = l4_off = payload_off = payload_len = 0
+    icmp_type = icmp_code = -1
+    src = dst = b""
+    fragment = False
+    error = None
     n = len(raw)
-    if not n:
-        p.error = "empty packet"
-        return p
-    version = raw[0] >> 4
-    if version == 4:
-        if n < 20:
-            p.error = "truncated IPv4 header"
-            return p
-        vihl, total, frag, proto = _IPV4_HDR.unpack_from(raw)
-        hlen = (vihl & 15) << 2
-        if hlen < 20:
-            p.error = "bad IPv4 header length"
-            return p
-        if hlen > n:
-            p.error = "truncated IPv4 options"
-            return p
-        p.version = 4
-        p.proto = proto
-        p.src_bytes = raw[12:16]
-        p.dst_bytes = raw[16:20]
-        p.ip_hlen = p.l4_off = p.payload_off = hlen
-        if total < hlen:
-            p.error = "bad IPv4 total length"
-            return p
-        if total > n:
-            p.error = "truncated IPv4 packet"
-            return p
-        end = total
-        if frag & 0x3FFF:                       # MF set or offset != 0
-            p.fragment = True
-            if frag & 0x1FFF:
-                p.payload_len = end - hlen
-                return p
-        off = hlen
-    elif version == 6:
-        if n < 40:
-            p.error = "truncated IPv6 header"
-            return p
-        plen, nh = _IPV6_HDR.unpack_from(raw, 4)
-        p.version = 6
-        p.src_bytes = raw[8:24]
-        p.dst_bytes = raw[24:40]
-        p.ip_hlen = p.l4_off = p.payload_off = 40
-        end = 40 + plen
-        if end > n:
-            p.proto = nh
-            p.error = "truncated IPv6 packet"
-            return p
-        off = 40
-        count = 0
-        while nh == _HOPOPTS or nh == _ROUTING or nh == _DSTOPTS or nh == _FRAGMENT or nh == _AH:
-            count += 1
-            if count > _MAX_EXT_HEADERS:
-                p.proto = nh
-                p.error = "too many IPv6 extension headers"
-                return p
-            if off + 8 > end:
-                p.proto = nh
-                p.error = "truncated IPv6 extension header"
-                return p
-            if nh == _FRAGMENT:
-                ext_len = 8
-                p.fragment = True
-                nonfirst = _U16(raw, off + 2)[0] & 0xFFF8
-            else:
-                ext_len = (raw[off + 1] + 2) << 2 if nh == _AH else (raw[off + 1] + 1) << 3
-                nonfirst = 0
-            if off + ext_len > end:
-                p.proto = nh
-                p.error = "truncated IPv6 extension header"
-                return p
-            nh = raw[off]
-            off += ext_len
-            if nonfirst:
-                p.proto = nh
-                p.ip_hlen = p.l4_off = p.payload_off = off
-                p.payload_len = end - off
-                return p
-        p.proto = nh
-        p.ip_hlen = p.l4_off = p.payload_off = off
-    else:
-        p.error = "not IPv4 or IPv6"
-        return p
+    while True:                                         # once; `break` is the single exit
+        if not n:
+            error = "empty packet"
+            break
+        ver = raw[0] >> 4
+        if ver == 4:
+            if n < 20:
+                error = "truncated IPv4 header"
+                break
+            vihl, total, frag, proto4 = _IPV4_HDR.unpack_from(raw)
+            hlen = (vihl & 15) << 2
+            if hlen < 20:
+                error = "bad IPv4 header length"
+                break
+            if hlen > n:
+                error = "truncated IPv4 options"
+                break
+            version, proto = 4, proto4
+            src, dst = raw[12:16], raw[16:20]
+            l4_off = payload_off = off = hlen
+            if total < hlen:
+                error = "bad IPv4 total length"
+                break
+            if total > n:
+                error = "truncated IPv4 packet"
+                break
+            end = total
+            if frag & 0x3FFF:                           # MF set or offset != 0
+                fragment = True
+                if frag & 0x1FFF:                       # non-first: no transport header
+                    payload_len = end - hlen
+                    break
+        elif ver == 6:
+            if n < 40:
+                error = "truncated IPv6 header"
+                break
+            plen, proto = _IPV6_HDR.unpack_from(raw, 4)
+            version = 6
+            src, dst = raw[8:24], raw[24:40]
+            l4_off = payload_off = off = 40
+            end = 40 + plen
+            if end > n:
+                error = "truncated IPv6 packet"
+                break
+            if proto in _V6_EXT:
+                proto, off, fragment, nonfirst, error = _walk_v6(raw, proto, end)
+                l4_off = payload_off = off
+                if error:
+                    break
+                if nonfirst:
+                    payload_len = end - off
+                    break
+        else:
+            error = "not IPv4 or IPv6"
+            break
 
-    # Transport header at `off`, IP payload ends at `end`.
-    proto = p.proto
-    avail = end - off
-    if proto == IPPROTO_TCP:
-        if avail < 20:
-            p.error = "truncated TCP header"
-            return p
-        p.sport, p.dport, p.tcp_seq, p.tcp_ack, doff, flags = _TCP_HDR.unpack_from(raw, off)
-        p.tcp_flags = flags | ((doff & 1) << 8)          # NS/AE bit above CWR
-        doff = (doff >> 4) << 2
-        if doff < 20:
-            p.error = "bad TCP data offset"
-            return p
-        if doff > avail:
-            p.error = "truncated TCP options"
-            return p
-        p.payload_off = off + doff
-        p.payload_len = avail - doff
-    elif proto == IPPROTO_UDP:
-        if avail < 8:
-            p.error = "truncated UDP header"
-            return p
-        p.sport, p.dport = _UDP_HDR(raw, off)
-        p.payload_off = off + 8
-        p.payload_len = avail - 8
-    elif (proto == IPPROTO_ICMP and version == 4) or (proto == IPPROTO_ICMPV6 and version == 6):
-        if avail < 8:
-            p.error = "truncated ICMP header"
-            return p
-        p.icmp_type = raw[off]
-        p.icmp_code = raw[off + 1]
-        p.payload_off = off + 8
-        p.payload_len = avail - 8
-    else:
-        p.payload_len = avail                            # unknown transport: all of it
+        # Transport header at `off`, IP payload ends at `end`.
+        avail = end - off
+        if proto == IPPROTO_TCP:
+            if avail < 20:
+                error = "truncated TCP header"
+                break
+            sport, dport, seq, ack, doff, flags = _TCP_HDR.unpack_from(raw, off)
+            flags |= (doff & 1) << 8                    # NS/AE bit above CWR
+            doff = (doff >> 4) << 2
+            if doff < 20:
+                error = "bad TCP data offset"
+                break
+            if doff > avail:
+                error = "truncated TCP options"
+                break
+            payload_off = off + doff
+            payload_len = avail - doff
+        elif proto == IPPROTO_UDP:
+            if avail < 8:
+                error = "truncated UDP header"
+                break
+            sport, dport = _UDP_HDR(raw, off)
+            payload_off = off + 8
+            payload_len = avail - 8
+        elif (proto == IPPROTO_ICMP and version == 4) or (proto == IPPROTO_ICMPV6 and version == 6):
+            if avail < 8:
+                error = "truncated ICMP header"
+                break
+            icmp_type = raw[off]
+            icmp_code = raw[off + 1]
+            payload_off = off + 8
+            payload_len = avail - 8
+        else:
+            payload_len = avail                         # unknown transport: all of it
+        break
+
+    p = _new(Packet)
+    p.raw = raw
+    p.version = version
+    p.proto = proto
+    p.src_bytes = src
+    p.dst_bytes = dst
+    p.sport = sport
+    p.dport = dport
+    p.tcp_flags = flags
+    p.tcp_seq = seq
+    p.tcp_ack = ack
+    p.icmp_type = icmp_type
+    p.icmp_code = icmp_code
+    p.ip_hlen = p.l4_off = l4_off
+    p.payload_off = payload_off
+    p.payload_len = payload_len
+    p.fragment = fragment
+    p.error = error
+    p.indev = None
+    p._src = p._dst = p._payload = p._http = p._sni = p._dns = _UNSET
     return p
+
+
+def _walk_v6(raw: bytes, nh: int, end: int) -> tuple:
+    """Walk IPv6 extension headers from offset 40: (next header, its offset, fragment,
+    non-first fragment, error)."""
+    off = 40
+    fragment = False
+    for _ in range(_MAX_EXT_HEADERS):
+        if off + 8 > end:
+            return nh, off, fragment, False, "truncated IPv6 extension header"
+        if nh == _FRAGMENT:
+            ext_len = 8
+            fragment = True
+            nonfirst = _U16(raw, off + 2)[0] & 0xFFF8
+        else:
+            ext_len = (raw[off + 1] + 2) << 2 if nh == _AH else (raw[off + 1] + 1) << 3
+            nonfirst = 0
+        if off + ext_len > end:
+            return nh, off, fragment, False, "truncated IPv6 extension header"
+        nh = raw[off]
+        off += ext_len
+        if nonfirst:
+            return nh, off, fragment, True, None
+        if nh not in _V6_EXT:
+            return nh, off, fragment, False, None
+    return nh, off, fragment, False, "too many IPv6 extension headers"
 
 
 # -- protocol views (lazy; bounded; return None on anything unexpected) ---------------------
