@@ -69,7 +69,7 @@ def _require(pkt: Packet, what: str) -> None:
 
 def _final_dst_v6(raw: bytes, l4_off: int) -> bytes:
     """The destination for the IPv6 pseudo-header: the final one when a routing header still
-    has segments left (RFC 8200 8.1)."""
+    has segments left (RFC 8200 8.1). Refuses AH: a rewrite would break its ICV."""
     dst = raw[24:40]
     nh, off = raw[6], 40
     while nh in _V6_EXT and off < l4_off:
@@ -79,6 +79,9 @@ def _final_dst_v6(raw: bytes, l4_off: int) -> bytes:
             ext_len = (raw[off + 1] + 2) << 2
         else:
             ext_len = (raw[off + 1] + 1) << 3
+        if nh == _AH:
+            raise HybridError("cannot rewrite the payload: the packet is protected by an IPsec "
+                              "authentication header")
         if nh == _ROUTING and raw[off + 3]:           # segments left
             if raw[off + 2] == 4:                     # SRH: Segment List[0] is the last hop
                 if ext_len >= 24:
@@ -143,10 +146,10 @@ def set_payload(pkt: Packet, new_payload: bytes) -> bytes:
             or (proto == IPPROTO_ICMPV6 and version == 6)) or pkt.payload_off <= pkt.l4_off:
         raise HybridError(f"cannot rewrite the payload: IP protocol {proto} is not TCP, UDP or ICMP")
     raw = pkt.raw
+    dst = pkt.dst_bytes if version == 4 else _final_dst_v6(raw, pkt.l4_off)
     buf = bytearray(raw[:pkt.payload_off])
     buf += new_payload
     _fix_ip(buf, version, pkt.ip_hlen if version == 4 else 40)
-    dst = pkt.dst_bytes if version == 4 else _final_dst_v6(raw, pkt.l4_off)
     _fix_transport(buf, version, proto, pkt.l4_off, pkt.src_bytes, dst)
     return bytes(buf)
 

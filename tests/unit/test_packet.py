@@ -93,7 +93,7 @@ def test_icmp_v4_error_has_no_ports():
     IPv6ExtHdrHopByHop(),
     IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting(addresses=["2001:2::9"]) / IPv6ExtHdrDestOpt(),
     IPv6ExtHdrFragment(m=1, offset=0, id=5),
-    AH(spi=1, icv=b"\0" * 12) / IPv6ExtHdrDestOpt(),
+    AH(nh=60, payloadlen=4, spi=1, icv=b"\0" * 12) / IPv6ExtHdrDestOpt(),
 ], ids=["hop", "hop-rt-dst", "first-fragment", "ah-dst"])
 @pytest.mark.parametrize("l4,proto,ports", [
     (TCP(sport=1, dport=80, flags="S"), 6, (1, 80)),
@@ -272,7 +272,7 @@ SAMPLES = [
     IPv6(**V6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrFragment(m=1) / UDP(dport=53) / DNS(qd=DNSQR(qname="q.example")),
     IP(**V4) / TCP(sport=1, dport=53, flags="PA") / b"\x00\x1d" / DNS(qd=DNSQR(qname="t.example")),
     IP(**V4) / ICMP() / (b"x" * 10),
-    IPv6(**V6) / AH(icv=b"\0" * 12) / ICMPv6EchoRequest(data=(b"y" * 10)),
+    IPv6(**V6) / AH(nh=58, payloadlen=4, icv=b"\0" * 12) / ICMPv6EchoRequest(data=(b"y" * 10)),
     IPv6(**V6) / TCP(flags="PA") / Raw(client_hello("trunc.example")),
 ]
 
@@ -294,3 +294,9 @@ def test_slots_and_laziness():
     with pytest.raises(AttributeError):
         p.unknown = 1                                  # type: ignore[attr-defined]
     assert p.src is p.src and p.payload is p.payload
+
+
+def test_ah_length_is_in_4_byte_units():
+    """AH's length field counts 32-bit words minus 2 (RFC 4302), unlike other extension headers."""
+    p = decode(bytes(IPv6(**V6) / AH(nh=58, payloadlen=4, icv=b"\0" * 12) / ICMPv6EchoRequest(id=4)))
+    assert (p.error, p.proto, p.l4_off, p.icmp_type, p.flow_tuple()[2]) == (None, 58, 64, 128, 4)

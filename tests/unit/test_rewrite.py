@@ -10,6 +10,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, IPerror, TCPerror, UDPerror
 from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt,
                                 IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.ipsec import AH
 from scapy.utils import checksum as scapy_checksum
 
 from hybrid.errors import HybridError
@@ -122,6 +123,7 @@ def test_udp_zero_checksum_is_sent_as_ffff():
     (bytes(IP(**V4, flags="MF") / UDP() / b"z"), "fragment"),
     (bytes(IPv6(**V6) / IPv6ExtHdrFragment(m=1) / UDP() / b"z"), "fragment"),
     (bytes(IP(**V4, proto=47) / b"gre"), "not TCP, UDP or ICMP"),
+    (bytes(IPv6(**V6) / AH(nh=6, payloadlen=4, icv=b"\0" * 12) / TCP() / b"z"), "authentication header"),
 ])
 def test_set_payload_refuses(raw, reason):
     with pytest.raises(HybridError, match=reason):
