@@ -190,6 +190,8 @@ def decode(raw: bytes) -> Packet:
     src = dst = b""
     fragment = False
     error = None
+    if raw.__class__ is not bytes:                      # bytearray/memoryview: slices must be bytes
+        raw = bytes(raw)
     n = len(raw)
     while True:                                         # once; `break` is the single exit
         if not n:

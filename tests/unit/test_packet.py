@@ -300,3 +300,10 @@ def test_ah_length_is_in_4_byte_units():
     """AH's length field counts 32-bit words minus 2 (RFC 4302), unlike other extension headers."""
     p = decode(bytes(IPv6(**V6) / AH(nh=58, payloadlen=4, icv=b"\0" * 12) / ICMPv6EchoRequest(id=4)))
     assert (p.error, p.proto, p.l4_off, p.icmp_type, p.flow_tuple()[2]) == (None, 58, 64, 128, 4)
+
+
+def test_bytes_like_input_is_copied_to_bytes():
+    raw = bytes(IP(**V4) / UDP(sport=1, dport=2) / b"x")
+    for form in (bytearray(raw), memoryview(raw)):
+        p = decode(form)
+        assert type(p.raw) is bytes and p.src == ipaddress.ip_address(V4["src"]) and p.payload == b"x"
