@@ -19,6 +19,7 @@ from hybrid.bench import bare_consumer
 from hybrid.demo import iperf3
 from hybrid.lab import netns
 from hybrid.maps import Maps
+from traffic import udp_send
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
@@ -79,32 +80,6 @@ def attached(lab):
     finally:
         hctl(lab, "detach", "--all", check=False)
     assert nothing_of_hybrid_left(lab) == []
-
-
-def udp_send(lab, payloads: list[bytes], sport: int, dport: int) -> int:
-    """Send UDP datagrams client -> server from a fixed source port; return how many arrived."""
-    with netns(lab.netns("server")):
-        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with netns(lab.netns("client")):
-        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        rx.bind((lab.info.server.ipv4, dport))
-        rx.settimeout(0.5)
-        tx.bind((lab.info.client.ipv4, sport))
-        for p in payloads:
-            tx.sendto(p, (lab.info.server.ipv4, dport))
-        got = 0
-        with_timeout = True
-        while with_timeout:
-            try:
-                rx.recv(2048)
-                got += 1
-            except TimeoutError:
-                with_timeout = False
-        return got
-    finally:
-        rx.close()
-        tx.close()
 
 
 def tcp_transfer(lab, nbytes: int, port: int = 7000) -> tuple[str, str]:
@@ -170,7 +145,7 @@ def test_bulk_transfer_queues_only_handshake_and_first_packets(attached):
 def test_blocked_flow_dies_at_xdp(lab, mode):
     hctl(lab, "attach", *IFACES, "--xdp-mode", mode)
     try:
-        assert udp_send(lab, [b"hello"] * 3, 40001, 9001) == 3
+        assert udp_send(lab, [b"hello"] * 3, dport=9001, sport=40001) == 3
         assert status(lab)["interfaces"]["to-client"]["xdp_mode"] == mode
         link = json.loads(lab.run("gw", ["ip", "-j", "link", "show", "to-client"]).stdout)[0]
         assert link["xdp"]["mode"] == {"generic": 2, "native": 1}[mode]   # really attached that way
@@ -180,11 +155,11 @@ def test_blocked_flow_dies_at_xdp(lab, mode):
             assert flow is not None and flow.packets[0] + flow.packets[1] == 3
             maps.set_verdict(key, abi.VERDICT_BLOCK, ttl=60)
         before = counters(status(lab), "to-client")
-        assert udp_send(lab, [b"blocked"] * 5, 40001, 9001) == 0
+        assert udp_send(lab, [b"blocked"] * 5, dport=9001, sport=40001) == 0
         after = counters(status(lab), "to-client")
         assert after["xdp_drop_flow"] - before.get("xdp_drop_flow", 0) == 5
         assert after["packets"] == before["packets"]       # tc never saw them: they died at XDP
-        assert udp_send(lab, [b"other flow"] * 2, 40002, 9001) == 2   # only that flow is blocked
+        assert udp_send(lab, [b"other flow"] * 2, dport=9001, sport=40002) == 2   # only that flow is blocked
     finally:
         hctl(lab, "detach", "--all")
     assert nothing_of_hybrid_left(lab) == []
@@ -208,14 +183,14 @@ def test_ipv6_connections_are_flagged_and_queued(attached):
 
 def test_block_verdict_expires(attached):
     lab = attached
-    assert udp_send(lab, [b"x"], 40003, 9003) == 1
+    assert udp_send(lab, [b"x"], dport=9003, sport=40003) == 1
     with Maps.open_pinned(pins_of(lab)) as maps:
         key, _ = maps.flow_key(lab.info.client.ipv4, lab.info.server.ipv4, 40003, 9003, socket.IPPROTO_UDP)
         maps.set_verdict(key, abi.VERDICT_BLOCK, ttl=0.5)
-    assert udp_send(lab, [b"x"] * 2, 40003, 9003) == 0     # xdp off on veth: dropped at tc
+    assert udp_send(lab, [b"x"] * 2, dport=9003, sport=40003) == 0     # xdp off on veth: dropped at tc
     assert counters(status(lab), "to-client")["drop_tc_flow"] == 2
     time.sleep(0.6)
-    assert udp_send(lab, [b"x"] * 2, 40003, 9003) == 2     # the block expired by itself
+    assert udp_send(lab, [b"x"] * 2, dport=9003, sport=40003) == 2     # the block expired by itself
     assert counters(status(lab), "to-client")["verdict_expired"] >= 1
 
 
@@ -256,7 +231,7 @@ def test_failure_at_the_last_step_rolls_everything_back(lab, tmp_path):
 
 def test_reattach_replaces_in_place_and_keeps_state(attached):
     lab = attached
-    assert udp_send(lab, [b"x"] * 4, 40004, 9004) == 4
+    assert udp_send(lab, [b"x"] * 4, dport=9004, sport=40004) == 4
     first = status(lab)
     res = json.loads(hctl(lab, "attach", *IFACES, "--json").stdout)
     assert res["reused_pins"] is True

@@ -1,7 +1,6 @@
 """Queue flags on a real NFQUEUE: fail-open and fail-closed decided by the flag we set through
 NetfilterQueue's socket, observed by packets arriving or not."""
 
-import socket
 import struct
 import threading
 
@@ -10,32 +9,11 @@ from netfilterqueue import NetfilterQueue
 
 from hybrid import nfq
 from hybrid.lab import netns
+from traffic import udp_send
 
 pytestmark = pytest.mark.integration
 QUEUE = 7
 PORT = 9777
-
-
-def send_udp(lab, n: int) -> int:
-    with netns(lab.netns("server")):
-        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with netns(lab.netns("client")):
-        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        rx.bind((lab.info.server.ipv4, PORT))
-        rx.settimeout(0.5)
-        for i in range(n):
-            tx.sendto(b"%d" % i, (lab.info.server.ipv4, PORT))
-        got = 0
-        while True:
-            try:
-                rx.recv(100)
-                got += 1
-            except TimeoutError:
-                return got
-    finally:
-        rx.close()
-        tx.close()
 
 
 @pytest.fixture
@@ -70,7 +48,7 @@ def test_overflow_follows_the_queue_flag(lab, queue_rule, fail_open, expect):
         assert setup.flags_confirmed
         assert setup.rcvbuf >= 16 << 20
         # 2 packets wait in the full queue forever (nobody reads); the other 8 overflow.
-        assert send_udp(lab, 10) == expect
+        assert udp_send(lab, [b"%d" % i for i in range(10)], dport=PORT) == expect
         with netns(lab.netns("gw")):
             c = nfq.counters()[QUEUE]
         assert c.waiting == 2
