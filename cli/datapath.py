@@ -58,9 +58,14 @@ def _reasons(value: str) -> tuple[str, ...]:
               help="Netfilter families to install the queue rule in  [default: both]")
 @click.option("--flow-table-size", default=131072, show_default=True, type=click.IntRange(1024, 1 << 24),
               help="Entries in the kernel flow table (LRU).")
+@click.option("--rules", type=click.Path(dir_okay=False), default=None,
+              help="Run the verdict engine with these rules in the foreground after attaching.")
+@click.option("--keep", is_flag=True, help="With --rules: leave hybrid attached when the engine stops.")
+@click.option("--log", "log_path", default=None, metavar="FILE",
+              help="With --rules: the verdict log, JSON lines ('-' for standard output).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, flag, first_n, watch_ports,
-           watch_prefixes, block_prefixes, families, flow_table_size, as_json) -> None:
+           watch_prefixes, block_prefixes, families, flow_table_size, rules, keep, log_path, as_json) -> None:
     """Attach hybrid's XDP/tc programs to IFACE... and install the queue rule.
 
     All or nothing: if any step fails (an interface is missing, a foreign XDP program is
@@ -72,7 +77,11 @@ def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, flag
       hybridctl attach eth0 eth1                       # a gateway, FORWARD path
       hybridctl attach eth0 --hook input               # a host
       hybridctl attach eth0 --queues 0-1 --watch-port 53 --block-prefix 203.0.113.0/24
+      hybridctl attach eth0 eth1 --rules examples/rules/realistic.toml   # attach + engine; Ctrl-C detaches
     """
+    if rules is not None:
+        from hybrid.rules import load_rules
+        load_rules(rules)          # a broken rules file is reported before anything is attached
     qa, qb = _queues(queues)
     opts = att.AttachOptions(
         interfaces=list(interfaces), xdp_mode=xdp_mode, hooks=tuple(hooks) or ("forward",),
@@ -84,12 +93,32 @@ def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, flag
     res = att.attach(opts)
     if as_json:
         click.echo(json.dumps(res.__dict__, indent=1))
+    if rules is not None:
+        _engine_in_foreground(rules, keep, log_path)
+        return
+    if as_json:
         return
     for name, mode in res.interfaces.items():
         click.echo(f"attached {name}: tc ingress + " + ("no XDP" if mode == "off" else f"XDP {mode}"))
     click.echo(f"maps pinned in {res.pin_dir}" + (" (reused: verdicts and counters kept)" if res.reused_pins else ""))
     click.echo("marked packets go to NFQUEUE " + (f"{qa}" if qa == qb else f"{qa}-{qb}") +
                (" (fail-open)" if fail_open else " (fail-closed)") + "; see: hybridctl status")
+
+
+def _engine_in_foreground(rules: str, keep: bool, log_path: str | None) -> None:
+    from hybrid import engine as eng
+
+    from .engine import run_engines
+    rc = 1
+    try:
+        rc = run_engines(rules, eng.settings_for_instance(), log_path, 4096)
+    finally:
+        if keep:
+            click.echo("engine stopped; hybrid stays attached (--keep)", err=True)
+        else:
+            att.detach(None)
+            click.echo("engine stopped; hybrid detached", err=True)
+    raise SystemExit(rc)
 
 
 @click.command()
@@ -170,5 +199,24 @@ def status(as_json: bool) -> None:
         if nf["installed"]:
             click.echo(f"netfilter {nf['family']}: chain HYBRID from {', '.join(nf['hooks']) or 'no hook'}, "
                        f"{nf['queued_packets']:,} packets matched the queue rule")
+    for e in st.get("engines", []):
+        alive = _pid_alive(e.get("pid"))
+        click.echo(f"engine queue {e['queue']} ({'running, pid ' + str(e['pid']) if alive else 'stopped'}): "
+                   f"{e['packets']:,} packets, " + ", ".join(f"{k} {v:,}" for k, v in e["actions"].items() if v)
+                   + (f", {e['errors']} errors (accepted)" if e.get("errors") else ""))
+        for rule, n in e.get("rules", {}).items():
+            click.echo(f"  rule {rule:<28}{n:>12,}")
+        click.echo(f"  {'(default)':<33}{e.get('default', 0):>12,}")
+        if e.get("last_reload_error"):
+            click.echo(f"  last reload refused: {e['last_reload_error']}")
     if st.get("warning"):
         click.echo(f"warning: {st['warning']}")
+
+
+def _pid_alive(pid) -> bool:
+    import os
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, TypeError, ValueError):
+        return False

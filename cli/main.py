@@ -60,9 +60,10 @@ from .lab import lab  # noqa: E402
 from .datapath import attach, detach, status  # noqa: E402
 from .demo import demo  # noqa: E402
 from .bench import bench  # noqa: E402
+from .engine import engine  # noqa: E402
 from .rules import rules  # noqa: E402
 
-for _cmd in (doctor, lab, attach, detach, status, demo, bench, rules):
+for _cmd in (doctor, lab, attach, detach, status, demo, bench, engine, rules):
     main.add_command(_cmd)
 
 

@@ -500,6 +500,8 @@ def status() -> dict:
         if maps:
             maps.close()
     out["netfilter"] = [asdict(s) for s in netfilter.status()]
+    from .engine import read_stats
+    out["engines"] = read_stats(os.path.join(STATE_ROOT, instance))
     return out
 
 

@@ -79,7 +79,16 @@ def flow_key(src: str | IPAddress, dst: str | IPAddress, sport: int, dport: int,
         raise ConfigError(f"VLAN id {vlan} is out of range 0-4095")
     if not 0 <= proto <= 0xFF:
         raise ConfigError(f"protocol {proto} is out of range 0-255")
-    s, d = addr16(src), addr16(dst)
+    return flow_key_raw(addr16(src), addr16(dst), sport, dport, proto, vlan)
+
+
+def flow_key_raw(src: bytes, dst: bytes, sport: int, dport: int, proto: int,
+                 vlan: int = 0) -> tuple[abi.FlowKey, int]:
+    """:func:`flow_key` for addresses already in packet form (4 or 16 bytes, network order),
+    unchecked: the verdict engine's per-packet path, which must not build ``ipaddress``
+    objects."""
+    s = IPV4_MAPPED_PREFIX + src if len(src) == 4 else src
+    d = IPV4_MAPPED_PREFIX + dst if len(dst) == 4 else dst
     direction = canonical_order(s, sport, d, dport)
     lo, hi = ((s, sport), (d, dport)) if direction == 0 else ((d, dport), (s, sport))
     key = abi.FlowKey()

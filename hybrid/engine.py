@@ -1,0 +1,444 @@
+"""The verdict engine: one process per NFQUEUE, deciding what happens to each queued packet and
+feeding flow verdicts back into the kernel's flow table.
+
+Per packet: decode (hybrid.packet) -> first matching rule (hybrid.rules) -> flow follow-up
+written to the pinned flow table *before* the packet's verdict, so that the flow's next packets
+are already bypassed or blocked in the kernel -> the packet verdict:
+
+- accept: clear hybrid's mark bit and return NF_REPEAT. The packet re-enters the same netfilter
+  hook, no longer matches the queue rule, and meets the user's own rules after it (a plain
+  NF_ACCEPT would skip them all);
+- drop; reject (a TCP RST or ICMP unreachable sent to the sender through a raw socket, then
+  drop); rewrite (new payload, checksums recomputed, then as accept); mark (set the rule's bits
+  under its mask, then as accept).
+
+Nothing a packet carries may stop the engine: an exception in decoding, a rule or a plugin is
+counted and the packet accepted (the engine fails open per packet, as the queue does when the
+engine is away). The engine never compiles BPF: it only opens the pinned maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import abi, nfq, rewrite
+from .errors import HybridError
+from .packet import Packet, decode
+from .rules import Decision, RuleSet, RulesError, load_rules
+
+log = logging.getLogger(__name__)
+
+FLOW_VERDICTS = {"bypass": abi.VERDICT_BYPASS, "block": abi.VERDICT_BLOCK, "inspect": abi.VERDICT_INSPECT}
+STATS_INTERVAL = 0.5   # seconds between stats-file writes while counters change
+
+
+class RateLimiter:
+    """Token bucket for the verdict log: a flood must not fill the disk."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+class VerdictLog:
+    """JSON lines: time, queue, flow, rule, action (and the flow follow-up). Rate-limited; when
+    lines were suppressed, the next line that passes says how many."""
+
+    def __init__(self, stream, rate: float = 50.0, burst: int = 200):
+        self.stream = stream
+        self.limit = RateLimiter(rate, burst)
+
+    def write(self, queue: int, pkt: Packet, d: Decision) -> None:
+        if not self.limit.allow():
+            return
+        rec = {"time": round(time.time(), 6), "queue": queue, "rule": d.rule, "action": d.action,
+               "flow": d.flow, "proto": pkt.proto,
+               "src": str(pkt.src) if pkt.version else None, "sport": pkt.sport,
+               "dst": str(pkt.dst) if pkt.version else None, "dport": pkt.dport}
+        if self.limit.suppressed:
+            rec["suppressed_before"] = self.limit.suppressed
+            self.limit.suppressed = 0
+        self.stream.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self.stream.flush()
+
+
+@dataclass
+class EngineStats:
+    queue: int
+    started: float = field(default_factory=time.time)
+    packets: int = 0
+    actions: dict[str, int] = field(default_factory=lambda: {a: 0 for a in ("accept", "drop", "reject", "rewrite", "mark")})
+    flow_verdicts: dict[str, int] = field(default_factory=lambda: {f: 0 for f in FLOW_VERDICTS})
+    errors: int = 0            # packets whose handling raised (accepted, fail-open)
+    flow_write_errors: int = 0
+    reloads: int = 0
+    reload_errors: int = 0
+    last_reload_error: str | None = None
+
+
+class Engine:
+    """Binds one queue and decides its packets. ``run()`` blocks until ``stop()`` (or SIGTERM/
+    SIGINT when installed with ``install_signals``)."""
+
+    def __init__(self, queue: int, rules_path: str, *, maps=None, mark_mask: int = 0,
+                 fail_open: bool = True, maxlen: int = 4096, log_stream=None,
+                 stats_path: str | None = None):
+        self.queue = queue
+        self.rules_path = rules_path
+        self.rules: RuleSet = load_rules(rules_path)      # a broken file fails before binding
+        self.maps = maps
+        self.mark_mask = mark_mask                         # hybrid's bits: cleared on accept
+        self.fail_open = fail_open
+        self.maxlen = maxlen
+        self.vlog = VerdictLog(log_stream) if log_stream is not None else None
+        self.stats = EngineStats(queue)
+        self.stats_path = stats_path
+        self._nfq = None
+        self._raw4: socket.socket | None = None
+        self._raw6: socket.socket | None = None
+        self._ifnames: dict[int, str | None] = {}
+        self._stop = False
+        self._dirty = False
+        self._publisher: threading.Thread | None = None
+        self._publisher_stop = threading.Event()
+        self.setup: nfq.QueueSetup | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def bind(self) -> None:
+        from netfilterqueue import NetfilterQueue
+        q = NetfilterQueue()
+        try:
+            q.bind(self.queue, self._handle, max_len=self.maxlen)
+        except OSError as exc:
+            raise HybridError(f"binding NFQUEUE {self.queue}: {exc} (is another engine bound to it?)") from None
+        self._nfq = q
+        self.setup = nfq.configure(q.get_fd(), self.queue, fail_open=self.fail_open, maxlen=self.maxlen)
+
+    def run(self) -> None:
+        if self._nfq is None:
+            self.bind()
+        self._write_stats(force=True)
+        if self.stats_path:
+            # Publishes the counters while they change. The receive loop waits in recv() without
+            # the GIL, so this thread runs between packets without slowing them.
+            self._publisher = threading.Thread(target=self._publish, name=f"stats-q{self.queue}", daemon=True)
+            self._publisher.start()
+        try:
+            while not self._stop:
+                self._nfq.run(block=True)   # returns only through an exception (signals) or EAGAIN
+        except _Stop:
+            pass
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        self._publisher_stop.set()
+        if self._publisher is not None:
+            self._publisher.join(timeout=2)
+            self._publisher = None
+        if self._nfq is not None:
+            self._nfq.unbind()
+            self._nfq = None
+        for s in (self._raw4, self._raw6):
+            if s is not None:
+                s.close()
+        self._raw4 = self._raw6 = None
+        self._write_stats(force=True)
+
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT stop the engine; SIGHUP reloads the rules. Handlers run between
+        packets (the receive loop checks for signals when recv is interrupted)."""
+        def stop(*_):
+            self._stop = True
+            raise _Stop
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda *_: self.reload())
+
+    def reload(self) -> bool:
+        """Load the rules file again. A broken file keeps the old rules and says why."""
+        try:
+            new = load_rules(self.rules_path)
+        except RulesError as exc:
+            self.stats.reload_errors += 1
+            self.stats.last_reload_error = str(exc)
+            log.error("reload refused, keeping the old rules: %s", exc)
+            self._write_stats(force=True)
+            return False
+        self.rules = new
+        self.stats.reloads += 1
+        self.stats.last_reload_error = None
+        log.info("rules reloaded from %s (%d rules)", self.rules_path, len(new))
+        self._write_stats(force=True)
+        return True
+
+    # -- per packet ------------------------------------------------------------------------------
+    def _handle(self, nfpkt) -> None:
+        self.stats.packets += 1
+        try:
+            raw = nfpkt.get_payload()
+            pkt = decode(raw)
+            pkt.indev = self._ifname(nfpkt.indev)
+            d = self.rules.decide(pkt)
+            if d.flow in FLOW_VERDICTS:
+                self._flow_verdict(pkt, d)
+            self._verdict(nfpkt, pkt, d)
+            if d.log and self.vlog is not None:
+                self.vlog.write(self.queue, pkt, d)
+            self._dirty = True
+        except Exception:   # noqa: BLE001 - nothing a packet carries may stop the engine
+            self.stats.errors += 1
+            if self.stats.errors <= 10:      # the first few with their traceback, then counted only
+                log.exception("queue %d: packet handling failed; accepted", self.queue)
+            with contextlib.suppress(Exception):
+                self._accept(nfpkt)
+            self._dirty = True
+
+    def _verdict(self, nfpkt, pkt: Packet, d: Decision) -> None:
+        action = d.action
+        if action == "accept":
+            self._accept(nfpkt)
+        elif action == "drop":
+            nfpkt.drop()
+        elif action == "reject":
+            self._send_reject(pkt, d.reject_with)
+            nfpkt.drop()
+        elif action == "rewrite":
+            nfpkt.set_payload(self._rewritten(pkt, d.rewrite))
+            self._accept(nfpkt)
+        elif action == "mark":
+            value, mask = d.mark
+            self._accept(nfpkt, set_bits=(value, mask))
+        else:   # the rule compiler accepts no other action
+            raise HybridError(f"unknown action {action!r}")
+        self.stats.actions[action] += 1
+
+    def _accept(self, nfpkt, set_bits: tuple[int, int] | None = None) -> None:
+        mark = nfpkt.get_mark() & ~self.mark_mask & 0xFFFFFFFF
+        if set_bits is not None:
+            value, mask = set_bits
+            mark = (value & mask) | (mark & ~mask & 0xFFFFFFFF)
+        nfpkt.set_mark(mark)
+        nfpkt.repeat()
+
+    @staticmethod
+    def _rewritten(pkt: Packet, spec: tuple) -> bytes:
+        kind = spec[0]
+        if kind == "fill":
+            return rewrite.fill_payload(pkt, spec[1], spec[2])
+        if kind == "replace":
+            return rewrite.replace_bytes(pkt, spec[1], spec[2])
+        return rewrite.set_payload(pkt, spec[1])
+
+    def _flow_verdict(self, pkt: Packet, d: Decision) -> None:
+        if self.maps is None or pkt.version == 0 or pkt.fragment or pkt.error:
+            return
+        from .maps import flow_key_raw
+        sport, dport = pkt.sport, pkt.dport
+        if pkt.icmp_type in (8, 0, 128, 129):           # echo: the identifier keys the flow
+            sport = dport = int.from_bytes(pkt.raw[pkt.l4_off + 4:pkt.l4_off + 6], "big")
+        elif pkt.icmp_type >= 0:
+            sport = dport = 0
+        key, _ = flow_key_raw(pkt.src_bytes, pkt.dst_bytes, sport, dport, pkt.proto)
+        try:
+            self.maps.set_verdict(key, FLOW_VERDICTS[d.flow], d.ttl)
+            self.stats.flow_verdicts[d.flow] += 1
+        except HybridError as exc:
+            self.stats.flow_write_errors += 1
+            if self.stats.flow_write_errors <= 10:
+                log.error("queue %d: writing a flow verdict failed: %s", self.queue, exc)
+
+    def _send_reject(self, pkt: Packet, how: str | None) -> None:
+        if how == "tcp-reset" or (how is None and pkt.proto == socket.IPPROTO_TCP):
+            out = rewrite.tcp_rst_for(pkt)
+        else:
+            code = "port-unreachable" if how == "icmp-port-unreachable" else "admin-prohibited"
+            out = rewrite.icmp_unreachable_for(pkt, code)
+        dst = decode(out)
+        if pkt.version == 4:
+            if self._raw4 is None:
+                self._raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._raw4.sendto(out, (str(dst.dst), 0))
+        else:
+            if self._raw6 is None:
+                self._raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._raw6.sendto(out, (str(dst.dst), 0))
+
+    def _ifname(self, index: int) -> str | None:
+        if not index:
+            return None
+        name = self._ifnames.get(index, False)
+        if name is False:
+            try:
+                name = socket.if_indextoname(index)
+            except OSError:
+                name = None
+            self._ifnames[index] = name
+        return name
+
+    # -- stats -----------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        st = self.stats
+        return {"queue": st.queue, "pid": os.getpid(), "started": st.started, "packets": st.packets,
+                "actions": dict(st.actions), "flow_verdicts": dict(st.flow_verdicts), "errors": st.errors,
+                "flow_write_errors": st.flow_write_errors, "reloads": st.reloads,
+                "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
+                "rules": dict(self.rules.counters), "default": self.rules.default_count,
+                "rules_file": os.path.abspath(self.rules_path),
+                "fail_open": self.fail_open, "flags_confirmed": self.setup.flags_confirmed if self.setup else None}
+
+    def _publish(self) -> None:
+        while not self._publisher_stop.wait(STATS_INTERVAL):
+            if self._dirty:
+                self._dirty = False
+                self._write_stats()
+
+    def _write_stats(self, force: bool = False) -> None:
+        if not self.stats_path:
+            return
+        tmp = self.stats_path + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.snapshot(), f)
+            os.replace(tmp, self.stats_path)
+        except OSError as exc:
+            if force:
+                log.warning("cannot write engine stats to %s: %s", self.stats_path, exc)
+
+
+class _Stop(Exception):
+    """Raised from a signal handler to leave NetfilterQueue's receive loop."""
+
+
+def stats_path(instance_dir: str, queue: int) -> str:
+    return os.path.join(instance_dir, f"engine-{queue}.json")
+
+
+def read_stats(instance_dir: str) -> list[dict]:
+    """The engines' published counters for an instance (one file per queue)."""
+    out = []
+    try:
+        names = sorted(os.listdir(instance_dir))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if name.startswith("engine-") and name.endswith(".json"):
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(instance_dir, name)) as f:
+                    out.append(json.load(f))
+    return out
+
+
+
+# -- running engines for an attached instance ---------------------------------------------------
+@dataclass
+class EngineSettings:
+    """What an engine takes from the attachment it serves (its state file), overridable."""
+
+    queues: tuple[int, int]
+    mark_mask: int
+    fail_open: bool
+    pin_access: str | None
+    instance_dir: str
+
+
+def settings_for_instance(queues: tuple[int, int] | None = None, fail_open: bool | None = None) -> EngineSettings:
+    from .attach import STATE_ROOT, State, _pin_access, instance_name
+    instance = instance_name()
+    state = State.load(instance)
+    if state is None or not state.interfaces:
+        raise HybridError(f"hybrid is not attached in this network namespace ({instance}): "
+                          "run 'hybridctl attach IFACE...' first, or 'hybridctl attach IFACE... --rules FILE'")
+    opts = state.options
+    q = queues or (opts.get("queue_first", 0), opts.get("queue_last", 0))
+    return EngineSettings(queues=q, mark_mask=opts.get("mark_mask", 0),
+                          fail_open=opts.get("fail_open", True) if fail_open is None else fail_open,
+                          pin_access=_pin_access(instance), instance_dir=os.path.join(STATE_ROOT, instance))
+
+
+def serve_one(queue: int, rules_path: str, settings: EngineSettings, *, maxlen: int = 4096,
+              log_stream=None) -> dict:
+    """Run one engine in this process until SIGTERM/SIGINT; returns its final counters."""
+    from .maps import Maps
+    maps = Maps.open_pinned(settings.pin_access) if settings.pin_access else None
+    try:
+        eng = Engine(queue, rules_path, maps=maps, mark_mask=settings.mark_mask,
+                     fail_open=settings.fail_open, maxlen=maxlen, log_stream=log_stream,
+                     stats_path=stats_path(settings.instance_dir, queue))
+        eng.install_signals()
+        eng.bind()
+        log.info("engine bound to queue %d (%s)", queue, "fail-open" if settings.fail_open else "fail-closed")
+        eng.run()
+        return eng.snapshot()
+    finally:
+        if maps is not None:
+            maps.close()
+
+
+def serve(rules_path: str, settings: EngineSettings, argv_for_queue, *, on_start=None) -> int:
+    """One engine process per queue of ``settings.queues`` (children run ``argv_for_queue(q)``);
+    SIGHUP is passed on to every child, SIGTERM/SIGINT stop them all. Returns the worst exit
+    status of the children."""
+    load_rules(rules_path)   # a broken file fails here, once, before anything starts
+    first, last = settings.queues
+    children = [subprocess.Popen(argv_for_queue(q)) for q in range(first, last + 1)]
+    stopping = False
+
+    def forward(sig, _frame):
+        nonlocal stopping
+        if sig != signal.SIGHUP:
+            stopping = True
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(sig)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    try:
+        if on_start:
+            on_start([c.pid for c in children])
+        worst = 0
+        for c in children:
+            while True:
+                try:
+                    rc = c.wait()
+                    break
+                except InterruptedError:   # pragma: no cover - PEP 475 retries for us
+                    continue
+            if rc not in (0, -signal.SIGTERM, -signal.SIGINT, 130, 143):
+                worst = max(worst, 1)
+            if not stopping:      # one engine died on its own: stop the others, report it
+                forward(signal.SIGTERM, None)
+        return worst
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+                c.wait()

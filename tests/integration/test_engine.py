@@ -1,0 +1,263 @@
+"""The verdict engine in the lab: real NFQUEUE, real BPF attach, real traffic; rules decide,
+flow verdicts land in the kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hybrid.demo import Nginx
+from hybrid.lab import netns
+from traffic import udp_send
+
+pytestmark = pytest.mark.integration
+HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
+IFACES = ["to-client", "to-server"]
+
+
+def hctl(lab, *args, check=True):
+    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, *args],
+                          capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hybridctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def status(lab) -> dict:
+    return json.loads(hctl(lab, "status", "--json").stdout)
+
+
+def counters(lab, ifname="to-client") -> dict:
+    return status(lab)["interfaces"][ifname]["counters"]
+
+
+def queued(lab, family="ipv4") -> int:
+    return next(n["queued_packets"] for n in status(lab)["netfilter"] if n["family"] == family)
+
+
+def stats_file(lab, queue=0) -> str:
+    return f"/run/hybrid/instances/{lab.netns('gw')}/engine-{queue}.json"
+
+
+def engine_stats(lab, queue=0, until=None, timeout=5.0) -> dict:
+    """The engine's published counters; with ``until``, wait (they are published every 0.5 s)
+    until ``until(stats)`` holds, and return them either way for the assertions to judge."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(stats_file(lab, queue)) as f:
+            st = json.load(f)
+        if until is None or until(st) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.05)
+
+
+class RunningEngine:
+    def __init__(self, lab, rules_path, log_path, extra=()):
+        self.lab, self.log_path = lab, log_path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stats_file(lab))
+        self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine",
+                                      "--rules", str(rules_path), "--log", str(log_path), *extra],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(stats_file(lab)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"engine did not start: {self.proc.communicate()[1]}")
+            time.sleep(0.05)
+
+    def hup(self):
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=15)
+        return err
+
+    def log_lines(self) -> list[dict]:
+        with open(self.log_path) as f:
+            return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def attached(lab):
+    hctl(lab, "attach", *IFACES, "--xdp-mode", "generic", "--watch-port", "10010", "--watch-port", "10086")
+    yield lab
+    hctl(lab, "detach", "--all")
+
+
+@pytest.fixture
+def engine(attached, tmp_path):
+    """engine(rules_text) -> RunningEngine; stopped at the end of the test."""
+    running = []
+
+    def start(text: str, *extra) -> RunningEngine:
+        rules = tmp_path / "rules.toml"
+        rules.write_text(text)
+        eng = RunningEngine(attached, rules, tmp_path / "verdicts.jsonl", extra)
+        running.append(eng)
+        return eng
+
+    yield start
+    for eng in running:
+        err = eng.stop()
+        assert eng.proc.returncode == 0, err
+        assert "Traceback" not in err
+
+
+def rewrite_example() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "rules", "rewrite.toml")) as f:
+        return f.read()
+
+
+def test_rewrite_example_byte_for_byte(engine, lab):
+    engine(rewrite_example())
+    with netns(lab.netns("server")):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with netns(lab.netns("client")):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind((lab.info.server.ipv4, 10010))
+        rx.settimeout(3)
+        payloads = [b"hello world", b"x", b"a longer payload of 41 bytes, 0123456789"]
+        for p in payloads:
+            tx.sendto(p, (lab.info.server.ipv4, 10010))
+        got = [rx.recv(2048) for _ in payloads]
+    finally:
+        rx.close()
+        tx.close()
+    assert got == [b"h" * (len(p) - 1) + b"\n" for p in payloads]      # same length, 'h's, newline
+    assert udp_send(lab, [b"dropped"] * 3, dport=10086) == 0
+    # ping: 32 data bytes pass, the default 56 do not
+    assert lab.run("client", ["ping", "-c1", "-W2", "-s", "32", lab.info.server.ipv4], check=False).returncode == 0
+    assert lab.run("client", ["ping", "-c1", "-W1", lab.info.server.ipv4], check=False).returncode != 0
+    st = engine_stats(lab, until=lambda st: st["rules"]["ping-other-drop"] == 1)
+    assert st["rules"]["udp-10010-fill"] == 3 and st["rules"]["udp-10086-drop"] == 3
+    assert st["rules"]["ping-32-accept"] == 1 and st["rules"]["ping-other-drop"] == 1
+    assert st["flags_confirmed"] is True and st["errors"] == 0
+
+
+def test_accept_still_meets_the_users_own_rules(engine, lab):
+    """accept = clear our bit + NF_REPEAT: a user DROP rule after our jump still applies."""
+    engine('default = "accept"\n')
+    lab.run("gw", ["iptables", "-A", "FORWARD", "-p", "udp", "--dport", "10010", "-j", "DROP"])
+    try:
+        assert udp_send(lab, [b"x"] * 2, dport=10010) == 0
+        assert engine_stats(lab, until=lambda st: st["actions"]["accept"] >= 2)["actions"]["accept"] >= 2
+    finally:
+        lab.run("gw", ["iptables", "-D", "FORWARD", "-p", "udp", "--dport", "10010", "-j", "DROP"])
+    assert udp_send(lab, [b"x"] * 2, dport=10010) == 2
+
+
+def test_bypassed_flow_is_never_queued_again(engine, lab):
+    engine('default = "accept"\n[[rule]]\nname = "bypass-udp"\nproto = "udp"\ndport = 10010\n'
+           'action = "accept"\nflow = "bypass"\nttl = 60\n')
+    assert udp_send(lab, [b"first"], dport=10010, sport=41000) == 1
+    before_q, before_c = queued(lab), counters(lab)
+    assert udp_send(lab, [b"later"] * 50, dport=10010, sport=41000) == 50
+    after_c = counters(lab)
+    assert queued(lab) == before_q                                   # not one more packet queued
+    assert after_c["bypassed"] - before_c.get("bypassed", 0) == 50   # the kernel passed them itself
+    assert engine_stats(lab, until=lambda st: st["flow_verdicts"]["bypass"])["flow_verdicts"]["bypass"] == 1
+
+
+def test_blocked_flow_dies_at_xdp_not_in_the_queue(engine, lab):
+    engine('default = "accept"\n[[rule]]\nname = "block-udp"\nproto = "udp"\ndport = 10010\n'
+           'payload_contains = "evil"\naction = "drop"\nflow = "block"\nttl = 60\n')
+    assert udp_send(lab, [b"fine"], dport=10010, sport=41001) == 1
+    assert udp_send(lab, [b"evil"], dport=10010, sport=41002) == 0      # the engine drops it
+    before_q, before_c = queued(lab), counters(lab)
+    assert udp_send(lab, [b"anything"] * 20, dport=10010, sport=41002) == 0
+    after_c = counters(lab)
+    assert after_c["xdp_drop_flow"] - before_c.get("xdp_drop_flow", 0) == 20
+    assert queued(lab) == before_q
+    assert udp_send(lab, [b"fine again"], dport=10010, sport=41001) == 1   # other flows unaffected
+
+
+def test_http_host_rule_with_curl_and_nginx(engine, lab):
+    engine('default = "accept"\ndefault_flow = "none"\n'
+           '[[rule]]\nname = "block-host"\nproto = "tcp"\nhttp_host = ".blocked.test"\n'
+           'action = "reject"\nflow = "block"\nttl = 30\n'
+           '[[rule]]\nname = "bypass-after-request"\nproto = "tcp"\npayload_len = "1-65535"\n'
+           'action = "accept"\nflow = "bypass"\nttl = 30\n')
+    url = f"http://{lab.info.server.ipv4}/"
+    with Nginx(lab):
+        ok = lab.run("client", ["curl", "-s", "-m", "5", url, "-H", "Host: fine.test"], check=False)
+        bad = lab.run("client", ["curl", "-s", "-m", "5", url, "-H", "Host: www.blocked.test"], check=False)
+    assert ok.returncode == 0 and ok.stdout == "hello from the hybrid lab\n"
+    assert bad.returncode == 56          # curl: "Failure in receiving network data" (reset)
+    st = engine_stats(lab, until=lambda st: st["actions"]["reject"] == 1 and st["flow_verdicts"]["bypass"])
+    assert st["rules"]["block-host"] == 1 and st["actions"]["reject"] == 1
+    assert st["flow_verdicts"]["block"] == 1 and st["flow_verdicts"]["bypass"] >= 1
+
+
+def test_sighup_reloads_and_a_broken_file_keeps_the_old_rules(engine, lab, tmp_path):
+    eng = engine('default = "accept"\n[[rule]]\nname = "drop-it"\nproto = "udp"\ndport = 10010\naction = "drop"\n')
+    assert udp_send(lab, [b"x"], dport=10010) == 0
+    (tmp_path / "rules.toml").write_text('default = "accept"\n')
+    eng.hup()
+    _wait(lambda: engine_stats(lab)["reloads"] == 1)
+    assert udp_send(lab, [b"x"], dport=10010) == 1
+    (tmp_path / "rules.toml").write_text('default = "accept"\n[[rule]]\nname = "x"\nactoin = "drop"\n')
+    eng.hup()
+    _wait(lambda: engine_stats(lab)["reload_errors"] == 1)
+    err = engine_stats(lab)["last_reload_error"]
+    assert err.startswith(f"{tmp_path / 'rules.toml'}:4: ") and "action" in err
+    assert udp_send(lab, [b"x"], dport=10010) == 1          # the old (accepting) rules still run
+
+
+def test_status_shows_per_rule_counters(engine, lab):
+    engine(rewrite_example())
+    udp_send(lab, [b"x"] * 2, dport=10086)
+    engine_stats(lab, until=lambda st: st["rules"]["udp-10086-drop"] == 2)
+    out = hctl(lab, "status").stdout
+    assert "engine queue 0 (running" in out
+    assert [ln for ln in out.splitlines() if "rule udp-10086-drop" in ln][0].split()[-1] == "2"
+
+
+def test_attach_with_rules_runs_in_foreground_and_detaches_on_sigterm(lab, tmp_path):
+    rules = tmp_path / "r.toml"
+    rules.write_text('default = "accept"\n')
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "attach", *IFACES,
+                             "--rules", str(rules)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: os.path.exists(stats_file(lab)), timeout=30)
+    assert lab.ping("client", lab.info.server.ipv4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert "engine stopped; hybrid detached" in err and "Traceback" not in err
+    assert status(lab)["attached"] is False
+    assert lab.run("gw", ["iptables-save"]).stdout.count("HYBRID") == 0
+
+
+def test_broken_rules_file_fails_before_attaching(lab, tmp_path):
+    rules = tmp_path / "bad.toml"
+    rules.write_text('default = "maybe"\n')
+    proc = hctl(lab, "attach", *IFACES, "--rules", str(rules), check=False)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"Error: {rules}:1: ")
+    assert status(lab)["attached"] is False
+
+
+def test_engine_without_attachment_says_what_to_do(lab, tmp_path):
+    rules = tmp_path / "r.toml"
+    rules.write_text('default = "accept"\n')
+    proc = hctl(lab, "engine", "--rules", str(rules), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"Error: hybrid is not attached in this network namespace ({lab.netns('gw')}): "
+                                   "run 'hybridctl attach IFACE...' first, or 'hybridctl attach IFACE... --rules FILE'")
+
+
+def _wait(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
