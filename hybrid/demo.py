@@ -11,13 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import sysutil
 from .errors import HybridError
 from .lab import Lab
+from .labservers import Nginx, _wait_port  # re-exported: tests import Nginx from here
 
 Say = Callable[[str], None]
 
@@ -63,56 +63,6 @@ def iperf3(lab: Lab, seconds: float, streams: int = 1, port: int = 5201) -> dict
         if server.poll() is None:
             server.kill()
             server.wait()
-
-
-def _wait_port(lab: Lab, role: str, port: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc = lab.run(role, ["ss", "-Hltn", f"sport = :{port}"], check=False)
-        if proc.stdout.strip():
-            return
-        time.sleep(0.05)
-    raise HybridError(f"nothing listens on port {port} in {lab.netns(role)} after {timeout:g}s")
-
-
-class Nginx:
-    """nginx serving a small static site in a lab namespace, with its own config and temp dir."""
-
-    def __init__(self, lab: Lab, role: str = "server", port: int = 80, root: str | None = None):
-        import tempfile
-        self.lab, self.role, self.port = lab, role, port
-        self.dir = tempfile.mkdtemp(prefix="hybrid-nginx-")
-        self.root = root or os.path.join(self.dir, "www")
-        os.makedirs(self.root, exist_ok=True)
-        with open(os.path.join(self.root, "index.html"), "w") as f:
-            f.write("hello from the hybrid lab\n")
-        self.conf = os.path.join(self.dir, "nginx.conf")
-        with open(self.conf, "w") as f:
-            f.write(f"""daemon off; master_process off; worker_processes 1; pid {self.dir}/nginx.pid;
-error_log {self.dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{ access_log off; client_body_temp_path {self.dir}; proxy_temp_path {self.dir};
-  fastcgi_temp_path {self.dir}; uwsgi_temp_path {self.dir}; scgi_temp_path {self.dir};
-  keepalive_requests 100000;
-  server {{ listen {port} reuseport; listen [::]:{port} reuseport; root {self.root}; }} }}
-""")
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Nginx:
-        self.proc = self.lab.popen(self.role, [sysutil.which("nginx"), "-c", self.conf, "-e", f"{self.dir}/error.log"])
-        _wait_port(self.lab, self.role, self.port)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import shutil
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def run_demo(say: Say, lab_name: str = "hdemo", seconds: float = 3.0, requests: int = 20) -> DemoReport:
