@@ -261,3 +261,42 @@ def _wait(cond, timeout=10.0):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.05)
+
+
+def test_two_queues_two_engine_processes(lab, tmp_path):
+    """--queues 0-1: the rule spreads packets with --queue-balance, one engine process per queue.
+    The kernel hashes addresses and protocol, not ports (xt_NFQUEUE), so the flows come from
+    16 client addresses."""
+    hctl(lab, "attach", *IFACES, "--queues", "0-1", "--watch-port", "10010")
+    rules = tmp_path / "r.toml"
+    rules.write_text('default = "accept"\n')
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine", "--rules", str(rules)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: os.path.exists(stats_file(lab, 0)) and os.path.exists(stats_file(lab, 1)), timeout=30)
+        assert "--queue-balance 0:1" in lab.run("gw", ["iptables-save"]).stdout
+        sources = [f"198.18.1.{i}" for i in range(100, 116)]
+        for a in sources:
+            lab.run("client", ["ip", "addr", "add", f"{a}/24", "dev", "eth0"])
+        for a in sources:
+            with netns(lab.netns("server")):
+                rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with netns(lab.netns("client")):
+                tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with rx, tx:
+                rx.bind((lab.info.server.ipv4, 10010))
+                rx.settimeout(2)
+                tx.bind((a, 0))
+                tx.sendto(b"x", (lab.info.server.ipv4, 10010))
+                assert rx.recv(10) == b"x"
+        per_queue = [engine_stats(lab, q, until=lambda st: st["packets"] > 0)["packets"] for q in (0, 1)]
+        assert all(n > 0 for n in per_queue) and sum(per_queue) >= 16
+        pids = {engine_stats(lab, q)["pid"] for q in (0, 1)}
+        assert len(pids) == 2                   # two processes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        hctl(lab, "detach", "--all")
+        for i in range(100, 116):
+            lab.run("client", ["ip", "addr", "del", f"198.18.1.{i}/24", "dev", "eth0"], check=False)
+    assert proc.returncode == 0 and "Traceback" not in err
