@@ -300,3 +300,46 @@ def test_two_queues_two_engine_processes(lab, tmp_path):
         for i in range(100, 116):
             lab.run("client", ["ip", "addr", "del", f"198.18.1.{i}/24", "dev", "eth0"], check=False)
     assert proc.returncode == 0 and "Traceback" not in err
+
+
+def realistic_example() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "rules", "realistic.toml")) as f:
+        return f.read()
+
+
+def test_realistic_example_http_tls_dns(engine, lab):
+    """examples/rules/realistic.toml against real curl/nginx (HTTP and HTTPS with a throwaway
+    certificate) and real dig/dnsmasq; everything not blocked is bypassed after its first
+    payload packet."""
+    from hybrid.labservers import Dns
+    from hybrid.labservers import Nginx as TlsNginx
+    engine(realistic_example())
+    srv = lab.info.server.ipv4
+    names = ("www.example.test", "a.tracker.example")
+    records = {"ok.example": srv, "x.ads.example": srv}
+    with TlsNginx(lab, tls_port=443, server_names=names) as web, Dns(lab, records=records):
+        def curl(*args):
+            return lab.run("client", ["curl", "-s", "-m", "5", *args], check=False)
+        # HTTP: Host decides
+        assert curl(f"http://{srv}/", "-H", "Host: www.example.test").stdout == web.INDEX
+        assert curl(f"http://{srv}/", "-H", "Host: www.blocked.example").returncode == 56   # reset
+        # HTTPS: SNI decides (the certificate is verified for the allowed name)
+        ok = curl("--cacert", web.cert, "--resolve", f"www.example.test:443:{srv}", "https://www.example.test/")
+        assert ok.returncode == 0 and ok.stdout == web.INDEX
+        bad = curl("-k", "--resolve", f"a.tracker.example:443:{srv}", "https://a.tracker.example/")
+        assert bad.returncode == 35                                   # TLS handshake reset
+        # DNS: the query name decides
+        dig = ["dig", f"@{srv}", "+time=1", "+tries=1", "+short"]
+        assert lab.run("client", [*dig, "ok.example", "A"]).stdout.strip() == srv
+        blocked = lab.run("client", [*dig, "x.ads.example", "A"], check=False)
+        assert "timed out" in blocked.stdout or blocked.returncode == 9
+        # Allowed traffic: bypassed after its first payload packet, then never queued.
+        before = queued(lab)
+        for _ in range(3):
+            assert curl(f"http://{srv}/", "-H", "Host: www.example.test").stdout == web.INDEX
+        per_conn = (queued(lab) - before) / 3
+        assert per_conn <= 3                                          # SYN, the request, maybe one ACK
+    st = engine_stats(lab, until=lambda st: st["rules"]["block-dns-name"] >= 1)
+    assert st["rules"]["block-http-host"] == 1 and st["rules"]["block-tls-sni"] == 1
+    assert st["rules"]["block-dns-name"] == 1
+    assert st["flow_verdicts"]["block"] == 3 and st["flow_verdicts"]["bypass"] >= 6
