@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 
@@ -25,7 +26,9 @@ DEFAULT_WORKLOADS = "bulk-1,bulk-4"
 @click.option("--quick", is_flag=True, help="Smoke run: 1 repetition of 1 s, bulk-1 only.")
 @click.option("--json", "json_path", metavar="FILE", help="Also write the results as JSON ('-' for stdout).")
 @click.option("--lab-name", default="hbench", show_default=True)
-def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name) -> None:
+@click.option("--engine-pps", "engine_rules", metavar="RULES", default=None,
+              help="Instead: packets/s through the engine with RULES vs a bare accept-all consumer.")
+def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, engine_rules) -> None:
     """Measure modes of feeding a userspace engine side by side, in one run, on a fresh lab.
 
     Reports the median of the repetitions and its ratio to `baseline` (nothing attached)
@@ -35,11 +38,25 @@ def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name) ->
     Example:
       sudo hybridctl bench --modes baseline,hybrid --workloads bulk-1 -r 5
     """
+    say = (lambda m: click.echo(m, err=True))
+    if engine_rules is not None:
+        if quick:
+            repetitions, seconds = 1, 1.0
+        res = benchmod.engine_vs_bare(engine_rules, repetitions, seconds, lab_name=lab_name, progress=say)
+        if json_path == "-":
+            click.echo(json.dumps(res, indent=1))
+            return
+        click.echo(f"bare accept-all   {res['median']['bare']:12,.0f} packets/s\n"
+                   f"engine ({os.path.basename(engine_rules)}) {res['median']['engine']:12,.0f} packets/s"
+                   f"   ratio {res['ratio']:.3f}")
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     wl_list = [w.strip() for w in workloads.split(",") if w.strip()]
     if quick:
         repetitions, seconds, wl_list = 1, 1.0, ["bulk-1"]
-    say = (lambda m: click.echo(m, err=True))
     report = benchmod.run(mode_list, wl_list, repetitions, seconds, lab_name=lab_name, progress=say,
                           command=" ".join(shlex.quote(a) for a in sys.argv))
     if json_path == "-":

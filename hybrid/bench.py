@@ -104,6 +104,20 @@ class Report:
 
 
 # -- modes ----------------------------------------------------------------------------------------
+# The project's engine on the same queue, with a rules file; flow verdicts are not written (no
+# maps): a bypass would stop the very queueing the measurement needs.
+ENGINE_CONSUMER = r"""
+import sys
+from hybrid.engine import Engine
+eng = Engine(int(sys.argv[1]), sys.argv[3], maps=None, mark_mask=int(sys.argv[4]), maxlen=int(sys.argv[2]))
+eng.install_signals()
+eng.bind()
+print("bound", flush=True)
+eng.run()
+print(f"seen {eng.stats.packets} errors {eng.stats.errors}", flush=True)
+"""
+
+
 class BareConsumer:
     """Handle on a running bare consumer; ``seen`` is set when it has stopped."""
 
@@ -113,11 +127,15 @@ class BareConsumer:
 
 
 @contextlib.contextmanager
-def bare_consumer(lab: Lab, queue: int = 0, max_len: int = 4096) -> Iterator[BareConsumer]:
+def bare_consumer(lab: Lab, queue: int = 0, max_len: int = 4096, *, rules: str | None = None,
+                  mark_mask: int = 0, cpu: int | None = None) -> Iterator[BareConsumer]:
     """A NetfilterQueue process in the gateway that accepts every packet of ``queue`` and
-    counts them."""
-    proc = lab.popen("gw", [sys.executable, "-c", BARE_CONSUMER, str(queue), str(max_len)],
-                     stdout=subprocess.PIPE, text=True)
+    counts them; with ``rules``, the project's engine deciding with that rules file instead."""
+    argv = [sys.executable, "-c", BARE_CONSUMER, str(queue), str(max_len)] if rules is None else \
+        [sys.executable, "-c", ENGINE_CONSUMER, str(queue), str(max_len), rules, str(mark_mask)]
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    proc = lab.popen("gw", argv, stdout=subprocess.PIPE, text=True)
     handle = BareConsumer(proc)
     try:
         line = proc.stdout.readline()
@@ -241,3 +259,54 @@ def table(report: Report) -> str:
             cells.append(f"{r.median:>10.2f} ({report.ratio(m, w):>5.3f} of base)")
         lines.append(f"{m:<16}" + "".join(f"{c:>26}" for c in cells))
     return "\n".join(lines)
+
+
+# -- the engine against a bare consumer -----------------------------------------------------------
+def queue_pps(lab: Lab, rules: str | None, seconds: float, port: int = 9999) -> float:
+    """Packets per second a consumer of queue 0 handles while the client floods 64-byte UDP
+    datagrams at ``port``, every one of them marked by hybrid (--watch-port) and queued.
+
+    On a 2-core machine the flooding sender, the forwarding softirqs and the consumer compete for
+    CPU, and unpinned runs of the same consumer varied by 40%; so the consumer gets the last CPU
+    and the sender and receiver the first, for every consumer alike."""
+    from .attach import DEFAULT_MASK
+    last_cpu = max(0, (os.cpu_count() or 1) - 1)
+    with bare_consumer(lab, rules=rules, mark_mask=DEFAULT_MASK, cpu=last_cpu) as consumer:
+        server = lab.popen("server", ["iperf3", "-s", "-1", "-A", "0", "-B", lab.info.server.ipv4, "-p", str(port)])
+        try:
+            from .labservers import _wait_port
+            _wait_port(lab, "server", port)
+            lab.run("client", ["iperf3", "-u", "-b", "0", "-l", "64", "-A", "0", "-c", lab.info.server.ipv4,
+                               "-p", str(port), "-t", str(seconds)], timeout=seconds + 30, check=False)
+        finally:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=5)
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    if consumer.seen is None:
+        raise HybridError("the queue consumer did not report what it saw")
+    return consumer.seen / seconds
+
+
+def engine_vs_bare(rules: str, repetitions: int, seconds: float, *, lab_name: str = "hbench",
+                   progress: Callable[[str], None] = lambda _m: None) -> dict:
+    """Median packets/s through the engine with ``rules`` and through a bare accept-all
+    consumer on the same queue, interleaved, and their ratio."""
+    sysutil.require_root("bench")
+    samples: dict[str, list[float]] = {"bare": [], "engine": []}
+    with Lab(lab_name) as lab:
+        gw = lab.netns("gw")
+        sysutil.run([*hybridctl(), "attach", "to-client", "to-server", "--watch-port", "9999"], netns=gw,
+                    timeout=120, what="hybridctl attach")
+        try:
+            for rep in range(repetitions):
+                for kind in (("bare", "engine") if rep % 2 == 0 else ("engine", "bare")):
+                    pps = queue_pps(lab, None if kind == "bare" else os.path.abspath(rules), seconds)
+                    samples[kind].append(pps)
+                    progress(f"rep {rep + 1} {kind:<7} {pps:12,.0f} packets/s")
+        finally:
+            sysutil.run([*hybridctl(), "detach", "--all"], netns=gw, timeout=60, what="hybridctl detach")
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"rules": rules, "repetitions": repetitions, "seconds": seconds, "machine": machine(),
+            "samples": samples, "median": med, "ratio": med["engine"] / med["bare"] if med["bare"] else float("nan")}

@@ -109,6 +109,7 @@ class Engine:
         self.rules: RuleSet = load_rules(rules_path)      # a broken file fails before binding
         self.maps = maps
         self.mark_mask = mark_mask                         # hybrid's bits: cleared on accept
+        self._keep_bits = ~mark_mask & 0xFFFFFFFF
         self.fail_open = fail_open
         self.maxlen = maxlen
         self.vlog = VerdictLog(log_stream) if log_stream is not None else None
@@ -199,21 +200,31 @@ class Engine:
 
     # -- per packet ------------------------------------------------------------------------------
     def _handle(self, nfpkt) -> None:
-        self.stats.packets += 1
+        # The per-packet path: kept flat, the accept case inline (it is most packets), the
+        # interface name only resolved when a rule reads it. Measured by `hybridctl bench
+        # --engine-pps` against a bare accept-all consumer.
+        stats = self.stats
+        stats.packets += 1
         try:
-            raw = nfpkt.get_payload()
-            pkt = decode(raw)
-            pkt.indev = self._ifname(nfpkt.indev)
-            d = self.rules.decide(pkt)
+            pkt = decode(nfpkt.get_payload())
+            rules = self.rules
+            if rules.needs_indev:
+                pkt.indev = self._ifname(nfpkt.indev)
+            d = rules.decide(pkt)
             if d.flow in FLOW_VERDICTS:
                 self._flow_verdict(pkt, d)
-            self._verdict(nfpkt, pkt, d)
+            if d.action == "accept":
+                nfpkt.set_mark(nfpkt.get_mark() & self._keep_bits)
+                nfpkt.repeat()
+                stats.actions["accept"] += 1
+            else:
+                self._verdict(nfpkt, pkt, d)
             if d.log and self.vlog is not None:
                 self.vlog.write(self.queue, pkt, d)
             self._dirty = True
         except Exception:   # noqa: BLE001 - nothing a packet carries may stop the engine
-            self.stats.errors += 1
-            if self.stats.errors <= 10:      # the first few with their traceback, then counted only
+            stats.errors += 1
+            if stats.errors <= 10:      # the first few with their traceback, then counted only
                 log.exception("queue %d: packet handling failed; accepted", self.queue)
             with contextlib.suppress(Exception):
                 self._accept(nfpkt)
@@ -239,7 +250,7 @@ class Engine:
         self.stats.actions[action] += 1
 
     def _accept(self, nfpkt, set_bits: tuple[int, int] | None = None) -> None:
-        mark = nfpkt.get_mark() & ~self.mark_mask & 0xFFFFFFFF
+        mark = nfpkt.get_mark() & self._keep_bits
         if set_bits is not None:
             value, mask = set_bits
             mark = (value & mask) | (mark & ~mask & 0xFFFFFFFF)

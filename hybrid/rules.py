@@ -472,7 +472,7 @@ def _m_qname(exact, suffixes):
 
 class _Rule:
     __slots__ = ("index", "name", "line", "checks", "decision", "decision_tcp", "plugin", "plugin_ref",
-                 "shown", "decision_parts")
+                 "shown", "decision_parts", "protos")
 
 
 class RuleSet:
@@ -483,6 +483,14 @@ class RuleSet:
         self.filename = filename
         self._rules = rules
         self._fast = tuple((r.name, tuple(r.checks), r.decision, r.decision_tcp, r.plugin) for r in rules)
+        # Per-protocol index, order kept: a packet only walks the rules that can match its
+        # protocol (a UDP packet never tries the TCP-only Host and SNI rules).
+        known = set().union(*(r.protos for r in rules if r.protos is not None))
+        self._by_proto = {p: tuple(f for f, r in zip(self._fast, rules) if r.protos is None or p in r.protos)
+                          for p in known}
+        self._fast_other = tuple(f for f, r in zip(self._fast, rules) if r.protos is None)
+        # Whether any rule reads the input interface (resolving its name costs per packet).
+        self.needs_indev = any(key == "iif" for r in rules for key, _ in r.shown)
         self.default = default
         self.plugin_paths = plugin_paths
         self.counters: dict[str, int] = {r.name: 0 for r in rules}
@@ -497,7 +505,7 @@ class RuleSet:
     def decide(self, pkt) -> Decision:
         """The first matching rule's Decision, else the default one. Never raises for a plugin's
         sake: a plugin that fails counts as not matching."""
-        for name, checks, decision, decision_tcp, plugin in self._fast:
+        for name, checks, decision, decision_tcp, plugin in self._by_proto.get(pkt.proto, self._fast_other):
             for check in checks:
                 if not check(pkt):
                     break
@@ -816,6 +824,13 @@ def _compile_rule(src: _Source, index: int, raw, flow_ttl: int, loader: "_Plugin
 
     # sorted() is stable: equal costs keep the order above
     r.checks = [fn for _, fn in sorted(checks, key=lambda c: c[0])]
+    # The protocols this rule can match at all (None: any), for RuleSet's per-protocol index.
+    protos = None
+    for present, allowed in ((proto is not None, (proto,)), (bool(port_keys), PORT_PROTOS),
+                             ("tcp_flags" in raw, (6,)), (bool(icmp_keys), ICMP_PROTOS)):
+        if present:
+            protos = frozenset(allowed) if protos is None else protos & frozenset(allowed)
+    r.protos = protos
     r.shown = shown
 
     # --- what the rule does
