@@ -35,8 +35,14 @@ def demo(lab_name: str, seconds: float, requests: int, as_json: bool) -> None:
     click.echo(f"The gateway's tc program classified {rep.kernel_packets:,} packets; "
                f"{rep.queued_packets:,} ({share:.2%}) matched the queue rule, everything else stayed in the kernel.")
     if rep.consumer_packets is not None:
-        click.echo(f"The Python consumer received {rep.consumer_packets:,} packets and accepted each "
-                   "(more than the rule counted: the kernel splits a queued GSO super-packet into segments).")
+        extra = (" (more than the rule counted: the kernel splits a queued GSO super-packet into segments)"
+                 if rep.consumer_packets > rep.queued_packets else "")
+        click.echo(f"The Python verdict engine decided {rep.consumer_packets:,} packets{extra}.")
+    rules = rep.engine.get("rules", {})
+    if rules:
+        click.echo("Engine rules: " + ", ".join(f"{k} {v}" for k, v in rules.items())
+                   + f", default {rep.engine.get('default', 0)}; flow verdicts sent to the kernel: "
+                   + ", ".join(f"{k} {v}" for k, v in rep.engine.get("flow_verdicts", {}).items() if v))
     reasons: dict[str, int] = {}
     for e in rep.status.get("interfaces", {}).values():
         for k, v in e["counters"].items():

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,7 +34,33 @@ class DemoReport:
     status: dict = field(default_factory=dict)
     queued_packets: int = 0
     kernel_packets: int = 0
-    consumer_packets: int | None = None
+    consumer_packets: int | None = None     # packets the engine decided
+    blocked_ok: bool | None = None          # the request to the blocked Host was reset
+    engine: dict = field(default_factory=dict)
+
+
+# The demo's embedded policy: block one HTTP Host, let everything else through and keep each
+# flow in the kernel once its first payload has been seen.
+DEMO_RULES = """\
+default = "accept"
+default_flow = "bypass"
+flow_ttl = 300
+
+[[rule]]
+name = "block-demo-host"
+proto = "tcp"
+http_host = ".blocked.test"
+action = "reject"
+flow = "block"
+
+[[rule]]
+name = "wait-for-payload"
+proto = "tcp"
+payload_len = 0
+action = "accept"
+flow = "none"
+log = false
+"""
 
 
 def hybridctl() -> list[str]:
@@ -82,11 +109,10 @@ def run_demo(say: Say, lab_name: str = "hdemo", seconds: float = 3.0, requests: 
             sysutil.run([*hybridctl(), "attach", "to-client", "to-server"], netns=gw, timeout=120,
                         what="hybridctl attach")
             say("hybrid attached on the gateway (to-client, to-server); flagged packets go to NFQUEUE 0")
-            from .bench import bare_consumer   # the verdict engine lands here once it exists
-            with bare_consumer(lab) as consumer:
-                say("a Python NetfilterQueue consumer is bound to queue 0 in the gateway (accepts all)")
+            with _engine(lab, say) as stats_file:
                 _drive(lab, rep, say, seconds, requests)
-            rep.consumer_packets = consumer.seen
+                _wait_published(stats_file, rep)
+            rep.consumer_packets = rep.engine.get("packets")
             st = sysutil.run([*hybridctl(), "status", "--json"], netns=gw, what="hybridctl status")
             rep.status = json.loads(st.stdout)
             rep.kernel_packets = sum(e["counters"].get("packets", 0) for e in rep.status["interfaces"].values())
@@ -95,6 +121,49 @@ def run_demo(say: Say, lab_name: str = "hdemo", seconds: float = 3.0, requests: 
             sysutil.run([*hybridctl(), "detach", "--all"], netns=gw, check=False, what="hybridctl detach")
     say(f"lab {lab_name} removed; nothing of hybrid is left")
     return rep
+
+
+@contextlib.contextmanager
+def _engine(lab: Lab, say: Say):
+    """The verdict engine with DEMO_RULES in the gateway; yields its stats file."""
+    import tempfile
+    gw = lab.netns("gw")
+    with tempfile.TemporaryDirectory(prefix="hybrid-demo-") as tmp:
+        rules = os.path.join(tmp, "rules.toml")
+        with open(rules, "w") as f:
+            f.write(DEMO_RULES)
+        stats_file = f"/run/hybrid/instances/{gw}/engine-0.json"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stats_file)
+        proc = lab.popen("gw", [*hybridctl(), "engine", "--rules", rules])
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(stats_file):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise HybridError("the verdict engine did not start: run 'hybridctl engine' by hand to see why")
+                time.sleep(0.05)
+            say("the verdict engine is bound to queue 0: it blocks HTTP Host *.blocked.test and bypasses "
+                "every other flow after its first payload")
+            yield stats_file
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_published(stats_file: str, rep: DemoReport, timeout: float = 3.0) -> None:
+    """The engine publishes its counters every 0.5 s: wait for the last decision to show."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            with open(stats_file) as f:
+                rep.engine = json.load(f)
+            if rep.engine.get("rules", {}).get("block-demo-host"):
+                return
+        time.sleep(0.1)
 
 
 def _drive(lab: Lab, rep: DemoReport, say: Say, seconds: float, requests: int) -> None:
@@ -109,4 +178,8 @@ def _drive(lab: Lab, rep: DemoReport, say: Say, seconds: float, requests: int) -
                            check=False, timeout=15)
             rep.http_total += 1
             rep.http_ok += proc.stdout.strip() == "200"
-    say(f"HTTP: {rep.http_ok}/{rep.http_total} requests answered 200 by nginx in the server namespace")
+        blocked = lab.run("client", ["curl", "-s", "-o", "/dev/null", "-m", "5", "-H", "Host: www.blocked.test", url],
+                          check=False, timeout=15)
+    rep.blocked_ok = blocked.returncode == 56      # curl: connection reset by the engine's RST
+    say(f"HTTP: {rep.http_ok}/{rep.http_total} requests answered 200 by nginx in the server namespace; "
+        f"the request for www.blocked.test was {'reset by the engine' if rep.blocked_ok else 'NOT blocked'}")

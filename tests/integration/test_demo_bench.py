@@ -22,6 +22,9 @@ def test_demo_runs_end_to_end_and_leaves_nothing():
     rep = json.loads(proc.stdout)
     assert rep["reachable"] == {"ipv4": True, "ipv6": True}
     assert rep["http_ok"] == rep["http_total"] == 3
+    assert rep["blocked_ok"] is True                                 # the engine reset the blocked Host
+    assert rep["engine"]["rules"]["block-demo-host"] == 1
+    assert rep["engine"]["flow_verdicts"]["block"] == 1 and rep["engine"]["flow_verdicts"]["bypass"] >= 3
     assert rep["bulk_bytes"] > 10_000_000
     # The point of hybrid: the kernel saw the bulk, the queue only a handful of packets.
     assert 0 < rep["queued_packets"] < rep["kernel_packets"] / 100
