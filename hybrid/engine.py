@@ -315,13 +315,23 @@ class Engine:
     # -- stats -----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         st = self.stats
-        return {"queue": st.queue, "pid": os.getpid(), "started": st.started, "packets": st.packets,
+        return {"pid": os.getpid(), "started": st.started, "packets": st.packets,
                 "actions": dict(st.actions), "flow_verdicts": dict(st.flow_verdicts), "errors": st.errors,
                 "flow_write_errors": st.flow_write_errors, "reloads": st.reloads,
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),
-                "fail_open": self.fail_open, "flags_confirmed": self.setup.flags_confirmed if self.setup else None}
+                "fail_open": self.fail_open, "flags_confirmed": self.setup.flags_confirmed if self.setup else None,
+                "queue": st.queue, "kernel": self._kernel_counters()}
+
+    def _kernel_counters(self) -> dict | None:
+        """The kernel's view of this queue: waiting packets and overflow drops (with
+        NETLINK_NO_ENOBUFS set, overflows never reach us as errors; they are counted here)."""
+        c = nfq.counters().get(self.queue)
+        if c is None:
+            return None
+        return {"waiting": c.waiting, "dropped": c.dropped, "user_dropped": c.user_dropped,
+                "queued_total": c.id_sequence}
 
     def _publish(self) -> None:
         while not self._publisher_stop.wait(STATS_INTERVAL):

@@ -343,3 +343,31 @@ def test_realistic_example_http_tls_dns(engine, lab):
     assert st["rules"]["block-http-host"] == 1 and st["rules"]["block-tls-sni"] == 1
     assert st["rules"]["block-dns-name"] == 1
     assert st["flow_verdicts"]["block"] == 3 and st["flow_verdicts"]["bypass"] >= 6
+
+
+def test_reject_udp_with_icmp_and_mark_action(engine, lab):
+    engine('default = "accept"\n'
+           '[[rule]]\nname = "reject-udp"\nproto = "udp"\ndport = 10086\naction = "reject"\n'
+           'reject_with = "icmp-port-unreachable"\n'
+           '[[rule]]\nname = "mark-it"\nproto = "udp"\ndport = 10010\naction = "mark"\nmark = "0x42/0xff"\n')
+    # mark: the packet leaves the engine with 0x42 in the low byte (and our bit cleared); a
+    # counting rule after hybrid's jump sees it.
+    lab.run("gw", ["iptables", "-A", "FORWARD", "-m", "mark", "--mark", "0x42/0xff"])
+    try:
+        assert udp_send(lab, [b"x"] * 3, dport=10010) == 3
+        counted = lab.run("gw", ["iptables-save", "-c"]).stdout
+        assert "[3:" in next(ln for ln in counted.splitlines() if "--mark 0x42/0xff" in ln)
+    finally:
+        lab.run("gw", ["iptables", "-D", "FORWARD", "-m", "mark", "--mark", "0x42/0xff"])
+    # reject: the client's connected UDP socket sees the ICMP port unreachable
+    with netns(lab.netns("client")):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(3)
+        s.connect((lab.info.server.ipv4, 10086))
+        s.send(b"knock")
+        with pytest.raises(ConnectionRefusedError):
+            s.recv(100)
+    st = engine_stats(lab, until=lambda st: st["actions"]["reject"] == 1)
+    assert st["actions"]["reject"] == 1 and st["actions"]["mark"] == 3
+    assert st["kernel"]["dropped"] == 0 and st["kernel"]["queued_total"] >= 4
