@@ -371,3 +371,16 @@ def test_reject_udp_with_icmp_and_mark_action(engine, lab):
     st = engine_stats(lab, until=lambda st: st["actions"]["reject"] == 1)
     assert st["actions"]["reject"] == 1 and st["actions"]["mark"] == 3
     assert st["kernel"]["dropped"] == 0 and st["kernel"]["queued_total"] >= 4
+
+
+def test_plugin_decides_and_a_failing_plugin_never_stops_the_engine(engine, lab, tmp_path):
+    plugins = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "plugins"))
+    engine(f'default = "accept"\nplugin_paths = ["{plugins}"]\n'
+           '[[rule]]\nname = "broken"\nplugin = "sizecheck:explode"\n'
+           '[[rule]]\nname = "big-udp"\nplugin = "sizecheck:decide"\n')
+    assert udp_send(lab, [b"small"] * 2, dport=10010, sport=43000) == 2
+    assert udp_send(lab, [b"x" * 1200], dport=10010, sport=43001) == 0      # the plugin drops it
+    st = engine_stats(lab, until=lambda st: st["rules"]["big-udp"] == 1)
+    assert st["rules"]["big-udp"] == 1 and st["flow_verdicts"]["block"] == 1
+    assert st["errors"] == 0                 # the failing plugin counts as "no match", not an error
+    assert udp_send(lab, [b"small"], dport=10010, sport=43000) == 1          # still running
