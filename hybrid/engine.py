@@ -38,6 +38,11 @@ from .rules import Decision, RuleSet, RulesError, load_rules
 log = logging.getLogger(__name__)
 
 FLOW_VERDICTS = {"bypass": abi.VERDICT_BYPASS, "block": abi.VERDICT_BLOCK, "inspect": abi.VERDICT_INSPECT}
+# Joining ClientHellos split over TCP segments: bounded in flows, bytes and time, so a flood of
+# half-sent handshakes costs memory we chose, not memory an attacker chooses.
+HELLO_MAX_FLOWS = 4096
+HELLO_MAX_BYTES = 16384 + 5          # one TLS record
+HELLO_TIMEOUT = 5.0                  # seconds; the flow is kept in INSPECT meanwhile
 STATS_INTERVAL = 0.5   # seconds between stats-file writes while counters change
 
 
@@ -92,6 +97,8 @@ class EngineStats:
     flow_verdicts: dict[str, int] = field(default_factory=lambda: {f: 0 for f in FLOW_VERDICTS})
     errors: int = 0            # packets whose handling raised (accepted, fail-open)
     flow_write_errors: int = 0
+    hellos_joined: int = 0     # split ClientHellos held back and decided on the joined bytes
+    hellos_abandoned: int = 0  # gave up joining (out of order, too big, timed out, table full)
     reloads: int = 0
     reload_errors: int = 0
     last_reload_error: str | None = None
@@ -119,6 +126,8 @@ class Engine:
         self._raw4: socket.socket | None = None
         self._raw6: socket.socket | None = None
         self._ifnames: dict[int, str | None] = {}
+        # (src, sport, dst, dport) -> [joined bytes, next expected TCP seq, deadline]
+        self._hellos: dict[tuple, list] = {}
         self._stop = False
         self._dirty = False
         self._publisher: threading.Thread | None = None
@@ -210,6 +219,9 @@ class Engine:
             rules = self.rules
             if rules.needs_indev:
                 pkt.indev = self._ifname(nfpkt.indev)
+            if rules.needs_sni and pkt.proto == 6 and pkt.payload_len and self._hold_hello(pkt, nfpkt):
+                self._dirty = True
+                return
             d = rules.decide(pkt)
             if d.flow in FLOW_VERDICTS:
                 self._flow_verdict(pkt, d)
@@ -229,6 +241,52 @@ class Engine:
             with contextlib.suppress(Exception):
                 self._accept(nfpkt)
             self._dirty = True
+
+    def _hold_hello(self, pkt: Packet, nfpkt) -> bool:
+        """Join a ClientHello split over TCP segments. True: this segment was held back (accepted,
+        the flow kept in INSPECT so its next segments are queued too); False: decide now, with
+        ``pkt``'s SNI taken from the joined bytes when a join just completed."""
+        from .packet import client_hello_missing, parse_sni
+        key = (pkt.src_bytes, pkt.sport, pkt.dst_bytes, pkt.dport)
+        held = self._hellos.get(key)
+        now = time.monotonic()
+        if held is None:
+            if pkt.tls_sni is not None:
+                return False
+            missing = client_hello_missing(pkt.payload)
+            if not missing:
+                return False
+            if len(self._hellos) >= HELLO_MAX_FLOWS:
+                self._expire_hellos(now)
+                if len(self._hellos) >= HELLO_MAX_FLOWS:
+                    self.stats.hellos_abandoned += 1
+                    return False
+            self._hellos[key] = [pkt.payload, (pkt.tcp_seq + pkt.payload_len) & 0xFFFFFFFF, now + HELLO_TIMEOUT]
+            self._flow_verdict(pkt, _INSPECT_WHILE_JOINING)
+            self._accept(nfpkt)
+            return True
+        data, expect, deadline = held
+        if pkt.tcp_seq != expect:
+            if ((expect - pkt.tcp_seq) & 0xFFFFFFFF) < 0x80000000:   # a retransmission: already held
+                self._accept(nfpkt)
+                return True
+            del self._hellos[key]                                     # a gap: decide on what we have
+            self.stats.hellos_abandoned += 1
+            return False
+        data += pkt.payload
+        if client_hello_missing(data) and len(data) < HELLO_MAX_BYTES and now < deadline:
+            held[0], held[1] = data, (expect + pkt.payload_len) & 0xFFFFFFFF
+            self._accept(nfpkt)
+            return True
+        del self._hellos[key]
+        pkt._sni = parse_sni(data)                                     # decide this segment on the whole
+        self.stats.hellos_joined += 1
+        return False
+
+    def _expire_hellos(self, now: float) -> None:
+        for k in [k for k, v in self._hellos.items() if v[2] <= now]:
+            del self._hellos[k]
+            self.stats.hellos_abandoned += 1
 
     def _verdict(self, nfpkt, pkt: Packet, d: Decision) -> None:
         action = d.action
@@ -318,6 +376,7 @@ class Engine:
         return {"pid": os.getpid(), "started": st.started, "packets": st.packets,
                 "actions": dict(st.actions), "flow_verdicts": dict(st.flow_verdicts), "errors": st.errors,
                 "flow_write_errors": st.flow_write_errors, "reloads": st.reloads,
+                "hellos_joined": st.hellos_joined, "hellos_abandoned": st.hellos_abandoned,
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),
@@ -351,6 +410,12 @@ class Engine:
         except OSError as exc:
             if force:
                 log.warning("cannot write engine stats to %s: %s", self.stats_path, exc)
+
+
+# The flow follow-up while a split ClientHello is being joined: every packet of the flow is
+# queued (INSPECT), for no longer than the join may take.
+_INSPECT_WHILE_JOINING = Decision(rule=None, action="accept", mark=None, rewrite=None, reject_with=None,
+                                  flow="inspect", ttl=HELLO_TIMEOUT, log=False)
 
 
 class _Stop(Exception):

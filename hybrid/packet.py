@@ -375,6 +375,26 @@ def _http_host(value: bytes) -> str:
     return value.decode("latin-1").lower()
 
 
+def client_hello_missing(d: bytes) -> int:
+    """How many bytes of the TLS record holding a ClientHello that starts at ``d`` have not
+    arrived yet, when no server_name could be read from what has (0 otherwise: not a
+    ClientHello, complete, or the SNI is already readable). A ClientHello split over TCP
+    segments, by post-quantum key shares or on purpose to slip past SNI filtering, shows its
+    SNI only once the engine has joined the segments."""
+    n = len(d)
+    if n < 6 or d[0] != 22 or d[1] != 3 or d[5] != 1:
+        return 0
+    want = 5 + _U16(d, 3)[0]
+    if want <= n or _parse_sni(d) is not None:
+        return 0
+    return want - n
+
+
+def parse_sni(d: bytes) -> str | None:
+    """The server_name of a ClientHello at the start of ``d`` (the engine's joined segments)."""
+    return _parse_sni(d)
+
+
 def _parse_sni(d: bytes) -> str | None:
     """ClientHello -> server_name (RFC 8446 4.1.2, RFC 6066 3). Only the bytes present are
     read: a ClientHello cut after its SNI extension (a later TCP segment) still answers."""

@@ -491,6 +491,8 @@ class RuleSet:
         self._fast_other = tuple(f for f, r in zip(self._fast, rules) if r.protos is None)
         # Whether any rule reads the input interface (resolving its name costs per packet).
         self.needs_indev = any(key == "iif" for r in rules for key, _ in r.shown)
+        # Whether any rule reads the TLS SNI (the engine then joins split ClientHellos).
+        self.needs_sni = any(key == "tls_sni" for r in rules for key, _ in r.shown)
         self.default = default
         self.plugin_paths = plugin_paths
         self.counters: dict[str, int] = {r.name: 0 for r in rules}

@@ -384,3 +384,45 @@ def test_plugin_decides_and_a_failing_plugin_never_stops_the_engine(engine, lab,
     assert st["rules"]["big-udp"] == 1 and st["flow_verdicts"]["block"] == 1
     assert st["errors"] == 0                 # the failing plugin counts as "no match", not an error
     assert udp_send(lab, [b"small"], dport=10010, sport=43000) == 1          # still running
+
+
+def test_split_client_hello_cannot_slip_past_the_sni_rule(engine, lab):
+    """An evader (or a post-quantum key share) splits the ClientHello so that its first segment
+    has no SNI. The engine joins the segments and still blocks the name; an allowed name reaches
+    the server."""
+    import ssl
+    from hybrid.labservers import Nginx as TlsNginx
+    engine(realistic_example())
+
+    def hello(name):
+        ctx = ssl.create_default_context()
+        ctx.set_alpn_protocols([f"proto-{i:03d}-" + "x" * 40 for i in range(40)])   # > 1 segment
+        out = ssl.MemoryBIO()
+        conn = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
+        with pytest.raises(ssl.SSLWantReadError):
+            conn.do_handshake()
+        return out.read()
+
+    def send_split(name) -> bytes | Exception:
+        data = hello(name)
+        with netns(lab.netns("client")):
+            s = socket.create_connection((lab.info.server.ipv4, 443), timeout=5)
+        with s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(data[:100])            # ends before the server_name extension
+            time.sleep(0.2)
+            s.sendall(data[100:])
+            try:
+                return s.recv(5)
+            except OSError as exc:
+                return exc
+
+    with TlsNginx(lab, tls_port=443, server_names=("www.example.test", "a.tracker.example")):
+        blocked = send_split("a.tracker.example")
+        allowed = send_split("www.example.test")
+    assert isinstance(blocked, ConnectionResetError)
+    # nginx answers the allowed ClientHello with a TLS record: a ServerHello, or for our made-up
+    # ALPN names an alert. Either way the handshake reached the server and was not reset.
+    assert isinstance(allowed, bytes) and allowed[:1] in (b"\x16", b"\x15")
+    st = engine_stats(lab, until=lambda st: st["hellos_joined"] >= 2)
+    assert st["hellos_joined"] == 2 and st["rules"]["block-tls-sni"] == 1

@@ -113,3 +113,68 @@ def test_rate_limiter_refills():
     assert rl.allow() and not rl.allow()
     rl.last -= 0.01                                    # 10 ms later: 10 tokens, capped at the burst
     assert rl.allow() and not rl.allow()
+
+
+def big_client_hello(name: str) -> bytes:
+    """A real ClientHello (Python's ssl, no network) made larger than one TCP segment by a long
+    ALPN list, as post-quantum key shares make real ones."""
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.set_alpn_protocols([f"proto-{i:03d}-" + "x" * 40 for i in range(40)])
+    out = ssl.MemoryBIO()
+    conn = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        conn.do_handshake()
+    hello = out.read()
+    assert len(hello) > 1500
+    return hello
+
+
+def segments(hello: bytes, size: int = 200, seq0: int = 1000):
+    out, seq = [], seq0
+    for i in range(0, len(hello), size):
+        part = hello[i:i + size]
+        out.append(bytes(IP(src="198.18.1.2", dst="198.18.2.2") /
+                         TCP(sport=40000, dport=443, flags="PA", seq=seq) / Raw(part)))
+        seq += len(part)
+    return out
+
+
+@pytest.mark.parametrize("name, decided", [("a.tracker.example", "drop"), ("www.example.test", "repeat")])
+def test_split_client_hello_is_joined_before_the_sni_rule_decides(name, decided):
+    """100-byte segments: the first ends before the server_name extension. The engine holds
+    segments back (accepting them) until the joined bytes show the SNI, then decides."""
+    e = engine("realistic.toml")
+    segs = segments(big_client_hello(name), size=100)
+    held = 0
+    for raw in segs:
+        p = FakePacket(raw)
+        e._handle(p)
+        if e.stats.hellos_joined:
+            break
+        assert p.verdicts == ["repeat"]
+        held += 1
+    assert held >= 1                                     # at least one segment had no SNI
+    assert e.stats.hellos_joined == 1 and p.verdicts == [decided]
+    assert e.rules.counters["block-tls-sni"] == (1 if decided == "drop" else 0)
+    assert e._hellos == {}
+
+
+def test_split_client_hello_retransmission_and_gap():
+    e = engine("realistic.toml")
+    segs = segments(big_client_hello("a.tracker.example"), size=50)
+    for raw in (segs[0], segs[1], segs[1]):          # the second segment twice: a retransmission
+        p = FakePacket(raw)
+        e._handle(p)
+        assert p.verdicts == ["repeat"]
+    p = FakePacket(segs[3])                           # segment 3 skipped: a gap, decide now
+    e._handle(p)
+    assert e.stats.hellos_abandoned == 1 and e._hellos == {}
+
+
+def test_no_joining_when_no_rule_reads_the_sni():
+    e = engine("rewrite.toml")
+    assert not e.rules.needs_sni
+    p = FakePacket(segments(big_client_hello("a.tracker.example"), size=50)[0])
+    e._handle(p)
+    assert p.verdicts == ["repeat"] and e._hellos == {}
