@@ -426,3 +426,36 @@ def test_split_client_hello_cannot_slip_past_the_sni_rule(engine, lab):
     assert isinstance(allowed, bytes) and allowed[:1] in (b"\x16", b"\x15")
     st = engine_stats(lab, until=lambda st: st["hellos_joined"] >= 2)
     assert st["hellos_joined"] == 2 and st["rules"]["block-tls-sni"] == 1
+
+
+def test_reject_over_ipv6_resets_the_client(engine, lab):
+    """Reject builds a full IPv6 packet and sends it through an IPPROTO_RAW socket."""
+    engine(realistic_example())
+    srv6 = lab.info.server.ipv6
+    with Nginx(lab):
+        ok = lab.run("client", ["curl", "-s", "-m", "5", f"http://[{srv6}]/", "-H", "Host: www.example.test"],
+                     check=False)
+        bad = lab.run("client", ["curl", "-s", "-m", "5", f"http://[{srv6}]/", "-H", "Host: x.blocked.example"],
+                      check=False)
+    assert ok.returncode == 0 and ok.stdout == "hello from the hybrid lab\n"
+    assert bad.returncode == 56                                      # reset, not a 5 s timeout (28)
+    st = engine_stats(lab, until=lambda st: st["actions"]["reject"] == 1)
+    assert st["actions"]["reject"] == 1 and st["errors"] == 0
+
+
+def test_attach_with_rules_and_keep_leaves_hybrid_attached(lab, tmp_path):
+    rules = tmp_path / "r.toml"
+    rules.write_text('default = "accept"\n')
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "attach", *IFACES,
+                             "--rules", str(rules), "--keep"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait(lambda: os.path.exists(stats_file(lab)), timeout=30)
+        proc.send_signal(signal.SIGINT)                       # Ctrl-C
+        _, err = proc.communicate(timeout=30)
+        assert "engine stopped; hybrid stays attached (--keep)" in err and "Traceback" not in err
+        st = status(lab)
+        assert st["attached"] is True and all(e["tc_attached"] for e in st["interfaces"].values())
+        assert lab.ping("client", lab.info.server.ipv4)       # fail-open: no engine, traffic flows
+    finally:
+        hctl(lab, "detach", "--all")
