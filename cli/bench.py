@@ -11,8 +11,9 @@ import click
 
 from hybrid import bench as benchmod
 
-DEFAULT_MODES = "baseline,hybrid,nfq-all"
-DEFAULT_WORKLOADS = "bulk-1,bulk-4"
+DEFAULT_MODES = "baseline,nfq-all,ct-new,connbytes,hybrid"
+DEFAULT_WORKLOADS = "bulk-1,bulk-4,newconn,udp-small,payload-visibility"
+QUICK_WORKLOADS = ["bulk-1"]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,7 +24,7 @@ DEFAULT_WORKLOADS = "bulk-1,bulk-4"
 @click.option("-r", "--repetitions", default=3, show_default=True, type=click.IntRange(1, 50))
 @click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(0.5, 300),
               help="Length of each measurement.")
-@click.option("--quick", is_flag=True, help="Smoke run: 1 repetition of 1 s, bulk-1 only.")
+@click.option("--quick", is_flag=True, help="Smoke run: 1 repetition of 1 s; bulk-1 only unless --workloads is given.")
 @click.option("--json", "json_path", metavar="FILE", help="Also write the results as JSON ('-' for stdout).")
 @click.option("--lab-name", default="hbench", show_default=True)
 @click.option("--engine-pps", "engine_rules", metavar="RULES", default=None,
@@ -32,11 +33,15 @@ def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, en
     """Measure modes of feeding a userspace engine side by side, in one run, on a fresh lab.
 
     Reports the median of the repetitions and its ratio to `baseline` (nothing attached)
-    measured in the same run. Repetitions are interleaved across modes.
+    measured in the same run. Repetitions are interleaved across modes. Every queued mode
+    (all but baseline and nfq-all-bare) runs the engine with scripts/bench-rules.toml. The
+    table shows each workload's main metric; --json has the extras too (newconn: p50/p99
+    latency; udp-small: packets sent and lost; payload-visibility: connections seen).
 
     \b
     Example:
       sudo hybridctl bench --modes baseline,hybrid --workloads bulk-1 -r 5
+      sudo hybridctl bench --quick --modes ct-new,connbytes --workloads newconn,payload-visibility
     """
     say = (lambda m: click.echo(m, err=True))
     if engine_rules is not None:
@@ -56,7 +61,9 @@ def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, en
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     wl_list = [w.strip() for w in workloads.split(",") if w.strip()]
     if quick:
-        repetitions, seconds, wl_list = 1, 1.0, ["bulk-1"]
+        repetitions, seconds = 1, 1.0
+        if click.get_current_context().get_parameter_source("workloads") is click.core.ParameterSource.DEFAULT:
+            wl_list = QUICK_WORKLOADS
     report = benchmod.run(mode_list, wl_list, repetitions, seconds, lab_name=lab_name, progress=say,
                           command=" ".join(shlex.quote(a) for a in sys.argv))
     if json_path == "-":

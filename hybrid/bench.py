@@ -4,24 +4,39 @@ Every figure is a median over repetitions, and every mode's figure is also given
 the ``baseline`` (nothing attached) measured in the same run, with repetitions interleaved across
 modes so that drift of the machine hits every mode alike. Nothing here asserts a time: this is
 measurement, reported; tests only check that the harness works.
+
+Every queued mode runs the project's engine with one rules file (``scripts/bench-rules.toml``),
+so that inspection costs are equal and only the choice of packets queued differs; the engine is
+pinned to the last CPU in every such mode. ``nfq-all-bare`` keeps the cheapest possible consumer
+(accept-all, no decoding) for reference.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from . import sysutil
+from .attach import DEFAULT_MARK, DEFAULT_MASK, STATE_ROOT
 from .demo import hybridctl, iperf3
 from .errors import ConfigError, HybridError
 from .lab import Lab
+from .labservers import Nginx, _wait_port
+
+# The rule set every queued mode decides with (see the file's own comments).
+BENCH_RULES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                           "bench-rules.toml")
+VISIBLE_RULE = "see-visible-host"        # the rule in BENCH_RULES that payload-visibility counts
 
 # A bare NetfilterQueue consumer that accepts everything: the cheapest possible userspace side.
 BARE_CONSUMER = r"""
@@ -51,17 +66,28 @@ finally:
 
 
 @dataclass
+class Probe:
+    """What a mode tells the workloads run under it."""
+    engine_log: str | None = None     # the engine's verdict log (JSON lines); None: no engine
+
+
+@dataclass
 class Mode:
     name: str
     description: str
+    # Yields a Probe (or None: nothing to tell) while the mode is in place.
     setup: Callable[[Lab], contextlib.AbstractContextManager]
+
+
+# A workload's sample: its main metric, or the main metric and extra named metrics.
+Sample = float | tuple[float, dict[str, float]]
 
 
 @dataclass
 class Workload:
     name: str
     unit: str
-    run: Callable[[Lab, float], float]
+    run: Callable[[Lab, float, Probe], Sample]
     higher_is_better: bool = True
 
 
@@ -71,10 +97,22 @@ class Result:
     workload: str
     unit: str
     samples: list[float] = field(default_factory=list)
+    extra: dict[str, list[float]] = field(default_factory=dict)   # metric -> one value per sample
 
     @property
     def median(self) -> float:
         return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def extra_median(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.extra.items() if v}
+
+    def add(self, sample: Sample) -> float:
+        value, extra = sample if isinstance(sample, tuple) else (sample, {})
+        self.samples.append(float(value))
+        for k, v in extra.items():
+            self.extra.setdefault(k, []).append(float(v))
+        return float(value)
 
 
 @dataclass
@@ -99,6 +137,7 @@ class Report:
         out = asdict(self)
         for r, d in zip(self.results, out["results"]):
             d["median"] = r.median
+            d["extra_median"] = r.extra_median
             d["ratio_to_baseline"] = self.ratio(r.mode, r.workload)
         return out
 
@@ -109,7 +148,9 @@ class Report:
 ENGINE_CONSUMER = r"""
 import sys
 from hybrid.engine import Engine
-eng = Engine(int(sys.argv[1]), sys.argv[3], maps=None, mark_mask=int(sys.argv[4]), maxlen=int(sys.argv[2]))
+log = open(sys.argv[5], "a") if len(sys.argv) > 5 else None
+eng = Engine(int(sys.argv[1]), sys.argv[3], maps=None, mark_mask=int(sys.argv[4]), maxlen=int(sys.argv[2]),
+             log_stream=log)
 eng.install_signals()
 eng.bind()
 print("bound", flush=True)
@@ -128,11 +169,13 @@ class BareConsumer:
 
 @contextlib.contextmanager
 def bare_consumer(lab: Lab, queue: int = 0, max_len: int = 4096, *, rules: str | None = None,
-                  mark_mask: int = 0, cpu: int | None = None) -> Iterator[BareConsumer]:
+                  mark_mask: int = 0, cpu: int | None = None, log: str | None = None) -> Iterator[BareConsumer]:
     """A NetfilterQueue process in the gateway that accepts every packet of ``queue`` and
-    counts them; with ``rules``, the project's engine deciding with that rules file instead."""
+    counts them; with ``rules``, the project's engine deciding with that rules file instead
+    (clearing ``mark_mask`` on accept, writing its verdict log to ``log``)."""
     argv = [sys.executable, "-c", BARE_CONSUMER, str(queue), str(max_len)] if rules is None else \
-        [sys.executable, "-c", ENGINE_CONSUMER, str(queue), str(max_len), rules, str(mark_mask)]
+        [sys.executable, "-c", ENGINE_CONSUMER, str(queue), str(max_len), rules, str(mark_mask),
+         *([log] if log else [])]
     if cpu is not None:
         argv = ["taskset", "-c", str(cpu), *argv]
     proc = lab.popen("gw", argv, stdout=subprocess.PIPE, text=True)
@@ -154,42 +197,124 @@ def bare_consumer(lab: Lab, queue: int = 0, max_len: int = 4096, *, rules: str |
 
 
 @contextlib.contextmanager
-def nothing(lab: Lab) -> Iterator[None]:
-    yield
+def nothing(lab: Lab) -> Iterator[Probe]:
+    yield Probe()
+
+
+def _engine_cpu() -> int:
+    """Every engine runs on the last CPU, so that modes compete for CPU alike (see queue_pps)."""
+    return max(0, (os.cpu_count() or 1) - 1)
 
 
 @contextlib.contextmanager
-def iptables_queue(lab: Lab, match: list[str]) -> Iterator[None]:
+def _rules_in(lab: Lab, rules: list[tuple[str, str, list[str]]]) -> Iterator[None]:
+    """Add ``(table, chain, spec)`` rules in the gateway for IPv4 and IPv6, each inserted in
+    order at the head of its chain; every one is removed again on exit, also when a later one
+    fails to go in."""
+    with contextlib.ExitStack() as undo:
+        pos: dict[tuple[str, str, str], int] = {}
+        for fam in ("iptables", "ip6tables"):
+            for table, chain, spec in rules:
+                n = pos[(fam, table, chain)] = pos.get((fam, table, chain), 0) + 1
+                lab.run("gw", [fam, "-t", table, "-I", chain, str(n), *spec])
+                undo.callback(lab.run, "gw", [fam, "-t", table, "-D", chain, *spec], check=False)
+        yield
+
+
+@contextlib.contextmanager
+def iptables_queue(lab: Lab, match: list[str]) -> Iterator[Probe]:
     """Queue forwarded packets selected by ``match`` to queue 0, with a bare consumer bound."""
     spec = [*match, "-m", "comment", "--comment", "hybrid-bench", "-j", "NFQUEUE", "--queue-num", "0",
             "--queue-bypass"]
-    for fam in ("iptables", "ip6tables"):
-        lab.run("gw", [fam, "-I", "FORWARD", "1", *spec])
-    try:
-        with bare_consumer(lab):
-            yield
-    finally:
-        for fam in ("iptables", "ip6tables"):
-            lab.run("gw", [fam, "-D", "FORWARD", *spec], check=False)
+    with _rules_in(lab, [("filter", "FORWARD", spec)]), bare_consumer(lab):
+        yield Probe()
 
 
 @contextlib.contextmanager
-def hybrid_attached(lab: Lab, xdp_mode: str = "auto") -> Iterator[None]:
+def engine_queue(lab: Lab, selectors: list[list[str]], rules: str | None = None) -> Iterator[Probe]:
+    """Queue the forwarded packets that any of ``selectors`` picks to queue 0, decided by the
+    project's engine with ``rules`` (no flow table: nothing is bypassed in the kernel).
+
+    The engine's accept is NF_REPEAT with hybrid's mark bit cleared, so the queue rules match
+    only packets that still carry the bit: a mangle PREROUTING rule sets it on every packet, the
+    repeated packet no longer has it and passes."""
+    rules = rules or BENCH_RULES
+    bit = f"{DEFAULT_MARK:#x}/{DEFAULT_MASK:#x}"
+    tag = ["-m", "comment", "--comment", "hybrid-bench"]
+    spec = [("mangle", "PREROUTING", [*tag, "-j", "MARK", "--set-xmark", bit])]
+    spec += [("filter", "FORWARD", [*sel, "-m", "mark", "--mark", bit, *tag, "-j", "NFQUEUE",
+                                    "--queue-num", "0", "--queue-bypass"]) for sel in selectors]
+    with tempfile.TemporaryDirectory(prefix="hybrid-bench-") as tmp:
+        log = os.path.join(tmp, "verdicts.jsonl")
+        with _rules_in(lab, spec), bare_consumer(lab, rules=os.path.abspath(rules), mark_mask=DEFAULT_MASK,
+                                                 cpu=_engine_cpu(), log=log):
+            yield Probe(engine_log=log)
+
+
+# OpenSnitch's selection: TCP packets whose flags are exactly SYN (of FIN, SYN, RST, ACK; the ECN
+# bits may be set) and, for the rest, conntrack NEW or RELATED.
+CT_NEW = [["-p", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN"],
+          ["-m", "conntrack", "--ctstate", "NEW,RELATED"]]
+# Stream-depth inspection: the first 4 KiB of each connection, both directions counted together.
+CONNBYTES = [["-m", "connbytes", "--connbytes", "0:4096", "--connbytes-dir", "both", "--connbytes-mode", "bytes"]]
+
+
+@contextlib.contextmanager
+def hybrid_attached(lab: Lab, xdp_mode: str = "auto", rules: str | None = "") -> Iterator[Probe]:
+    """hybrid attached on the gateway links, and the real engine (``hybridctl engine``) with
+    ``rules`` (default: BENCH_RULES) against the attachment, so that its bypass and block
+    verdicts reach the kernel's flow table; ``rules=None``: a bare accept-all consumer instead."""
     gw = lab.netns("gw")
-    sysutil.run([*hybridctl(), "attach", "to-client", "to-server", "--xdp-mode", xdp_mode], netns=gw,
-                timeout=120, what="hybridctl attach")
+    with contextlib.ExitStack() as undo:
+        sysutil.run([*hybridctl(), "attach", "to-client", "to-server", "--xdp-mode", xdp_mode], netns=gw,
+                    timeout=120, what="hybridctl attach")
+        undo.callback(sysutil.run, [*hybridctl(), "detach", "--all"], netns=gw, timeout=60,
+                      what="hybridctl detach")
+        if rules is None:
+            undo.enter_context(bare_consumer(lab))
+            yield Probe()
+            return
+        tmp = undo.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-bench-"))
+        log = os.path.join(tmp, "verdicts.jsonl")
+        yield undo.enter_context(_hybrid_engine(lab, os.path.abspath(rules or BENCH_RULES), log))
+
+
+@contextlib.contextmanager
+def _hybrid_engine(lab: Lab, rules: str, log: str) -> Iterator[Probe]:
+    gw = lab.netns("gw")
+    stats_file = os.path.join(STATE_ROOT, gw, "engine-0.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stats_file)
+    proc = lab.popen("gw", ["taskset", "-c", str(_engine_cpu()), *hybridctl(), "engine", "--rules", rules,
+                            "--log", log], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with bare_consumer(lab):
-            yield
+        deadline = time.monotonic() + 30
+        while not os.path.exists(stats_file):   # written once the engine is bound
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise HybridError(f"the verdict engine did not start (exit {proc.poll()}): run "
+                                  f"'hybridctl engine --rules {rules}' in {gw} by hand to see why")
+            time.sleep(0.05)
+        yield Probe(engine_log=log)
     finally:
-        sysutil.run([*hybridctl(), "detach", "--all"], netns=gw, timeout=60, what="hybridctl detach")
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 MODES: dict[str, Mode] = {
     "baseline": Mode("baseline", "nothing attached, nothing queued", nothing),
-    "nfq-all": Mode("nfq-all", "every forwarded packet queued to a bare accept-all consumer",
-                    lambda lab: iptables_queue(lab, [])),
-    "hybrid": Mode("hybrid", "hybrid attached (xdp auto), flagged packets queued to a bare consumer",
+    "nfq-all": Mode("nfq-all", "every forwarded packet queued to the engine",
+                    lambda lab: engine_queue(lab, [[]])),
+    "nfq-all-bare": Mode("nfq-all-bare", "every forwarded packet queued to a bare accept-all consumer "
+                         "(reference: the cheapest userspace side)", lambda lab: iptables_queue(lab, [])),
+    "ct-new": Mode("ct-new", "OpenSnitch style: TCP SYNs and conntrack NEW/RELATED queued to the engine",
+                   lambda lab: engine_queue(lab, CT_NEW)),
+    "connbytes": Mode("connbytes", "the first 4 KiB of each connection queued to the engine",
+                      lambda lab: engine_queue(lab, CONNBYTES)),
+    "hybrid": Mode("hybrid", "hybrid attached (xdp auto), flagged packets to the engine with flow verdicts",
                    lambda lab: hybrid_attached(lab, "auto")),
     "hybrid-generic": Mode("hybrid-generic", "as hybrid, with generic XDP on both gateway links",
                            lambda lab: hybrid_attached(lab, "generic")),
@@ -199,16 +324,131 @@ MODES: dict[str, Mode] = {
 
 
 # -- workloads ------------------------------------------------------------------------------------
-def _bulk(streams: int) -> Callable[[Lab, float], float]:
-    def run(lab: Lab, seconds: float) -> float:
+def _bulk(streams: int) -> Callable[[Lab, float, Probe], float]:
+    def run(lab: Lab, seconds: float, probe: Probe | None = None) -> float:
         res = iperf3(lab, seconds, streams=streams)
         return res["end"]["sum_received"]["bits_per_second"] / 1e9
     return run
 
 
+WRK_CONNECTIONS = 8          # few enough for one wrk thread and one nginx worker on 2 cores
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _wrk_ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise HybridError(f"wrk printed a latency I cannot read: {text!r}")
+    return float(m.group(1)) * _WRK_UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> tuple[float, dict[str, float]]:
+    """Requests/s and the extras (p50/p99 latency in ms, errors) from ``wrk --latency`` output."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    if not rps:
+        raise HybridError(f"wrk failed: {sysutil.last_line(out) or 'no output'}")
+    extra: dict[str, float] = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.0+)?%\s+(\S+)", out, re.M)
+        if m:
+            extra[f"p{pct}_ms"] = _wrk_ms(m.group(1))
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    extra["errors"] = errors
+    return float(rps.group(1)), extra
+
+
+def _newconn(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
+    """New connections: wrk with ``Connection: close`` against nginx; requests/s, p50/p99."""
+    with Nginx(lab):
+        proc = lab.run("client", ["taskset", "-c", "0", "wrk", "-t", "1", "-c", str(WRK_CONNECTIONS),
+                                  "-d", f"{max(1, round(seconds))}s", "--latency", "-H", "Connection: close",
+                                  f"http://{lab.info.server.ipv4}/"],
+                       timeout=seconds + 30, check=False, what="wrk")
+    return parse_wrk(proc.stdout + proc.stderr)
+
+
+def _udp_small(lab: Lab, seconds: float, probe: Probe | None = None, port: int = 5202) -> Sample:
+    """64-byte UDP datagrams at unlimited rate; packets/s the server received. Sender and
+    receiver share CPU 0; the engine (where there is one) has the last CPU."""
+    server = lab.popen("server", ["iperf3", "-s", "-1", "-A", "0", "-B", lab.info.server.ipv4, "-p", str(port)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(lab, "server", port)
+        proc = lab.run("client", ["iperf3", "-u", "-b", "0", "-l", "64", "-A", "0", "-c", lab.info.server.ipv4,
+                                  "-p", str(port), "-t", str(seconds), "-J"], timeout=seconds + 30, check=False,
+                       what="iperf3 client")
+        try:
+            res = json.loads(proc.stdout)
+        except ValueError:
+            raise HybridError(f"iperf3 failed: {sysutil.last_line(proc.stderr) or 'no output'}") from None
+        if "error" in res:
+            raise HybridError(f"iperf3 failed: {res['error']}")
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=5)
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    s = res["end"]["sum"]           # UDP: the server's count of packets and losses
+    secs = s.get("seconds") or seconds
+    received = max(0, s["packets"] - s["lost_packets"])
+    return received / secs, {"sent_pps": s["packets"] / secs, "lost_percent": s.get("lost_percent", 0.0)}
+
+
+VISIBILITY_CONNECTIONS = 20
+_VISIBILITY_CLIENT = r"""
+import socket, sys
+ip, n = sys.argv[1], int(sys.argv[2])
+ok = 0
+for i in range(n):
+    with socket.create_connection((ip, 80), timeout=5) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: c{i}.visible.bench\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    ok += data.startswith(b"HTTP/1.1 200")
+print(ok)
+"""
+
+
+def _payload_visibility(lab: Lab, seconds: float, probe: Probe | None = None,
+                        n: int = VISIBILITY_CONNECTIONS) -> Sample:
+    """N short HTTP connections, each with its own Host; the share of them whose request the
+    engine decided (its verdict log names the rule that matched, and the client's port). A mode
+    without an engine, or one that queues no payload, sees 0."""
+    log = probe.engine_log if probe else None
+    start = os.path.getsize(log) if log and os.path.exists(log) else 0
+    with Nginx(lab):
+        proc = lab.run("client", [sys.executable, "-c", _VISIBILITY_CLIENT, lab.info.server.ipv4, str(n)],
+                       timeout=60, check=False, what="HTTP client")
+    answered = int(proc.stdout.strip() or 0) if proc.returncode == 0 else 0
+    if answered != n:
+        raise HybridError(f"payload-visibility: {answered} of {n} requests answered: "
+                          f"{sysutil.last_line(proc.stderr) or 'no output'}")
+    seen: set[tuple] = set()
+    if log and os.path.exists(log):
+        with open(log) as f:
+            f.seek(start)
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    rec = json.loads(line)
+                    if rec.get("rule") == VISIBLE_RULE and rec.get("src") == lab.info.client.ipv4:
+                        seen.add((rec["src"], rec["sport"]))
+    return len(seen) / n, {"connections": n, "seen": len(seen)}
+
+
 WORKLOADS: dict[str, Workload] = {
     "bulk-1": Workload("bulk-1", "Gbit/s", _bulk(1)),
     "bulk-4": Workload("bulk-4", "Gbit/s", _bulk(4)),
+    "newconn": Workload("newconn", "req/s", _newconn),
+    "udp-small": Workload("udp-small", "packets/s", _udp_small),
+    "payload-visibility": Workload("payload-visibility", "share seen", _payload_visibility),
 }
 
 
@@ -228,6 +468,8 @@ def run(modes: list[str], workloads: list[str], repetitions: int, seconds: float
     for w in workloads:
         if w not in WORKLOADS:
             raise ConfigError(f"workload {w!r}: use any of {', '.join(WORKLOADS)}")
+    if not os.path.exists(BENCH_RULES):
+        raise ConfigError(f"the benchmark's rules file {BENCH_RULES} is missing: run from a checkout of hybrid")
     if "baseline" not in modes:
         modes = ["baseline", *modes]
     results = {(m, w): Result(m, w, WORKLOADS[w].unit) for m in modes for w in workloads}
@@ -237,27 +479,30 @@ def run(modes: list[str], workloads: list[str], repetitions: int, seconds: float
         for rep in range(repetitions):
             order = modes if rep % 2 == 0 else list(reversed(modes))   # no mode always runs first
             for m in order:
-                with MODES[m].setup(lab):
+                with MODES[m].setup(lab) as probe:
                     for w in workloads:
-                        value = WORKLOADS[w].run(lab, seconds)
-                        results[(m, w)].samples.append(value)
+                        value = results[(m, w)].add(WORKLOADS[w].run(lab, seconds, probe or Probe()))
                         done += 1
-                        progress(f"[{done}/{total}] rep {rep + 1} {m:<15} {w:<8} {value:8.2f} {WORKLOADS[w].unit}")
+                        progress(f"[{done}/{total}] rep {rep + 1} {m:<15} {w:<18} {value:12.2f} {WORKLOADS[w].unit}")
                 time.sleep(0.2)
     return Report(command, machine(), repetitions, seconds, list(results.values()))
 
 
 def table(report: Report) -> str:
+    """The main metric of every workload per mode, with its ratio to baseline; the extras are in
+    the JSON."""
     workloads = list(dict.fromkeys(r.workload for r in report.results))
     modes = list(dict.fromkeys(r.mode for r in report.results))
-    head = f"{'mode':<16}" + "".join(f"{w + ' (' + report.get(modes[0], w).unit + ')':>26}" for w in workloads)
+    titles = [f"{w} ({report.get(modes[0], w).unit})" for w in workloads]
+    widths = [max(26, len(t) + 2) for t in titles]
+    head = f"{'mode':<16}" + "".join(f"{t:>{n}}" for t, n in zip(titles, widths))
     lines = [head, "-" * len(head)]
     for m in modes:
         cells = []
-        for w in workloads:
+        for w, n in zip(workloads, widths):
             r = report.get(m, w)
-            cells.append(f"{r.median:>10.2f} ({report.ratio(m, w):>5.3f} of base)")
-        lines.append(f"{m:<16}" + "".join(f"{c:>26}" for c in cells))
+            cells.append(f"{r.median:>10.2f} ({report.ratio(m, w):>5.3f} of base)".rjust(n))
+        lines.append(f"{m:<16}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -269,12 +514,9 @@ def queue_pps(lab: Lab, rules: str | None, seconds: float, port: int = 9999) -> 
     On a 2-core machine the flooding sender, the forwarding softirqs and the consumer compete for
     CPU, and unpinned runs of the same consumer varied by 40%; so the consumer gets the last CPU
     and the sender and receiver the first, for every consumer alike."""
-    from .attach import DEFAULT_MASK
-    last_cpu = max(0, (os.cpu_count() or 1) - 1)
-    with bare_consumer(lab, rules=rules, mark_mask=DEFAULT_MASK, cpu=last_cpu) as consumer:
+    with bare_consumer(lab, rules=rules, mark_mask=DEFAULT_MASK, cpu=_engine_cpu()) as consumer:
         server = lab.popen("server", ["iperf3", "-s", "-1", "-A", "0", "-B", lab.info.server.ipv4, "-p", str(port)])
         try:
-            from .labservers import _wait_port
             _wait_port(lab, "server", port)
             lab.run("client", ["iperf3", "-u", "-b", "0", "-l", "64", "-A", "0", "-c", lab.info.server.ipv4,
                                "-p", str(port), "-t", str(seconds)], timeout=seconds + 30, check=False)
