@@ -373,9 +373,18 @@ def _newconn(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
     return parse_wrk(proc.stdout + proc.stderr)
 
 
+def _queued_total(lab: Lab) -> int:
+    """Packets the gateway's kernel has queued so far, over all its queues (id_sequence)."""
+    out = lab.run("gw", ["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False).stdout
+    return sum(int(f[7]) for f in (line.split() for line in out.splitlines()) if len(f) > 7)
+
+
 def _udp_small(lab: Lab, seconds: float, probe: Probe | None = None, port: int = 5202) -> Sample:
-    """64-byte UDP datagrams at unlimited rate; packets/s the server received. Sender and
-    receiver share CPU 0; the engine (where there is one) has the last CPU."""
+    """64-byte UDP datagrams at unlimited rate; packets/s the server received, and (extra)
+    packets/s sent and queued to userspace: a queue that overflows fails open, so the packets
+    received but never queued went uninspected. Sender and receiver share CPU 0; the engine
+    (where there is one) has the last CPU."""
+    queued_before = _queued_total(lab)
     server = lab.popen("server", ["iperf3", "-s", "-1", "-A", "0", "-B", lab.info.server.ipv4, "-p", str(port)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -398,7 +407,9 @@ def _udp_small(lab: Lab, seconds: float, probe: Probe | None = None, port: int =
     s = res["end"]["sum"]           # UDP: the server's count of packets and losses
     secs = s.get("seconds") or seconds
     received = max(0, s["packets"] - s["lost_packets"])
-    return received / secs, {"sent_pps": s["packets"] / secs, "lost_percent": s.get("lost_percent", 0.0)}
+    queued = _queued_total(lab) - queued_before
+    return received / secs, {"sent_pps": s["packets"] / secs, "lost_percent": s.get("lost_percent", 0.0),
+                             "queued_pps": max(0, queued) / secs}
 
 
 VISIBILITY_CONNECTIONS = 20
