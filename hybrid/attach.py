@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from . import abi, bpffs, bpfsys, netfilter, netlink, sysutil
-from .errors import ConfigError, HybridError, NotFoundError
+from .errors import ConfigError, HybridError, NotFoundError, PrivilegeError
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class State:
                 raw = json.load(f)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            raise PrivilegeError("hybrid's state is readable by root only: run it with sudo") from None
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable state %s: %s", cls.path(instance), exc)
             return None
@@ -137,6 +139,8 @@ class State:
 
     def save(self) -> None:
         path = self.path(self.instance)
+        os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
+        os.chmod(STATE_ROOT, 0o700)         # instance names are namespace names: root's business
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -508,7 +512,7 @@ def status() -> dict:
 def instances() -> list[str]:
     try:
         return sorted(d for d in os.listdir(STATE_ROOT) if os.path.exists(State.path(d)))
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
         return []
 
 
