@@ -438,7 +438,20 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 	now = bpf_ktime_get_ns();
 	dir = flow_key_build(&key, &p);
 	flow = hybrid_flows.lookup(&key);
-	if (!flow) {
+	/* A SYN without ACK starts a new connection, even on a 5-tuple the table still holds from an
+	 * earlier one: clients recycle ephemeral ports within seconds, and a BYPASS left behind by
+	 * the previous connection must not make the new one invisible. The entry starts over as a
+	 * new flow, unless it is in a BLOCK that has not expired (the engine blocked this tuple). A
+	 * retransmitted SYN starts it over again, which changes nothing. */
+	if (flow && p.proto == IPPROTO_TCP && (p.tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN &&
+	    !(flow->verdict == HYBRID_VERDICT_BLOCK && verdict_live(flow, now))) {
+		newflow.first_seen_ns = now;
+		if (dir)
+			newflow.flags |= HYBRID_FLOW_ORIG_HI;
+		hybrid_flows.update(&key, &newflow);
+		events |= EV_FLOW_NEW;
+		flow = hybrid_flows.lookup(&key);
+	} else if (!flow) {
 		newflow.first_seen_ns = now;
 		if (dir)
 			newflow.flags |= HYBRID_FLOW_ORIG_HI;

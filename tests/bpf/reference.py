@@ -297,7 +297,14 @@ class Reference:
         else:
             key, direction = canonical_key(p)
             flow = self.flows.get(key)
-            if flow is None:
+            is_syn = p.proto == IPPROTO_TCP and p.tcp_flags & (SYN | ACK) == SYN
+            if flow is not None and is_syn and not (
+                    flow.verdict == abi.VERDICT_BLOCK and (flow.verdict_expires_ns == 0
+                                                           or now_ns < flow.verdict_expires_ns)):
+                # A SYN starts a new connection on a recycled 5-tuple: the entry starts over.
+                flow = self.flows[key] = RefFlow(now_ns, now_ns, abi.FLOW_ORIG_HI if direction else 0)
+                events.append(abi.CNT_FLOW_NEW)
+            elif flow is None:
                 flags = abi.FLOW_ORIG_HI if direction else 0
                 if p.proto == IPPROTO_TCP and p.tcp_flags & (SYN | ACK) != SYN:
                     flags |= abi.FLOW_MIDSTREAM

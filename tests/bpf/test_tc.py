@@ -360,7 +360,8 @@ def _key():
 def test_bypass(run, maps):
     maps.add_prefix(B4, R.PREFIX_WATCH)
     maps.set_verdict(_key(), R.VERDICT_BYPASS, None)
-    for f in (tcp4("S"), tcp4("PA", b"x"), tcp4("", sport=40000)):   # not even SUSPICIOUS
+    # not even SUSPICIOUS (a SYN would start a new connection: test_syn_starts_a_recycled_tuple_over...)
+    for f in (tcp4("A"), tcp4("PA", b"x"), tcp4("", sport=40000)):
         r = run.tc(f, mark=0x4000)
         assert (r.action, r.mark) == (TC_ACT_PASS, 0x4000)
     assert run.nonzero() == {"packets": 3, "bypassed": 3}
@@ -396,11 +397,11 @@ def test_verdict_expiry(run, maps):
 
 def test_verdict_not_yet_expired(run, maps):
     maps.set_verdict(_key(), R.VERDICT_BYPASS, 30)
-    assert run.tc(tcp4("S")).mark == 0
+    assert run.tc(tcp4("A")).mark == 0
     assert maps.get_flow(_key()).verdict == R.VERDICT_BYPASS
     maps.clear_verdict(_key())
-    assert run.tc(tcp4("S")).mark == MARK_VALUE
-    assert run.nonzero() == {"packets": 2, "bypassed": 1, "flagged": 1, "reason_syn": 1}
+    assert run.tc(tcp4("PA", b"x")).mark == MARK_VALUE
+    assert run.nonzero() == {"packets": 2, "bypassed": 1, "flagged": 1, "reason_first_n": 1}
 
 
 # ---- prefixes that block -------------------------------------------------------------------------------
@@ -554,4 +555,23 @@ def test_reference_agrees_on_a_mixed_sequence(run, maps):
         kf = kernel[k]
         assert (list(kf.packets), list(kf.bytes), list(kf.payload_packets), kf.flagged, kf.flags) == \
                (rf.packets, rf.bytes, rf.payload_packets, rf.flagged, rf.flags), k
+    run.check_invariant()
+
+
+def test_syn_starts_a_recycled_tuple_over_but_not_a_block(run, maps):
+    """A bypassed 5-tuple reused by a new connection (its SYN) is inspected again; a blocked one
+    stays blocked until its verdict expires."""
+    run.tc(tcp4("S"))
+    run.tc(tcp4("PA", b"GET / HTTP/1.1\r\n"))
+    key, _ = flow_key(A4, B4, 40000, 80, 6)
+    maps.set_verdict(key, abi.VERDICT_BYPASS, ttl=300)
+    assert run.tc(tcp4("PA", b"more")).mark == 0                 # bypassed: not flagged
+    r = run.tc(tcp4("S"))                                          # a new connection, same ports
+    assert r.mark == MARK_VALUE
+    flow = maps.get_flow(key)
+    assert (flow.verdict, list(flow.packets), list(flow.payload_packets)) == (abi.VERDICT_NONE, [1, 0], [0, 0])
+    assert run.tc(tcp4("PA", b"GET /again HTTP/1.1\r\n")).mark == MARK_VALUE   # its payload is seen
+    maps.set_verdict(key, abi.VERDICT_BLOCK, ttl=300)
+    assert run.tc(tcp4("S")).action == TC_ACT_SHOT                  # a block is not lifted by a SYN
+    assert maps.get_flow(key).verdict == abi.VERDICT_BLOCK
     run.check_invariant()

@@ -459,3 +459,34 @@ def test_attach_with_rules_and_keep_leaves_hybrid_attached(lab, tmp_path):
         assert lab.ping("client", lab.info.server.ipv4)       # fail-open: no engine, traffic flows
     finally:
         hctl(lab, "detach", "--all")
+
+
+def test_new_connection_on_a_bypassed_tuple_is_inspected_again(engine, lab):
+    """Clients recycle ephemeral ports: a connection reusing the exact 5-tuple of one the engine
+    bypassed must still have its request inspected (its SYN starts the flow entry over)."""
+    import struct
+    engine(realistic_example())
+    srv = lab.info.server.ipv4
+
+    def request(host: str) -> bytes | Exception:
+        with netns(lab.netns("client")):
+            s = socket.socket()
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            s.settimeout(5)
+            s.bind((lab.info.client.ipv4, 45000))
+            s.connect((srv, 80))
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            try:
+                return s.recv(100)
+            except OSError as exc:
+                return exc
+
+    with Nginx(lab):
+        first = request("www.example.test")
+        assert isinstance(first, bytes) and first.startswith(b"HTTP/1.1 200")
+        engine_stats(lab, until=lambda st: st["flow_verdicts"]["bypass"] >= 1)
+        second = request("www.blocked.example")            # same client port, same 5-tuple
+    assert isinstance(second, ConnectionResetError)
+    assert engine_stats(lab, until=lambda st: st["rules"]["block-http-host"] == 1)["rules"]["block-http-host"] == 1
