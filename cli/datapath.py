@@ -8,18 +8,7 @@ import click
 
 from hybrid import attach as att
 
-from .common import InputError, parse_int
-
-
-def _queues(value: str) -> tuple[int, int]:
-    first, _, last = value.partition("-")
-    try:
-        a, b = int(first), int(last or first)
-    except ValueError:
-        raise InputError(f"--queues {value!r}: use N or FIRST-LAST, e.g. 0 or 0-1") from None
-    if not 0 <= a <= b <= 65535:
-        raise InputError(f"--queues {value!r}: need 0 <= FIRST <= LAST <= 65535")
-    return a, b
+from .common import InputError, parse_int, parse_queues
 
 
 def _reasons(value: str) -> tuple[str, ...]:
@@ -82,7 +71,7 @@ def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, flag
     if rules is not None:
         from hybrid.rules import load_rules
         load_rules(rules)          # a broken rules file is reported before anything is attached
-    qa, qb = _queues(queues)
+    qa, qb = parse_queues(queues)
     opts = att.AttachOptions(
         interfaces=list(interfaces), xdp_mode=xdp_mode, hooks=tuple(hooks) or ("forward",),
         mark=parse_int(mark, "--mark"), mark_mask=parse_int(mark_mask, "--mark-mask"),

@@ -12,22 +12,9 @@ import click
 
 from hybrid import engine as eng
 
-from .common import InputError
+from .common import parse_queues
 
 log = logging.getLogger("hybridctl")
-
-
-def _queues(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    first, _, last = value.partition("-")
-    try:
-        a, b = int(first), int(last or first)
-    except ValueError:
-        raise InputError(f"--queues {value!r}: use N or FIRST-LAST, e.g. 0 or 0-1") from None
-    if not 0 <= a <= b <= 65535:
-        raise InputError(f"--queues {value!r}: need 0 <= FIRST <= LAST <= 65535")
-    return a, b
 
 
 @contextlib.contextmanager
@@ -86,7 +73,7 @@ def engine(rules, queues, queue, fail_open, queue_len, log_path) -> None:
       hybridctl attach eth0 eth1 --queues 0-1
       hybridctl engine --rules examples/rules/realistic.toml --log /var/log/hybrid-verdicts.jsonl
     """
-    settings = eng.settings_for_instance(_queues(queues), fail_open)
+    settings = eng.settings_for_instance(parse_queues(queues), fail_open)
     if queue is not None:           # one engine, in this process (what run_engines starts)
         with _log_stream(log_path) as stream:
             eng.serve_one(queue, rules, settings, maxlen=queue_len, log_stream=stream)

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from . import sysutil
-from .attach import DEFAULT_MARK, DEFAULT_MASK, STATE_ROOT
-from .demo import hybridctl, iperf3
+from .attach import DEFAULT_MARK, DEFAULT_MASK
+from .demo import engine_process, hybridctl, iperf3
 from .errors import ConfigError, HybridError
 from .lab import Lab
 from .labservers import Nginx, _wait_port
@@ -281,27 +281,8 @@ def hybrid_attached(lab: Lab, xdp_mode: str = "auto", rules: str | None = "") ->
 
 @contextlib.contextmanager
 def _hybrid_engine(lab: Lab, rules: str, log: str) -> Iterator[Probe]:
-    gw = lab.netns("gw")
-    stats_file = os.path.join(STATE_ROOT, gw, "engine-0.json")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(stats_file)
-    proc = lab.popen("gw", ["taskset", "-c", str(_engine_cpu()), *hybridctl(), "engine", "--rules", rules,
-                            "--log", log], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(stats_file):   # written once the engine is bound
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise HybridError(f"the verdict engine did not start (exit {proc.poll()}): run "
-                                  f"'hybridctl engine --rules {rules}' in {gw} by hand to see why")
-            time.sleep(0.05)
+    with engine_process(lab, rules, log=log, cpu=_engine_cpu()):
         yield Probe(engine_log=log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 MODES: dict[str, Mode] = {

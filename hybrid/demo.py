@@ -124,34 +124,43 @@ def run_demo(say: Say, lab_name: str = "hdemo", seconds: float = 3.0, requests: 
 
 
 @contextlib.contextmanager
+def engine_process(lab: Lab, rules: str, *, log: str | None = None, cpu: int | None = None,
+                   timeout: float = 30.0):
+    """``hybridctl engine --rules RULES`` in the lab's gateway for the duration of the block
+    (hybrid must be attached there). Yields the engine's stats file once the engine is bound;
+    stops it on the way out, also on failure."""
+    from .attach import STATE_ROOT
+    from .labservers import _stop
+    gw = lab.netns("gw")
+    stats_file = os.path.join(STATE_ROOT, gw, "engine-0.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stats_file)
+    argv = [*hybridctl(), "engine", "--rules", rules, *(["--log", log] if log else [])]
+    proc = lab.popen("gw", ["taskset", "-c", str(cpu), *argv] if cpu is not None else argv)
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(stats_file):      # written once the engine is bound
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise HybridError(f"the verdict engine did not start (exit {proc.poll()}): run "
+                                  f"'hybridctl engine --rules {rules}' in {gw} by hand to see why")
+            time.sleep(0.05)
+        yield stats_file
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
 def _engine(lab: Lab, say: Say):
     """The verdict engine with DEMO_RULES in the gateway; yields its stats file."""
     import tempfile
-    gw = lab.netns("gw")
     with tempfile.TemporaryDirectory(prefix="hybrid-demo-") as tmp:
         rules = os.path.join(tmp, "rules.toml")
         with open(rules, "w") as f:
             f.write(DEMO_RULES)
-        stats_file = f"/run/hybrid/instances/{gw}/engine-0.json"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(stats_file)
-        proc = lab.popen("gw", [*hybridctl(), "engine", "--rules", rules])
-        try:
-            deadline = time.monotonic() + 30
-            while not os.path.exists(stats_file):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise HybridError("the verdict engine did not start: run 'hybridctl engine' by hand to see why")
-                time.sleep(0.05)
+        with engine_process(lab, rules) as stats_file:
             say("the verdict engine is bound to queue 0: it blocks HTTP Host *.blocked.test and bypasses "
                 "every other flow after its first payload")
             yield stats_file
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _wait_published(stats_file: str, rep: DemoReport, timeout: float = 3.0) -> None:
