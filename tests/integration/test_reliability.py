@@ -1,0 +1,86 @@
+"""Engine death under load: flows already bypassed keep flowing without losing a connection, and
+new flows follow the configured policy (fail-open: they pass through --queue-bypass; fail-closed:
+they are dropped while no engine is bound)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hybrid.labservers import Nginx, _wait_port
+
+pytestmark = pytest.mark.integration
+HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
+IFACES = ["to-client", "to-server"]
+RULES = 'default = "accept"\ndefault_flow = "bypass"\nflow_ttl = 300\n' \
+        '[[rule]]\nname = "wait-for-payload"\nproto = "tcp"\npayload_len = 0\naction = "accept"\nflow = "none"\n'
+
+
+def in_gw(lab, *argv, **kw):
+    return subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *argv], capture_output=True, text=True,
+                          timeout=kw.pop("timeout", 120), **kw)
+
+
+@pytest.mark.parametrize("policy", ["--fail-open", "--fail-closed"])
+def test_kill_9_of_the_engine_under_load(lab, tmp_path, policy):
+    assert in_gw(lab, HYBRIDCTL, "attach", *IFACES, policy).returncode == 0
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    stats = f"/run/hybrid/instances/{lab.netns('gw')}/engine-0.json"
+    engine = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine", "--rules", str(rules)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    iperf_server = None
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(stats):
+            assert engine.poll() is None and time.monotonic() < deadline, "engine did not start"
+            time.sleep(0.05)
+        iperf_server = lab.popen("server", ["iperf3", "-s", "-1", "-B", lab.info.server.ipv4])
+        _wait_port(lab, "server", 5201)
+        bulk = lab.popen("client", ["iperf3", "-c", lab.info.server.ipv4, "-t", "5", "-J"],
+                         stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)                                   # the stream is established and bypassed
+        with open(stats) as f:
+            child = json.load(f)["pid"]
+        os.killpg(engine.pid, signal.SIGKILL)             # the engine parent and its queue process
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+        engine.wait()
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+        with Nginx(lab):
+            new = lab.run("client", ["curl", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}",
+                                     f"http://{lab.info.server.ipv4}/"], check=False)
+        out, _ = bulk.communicate(timeout=30)
+        res = json.loads(out)
+        # The bypassed stream never noticed: it finished its 5 s with no error.
+        assert "error" not in res and res["end"]["sum_received"]["bytes"] > 100_000_000
+        if policy == "--fail-open":
+            assert new.stdout == "200"                    # no engine bound: --queue-bypass lets it pass
+        else:
+            assert new.returncode == 28                   # its SYN is dropped while no engine is bound
+    finally:
+        if engine.poll() is None:
+            os.killpg(engine.pid, signal.SIGKILL)
+            engine.wait()
+        if iperf_server is not None and iperf_server.poll() is None:
+            iperf_server.kill()
+            iperf_server.wait()
+        assert in_gw(lab, HYBRIDCTL, "detach", "--all").returncode == 0
+
+
+def _alive(pid: int) -> bool:
+    """Running (a killed process that waits to be reaped, a zombie, no longer runs anything)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
