@@ -47,6 +47,17 @@ def _reasons(value: str) -> tuple[str, ...]:
               help="Netfilter families to install the queue rule in  [default: both]")
 @click.option("--flow-table-size", default=131072, show_default=True, type=click.IntRange(1024, 1 << 24),
               help="Entries in the kernel flow table (LRU).")
+@click.option("--source-rate", default=0, show_default=True, type=click.IntRange(0, 100_000_000),
+              metavar="N", help="Admission: new flows per second one source may send to the engine (0: off).")
+@click.option("--source-burst", default=0, type=click.IntRange(0, 100_000_000), metavar="N",
+              help="Admission: burst allowed above --source-rate  [default: one second's worth]")
+@click.option("--global-rate", default=0, show_default=True, type=click.IntRange(0, 100_000_000),
+              metavar="N", help="Admission: flagged packets per second for the whole gateway (0: off).")
+@click.option("--global-burst", default=0, type=click.IntRange(0, 100_000_000), metavar="N",
+              help="Admission: burst allowed above --global-rate  [default: one second's worth]")
+@click.option("--over-budget", type=click.Choice(att.OVER_BUDGET), default="pass", show_default=True,
+              help="An over-budget flagged packet without payload: pass it unflagged, or drop it. "
+                   "One with payload is always dropped (never passed uninspected).")
 @click.option("--rules", type=click.Path(dir_okay=False), default=None,
               help="Run the verdict engine with these rules in the foreground after attaching.")
 @click.option("--keep", is_flag=True, help="With --rules: leave hybrid attached when the engine stops.")
@@ -54,7 +65,8 @@ def _reasons(value: str) -> tuple[str, ...]:
               help="With --rules: the verdict log, JSON lines ('-' for standard output).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, flag, first_n, watch_ports,
-           watch_prefixes, block_prefixes, families, flow_table_size, rules, keep, log_path, as_json) -> None:
+           watch_prefixes, block_prefixes, families, flow_table_size, source_rate, source_burst, global_rate,
+           global_burst, over_budget, rules, keep, log_path, as_json) -> None:
     """Attach hybrid's XDP/tc programs to IFACE... and install the queue rule.
 
     All or nothing: if any step fails (an interface is missing, a foreign XDP program is
@@ -78,7 +90,8 @@ def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, flag
         queue_first=qa, queue_last=qb, fail_open=fail_open, reasons=_reasons(flag), first_n=first_n,
         watch_ports=tuple(watch_ports), watch_prefixes=tuple(watch_prefixes),
         block_prefixes=tuple(block_prefixes), families=tuple(families) or ("ipv4", "ipv6"),
-        flow_table_size=flow_table_size)
+        flow_table_size=flow_table_size, source_rate=source_rate, source_burst=source_burst,
+        global_rate=global_rate, global_burst=global_burst, over_budget=over_budget)
     res = att.attach(opts)
     if as_json:
         click.echo(json.dumps(res.__dict__, indent=1))

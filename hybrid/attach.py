@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STATE_ROOT = "/run/hybrid/instances"
 XDP_MODES = ("auto", "native", "generic", "off")
+OVER_BUDGET = ("pass", "drop")
 TC_PREF = 1
 TC_HANDLE = 0x4859          # "HY": identifies our filter next to others on the same hook
 DEFAULT_MARK = 0x00100000   # bit 20: clear of kube-proxy (0x4000/0x8000), Cilium (0x0F00-0xFF00),
@@ -67,6 +68,17 @@ class AttachOptions:
     block_prefixes: tuple[str, ...] = ()
     families: tuple[str, ...] = ("ipv4", "ipv6")
     flow_table_size: int = 131072
+    # Admission control (docs/design.md): budgets on flagged packets, so the engine can never be
+    # flooded. 0 = off. source_rate: flows a single source may start per second (flagged SYNs and
+    # first packets of new flows); global_rate: flagged packets per second for the whole gateway.
+    # A burst of 0 means "one second's worth". over_budget: what happens to a flagged packet
+    # over budget that carries no payload ("pass" it unflagged, or "drop" it); one that carries
+    # payload is always dropped, so a flood can never push payload past the engine uninspected.
+    source_rate: int = 0
+    source_burst: int = 0
+    global_rate: int = 0
+    global_burst: int = 0
+    over_budget: str = "pass"
 
     def validate(self) -> None:
         if not self.interfaces:
@@ -83,6 +95,12 @@ class AttachOptions:
         for p in self.watch_ports:
             if not 1 <= p <= 65535:
                 raise ConfigError(f"watched port {p}: use 1-65535")
+        for name in ("source_rate", "source_burst", "global_rate", "global_burst"):
+            v = getattr(self, name)
+            if not 0 <= v <= 100_000_000:
+                raise ConfigError(f"{name.replace('_', '-')} {v}: use 0 (off) up to 100000000 per second")
+        if self.over_budget not in OVER_BUDGET:
+            raise ConfigError(f"over-budget {self.over_budget!r}: use one of {', '.join(OVER_BUDGET)}")
         if not 1024 <= self.flow_table_size <= 1 << 24:
             raise ConfigError(f"flow table size {self.flow_table_size}: use 1024 up to 16777216")
         self.queue_rule()  # validates marks, queues, hooks, families
