@@ -110,10 +110,11 @@ class Engine:
 
     def __init__(self, queue: int, rules_path: str, *, maps=None, mark_mask: int = 0,
                  fail_open: bool = True, maxlen: int = 4096, log_stream=None,
-                 stats_path: str | None = None):
+                 stats_path: str | None = None, flow_ttl: int | None = None):
         self.queue = queue
         self.rules_path = rules_path
-        self.rules: RuleSet = load_rules(rules_path)      # a broken file fails before binding
+        self.flow_ttl = flow_ttl                           # overrides the file's (service config)
+        self.rules: RuleSet = load_rules(rules_path, flow_ttl)   # a broken file fails before binding
         self.maps = maps
         self.mark_mask = mark_mask                         # hybrid's bits: cleared on accept
         self._keep_bits = ~mark_mask & 0xFFFFFFFF
@@ -193,7 +194,7 @@ class Engine:
     def reload(self) -> bool:
         """Load the rules file again. A broken file keeps the old rules and says why."""
         try:
-            new = load_rules(self.rules_path)
+            new = load_rules(self.rules_path, self.flow_ttl)
         except RulesError as exc:
             self.stats.reload_errors += 1
             self.stats.last_reload_error = str(exc)

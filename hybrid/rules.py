@@ -595,8 +595,9 @@ def _merge_verdict(base: Decision, v, pkt) -> Decision:
 # compiler
 
 
-def load_rules(path: str | os.PathLike) -> RuleSet:
-    """Read and compile a rules file; RulesError (a ConfigError) if it cannot be used."""
+def load_rules(path: str | os.PathLike, flow_ttl: int | None = None) -> RuleSet:
+    """Read and compile a rules file; RulesError (a ConfigError) if it cannot be used.
+    ``flow_ttl``, when given, replaces the file's ``flow_ttl`` (the service configuration's)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as fh:
@@ -608,10 +609,10 @@ def load_rules(path: str | os.PathLike) -> RuleSet:
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise RulesError(path, line, "not UTF-8 text; save the file as UTF-8") from None
-    return compile_rules(text, path)
+    return compile_rules(text, path, flow_ttl=flow_ttl)
 
 
-def compile_rules(text: str, filename: str = "<rules>") -> RuleSet:
+def compile_rules(text: str, filename: str = "<rules>", flow_ttl: int | None = None) -> RuleSet:
     """Compile rules from TOML ``text``; ``filename`` names it in errors and anchors plugin_paths."""
     src = _Source(filename, text)
     try:
@@ -632,9 +633,10 @@ def compile_rules(text: str, filename: str = "<rules>") -> RuleSet:
     if default_flow not in FLOWS:
         raise src.error(None, "default_flow", f"default_flow {default_flow!r}: write one of {', '.join(FLOWS)}")
     try:
-        flow_ttl = _positive_int("flow_ttl", doc.get("flow_ttl", DEFAULT_FLOW_TTL), "seconds, e.g. 300")
+        file_ttl = _positive_int("flow_ttl", doc.get("flow_ttl", DEFAULT_FLOW_TTL), "seconds, e.g. 300")
     except ValueError as exc:
         raise src.error(None, "flow_ttl", str(exc)) from None
+    flow_ttl = file_ttl if flow_ttl is None else flow_ttl
 
     base_dir = os.path.dirname(os.path.abspath(filename))
     plugin_paths = []
