@@ -66,6 +66,11 @@ from .rules import rules  # noqa: E402
 for _cmd in (doctor, lab, attach, detach, status, demo, bench, engine, rules):
     main.add_command(_cmd)
 
+from .config import config  # noqa: E402
+main.add_command(config)
+from .run import run  # noqa: E402
+main.add_command(run)
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,356 @@
+"""hybrid as a long-running service (``hybridctl run``): attach from the configuration, run one
+engine process per queue, reload on SIGHUP, stop cleanly on SIGTERM.
+
+The supervisor never touches packets. It attaches (idempotent: a restart reuses the pinned flow
+table, counters and verdicts, and never duplicates a rule), starts the engines, then waits for
+signals with ``sigtimedwait`` (signals are blocked, so none is lost between two checks):
+
+- SIGHUP: read the configuration and the rules again. A broken file keeps everything as it was
+  and says why. Otherwise attach options that changed are applied by attaching again, engine
+  settings that changed (queues, rules file, flow_ttl, queue length, fail-open, verdict log,
+  log level) restart the engines, and if only the rules file's content changed the engines
+  reload it themselves (they keep their old rules if it is broken).
+- SIGTERM/SIGINT: stop the engines, then detach, or leave the kernel side in place when
+  ``service.keep_attached_on_stop`` is set, so that the next start has no blind window:
+  bypassed and blocked flows stay so in the kernel meanwhile, and new flows follow the
+  fail-open/fail-closed policy.
+- An engine that dies is started again; five deaths within a minute stop the service (exit 1),
+  so that systemd's ``Restart=on-failure`` takes over.
+
+Engines are child processes (``argv_for_child(spec)`` runs :func:`run_engine_child`); each asks
+the kernel to send it SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``), so a ``kill -9``
+of the supervisor leaves no engine bound to a queue that the next start would need.
+
+Everything is logged through :mod:`logging` with an ``event`` name and ``fields``;
+:class:`JsonFormatter` turns each record into one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from . import __version__
+from . import attach as att
+from .config import Config, split_listen
+from .errors import ConfigError, HybridError
+from .rules import load_rules
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+STOP_TIMEOUT = 10.0            # seconds an engine gets to unbind after SIGTERM
+CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
+BIND_RETRY = 10.0              # seconds a starting engine retries a queue still held by a dying one
+PR_SET_PDEATHSIG = 1
+# Settings an engine process is started with: a change restarts the engines.
+ENGINE_KEYS = ("attach.queues", "attach.fail_open", "attach.mark_mask", "engine.rules", "engine.flow_ttl",
+               "engine.queue_len", "log.verdicts", "log.level")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, event, msg, then the record's fields.
+    Records without an event (a library's ordinary log calls) get ``"event": "log"`` and the
+    logger's name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        event = getattr(record, "event", None)
+        rec = {"ts": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+               "level": record.levelname.lower(), "event": event or "log", "msg": record.getMessage()}
+        if event is None:
+            rec["logger"] = record.name
+        for k, v in (getattr(record, "fields", None) or {}).items():
+            rec.setdefault(k, v)
+        if record.exc_info:
+            rec["error"] = self.formatException(record.exc_info)
+        return json.dumps(rec, default=str, separators=(",", ":"))
+
+
+def setup_json_logging(level: str, stream=None) -> None:
+    """Route every log record of this process to ``stream`` (standard output) as JSON lines."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def event(level: int, name: str, msg: str, **fields) -> None:
+    log.log(level, msg, extra={"event": name, "fields": fields})
+
+
+# -- the supervisor --------------------------------------------------------------------------------
+
+class Service:
+    def __init__(self, load_config: Callable[[], Config], argv_for_child: Callable[[dict], list[str]]):
+        self.load_config = load_config
+        self.argv_for_child = argv_for_child
+        self.cfg: Config | None = None
+        self.children: dict[int, subprocess.Popen] = {}     # queue -> engine process
+        self.deaths: list[float] = []
+        self.metrics = None
+        self.attached = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Attach, serve, and return the exit status once stopped. Bad configuration raises
+        ConfigError before anything changes; a failed attach leaves nothing behind."""
+        cfg = self.load_config()
+        load_rules(cfg["engine.rules"], cfg["engine.flow_ttl"])
+        _check_verdict_log(cfg)
+        self.cfg = cfg
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        rc = 1
+        try:
+            event(logging.INFO, "starting", f"hybrid {__version__} starting from {cfg.path or 'options'}",
+                  config=cfg.path, pid=os.getpid(), version=__version__)
+            self._start_metrics(cfg)
+            self._attach(cfg, "attached")
+            self._start_engines()
+            rc = self._loop()
+        finally:
+            self._stop_engines()
+            self._stop_metrics()
+            if self.attached:
+                self._release()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        event(logging.INFO, "stopped", "hybrid stopped", exit_status=rc)
+        return rc
+
+    def _loop(self) -> int:
+        while True:
+            info = signal.sigtimedwait(SIGNALS, 1.0)
+            sig = info.si_signo if info else None
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                event(logging.INFO, "stopping", f"{signal.Signals(sig).name}: stopping", signal=signal.Signals(sig).name)
+                return 0
+            if sig == signal.SIGHUP:
+                self.reload()
+            if not self._reap():
+                return 1
+
+    def _release(self) -> None:
+        if self.cfg["service.keep_attached_on_stop"]:
+            event(logging.INFO, "kept_attached", "hybrid stays attached (service.keep_attached_on_stop): "
+                  "bypassed and blocked flows stay so in the kernel; new flows follow "
+                  + ("fail-open" if self.cfg["attach.fail_open"] else "fail-closed") + " until the next start",
+                  interfaces=self.cfg["attach.interfaces"])
+            return
+        try:
+            res = att.detach(None)
+        except HybridError as exc:
+            event(logging.ERROR, "detach_failed", f"detach failed: {exc}", error=str(exc))
+            return
+        event(logging.INFO, "detached", "hybrid detached", interfaces=res.interfaces,
+              netfilter=res.netfilter_families, pins_removed=res.pins_removed)
+
+    # -- attach ------------------------------------------------------------------------------------
+    def _attach(self, cfg: Config, name: str, changed: list[str] | None = None) -> None:
+        res = att.attach(cfg.attach_options())
+        self.attached = True
+        fields = dict(interfaces=res.interfaces, instance=res.instance, pin_dir=res.pin_dir,
+                      reused_pins=res.reused_pins, queues=cfg["attach.queues"],
+                      fail_open=cfg["attach.fail_open"])
+        if changed is not None:
+            fields["changed"] = changed
+        event(logging.INFO, name, ("attached again" if changed is not None else "attached")
+              + (" (pinned flow table, verdicts and counters kept)" if res.reused_pins else ""), **fields)
+
+    # -- engines -----------------------------------------------------------------------------------
+    def _spec(self, queue: int) -> dict:
+        c = self.cfg
+        return {"queue": queue, "rules": c["engine.rules"], "flow_ttl": c["engine.flow_ttl"],
+                "queue_len": c["engine.queue_len"], "fail_open": c["attach.fail_open"],
+                "verdicts": c["log.verdicts"], "level": c["log.level"], "parent": os.getpid()}
+
+    def _start_engine(self, queue: int) -> None:
+        proc = subprocess.Popen(self.argv_for_child(self._spec(queue)), stdin=subprocess.DEVNULL)
+        self.children[queue] = proc
+        event(logging.INFO, "engine_started", f"engine for queue {queue} started (pid {proc.pid})",
+              queue=queue, pid=proc.pid, rules=self.cfg["engine.rules"])
+
+    def _start_engines(self) -> None:
+        first, last = self.cfg.queues
+        for q in range(first, last + 1):
+            self._start_engine(q)
+
+    def _stop_engines(self) -> None:
+        for proc in self.children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for queue, proc in sorted(self.children.items()):
+            try:
+                rc = proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+                event(logging.WARNING, "engine_killed", f"engine for queue {queue} did not stop in "
+                      f"{STOP_TIMEOUT:.0f} s: killed", queue=queue, pid=proc.pid)
+            else:
+                event(logging.INFO, "engine_stopped", f"engine for queue {queue} stopped", queue=queue,
+                      pid=proc.pid, exit_status=rc)
+        self.children.clear()
+
+    def _reap(self) -> bool:
+        """Start again every engine that died. False: they die too often; stop the service."""
+        for queue, proc in sorted(self.children.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < CRASH_WINDOW] + [now]
+            event(logging.ERROR, "engine_died", f"engine for queue {queue} exited with status {rc}",
+                  queue=queue, pid=proc.pid, exit_status=rc)
+            if len(self.deaths) >= CRASH_LIMIT:
+                event(logging.ERROR, "giving_up", f"{len(self.deaths)} engine deaths within "
+                      f"{CRASH_WINDOW:.0f} s: stopping", deaths=len(self.deaths))
+                return False
+            self._start_engine(queue)
+        return True
+
+    # -- reload ------------------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """SIGHUP. Returns whether the new configuration is in effect."""
+        old = self.cfg
+        try:
+            new = self.load_config()
+            load_rules(new["engine.rules"], new["engine.flow_ttl"])
+            _check_verdict_log(new)
+        except ConfigError as exc:
+            event(logging.ERROR, "reload_refused", f"reload refused, keeping the running configuration: {exc}",
+                  error=str(exc))
+            return False
+        changed = [k for k in new.values if new.values[k] != old.values[k]]
+        attach_changed = [k for k in changed if k.startswith("attach.")]
+        if new.attach_options() != old.attach_options():
+            try:
+                self._attach(new, "reattached", attach_changed)
+            except HybridError as exc:
+                event(logging.ERROR, "reload_refused", f"attaching with the new configuration failed, "
+                      f"keeping the running one: {exc}", error=str(exc), changed=attach_changed)
+                with contextlib.suppress(HybridError):
+                    self._attach(old, "reattached", [])      # attach is a transaction, but be sure
+                return False
+        self.cfg = new
+        if "log.level" in changed:
+            logging.getLogger().setLevel(new["log.level"].upper())
+        if any(k.startswith("metrics.") for k in changed):
+            self._stop_metrics()
+            try:
+                self._start_metrics(new)
+            except HybridError as exc:
+                event(logging.ERROR, "metrics_failed", str(exc), error=str(exc))
+        restart = [k for k in ENGINE_KEYS if k in changed]
+        if restart:
+            self._stop_engines()
+            self._start_engines()
+            event(logging.INFO, "reloaded", "configuration reloaded; engines restarted for "
+                  + ", ".join(restart), changed=changed)
+        else:
+            for proc in self.children.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGHUP)
+            event(logging.INFO, "reloaded", "configuration reloaded; engines reload the rules",
+                  changed=changed, rules=new["engine.rules"])
+        return True
+
+    # -- metrics -----------------------------------------------------------------------------------
+    def _start_metrics(self, cfg: Config) -> None:
+        if not cfg["metrics.enabled"]:
+            return
+        try:
+            from . import metrics
+        except ImportError as exc:
+            raise HybridError(f"metrics are enabled but cannot be served ({exc}): install prometheus_client "
+                              "(scripts/setup.sh) or set metrics.enabled = false") from None
+        host, port = split_listen(cfg["metrics.listen"])
+        try:
+            self.metrics = metrics.serve_metrics(host, port)
+        except OSError as exc:
+            raise HybridError(f"metrics endpoint {cfg['metrics.listen']}: {exc.strerror or exc}; "
+                              "choose another metrics.listen") from None
+        event(logging.INFO, "metrics_serving", f"metrics on http://{cfg['metrics.listen'].rsplit(':', 1)[0]}:"
+              f"{self.metrics.port}/metrics", listen=cfg["metrics.listen"], port=self.metrics.port)
+
+    def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.stop()
+            self.metrics = None
+
+
+def _check_verdict_log(cfg: Config) -> None:
+    path = cfg["log.verdicts"]
+    if path in (None, "-"):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    except OSError as exc:
+        raise ConfigError(f"log.verdicts {path}: {exc.strerror}; create its directory or choose another "
+                          "path") from None
+
+
+# -- one engine (a child of the supervisor) --------------------------------------------------------
+
+def run_engine_child(spec: dict) -> int:
+    """Serve one queue until SIGTERM; ``spec`` comes from :meth:`Service._spec`."""
+    from . import engine as eng
+    from .maps import Maps
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != spec["parent"]:
+        return 1                                   # the supervisor is already gone
+    queue = spec["queue"]
+    settings = eng.settings_for_instance((queue, queue), spec["fail_open"])
+    maps = Maps.open_pinned(settings.pin_access) if settings.pin_access else None
+    stream = None
+    try:
+        if spec["verdicts"] == "-":
+            stream = sys.stdout
+        elif spec["verdicts"]:
+            stream = os.fdopen(os.open(spec["verdicts"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
+        engine = eng.Engine(queue, spec["rules"], maps=maps, mark_mask=settings.mark_mask,
+                            fail_open=spec["fail_open"], maxlen=spec["queue_len"], log_stream=stream,
+                            stats_path=eng.stats_path(settings.instance_dir, queue), flow_ttl=spec["flow_ttl"])
+        engine.install_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)    # inherited blocked from the supervisor
+        _bind(engine)
+        event(logging.INFO, "engine_bound", f"queue {queue} bound ("
+              + ("fail-open" if spec["fail_open"] else "fail-closed") + ")", queue=queue, pid=os.getpid())
+        engine.run()
+        st = engine.snapshot()
+        event(logging.INFO, "engine_exit", f"queue {queue}: {st['packets']} packets", queue=queue,
+              packets=st["packets"], actions=st["actions"], errors=st["errors"])
+        return 0
+    finally:
+        if stream not in (None, sys.stdout):
+            stream.close()
+        if maps is not None:
+            maps.close()
+
+
+def _bind(engine) -> None:
+    """Bind the queue; an engine of the previous run may still be unbinding it (its supervisor
+    was just killed), so retry for a while."""
+    deadline = time.monotonic() + BIND_RETRY
+    while True:
+        try:
+            engine.bind()
+            return
+        except HybridError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
