@@ -42,6 +42,12 @@ HYBRID_TABLE("hash", __u32, struct hybrid_iface, hybrid_ifaces, HYBRID_MAX_IFACE
  * CPUs. XDP and tc ingress run in softirq context, which is not re-entered on the same CPU, so
  * plain increments are exact. Userspace sums the per-CPU copies. */
 HYBRID_TABLE("percpu_array", __u32, struct hybrid_stats, hybrid_stats, HYBRID_MAX_IFACES, 0);
+/* Admission control (hybrid_common.h). Per source: LRU, so a spoofed flood recycles the oldest
+ * buckets instead of filling the table. Global: one bucket per CPU, so the hot path takes no
+ * lock and bounces no cache line; each CPU gets its share of the rate. */
+HYBRID_TABLE("lru_hash", struct hybrid_addr_key, struct hybrid_bucket, hybrid_sources,
+	     HYBRID_SOURCE_TABLE_SIZE, 0);
+HYBRID_TABLE("percpu_array", __u32, struct hybrid_bucket, hybrid_budget, 1, 0);
 
 /* ---- Packet summary shared by both programs --------------------------------------------------- */
 enum hybrid_pkt_status {
@@ -299,6 +305,76 @@ static __always_inline int tcp_flags_suspicious(__u8 f)
 	return 0;
 }
 
+/* GCRA: would a packet arriving now be admitted by a bucket whose theoretical arrival time is
+ * tat? Returns the new tat to store when it is, 0 when it is not. */
+static __always_inline __u64 gcra(__u64 tat, __u64 now, __u64 interval, __u64 tolerance)
+{
+	__u64 t = tat > now ? tat : now;
+
+	if (t - now > tolerance)
+		return 0;
+	return t + interval;
+}
+
+/* Is the source over its admission budget right now (without charging it)? For XDP. */
+static __always_inline int source_throttled(const struct hybrid_config *cfg, const __u32 *saddr, __u64 now)
+{
+	struct hybrid_addr_key k;
+	struct hybrid_bucket *b;
+
+	__builtin_memcpy(k.addr, saddr, 16);
+	b = hybrid_sources.lookup(&k);
+	return b && b->tat_ns > now && b->tat_ns - now > cfg->source_tolerance_ns;
+}
+
+/* Admission of one flagged packet (hybrid_common.h). Returns 0 when admitted (and charges the
+ * buckets), else the EV_OVER_* events saying which budget refused it. Both buckets are checked
+ * before either is charged, so a packet refused by one does not spend the other. The updates
+ * are plain read-modify-writes: CPUs racing on one source may both be admitted, a slight
+ * over-admission under contention, never an under-admission of a quiet source. */
+#define EV_OVER_SOURCE (1U << 3)
+#define EV_OVER_GLOBAL (1U << 4)
+static __always_inline __u32 admit(const struct hybrid_config *cfg, const __u32 *saddr, int starts_flow,
+				   __u64 now)
+{
+	struct hybrid_addr_key k;
+	struct hybrid_bucket *src = NULL, *glob = NULL, fresh = {};
+	__u64 src_tat = 0, glob_tat = 0, tol;
+	__u32 zero = 0, over = 0;
+
+	if (starts_flow && cfg->source_interval_ns) {
+		__builtin_memcpy(k.addr, saddr, 16);
+		src = hybrid_sources.lookup(&k);
+		src_tat = gcra(src ? src->tat_ns : 0, now, cfg->source_interval_ns, cfg->source_tolerance_ns);
+		if (!src_tat)
+			over |= EV_OVER_SOURCE;
+	}
+	if (cfg->global_interval_ns) {
+		glob = hybrid_budget.lookup(&zero);
+		if (glob) {
+			tol = cfg->global_tolerance_ns;
+			if (starts_flow)
+				tol /= 2;     /* half the burst is held for established flows */
+			glob_tat = gcra(glob->tat_ns, now, cfg->global_interval_ns, tol);
+			if (!glob_tat)
+				over |= EV_OVER_GLOBAL;
+		}
+	}
+	if (over)
+		return over;
+	if (starts_flow && cfg->source_interval_ns) {
+		if (src) {
+			src->tat_ns = src_tat;
+		} else {
+			fresh.tat_ns = src_tat;
+			hybrid_sources.update(&k, &fresh);
+		}
+	}
+	if (glob)
+		glob->tat_ns = glob_tat;
+	return 0;
+}
+
 /* ---- XDP --------------------------------------------------------------------------------------- */
 
 int hybrid_xdp(struct xdp_md *ctx)
@@ -311,6 +387,7 @@ int hybrid_xdp(struct xdp_md *ctx)
 	struct hybrid_flow *flow;
 	struct hybrid_stats *st;
 	__u32 zero = 0;
+	__u64 now;
 	int action = XDP_PASS, cnt = -1, rc;
 
 	cfg = hybrid_config.lookup(&zero);
@@ -328,9 +405,18 @@ int hybrid_xdp(struct xdp_md *ctx)
 	/* Fragments and unparseable transports have no flow key (tc does not create one either). */
 	if (rc != PKT_OK)
 		goto out;
+	now = bpf_ktime_get_ns();
+	/* A SYN from a source over its admission budget, with the drop policy: tc would drop it
+	 * anyway; here it costs no skb. Nothing is charged at XDP: tc alone keeps the books. */
+	if ((cfg->flags & HYBRID_CFG_OVER_DROP) && cfg->source_interval_ns && p.proto == IPPROTO_TCP &&
+	    (p.tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN && source_throttled(cfg, p.saddr, now)) {
+		action = XDP_DROP;
+		cnt = HYBRID_CNT_XDP_DROP_SOURCE;
+		goto out;
+	}
 	flow_key_build(&key, &p);
 	flow = hybrid_flows.lookup(&key);
-	if (flow && flow->verdict == HYBRID_VERDICT_BLOCK && verdict_live(flow, bpf_ktime_get_ns())) {
+	if (flow && flow->verdict == HYBRID_VERDICT_BLOCK && verdict_live(flow, now)) {
 		action = XDP_DROP;
 		cnt = HYBRID_CNT_XDP_DROP_FLOW;
 	}
@@ -365,8 +451,8 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 	struct hybrid_flow *flow = NULL;
 	struct hybrid_stats *st;
 	void *data, *data_end;
-	__u64 now;
-	__u32 zero = 0, dir, events = 0, reasons = 0, pull, pktsize, prev, act;
+	__u64 now = 0;
+	__u32 zero = 0, dir = 0, events = 0, reasons = 0, pull, pktsize, prev, act, over;
 	/* Pass with TC_ACT_UNSPEC, not TC_ACT_OK: with direct-action, TC_ACT_OK ends classification
 	 * on this hook, so another tool's filter at a later priority would never see the packet.
 	 * UNSPEC lets the next filter run and, when none is left, passes the packet. */
@@ -534,10 +620,33 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 		reasons |= HYBRID_REASON_SUSPICIOUS;
 
 classify:
-	reasons &= cfg->reasons;
+	reasons &= cfg->reasons & ~cfg->skip_reasons;
 	if (!reasons) {
 		cnt = HYBRID_CNT_PASSED;
 		goto out;
+	}
+	if (cfg->source_interval_ns || cfg->global_interval_ns) {
+		if (!now)
+			now = bpf_ktime_get_ns();
+		/* Flow-starting: a new (or restarted) entry, or a packet that has no flow key. */
+		over = admit(cfg, p.saddr, rc != PKT_OK || (events & EV_FLOW_NEW), now);
+		if (over) {
+			events |= over;
+			/* Payload is never passed uninspected (fragments and unparseable transports
+			 * count as payload: what they carry is unknown). */
+			if (p.payload_len > 0 || rc != PKT_OK || (cfg->flags & HYBRID_CFG_OVER_DROP)) {
+				action = TC_ACT_SHOT;
+				cnt = HYBRID_CNT_OVER_DROP;
+				/* A dropped packet must not spend the flow's first-N budget, or a
+				 * flood could use up a flow's inspection and let its later payload
+				 * pass unflagged. (Atomic add of -1: the undo of the add above.) */
+				if (flow && p.payload_len > 0)
+					__sync_fetch_and_add(&flow->payload_packets[dir & 1], (__u32)-1);
+			} else {
+				cnt = HYBRID_CNT_OVER_PASS;
+			}
+			goto out;
+		}
 	}
 	cnt = HYBRID_CNT_FLAGGED;
 	if (flow)
@@ -558,6 +667,10 @@ out:
 			st->c[HYBRID_CNT_FLOW_FULL]++;
 		if (events & EV_VERDICT_EXPIRED)
 			st->c[HYBRID_CNT_VERDICT_EXPIRED]++;
+		if (events & EV_OVER_SOURCE)
+			st->c[HYBRID_CNT_OVER_SOURCE]++;
+		if (events & EV_OVER_GLOBAL)
+			st->c[HYBRID_CNT_OVER_GLOBAL]++;
 		if (cnt == HYBRID_CNT_FLAGGED) {
 #pragma unroll
 			for (i = 0; i < HYBRID_REASON_COUNT; i++)

@@ -27,6 +27,9 @@
 #ifndef HYBRID_PREFIX_TABLE_SIZE
 #define HYBRID_PREFIX_TABLE_SIZE 16384
 #endif /* HYBRID_PREFIX_TABLE_SIZE */
+#ifndef HYBRID_SOURCE_TABLE_SIZE
+#define HYBRID_SOURCE_TABLE_SIZE 65536  /* LRU: per-source admission buckets */
+#endif /* HYBRID_SOURCE_TABLE_SIZE */
 /* HYBRID_PIN_DIR: when defined (a string literal, a directory on a bpffs), every map is created
  * pinned there, or reopened if a pin already exists (state survives a restart of the tool). */
 
@@ -41,6 +44,8 @@
 #define HYBRID_MAP_PORTS    "hybrid_ports"     /* array[65536] of __u8 HYBRID_PORT_* bits, index = port (host order) */
 #define HYBRID_MAP_IFACES   "hybrid_ifaces"    /* hash      __u32 ifindex -> struct hybrid_iface */
 #define HYBRID_MAP_STATS    "hybrid_stats"     /* percpu_array[HYBRID_MAX_IFACES] of struct hybrid_stats */
+#define HYBRID_MAP_SOURCES  "hybrid_sources"   /* lru_hash  struct hybrid_addr_key -> struct hybrid_bucket */
+#define HYBRID_MAP_BUDGET   "hybrid_budget"    /* percpu_array[1] of struct hybrid_bucket (global budget) */
 
 /* ---- Program names --------------------------------------------------------------------------- */
 #define HYBRID_PROG_XDP "hybrid_xdp"
@@ -70,6 +75,24 @@
 /* ---- hybrid_config.flags ---------------------------------------------------------------------- */
 #define HYBRID_CFG_HAVE_PREFIXES (1U << 0)  /* the prefix trie is non-empty: skip lookups otherwise */
 #define HYBRID_CFG_HAVE_PORTS    (1U << 1)  /* some port is watched: skip the array lookup otherwise */
+#define HYBRID_CFG_OVER_DROP     (1U << 2)  /* over budget and no payload: drop (else pass unflagged) */
+
+/* ---- Admission control ------------------------------------------------------------------------
+ * Budgets on flagged packets, so that no traffic can flood the engine (and its queue, whose
+ * overflow would pass packets uninspected with fail-open). Both are GCRA token buckets: a bucket
+ * holds a theoretical arrival time (tat); a packet is admitted when tat - now <= tolerance, and
+ * then tat = max(tat, now) + interval. interval = 1 s / rate; tolerance = interval * (burst - 1).
+ *   per source  (hybrid_sources, keyed by source address): charged by packets that start a flow
+ *               (a new or restarted flow entry, fragments, unparseable transports);
+ *   global      (hybrid_budget, one bucket per CPU, each with rate / online CPUs): charged by
+ *               every flagged packet. Flow-starting packets are admitted only while at most half
+ *               the tolerance is used, so a SYN flood cannot starve the first payload packets of
+ *               established flows (which need a completed handshake, so cannot be spoofed).
+ * Over budget: a packet that carries payload is dropped (TCP retransmits it; it is never passed
+ * uninspected: a flood must not be a way past the engine); a packet without payload (a SYN, a
+ * bare ACK) is dropped with HYBRID_CFG_OVER_DROP, else passed unflagged: the engine still sees
+ * the flow's first payload. Neither consumes the flow's first-N budget. An interval of 0 turns a
+ * budget off. With OVER_DROP, XDP also drops SYNs of a source whose bucket is over budget. */
 
 /* ---- hybrid_ports values ---------------------------------------------------------------------- */
 #define HYBRID_PORT_TCP (1U << 0)
@@ -89,6 +112,7 @@
 /* ---- Counters: index into struct hybrid_stats.c ----------------------------------------------
  * XDP counts XDP_*; tc counts the rest. Invariant at tc, per interface:
  *   PACKETS = NOT_IP + MALFORMED_L3 + FLAGGED + BYPASSED + PASSED + DROP_TC_FLOW + DROP_TC_PREFIX
+ *           + OVER_DROP + OVER_PASS
  * and FLAGGED <= sum(REASON_*) (a packet may have several reasons; each is counted). */
 #define HYBRID_CNT_XDP_PACKETS     0   /* packets seen by hybrid_xdp */
 #define HYBRID_CNT_XDP_DROP_FLOW   1   /* dropped at XDP: flow verdict BLOCK */
@@ -105,7 +129,12 @@
 #define HYBRID_CNT_FLOW_FULL       12  /* flow table insert failed (packet still classified, uncounted) */
 #define HYBRID_CNT_VERDICT_EXPIRED 13  /* verdicts that reached their expiry and reverted to NONE */
 #define HYBRID_CNT_REASON_BASE     14  /* HYBRID_CNT_REASON_BASE + bit index of HYBRID_REASON_* */
-#define HYBRID_CNT_MAX             (HYBRID_CNT_REASON_BASE + HYBRID_REASON_COUNT)  /* 22 */
+#define HYBRID_CNT_OVER_DROP       22  /* outcome: over an admission budget, dropped at tc */
+#define HYBRID_CNT_OVER_PASS       23  /* outcome: over an admission budget, passed unflagged */
+#define HYBRID_CNT_OVER_SOURCE     24  /* event: the per-source budget refused a packet */
+#define HYBRID_CNT_OVER_GLOBAL     25  /* event: the global budget refused a packet */
+#define HYBRID_CNT_XDP_DROP_SOURCE 26  /* dropped at XDP: a SYN from a source over its budget */
+#define HYBRID_CNT_MAX             27
 
 /* ---- Structs ---------------------------------------------------------------------------------- */
 
@@ -117,8 +146,13 @@ struct hybrid_config {
 	__u32 reasons;      /* HYBRID_REASON_* bits that may flag a packet */
 	__u32 first_n;      /* payload-carrying packets flagged per direction at a flow's start */
 	__u32 flags;        /* HYBRID_CFG_* */
-	__u32 _pad0;
-};                          /* 24 bytes */
+	__u32 skip_reasons; /* reasons the running engine declared it needs no packets for (its
+	                     * rules decide nothing on them); flagged = reasons & ~skip_reasons */
+	__u64 source_interval_ns;   /* per-source admission: 1 s / rate; 0 = off */
+	__u64 source_tolerance_ns;  /* interval * (burst - 1) */
+	__u64 global_interval_ns;   /* global admission, per CPU: online CPUs * 1 s / rate; 0 = off */
+	__u64 global_tolerance_ns;  /* interval * (per-CPU burst - 1) */
+};                          /* 56 bytes */
 
 /* Direction-independent flow key. Addresses are IPv6 or IPv4-mapped IPv6 (::ffff:a.b.c.d),
  * network byte order. The (address, port) pair that compares lower (memcmp of the address, then
@@ -163,8 +197,16 @@ struct hybrid_iface {
 	__u32 flags;        /* HYBRID_IFACE_* */
 };                          /* 8 bytes */
 
+struct hybrid_addr_key {
+	__u8  addr[16];     /* network order; IPv4 as IPv4-mapped IPv6 */
+};                          /* 16 bytes */
+
+struct hybrid_bucket {
+	__u64 tat_ns;       /* CLOCK_MONOTONIC: theoretical arrival time of the next packet (GCRA) */
+};                          /* 8 bytes */
+
 struct hybrid_stats {
 	__u64 c[HYBRID_CNT_MAX];
-};                          /* 176 bytes; per CPU: userspace sums over possible CPUs */
+};                          /* 216 bytes; per CPU: userspace sums over possible CPUs */
 
 #endif /* HYBRID_COMMON_H */

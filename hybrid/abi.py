@@ -13,6 +13,7 @@ import ctypes
 # ---- Load-time knob defaults ------------------------------------------------------------------
 FLOW_TABLE_SIZE = 131072
 PREFIX_TABLE_SIZE = 16384
+SOURCE_TABLE_SIZE = 65536
 
 MAX_IFACES = 64
 MAX_VLAN_DEPTH = 2
@@ -25,7 +26,9 @@ MAP_PREFIXES = "hybrid_prefixes"
 MAP_PORTS = "hybrid_ports"
 MAP_IFACES = "hybrid_ifaces"
 MAP_STATS = "hybrid_stats"
-MAP_NAMES = (MAP_CONFIG, MAP_FLOWS, MAP_PREFIXES, MAP_PORTS, MAP_IFACES, MAP_STATS)
+MAP_SOURCES = "hybrid_sources"
+MAP_BUDGET = "hybrid_budget"
+MAP_NAMES = (MAP_CONFIG, MAP_FLOWS, MAP_PREFIXES, MAP_PORTS, MAP_IFACES, MAP_STATS, MAP_SOURCES, MAP_BUDGET)
 
 PROG_XDP = "hybrid_xdp"
 PROG_TC = "hybrid_tc_ingress"
@@ -70,6 +73,7 @@ REASON_NAMES = {
 # ---- Config flags, port bits, prefix actions, flow flags, iface flags ---------------------------
 CFG_HAVE_PREFIXES = 1 << 0
 CFG_HAVE_PORTS = 1 << 1
+CFG_OVER_DROP = 1 << 2
 
 PORT_TCP = 1 << 0
 PORT_UDP = 1 << 1
@@ -98,7 +102,12 @@ CNT_FLOW_NEW = 11
 CNT_FLOW_FULL = 12
 CNT_VERDICT_EXPIRED = 13
 CNT_REASON_BASE = 14
-CNT_MAX = CNT_REASON_BASE + REASON_COUNT  # 22
+CNT_OVER_DROP = 22
+CNT_OVER_PASS = 23
+CNT_OVER_SOURCE = 24
+CNT_OVER_GLOBAL = 25
+CNT_XDP_DROP_SOURCE = 26
+CNT_MAX = 27
 
 # index -> snake_case name
 COUNTER_NAMES: dict[int, str] = {
@@ -117,10 +126,15 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_FLOW_FULL: "flow_full",
     CNT_VERDICT_EXPIRED: "verdict_expired",
     **{CNT_REASON_BASE + bit.bit_length() - 1: f"reason_{name}" for bit, name in REASON_NAMES.items()},
+    CNT_OVER_DROP: "over_drop",
+    CNT_OVER_PASS: "over_pass",
+    CNT_OVER_SOURCE: "over_source",
+    CNT_OVER_GLOBAL: "over_global",
+    CNT_XDP_DROP_SOURCE: "xdp_drop_source",
 }
 # The tc counters whose sum equals CNT_PACKETS (the invariant in the header).
 TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASSED,
-               CNT_DROP_TC_FLOW, CNT_DROP_TC_PREFIX)
+               CNT_DROP_TC_FLOW, CNT_DROP_TC_PREFIX, CNT_OVER_DROP, CNT_OVER_PASS)
 
 
 def reason_counter(bit: int) -> int:
@@ -141,7 +155,11 @@ class Config(ctypes.Structure):
         ("reasons", ctypes.c_uint32),
         ("first_n", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
-        ("_pad0", ctypes.c_uint32),
+        ("skip_reasons", ctypes.c_uint32),
+        ("source_interval_ns", ctypes.c_uint64),
+        ("source_tolerance_ns", ctypes.c_uint64),
+        ("global_interval_ns", ctypes.c_uint64),
+        ("global_tolerance_ns", ctypes.c_uint64),
     ]
 
 
@@ -193,6 +211,18 @@ class Iface(ctypes.Structure):
     ]
 
 
+class AddrKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class Bucket(ctypes.Structure):
+    _fields_ = [
+        ("tat_ns", ctypes.c_uint64),
+    ]
+
+
 class Stats(ctypes.Structure):
     _fields_ = [
         ("c", ctypes.c_uint64 * CNT_MAX),
@@ -201,7 +231,8 @@ class Stats(ctypes.Structure):
 
 # Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
 # against bcc).
-SIZES = {Config: 24, FlowKey: 40, Flow: 72, PrefixKey: 20, Prefix: 8, Iface: 8, Stats: 176}
+SIZES = {Config: 56, FlowKey: 40, Flow: 72, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
+         Stats: 216}
 
 # map name -> (key type, value type); value is per CPU for hybrid_stats.
 MAP_LAYOUTS: dict[str, tuple[type, type]] = {
@@ -211,5 +242,7 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     MAP_PORTS: (ctypes.c_uint32, ctypes.c_uint8),
     MAP_IFACES: (ctypes.c_uint32, Iface),
     MAP_STATS: (ctypes.c_uint32, Stats),
+    MAP_SOURCES: (AddrKey, Bucket),
+    MAP_BUDGET: (ctypes.c_uint32, Bucket),
 }
-PERCPU_MAPS = frozenset({MAP_STATS})
+PERCPU_MAPS = frozenset({MAP_STATS, MAP_BUDGET})

@@ -115,7 +115,38 @@ class AttachOptions:
         cfg.mark_mask = self.mark_mask
         cfg.reasons = sum(REASON_BITS[r] for r in set(self.reasons))
         cfg.first_n = self.first_n
+        if self.over_budget == "drop":
+            cfg.flags |= abi.CFG_OVER_DROP
+        if self.source_rate:
+            cfg.source_interval_ns, cfg.source_tolerance_ns = gcra_params(self.source_rate, self.source_burst)
+        if self.global_rate:
+            # One bucket per CPU (no lock, no shared cache line): each gets its share.
+            cpus = online_cpus()
+            cfg.global_interval_ns, cfg.global_tolerance_ns = gcra_params(
+                max(1, self.global_rate // cpus), (self.global_burst or self.global_rate) // cpus)
         return cfg
+
+
+def gcra_params(rate: int, burst: int) -> tuple[int, int]:
+    """(interval, tolerance) in ns of a GCRA bucket admitting ``rate`` packets per second with
+    bursts of ``burst`` packets (0: one second's worth)."""
+    interval = max(1, 1_000_000_000 // rate)
+    burst = burst or rate
+    return interval, interval * (max(1, burst) - 1)
+
+
+def online_cpus() -> int:
+    """CPUs that can receive packets (the kernel's "online" list, e.g. "0-1,4")."""
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            text = f.read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        n += int(b or a) - int(a) + 1
+    return max(1, n)
 
 
 # -- state file ----------------------------------------------------------------------------------
@@ -264,8 +295,11 @@ def _apply_config(maps, opts: AttachOptions, old_cfg) -> None:
     again means "this configuration", not "this configuration added to the last one"."""
     from .maps import format_prefix, parse_cidr
     cfg = opts.config()
-    if old_cfg is not None:   # keep what the maps API maintains (HAVE_PORTS/PREFIXES)
-        cfg.flags = old_cfg.flags
+    if old_cfg is not None:
+        # Keep what the maps API maintains (HAVE_PORTS/PREFIXES) and what a running engine
+        # declared (skip_reasons); the options own the rest.
+        cfg.flags |= old_cfg.flags & (abi.CFG_HAVE_PORTS | abi.CFG_HAVE_PREFIXES)
+        cfg.skip_reasons = old_cfg.skip_reasons
     maps.set_config(cfg)
     wanted_prefixes: dict[str, int] = {}
     for cidrs, action in ((opts.watch_prefixes, abi.PREFIX_WATCH), (opts.block_prefixes, abi.PREFIX_BLOCK)):
@@ -524,6 +558,11 @@ def status() -> dict:
     out["netfilter"] = [asdict(s) for s in netfilter.status()]
     from .engine import read_stats
     out["engines"] = read_stats(os.path.join(STATE_ROOT, instance))
+    from . import nfq   # the kernel's queue counters, and what a full queue let through
+    o = state.options
+    out["queue"] = nfq.queue_report(o.get("queue_first", 0), o.get("queue_last", 0), o.get("fail_open", True),
+                                    os.path.join(STATE_ROOT, instance),
+                                    rule_packets=sum(s["queued_packets"] for s in out["netfilter"]))
     return out
 
 

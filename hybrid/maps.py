@@ -458,6 +458,18 @@ class Maps:
         """CIDR -> action bits."""
         return {format_prefix(key): value.action for key, value in self._items(abi.MAP_PREFIXES)}
 
+    # -- admission buckets ----------------------------------------------------------------------------
+    def sources(self) -> dict[str, int]:
+        """Per-source admission buckets: address -> theoretical arrival time (CLOCK_MONOTONIC
+        ns; a source is over budget while it is more than the tolerance ahead of now)."""
+        return {str(addr_from16(bytes(k.addr))): v.tat_ns for k, v in self._items(abi.MAP_SOURCES)}
+
+    def clear_admission(self) -> None:
+        """Forget every bucket: each source and each CPU starts with a full burst."""
+        for key in list(self._keys(abi.MAP_SOURCES)):
+            self._delete(abi.MAP_SOURCES, key)
+        self._update(abi.MAP_BUDGET, ctypes.c_uint32(0), (abi.Bucket * self.ncpu)())
+
     # -- flows --------------------------------------------------------------------------------------
     flow_key = staticmethod(flow_key)
 

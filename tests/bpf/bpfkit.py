@@ -38,6 +38,7 @@ def reset(maps: Maps) -> None:
         maps.unregister_iface(ifindex)
     for slot in range(abi.MAX_IFACES):
         maps._zero_slot(slot)
+    maps.clear_admission()
     maps.set_config(default_config())
     assert maps.register_iface(LO) == 1
 

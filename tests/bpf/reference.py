@@ -237,6 +237,34 @@ class Reference:
         for cidr, action in (prefixes or {}).items():
             self.add_prefix(cidr, action)
         self.flows: dict[tuple, RefFlow] = {}
+        self.sources: dict[bytes, int] = {}     # admission: source address -> tat (GCRA)
+        self.global_tat = 0                     # the global bucket (one CPU's)
+
+    @staticmethod
+    def _gcra(tat: int, now: int, interval: int, tolerance: int) -> int:
+        t = max(tat, now)
+        return 0 if t - now > tolerance else t + interval
+
+    def _admit(self, saddr: bytes, starts_flow: bool, now: int) -> list[int]:
+        """admit(): [] when admitted (buckets charged), else the CNT_OVER_* events."""
+        cfg, over = self.config, []
+        src_tat = glob_tat = 0
+        if starts_flow and cfg.source_interval_ns:
+            src_tat = self._gcra(self.sources.get(saddr, 0), now, cfg.source_interval_ns, cfg.source_tolerance_ns)
+            if not src_tat:
+                over.append(abi.CNT_OVER_SOURCE)
+        if cfg.global_interval_ns:
+            tol = cfg.global_tolerance_ns // 2 if starts_flow else cfg.global_tolerance_ns
+            glob_tat = self._gcra(self.global_tat, now, cfg.global_interval_ns, tol)
+            if not glob_tat:
+                over.append(abi.CNT_OVER_GLOBAL)
+        if over:
+            return over
+        if starts_flow and cfg.source_interval_ns:
+            self.sources[saddr] = src_tat
+        if cfg.global_interval_ns:
+            self.global_tat = glob_tat
+        return []
 
     def add_prefix(self, cidr: str, action: int) -> None:
         key = parse_cidr(cidr)
@@ -268,6 +296,12 @@ class Reference:
             return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_PREFIX)
         if p.status != PKT_OK:
             return XdpResult(XDP_PASS, None)
+        cfg = self.config
+        if (cfg.flags & abi.CFG_OVER_DROP and cfg.source_interval_ns and p.proto == IPPROTO_TCP
+                and p.tcp_flags & (SYN | ACK) == SYN):
+            tat = self.sources.get(p.saddr)
+            if tat is not None and tat > now_ns and tat - now_ns > cfg.source_tolerance_ns:
+                return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_SOURCE)
         key, _ = canonical_key(p)
         flow = self.flows.get(key)
         if flow and flow.verdict == abi.VERDICT_BLOCK and (
@@ -339,9 +373,18 @@ class Reference:
                         reasons |= abi.REASON_PORT
             if p.proto == IPPROTO_TCP and suspicious(p.tcp_flags):
                 reasons |= abi.REASON_SUSPICIOUS
-        reasons &= cfg.reasons
+        reasons &= cfg.reasons & ~cfg.skip_reasons
         if not reasons:
             return TcResult(TC_ACT_PASS, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)
+        if cfg.source_interval_ns or cfg.global_interval_ns:
+            over = self._admit(p.saddr, p.status != PKT_OK or abi.CNT_FLOW_NEW in events, now_ns)
+            if over:
+                events += over
+                if p.payload_len > 0 or p.status != PKT_OK or cfg.flags & abi.CFG_OVER_DROP:
+                    if flow is not None and p.payload_len > 0:
+                        flow.payload_packets[direction] -= 1    # a dropped packet spends no first-N
+                    return TcResult(TC_ACT_SHOT, mark, abi.CNT_OVER_DROP, 0, tuple(events), key, direction)
+                return TcResult(TC_ACT_PASS, mark, abi.CNT_OVER_PASS, 0, tuple(events), key, direction)
         if flow is not None:
             flow.flagged += 1
         new_mark = (cfg.mark_value & cfg.mark_mask) | (mark & ~cfg.mark_mask & 0xFFFFFFFF)

@@ -50,7 +50,8 @@ def test_struct_sizes_match_header_comments():
     text = HEADER.read_text()
     stated = dict(re.findall(r"struct hybrid_(\w+) \{.*?\};\s+/\* (\d+) bytes", text, re.S))
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
-                 "prefix": abi.Prefix, "iface": abi.Iface, "stats": abi.Stats}
+                 "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
+                 "stats": abi.Stats}
     assert set(stated) == set(by_c_name)
     for cname, size in stated.items():
         assert ctypes.sizeof(by_c_name[cname]) == int(size) == abi.SIZES[by_c_name[cname]], cname
@@ -61,7 +62,8 @@ def test_struct_fields_match_header():
     text = HEADER.read_text()
     structs = dict(re.findall(r"struct hybrid_(\w+) \{(.*?)\};", text, re.S))
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
-                 "prefix": abi.Prefix, "iface": abi.Iface, "stats": abi.Stats}
+                 "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
+                 "stats": abi.Stats}
     for cname, body in structs.items():
         fields = re.findall(r"__[us]\d+\s+(\w+)", re.sub(r"/\*.*?\*/", "", body, flags=re.S))
         assert fields == [f[0] for f in by_c_name[cname]._fields_], cname
@@ -74,7 +76,7 @@ def test_counter_names_table():
     assert all(re.fullmatch(r"[a-z0-9_]+", n) for n in names)
     assert abi.COUNTER_NAMES[abi.CNT_XDP_DROP_FLOW] == "xdp_drop_flow"
     assert abi.COUNTER_NAMES[abi.CNT_REASON_BASE] == "reason_syn"
-    assert abi.COUNTER_NAMES[abi.CNT_MAX - 1] == "reason_malformed"
+    assert abi.COUNTER_NAMES[abi.CNT_REASON_BASE + abi.REASON_COUNT - 1] == "reason_malformed"
     # Every CNT_* constant's name is its table entry.
     for attr in dir(abi):
         if attr.startswith("CNT_") and attr not in ("CNT_MAX", "CNT_REASON_BASE"):
@@ -86,7 +88,7 @@ def test_counter_names_table():
     assert abi.reason_names(abi.REASON_SYN | abi.REASON_PORT) == ["syn", "port"]
     assert set(abi.TC_OUTCOMES) | {abi.CNT_PACKETS} == {
         abi.CNT_PACKETS, abi.CNT_NOT_IP, abi.CNT_MALFORMED_L3, abi.CNT_FLAGGED, abi.CNT_BYPASSED,
-        abi.CNT_PASSED, abi.CNT_DROP_TC_FLOW, abi.CNT_DROP_TC_PREFIX}
+        abi.CNT_PASSED, abi.CNT_DROP_TC_FLOW, abi.CNT_DROP_TC_PREFIX, abi.CNT_OVER_DROP, abi.CNT_OVER_PASS}
 
 
 def test_verdict_names():
