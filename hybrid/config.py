@@ -422,7 +422,8 @@ def load(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None
                 if owner is not None:
                     raise src.error(None, section, f"{section!r} belongs in the [{owner}] table: put it under "
                                                    f"a [{owner}] header")
-                raise src.error(None, section, f"unknown table {section!r}, {_suggest(section, SECTIONS)}")
+                raise ConfigFileError(path, src.line(section) or src.line(None, section),
+                                      f"unknown table {section!r}, {_suggest(section, SECTIONS)}")
             if not isinstance(table, dict):
                 raise src.error(None, section, f"{section!r} is a table: write [{section}] and its keys below it")
             keys = [f.key for f in FIELDS if f.section == section]

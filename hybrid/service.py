@@ -87,7 +87,7 @@ def setup_json_logging(level: str, stream=None) -> None:
     root.setLevel(level.upper())
 
 
-def event(level: int, name: str, msg: str, **fields) -> None:
+def event(level: int, name: str, msg: str, /, **fields) -> None:
     log.log(level, msg, extra={"event": name, "fields": fields})
 
 

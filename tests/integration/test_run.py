@@ -1,0 +1,355 @@
+"""hybridctl run in the lab: started from the example configuration, real traffic, metrics,
+SIGHUP reloads (good and broken files), restarts with a connection flowing through the gateway
+(kill -9, and stop/start with the kernel side kept), and a stop that leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from hybrid import abi, bpfsys
+from hybrid.labservers import Nginx
+from hybrid.lab import netns
+from hybrid.maps import Maps, flow_key
+
+pytestmark = pytest.mark.integration
+HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "examples", "hybrid.toml")
+REALISTIC = os.path.join(ROOT, "examples", "rules", "realistic.toml")
+IFACES = ("--interface", "to-client", "--interface", "to-server")
+HAVE_METRICS = importlib.util.find_spec("hybrid.metrics") is not None
+ALSO_BLOCKED = '\n[[rule]]\nname = "block-also"\nproto = "tcp"\nhttp_host = ".also-blocked.example"\n' \
+               'action = "reject"\nflow = "block"\n'
+
+
+def wait_for(cond, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def in_gw(lab, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *argv], capture_output=True, text=True,
+                          timeout=120)
+
+
+def hybrid_rules(lab) -> list[str]:
+    """Every iptables/ip6tables line that mentions hybrid, in the gateway."""
+    out = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        proc = in_gw(lab, tool)
+        assert proc.returncode == 0, proc.stderr
+        out += [f"{tool}: {ln}" for ln in proc.stdout.splitlines() if "HYBRID" in ln or "hybrid" in ln]
+    return out
+
+
+def status(lab) -> dict:
+    proc = in_gw(lab, HYBRIDCTL, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+class Run:
+    """One `hybridctl run` in the gateway namespace, its JSON log in a file."""
+
+    def __init__(self, lab, tmp_path, *args: str, name: str = "run"):
+        self.lab = lab
+        self.log_path = tmp_path / f"{name}.jsonl"
+        self.err_path = tmp_path / f"{name}.stderr"
+        with open(self.log_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "run", *args],
+                                         stdout=out, stderr=err, start_new_session=True)
+
+    def lines(self) -> list[dict]:
+        with open(self.log_path) as f:
+            return [json.loads(ln) for ln in f if ln.strip()]
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in self.lines() if e["event"] == name]
+
+    def wait_event(self, name: str, count: int = 1, timeout: float = 60.0) -> dict:
+        def ready():
+            if self.proc.poll() is not None and len(self.events(name)) < count:
+                raise AssertionError(f"hybridctl run exited ({self.proc.returncode}) before {name}: "
+                                     f"{self.err_path.read_text()} {self.log_path.read_text()}")
+            got = self.events(name)
+            return got[count - 1] if len(got) >= count else None
+        return wait_for(ready, f"event {name} #{count}", timeout)
+
+    def wait_bound(self, queues: int = 1) -> None:
+        self.wait_event("engine_bound", queues)
+
+    def engine_pids(self) -> list[int]:
+        return [e["pid"] for e in self.events("engine_started")]
+
+    def send(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        for pid in self.engine_pids():
+            with contextlib.suppress(ProcessLookupError):
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def runs(lab):
+    """Start `hybridctl run`s; whatever a test leaves running is killed and hybrid detached."""
+    started: list[Run] = []
+    yield started
+    for r in started:
+        r.kill()
+    assert in_gw(lab, HYBRIDCTL, "detach", "--all").returncode == 0
+
+
+def curl(lab, host: str) -> subprocess.CompletedProcess:
+    return lab.run("client", ["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+                              f"http://{lab.info.server.ipv4}/", "-H", f"Host: {host}"], check=False)
+
+
+def test_run_from_the_example_configuration(lab, tmp_path, runs):
+    """The issue's end-to-end check: the example configuration, traffic, metrics, SIGHUP with a
+    changed, then a broken rules file and configuration, and SIGTERM leaving nothing behind."""
+    conf = tmp_path / "hybrid.toml"
+    shutil.copy(EXAMPLE, conf)
+    rules = tmp_path / "rules.toml"
+    shutil.copy(REALISTIC, rules)
+    extra = ("--metrics", "--metrics-listen", "127.0.0.1:0") if HAVE_METRICS else ()
+    r = Run(lab, tmp_path, "--config", str(conf), *IFACES, "--rules", str(rules), *extra)
+    runs.append(r)
+    r.wait_bound()
+    start = r.events("starting")[0]
+    assert start["pid"] == r.proc.pid and start["config"] == str(conf)
+    attached = r.events("attached")[0]
+    assert attached["interfaces"] == {"to-client": "off", "to-server": "off"} and attached["queues"] == "0"
+
+    with Nginx(lab):
+        assert curl(lab, "www.example.test").stdout == "200"
+        assert curl(lab, "x.blocked.example").returncode == 56           # reset by the engine
+        assert curl(lab, "x.also-blocked.example").stdout == "200"       # not yet
+
+        if HAVE_METRICS:
+            port = r.wait_event("metrics_serving")["port"]
+            scrape = lab.run("gw", ["curl", "-s", "-m", "5", f"http://127.0.0.1:{port}/metrics"], check=False)
+            assert scrape.returncode == 0 and "hybrid" in scrape.stdout
+
+        # A changed rules file: SIGHUP, and the engine decides with the new rules.
+        rules.write_text(realistic_text() + ALSO_BLOCKED)
+        r.send(signal.SIGHUP)
+        r.wait_event("reloaded")
+        wait_for(lambda: any(e["msg"].startswith("rules reloaded") for e in r.events("log")), "engine reload")
+        assert curl(lab, "x.also-blocked.example").returncode == 56
+        assert curl(lab, "www.example.test").stdout == "200"
+
+        # A broken rules file: refused with its FILE:LINE, the running rules stay.
+        rules.write_text(realistic_text() + ALSO_BLOCKED + '\n[[rule]]\nname = "oops"\nproto = "tcpp"\n')
+        r.send(signal.SIGHUP)
+        refused = r.wait_event("reload_refused")
+        assert re.search(rf"{re.escape(str(rules))}:\d+: proto 'tcpp'", refused["error"]), refused
+        assert curl(lab, "x.also-blocked.example").returncode == 56
+        assert curl(lab, "www.example.test").stdout == "200"
+
+        # A changed configuration: attached again with the new watch list, no engine restart.
+        rules.write_text(realistic_text() + ALSO_BLOCKED)
+        conf.write_text(conf.read_text().replace("watch_port = []", "watch_port = [10010]"))
+        r.send(signal.SIGHUP)
+        re_attached = r.wait_event("reattached")
+        assert re_attached["changed"] == ["attach.watch_port"] and re_attached["reused_pins"] is True
+        assert len(r.events("engine_started")) == 1
+
+        # A broken configuration: refused with its FILE:LINE, nothing changes.
+        conf.write_text(conf.read_text().replace('queues = "0"', 'queues = "zero"'))
+        r.send(signal.SIGHUP)
+        refused = r.wait_event("reload_refused", 2)
+        line = next(i for i, ln in enumerate(conf.read_text().splitlines(), 1) if ln.startswith("queues"))
+        assert refused["error"].startswith(f"{conf}:{line}: queues 'zero'"), refused
+        assert curl(lab, "x.blocked.example").returncode == 56
+
+    engines = r.engine_pids()
+    assert r.stop() == 0
+    assert r.events("detached") and r.events("stopped")[0]["exit_status"] == 0
+    # Nothing left: no process, no rule, no program, no pins, no state.
+    assert not any(alive(pid) for pid in engines)
+    assert hybrid_rules(lab) == []
+    st = status(lab)
+    assert st["attached"] is False and "warning" not in st
+    assert not os.path.exists(f"/run/hybrid/instances/{lab.netns('gw')}")
+    assert not os.path.exists(f"/run/hybrid/bpffs/{lab.netns('gw')}")
+    for e in r.lines():                       # every line is one JSON object with the common fields
+        assert {"ts", "level", "event", "msg"} <= set(e)
+    assert "Traceback" not in r.err_path.read_text()
+
+
+def realistic_text() -> str:
+    with open(REALISTIC) as f:
+        return f.read()
+
+
+class Stream:
+    """One TCP connection client -> server through the gateway, sending without pause; counts
+    what arrives and records any error on either side."""
+
+    PORT = 5599
+
+    def __init__(self, lab):
+        self.lab = lab
+        with netns(lab.netns("server")):
+            self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((lab.info.server.ipv4, self.PORT))
+        self.listener.listen(1)
+        with netns(lab.netns("client")):
+            self.client = socket.socket()
+        self.client.settimeout(10)
+        self.client.connect((lab.info.server.ipv4, self.PORT))
+        self.server, _ = self.listener.accept()
+        self.server.settimeout(30)
+        self.sport = self.client.getsockname()[1]
+        self.received = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._recv, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _send(self):
+        chunk = b"x" * 65536
+        try:
+            while not self._stop.is_set():
+                self.client.sendall(chunk)
+            self.client.shutdown(socket.SHUT_WR)
+        except BaseException as exc:   # noqa: BLE001 - recorded for the test to judge
+            self.errors.append(exc)
+
+    def _recv(self):
+        try:
+            while True:
+                data = self.server.recv(1 << 20)
+                if not data:
+                    return
+                self.received += len(data)
+        except BaseException as exc:   # noqa: BLE001
+            self.errors.append(exc)
+
+    def flowing(self, more: int = 20_000_000, timeout: float = 30.0) -> None:
+        """Wait until ``more`` further bytes arrived."""
+        target = self.received + more
+        wait_for(lambda: self.received >= target or self.errors, "bytes to keep flowing", timeout)
+        assert not self.errors, self.errors
+
+    def close(self) -> int:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+        for s in (self.client, self.server, self.listener):
+            s.close()
+        return self.received
+
+
+def flow_state(lab, stream: Stream) -> tuple[int, int, int]:
+    """(id of the pinned flow table, the stream's verdict, packets the kernel counted for it)."""
+    pin = f"/run/hybrid/bpffs/{lab.netns('gw')}"
+    fd = bpfsys.obj_get(os.path.join(pin, "hybrid_flows"))
+    try:
+        map_id = bpfsys.map_info(fd).id
+    finally:
+        os.close(fd)
+    with Maps.open_pinned(pin) as maps:
+        key, _ = flow_key(lab.info.client.ipv4, lab.info.server.ipv4, stream.sport, Stream.PORT, 6)
+        flow = maps.get_flow(key)
+    assert flow is not None, "the stream is not in the flow table"
+    return map_id, flow.verdict, flow.packets[0] + flow.packets[1]
+
+
+def test_restart_with_traffic_flowing_cuts_no_connection(lab, tmp_path, runs):
+    """kill -9 and restart, then stop and start with keep_attached_on_stop: the connection
+    never breaks, the flow table (and the stream's bypass verdict and counters) carries on, and
+    no rule is duplicated. The last run detaches on stop and leaves nothing behind."""
+    args = ("--config", EXAMPLE, *IFACES, "--rules", REALISTIC, "--keep-attached")
+    first = Run(lab, tmp_path, *args, name="first")
+    runs.append(first)
+    first.wait_bound()
+    rules_before = hybrid_rules(lab)
+    assert len([ln for ln in rules_before if "-j NFQUEUE" in ln]) == 2          # one per family
+
+    stream = Stream(lab)
+    try:
+        stream.flowing()
+        table, verdict, packets = flow_state(lab, stream)
+        assert verdict == abi.VERDICT_BYPASS          # decided once, then kept in the kernel
+
+        # kill -9: the supervisor dies at once; its engines follow (PR_SET_PDEATHSIG).
+        engines = first.engine_pids()
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+        wait_for(lambda: not any(alive(p) for p in engines), "the engines to follow their supervisor")
+        stream.flowing()
+        assert status(lab)["attached"] is True
+
+        second = Run(lab, tmp_path, *args, name="second")
+        runs.append(second)
+        second.wait_bound()
+        assert second.events("attached")[0]["reused_pins"] is True
+        stream.flowing()
+        table2, verdict2, packets2 = flow_state(lab, stream)
+        assert (table2, verdict2) == (table, abi.VERDICT_BYPASS) and packets2 > packets
+        assert hybrid_rules(lab) == rules_before                                  # nothing duplicated
+
+        # stop (SIGTERM) with the kernel side kept, then start again.
+        assert second.stop() == 0
+        assert second.events("kept_attached") and not second.events("detached")
+        stream.flowing()
+        assert hybrid_rules(lab) == rules_before
+
+        third = Run(lab, tmp_path, *args[:-1], "--detach-on-stop", name="third")
+        runs.append(third)
+        third.wait_bound()
+        assert third.events("attached")[0]["reused_pins"] is True
+        stream.flowing()
+        table3, verdict3, packets3 = flow_state(lab, stream)
+        assert (table3, verdict3) == (table, abi.VERDICT_BYPASS) and packets3 > packets2
+        assert hybrid_rules(lab) == rules_before
+
+        assert third.stop() == 0
+        assert third.events("detached")
+        stream.flowing()                                  # hybrid gone: the connection carries on
+    finally:
+        total = stream.close()
+    assert not stream.errors, stream.errors                 # no reset, no broken pipe, ever
+    assert total > 100_000_000
+    assert hybrid_rules(lab) == [] and status(lab)["attached"] is False
