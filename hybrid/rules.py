@@ -493,6 +493,9 @@ class RuleSet:
         self.needs_indev = any(key == "iif" for r in rules for key, _ in r.shown)
         # Whether any rule reads the TLS SNI (the engine then joins split ClientHellos).
         self.needs_sni = any(key == "tls_sni" for r in rules for key, _ in r.shown)
+        # Whether a bare TCP SYN can be decided anything but "accept, leave the flow alone"; when
+        # not, the engine tells the kernel not to queue SYNs (they would only cost a round trip).
+        self.needs_syn = _needs_syn(rules, default)
         self.default = default
         self.plugin_paths = plugin_paths
         self.counters: dict[str, int] = {r.name: 0 for r in rules}
@@ -558,6 +561,64 @@ class RuleSet:
                     "action": dd.action, "reject_with": None, "mark": None, "rewrite": None,
                     "flow": dd.flow, "ttl": dd.ttl, "log": dd.log})
         return out
+
+
+# Keys that only match a packet with payload: a bare SYN never satisfies them.
+_PAYLOAD_ONLY_KEYS = frozenset({"payload_hex", "http_method", "http_host", "http_path", "tls_sni", "dns_qname"})
+# Every bare TCP SYN (with or without ECN bits) the kernel flags with REASON_SYN.
+_SYN_FLAG_VARIANTS = (0x02, 0x42, 0x82, 0xC2)
+
+
+def _syn_fit(rule: _Rule) -> str:
+    """How a rule's matchers meet bare TCP SYNs: "none" (it can match none), "all" (it matches
+    every one) or "some" (it may match some: addresses, ports, interfaces, regexes ...)."""
+    if rule.protos is not None and 6 not in rule.protos:
+        return "none"
+    fit = "all"
+    for key, value in rule.shown:
+        if key in ("proto", "name"):
+            continue
+        if key in _PAYLOAD_ONLY_KEYS or (key == "payload_contains" and value not in ("''", '""')):
+            return "none"
+        if key == "fragment":
+            if value == "true":
+                return "none"
+            continue
+        if key == "payload_len":
+            lo = int(value.split("-")[0])
+            if lo > 0:
+                return "none"
+            continue
+        if key == "tcp_flags":
+            flags, mask = _parse_tcp_flags(value)
+            hits = [(f & mask) == flags for f in _SYN_FLAG_VARIANTS]
+            if not any(hits):
+                return "none"
+            if not all(hits):
+                fit = "some"
+            continue
+        fit = "some"          # src, dst, ports, iif, payload_regex, payload_contains "": may match
+    return fit
+
+
+def _is_noop(d: Decision) -> bool:
+    return d.action == "accept" and d.flow == "none" and d.mark is None and d.rewrite is None and not d.log
+
+
+def _needs_syn(rules: list[_Rule], default: Decision) -> bool:
+    """False when no bare TCP SYN can get a decision other than a silent accept that leaves
+    its flow alone: then queueing SYNs costs a kernel-user round trip per connection and
+    decides nothing (the engine still sees each flow's first payload). Conservative: a plugin,
+    a logging rule or anything else that might act on some SYN means True."""
+    for r in rules:
+        fit = _syn_fit(r)
+        if fit == "none":
+            continue
+        if r.plugin is not None or not _is_noop(r.decision):
+            return True
+        if fit == "all":
+            return False
+    return not _is_noop(default)
 
 
 def _show_rewrite(spec: tuple) -> str:
