@@ -163,7 +163,10 @@ def detach(interfaces, all_, as_json) -> None:
 _SHOWN = [("packets", "seen (tc)"), ("flagged", "flagged"), ("bypassed", "bypassed"), ("passed", "passed"),
           ("xdp_drop_flow", "dropped at XDP, flow"), ("xdp_drop_prefix", "dropped at XDP, prefix"),
           ("drop_tc_flow", "dropped at tc, flow"), ("drop_tc_prefix", "dropped at tc, prefix"),
-          ("not_ip", "not IP"), ("malformed_l3", "malformed IP")]
+          ("not_ip", "not IP"), ("malformed_l3", "malformed IP"),
+          ("over_pass", "over budget, passed"), ("over_drop", "over budget, dropped"),
+          ("over_source", "  refused: source budget"), ("over_global", "  refused: global budget"),
+          ("xdp_drop_source", "dropped at XDP, source")]
 
 
 @click.command()
@@ -185,6 +188,14 @@ def status(as_json: bool) -> None:
         c = st["config"]
         click.echo(f"mark {c['mark']}, first {c['first_n']} payload packets per direction, "
                    f"flagging: {', '.join(c['reasons'])}")
+        if c.get("skipped_by_engine"):
+            click.echo(f"not queued because the engine's rules decide nothing on them: "
+                       f"{', '.join(c['skipped_by_engine'])}")
+        adm = c.get("admission") or {}
+        budgets = [f"{k} {v['rate']:,}/s (burst {v['burst']:,})" for k in ("source", "global")
+                   if (v := adm.get(k))]
+        if budgets:
+            click.echo(f"admission: {', '.join(budgets)}; over budget without payload: {adm['over_budget']}")
     for name, e in st["interfaces"].items():
         where = "MISSING" if e.get("missing") else (
             f"tc {'ok' if e.get('tc_attached') else 'MISSING'}, XDP "
@@ -201,6 +212,7 @@ def status(as_json: bool) -> None:
         if nf["installed"]:
             click.echo(f"netfilter {nf['family']}: chain HYBRID from {', '.join(nf['hooks']) or 'no hook'}, "
                        f"{nf['queued_packets']:,} packets matched the queue rule")
+    _print_queues(st.get("queue"))
     for e in st.get("engines", []):
         alive = _pid_alive(e.get("pid"))
         click.echo(f"engine queue {e['queue']} ({'running, pid ' + str(e['pid']) if alive else 'stopped'}): "
@@ -213,6 +225,26 @@ def status(as_json: bool) -> None:
             click.echo(f"  last reload refused: {e['last_reload_error']}")
     if st.get("warning"):
         click.echo(f"warning: {st['warning']}")
+
+
+def _print_queues(rep: dict | None) -> None:
+    """The kernel's side of each queue, and what overflowed since the engines bound."""
+    if not rep:
+        return
+    for q in rep["queues"]:
+        if not q["bound"]:
+            click.echo(f"queue {q['queue']}: no engine bound (" + ("flagged packets pass uninspected, --queue-bypass"
+                       if rep["fail_open"] else "flagged packets are dropped") + ")")
+            continue
+        click.echo(f"queue {q['queue']}: engine bound, {q['queued']:,} packets queued since it bound, "
+                   f"{q['waiting']:,} waiting for a verdict")
+    if not any(q["bound"] for q in rep["queues"]):
+        return
+    passed = rep["passed_overflow"]
+    click.echo(f"  {'passed by fail-open overflow':<36}" + (f"{passed:>12,}" if passed is not None else
+               f"{'unknown':>12}  (an engine bound before this version recorded its start)"))
+    click.echo(f"  {'dropped by overflow (fail-closed)':<36}{rep['dropped_overflow']:>12,}")
+    click.echo(f"  {'dropped, socket buffer full':<36}{rep['user_dropped']:>12,}")
 
 
 def _pid_alive(pid) -> bool:

@@ -549,7 +549,9 @@ def status() -> dict:
             out["flows"] = maps.flow_count()
             cfg = maps.get_config()
             out["config"] = {"mark": f"0x{cfg.mark_value:x}/0x{cfg.mark_mask:x}", "first_n": cfg.first_n,
-                             "reasons": [r for r, bit in REASON_BITS.items() if cfg.reasons & bit]}
+                             "reasons": [r for r, bit in REASON_BITS.items() if cfg.reasons & bit],
+                             "skipped_by_engine": [r for r, bit in REASON_BITS.items() if cfg.skip_reasons & bit],
+                             "admission": _admission_view(cfg)}
         else:
             out["warning"] = f"pinned maps missing under {state.pin_dir}: re-run attach or detach"
     finally:
@@ -564,6 +566,17 @@ def status() -> dict:
                                     os.path.join(STATE_ROOT, instance),
                                     rule_packets=sum(s["queued_packets"] for s in out["netfilter"]))
     return out
+
+
+def _admission_view(cfg: abi.Config) -> dict:
+    """The budgets as rates (per second, whole gateway) and the over-budget policy."""
+    def rate(interval: int, tolerance: int, share: int = 1) -> dict | None:
+        if not interval:
+            return None
+        return {"rate": share * round(1e9 / interval), "burst": share * (tolerance // interval + 1)}
+    return {"source": rate(cfg.source_interval_ns, cfg.source_tolerance_ns),
+            "global": rate(cfg.global_interval_ns, cfg.global_tolerance_ns, online_cpus()),
+            "over_budget": "drop" if cfg.flags & abi.CFG_OVER_DROP else "pass"}
 
 
 def instances() -> list[str]:
