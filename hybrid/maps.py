@@ -125,6 +125,50 @@ def format_flow_key(key: abi.FlowKey) -> str:
     return f"{proto} {middle} vlan {key.vlan}"
 
 
+def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None) -> dict:
+    """One flow-table entry as plain data, oriented from the endpoint that sent its first packet
+    (``src``) to the other (``dst``); per-direction counters are ``[from src, from dst]``.
+    ``verdict`` is the effective one: an expired verdict reads "none" (tc reverts it on the
+    flow's next packet). ``ttl`` is seconds left, None when the verdict never expires; ``age``
+    and ``idle`` are seconds since the first and the last packet (CLOCK_MONOTONIC, like
+    bpf_ktime_get_ns). ``flow`` is the FLOW form that ``hybridctl block`` takes."""
+    now = time.monotonic_ns() if now_ns is None else now_ns
+    lo, hi = addr_from16(bytes(key.addr_lo)), addr_from16(bytes(key.addr_hi))
+    plo, phi = key_ports(key)
+    orig = 1 if flow.flags & abi.FLOW_ORIG_HI else 0
+    (src, sport), (dst, dport) = ((hi, phi), (lo, plo)) if orig else ((lo, plo), (hi, phi))
+    expires = flow.verdict_expires_ns
+    live = flow.verdict != abi.VERDICT_NONE and (expires == 0 or expires > now)
+    proto = PROTO_NAMES.get(key.proto, str(key.proto))
+
+    def endpoint(ip: IPAddress, port: int) -> str:
+        return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
+
+    if key.proto in (6, 17):
+        spec = f"{proto} {endpoint(src, sport)} {endpoint(dst, dport)}"
+    elif key.proto in ICMP_PROTOS and sport:
+        spec = f"{proto} {src} {dst} id {sport}"
+    else:
+        spec = f"{proto} {src} {dst}"
+    if key.vlan:
+        spec += f" vlan {key.vlan}"
+    return {
+        "flow": spec, "proto": proto, "src": str(src), "sport": sport, "dst": str(dst), "dport": dport,
+        "vlan": key.vlan,
+        "verdict": abi.VERDICT_NAMES.get(flow.verdict, str(flow.verdict)) if live else "none",
+        "expired_verdict": abi.VERDICT_NAMES.get(flow.verdict, str(flow.verdict))
+        if flow.verdict != abi.VERDICT_NONE and not live else None,
+        "ttl": round((expires - now) / 1e9, 3) if live and expires else None,
+        "age": round(max(0, now - flow.first_seen_ns) / 1e9, 3),
+        "idle": round(max(0, now - flow.last_seen_ns) / 1e9, 3),
+        "packets": [flow.packets[orig], flow.packets[1 - orig]],
+        "bytes": [flow.bytes[orig], flow.bytes[1 - orig]],
+        "payload_packets": [flow.payload_packets[orig], flow.payload_packets[1 - orig]],
+        "flagged": flow.flagged,
+        "midstream": bool(flow.flags & abi.FLOW_MIDSTREAM),
+    }
+
+
 def parse_cidr(cidr: str) -> abi.PrefixKey:
     """LPM key of an IPv4 or IPv6 CIDR (a bare address is a /32 or /128). IPv4 is stored
     IPv4-mapped: 198.18.0.0/15 becomes ::ffff:198.18.0.0/111. Host bits are cleared."""
@@ -476,6 +520,12 @@ class Maps:
     def flows(self) -> Iterator[tuple[abi.FlowKey, abi.Flow]]:
         """Every (key, flow) in the flow table (a snapshot per batch; the table keeps changing)."""
         return self._items(abi.MAP_FLOWS)
+
+    def flow_infos(self, now_ns: int | None = None) -> Iterator[dict]:
+        """:func:`flow_info` of every entry in the flow table."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        for key, flow in self.flows():
+            yield flow_info(key, flow, now)
 
     def flow_count(self) -> int:
         return sum(1 for _ in self._keys(abi.MAP_FLOWS))

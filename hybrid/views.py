@@ -1,0 +1,326 @@
+"""What ``hybridctl top``, ``hybridctl flows`` and the metrics endpoint show, computed once: a
+snapshot of one instance's counters (kernel, netfilter queue, engines), totals and rates from
+two snapshots, the engine's decision-time histogram in Prometheus buckets, and the FLOW and
+PREFIX syntax of ``hybridctl block|bypass|unblock``.
+
+Everything is read, nothing changed: the pinned maps (hybrid.maps), the netfilter queue's
+counters in /proc/net/netfilter/nfnetlink_queue (hybrid.nfq), the engines' stats files
+(hybrid.engine.read_stats). The instance is the one of the calling process's network
+namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import time
+from dataclasses import dataclass
+
+from . import abi, nfq
+from .errors import ConfigError, NotFoundError
+
+# ---- the instance's maps --------------------------------------------------------------------------
+
+
+def instance_state(instance: str | None = None):
+    """(instance name, attach.State or None) of the current network namespace."""
+    from .attach import State, instance_name
+    name = instance or instance_name()
+    return name, State.load(name)
+
+
+@contextlib.contextmanager
+def instance_maps(instance: str | None = None):
+    """The pinned maps of the attached instance, closed on exit; a one-line error when hybrid is
+    not attached here."""
+    from .attach import _pin_access
+    from .maps import Maps
+    name, state = instance_state(instance)
+    if state is None or not state.interfaces:
+        raise NotFoundError(f"hybrid is not attached in this network namespace ({name}): "
+                            "run 'hybridctl attach IFACE...' first")
+    pin = _pin_access(name)
+    if pin is None:
+        raise NotFoundError(f"the hybrid bpffs is not mounted, so the maps of {name} are unreachable: "
+                            "re-run 'hybridctl attach' or 'hybridctl detach --all'")
+    maps = Maps.open_pinned(pin)
+    try:
+        yield state, maps
+    finally:
+        maps.close()
+
+
+# ---- one snapshot -----------------------------------------------------------------------------------
+def pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except PermissionError:
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def snapshot(instance: str | None = None, *, top_flows: int = 0, flow_scan: bool = True) -> dict:
+    """Everything the views show, read at (nearly) one instant.
+
+    ``flow_scan``: walk the flow table to count flows by verdict (and keep the ``top_flows``
+    entries with the most flagged packets); without it only the total is counted.
+    """
+    name, state = instance_state(instance)
+    snap: dict = {"instance": name, "time": time.monotonic(), "attached": bool(state and state.interfaces),
+                  "interfaces": {}, "unregistered": {}, "flows": None, "flows_by_verdict": None,
+                  "flow_table_size": None, "top_flows": [], "queues": {}, "engines": []}
+    first, last = 0, 65535
+    if state is not None and state.interfaces:
+        opts = state.options
+        first, last = opts.get("queue_first", 0), opts.get("queue_last", 0)
+        snap["flow_table_size"] = opts.get("flow_table_size")
+        snap["queue_range"] = [first, last]
+        with instance_maps(name) as (_, maps):
+            stats = maps.stats()
+            for ifname, ist in sorted(state.interfaces.items()):
+                snap["interfaces"][ifname] = stats.get(ist.ifindex, {})
+            snap["unregistered"] = stats.get(0, {})
+            if flow_scan:
+                by_verdict = {v: 0 for v in abi.VERDICT_NAMES.values()}
+                top: list[dict] = []
+                n = 0
+                now = time.monotonic_ns()
+                from .maps import flow_info
+                for key, flow in maps.flows():
+                    n += 1
+                    info = None
+                    if top_flows and flow.flagged and (len(top) < top_flows or flow.flagged > top[-1]["flagged"]):
+                        info = flow_info(key, flow, now)
+                        top.append(info)
+                        top.sort(key=lambda f: -f["flagged"])
+                        del top[top_flows:]
+                    if flow.verdict == abi.VERDICT_NONE:
+                        by_verdict["none"] += 1
+                    else:
+                        info = info or flow_info(key, flow, now)
+                        by_verdict[info["verdict"]] = by_verdict.get(info["verdict"], 0) + 1
+                snap["flows"], snap["flows_by_verdict"], snap["top_flows"] = n, by_verdict, top
+            else:
+                snap["flows"] = maps.flow_count()
+    for q, c in nfq.counters().items():
+        if first <= q <= last:
+            snap["queues"][q] = {"waiting": c.waiting, "dropped": c.dropped, "user_dropped": c.user_dropped,
+                                 "queued_total": c.id_sequence}
+    if state is not None:
+        from .attach import STATE_ROOT
+        from .engine import read_stats
+        for e in read_stats(os.path.join(STATE_ROOT, name)):
+            e["alive"] = pid_alive(e.get("pid"))
+            snap["engines"].append(e)
+    return snap
+
+
+# ---- totals and rates -------------------------------------------------------------------------------
+# Kernel counters summed over the instance's interfaces (and the unregistered slot).
+_KERNEL_TOTALS = {
+    "seen": ("packets",),
+    "seen_xdp": ("xdp_packets",),
+    "flagged": ("flagged",),
+    "bypassed": ("bypassed",),
+    "passed": ("passed",),
+    "dropped_xdp": ("xdp_drop_flow", "xdp_drop_prefix"),
+    "dropped_tc": ("drop_tc_flow", "drop_tc_prefix"),
+    "flows_new": ("flow_new",),
+}
+USERSPACE_DROPS = ("drop", "reject")
+
+
+def totals(snap: dict) -> dict[str, int]:
+    """Flat named totals of a snapshot: kernel (seen, flagged, reason_*, bypassed, passed,
+    dropped_xdp, dropped_tc, flows_new), queue (queued, queue_overflow, queue_waiting) and
+    engine (engine_packets, accepted, dropped_user). Engines that stopped keep counting with
+    their last published figures."""
+    out: dict[str, int] = {}
+    counters = [*snap["interfaces"].values(), snap.get("unregistered") or {}]
+    for name, keys in _KERNEL_TOTALS.items():
+        out[name] = sum(c.get(k, 0) for c in counters for k in keys)
+    for reason in abi.REASON_NAMES.values():
+        out[f"reason_{reason}"] = sum(c.get(f"reason_{reason}", 0) for c in counters)
+    queues = snap["queues"].values()
+    out["queued"] = sum(q["queued_total"] for q in queues)
+    out["queue_overflow"] = sum(q["dropped"] + q["user_dropped"] for q in queues)
+    out["queue_waiting"] = sum(q["waiting"] for q in queues)
+    engines = snap["engines"]
+    out["engine_packets"] = sum(e.get("packets", 0) for e in engines)
+    out["accepted"] = sum(n for e in engines for a, n in e.get("actions", {}).items() if a not in USERSPACE_DROPS)
+    out["dropped_user"] = sum(e.get("actions", {}).get(a, 0) for e in engines for a in USERSPACE_DROPS)
+    return out
+
+
+# Totals that are levels, not counters: no rate.
+GAUGES = frozenset({"queue_waiting"})
+
+
+def rates(before: dict[str, int], after: dict[str, int], seconds: float) -> dict[str, float]:
+    """Per-second rates of every counter in ``after``. A counter that went down was reset (an
+    engine restarted, a queue was re-bound): its rate counts from zero, as Prometheus does."""
+    if seconds <= 0:
+        raise ValueError("rates need a positive interval")
+    out = {}
+    for name, value in after.items():
+        if name in GAUGES:
+            continue
+        prev = before.get(name, 0)
+        out[name] = ((value - prev) if value >= prev else value) / seconds
+    return out
+
+
+# ---- the engine's decision-time histogram -------------------------------------------------------------
+# Prometheus bucket bounds (seconds): powers of two from 2**9 ns (0.5 us) to 2**30 ns (~1.07 s).
+# Engine slot i counts 2**(i-1) <= dt < 2**i ns, so every slot falls entirely below one bound.
+HIST_FIRST, HIST_LAST = 9, 30
+
+
+def decision_buckets(log2_counts: list[int]) -> list[tuple[float, int]]:
+    """Cumulative (upper bound in seconds, count) pairs, the last bound +inf, from an engine's
+    ``decision_ns_log2`` slots (a slot's durations are all < 2**slot ns <= its bound)."""
+    out = []
+    slots = list(log2_counts)
+    cum = sum(slots[:HIST_FIRST + 1])
+    out.append((2 ** HIST_FIRST / 1e9, cum))
+    for i in range(HIST_FIRST + 1, HIST_LAST + 1):
+        cum += slots[i] if i < len(slots) else 0
+        out.append((2 ** i / 1e9, cum))
+    out.append((float("inf"), sum(slots)))
+    return out
+
+
+def merge_decisions(engines: list[dict]) -> tuple[list[int], int]:
+    """Sum of the engines' decision-time slots and ns sums."""
+    slots: list[int] = []
+    total = 0
+    for e in engines:
+        for i, n in enumerate(e.get("decision_ns_log2") or ()):
+            if i >= len(slots):
+                slots.extend([0] * (i + 1 - len(slots)))
+            slots[i] += n
+        total += e.get("decision_ns_sum", 0)
+    return slots, total
+
+
+def quantile_ns(log2_counts: list[int], q: float) -> float | None:
+    """Upper bound (ns) of the slot holding quantile ``q``: within a factor of two of the truth."""
+    n = sum(log2_counts)
+    if not n:
+        return None
+    rank = q * n
+    cum = 0
+    for i, c in enumerate(log2_counts):
+        cum += c
+        if cum >= rank and c:
+            return float(2 ** i)
+    return float(2 ** (len(log2_counts) - 1))
+
+
+# ---- FLOW and PREFIX --------------------------------------------------------------------------------
+PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+FLOW_SYNTAX = ("PROTO SRC:PORT DST:PORT (tcp, udp), PROTO SRC DST [id N] (icmp, icmpv6), or a "
+               "prefix like 198.18.1.0/24; IPv6 with ports as [2001:db8::1]:443")
+
+
+@dataclass
+class Target:
+    """What a block/bypass/unblock names: a prefix (``cidr``) or one flow (``key``)."""
+
+    text: str
+    cidr: str | None = None
+    proto: int = 0
+    src: str = ""
+    dst: str = ""
+    sport: int = 0
+    dport: int = 0
+    vlan: int = 0
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.cidr is not None
+
+    def key(self):
+        from .maps import flow_key
+        return flow_key(self.src, self.dst, self.sport, self.dport, self.proto, self.vlan)[0]
+
+
+def _endpoint(word: str, with_port: bool) -> tuple[str, int]:
+    if not with_port:
+        return str(_address(word)), 0
+    if word.startswith("["):
+        addr, sep, port = word[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"'{word}': write an IPv6 endpoint as [ADDRESS]:PORT")
+    else:
+        addr, sep, port = word.rpartition(":")
+        if not sep or ":" in addr:
+            raise ConfigError(f"'{word}': expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"'{word}': the port must be a number 0-65535")
+    return str(_address(addr)), int(port)
+
+
+def _address(word: str):
+    try:
+        return ipaddress.ip_address(word)
+    except ValueError:
+        raise ConfigError(f"'{word}' is not an IPv4 or IPv6 address") from None
+
+
+def parse_target(words: list[str] | tuple[str, ...]) -> Target:
+    """A FLOW or a PREFIX from command-line words (quoted as one word or not). FLOW: ``tcp
+    198.18.1.2:40000 198.18.2.2:80``; the order of the endpoints does not matter, ``<->`` or
+    ``->`` between them and a trailing ``vlan N`` are accepted (so a line of ``hybridctl flows``
+    can be pasted). PREFIX: one CIDR or address."""
+    parts = [w for word in words for w in word.split() if w not in ("<->", "->")]
+    text = " ".join(parts)
+    if not parts:
+        raise ConfigError(f"name a flow or a prefix: {FLOW_SYNTAX}")
+    if len(parts) == 1:
+        try:
+            net = ipaddress.ip_network(parts[0], strict=False)
+        except ValueError:
+            raise ConfigError(f"'{parts[0]}' is neither a prefix nor a flow: {FLOW_SYNTAX}") from None
+        return Target(text, cidr=str(net))
+    proto_word = parts[0].lower()
+    if proto_word in PROTOS:
+        proto = PROTOS[proto_word]
+    elif proto_word.isdigit() and 0 <= int(proto_word) <= 255:
+        proto = int(proto_word)
+    else:
+        raise ConfigError(f"'{parts[0]}' is not a protocol (tcp, udp, icmp, icmpv6 or a number): {FLOW_SYNTAX}")
+    rest = parts[1:]
+    vlan = 0
+    if len(rest) >= 2 and rest[-2].lower() == "vlan":
+        if not rest[-1].isdigit() or int(rest[-1]) > 4095:
+            raise ConfigError(f"vlan '{rest[-1]}': expected a number 0-4095")
+        vlan = int(rest[-1])
+        rest = rest[:-2]
+    ident = 0
+    if proto in (1, 58) and len(rest) == 4 and rest[2].lower() == "id":
+        if not rest[3].isdigit() or int(rest[3]) > 65535:
+            raise ConfigError(f"id '{rest[3]}': expected the ICMP echo identifier, 0-65535")
+        ident = int(rest[3])
+        rest = rest[:2]
+    if len(rest) != 2:
+        raise ConfigError(f"'{text}': expected {FLOW_SYNTAX}")
+    with_port = proto in (6, 17)
+    (src, sport), (dst, dport) = _endpoint(rest[0], with_port), _endpoint(rest[1], with_port)
+    if ipaddress.ip_address(src).version != ipaddress.ip_address(dst).version:
+        raise ConfigError(f"'{text}': both endpoints must be IPv4 or both IPv6")
+    if proto in (1, 58):
+        sport = dport = ident
+    return Target(text, proto=proto, src=src, dst=dst, sport=sport, dport=dport, vlan=vlan)
+
+
+def check_ttl(ttl: float | None) -> float | None:
+    """--ttl in seconds: positive, or 0 for "until changed" (None)."""
+    if ttl is None or ttl == 0:
+        return None
+    if ttl < 0:
+        raise ConfigError(f"--ttl {ttl:g}: give seconds > 0, or 0 for no expiry")
+    return float(ttl)

@@ -1,0 +1,180 @@
+"""Helpers for integration tests that attach hybrid in a lab's gateway namespace and run the real
+verdict engine there (used by test_metrics, test_flows and test_top): hybridctl in the gateway,
+an engine process, a metrics server process, and Prometheus text parsed by prometheus_client's
+own parser."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from hybrid.lab import netns
+
+HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
+IFACES = ["to-client", "to-server"]
+
+
+def hctl(lab, *args, check=True, timeout=120):
+    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, *args],
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hybridctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def status(lab) -> dict:
+    return json.loads(hctl(lab, "status", "--json").stdout)
+
+
+def stats_file(lab, queue=0) -> str:
+    return f"/run/hybrid/instances/{lab.netns('gw')}/engine-{queue}.json"
+
+
+def engine_stats(lab, queue=0, until=None, timeout=5.0) -> dict:
+    """The engine's published counters; with ``until``, wait until ``until(stats)`` holds (they
+    are published every 0.5 s) and return them either way for the assertions to judge."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(stats_file(lab, queue)) as f:
+            st = json.load(f)
+        if until is None or until(st) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.05)
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def nfqueue_counters(lab) -> dict[int, list[int]]:
+    """/proc/net/netfilter/nfnetlink_queue of the gateway: queue -> its columns."""
+    out = lab.run("gw", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    return {int(v[0]): [int(x) for x in v] for v in (ln.split() for ln in out.splitlines()) if v}
+
+
+class Engine:
+    """``hybridctl engine`` in the gateway with a rules file; stop() returns its stderr."""
+
+    def __init__(self, lab, rules_path):
+        self.lab = lab
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stats_file(lab))
+        self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine",
+                                      "--rules", str(rules_path)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(stats_file(lab)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("engine did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+@contextlib.contextmanager
+def attached_with_engine(lab, tmp_path, rules: str, *attach_args):
+    """hybrid attached to the gateway's two veths and an engine running ``rules``; both removed
+    afterwards, also when the body fails."""
+    rules_path = tmp_path / "rules.toml"
+    rules_path.write_text(rules)
+    hctl(lab, "attach", *IFACES, *attach_args)
+    eng = None
+    try:
+        eng = Engine(lab, rules_path)
+        yield eng
+    finally:
+        err = eng.stop() if eng is not None else ""
+        hctl(lab, "detach", "--all")
+        assert "Traceback" not in err, err
+
+
+_SERVE = ("import sys\nfrom hybrid.metrics import serve_metrics\n"
+          "h = serve_metrics(sys.argv[1], int(sys.argv[2]))\nprint(h.port, flush=True)\n"
+          "sys.stdin.read()\nh.stop()\n")
+
+
+class MetricsProcess:
+    """serve_metrics() in a Python process of the gateway namespace, as ``hybridctl run`` does;
+    it stops when its standard input closes (also if the test process dies)."""
+
+    def __init__(self, lab, host="127.0.0.1", port=0):
+        self.lab = lab
+        self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), sys.executable, "-c", _SERVE,
+                                      host, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.close()
+            raise AssertionError(f"metrics server did not start: {self.proc.stderr.read()}")
+        self.port = int(line)
+        self.host = host
+
+    def get(self, path="/metrics") -> tuple[int, str]:
+        with netns(self.lab.netns("gw")):
+            try:
+                with urllib.request.urlopen(f"http://{self.host}:{self.port}{path}", timeout=20) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+    def scrape(self) -> dict[tuple, float]:
+        """{(sample name, sorted label items): value} of one scrape."""
+        code, text = self.get()
+        assert code == 200, text
+        return parse(text)
+
+    def close(self) -> str:
+        err = ""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(Exception):
+            err = self.proc.stderr.read()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(Exception):
+                pipe.close()
+        return err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        err = self.close()
+        assert "Traceback" not in err, err
+
+
+def parse(text: str) -> dict[tuple, float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(scrape: dict, name: str, **labels) -> float:
+    return scrape[(name, tuple(sorted(labels.items())))]
