@@ -70,6 +70,13 @@ from .config import config  # noqa: E402
 main.add_command(config)
 from .run import run  # noqa: E402
 main.add_command(run)
+from .flows import block, bypass, flows, unblock  # noqa: E402
+for _cmd in (flows, block, bypass, unblock):
+    main.add_command(_cmd)
+from .top import top  # noqa: E402
+main.add_command(top)
+from .service import install_service  # noqa: E402
+main.add_command(install_service)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""The systemd unit and `hybridctl install-service`: installed into a temporary root, checked
+with `systemd-analyze verify`, and the unit's capability bounding set proven sufficient by
+running the service under exactly that set in the lab."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from hybrid.labservers import Nginx
+
+HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UNIT = os.path.join(ROOT, "deploy", "hybrid.service")
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def unit_values(path: str) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith(("#", "[")):
+                key, _, value = line.partition("=")
+                values.setdefault(key, []).append(value)
+    return values
+
+
+def verify(path: str, cwd: str) -> subprocess.CompletedProcess:
+    # systemd-analyze verify exits 0 even for lines it ignores: its output is the verdict too.
+    return subprocess.run([SYSTEMD_ANALYZE, "verify", path], capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+@pytest.mark.unit
+def test_install_service_into_a_root_and_verify_the_unit(tmp_path):
+    root = tmp_path / "root"
+    res = cli("install-service", "--root", str(root))
+    assert res.exit_code == 0, res.output
+    unit = root / "etc/systemd/system/hybrid.service"
+    conf = root / "etc/hybrid/hybrid.toml"
+    assert f"{unit}: written" in res.output and f"{conf}: written" in res.output
+    assert (root / "etc/hybrid/rules/realistic.toml").exists()
+    assert oct(conf.stat().st_mode & 0o777) == "0o600" and oct((root / "etc/hybrid").stat().st_mode & 0o777) == "0o700"
+
+    values = unit_values(str(unit))
+    assert values["ExecStart"] == [f"{HYBRIDCTL} run --config /etc/hybrid/hybrid.toml"]
+    proc = verify(str(unit), str(tmp_path))
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+
+    # The installed configuration and the rules it names are valid as installed.
+    check = cli("config", "check", "--config", str(conf))
+    assert check.exit_code == 0, check.output
+    assert f"rules {root}/etc/hybrid/rules/realistic.toml" in check.output
+
+
+@pytest.mark.unit
+def test_verify_catches_a_broken_unit(tmp_path):
+    """The check above can fail: an invalid value is reported (and only reported)."""
+    bad = tmp_path / "hybrid.service"
+    with open(UNIT) as f:
+        text = f.read().replace("ExecStart=/usr/local/bin/hybridctl", f"ExecStart={HYBRIDCTL}")
+    bad.write_text(text.replace("Restart=on-failure", "Restart=sometimes"))
+    proc = verify(str(bad), str(tmp_path))
+    assert "Failed to parse service restart specifier" in proc.stderr
+
+
+@pytest.mark.unit
+def test_install_never_overwrites_a_configuration_without_force(tmp_path):
+    root = tmp_path / "root"
+    assert cli("install-service", "--root", str(root)).exit_code == 0
+    conf = root / "etc/hybrid/hybrid.toml"
+    conf.write_text(conf.read_text().replace('"eth0", "eth1"', '"lan0", "wan0"'))
+    again = cli("install-service", "--root", str(root))
+    assert again.exit_code == 0
+    assert f"{conf}: kept (exists and differs; --force replaces it)" in again.output
+    assert f"{root}/etc/systemd/system/hybrid.service: unchanged" in again.output
+    assert '"lan0", "wan0"' in conf.read_text()
+    forced = cli("install-service", "--root", str(root), "--force")
+    assert f"{conf}: written" in forced.output and '"eth0", "eth1"' in conf.read_text()
+
+
+@pytest.mark.unit
+def test_unit_policy():
+    v = unit_values(UNIT)
+    assert v["Restart"] == ["on-failure"] and v["KillMode"] == ["mixed"]
+    assert v["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert v["CapabilityBoundingSet"] == ["CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_RAW"]
+    assert v["NoNewPrivileges"] == ["yes"] and v["ProtectSystem"] == ["full"] and v["ProtectHome"] == ["yes"]
+    assert v["PrivateTmp"] == ["yes"]
+
+
+@pytest.mark.integration
+def test_the_unit_capabilities_are_enough(lab, tmp_path):
+    """`hybridctl run` under exactly the unit's bounding set and no-new-privs, in the lab:
+    it attaches, decides (a reject needs CAP_NET_RAW), and detaches on SIGTERM."""
+    caps = unit_values(UNIT)["CapabilityBoundingSet"][0].split()
+    bset = "-all," + ",".join("+" + c[len("CAP_"):].lower() for c in caps)
+    log = tmp_path / "run.jsonl"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), "setpriv", "--bounding-set", bset,
+                                 "--inh-caps", "-all", "--no-new-privs", HYBRIDCTL, "run",
+                                 "--config", os.path.join(ROOT, "examples", "hybrid.toml"),
+                                 "--interface", "to-client", "--interface", "to-server"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and '"engine_bound"' not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, log.read_text()
+        with open(f"/proc/{proc.pid}/status") as f:
+            bnd = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapBnd:"))
+        assert bin(bnd).count("1") == len(caps)                      # really limited
+        with Nginx(lab):
+            ok = lab.run("client", ["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+                                    f"http://{lab.info.server.ipv4}/"], check=False)
+            bad = lab.run("client", ["curl", "-s", "-m", "5", f"http://{lab.info.server.ipv4}/",
+                                     "-H", "Host: x.blocked.example"], check=False)
+        assert ok.stdout == "200" and bad.returncode == 56            # reset, not a timeout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        text = log.read_text()
+        assert '"event":"detached"' in text and '"level":"error"' not in text, text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "detach", "--all"], capture_output=True)
