@@ -276,3 +276,13 @@ def test_json_log_lines():
     assert first["msg"] == "configuration reloaded" and first["ts"].endswith("Z")
     assert second["event"] == "log" and second["msg"] == "plain message" and second["level"] == "warning"
     assert second["logger"] == "hybrid.service"
+
+
+def test_deployment_doc_lists_every_key():
+    with open(os.path.join(ROOT, "docs", "deployment.md")) as f:
+        doc = f.read()
+    with open(EXAMPLE) as f:
+        example = f.read()
+    for f in hcfg.FIELDS:
+        assert f"`{f.key}`" in doc, f.name
+        assert f"{f.key} =" in example, f.name           # the example shows every key
