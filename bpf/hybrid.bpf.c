@@ -43,11 +43,11 @@ HYBRID_TABLE("hash", __u32, struct hybrid_iface, hybrid_ifaces, HYBRID_MAX_IFACE
  * plain increments are exact. Userspace sums the per-CPU copies. */
 HYBRID_TABLE("percpu_array", __u32, struct hybrid_stats, hybrid_stats, HYBRID_MAX_IFACES, 0);
 /* Admission control (hybrid_common.h). Per source: LRU, so a spoofed flood recycles the oldest
- * buckets instead of filling the table. Global: one bucket per CPU, so the hot path takes no
- * lock and bounces no cache line; each CPU gets its share of the rate. */
+ * buckets instead of filling the table. Global: one shared bucket, touched by flagged packets
+ * only. */
 HYBRID_TABLE("lru_hash", struct hybrid_addr_key, struct hybrid_bucket, hybrid_sources,
 	     HYBRID_SOURCE_TABLE_SIZE, 0);
-HYBRID_TABLE("percpu_array", __u32, struct hybrid_bucket, hybrid_budget, 1, 0);
+HYBRID_TABLE("array", __u32, struct hybrid_bucket, hybrid_budget, 1, 0);
 
 /* ---- Packet summary shared by both programs --------------------------------------------------- */
 enum hybrid_pkt_status {
@@ -334,15 +334,15 @@ static __always_inline int source_throttled(const struct hybrid_config *cfg, con
  * over-admission under contention, never an under-admission of a quiet source. */
 #define EV_OVER_SOURCE (1U << 3)
 #define EV_OVER_GLOBAL (1U << 4)
-static __always_inline __u32 admit(const struct hybrid_config *cfg, const __u32 *saddr, int starts_flow,
-				   __u64 now)
+static __always_inline __u32 admit(const struct hybrid_config *cfg, const __u32 *saddr, int first_of_flow,
+				   int unproven, __u64 now)
 {
 	struct hybrid_addr_key k;
 	struct hybrid_bucket *src = NULL, *glob = NULL, fresh = {};
 	__u64 src_tat = 0, glob_tat = 0, tol;
 	__u32 zero = 0, over = 0;
 
-	if (starts_flow && cfg->source_interval_ns) {
+	if (first_of_flow && cfg->source_interval_ns) {
 		__builtin_memcpy(k.addr, saddr, 16);
 		src = hybrid_sources.lookup(&k);
 		src_tat = gcra(src ? src->tat_ns : 0, now, cfg->source_interval_ns, cfg->source_tolerance_ns);
@@ -353,7 +353,7 @@ static __always_inline __u32 admit(const struct hybrid_config *cfg, const __u32 
 		glob = hybrid_budget.lookup(&zero);
 		if (glob) {
 			tol = cfg->global_tolerance_ns;
-			if (starts_flow)
+			if (unproven)
 				tol /= 2;     /* half the burst is held for established flows */
 			glob_tat = gcra(glob->tat_ns, now, cfg->global_interval_ns, tol);
 			if (!glob_tat)
@@ -362,7 +362,7 @@ static __always_inline __u32 admit(const struct hybrid_config *cfg, const __u32 
 	}
 	if (over)
 		return over;
-	if (starts_flow && cfg->source_interval_ns) {
+	if (first_of_flow && cfg->source_interval_ns) {
 		if (src) {
 			src->tat_ns = src_tat;
 		} else {
@@ -628,8 +628,10 @@ classify:
 	if (cfg->source_interval_ns || cfg->global_interval_ns) {
 		if (!now)
 			now = bpf_ktime_get_ns();
-		/* Flow-starting: a new (or restarted) entry, or a packet that has no flow key. */
-		over = admit(cfg, p.saddr, rc != PKT_OK || (events & EV_FLOW_NEW), now);
+		/* Unproven: a packet without a flow key, or whose flow entry it just created. First
+		 * of its flow: unproven, or its flow has had nothing flagged yet. */
+		over = admit(cfg, p.saddr, rc != PKT_OK || (events & EV_FLOW_NEW) || (flow && !flow->flagged),
+			     rc != PKT_OK || (events & EV_FLOW_NEW), now);
 		if (over) {
 			events |= over;
 			/* Payload is never passed uninspected (fragments and unparseable transports

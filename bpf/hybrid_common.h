@@ -45,7 +45,7 @@
 #define HYBRID_MAP_IFACES   "hybrid_ifaces"    /* hash      __u32 ifindex -> struct hybrid_iface */
 #define HYBRID_MAP_STATS    "hybrid_stats"     /* percpu_array[HYBRID_MAX_IFACES] of struct hybrid_stats */
 #define HYBRID_MAP_SOURCES  "hybrid_sources"   /* lru_hash  struct hybrid_addr_key -> struct hybrid_bucket */
-#define HYBRID_MAP_BUDGET   "hybrid_budget"    /* percpu_array[1] of struct hybrid_bucket (global budget) */
+#define HYBRID_MAP_BUDGET   "hybrid_budget"    /* array[1]  of struct hybrid_bucket (the global budget) */
 
 /* ---- Program names --------------------------------------------------------------------------- */
 #define HYBRID_PROG_XDP "hybrid_xdp"
@@ -82,12 +82,14 @@
  * overflow would pass packets uninspected with fail-open). Both are GCRA token buckets: a bucket
  * holds a theoretical arrival time (tat); a packet is admitted when tat - now <= tolerance, and
  * then tat = max(tat, now) + interval. interval = 1 s / rate; tolerance = interval * (burst - 1).
- *   per source  (hybrid_sources, keyed by source address): charged by packets that start a flow
- *               (a new or restarted flow entry, fragments, unparseable transports);
- *   global      (hybrid_budget, one bucket per CPU, each with rate / online CPUs): charged by
- *               every flagged packet. Flow-starting packets are admitted only while at most half
- *               the tolerance is used, so a SYN flood cannot starve the first payload packets of
- *               established flows (which need a completed handshake, so cannot be spoofed).
+ *   per source  (hybrid_sources, keyed by source address): charged by the first flagged packet
+ *               of each flow (its flow entry has flagged nothing yet, is new or restarted), and
+ *               by fragments and unparseable transports: the flows a source sends to the engine;
+ *   global      (hybrid_budget, one bucket shared by all CPUs): charged by every flagged packet.
+ *               Only flagged packets touch it, so its cache line moves at most at the budget's
+ *               rate. Packets of flow entries created by this very packet (a SYN, a new UDP
+ *               flow: spoofable) are admitted only while at most half the tolerance is used, so
+ *               a spoofed flood cannot starve the first payload packets of established flows.
  * Over budget: a packet that carries payload is dropped (TCP retransmits it; it is never passed
  * uninspected: a flood must not be a way past the engine); a packet without payload (a SYN, a
  * bare ACK) is dropped with HYBRID_CFG_OVER_DROP, else passed unflagged: the engine still sees
@@ -150,8 +152,8 @@ struct hybrid_config {
 	                     * rules decide nothing on them); flagged = reasons & ~skip_reasons */
 	__u64 source_interval_ns;   /* per-source admission: 1 s / rate; 0 = off */
 	__u64 source_tolerance_ns;  /* interval * (burst - 1) */
-	__u64 global_interval_ns;   /* global admission, per CPU: online CPUs * 1 s / rate; 0 = off */
-	__u64 global_tolerance_ns;  /* interval * (per-CPU burst - 1) */
+	__u64 global_interval_ns;   /* global admission: 1 s / rate; 0 = off */
+	__u64 global_tolerance_ns;  /* interval * (burst - 1) */
 };                          /* 56 bytes */
 
 /* Direction-independent flow key. Addresses are IPv6 or IPv4-mapped IPv6 (::ffff:a.b.c.d),

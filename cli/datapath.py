@@ -51,8 +51,10 @@ def _reasons(value: str) -> tuple[str, ...]:
               metavar="N", help="Admission: new flows per second one source may send to the engine (0: off).")
 @click.option("--source-burst", default=0, type=click.IntRange(0, 100_000_000), metavar="N",
               help="Admission: burst allowed above --source-rate  [default: one second's worth]")
-@click.option("--global-rate", default=0, show_default=True, type=click.IntRange(0, 100_000_000),
-              metavar="N", help="Admission: flagged packets per second for the whole gateway (0: off).")
+@click.option("--global-rate", default=att.DEFAULT_GLOBAL_RATE, show_default=True,
+              type=click.IntRange(0, 100_000_000), metavar="N",
+              help="Admission: flagged packets per second for the whole gateway, so the engine is "
+                   "never flooded (0: off).")
 @click.option("--global-burst", default=0, type=click.IntRange(0, 100_000_000), metavar="N",
               help="Admission: burst allowed above --global-rate  [default: one second's worth]")
 @click.option("--over-budget", type=click.Choice(att.OVER_BUDGET), default="pass", show_default=True,

@@ -245,4 +245,4 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     MAP_SOURCES: (AddrKey, Bucket),
     MAP_BUDGET: (ctypes.c_uint32, Bucket),
 }
-PERCPU_MAPS = frozenset({MAP_STATS, MAP_BUDGET})
+PERCPU_MAPS = frozenset({MAP_STATS})

@@ -37,6 +37,10 @@ TC_PREF = 1
 TC_HANDLE = 0x4859          # "HY": identifies our filter next to others on the same hook
 DEFAULT_MARK = 0x00100000   # bit 20: clear of kube-proxy (0x4000/0x8000), Cilium (0x0F00-0xFF00),
 DEFAULT_MASK = 0x00100000   # Istio (0x539) and Weave (0x20000/0x40000); configurable for the rest
+# Flagged packets per second for the whole gateway, on by default: one engine decides ~80,000
+# packets/s of realistic rules on the reference machine (docs/benchmarks.md); half of that leaves
+# room for a slower box and for the kernel's own work on the queue. 0 turns it off.
+DEFAULT_GLOBAL_RATE = 40_000
 DEFAULT_FIRST_N = 3         # payload packets per direction; see docs/design.md for why 3
 DEFAULT_REASONS = ("syn", "first-n", "port", "prefix", "suspicious", "fragment", "inspect", "malformed")
 REASON_BITS = {
@@ -76,7 +80,7 @@ class AttachOptions:
     # payload is always dropped, so a flood can never push payload past the engine uninspected.
     source_rate: int = 0
     source_burst: int = 0
-    global_rate: int = 0
+    global_rate: int = DEFAULT_GLOBAL_RATE
     global_burst: int = 0
     over_budget: str = "pass"
 
@@ -120,10 +124,7 @@ class AttachOptions:
         if self.source_rate:
             cfg.source_interval_ns, cfg.source_tolerance_ns = gcra_params(self.source_rate, self.source_burst)
         if self.global_rate:
-            # One bucket per CPU (no lock, no shared cache line): each gets its share.
-            cpus = online_cpus()
-            cfg.global_interval_ns, cfg.global_tolerance_ns = gcra_params(
-                max(1, self.global_rate // cpus), (self.global_burst or self.global_rate) // cpus)
+            cfg.global_interval_ns, cfg.global_tolerance_ns = gcra_params(self.global_rate, self.global_burst)
         return cfg
 
 
@@ -134,19 +135,6 @@ def gcra_params(rate: int, burst: int) -> tuple[int, int]:
     burst = burst or rate
     return interval, interval * (max(1, burst) - 1)
 
-
-def online_cpus() -> int:
-    """CPUs that can receive packets (the kernel's "online" list, e.g. "0-1,4")."""
-    try:
-        with open("/sys/devices/system/cpu/online") as f:
-            text = f.read().strip()
-    except OSError:
-        return os.cpu_count() or 1
-    n = 0
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        n += int(b or a) - int(a) + 1
-    return max(1, n)
 
 
 # -- state file ----------------------------------------------------------------------------------
@@ -570,12 +558,12 @@ def status() -> dict:
 
 def _admission_view(cfg: abi.Config) -> dict:
     """The budgets as rates (per second, whole gateway) and the over-budget policy."""
-    def rate(interval: int, tolerance: int, share: int = 1) -> dict | None:
+    def rate(interval: int, tolerance: int) -> dict | None:
         if not interval:
             return None
-        return {"rate": share * round(1e9 / interval), "burst": share * (tolerance // interval + 1)}
+        return {"rate": round(1e9 / interval), "burst": tolerance // interval + 1}
     return {"source": rate(cfg.source_interval_ns, cfg.source_tolerance_ns),
-            "global": rate(cfg.global_interval_ns, cfg.global_tolerance_ns, online_cpus()),
+            "global": rate(cfg.global_interval_ns, cfg.global_tolerance_ns),
             "over_budget": "drop" if cfg.flags & abi.CFG_OVER_DROP else "pass"}
 
 

@@ -225,7 +225,7 @@ FIELDS: tuple[Field, ...] = (
           "Admission: new flows per second one source may send to the engine (0: off).", "--source-rate"),
     Field("attach", "source_burst", _int(0, 100_000_000, "200"), 0,
           "Admission: burst above source_rate (0: one second's worth).", "--source-burst"),
-    Field("attach", "global_rate", _int(0, 100_000_000, "50000"), 0,
+    Field("attach", "global_rate", _int(0, 100_000_000, "50000"), att.DEFAULT_GLOBAL_RATE,
           "Admission: flagged packets per second for the whole gateway (0: off).", "--global-rate"),
     Field("attach", "global_burst", _int(0, 100_000_000, "100000"), 0,
           "Admission: burst above global_rate (0: one second's worth).", "--global-burst"),

@@ -512,7 +512,7 @@ class Maps:
         """Forget every bucket: each source and each CPU starts with a full burst."""
         for key in list(self._keys(abi.MAP_SOURCES)):
             self._delete(abi.MAP_SOURCES, key)
-        self._update(abi.MAP_BUDGET, ctypes.c_uint32(0), (abi.Bucket * self.ncpu)())
+        self._update(abi.MAP_BUDGET, ctypes.c_uint32(0), abi.Bucket())
 
     # -- flows --------------------------------------------------------------------------------------
     flow_key = staticmethod(flow_key)

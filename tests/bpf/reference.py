@@ -238,29 +238,29 @@ class Reference:
             self.add_prefix(cidr, action)
         self.flows: dict[tuple, RefFlow] = {}
         self.sources: dict[bytes, int] = {}     # admission: source address -> tat (GCRA)
-        self.global_tat = 0                     # the global bucket (one CPU's)
+        self.global_tat = 0                     # the global bucket
 
     @staticmethod
     def _gcra(tat: int, now: int, interval: int, tolerance: int) -> int:
         t = max(tat, now)
         return 0 if t - now > tolerance else t + interval
 
-    def _admit(self, saddr: bytes, starts_flow: bool, now: int) -> list[int]:
+    def _admit(self, saddr: bytes, first_of_flow: bool, unproven: bool, now: int) -> list[int]:
         """admit(): [] when admitted (buckets charged), else the CNT_OVER_* events."""
         cfg, over = self.config, []
         src_tat = glob_tat = 0
-        if starts_flow and cfg.source_interval_ns:
+        if first_of_flow and cfg.source_interval_ns:
             src_tat = self._gcra(self.sources.get(saddr, 0), now, cfg.source_interval_ns, cfg.source_tolerance_ns)
             if not src_tat:
                 over.append(abi.CNT_OVER_SOURCE)
         if cfg.global_interval_ns:
-            tol = cfg.global_tolerance_ns // 2 if starts_flow else cfg.global_tolerance_ns
+            tol = cfg.global_tolerance_ns // 2 if unproven else cfg.global_tolerance_ns
             glob_tat = self._gcra(self.global_tat, now, cfg.global_interval_ns, tol)
             if not glob_tat:
                 over.append(abi.CNT_OVER_GLOBAL)
         if over:
             return over
-        if starts_flow and cfg.source_interval_ns:
+        if first_of_flow and cfg.source_interval_ns:
             self.sources[saddr] = src_tat
         if cfg.global_interval_ns:
             self.global_tat = glob_tat
@@ -377,7 +377,8 @@ class Reference:
         if not reasons:
             return TcResult(TC_ACT_PASS, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)
         if cfg.source_interval_ns or cfg.global_interval_ns:
-            over = self._admit(p.saddr, p.status != PKT_OK or abi.CNT_FLOW_NEW in events, now_ns)
+            unproven = p.status != PKT_OK or abi.CNT_FLOW_NEW in events
+            over = self._admit(p.saddr, unproven or (flow is not None and flow.flagged == 0), unproven, now_ns)
             if over:
                 events += over
                 if p.payload_len > 0 or p.status != PKT_OK or cfg.flags & abi.CFG_OVER_DROP:

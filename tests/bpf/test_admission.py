@@ -3,13 +3,11 @@ global budgets on flagged packets, the over-budget policies, the rule that paylo
 passed uninspected, and the engine's skip_reasons.
 
 The buckets run on the kernel's clock, so every budget here has an interval of 1000 s: within a
-test no token is ever refilled, and the outcomes do not depend on how fast the machine is. The
-global bucket is per CPU, so those tests pin themselves to one CPU.
+test no token is ever refilled, and the outcomes do not depend on how fast the machine is.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -35,17 +33,6 @@ def budgets(*, source_burst: int = 0, global_burst: int = 0, drop: bool = False,
     if drop:
         cfg.flags |= abi.CFG_OVER_DROP
     return cfg
-
-
-@pytest.fixture
-def one_cpu():
-    """Run on one CPU, so that every packet meets the same per-CPU global bucket."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(before)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 class Both:
@@ -83,7 +70,7 @@ def test_per_source_budget_passes_unflagged_by_default(run):
     run.check_invariant()
 
 
-def test_per_source_budget_counts_only_flow_starts(run):
+def test_per_source_budget_counts_flows_not_packets(run):
     both = Both(run, budgets(source_burst=1))
     assert both.tc(tcp4("S"))[0].mark == MARK_VALUE
     # The same flow's first payload packets are not new flows: the per-source budget is not
@@ -91,6 +78,19 @@ def test_per_source_budget_counts_only_flow_starts(run):
     for _ in range(2):
         assert both.tc(tcp4("PA", b"GET / HTTP/1.1\r\n"))[0].mark == MARK_VALUE
     assert both.tc(tcp4("S", sport=40001))[1].outcome == abi.CNT_OVER_PASS
+
+
+def test_per_source_budget_charges_the_first_flagged_packet_when_syns_are_skipped(run):
+    """With the engine's SYN skip the handshake is not flagged: a flow's first payload packet is
+    the first the engine sees of it, and is what the source's budget counts."""
+    both = Both(run, budgets(source_burst=1, skip_reasons=abi.REASON_SYN))
+    for sport in (40001, 40002):
+        assert both.tc(tcp4("S", sport=sport))[1].outcome == abi.CNT_PASSED
+    assert both.tc(tcp4("PA", b"GET /", sport=40001))[0].mark == MARK_VALUE
+    assert both.tc(tcp4("PA", b"more", sport=40001))[0].mark == MARK_VALUE     # same flow: free
+    r, ref = both.tc(tcp4("PA", b"GET /", sport=40002))                          # second flow: over
+    assert (r.action, ref.outcome) == (TC_ACT_SHOT, abi.CNT_OVER_DROP)
+    assert run.nonzero()["over_source"] == 1
 
 
 def test_drop_policy_drops_at_tc_then_at_xdp(run):
@@ -115,7 +115,7 @@ def test_xdp_leaves_sources_alone_with_the_pass_policy(run):
     assert both.xdp(tcp4("S", sport=40003)) == XDP_PASS
 
 
-def test_global_budget_keeps_half_for_established_flows_and_never_passes_payload(run, one_cpu):
+def test_global_budget_keeps_half_for_established_flows_and_never_passes_payload(run):
     # Burst 3: flow starts may use the bucket up to half its tolerance (2 packets here), the
     # packets of established flows up to all of it.
     both = Both(run, budgets(global_burst=3))
@@ -142,7 +142,7 @@ def test_global_budget_keeps_half_for_established_flows_and_never_passes_payload
     run.check_invariant()
 
 
-def test_flooding_first_n_cannot_push_payload_past_the_engine(run, one_cpu):
+def test_flooding_first_n_cannot_push_payload_past_the_engine(run):
     """first_n = 2 and a budget that is spent: however many payload packets a flow sends while
     over budget, none passes unflagged; once the budget allows, the flow's first payload packet
     is still flagged as one of its first N."""
@@ -159,7 +159,7 @@ def test_flooding_first_n_cannot_push_payload_past_the_engine(run, one_cpu):
     assert r.mark == MARK_VALUE and ref.reasons & abi.REASON_FIRST_N
 
 
-def test_fragments_over_budget_are_dropped_even_with_the_pass_policy(run, one_cpu):
+def test_fragments_over_budget_are_dropped_even_with_the_pass_policy(run):
     both = Both(run, budgets(global_burst=1))
     first = frame(IP(src=A4, dst=B4, flags="MF", frag=0, proto=17) / UDP(sport=1, dport=2) / Raw(b"x" * 32))
     assert both.tc(first)[0].mark == MARK_VALUE

@@ -105,8 +105,9 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
         if (chunk_start // CHUNK) % 2:
             # Every other chunk with a per-source admission budget (small burst, drop policy;
             # 1000 s per token, so the kernel's clock and the model's agree) and the engine's
-            # skip of SYNs. (The global budget is per CPU: tests/bpf/test_admission.py.)
+            # skip of SYNs, and a global budget.
             maps.update_config(source_interval_ns=10**12, source_tolerance_ns=10**12 * 7,
+                               global_interval_ns=10**12, global_tolerance_ns=10**12 * 400,
                                flags=maps.get_config().flags | R.CFG_OVER_DROP, skip_reasons=R.REASON_SYN)
         ref = Reference(maps.get_config(), ports=cfg_ports, prefixes=cfg_prefixes)
         totals: dict[str, int] = {}
