@@ -5,7 +5,6 @@ SIGHUP reloads (good and broken files), restarts with a connection flowing throu
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -30,7 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLE = os.path.join(ROOT, "examples", "hybrid.toml")
 REALISTIC = os.path.join(ROOT, "examples", "rules", "realistic.toml")
 IFACES = ("--interface", "to-client", "--interface", "to-server")
-HAVE_METRICS = importlib.util.find_spec("hybrid.metrics") is not None
 ALSO_BLOCKED = '\n[[rule]]\nname = "block-also"\nproto = "tcp"\nhttp_host = ".also-blocked.example"\n' \
                'action = "reject"\nflow = "block"\n'
 
@@ -148,8 +146,8 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
     shutil.copy(EXAMPLE, conf)
     rules = tmp_path / "rules.toml"
     shutil.copy(REALISTIC, rules)
-    extra = ("--metrics", "--metrics-listen", "127.0.0.1:0") if HAVE_METRICS else ()
-    r = Run(lab, tmp_path, "--config", str(conf), *IFACES, "--rules", str(rules), *extra)
+    r = Run(lab, tmp_path, "--config", str(conf), *IFACES, "--rules", str(rules),
+            "--metrics", "--metrics-listen", "127.0.0.1:0")
     runs.append(r)
     r.wait_bound()
     start = r.events("starting")[0]
@@ -162,10 +160,24 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
         assert curl(lab, "x.blocked.example").returncode == 56           # reset by the engine
         assert curl(lab, "x.also-blocked.example").stdout == "200"       # not yet
 
-        if HAVE_METRICS:
-            port = r.wait_event("metrics_serving")["port"]
-            scrape = lab.run("gw", ["curl", "-s", "-m", "5", f"http://127.0.0.1:{port}/metrics"], check=False)
-            assert scrape.returncode == 0 and "hybrid" in scrape.stdout
+        # Metrics, served by run itself inside the gateway's namespace (localhost only).
+        port = r.wait_event("metrics_serving")["port"]
+
+        def scrape() -> str:
+            proc = lab.run("gw", ["curl", "-s", "-m", "5", f"http://127.0.0.1:{port}/metrics"], check=False)
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout
+
+        rejected = re.compile(r'^hybrid_engine_actions_total\{[^}]*action="reject"[^}]*\} ([0-9.e+]+)$', re.M)
+        def counted() -> str | None:
+            text = scrape()
+            m = rejected.search(text)
+            return text if m and float(m[1]) >= 1 else None
+
+        text = wait_for(counted, "the reject in the metrics", 10)
+        assert re.search(r"^hybrid_attached(\{[^}]*\})? 1\.0$", text, re.M), text
+        assert lab.run("client", ["curl", "-s", "-m", "2", f"http://{lab.info.gw_client.ipv4}:{port}/metrics"],
+                       check=False).returncode != 0                              # not reachable from outside
 
         # A changed rules file: SIGHUP, and the engine decides with the new rules.
         rules.write_text(realistic_text() + ALSO_BLOCKED)
@@ -190,6 +202,22 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
         re_attached = r.wait_event("reattached")
         assert re_attached["changed"] == ["attach.watch_port"] and re_attached["reused_pins"] is True
         assert len(r.events("engine_started")) == 1
+
+        # A changed engine setting: the engines are restarted with it.
+        conf.write_text(conf.read_text().replace("queue_len = 4096", "queue_len = 2048"))
+        r.send(signal.SIGHUP)
+        assert r.wait_event("reloaded", 3)["changed"] == ["engine.queue_len"]
+        r.wait_bound(2)
+        old_engine, new_engine = r.engine_pids()
+        assert not alive(old_engine) and alive(new_engine)
+        assert curl(lab, "x.also-blocked.example").returncode == 56
+
+        # An engine that dies is started again.
+        os.kill(new_engine, signal.SIGKILL)
+        died = r.wait_event("engine_died")
+        assert died["pid"] == new_engine and died["exit_status"] == -signal.SIGKILL
+        r.wait_bound(3)
+        assert curl(lab, "x.also-blocked.example").returncode == 56
 
         # A broken configuration: refused with its FILE:LINE, nothing changes.
         conf.write_text(conf.read_text().replace('queues = "0"', 'queues = "zero"'))
