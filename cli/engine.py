@@ -73,6 +73,8 @@ def engine(rules, queues, queue, fail_open, queue_len, log_path) -> None:
       hybridctl attach eth0 eth1 --queues 0-1
       hybridctl engine --rules examples/rules/realistic.toml --log /var/log/hybrid-verdicts.jsonl
     """
+    from hybrid.rules import load_rules
+    load_rules(rules)   # bad input first: a broken or missing rules file is exit 2 even when not attached
     settings = eng.settings_for_instance(parse_queues(queues), fail_open)
     if queue is not None:           # one engine, in this process (what run_engines starts)
         with _log_stream(log_path) as stream:

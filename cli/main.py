@@ -34,6 +34,16 @@ class HybridGroup(click.Group):
             sys.exit(130)
 
 
+def _usage_error_one_line(self: click.UsageError, file=None) -> None:
+    """Bad usage (an unknown option, a value of the wrong type, a missing argument) is one line
+    that says what to fix and where the help is, instead of click's usage block."""
+    hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+    click.echo(f"Error: {self.format_message()}{hint}", err=True, file=file)
+
+
+click.UsageError.show = _usage_error_one_line   # every UsageError click raises, in every subcommand
+
+
 @click.group(cls=HybridGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="hybridctl")
 @click.option("-v", "--verbose", count=True, help="Log what is done (-vv: every command run).")
