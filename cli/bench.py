@@ -12,7 +12,7 @@ import click
 from hybrid import bench as benchmod
 
 DEFAULT_MODES = "baseline,nfq-all,ct-new,connbytes,hybrid"
-DEFAULT_WORKLOADS = "bulk-1,bulk-4,newconn,udp-small,payload-visibility"
+DEFAULT_WORKLOADS = "bulk-1,bulk-4,newconn,udp-small,payload-visibility,flood"
 QUICK_WORKLOADS = ["bulk-1"]
 
 
@@ -36,7 +36,8 @@ def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, en
     measured in the same run. Repetitions are interleaved across modes. Every queued mode
     (all but baseline and nfq-all-bare) runs the engine with scripts/bench-rules.toml. The
     table shows each workload's main metric; --json has the extras too (newconn: p50/p99
-    latency; udp-small: packets sent and lost; payload-visibility: connections seen).
+    latency; udp-small: packets sent and lost; payload-visibility: connections seen; flood: the
+    same mode's Gbit/s without the flood, the share kept, and where the flood's packets died).
 
     \b
     Example:

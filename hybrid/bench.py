@@ -69,6 +69,7 @@ finally:
 class Probe:
     """What a mode tells the workloads run under it."""
     engine_log: str | None = None     # the engine's verdict log (JSON lines); None: no engine
+    hybrid: bool = False              # hybrid is attached (blocks go into its maps, not iptables)
 
 
 @dataclass
@@ -272,7 +273,7 @@ def hybrid_attached(lab: Lab, xdp_mode: str = "auto", rules: str | None = "") ->
                       what="hybridctl detach")
         if rules is None:
             undo.enter_context(bare_consumer(lab))
-            yield Probe()
+            yield Probe(hybrid=True)
             return
         tmp = undo.enter_context(tempfile.TemporaryDirectory(prefix="hybrid-bench-"))
         log = os.path.join(tmp, "verdicts.jsonl")
@@ -282,7 +283,7 @@ def hybrid_attached(lab: Lab, xdp_mode: str = "auto", rules: str | None = "") ->
 @contextlib.contextmanager
 def _hybrid_engine(lab: Lab, rules: str, log: str) -> Iterator[Probe]:
     with engine_process(lab, rules, log=log, cpu=_engine_cpu()):
-        yield Probe(engine_log=log)
+        yield Probe(engine_log=log, hybrid=True)
 
 
 MODES: dict[str, Mode] = {
@@ -435,12 +436,95 @@ def _payload_visibility(lab: Lab, seconds: float, probe: Probe | None = None,
     return len(seen) / n, {"connections": n, "seen": len(seen)}
 
 
+# -- flood: a blocked source floods while a legitimate bulk stream runs -----------------------------
+FLOOD_SOURCES = "198.18.1.128/25"   # spoofed, beside the client on its link; blocked in every mode
+FLOOD_PORT = 9                      # UDP discard: nothing listens, nothing in the lab answers
+FLOOD_TAG = "hybrid-bench flood"
+
+
+def _iptables_packets(lab: Lab, role: str, table: str, chain: str, comment: str) -> int:
+    """The packet counter of the rule in ``role``'s ``table``/``chain`` carrying ``comment``."""
+    out = lab.run(role, ["iptables", "-w", "-t", table, "-L", chain, "-v", "-x", "-n"]).stdout
+    for line in out.splitlines():
+        if f"/* {comment} */" in line:
+            return int(line.split()[0])
+    raise HybridError(f"the benchmark's counting rule {comment!r} vanished from {role} {table} {chain}")
+
+
+@contextlib.contextmanager
+def _flood_blocked(lab: Lab, probe: Probe) -> Iterator[Callable[[], dict[str, int]]]:
+    """Block FLOOD_SOURCES the way the mode would: hybrid modes put the prefix in hybrid's map
+    (--block-prefix at run time: dropped at XDP where XDP is attached, else at tc); every other
+    mode gets an iptables DROP as the first rule of filter FORWARD, ahead of any queue rule. A
+    counting rule in the server's raw PREROUTING sees what got through. Yields a function that
+    reads the counters (packets dropped at XDP, at tc, at netfilter, reaching the server)."""
+    from . import abi, bpffs
+    from .maps import Maps
+    with contextlib.ExitStack() as undo:
+        count = ["-s", FLOOD_SOURCES, "-m", "comment", "--comment", FLOOD_TAG]
+        lab.run("server", ["iptables", "-w", "-t", "raw", "-I", "PREROUTING", "1", *count])
+        undo.callback(lab.run, "server", ["iptables", "-w", "-t", "raw", "-D", "PREROUTING", *count], check=False)
+        maps = None
+        if probe.hybrid:
+            maps = undo.enter_context(Maps.open_pinned(os.path.join(bpffs.locate() or "", lab.netns("gw"))))
+            maps.add_prefix(FLOOD_SOURCES, abi.PREFIX_BLOCK)
+            undo.callback(maps.del_prefix, FLOOD_SOURCES)
+        else:
+            lab.run("gw", ["iptables", "-w", "-t", "filter", "-I", "FORWARD", "1", *count, "-j", "DROP"])
+            undo.callback(lab.run, "gw", ["iptables", "-w", "-t", "filter", "-D", "FORWARD", *count, "-j", "DROP"],
+                          check=False)
+
+        def read() -> dict[str, int]:
+            out = {"xdp": 0, "tc": 0, "netfilter": 0}
+            if maps is not None:
+                for ifindex, c in maps.stats().items():
+                    if ifindex:
+                        out["xdp"] += c.get("xdp_drop_prefix", 0)
+                        out["tc"] += c.get("drop_tc_prefix", 0)
+            else:
+                out["netfilter"] = _iptables_packets(lab, "gw", "filter", "FORWARD", FLOOD_TAG)
+            out["server"] = _iptables_packets(lab, "server", "raw", "PREROUTING", FLOOD_TAG)
+            return out
+
+        yield read
+
+
+def _flood(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
+    """Legitimate bulk TCP (iperf3, one stream) while spoofed sources in a blocked prefix flood
+    small UDP datagrams as fast as one process sends them (hybrid.flood, on CPU 0). Main metric:
+    the legitimate Gbit/s with the flood. Extras: the same mode's Gbit/s without the flood,
+    measured just before in the same setup (``no_flood_gbps``), their ratio (``kept``), and the
+    flood's fate in packets/s: sent, dropped at XDP, at tc, at netfilter, reaching the server,
+    and unaccounted (lost elsewhere, e.g. a full backlog queue, or still in flight)."""
+    from .flood import flooding
+    probe = probe or Probe()
+    clean = iperf3(lab, seconds)["end"]["sum_received"]["bits_per_second"] / 1e9
+    with _flood_blocked(lab, probe) as read:
+        before = read()
+        with flooding(lab, FLOOD_SOURCES, kind="udp", port=FLOOD_PORT, cpu=0) as f:
+            time.sleep(0.3)                                # the flood is at full rate first
+            res = iperf3(lab, seconds)
+        time.sleep(0.2)                                    # let the last frames land
+        after = read()
+    if f.result is None or not f.result.seconds:
+        raise HybridError("the flood sender did not report what it sent")
+    secs = f.result.seconds
+    died = {k: after[k] - before[k] for k in after}
+    gbps = res["end"]["sum_received"]["bits_per_second"] / 1e9
+    unaccounted = max(0, f.result.sent - sum(died.values()))
+    return gbps, {"no_flood_gbps": clean, "kept": gbps / clean if clean else float("nan"),
+                  "flood_sent_pps": f.result.sent / secs, "flood_xdp_pps": died["xdp"] / secs,
+                  "flood_tc_pps": died["tc"] / secs, "flood_netfilter_pps": died["netfilter"] / secs,
+                  "flood_server_pps": died["server"] / secs, "flood_unaccounted_pps": unaccounted / secs}
+
+
 WORKLOADS: dict[str, Workload] = {
     "bulk-1": Workload("bulk-1", "Gbit/s", _bulk(1)),
     "bulk-4": Workload("bulk-4", "Gbit/s", _bulk(4)),
     "newconn": Workload("newconn", "req/s", _newconn),
     "udp-small": Workload("udp-small", "packets/s", _udp_small),
     "payload-visibility": Workload("payload-visibility", "share seen", _payload_visibility),
+    "flood": Workload("flood", "Gbit/s", _flood),
 }
 
 
