@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -111,6 +112,7 @@ class Service:
         load_rules(cfg["engine.rules"], cfg["engine.flow_ttl"])
         _check_verdict_log(cfg)
         self.cfg = cfg
+        lock = _lock_instance()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         rc = 1
         try:
@@ -125,6 +127,7 @@ class Service:
             self._stop_metrics()
             if self.attached:
                 self._release()
+            _unlock_instance(lock)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         event(logging.INFO, "stopped", "hybrid stopped", exit_status=rc)
         return rc
@@ -136,10 +139,14 @@ class Service:
             if sig in (signal.SIGTERM, signal.SIGINT):
                 event(logging.INFO, "stopping", f"{signal.Signals(sig).name}: stopping", signal=signal.Signals(sig).name)
                 return 0
-            if sig == signal.SIGHUP:
-                self.reload()
-            if not self._reap():
-                return 1
+            try:
+                if sig == signal.SIGHUP:
+                    self.reload()
+                if not self._reap():
+                    return 1
+            except Exception as exc:   # noqa: BLE001 - the service outlives a failed reload or restart
+                log.error("unexpected error, running on: %s", exc, exc_info=True,
+                          extra={"event": "internal_error", "fields": {"error": str(exc)}})
 
     def _release(self) -> None:
         if self.cfg["service.keep_attached_on_stop"]:
@@ -289,6 +296,31 @@ class Service:
             with contextlib.suppress(Exception):
                 self.metrics.stop()
             self.metrics = None
+
+
+def _lock_instance() -> tuple[int, str]:
+    """One `hybridctl run` per instance: a second one would attach over the first and, on its
+    way out, detach it. The lock is an flock, so a killed holder releases it."""
+    os.makedirs(os.path.dirname(att.STATE_ROOT), mode=0o700, exist_ok=True)
+    path = os.path.join(os.path.dirname(att.STATE_ROOT), f"run-{att.instance_name()}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise HybridError(f"another 'hybridctl run' (pid {holder}) serves this network namespace: stop it "
+                          "first (systemctl stop hybrid)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, path
+
+
+def _unlock_instance(lock: tuple[int, str]) -> None:
+    fd, path = lock
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)
 
 
 def _check_verdict_log(cfg: Config) -> None:

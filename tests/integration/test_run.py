@@ -227,6 +227,16 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
         assert refused["error"].startswith(f"{conf}:{line}: queues 'zero'"), refused
         assert curl(lab, "x.blocked.example").returncode == 56
 
+    # A second run in the same namespace is refused before it touches anything.
+    conf.write_text(conf.read_text().replace('queues = "zero"', 'queues = "0"'))
+    second = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "run", "--config", str(conf),
+                             *IFACES, "--rules", str(rules), "--detach-on-stop"],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert second.stderr == f"Error: another 'hybridctl run' (pid {r.proc.pid}) serves this network namespace: " \
+                            "stop it first (systemctl stop hybrid)\n"
+    assert status(lab)["attached"] is True and all(alive(p) for p in r.engine_pids()[-1:])
+
     engines = r.engine_pids()
     assert r.stop() == 0
     assert r.events("detached") and r.events("stopped")[0]["exit_status"] == 0
@@ -237,6 +247,7 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
     assert st["attached"] is False and "warning" not in st
     assert not os.path.exists(f"/run/hybrid/instances/{lab.netns('gw')}")
     assert not os.path.exists(f"/run/hybrid/bpffs/{lab.netns('gw')}")
+    assert not os.path.exists(f"/run/hybrid/run-{lab.netns('gw')}.lock")
     for e in r.lines():                       # every line is one JSON object with the common fields
         assert {"ts", "level", "event", "msg"} <= set(e)
     assert "Traceback" not in r.err_path.read_text()
