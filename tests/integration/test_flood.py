@@ -81,3 +81,98 @@ def test_refuses_to_run_in_the_initial_namespace():
     assert proc.stderr.strip().splitlines() == [
         "flood: refusing to flood from the initial network namespace: run it inside a lab namespace "
         "(ip netns exec NAME-client ...)"]
+
+
+# -- issue 6: a SYN flood from spoofed sources against admission control ---------------------------
+SYN_RULES = ('default = "accept"\ndefault_flow = "bypass"\nflow_ttl = 300\n'
+             '[[rule]]\nname = "no-telnet"\nproto = "tcp"\ndport = 23\naction = "drop"\n')   # reads SYNs
+LEGIT = r"""
+import json, socket, sys, time
+ip, n = sys.argv[1], int(sys.argv[2])
+ok = 0
+start = time.monotonic()
+for i in range(n):
+    try:
+        with socket.create_connection((ip, 80), timeout=3) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: legit\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        ok += data.startswith(b"HTTP/1.1 200")
+    except OSError:
+        pass
+print(json.dumps({"ok": ok, "n": n, "seconds": time.monotonic() - start}))
+"""
+GLOBAL_RATE = 2000          # flagged packets/s the engine is given; the flood sends ~100x that
+CONNECTIONS = 200
+
+
+def _legit(lab) -> dict:
+    import json
+    import sys
+    proc = lab.run("client", [sys.executable, "-c", LEGIT, lab.info.server.ipv4, str(CONNECTIONS)],
+                   timeout=CONNECTIONS * 4 + 30)
+    return json.loads(proc.stdout)
+
+
+def test_syn_flood_from_spoofed_sources_leaves_legitimate_connections_through(lab, tmp_path):
+    """Spoofed SYNs from 198.18.128.0/17 at full speed while a client opens connections one after
+    another. The global budget keeps the engine's queue from ever overflowing (nothing passes
+    uninspected by overflow), the flood's SYNs are refused by the budget, and the legitimate
+    client still completes at least 99% of its connections."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from hybrid.labservers import Nginx
+    hybridctl = os.path.join(os.path.dirname(sys.executable), "hybridctl")
+
+    def hctl(*args):
+        proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), hybridctl, *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def over_global(st) -> int:
+        return sum(e["counters"].get("over_global", 0) for e in st["interfaces"].values())
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text(SYN_RULES)
+    hctl("attach", "to-client", "to-server", "--global-rate", str(GLOBAL_RATE))
+    stats = f"/run/hybrid/instances/{lab.netns('gw')}/engine-0.json"
+    engine = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), hybridctl, "engine", "--rules", str(rules)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(stats):
+            assert engine.poll() is None and time.monotonic() < deadline, "engine did not start"
+            time.sleep(0.05)
+        with Nginx(lab):
+            quiet = _legit(lab)
+            with flood.flooding(lab, "198.18.128.0/17", kind="syn", port=80, cpu=0) as f:
+                time.sleep(0.5)
+                before = json.loads(hctl("status", "--json"))
+                loud = _legit(lab)
+                after = json.loads(hctl("status", "--json"))
+        sent = f.result.sent
+        print(f"\nlegitimate client: {quiet['ok']}/{CONNECTIONS} connections at "
+              f"{quiet['ok'] / quiet['seconds']:.0f}/s without the flood, {loud['ok']}/{CONNECTIONS} at "
+              f"{loud['ok'] / loud['seconds']:.0f}/s under {f.result.pps:,.0f} spoofed SYNs/s; "
+              f"refused by the global budget: {over_global(after) - over_global(before):,}")
+        assert quiet["ok"] == CONNECTIONS
+        assert loud["ok"] >= 0.99 * CONNECTIONS, loud
+        assert sent > 10 * GLOBAL_RATE                        # it was a flood, well over budget ...
+        assert over_global(after) - over_global(before) > sent / 4   # ... that the budget refused,
+        assert after["queue"]["passed_overflow"] == 0         # so the queue never overflowed
+        assert after["queue"]["dropped_overflow"] == 0
+    finally:
+        if engine.poll() is None:
+            os.kill(engine.pid, signal.SIGTERM)
+            try:
+                engine.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(engine.pid, signal.SIGKILL)
+                engine.wait()
+        hctl("detach", "--all")
