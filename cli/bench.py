@@ -12,7 +12,7 @@ import click
 from hybrid import bench as benchmod
 
 DEFAULT_MODES = "baseline,nfq-all,ct-new,connbytes,hybrid"
-DEFAULT_WORKLOADS = "bulk-1,bulk-4,newconn,udp-small,payload-visibility,flood"
+DEFAULT_WORKLOADS = "bulk-1,bulk-4,newconn,udp-small,payload-visibility,flood,synflood"
 QUICK_WORKLOADS = ["bulk-1"]
 
 
@@ -37,7 +37,8 @@ def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, en
     (all but baseline and nfq-all-bare) runs the engine with scripts/bench-rules.toml. The
     table shows each workload's main metric; --json has the extras too (newconn: p50/p99
     latency; udp-small: packets sent and lost; payload-visibility: connections seen; flood: the
-    same mode's Gbit/s without the flood, the share kept, and where the flood's packets died).
+    same mode's Gbit/s without the flood, the share kept, and where the flood's packets died;
+    synflood: connections/s without the flood, the share kept and completed, packets queued).
 
     \b
     Example:

@@ -518,6 +518,76 @@ def _flood(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
                   "flood_server_pps": died["server"] / secs, "flood_unaccounted_pps": unaccounted / secs}
 
 
+# -- synflood: spoofed SYNs at full speed while a legitimate client opens connections -----------------
+SYNFLOOD_SOURCES = "198.18.128.0/17"   # spoofed; the server has no route back, so no backscatter
+_CONNECT_LOOP = r"""
+import json, socket, sys, time
+ip, seconds = sys.argv[1], float(sys.argv[2])
+ok = tried = 0
+start = time.monotonic()
+while time.monotonic() - start < seconds:
+    tried += 1
+    try:
+        with socket.create_connection((ip, 80), timeout=3) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: legit\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        ok += data.startswith(b"HTTP/1.1 200")
+    except OSError:
+        pass
+print(json.dumps({"ok": ok, "tried": tried, "seconds": time.monotonic() - start}))
+"""
+
+
+def _connect_loop(lab: Lab, seconds: float) -> dict:
+    proc = lab.run("client", ["taskset", "-c", "0", sys.executable, "-c", _CONNECT_LOOP, lab.info.server.ipv4,
+                              str(seconds)], timeout=seconds + 30, check=False, what="connection loop")
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise HybridError(f"the connection loop failed: {sysutil.last_line(proc.stderr) or 'no output'}") from None
+
+
+def _refused(lab: Lab, probe: Probe) -> int:
+    """Flagged packets hybrid's admission control refused so far (0 outside hybrid modes)."""
+    if not probe.hybrid:
+        return 0
+    from . import bpffs
+    from .maps import Maps
+    with Maps.open_pinned(os.path.join(bpffs.locate() or "", lab.netns("gw"))) as maps:
+        return sum(c.get("over_global", 0) + c.get("over_source", 0) for i, c in maps.stats().items() if i)
+
+
+def _synflood(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
+    """A legitimate client opening connections one after another (HTTP GET to nginx, 3 s
+    timeout, on CPU 0) while spoofed SYNs from SYNFLOOD_SOURCES flood the server's port 80 as
+    fast as hybrid.flood sends them (also CPU 0). Nothing is blocked: this measures what the
+    mode does with a flood it must classify (hybrid: admission control, default budgets). Main
+    metric: legitimate connections/s completed under the flood. Extras: the same without the
+    flood just before (``no_flood_cps``), ``kept``, the share of attempts that completed under
+    the flood (``completed``), the flood's rate, packets/s queued to userspace during the flood,
+    and (hybrid) flagged packets/s its admission control refused."""
+    from .flood import flooding
+    probe = probe or Probe()
+    with Nginx(lab):
+        quiet = _connect_loop(lab, seconds)
+        with flooding(lab, SYNFLOOD_SOURCES, kind="syn", port=80, cpu=0) as f:
+            time.sleep(0.3)
+            queued0, refused0 = _queued_total(lab), _refused(lab, probe)
+            loud = _connect_loop(lab, seconds)
+            queued1, refused1 = _queued_total(lab), _refused(lab, probe)
+    if f.result is None or not f.result.seconds:
+        raise HybridError("the flood sender did not report what it sent")
+    cps = loud["ok"] / loud["seconds"]
+    clean = quiet["ok"] / quiet["seconds"]
+    return cps, {"no_flood_cps": clean, "kept": cps / clean if clean else float("nan"),
+                 "completed": loud["ok"] / loud["tried"] if loud["tried"] else 0.0,
+                 "flood_sent_pps": f.result.sent / f.result.seconds,
+                 "queued_pps": max(0, queued1 - queued0) / loud["seconds"],
+                 "refused_pps": (refused1 - refused0) / loud["seconds"]}
+
+
 WORKLOADS: dict[str, Workload] = {
     "bulk-1": Workload("bulk-1", "Gbit/s", _bulk(1)),
     "bulk-4": Workload("bulk-4", "Gbit/s", _bulk(4)),
@@ -525,6 +595,7 @@ WORKLOADS: dict[str, Workload] = {
     "udp-small": Workload("udp-small", "packets/s", _udp_small),
     "payload-visibility": Workload("payload-visibility", "share seen", _payload_visibility),
     "flood": Workload("flood", "Gbit/s", _flood),
+    "synflood": Workload("synflood", "conn/s", _synflood),
 }
 
 
