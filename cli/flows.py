@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import json
+import sys
 
 import click
 
@@ -99,13 +100,13 @@ def flows(as_json: bool, limit: int, sort: str, verdicts: tuple[str, ...]) -> No
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col, just in (("FLOW", "left"), ("VERDICT", "left"), ("AGE", "right"), ("IDLE", "right"),
                       ("PKTS →/←", "right"), ("BYTES →/←", "right"), ("FLAGGED", "right"), ("", "left")):
-        table.add_column(col, justify=just, no_wrap=True)
+        table.add_column(col, justify=just, no_wrap=col != "FLOW", overflow="fold", min_width=len(col))
     for f in rows:
         table.add_row(f["flow"], _verdict_text(f), _duration(f["age"]), _duration(f["idle"]),
                       f"{_human(f['packets'][0])}/{_human(f['packets'][1])}",
                       f"{_human(f['bytes'][0])}/{_human(f['bytes'][1])}", str(f["flagged"]),
                       "midstream" if f["midstream"] else "")
-    Console(soft_wrap=True).print(table)
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)   # piped: never cut a FLOW
     shown = f"{len(rows)} of {matching} flows" + (f" ({total} in the table)" if matching != total else "")
     click.echo(f"{shown}, sorted by {sort}" + ("; --limit 0 shows all" if len(rows) < matching else ""))
 

@@ -4,6 +4,7 @@ engines and the flows with the most flagged packets."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import click
@@ -109,7 +110,8 @@ def render(f: dict):
     fl = Table(box=None, pad_edge=False, header_style="bold", title="top flows by flagged packets",
                title_justify="left")
     for col in ("flow", "verdict", "flagged", "packets", "bytes"):
-        fl.add_column(col, justify="left" if col in ("flow", "verdict") else "right", no_wrap=True)
+        fl.add_column(col, justify="left" if col in ("flow", "verdict") else "right", no_wrap=col != "flow",
+                      overflow="fold")
     for x in f["top_flows"]:
         fl.add_row(x["flow"], x["verdict"], f"{x['flagged']:,}", f"{sum(x['packets']):,}", f"{sum(x['bytes']):,}")
     parts = [head, Text(""), pk, Text(""), q, dec]
@@ -154,7 +156,7 @@ def top(interval: float, iterations: int, once: bool, as_json: bool, top_flows: 
                 click.echo(json.dumps(f, separators=(",", ":")))
             else:
                 from rich.console import Console
-                Console().print(render(f))
+                Console(width=None if sys.stdout.isatty() else 1000).print(render(f))
             prev = cur
         return
     from rich.live import Live
