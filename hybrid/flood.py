@@ -6,7 +6,10 @@ with correct IP and TCP/UDP checksums, one frame per (source address, source por
 through the source prefix, addressed to the gateway interface's MAC. The loop hands batches of
 frames to the kernel with ``sendmmsg()`` (one system call per batch, through ctypes), so Python
 costs almost nothing per packet; where sendmmsg is unavailable it falls back to ``send()`` per
-frame. ``PACKET_QDISC_BYPASS`` skips the sender's qdisc, as pktgen-style senders do.
+frame. ``PACKET_QDISC_BYPASS`` skips the sender's qdisc, as pktgen-style senders do. Measured in
+the lab (one CPU, the gateway dropping the frames): 0.55-0.58 Mpps, against 0.39-0.42 with a
+``send()`` per frame; the rest is the kernel's per-frame cost (veth transmit and the gateway's
+receive run on the sender's CPU).
 
 Safety: sources and destination must lie in the benchmarking range 198.18.0.0/15, and the
 program refuses to run in the initial network namespace; the frames never leave the lab.
