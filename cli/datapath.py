@@ -244,7 +244,7 @@ def _print_queues(rep: dict | None) -> None:
         return
     passed = rep["passed_overflow"]
     click.echo(f"  {'passed by fail-open overflow':<36}" + (f"{passed:>12,}" if passed is not None else
-               f"{'unknown':>12}  (an engine bound before this version recorded its start)"))
+               f"{'unknown':>12}  (not every queue has an engine that recorded its start)"))
     click.echo(f"  {'dropped by overflow (fail-closed)':<36}{rep['dropped_overflow']:>12,}")
     click.echo(f"  {'dropped, socket buffer full':<36}{rep['user_dropped']:>12,}")
 
