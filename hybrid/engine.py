@@ -207,6 +207,8 @@ class Engine:
         """SIGTERM/SIGINT stop the engine; SIGHUP reloads the rules. Handlers run between
         packets (the receive loop checks for signals when recv is interrupted)."""
         def stop(*_):
+            if self._stop:          # a second signal (e.g. killpg plus a forwarding parent)
+                return              # must not interrupt the shutdown itself
             self._stop = True
             raise _Stop
 
@@ -261,6 +263,12 @@ class Engine:
             if d.log and self.vlog is not None:
                 self.vlog.write(self.queue, pkt, d)
             self._dirty = True
+        except _Stop:
+            # SIGTERM arrived mid-packet: this packet still gets its verdict (an unbound queue
+            # drops what is pending), then the receive loop ends.
+            with contextlib.suppress(Exception):
+                self._accept(nfpkt)
+            raise
         except Exception:   # noqa: BLE001 - nothing a packet carries may stop the engine
             stats.errors += 1
             if stats.errors <= 10:      # the first few with their traceback, then counted only

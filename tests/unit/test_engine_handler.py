@@ -178,3 +178,20 @@ def test_no_joining_when_no_rule_reads_the_sni():
     p = FakePacket(segments(big_client_hello("a.tracker.example"), size=50)[0])
     e._handle(p)
     assert p.verdicts == ["repeat"] and e._hellos == {}
+
+
+def test_a_stop_signal_mid_packet_ends_the_loop_and_still_gives_the_verdict():
+    """SIGTERM's handler raises _Stop wherever the engine is. Inside the handler it must not be
+    counted as a packet error and swallowed (the engine would then wait in recv() for another
+    packet before stopping), and the packet in hand must still get its verdict."""
+    from hybrid.engine import _Stop
+    e = engine("realistic.toml")
+
+    def stop_now(pkt):
+        raise _Stop
+    e.rules.decide = stop_now
+    pkt = FakePacket(bytes(IP(src="198.18.1.2", dst="198.18.2.2") / UDP(sport=1, dport=53) / Raw(b"x")))
+    with pytest.raises(_Stop):
+        e._handle(pkt)
+    assert pkt.verdicts == ["repeat"] and pkt.new_mark == 0
+    assert e.stats.errors == 0
