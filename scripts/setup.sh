@@ -80,7 +80,7 @@ fi
 say "installing hybrid and its Python dependencies into $venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip>=23" >/dev/null
 # PYTHONWARNINGS: silence setuptools' editable-install banner (warnings only; errors still show)
-PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test,bench]"
 
 # --- Smoke check: every import the tool needs -----------------------------------------------------
 "$venv/bin/python" - <<'PY' || die "the virtual environment is incomplete (see the error above)"
