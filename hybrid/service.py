@@ -34,6 +34,7 @@ import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -103,6 +104,8 @@ class Service:
         self.deaths: list[float] = []
         self.metrics = None
         self.attached = False
+        self._ready: dict[int, int] = {}     # queue -> read end: the engine bound its queue
+        self._go_fds: dict[int, int] = {}    # queue -> write end: go ahead, the maps are there
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -119,8 +122,16 @@ class Service:
             event(logging.INFO, "starting", f"hybrid {__version__} starting from {cfg.path or 'options'}",
                   config=cfg.path, pid=os.getpid(), version=__version__)
             self._start_metrics(cfg)
+            # The engines bind their queues before the attach: tc flags packets from the moment it
+            # is attached, and a flow whose first packets pass while no engine is bound (fail-open)
+            # is never inspected. Already attached (a restart that kept the kernel side), they go
+            # ahead at once with the pinned maps; otherwise once the attach has created them.
+            already = _attached_here()
+            self._start_engines(handshake=True)
+            if already:
+                self._go()
             self._attach(cfg, "attached")
-            self._start_engines()
+            self._go()
             rc = self._loop()
         finally:
             self._stop_engines()
@@ -180,20 +191,68 @@ class Service:
         c = self.cfg
         return {"queue": queue, "rules": c["engine.rules"], "flow_ttl": c["engine.flow_ttl"],
                 "queue_len": c["engine.queue_len"], "fail_open": c["attach.fail_open"],
-                "verdicts": c["log.verdicts"], "level": c["log.level"], "parent": os.getpid()}
+                "mark_mask": c["attach.mark_mask"], "verdicts": c["log.verdicts"], "level": c["log.level"],
+                "parent": os.getpid()}
 
-    def _start_engine(self, queue: int) -> None:
-        proc = subprocess.Popen(self.argv_for_child(self._spec(queue)), stdin=subprocess.DEVNULL)
+    def _start_engine(self, queue: int, handshake: bool = False) -> None:
+        """Start the engine of one queue. With ``handshake`` it binds its queue and then waits
+        for :meth:`_go` before it opens the maps and decides packets."""
+        spec = self._spec(queue)
+        fds: tuple[int, ...] = ()
+        if handshake:
+            ready_r, ready_w = os.pipe()
+            go_r, go_w = os.pipe()
+            spec.update(ready_fd=ready_w, go_fd=go_r)
+            fds = (ready_w, go_r)
+        try:
+            proc = subprocess.Popen(self.argv_for_child(spec), stdin=subprocess.DEVNULL, pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if handshake:
+            self._ready[queue], self._go_fds[queue] = ready_r, go_w
         self.children[queue] = proc
         event(logging.INFO, "engine_started", f"engine for queue {queue} started (pid {proc.pid})",
               queue=queue, pid=proc.pid, rules=self.cfg["engine.rules"])
 
-    def _start_engines(self) -> None:
+    def _start_engines(self, handshake: bool = False) -> None:
         first, last = self.cfg.queues
         for q in range(first, last + 1):
-            self._start_engine(q)
+            self._start_engine(q, handshake)
+        if handshake:
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        """Until every engine started with a handshake has bound its queue."""
+        deadline = time.monotonic() + BIND_RETRY + 30
+        while self._ready:
+            for queue, fd in list(self._ready.items()):
+                if select.select([fd], [], [], 0)[0]:
+                    if os.read(fd, 1):
+                        os.close(fd)
+                        del self._ready[queue]
+                        continue
+                    rc = self.children[queue].wait()
+                    raise HybridError(f"the engine for queue {queue} exited ({rc}) before binding it; "
+                                      "its log lines say why")
+            if self._ready:
+                if time.monotonic() > deadline:
+                    raise HybridError(f"the engines for queues {sorted(self._ready)} did not bind in time")
+                select.select(list(self._ready.values()), [], [], 0.2)
+
+    def _go(self) -> None:
+        """Let the engines waiting in their handshake open the maps and decide packets."""
+        for queue, fd in list(self._go_fds.items()):
+            with contextlib.suppress(OSError):
+                os.write(fd, b"1")
+            os.close(fd)
+            del self._go_fds[queue]
 
     def _stop_engines(self) -> None:
+        for fd in list(self._ready.values()) + list(self._go_fds.values()):
+            os.close(fd)          # an engine still in its handshake reads EOF and exits
+        self._ready.clear()
+        self._go_fds.clear()
         for proc in self.children.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -298,6 +357,16 @@ class Service:
             self.metrics = None
 
 
+def _attached_here() -> bool:
+    """hybrid is attached in this namespace and its pinned maps are there."""
+    from .engine import settings_for_instance
+    try:
+        settings = settings_for_instance()
+    except HybridError:
+        return False
+    return bool(settings.pin_access) and os.path.exists(os.path.join(settings.pin_access, "hybrid_flows"))
+
+
 def _lock_instance() -> tuple[int, str]:
     """One `hybridctl run` per instance: a second one would attach over the first and, on its
     way out, detach it. The lock is an flock, so a killed holder releases it."""
@@ -337,7 +406,12 @@ def _check_verdict_log(cfg: Config) -> None:
 # -- one engine (a child of the supervisor) --------------------------------------------------------
 
 def run_engine_child(spec: dict) -> int:
-    """Serve one queue until SIGTERM; ``spec`` comes from :meth:`Service._spec`."""
+    """Serve one queue until SIGTERM; ``spec`` comes from :meth:`Service._spec`.
+
+    With ``ready_fd``/``go_fd`` (the engines started before the attach): bind the queue, say so
+    on ``ready_fd``, and wait for a byte on ``go_fd`` before opening the pinned maps (EOF
+    instead: the start was abandoned). Signals stay blocked meanwhile; closing ``go_fd`` is how
+    the supervisor stops an engine that never got going."""
     from . import engine as eng
     from .maps import Maps
 
@@ -346,28 +420,41 @@ def run_engine_child(spec: dict) -> int:
     if os.getppid() != spec["parent"]:
         return 1                                   # the supervisor is already gone
     queue = spec["queue"]
-    settings = eng.settings_for_instance((queue, queue), spec["fail_open"])
-    maps = Maps.open_pinned(settings.pin_access) if settings.pin_access else None
-    stream = None
+    instance_dir = os.path.join(att.STATE_ROOT, att.instance_name())
+    maps = stream = None
     try:
         if spec["verdicts"] == "-":
             stream = sys.stdout
         elif spec["verdicts"]:
             stream = os.fdopen(os.open(spec["verdicts"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
-        engine = eng.Engine(queue, spec["rules"], maps=maps, mark_mask=settings.mark_mask,
+        engine = eng.Engine(queue, spec["rules"], maps=None, mark_mask=spec["mark_mask"],
                             fail_open=spec["fail_open"], maxlen=spec["queue_len"], log_stream=stream,
-                            stats_path=eng.stats_path(settings.instance_dir, queue), flow_ttl=spec["flow_ttl"])
-        engine.install_signals()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)    # inherited blocked from the supervisor
+                            stats_path=eng.stats_path(instance_dir, queue), flow_ttl=spec["flow_ttl"])
         _bind(engine)
         event(logging.INFO, "engine_bound", f"queue {queue} bound ("
               + ("fail-open" if spec["fail_open"] else "fail-closed") + ")", queue=queue, pid=os.getpid())
-        engine.run()
+        if spec.get("go_fd") is not None:
+            os.write(spec["ready_fd"], b"1")
+            os.close(spec["ready_fd"])
+            go = os.read(spec["go_fd"], 1)
+            os.close(spec["go_fd"])
+            if not go:
+                return 0
+        settings = eng.settings_for_instance((queue, queue), spec["fail_open"])
+        maps = Maps.open_pinned(settings.pin_access) if settings.pin_access else None
+        engine.maps = maps
+        engine.install_signals()
+        event(logging.INFO, "engine_running", f"queue {queue}: deciding packets", queue=queue, pid=os.getpid())
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)    # blocked since the supervisor forked us
+            engine.run()
+        except eng._Stop:           # a SIGTERM that was pending when the signals were unblocked
+            engine.close()
         st = engine.snapshot()
         event(logging.INFO, "engine_exit", f"queue {queue}: {st['packets']} packets", queue=queue,
               packets=st["packets"], actions=st["actions"], errors=st["errors"])
         return 0
-    finally:
+    finally:                        # an engine that never ran unbinds when the process exits
         if stream not in (None, sys.stdout):
             stream.close()
         if maps is not None:

@@ -100,8 +100,10 @@ class Run:
             return got[count - 1] if len(got) >= count else None
         return wait_for(ready, f"event {name} #{count}", timeout)
 
-    def wait_bound(self, queues: int = 1) -> None:
-        self.wait_event("engine_bound", queues)
+    def wait_running(self, count: int = 1) -> None:
+        """Until hybrid is attached and ``count`` engines (in this run's life) decide packets."""
+        self.wait_event("attached")
+        self.wait_event("engine_running", count)
 
     def engine_pids(self) -> list[int]:
         return [e["pid"] for e in self.events("engine_started")]
@@ -132,6 +134,8 @@ def runs(lab):
     for r in started:
         r.kill()
     assert in_gw(lab, HYBRIDCTL, "detach", "--all").returncode == 0
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/run/hybrid/run-{lab.netns('gw')}.lock")      # left by a killed run
 
 
 def curl(lab, host: str) -> subprocess.CompletedProcess:
@@ -149,11 +153,13 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
     r = Run(lab, tmp_path, "--config", str(conf), *IFACES, "--rules", str(rules),
             "--metrics", "--metrics-listen", "127.0.0.1:0")
     runs.append(r)
-    r.wait_bound()
+    r.wait_running()
     start = r.events("starting")[0]
     assert start["pid"] == r.proc.pid and start["config"] == str(conf)
     attached = r.events("attached")[0]
     assert attached["interfaces"] == {"to-client": "off", "to-server": "off"} and attached["queues"] == "0"
+    order = [e["event"] for e in r.lines() if e["event"] in ("engine_bound", "attached", "engine_running")]
+    assert order == ["engine_bound", "attached", "engine_running"]     # the queue is bound before tc flags
 
     with Nginx(lab):
         assert curl(lab, "www.example.test").stdout == "200"
@@ -207,7 +213,7 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
         conf.write_text(conf.read_text().replace("queue_len = 4096", "queue_len = 2048"))
         r.send(signal.SIGHUP)
         assert r.wait_event("reloaded", 3)["changed"] == ["engine.queue_len"]
-        r.wait_bound(2)
+        r.wait_running(2)
         old_engine, new_engine = r.engine_pids()
         assert not alive(old_engine) and alive(new_engine)
         assert curl(lab, "x.also-blocked.example").returncode == 56
@@ -216,7 +222,7 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
         os.kill(new_engine, signal.SIGKILL)
         died = r.wait_event("engine_died")
         assert died["pid"] == new_engine and died["exit_status"] == -signal.SIGKILL
-        r.wait_bound(3)
+        r.wait_running(3)
         assert curl(lab, "x.also-blocked.example").returncode == 56
 
         # A broken configuration: refused with its FILE:LINE, nothing changes.
@@ -338,11 +344,12 @@ def flow_state(lab, stream: Stream) -> tuple[int, int, int]:
 def test_restart_with_traffic_flowing_cuts_no_connection(lab, tmp_path, runs):
     """kill -9 and restart, then stop and start with keep_attached_on_stop: the connection
     never breaks, the flow table (and the stream's bypass verdict and counters) carries on, and
-    no rule is duplicated. The last run detaches on stop and leaves nothing behind."""
+    no rule is duplicated. Then a stop that detaches and a fresh start mid-stream: the stream
+    still never breaks. The last run leaves nothing behind."""
     args = ("--config", EXAMPLE, *IFACES, "--rules", REALISTIC, "--keep-attached")
     first = Run(lab, tmp_path, *args, name="first")
     runs.append(first)
-    first.wait_bound()
+    first.wait_running()
     rules_before = hybrid_rules(lab)
     assert len([ln for ln in rules_before if "-j NFQUEUE" in ln]) == 2          # one per family
 
@@ -362,7 +369,7 @@ def test_restart_with_traffic_flowing_cuts_no_connection(lab, tmp_path, runs):
 
         second = Run(lab, tmp_path, *args, name="second")
         runs.append(second)
-        second.wait_bound()
+        second.wait_running()
         assert second.events("attached")[0]["reused_pins"] is True
         stream.flowing()
         table2, verdict2, packets2 = flow_state(lab, stream)
@@ -377,7 +384,7 @@ def test_restart_with_traffic_flowing_cuts_no_connection(lab, tmp_path, runs):
 
         third = Run(lab, tmp_path, *args[:-1], "--detach-on-stop", name="third")
         runs.append(third)
-        third.wait_bound()
+        third.wait_running()
         assert third.events("attached")[0]["reused_pins"] is True
         stream.flowing()
         table3, verdict3, packets3 = flow_state(lab, stream)
@@ -387,6 +394,17 @@ def test_restart_with_traffic_flowing_cuts_no_connection(lab, tmp_path, runs):
         assert third.stop() == 0
         assert third.events("detached")
         stream.flowing()                                  # hybrid gone: the connection carries on
+
+        # A fresh start mid-stream (a new flow table): the stream is not cut.
+        fourth = Run(lab, tmp_path, *args[:-1], "--detach-on-stop", name="fourth")
+        runs.append(fourth)
+        fourth.wait_running()
+        assert fourth.events("attached")[0]["reused_pins"] is False
+        stream.flowing()
+        assert flow_state(lab, stream)[0] != table
+        assert hybrid_rules(lab) == rules_before
+        assert fourth.stop() == 0 and fourth.events("detached")
+        stream.flowing()
     finally:
         total = stream.close()
     assert not stream.errors, stream.errors                 # no reset, no broken pipe, ever

@@ -116,7 +116,7 @@ def test_the_unit_capabilities_are_enough(lab, tmp_path):
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while proc.poll() is None and '"engine_bound"' not in log.read_text() and time.monotonic() < deadline:
+        while proc.poll() is None and '"engine_running"' not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert proc.poll() is None, log.read_text()
         with open(f"/proc/{proc.pid}/status") as f:
@@ -137,3 +137,20 @@ def test_the_unit_capabilities_are_enough(lab, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "detach", "--all"], capture_output=True)
+
+
+@pytest.mark.integration
+def test_exec_start_pre_mounts_the_bpffs_idempotently():
+    """The unit's ExecStartPre (run outside the sandbox) leaves a bpffs at /run/hybrid/bpffs,
+    and running it again changes nothing."""
+    import shlex
+    pre = unit_values(UNIT)["ExecStartPre"][0]
+    assert pre.startswith("+")
+    argv = shlex.split(pre[1:])
+    for _ in range(2):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+    with open("/proc/self/mountinfo") as f:
+        mounts = [ln.split() for ln in f]
+    ours = [m for m in mounts if m[4] == "/run/hybrid/bpffs"]
+    assert len(ours) == 1 and ours[0][ours[0].index("-") + 1] == "bpf"
