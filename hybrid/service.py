@@ -1,9 +1,11 @@
 """hybrid as a long-running service (``hybridctl run``): attach from the configuration, run one
 engine process per queue, reload on SIGHUP, stop cleanly on SIGTERM.
 
-The supervisor never touches packets. It attaches (idempotent: a restart reuses the pinned flow
-table, counters and verdicts, and never duplicates a rule), starts the engines, then waits for
-signals with ``sigtimedwait`` (signals are blocked, so none is lost between two checks):
+The supervisor never touches packets. It starts the engines, which bind their queues first, then
+attaches (idempotent: a restart reuses the pinned flow table, counters and verdicts, and never
+duplicates a rule) and lets the engines open the maps and decide: so no flagged packet passes
+for want of a bound engine at start. Then it waits for signals with ``sigtimedwait`` (signals
+are blocked, so none is lost between two checks):
 
 - SIGHUP: read the configuration and the rules again. A broken file keeps everything as it was
   and says why. Otherwise attach options that changed are applied by attaching again, engine

@@ -410,3 +410,4 @@ def test_restart_with_traffic_flowing_cuts_no_connection(lab, tmp_path, runs):
     assert not stream.errors, stream.errors                 # no reset, no broken pipe, ever
     assert total > 100_000_000
     assert hybrid_rules(lab) == [] and status(lab)["attached"] is False
+    assert not os.path.exists(f"/run/hybrid/run-{lab.netns('gw')}.lock")
