@@ -128,12 +128,16 @@ class Service:
             # is attached, and a flow whose first packets pass while no engine is bound (fail-open)
             # is never inspected. Already attached (a restart that kept the kernel side), they go
             # ahead at once with the pinned maps; otherwise once the attach has created them.
-            already = _attached_here()
-            self._start_engines(handshake=True)
-            if already:
+            try:
+                already = _attached_here()
+                self._start_engines(handshake=True)
+                if already:
+                    self._go()
+                self._attach(cfg, "attached")
                 self._go()
-            self._attach(cfg, "attached")
-            self._go()
+            except HybridError as exc:
+                event(logging.ERROR, "start_failed", f"start failed: {exc}", error=str(exc))
+                raise
             rc = self._loop()
         finally:
             self._stop_engines()
