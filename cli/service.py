@@ -70,7 +70,7 @@ def _install_file(src: str | None, text: str | None, dest: str, force: bool, mod
     return "written"
 
 
-@click.command("install-service")
+@click.command("install-service", short_help="Install the systemd unit and an example configuration.")
 @click.option("--root", default="/", show_default=True, type=click.Path(file_okay=False),
               help="Install below this directory instead of / (for packaging and tests).")
 @click.option("--force", is_flag=True, help="Replace an existing configuration and rules files too.")
