@@ -246,6 +246,20 @@ def attach(opts: AttachOptions) -> AttachResult:
         if old_cfg is not None:
             undo.callback(maps.set_config, old_cfg)
 
+        # The queue rule goes in before any program can mark a packet: a flow already flowing at
+        # attach time spends its first-N budget on its next packets, and if those were marked
+        # before the rule existed they would pass unqueued and the flow would stay uninspected
+        # until its next SYN (found by the service restart test).
+        rule = opts.queue_rule()
+        state.netfilter = asdict(rule)
+        state.save()
+        netfilter.install(rule)
+        undo.callback(netfilter.remove, rule.families)
+        # Other families we installed before (a re-attach that drops ipv6) must not linger.
+        stale = [f for f in netfilter.FAMILIES if f not in rule.families]
+        if stale:
+            netfilter.remove(stale)
+
         used = {}
         for name, link in links.items():
             mode = choose_xdp_mode(opts.xdp_mode, link)
@@ -260,15 +274,6 @@ def attach(opts: AttachOptions) -> AttachResult:
             _attach_iface(undo, dp, maps, ist, link, prev)
             used[name] = mode
 
-        rule = opts.queue_rule()
-        state.netfilter = asdict(rule)
-        state.save()
-        netfilter.install(rule)
-        undo.callback(netfilter.remove, rule.families)
-        # Other families we installed before (a re-attach that drops ipv6) must not linger.
-        stale = [f for f in netfilter.FAMILIES if f not in rule.families]
-        if stale:
-            netfilter.remove(stale)
         state.save()
         undo.pop_all()
     maps.close()

@@ -322,3 +322,46 @@ def test_status_and_detach_when_nothing_is_attached(lab):
     assert st["attached"] is False
     proc = hctl(lab, "detach", "--all")
     assert proc.stdout.strip() == "nothing of hybrid to remove"
+
+
+def test_a_flow_running_at_attach_time_has_its_first_packets_queued(lab):
+    """The queue rule exists before the programs can mark anything: a flow already running when
+    hybrid attaches spends its first-N budget on packets the rule queues (with the rule last,
+    they were marked, passed unqueued, and the flow went uninspected until its next SYN)."""
+    import threading
+    stop = threading.Event()
+    sent = []
+
+    def stream():
+        with netns(lab.netns("server")):
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with netns(lab.netns("client")):
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            rx.bind((lab.info.server.ipv4, 7311))
+            while not stop.is_set():
+                tx.sendto(b"running before attach", (lab.info.server.ipv4, 7311))
+                sent.append(1)
+                time.sleep(0.001)
+        finally:
+            rx.close()
+            tx.close()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        while len(sent) < 50:
+            time.sleep(0.01)
+        hctl(lab, "attach", *IFACES)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+    try:
+        st = status(lab)
+        flagged = counters(st, "to-client")["flagged"]
+        assert flagged >= 3
+        assert queued(st) == flagged, "flagged packets passed before the queue rule existed"
+    finally:
+        hctl(lab, "detach", "--all", check=False)
+    assert nothing_of_hybrid_left(lab) == []
