@@ -335,7 +335,7 @@ static __always_inline int source_throttled(const struct hybrid_config *cfg, con
 #define EV_OVER_SOURCE (1U << 3)
 #define EV_OVER_GLOBAL (1U << 4)
 static __always_inline __u32 admit(const struct hybrid_config *cfg, const __u32 *saddr, int first_of_flow,
-				   int unproven, __u64 now)
+				   int low_priority, __u64 now)
 {
 	struct hybrid_addr_key k;
 	struct hybrid_bucket *src = NULL, *glob = NULL, fresh = {};
@@ -353,8 +353,8 @@ static __always_inline __u32 admit(const struct hybrid_config *cfg, const __u32 
 		glob = hybrid_budget.lookup(&zero);
 		if (glob) {
 			tol = cfg->global_tolerance_ns;
-			if (unproven)
-				tol /= 2;     /* half the burst is held for established flows */
+			if (low_priority)
+				tol /= 2;     /* half the burst is held for the first packets of real flows */
 			glob_tat = gcra(glob->tat_ns, now, cfg->global_interval_ns, tol);
 			if (!glob_tat)
 				over |= EV_OVER_GLOBAL;
@@ -628,10 +628,15 @@ classify:
 	if (cfg->source_interval_ns || cfg->global_interval_ns) {
 		if (!now)
 			now = bpf_ktime_get_ns();
-		/* Unproven: a packet without a flow key, or whose flow entry it just created. First
-		 * of its flow: unproven, or its flow has had nothing flagged yet. */
+		/* First of its flow: no flow key, a flow entry this packet created, or a flow with
+		 * nothing flagged yet (per-source budget). Low priority (half the global burst):
+		 * unproven packets (no key, or the entry is theirs: spoofable) and packets flagged
+		 * only because every packet of their flow is (a watched port or prefix, INSPECT),
+		 * so that one heavy flow cannot starve the first payloads of all the others. */
 		over = admit(cfg, p.saddr, rc != PKT_OK || (events & EV_FLOW_NEW) || (flow && !flow->flagged),
-			     rc != PKT_OK || (events & EV_FLOW_NEW), now);
+			     rc != PKT_OK || (events & EV_FLOW_NEW) ||
+			     !(reasons & ~(HYBRID_REASON_PORT | HYBRID_REASON_PREFIX | HYBRID_REASON_INSPECT)),
+			     now);
 		if (over) {
 			events |= over;
 			/* Payload is never passed uninspected (fragments and unparseable transports

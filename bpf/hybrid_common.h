@@ -87,9 +87,11 @@
  *               by fragments and unparseable transports: the flows a source sends to the engine;
  *   global      (hybrid_budget, one bucket shared by all CPUs): charged by every flagged packet.
  *               Only flagged packets touch it, so its cache line moves at most at the budget's
- *               rate. Packets of flow entries created by this very packet (a SYN, a new UDP
- *               flow: spoofable) are admitted only while at most half the tolerance is used, so
- *               a spoofed flood cannot starve the first payload packets of established flows.
+ *               rate. Low-priority packets are admitted only while at most half the tolerance
+ *               is used: those of flow entries created by this very packet (a SYN, a new UDP
+ *               flow: spoofable), and those flagged only because every packet of their flow is
+ *               (watched port or prefix, INSPECT). So neither a spoofed flood nor one heavy
+ *               flow can starve the first payload packets of the other flows.
  * Over budget: a packet that carries payload is dropped (TCP retransmits it; it is never passed
  * uninspected: a flood must not be a way past the engine); a packet without payload (a SYN, a
  * bare ACK) is dropped with HYBRID_CFG_OVER_DROP, else passed unflagged: the engine still sees

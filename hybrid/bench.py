@@ -696,7 +696,10 @@ def engine_vs_bare(rules: str, repetitions: int, seconds: float, *, lab_name: st
     samples: dict[str, list[float]] = {"bare": [], "engine": []}
     with Lab(lab_name) as lab:
         gw = lab.netns("gw")
-        sysutil.run([*hybridctl(), "attach", "to-client", "to-server", "--watch-port", "9999"], netns=gw,
+        # No admission budget: this measures how fast the engine empties the queue, and the
+        # default global budget (40,000/s) would cap both consumers below that.
+        sysutil.run([*hybridctl(), "attach", "to-client", "to-server", "--watch-port", "9999",
+                     "--global-rate", "0"], netns=gw,
                     timeout=120, what="hybridctl attach")
         try:
             for rep in range(repetitions):

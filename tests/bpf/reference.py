@@ -245,7 +245,7 @@ class Reference:
         t = max(tat, now)
         return 0 if t - now > tolerance else t + interval
 
-    def _admit(self, saddr: bytes, first_of_flow: bool, unproven: bool, now: int) -> list[int]:
+    def _admit(self, saddr: bytes, first_of_flow: bool, low_priority: bool, now: int) -> list[int]:
         """admit(): [] when admitted (buckets charged), else the CNT_OVER_* events."""
         cfg, over = self.config, []
         src_tat = glob_tat = 0
@@ -254,7 +254,7 @@ class Reference:
             if not src_tat:
                 over.append(abi.CNT_OVER_SOURCE)
         if cfg.global_interval_ns:
-            tol = cfg.global_tolerance_ns // 2 if unproven else cfg.global_tolerance_ns
+            tol = cfg.global_tolerance_ns // 2 if low_priority else cfg.global_tolerance_ns
             glob_tat = self._gcra(self.global_tat, now, cfg.global_interval_ns, tol)
             if not glob_tat:
                 over.append(abi.CNT_OVER_GLOBAL)
@@ -378,7 +378,9 @@ class Reference:
             return TcResult(TC_ACT_PASS, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)
         if cfg.source_interval_ns or cfg.global_interval_ns:
             unproven = p.status != PKT_OK or abi.CNT_FLOW_NEW in events
-            over = self._admit(p.saddr, unproven or (flow is not None and flow.flagged == 0), unproven, now_ns)
+            bulk_only = not reasons & ~(abi.REASON_PORT | abi.REASON_PREFIX | abi.REASON_INSPECT)
+            over = self._admit(p.saddr, unproven or (flow is not None and flow.flagged == 0),
+                               unproven or bulk_only, now_ns)
             if over:
                 events += over
                 if p.payload_len > 0 or p.status != PKT_OK or cfg.flags & abi.CFG_OVER_DROP:

@@ -193,3 +193,17 @@ def test_skip_reasons_unflag_syns_but_keep_other_reasons(run):
     r, ref = both.tc(tcp4("S", sport=40001))
     assert r.mark == MARK_VALUE and ref.reasons == abi.REASON_PORT
     assert both.tc(tcp4("SF", sport=40002, dport=81))[1].reasons == abi.REASON_SUSPICIOUS
+
+
+def test_a_heavy_watched_flow_cannot_starve_other_flows_first_payloads(run):
+    """Every packet of a flow on a watched port is flagged: such packets may use only half the
+    global burst, so the first payload of another flow still gets through (measured first as a
+    stalled iperf3 control connection next to a UDP stream on a watched port)."""
+    run.maps.watch_port(9999, tcp=False, udp=True)
+    both = Both(run, budgets(global_burst=5, flags=abi.CFG_HAVE_PORTS))
+    both.ref.ports[9999] = abi.PORT_UDP
+    outcomes = [both.tc(udp4(b"bulk", sport=5000, dport=9999))[1].outcome for _ in range(10)]
+    assert outcomes[:3] == [abi.CNT_FLAGGED] * 3 and set(outcomes[3:]) == {abi.CNT_OVER_DROP}
+    both.tc(tcp4("S", sport=40009))                        # a new connection (its SYN: low priority)
+    r, ref = both.tc(tcp4("PA", b"GET / HTTP/1.1\r\n", sport=40009))
+    assert r.mark == MARK_VALUE and ref.reasons == abi.REASON_FIRST_N
