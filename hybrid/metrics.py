@@ -129,7 +129,7 @@ def _queues(snap: dict) -> Iterator:
                                  "Packets queued to userspace (id_sequence; restarts when the queue is re-bound).",
                                  labels=["queue"])
     dropped = CounterMetricFamily("hybrid_nfqueue_dropped",
-                                  "Packets the kernel dropped or, fail-open, passed: queue full or netlink failure.",
+                                  "Packets the kernel dropped: queue full and fail-closed, or netlink failure.",
                                   labels=["queue"])
     udropped = CounterMetricFamily("hybrid_nfqueue_user_dropped",
                                    "Packets lost because the engine's socket buffer was full.", labels=["queue"])
@@ -140,6 +140,13 @@ def _queues(snap: dict) -> Iterator:
         dropped.add_metric(label, c["dropped"])
         udropped.add_metric(label, c["user_dropped"])
     yield from (waiting, queued, dropped, udropped)
+    over = snap.get("overflow") or {}
+    if over.get("passed_overflow") is not None:
+        yield CounterMetricFamily(
+            "hybrid_nfqueue_passed_overflow",
+            "Flagged packets a full queue let through uninspected (fail-open), all queues, since the "
+            "engines bound; derived from the queue rule's counter (the kernel counts none).",
+            value=over["passed_overflow"])
 
 
 def _engines(snap: dict) -> Iterator:

@@ -109,6 +109,12 @@ def snapshot(instance: str | None = None, *, top_flows: int = 0, flow_scan: bool
         if first <= q <= last:
             snap["queues"][q] = {"waiting": c.waiting, "dropped": c.dropped, "user_dropped": c.user_dropped,
                                  "queued_total": c.id_sequence}
+    if state is not None and state.interfaces:
+        # Fail-open overflow is counted by no kernel counter: nfq derives it from the queue
+        # rule's counter and the queues' since the engines bound (None when it cannot).
+        from .attach import STATE_ROOT
+        rep = nfq.queue_report(first, last, state.options.get("fail_open", True), os.path.join(STATE_ROOT, name))
+        snap["overflow"] = {k: rep[k] for k in ("passed_overflow", "dropped_overflow", "user_dropped")}
     if state is not None:
         from .attach import STATE_ROOT
         from .engine import read_stats

@@ -77,6 +77,8 @@ def test_scrape_agrees_with_status_engine_and_queue(lab, tmp_path):
         assert sample(m, "hybrid_nfqueue_dropped_total", queue="0") == q_after[0][5]
         assert sample(m, "hybrid_nfqueue_user_dropped_total", queue="0") == q_after[0][6]
         assert sample(m, "hybrid_nfqueue_waiting", queue="0") == 0
+        # fail-open overflow, derived as status derives it (nothing overflowed here)
+        assert sample(m, "hybrid_nfqueue_passed_overflow_total") == after["queue"]["passed_overflow"] == 0
 
         # the engine: exactly what it published (it is idle now)
         eng = engine_stats(lab)
