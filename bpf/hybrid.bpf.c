@@ -63,6 +63,7 @@ struct hybrid_pkt {
 	__u32 daddr[4];     /* network order */
 	__u32 l3_len;       /* host order; IP header + payload, from the IP length field(s) */
 	__u32 payload_len;  /* host order; transport payload bytes (see parse_packet) */
+	__u32 seq;          /* host order; TCP sequence number, 0 for other protocols */
 	__u16 sport;        /* network order; ICMP echo: identifier; other ICMP and protocols: 0 */
 	__u16 dport;        /* network order */
 	__u16 vlan;         /* host order; outer VLAN id, 0 when untagged */
@@ -164,6 +165,7 @@ static __always_inline int parse_packet(void *data, void *data_end, __u32 pkt_le
 		p->sport = tcph->source;
 		p->dport = tcph->dest;
 		p->tcp_flags = ((__u8 *)tcph)[13];
+		p->seq = bpf_ntohl(tcph->seq);
 		p->payload_len = l4_len - len;
 		break;
 	case IPPROTO_UDP:
@@ -600,8 +602,22 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 	} else {
 		if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
 			reasons |= HYBRID_REASON_SYN;
-		if (prev < cfg->first_n)
+		if (prev < cfg->first_n) {
 			reasons |= HYBRID_REASON_FIRST_N;
+			if (flow && p.proto == IPPROTO_TCP) {
+				__u8 bit = dir ? HYBRID_FLOW_SEQ1 : HYBRID_FLOW_SEQ0;
+				__u32 end = p.seq + p.payload_len;
+
+				if (!(flow->flags & bit) || (__s32)(end - flow->seq_end[dir & 1]) > 0)
+					flow->seq_end[dir & 1] = end;
+				flow->flags |= bit;
+			}
+		} else if (flow && p.proto == IPPROTO_TCP && p.payload_len > 0 &&
+			   (flow->flags & (dir ? HYBRID_FLOW_SEQ1 : HYBRID_FLOW_SEQ0)) &&
+			   (__s32)(p.seq - flow->seq_end[dir & 1]) < 0) {
+			/* A retransmission of bytes inspected under the budget. */
+			reasons |= HYBRID_REASON_FIRST_N;
+		}
 		if ((cfg->flags & HYBRID_CFG_HAVE_PORTS) &&
 		    (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP)) {
 			__u8 bit = p.proto == IPPROTO_TCP ? HYBRID_PORT_TCP : HYBRID_PORT_UDP;

@@ -109,6 +109,8 @@
 /* ---- hybrid_flow.flags ------------------------------------------------------------------------ */
 #define HYBRID_FLOW_ORIG_HI   (1U << 0)  /* the first packet seen came from the "hi" endpoint */
 #define HYBRID_FLOW_MIDSTREAM (1U << 1)  /* TCP flow first seen on a non-SYN (existed before attach) */
+#define HYBRID_FLOW_SEQ0      (1U << 2)  /* seq_end[0] is set (TCP: direction 0 has flagged payload) */
+#define HYBRID_FLOW_SEQ1      (1U << 3)  /* seq_end[1] is set */
 
 /* ---- hybrid_iface.flags ----------------------------------------------------------------------- */
 #define HYBRID_IFACE_XDP (1U << 0)  /* an XDP program is attached here too (informational) */
@@ -182,7 +184,13 @@ struct hybrid_flow {
 	__u8  verdict;             /* HYBRID_VERDICT_* */
 	__u8  flags;               /* HYBRID_FLOW_* */
 	__u16 _pad0;
-};                                 /* 72 bytes */
+	/* TCP, per direction: the end (seq + payload length, host order) of the furthest payload
+	 * flagged under the first-N budget (valid with HYBRID_FLOW_SEQ0/1). A segment starting
+	 * before it is a retransmission of inspected bytes and is flagged again without spending
+	 * the budget: otherwise a packet the engine dropped would come back, spend the budget
+	 * retransmission by retransmission, and pass unflagged once it was spent. */
+	__u32 seq_end[2];
+};                                 /* 80 bytes */
 
 /* LPM trie key: prefixlen counts bits of addr. IPv4 prefixes are stored IPv4-mapped, so
  * 198.18.0.0/15 is ::ffff:198.18.0.0/111 (96 + 15). */

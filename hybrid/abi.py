@@ -83,6 +83,8 @@ PREFIX_BLOCK = 1 << 1
 
 FLOW_ORIG_HI = 1 << 0
 FLOW_MIDSTREAM = 1 << 1
+FLOW_SEQ0 = 1 << 2
+FLOW_SEQ1 = 1 << 3
 
 IFACE_XDP = 1 << 0
 
@@ -187,6 +189,7 @@ class Flow(ctypes.Structure):
         ("verdict", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("_pad0", ctypes.c_uint16),
+        ("seq_end", ctypes.c_uint32 * 2),
     ]
 
 
@@ -231,7 +234,7 @@ class Stats(ctypes.Structure):
 
 # Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
 # against bcc).
-SIZES = {Config: 56, FlowKey: 40, Flow: 72, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
+SIZES = {Config: 56, FlowKey: 40, Flow: 80, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
          Stats: 216}
 
 # map name -> (key type, value type); value is per CPU for hybrid_stats.

@@ -111,8 +111,10 @@ def frame(l3, vlans=(), qinq: bool = False) -> bytes:
     return bytes(pkt / l3)
 
 
-def tcp4(flags="A", payload=b"", src=A4, dst=B4, sport=40000, dport=80, vlans=(), **ip) -> bytes:
-    l4 = TCP(sport=sport, dport=dport, flags=flags) / Raw(payload) if payload else TCP(sport=sport, dport=dport, flags=flags)
+def tcp4(flags="A", payload=b"", src=A4, dst=B4, sport=40000, dport=80, vlans=(), seq=0, **ip) -> bytes:
+    l4 = TCP(sport=sport, dport=dport, flags=flags, seq=seq)
+    if payload:
+        l4 = l4 / Raw(payload)
     return frame(IP(src=src, dst=dst, **ip) / l4, vlans)
 
 

@@ -48,6 +48,7 @@ class Parsed:
     dport: int = 0
     proto: int = 0
     tcp_flags: int = 0
+    seq: int = 0
     l3_len: int = 0
     payload_len: int = 0
 
@@ -150,6 +151,7 @@ def parse(frame: bytes) -> Parsed:
             return bad
         p.sport, p.dport = _be16(frame, cur), _be16(frame, cur + 2)
         p.tcp_flags = frame[cur + 13]
+        p.seq = int.from_bytes(frame[cur + 4:cur + 8], "big")
         p.payload_len = l4_len - hl
     elif p.proto == IPPROTO_UDP:
         if cur + 8 > n:
@@ -170,6 +172,12 @@ def parse(frame: bytes) -> Parsed:
         p.payload_len = l4_len
     p.status = PKT_OK
     return p
+
+
+def _s32(x: int) -> int:
+    """(__s32) of a u32 difference: sequence-space comparison with wraparound."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x & 0x80000000 else x
 
 
 def suspicious(flags: int) -> bool:
@@ -199,6 +207,7 @@ class RefFlow:
     bytes: list = field(default_factory=lambda: [0, 0])
     payload_packets: list = field(default_factory=lambda: [0, 0])
     flagged: int = 0
+    seq_end: list = field(default_factory=lambda: [None, None])   # None: not set
 
 
 @dataclass
@@ -367,6 +376,15 @@ class Reference:
                     reasons |= abi.REASON_SYN
                 if prev is not None and prev < cfg.first_n:
                     reasons |= abi.REASON_FIRST_N
+                    if p.proto == IPPROTO_TCP:
+                        end = (p.seq + p.payload_len) & 0xFFFFFFFF
+                        old = flow.seq_end[direction]
+                        if old is None or _s32(end - old) > 0:
+                            flow.seq_end[direction] = end
+                        flow.flags |= abi.FLOW_SEQ1 if direction else abi.FLOW_SEQ0
+                elif (prev is not None and p.proto == IPPROTO_TCP and flow.seq_end[direction] is not None
+                      and _s32(p.seq - flow.seq_end[direction]) < 0):
+                    reasons |= abi.REASON_FIRST_N      # a retransmission of inspected bytes
                 if cfg.flags & abi.CFG_HAVE_PORTS and p.proto in (IPPROTO_TCP, IPPROTO_UDP):
                     bit = abi.PORT_TCP if p.proto == IPPROTO_TCP else abi.PORT_UDP
                     if self.ports.get(p.sport, 0) & bit or self.ports.get(p.dport, 0) & bit:

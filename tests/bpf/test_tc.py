@@ -46,7 +46,8 @@ def test_first_n_alone(run, maps):
     assert r.mark == MARK_VALUE
     assert run.nonzero() == flagged(R.REASON_FIRST_N)
     flow = maps.get_flow(flow_key(A4, B4, 40000, 80, 6)[0])
-    assert flow.flags == R.FLOW_MIDSTREAM and list(flow.payload_packets) == [1, 0]
+    assert flow.flags == R.FLOW_MIDSTREAM | R.FLOW_SEQ0 and list(flow.payload_packets) == [1, 0]
+    assert list(flow.seq_end) == [5, 0]                  # seq 0 + 5 bytes, the inspected range
 
 
 def test_port_alone(run, maps):
@@ -137,29 +138,30 @@ def test_no_reasons_configured_flags_nothing(run, maps):
 # ---- first-N --------------------------------------------------------------------------------------
 def test_first_n_per_direction_pure_acks_do_not_consume(run, maps):
     maps.set_config(default_config(first_n=2))
-    c2s = lambda flags, data=b"": tcp4(flags, data)                          # noqa: E731
-    s2c = lambda flags, data=b"": tcp4(flags, data, src=B4, dst=A4, sport=80, dport=40000)  # noqa: E731
+    c2s = lambda flags, data=b"", seq=1: tcp4(flags, data, seq=seq)                          # noqa: E731
+    s2c = lambda flags, data=b"", seq=1: tcp4(flags, data, src=B4, dst=A4, sport=80, dport=40000, seq=seq)  # noqa: E731
     seq = [
-        (c2s("S"), MARK_VALUE),
-        (s2c("SA"), 0),
+        (c2s("S", seq=0), MARK_VALUE),
+        (s2c("SA", seq=0), 0),
         (c2s("A"), 0),                 # pure ACKs: no budget used
         (c2s("A"), 0),
         (c2s("PA", b"GET /"), MARK_VALUE),
         (s2c("A"), 0),
-        (c2s("PA", b"more"), MARK_VALUE),
-        (c2s("PA", b"third"), 0),      # client budget (2) spent
+        (c2s("PA", b"more", seq=6), MARK_VALUE),
+        (c2s("PA", b"third", seq=10), 0),      # client budget (2) spent
         (s2c("PA", b"200 OK"), MARK_VALUE),   # server direction has its own budget
-        (s2c("A"), 0),
-        (s2c("PA", b"body"), MARK_VALUE),
-        (s2c("PA", b"body2"), 0),
-        (c2s("A"), 0),
+        (s2c("A", seq=7), 0),
+        (s2c("PA", b"body", seq=7), MARK_VALUE),
+        (s2c("PA", b"body2", seq=11), 0),
+        (c2s("A", seq=15), 0),
     ]
     for i, (f, mark) in enumerate(seq):
         assert run.tc(f).mark == mark, f"packet {i}"
     flow = maps.get_flow(flow_key(A4, B4, 40000, 80, 6)[0])
     assert list(flow.payload_packets) == [3, 3]
     assert list(flow.packets) == [7, 6]
-    assert flow.flagged == 5 and flow.flags == 0
+    assert flow.flagged == 5 and flow.flags == R.FLOW_SEQ0 | R.FLOW_SEQ1
+    assert list(flow.seq_end) == [10, 11]
     assert run.nonzero() == {"packets": 13, "flagged": 5, "passed": 8, "flow_new": 1,
                              "reason_syn": 1, "reason_first_n": 4}
 
@@ -575,3 +577,26 @@ def test_syn_starts_a_recycled_tuple_over_but_not_a_block(run, maps):
     assert run.tc(tcp4("S")).action == TC_ACT_SHOT                  # a block is not lifted by a SYN
     assert maps.get_flow(key).verdict == abi.VERDICT_BLOCK
     run.check_invariant()
+
+
+def test_retransmissions_of_inspected_bytes_are_flagged_without_spending_the_budget(run, maps):
+    """A payload packet the engine dropped comes back as retransmissions: each must be flagged
+    again (the engine drops it again), and none may spend the first-N budget, or the N+1-th
+    retransmission would pass unflagged (found when the fail-closed test's request got through
+    with no engine bound). New bytes past the inspected range, once the budget is spent, pass."""
+    maps.set_config(default_config(first_n=2))
+    ref = Reference(maps.get_config())
+    req = tcp4("PA", b"GET /evil HTTP/1.1\r\n", seq=1000)
+    for i in range(6):                               # the original and five retransmissions
+        r, want = run.tc(req), ref.tc(req, now_ns=0)
+        assert (r.mark, want.mark) == (MARK_VALUE, MARK_VALUE), f"retransmission {i}"
+    flow = maps.get_flow(flow_key(A4, B4, 40000, 80, 6)[0])
+    assert flow.seq_end[0] == 1000 + 20
+    # A retransmission that starts inside the range but carries more (coalesced): flagged.
+    assert run.tc(tcp4("PA", b"T /evil HTTP/1.1\r\nHost: x\r\n", seq=1003)).mark == MARK_VALUE
+    # Sequence numbers wrap: a segment just below the range's end across 2**32 is "before" it.
+    maps.set_config(default_config(first_n=1))
+    wrap = tcp4("PA", b"abcd", sport=40001, seq=0xFFFFFFFE)              # ends at 2 (mod 2**32)
+    assert run.tc(wrap).mark == MARK_VALUE                               # first payload
+    assert run.tc(tcp4("PA", b"zz", sport=40001, seq=0xFFFFFFFF)).mark == MARK_VALUE  # retransmission
+    assert run.tc(tcp4("PA", b"next", sport=40001, seq=2)).mark == 0    # new bytes, budget spent

@@ -30,7 +30,9 @@ def test_demo_runs_end_to_end_and_leaves_nothing():
     assert 0 < rep["queued_packets"] < rep["kernel_packets"] / 100
     assert rep["consumer_packets"] >= rep["queued_packets"] > 0   # GSO packets are split when queued
     reasons = {k for e in rep["status"]["interfaces"].values() for k, v in e["counters"].items() if v}
-    assert {"reason_syn", "reason_first_n"} <= reasons
+    # The demo's rules decide nothing on a bare SYN: the engine had the kernel skip SYNs, and
+    # connections were queued by their first payload alone.
+    assert "reason_first_n" in reasons and "reason_syn" not in reasons
     # Only what this demo created counts (other runs may share the machine).
     assert leakcheck.leaked(before, leakcheck.snapshot(), lambda kind, item: item.startswith(name)) == {}
 

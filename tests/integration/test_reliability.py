@@ -66,7 +66,7 @@ def test_kill_9_of_the_engine_under_load(lab, tmp_path, policy):
         if policy == "--fail-open":
             assert new.stdout == "200"                    # no engine bound: --queue-bypass lets it pass
         else:
-            assert new.returncode == 28                   # its SYN is dropped while no engine is bound
+            assert new.returncode == 28                   # no engine bound: its request (and every retransmission) is dropped
     finally:
         if engine.poll() is None:
             os.killpg(engine.pid, signal.SIGKILL)
