@@ -614,7 +614,7 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 			}
 		} else if (flow && p.proto == IPPROTO_TCP && p.payload_len > 0 &&
 			   (flow->flags & (dir ? HYBRID_FLOW_SEQ1 : HYBRID_FLOW_SEQ0)) &&
-			   (__s32)(p.seq - flow->seq_end[dir & 1]) < 0) {
+			   flow->seq_end[dir & 1] - p.seq - 1 < HYBRID_RETRANS_WINDOW) {
 			/* A retransmission of bytes inspected under the budget. */
 			reasons |= HYBRID_REASON_FIRST_N;
 		}

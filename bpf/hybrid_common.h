@@ -192,6 +192,13 @@ struct hybrid_flow {
 	__u32 seq_end[2];
 };                                 /* 80 bytes */
 
+/* How far before seq_end a segment may start and still count as a retransmission of inspected
+ * bytes: the flagged range is at most N GSO packets (3 x 64 KiB by default). Sequence numbers
+ * are compared only within this window: a flow that has moved on by more than 2 GiB would
+ * otherwise look "before" seq_end again. (Every 4 GiB a segment may fall in the window once and
+ * be flagged: one extra packet queued, never one fewer.) */
+#define HYBRID_RETRANS_WINDOW (1U << 22)
+
 /* LPM trie key: prefixlen counts bits of addr. IPv4 prefixes are stored IPv4-mapped, so
  * 198.18.0.0/15 is ::ffff:198.18.0.0/111 (96 + 15). */
 struct hybrid_prefix_key {

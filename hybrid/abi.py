@@ -85,6 +85,7 @@ FLOW_ORIG_HI = 1 << 0
 FLOW_MIDSTREAM = 1 << 1
 FLOW_SEQ0 = 1 << 2
 FLOW_SEQ1 = 1 << 3
+RETRANS_WINDOW = 1 << 22   # a segment starting up to this far before seq_end is a retransmission
 
 IFACE_XDP = 1 << 0
 

@@ -383,7 +383,7 @@ class Reference:
                             flow.seq_end[direction] = end
                         flow.flags |= abi.FLOW_SEQ1 if direction else abi.FLOW_SEQ0
                 elif (prev is not None and p.proto == IPPROTO_TCP and flow.seq_end[direction] is not None
-                      and _s32(p.seq - flow.seq_end[direction]) < 0):
+                      and 0 < (flow.seq_end[direction] - p.seq) % (1 << 32) <= abi.RETRANS_WINDOW):
                     reasons |= abi.REASON_FIRST_N      # a retransmission of inspected bytes
                 if cfg.flags & abi.CFG_HAVE_PORTS and p.proto in (IPPROTO_TCP, IPPROTO_UDP):
                     bit = abi.PORT_TCP if p.proto == IPPROTO_TCP else abi.PORT_UDP

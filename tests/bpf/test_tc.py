@@ -600,3 +600,7 @@ def test_retransmissions_of_inspected_bytes_are_flagged_without_spending_the_bud
     assert run.tc(wrap).mark == MARK_VALUE                               # first payload
     assert run.tc(tcp4("PA", b"zz", sport=40001, seq=0xFFFFFFFF)).mark == MARK_VALUE  # retransmission
     assert run.tc(tcp4("PA", b"next", sport=40001, seq=2)).mark == 0    # new bytes, budget spent
+    # Far beyond the range (a long transfer: more than 2 GiB on, where a signed comparison
+    # would call it "before" again): new bytes, not flagged.
+    assert run.tc(tcp4("PA", b"far", sport=40001, seq=(2 + 3 * (1 << 30)) % (1 << 32))).mark == 0
+    assert run.tc(tcp4("PA", b"x", sport=40001, seq=(2 - abi.RETRANS_WINDOW - 1) % (1 << 32))).mark == 0   # outside the window
