@@ -46,6 +46,13 @@ def queued(st, family="ipv4") -> int:
     return next(n["queued_packets"] for n in st["netfilter"] if n["family"] == family)
 
 
+def retransmitted(lab, host) -> int:
+    """TCP segments `host`'s stack has retransmitted (TcpRetransSegs of its namespace)."""
+    lines = [line.split() for line in lab.run(host, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if line.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("RetransSegs")])
+
+
 def pins_of(lab) -> str:
     return os.path.join(bpffs.locate(), lab.netns("gw"))
 
@@ -122,22 +129,29 @@ def test_bulk_transfer_queues_only_handshake_and_first_packets(attached):
     lab = attached
     with bare_consumer(lab):            # a real NFQUEUE consumer: queued packets really go to userspace
         before = status(lab)
+        rtx0 = {h: retransmitted(lab, h) for h in ("client", "server")}
         sent, received = tcp_transfer(lab, 512 << 20)   # 512 MiB, one connection
         res = iperf3(lab, seconds=1)                     # and a second client, two connections
         after = status(lab)
+        rtx = {h: retransmitted(lab, h) - rtx0[h] for h in ("client", "server")}
     assert sent == received                              # every byte arrived, in order
     assert res["end"]["sum_received"]["bytes"] > 10_000_000
     c = {k: counters(after, "to-client")[k] - counters(before, "to-client").get(k, 0)
          for k in counters(after, "to-client")}
     # our transfer opens one connection, iperf3 two (control and data): exactly three SYNs.
     assert c["reason_syn"] == 3
-    # at most the first 3 payload packets per direction of each of the three connections
+    # At most the first 3 payload packets per direction of each of the three connections, plus
+    # retransmissions of those bytes, which are flagged again (a retransmitted copy must not reach
+    # the server uninspected). They happen: the queued first packets arrive after the unqueued
+    # fourth, the receiver's SACKs report a hole, and the sender repeats them. The host's own
+    # retransmission counter bounds them (it counts segments, so it can only over-count).
     s = {k: counters(after, "to-server")[k] - counters(before, "to-server").get(k, 0)
          for k in counters(after, "to-server")}
-    assert c["reason_first_n"] <= 9 and s["reason_first_n"] <= 9
+    assert c["reason_first_n"] <= 9 + rtx["client"], (c["reason_first_n"], rtx)
+    assert s["reason_first_n"] <= 9 + rtx["server"], (s["reason_first_n"], rtx)
     assert c["reason_first_n"] >= 3                      # every connection sent a payload
     q = queued(after) - queued(before)
-    assert 3 <= q <= 3 + 9 + 9
+    assert 3 <= q <= 3 + 9 + 9 + rtx["client"] + rtx["server"]
     assert c["packets"] + s["packets"] > 1000 * q        # the bulk stayed in the kernel
 
 
