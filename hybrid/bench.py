@@ -342,17 +342,26 @@ def parse_wrk(out: str) -> tuple[float, dict[str, float]]:
     if m:
         errors += int(m.group(1))
     extra["errors"] = errors
+    m = re.search(r"^\s*(\d+) requests in ", out, re.M)
+    if m:
+        extra["requests"] = int(m.group(1))
     return float(rps.group(1)), extra
 
 
 def _newconn(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
-    """New connections: wrk with ``Connection: close`` against nginx; requests/s, p50/p99."""
+    """New connections: wrk with ``Connection: close`` against nginx; requests/s, p50/p99, and
+    packets queued to userspace per request (each request is one connection)."""
     with Nginx(lab):
+        queued0 = _queued_total(lab)
         proc = lab.run("client", ["taskset", "-c", "0", "wrk", "-t", "1", "-c", str(WRK_CONNECTIONS),
                                   "-d", f"{max(1, round(seconds))}s", "--latency", "-H", "Connection: close",
                                   f"http://{lab.info.server.ipv4}/"],
                        timeout=seconds + 30, check=False, what="wrk")
-    return parse_wrk(proc.stdout + proc.stderr)
+        queued = _queued_total(lab) - queued0
+    rate, extra = parse_wrk(proc.stdout + proc.stderr)
+    if extra.get("requests"):
+        extra["queued_per_request"] = max(0, queued) / extra["requests"]
+    return rate, extra
 
 
 def _queued_total(lab: Lab) -> int:

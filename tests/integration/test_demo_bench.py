@@ -105,7 +105,8 @@ def test_bench_wrk_output_is_parsed():
 Requests/sec:  11491.72
 """
     rps, extra = parse_wrk(out)
-    assert rps == 11491.72 and extra == {"p50_ms": pytest.approx(0.348), "p99_ms": 1030.0, "errors": 3}
+    assert rps == 11491.72 and extra == {"p50_ms": pytest.approx(0.348), "p99_ms": 1030.0, "errors": 3,
+                                         "requests": 11491}
 
 
 def test_bench_quick_flood_blocks_where_each_mode_says():
