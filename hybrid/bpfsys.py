@@ -234,8 +234,13 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def _ref(obj) -> ctypes.c_void_p | None:
-    return None if obj is None else ctypes.cast(ctypes.byref(obj), ctypes.c_void_p)
+def _ref(obj) -> int | bytes | None:
+    """A ctypes object's address (bytes pass as they are: ctypes hands c_void_p a pointer to
+    their buffer, which suits keys the kernel only reads). addressof() is several times cheaper
+    than cast(byref()), and map access is on the verdict engine's per-packet path."""
+    if obj is None or type(obj) is bytes:
+        return obj
+    return ctypes.addressof(obj)
 
 
 # ---- maps ------------------------------------------------------------------------------------------

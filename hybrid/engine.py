@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from . import abi, nfq, rewrite
 from .errors import HybridError
+from .maps import flow_key_bytes
 from .packet import Packet, decode
 from .rules import Decision, RuleSet, RulesError, load_rules
 
@@ -285,6 +286,8 @@ class Engine:
         """Join a ClientHello split over TCP segments. True: this segment was held back (accepted,
         the flow kept in INSPECT so its next segments are queued too); False: decide now, with
         ``pkt``'s SNI taken from the joined bytes when a join just completed."""
+        if not self._hellos and pkt.raw[pkt.payload_off] != 0x16:
+            return False                    # not a TLS handshake record, and nothing held: most packets
         from .packet import client_hello_missing, parse_sni
         key = (pkt.src_bytes, pkt.sport, pkt.dst_bytes, pkt.dport)
         held = self._hellos.get(key)
@@ -366,15 +369,14 @@ class Engine:
     def _flow_verdict(self, pkt: Packet, d: Decision) -> None:
         if self.maps is None or pkt.version == 0 or pkt.fragment or pkt.error:
             return
-        from .maps import flow_key_raw
         sport, dport = pkt.sport, pkt.dport
         if pkt.icmp_type in (8, 0, 128, 129):           # echo: the identifier keys the flow
             sport = dport = int.from_bytes(pkt.raw[pkt.l4_off + 4:pkt.l4_off + 6], "big")
         elif pkt.icmp_type >= 0:
             sport = dport = 0
-        key, _ = flow_key_raw(pkt.src_bytes, pkt.dst_bytes, sport, dport, pkt.proto)
-        try:
-            self.maps.set_verdict(key, FLOW_VERDICTS[d.flow], d.ttl)
+        key, _ = flow_key_bytes(pkt.src_bytes, pkt.dst_bytes, sport, dport, pkt.proto)
+        try:   # d.ttl: positive seconds (the rules compiler and _merge_verdict() check it)
+            self.maps.write_verdict(key, FLOW_VERDICTS[d.flow], max(1, int(d.ttl * 1e9)))
             self.stats.flow_verdicts[d.flow] += 1
         except HybridError as exc:
             self.stats.flow_write_errors += 1

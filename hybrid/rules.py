@@ -646,10 +646,13 @@ def _merge_verdict(base: Decision, v, pkt) -> Decision:
     reject_with = v.reject_with if v.reject_with is not None else base.reject_with
     if action == "reject" and reject_with is None:
         reject_with = "tcp-reset" if pkt.proto == 6 else "icmp-port-unreachable"
+    ttl = v.ttl if v.ttl is not None else base.ttl
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+        raise ValueError(f"Verdict ttl {ttl!r} is not a positive number of seconds")
     logged = v.log if v.log is not None else (base.log or action in LOGGED_ACTIONS)
     return Decision(base.rule, action, mark if action == "mark" else None,
                     rewrite if action == "rewrite" else None, reject_with if action == "reject" else None,
-                    flow, v.ttl if v.ttl is not None else base.ttl, bool(logged))
+                    flow, ttl, bool(logged))
 
 
 # ---------------------------------------------------------------------------------------------

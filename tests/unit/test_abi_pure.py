@@ -4,6 +4,7 @@ constants, the counter-name table, canonical flow-key ordering, CIDR parsing and
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import re
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import pytest
 
 from hybrid import abi
 from hybrid.errors import ConfigError
-from hybrid.maps import (addr16, addr_from16, canonical_order, flow_key, format_flow_key, format_prefix,
-                         key_ports, parse_cidr)
+from hybrid.maps import (addr16, addr_from16, canonical_order, flow_key, flow_key_bytes, flow_key_raw,
+                         format_flow_key, format_prefix, key_ports, parse_cidr)
 
 pytestmark = pytest.mark.unit
 
@@ -122,6 +123,38 @@ def test_flow_key_same_for_both_directions():
     assert key_ports(k1) == (40000, 80)
     assert bytes(k1)[32:34] == (40000).to_bytes(2, "big")             # network order in memory
     assert (k1.vlan, k1.proto, k1._pad0) == (0, 6, 0)
+
+
+def _key_field_by_field(src: bytes, dst: bytes, sport: int, dport: int, proto: int, vlan: int) -> bytes:
+    """struct flow_key filled the slow, obvious way, from canonical_order()."""
+    s = addr16(str(ipaddress.ip_address(src)))
+    d = addr16(str(ipaddress.ip_address(dst)))
+    lo, hi = ((s, sport), (d, dport)) if canonical_order(s, sport, d, dport) == 0 else ((d, dport), (s, sport))
+    key = abi.FlowKey()
+    key.addr_lo[:] = lo[0]
+    key.addr_hi[:] = hi[0]
+    key.port_lo = int.from_bytes(lo[1].to_bytes(2, "big"), "little")
+    key.port_hi = int.from_bytes(hi[1].to_bytes(2, "big"), "little")
+    key.vlan, key.proto = vlan, proto
+    return bytes(key)
+
+
+@pytest.mark.parametrize("src,dst,sport,dport,proto,vlan", [
+    ("198.18.1.2", "198.18.2.2", 40000, 80, 6, 0),
+    ("198.18.2.2", "198.18.1.2", 80, 40000, 6, 0),        # the reverse direction: the same key
+    ("198.18.1.2", "198.18.1.2", 443, 80, 17, 4095),      # same address: the port decides
+    ("198.18.1.2", "198.18.1.2", 80, 80, 1, 7),           # equal endpoints
+    ("2001:db8::2", "2001:db8::1", 53, 5353, 17, 12),
+    ("::1", "198.18.0.1", 0, 65535, 58, 1),               # IPv6 below the IPv4-mapped range
+])
+def test_flow_key_bytes_is_struct_flow_key(src, dst, sport, dport, proto, vlan):
+    s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed   # 4 or 16 bytes, as decoded
+    raw, direction = flow_key_bytes(s, d, sport, dport, proto, vlan)
+    assert len(raw) == ctypes.sizeof(abi.FlowKey)
+    assert raw == _key_field_by_field(s, d, sport, dport, proto, vlan)
+    assert direction == canonical_order(addr16(src), sport, addr16(dst), dport)
+    key, direction2 = flow_key_raw(s, d, sport, dport, proto, vlan)
+    assert bytes(key) == raw and direction2 == direction
 
 
 def test_flow_key_validation():

@@ -351,14 +351,18 @@ def test_plugin_returning_garbage_counts_as_failure(plugin_dir):
         "from hybrid.rules import Verdict\n"
         "def text(p):\n    return 'drop'\n"
         "def bad_action(p):\n    return Verdict('explode')\n"
+        "def zero_ttl(p):\n    return Verdict('accept', flow='bypass', ttl=0)\n"
+        "def text_ttl(p):\n    return Verdict('accept', flow='bypass', ttl='soon')\n"
         "def marks(p):\n    return Verdict('mark', mark=7)\n")
     ruleset = load_rules(write(plugin_dir, 'plugin_paths = ["plugins"]\n'
                                            '[[rule]]\nname = "t"\nplugin = "odd:text"\n'
                                            '[[rule]]\nname = "b"\nplugin = "odd:bad_action"\n'
+                                           '[[rule]]\nname = "z"\nplugin = "odd:zero_ttl"\n'
+                                           '[[rule]]\nname = "s"\nplugin = "odd:text_ttl"\n'
                                            '[[rule]]\nname = "m"\nplugin = "odd:marks"\n'))
     d = ruleset.decide(Pkt())
     assert (d.rule, d.action, d.mark) == ("m", "mark", (7, 0xFFFFFFFF))
-    assert ruleset.plugin_errors == {"t": 1, "b": 1, "m": 0}
+    assert ruleset.plugin_errors == {"t": 1, "b": 1, "z": 1, "s": 1, "m": 0}
 
 
 def test_verdict_defaults():
