@@ -9,7 +9,7 @@ option of the same name with dashes written as underscores (``--mark-mask`` -> `
                 source_rate, source_burst, global_rate, global_burst, over_budget
     [engine]    rules (the rules file), flow_ttl (overrides the rules file's), queue_len
     [log]       level, verdicts (the engine's verdict log)
-    [service]   keep_attached_on_stop
+    [service]   keep_attached_on_stop, standby_engines
     [metrics]   enabled, listen
 
 Every key but ``attach.interfaces`` and ``engine.rules`` has a default, so a minimal file is
@@ -246,6 +246,10 @@ FIELDS: tuple[Field, ...] = (
     Field("service", "keep_attached_on_stop", _bool, False,
           "On SIGTERM leave the kernel side in place (a restart then has no blind window) instead of detaching.",
           "--keep-attached/--detach-on-stop", "flag"),
+    Field("service", "standby_engines", _bool, True,
+          "Keep a spare engine per queue, started and waiting, so that a crashed engine's queue is bound "
+          "again in milliseconds, not the 0.4 s a new engine process takes (one idle process per queue).",
+          "--standby/--no-standby", "flag"),
     Field("metrics", "enabled", _bool, False,
           "Serve Prometheus metrics on /metrics.", "--metrics/--no-metrics", "flag"),
     Field("metrics", "listen", _listen, DEFAULT_METRICS_LISTEN,

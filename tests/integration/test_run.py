@@ -106,7 +106,11 @@ class Run:
         self.wait_event("engine_running", count)
 
     def engine_pids(self) -> list[int]:
-        return [e["pid"] for e in self.events("engine_started")]
+        """The engines that served a queue, in order: started, or spares promoted."""
+        return [e["pid"] for e in self.lines() if e["event"] in ("engine_started", "engine_promoted")]
+
+    def spare_pids(self) -> list[int]:
+        return [e["pid"] for e in self.events("engine_standby")]
 
     def send(self, sig) -> None:
         self.proc.send_signal(sig)
@@ -120,7 +124,7 @@ class Run:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        for pid in self.engine_pids():
+        for pid in self.engine_pids() + self.spare_pids():
             with contextlib.suppress(ProcessLookupError):
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
@@ -218,11 +222,19 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
         assert not alive(old_engine) and alive(new_engine)
         assert curl(lab, "x.also-blocked.example").returncode == 56
 
-        # An engine that dies is started again.
+        # An engine that dies is replaced by the spare that waits for its queue, and a new spare
+        # starts behind it. The spare was started with the engines, after the last rules reload:
+        # it decides with the reloaded rules.
+        spares = r.spare_pids()
+        assert alive(spares[-1]) and not any(alive(p) for p in spares[:-1])
         os.kill(new_engine, signal.SIGKILL)
         died = r.wait_event("engine_died")
         assert died["pid"] == new_engine and died["exit_status"] == -signal.SIGKILL
+        assert r.wait_event("engine_promoted")["pid"] == spares[-1]
         r.wait_running(3)
+        assert len(r.events("engine_started")) == 2           # no engine process started for it
+        wait_for(lambda: len(r.spare_pids()) == len(spares) + 1, "a new spare")
+        assert alive(r.spare_pids()[-1])
         assert curl(lab, "x.also-blocked.example").returncode == 56
 
         # A broken configuration: refused with its FILE:LINE, nothing changes.
@@ -243,7 +255,7 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
                             "stop it first (systemctl stop hybrid)\n"
     assert status(lab)["attached"] is True and all(alive(p) for p in r.engine_pids()[-1:])
 
-    engines = r.engine_pids()
+    engines = r.engine_pids() + r.spare_pids()
     assert r.stop() == 0
     assert r.events("detached") and r.events("stopped")[0]["exit_status"] == 0
     # Nothing left: no process, no rule, no program, no pins, no state.
@@ -359,8 +371,10 @@ def test_restart_with_traffic_flowing_cuts_no_connection(lab, tmp_path, runs):
         table, verdict, packets = flow_state(lab, stream)
         assert verdict == abi.VERDICT_BYPASS          # decided once, then kept in the kernel
 
-        # kill -9: the supervisor dies at once; its engines follow (PR_SET_PDEATHSIG).
-        engines = first.engine_pids()
+        # kill -9: the supervisor dies at once; its engines follow (PR_SET_PDEATHSIG), and its
+        # spare reads EOF on its pipe and exits without binding.
+        engines = first.engine_pids() + first.spare_pids()
+        assert len(engines) == 2
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait()
         wait_for(lambda: not any(alive(p) for p in engines), "the engines to follow their supervisor")
