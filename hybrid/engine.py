@@ -43,7 +43,13 @@ FLOW_VERDICTS = {"bypass": abi.VERDICT_BYPASS, "block": abi.VERDICT_BLOCK, "insp
 # half-sent handshakes costs memory we chose, not memory an attacker chooses.
 HELLO_MAX_FLOWS = 4096
 HELLO_MAX_BYTES = 16384 + 5          # one TLS record
-HELLO_TIMEOUT = 5.0                  # seconds; the flow is kept in INSPECT meanwhile
+# A held flow is kept in INSPECT for JOIN_TTL seconds from its latest held segment: longer than
+# servers wait for a request head (nginx: 60 s), so that pausing between pieces cannot outlast
+# the INSPECT and let the rest pass unqueued. An entry idle for HELLO_TIMEOUT may be dropped when
+# the table is full (then counted as abandoned); a slow sender is otherwise joined however slow.
+JOIN_TTL = 120.0
+HELLO_TIMEOUT = 5.0
+HTTP_HEAD_MAX_BYTES = 32768          # a request head this long without a Host line is decided as is
 STATS_INTERVAL = 0.5   # seconds between stats-file writes while counters change
 # Decision-time histogram: the handler's duration in ns lands in slot dt.bit_length(), i.e. slot i
 # counts 2**(i-1) <= dt < 2**i (slot 0: dt == 0). Powers of two need no search and no clamp (a
@@ -106,6 +112,8 @@ class EngineStats:
     flow_write_errors: int = 0
     hellos_joined: int = 0     # split ClientHellos held back and decided on the joined bytes
     hellos_abandoned: int = 0  # gave up joining (out of order, too big, timed out, table full)
+    http_heads_joined: int = 0     # the same for HTTP request heads sent in pieces
+    http_heads_abandoned: int = 0
     reloads: int = 0
     reload_errors: int = 0
     last_reload_error: str | None = None
@@ -136,7 +144,7 @@ class Engine:
         self._raw4: socket.socket | None = None
         self._raw6: socket.socket | None = None
         self._ifnames: dict[int, str | None] = {}
-        # (src, sport, dst, dport) -> [joined bytes, next expected TCP seq, deadline]
+        # (src, sport, dst, dport) -> [joined bytes, next expected TCP seq, evictable after (monotonic), is_http]
         self._hellos: dict[tuple, list] = {}
         self._stop = False
         self._dirty = False
@@ -249,7 +257,7 @@ class Engine:
             rules = self.rules
             if rules.needs_indev:
                 pkt.indev = self._ifname(nfpkt.indev)
-            if rules.needs_sni and pkt.proto == 6 and pkt.payload_len and self._hold_hello(pkt, nfpkt):
+            if rules.needs_join and pkt.proto == 6 and pkt.payload_len and self._hold_hello(pkt, nfpkt):
                 self._dirty = True
                 return
             d = rules.decide(pkt)
@@ -283,52 +291,78 @@ class Engine:
             stats.decision_ns_sum += dt
 
     def _hold_hello(self, pkt: Packet, nfpkt) -> bool:
-        """Join a ClientHello split over TCP segments. True: this segment was held back (accepted,
-        the flow kept in INSPECT so its next segments are queued too); False: decide now, with
-        ``pkt``'s SNI taken from the joined bytes when a join just completed."""
-        if not self._hellos and pkt.raw[pkt.payload_off] != 0x16:
-            return False                    # not a TLS handshake record, and nothing held: most packets
-        from .packet import client_hello_missing, parse_sni
+        """Join a ClientHello, or an HTTP request head, split over TCP segments (only when some
+        rule reads the SNI, or the Host, method or path). True: this segment was held back
+        (accepted, the flow kept in INSPECT so its next segments are queued too); False: decide
+        now, with ``pkt``'s SNI or HTTP request taken from the joined bytes when a join just
+        completed. The server gets each held segment, but not the whole ClientHello or request
+        until the engine has decided on it."""
+        first = pkt.raw[pkt.payload_off]
+        if not self._hellos and first != 0x16 and not 0x41 <= first <= 0x5A:
+            return False                    # neither a TLS record nor a method, nothing held: most packets
+        from .packet import client_hello_missing, http_head_missing, parse_http, parse_sni
         key = (pkt.src_bytes, pkt.sport, pkt.dst_bytes, pkt.dport)
         held = self._hellos.get(key)
         now = time.monotonic()
+        st = self.stats
         if held is None:
-            if pkt.tls_sni is not None:
-                return False
-            missing = client_hello_missing(pkt.payload)
-            if not missing:
+            if first == 0x16 and self.rules.needs_sni:
+                is_http = False
+                if pkt.tls_sni is not None or not client_hello_missing(pkt.payload):
+                    return False
+            elif first != 0x16 and self.rules.needs_http and http_head_missing(pkt.payload):
+                is_http = True
+            else:
                 return False
             if len(self._hellos) >= HELLO_MAX_FLOWS:
                 self._expire_hellos(now)
                 if len(self._hellos) >= HELLO_MAX_FLOWS:
-                    self.stats.hellos_abandoned += 1
+                    if is_http:
+                        st.http_heads_abandoned += 1
+                    else:
+                        st.hellos_abandoned += 1
                     return False
-            self._hellos[key] = [pkt.payload, (pkt.tcp_seq + pkt.payload_len) & 0xFFFFFFFF, now + HELLO_TIMEOUT]
+            self._hellos[key] = [pkt.payload, (pkt.tcp_seq + pkt.payload_len) & 0xFFFFFFFF, now + HELLO_TIMEOUT,
+                                 is_http]
             self._flow_verdict(pkt, _INSPECT_WHILE_JOINING)
             self._accept(nfpkt)
             return True
-        data, expect, deadline = held
+        data, expect, _, is_http = held
         if pkt.tcp_seq != expect:
             if ((expect - pkt.tcp_seq) & 0xFFFFFFFF) < 0x80000000:   # a retransmission: already held
                 self._accept(nfpkt)
                 return True
             del self._hellos[key]                                     # a gap: decide on what we have
-            self.stats.hellos_abandoned += 1
+            self._abandoned(is_http)
             return False
         data += pkt.payload
-        if client_hello_missing(data) and len(data) < HELLO_MAX_BYTES and now < deadline:
-            held[0], held[1] = data, (expect + pkt.payload_len) & 0xFFFFFFFF
+        if is_http:
+            missing, limit = http_head_missing(data), HTTP_HEAD_MAX_BYTES
+        else:
+            missing, limit = client_hello_missing(data), HELLO_MAX_BYTES
+        if missing and len(data) < limit:
+            held[0], held[1], held[2] = data, (expect + pkt.payload_len) & 0xFFFFFFFF, now + HELLO_TIMEOUT
+            self._flow_verdict(pkt, _INSPECT_WHILE_JOINING)       # JOIN_TTL from now
             self._accept(nfpkt)
             return True
-        del self._hellos[key]
-        pkt._sni = parse_sni(data)                                     # decide this segment on the whole
-        self.stats.hellos_joined += 1
+        del self._hellos[key]                                          # decide this segment on the whole
+        if is_http:
+            pkt._http = parse_http(data)
+            st.http_heads_joined += 1
+        else:
+            pkt._sni = parse_sni(data)
+            st.hellos_joined += 1
         return False
+
+    def _abandoned(self, is_http: bool) -> None:
+        if is_http:
+            self.stats.http_heads_abandoned += 1
+        else:
+            self.stats.hellos_abandoned += 1
 
     def _expire_hellos(self, now: float) -> None:
         for k in [k for k, v in self._hellos.items() if v[2] <= now]:
-            del self._hellos[k]
-            self.stats.hellos_abandoned += 1
+            self._abandoned(self._hellos.pop(k)[3])
 
     def _verdict(self, nfpkt, pkt: Packet, d: Decision) -> None:
         action = d.action
@@ -418,6 +452,7 @@ class Engine:
                 "actions": dict(st.actions), "flow_verdicts": dict(st.flow_verdicts), "errors": st.errors,
                 "flow_write_errors": st.flow_write_errors, "reloads": st.reloads,
                 "hellos_joined": st.hellos_joined, "hellos_abandoned": st.hellos_abandoned,
+                "http_heads_joined": st.http_heads_joined, "http_heads_abandoned": st.http_heads_abandoned,
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),
@@ -457,7 +492,7 @@ class Engine:
 # The flow follow-up while a split ClientHello is being joined: every packet of the flow is
 # queued (INSPECT), for no longer than the join may take.
 _INSPECT_WHILE_JOINING = Decision(rule=None, action="accept", mark=None, rewrite=None, reject_with=None,
-                                  flow="inspect", ttl=HELLO_TIMEOUT, log=False)
+                                  flow="inspect", ttl=JOIN_TTL, log=False)
 
 
 class _Stop(Exception):

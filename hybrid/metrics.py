@@ -164,6 +164,8 @@ def _engines(snap: dict) -> Iterator:
         ("flow_write_errors", "Flow verdicts that could not be written to the kernel."),
         ("hellos_joined", "TLS ClientHellos split over segments, joined and decided whole."),
         ("hellos_abandoned", "Split ClientHellos given up (gap, too big, timeout, table full)."),
+        ("http_heads_joined", "HTTP request heads split over segments, joined and decided whole."),
+        ("http_heads_abandoned", "Split HTTP request heads given up (gap, too big, timeout, table full)."),
         ("reloads", "Rule reloads (SIGHUP) that succeeded."),
         ("reload_errors", "Rule reloads refused (the old rules stayed)."),
     )}

@@ -390,6 +390,36 @@ def client_hello_missing(d: bytes) -> int:
     return want - n
 
 
+def http_head_missing(d: bytes) -> bool:
+    """Whether ``d`` can be the start of an HTTP/1.x request whose Host line (or the end of its
+    headers) has not arrived yet. An evader who sends the request head in pieces (one byte at a
+    time, or cutting the Host line in two) must not get a decision on the first piece: the Host
+    rules would see no host, or a truncated one. True only while ``d`` is a plausible prefix:
+    an uppercase method being typed, or a valid request line followed by complete header lines,
+    none of them Host, and no blank line yet."""
+    eol = d.find(b"\r\n", 0, _MAX_HTTP_LINE)
+    if eol < 0:
+        if len(d) >= _MAX_HTTP_LINE:
+            return False
+        method = d.split(b" ", 1)[0]
+        return 0 < len(method) <= 16 and method.isalpha() and method.isupper()
+    if _parse_http(d[:eol + 2]) is None:
+        return False                                     # not an HTTP request line: decide now
+    pos = eol + 2
+    while True:
+        nxt = d.find(b"\r\n", pos)
+        if nxt < 0:
+            return True                                  # a header line still arriving
+        if nxt == pos or d[pos:pos + 5].lower() == b"host:":
+            return False                                 # end of headers, or a whole Host line
+        pos = nxt + 2
+
+
+def parse_http(d: bytes) -> HttpRequest | None:
+    """The HTTP/1.x request at the start of ``d`` (the engine's joined segments)."""
+    return _parse_http(d)
+
+
 def parse_sni(d: bytes) -> str | None:
     """The server_name of a ClientHello at the start of ``d`` (the engine's joined segments)."""
     return _parse_sni(d)

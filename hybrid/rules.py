@@ -491,8 +491,12 @@ class RuleSet:
         self._fast_other = tuple(f for f, r in zip(self._fast, rules) if r.protos is None)
         # Whether any rule reads the input interface (resolving its name costs per packet).
         self.needs_indev = any(key == "iif" for r in rules for key, _ in r.shown)
-        # Whether any rule reads the TLS SNI (the engine then joins split ClientHellos).
-        self.needs_sni = any(key == "tls_sni" for r in rules for key, _ in r.shown)
+        # Whether any rule reads the TLS SNI, or the HTTP request (a plugin may read either): the
+        # engine then joins ClientHellos and request heads split over TCP segments.
+        plugins = any(r.plugin is not None for r in rules)
+        self.needs_sni = plugins or any(key == "tls_sni" for r in rules for key, _ in r.shown)
+        self.needs_http = plugins or any(key.startswith("http_") for r in rules for key, _ in r.shown)
+        self.needs_join = self.needs_sni or self.needs_http
         # Whether a bare TCP SYN can be decided anything but "accept, leave the flow alone"; when
         # not, the engine tells the kernel not to queue SYNs (they would only cost a round trip).
         self.needs_syn = _needs_syn(rules, default)

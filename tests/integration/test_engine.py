@@ -428,6 +428,38 @@ def test_split_client_hello_cannot_slip_past_the_sni_rule(engine, lab):
     assert st["hellos_joined"] == 2 and st["rules"]["block-tls-sni"] == 1
 
 
+def test_split_http_request_cannot_slip_past_the_host_rule(engine, lab):
+    """An evader sends the request head in pieces so that the first segment has no Host line, or
+    only part of it. The engine holds the pieces back (accepting them) until the Host line is
+    complete, then decides: the blocked name is reset, an allowed one is answered."""
+    engine(realistic_example())
+
+    def send_split(host: str, cut: int) -> bytes | Exception:
+        head = (f"GET / HTTP/1.1\r\nUser-Agent: split\r\nHost: {host}\r\nConnection: close\r\n\r\n").encode()
+        with netns(lab.netns("client")):
+            s = socket.create_connection((lab.info.server.ipv4, 80), timeout=5)
+        with s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                for i in range(0, len(head), cut):
+                    s.sendall(head[i:i + cut])
+                    time.sleep(0.05)
+                return s.recv(12)
+            except OSError as exc:           # the reset may come while the last pieces are sent
+                return exc
+
+    with Nginx(lab):
+        results = {(host, cut): send_split(host, cut)
+                   for host in ("x.blocked.example", "www.example.test") for cut in (1, 20, 40)}
+    for (host, cut), got in results.items():
+        if host == "x.blocked.example":
+            assert isinstance(got, ConnectionResetError), (cut, got)
+        else:
+            assert got == b"HTTP/1.1 200", (cut, got)
+    st = engine_stats(lab, until=lambda st: st["http_heads_joined"] >= 6)
+    assert st["http_heads_joined"] == 6 and st["rules"]["block-http-host"] == 3
+
+
 def test_reject_over_ipv6_resets_the_client(engine, lab):
     """Reject builds a full IPv6 packet and sends it through an IPPROTO_RAW socket."""
     engine(realistic_example())

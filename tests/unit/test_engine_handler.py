@@ -180,6 +180,74 @@ def test_no_joining_when_no_rule_reads_the_sni():
     assert p.verdicts == ["repeat"] and e._hellos == {}
 
 
+def http_segments(head: bytes, size: int, seq0: int = 5000):
+    out, seq = [], seq0
+    for i in range(0, len(head), size):
+        part = head[i:i + size]
+        out.append(bytes(IP(src="198.18.1.2", dst="198.18.2.2") /
+                         TCP(sport=40001, dport=80, flags="PA", seq=seq) / Raw(part)))
+        seq += len(part)
+    return out
+
+
+HEAD = b"GET / HTTP/1.1\r\nUser-Agent: split\r\nHost: x.blocked.example\r\nAccept: */*\r\n\r\n"
+
+
+@pytest.mark.parametrize("size", [1, 7, 20, 40])
+@pytest.mark.parametrize("host, decided", [(b"x.blocked.example", "drop"), (b"www.example.test", "repeat")])
+def test_split_http_head_is_joined_until_the_host_line_is_whole(size, host, decided):
+    """The request head in pieces (one byte at a time, or cutting the Host line): every piece
+    before the Host line is complete is held back (accepted), then the Host rule decides on the
+    joined head."""
+    e = engine("realistic.toml")
+    head = HEAD.replace(b"x.blocked.example", host)
+    host_end = head.index(b"\r\n", head.index(b"Host:")) + 2
+    for raw in http_segments(head, size):
+        p = FakePacket(raw)
+        e._handle(p)
+        if e.stats.http_heads_joined:
+            break
+        assert p.verdicts == ["repeat"]
+    assert e.stats.http_heads_joined == 1 and p.verdicts == [decided]
+    assert e.rules.counters["block-http-host"] == (1 if decided == "drop" else 0)
+    assert e._hellos == {}
+    assert e.stats.packets == -(-host_end // size)       # decided on the piece that ended the Host line
+
+
+def test_whole_http_head_and_other_protocols_are_decided_at_once():
+    e = engine("realistic.toml")
+    for payload in (HEAD, b"EHLO mail.example\r\n", b"SSH-2.0-OpenSSH_9.6\r\n", b"\x00\x01binary",
+                    b"GET / HTTP/1.1\r\n\r\n", b"get / http/1.1\r\n"):
+        p = FakePacket(http_segments(payload, len(payload))[0])
+        e._handle(p)
+        assert len(p.verdicts) == 1
+    assert e.stats.http_heads_joined == 0 and e._hellos == {}
+
+
+def test_slow_http_pieces_are_joined_however_long_the_pause():
+    """Pausing between pieces must not turn into a decision on the partial head: the held entry
+    is only evicted under table pressure, and its INSPECT lasts JOIN_TTL from the last piece."""
+    e = engine("realistic.toml")
+    segs = http_segments(HEAD, 10)
+    e._handle(FakePacket(segs[0]))
+    for entry in e._hellos.values():
+        entry[2] -= 3600                                  # an hour "passes"
+    for raw in segs[1:]:
+        p = FakePacket(raw)
+        e._handle(p)
+        if e.stats.http_heads_joined:
+            break
+    assert p.verdicts == ["drop"] and e.stats.http_heads_abandoned == 0
+
+
+def test_no_http_joining_when_no_rule_reads_http():
+    e = engine("rewrite.toml")
+    assert not e.rules.needs_http
+    p = FakePacket(http_segments(HEAD, 10)[0])
+    e._handle(p)
+    assert p.verdicts == ["repeat"] and e._hellos == {}
+
+
 def test_a_stop_signal_mid_packet_ends_the_loop_and_still_gives_the_verdict():
     """SIGTERM's handler raises _Stop wherever the engine is. Inside the handler it must not be
     counted as a packet error and swallowed (the engine would then wait in recv() for another

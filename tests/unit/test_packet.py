@@ -307,3 +307,18 @@ def test_bytes_like_input_is_copied_to_bytes():
     for form in (bytearray(raw), memoryview(raw)):
         p = decode(form)
         assert type(p.raw) is bytes and p.src == ipaddress.ip_address(V4["src"]) and p.payload == b"x"
+
+
+@pytest.mark.parametrize("data, missing", [
+    (b"G", True), (b"GET", True), (b"GET /index", True), (b"GET / HTTP/1.1", True),
+    (b"GET / HTTP/1.1\r\n", True), (b"GET / HTTP/1.1\r\nUser-Agent: x\r\n", True),
+    (b"GET / HTTP/1.1\r\nHost: a.exa", True),                 # the Host line cut: not yet
+    (b"GET / HTTP/1.1\r\nHost: a.example\r\n", False),        # a whole Host line
+    (b"GET / HTTP/1.1\r\nhOsT: a.example\r\n", False),
+    (b"GET / HTTP/1.1\r\nUser-Agent: x\r\n\r\n", False),     # headers ended without a Host
+    (b"EHLO mail.example\r\n", False), (b"get / HTTP/1.1", False), (b"SSH-2.0-x", False),
+    (b"\x16\x03\x01", False), (b"", False), (b"G" * 17, False), (b"GET" + b"x" * 9000, False),
+])
+def test_http_head_missing(data, missing):
+    from hybrid.packet import http_head_missing
+    assert http_head_missing(data) is missing
