@@ -33,6 +33,11 @@ def _reasons(value: str) -> tuple[str, ...]:
               help="NFQUEUE number, or a range spread with --queue-balance.")
 @click.option("--fail-open/--fail-closed", default=True, show_default=True,
               help="With no engine bound: let flagged packets pass (--queue-bypass) or drop them.")
+@click.option("--queue-cpu-fanout", "cpu_fanout", is_flag=True,
+              help="With a range of queues: pick the queue by the CPU the packet is on, not by a hash "
+                   "of its addresses (which sends every connection between two hosts to one engine). "
+                   "Needs a NIC that keeps each flow on one CPU (RSS) for split ClientHellos and "
+                   "request heads to be joined.")
 @click.option("--flag", "flag", default=",".join(att.DEFAULT_REASONS), show_default=True,
               help="Comma-separated flag reasons to enable.")
 @click.option("--first-n", default=att.DEFAULT_FIRST_N, show_default=True, type=click.IntRange(0, 1_000_000),
@@ -66,7 +71,7 @@ def _reasons(value: str) -> tuple[str, ...]:
 @click.option("--log", "log_path", default=None, metavar="FILE",
               help="With --rules: the verdict log, JSON lines ('-' for standard output).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, flag, first_n, watch_ports,
+def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, cpu_fanout, flag, first_n, watch_ports,
            watch_prefixes, block_prefixes, families, flow_table_size, source_rate, source_burst, global_rate,
            global_burst, over_budget, rules, keep, log_path, as_json) -> None:
     """Attach hybrid's XDP/tc programs to IFACE... and install the queue rule.
@@ -89,7 +94,8 @@ def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, flag
     opts = att.AttachOptions(
         interfaces=list(interfaces), xdp_mode=xdp_mode, hooks=tuple(hooks) or ("forward",),
         mark=parse_int(mark, "--mark"), mark_mask=parse_int(mark_mask, "--mark-mask"),
-        queue_first=qa, queue_last=qb, fail_open=fail_open, reasons=_reasons(flag), first_n=first_n,
+        queue_first=qa, queue_last=qb, fail_open=fail_open, queue_cpu_fanout=cpu_fanout, reasons=_reasons(flag),
+        first_n=first_n,
         watch_ports=tuple(watch_ports), watch_prefixes=tuple(watch_prefixes),
         block_prefixes=tuple(block_prefixes), families=tuple(families) or ("ipv4", "ipv6"),
         flow_table_size=flow_table_size, source_rate=source_rate, source_burst=source_burst,

@@ -65,6 +65,7 @@ class AttachOptions:
     queue_first: int = 0
     queue_last: int = 0
     fail_open: bool = True
+    queue_cpu_fanout: bool = False
     reasons: tuple[str, ...] = DEFAULT_REASONS
     first_n: int = DEFAULT_FIRST_N
     watch_ports: tuple[int, ...] = ()
@@ -111,7 +112,7 @@ class AttachOptions:
 
     def queue_rule(self) -> netfilter.QueueRule:
         return netfilter.QueueRule(self.mark, self.mark_mask, self.queue_first, self.queue_last,
-                                   self.fail_open, tuple(self.hooks), tuple(self.families))
+                                   self.fail_open, self.queue_cpu_fanout, tuple(self.hooks), tuple(self.families))
 
     def config(self) -> abi.Config:
         cfg = abi.Config()

@@ -4,8 +4,8 @@ A configuration file has five tables. Every key in ``[attach]`` is the ``hybridc
 option of the same name with dashes written as underscores (``--mark-mask`` -> ``mark_mask``,
 ``--watch-port`` -> ``watch_port``); options that can be repeated take a list (or one value).
 
-    [attach]    interfaces, xdp_mode, hook, mark, mark_mask, queues, fail_open, flag, first_n,
-                watch_port, watch_prefix, block_prefix, family, flow_table_size,
+    [attach]    interfaces, xdp_mode, hook, mark, mark_mask, queues, fail_open, queue_cpu_fanout,
+                flag, first_n, watch_port, watch_prefix, block_prefix, family, flow_table_size,
                 source_rate, source_burst, global_rate, global_burst, over_budget
     [engine]    rules (the rules file), flow_ttl (overrides the rules file's), queue_len
     [log]       level, verdicts (the engine's verdict log)
@@ -207,6 +207,9 @@ FIELDS: tuple[Field, ...] = (
     Field("attach", "fail_open", _bool, True,
           "With no engine bound or a full queue: let flagged packets pass (true) or drop them (false).",
           "--fail-open/--fail-closed", "flag"),
+    Field("attach", "queue_cpu_fanout", _bool, False,
+          "With a range of queues: pick the queue by the packet's CPU, not by a hash of its addresses.",
+          "--queue-cpu-fanout/--queue-balance-by-address", "flag"),
     Field("attach", "flag", _list(_choice(_REASONS), split_commas=True), list(att.DEFAULT_REASONS),
           f"Flag reasons to enable ({', '.join(_REASONS)}).", "--flag", "commas", "R1,R2"),
     Field("attach", "first_n", _int(0, 1_000_000, "3"), att.DEFAULT_FIRST_N,
@@ -345,7 +348,8 @@ class Config:
         return att.AttachOptions(
             interfaces=list(v["attach.interfaces"]), xdp_mode=v["attach.xdp_mode"], hooks=tuple(v["attach.hook"]),
             mark=v["attach.mark"], mark_mask=v["attach.mark_mask"], queue_first=first, queue_last=last,
-            fail_open=v["attach.fail_open"], reasons=tuple(v["attach.flag"]), first_n=v["attach.first_n"],
+            fail_open=v["attach.fail_open"], queue_cpu_fanout=v["attach.queue_cpu_fanout"],
+            reasons=tuple(v["attach.flag"]), first_n=v["attach.first_n"],
             watch_ports=tuple(v["attach.watch_port"]), watch_prefixes=tuple(v["attach.watch_prefix"]),
             block_prefixes=tuple(v["attach.block_prefix"]), families=tuple(v["attach.family"]),
             flow_table_size=v["attach.flow_table_size"], source_rate=v["attach.source_rate"],

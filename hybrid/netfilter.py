@@ -46,6 +46,7 @@ class QueueRule:
     queue_first: int = 0
     queue_last: int = 0          # > queue_first: --queue-balance first:last
     fail_open: bool = True       # --queue-bypass
+    cpu_fanout: bool = False     # --queue-cpu-fanout: pick the queue by CPU, not by address hash
     hooks: tuple[str, ...] = ("forward",)
     families: tuple[str, ...] = ("ipv4", "ipv6")
 
@@ -55,6 +56,8 @@ class QueueRule:
         if self.mark_mask == 0 or self.mark_value & ~self.mark_mask:
             raise ConfigError(f"mark 0x{self.mark_value:x}/0x{self.mark_mask:x}: the mask must be non-zero "
                               "and contain every bit of the mark")
+        if self.cpu_fanout and self.queue_last == self.queue_first:
+            raise ConfigError("queue-cpu-fanout spreads packets over a range of queues: give --queues A-B too")
         for h in self.hooks:
             if h not in HOOKS:
                 raise ConfigError(f"hook {h!r}: use one of {', '.join(HOOKS)}")
@@ -67,7 +70,7 @@ class QueueRule:
             target = f"NFQUEUE --queue-balance {self.queue_first}:{self.queue_last}"
         else:
             target = f"NFQUEUE --queue-num {self.queue_first}"
-        return target + (" --queue-bypass" if self.fail_open else "")
+        return target + (" --queue-bypass" if self.fail_open else "") + (" --queue-cpu-fanout" if self.cpu_fanout else "")
 
 
 def _jump_rule(hook: str) -> str:

@@ -302,6 +302,31 @@ def test_two_queues_two_engine_processes(lab, tmp_path):
     assert proc.returncode == 0 and "Traceback" not in err
 
 
+def test_queue_cpu_fanout_spreads_one_host_pair_by_cpu(lab, tmp_path):
+    """--queue-cpu-fanout: the queue is the CPU's, so one client address sending from CPU 0, then
+    from CPU 1 (veth delivers on the sender's CPU) reaches both engines; address hashing would
+    send both to one."""
+    hctl(lab, "attach", *IFACES, "--queues", "0-1", "--queue-cpu-fanout", "--watch-port", "10010")
+    rules = tmp_path / "r.toml"
+    rules.write_text('default = "accept"\n')
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine", "--rules", str(rules)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    send = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            "[s.sendto(b'x', (sys.argv[1], 10010)) for _ in range(20)]")
+    try:
+        _wait(lambda: os.path.exists(stats_file(lab, 0)) and os.path.exists(stats_file(lab, 1)), timeout=30)
+        assert "--queue-balance 0:1 --queue-bypass --queue-cpu-fanout" in lab.run("gw", ["iptables-save"]).stdout
+        for cpu in ("0", "1"):
+            lab.run("client", ["taskset", "-c", cpu, sys.executable, "-c", send, lab.info.server.ipv4])
+        per_queue = [engine_stats(lab, q, until=lambda st: st["packets"] >= 20)["packets"] for q in (0, 1)]
+        assert all(n >= 20 for n in per_queue), per_queue     # each CPU's 20 went to its own queue
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        hctl(lab, "detach", "--all")
+    assert proc.returncode == 0 and "Traceback" not in err
+
+
 def realistic_example() -> str:
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "rules", "realistic.toml")) as f:
         return f.read()

@@ -65,6 +65,13 @@ def test_balance_and_fail_closed():
     assert "--queue-bypass" not in text
 
 
+def test_cpu_fanout_needs_a_range():
+    text = nf.install_text(rule(queue_first=0, queue_last=1, cpu_fanout=True), EMPTY)
+    assert "-j NFQUEUE --queue-balance 0:1 --queue-bypass --queue-cpu-fanout\n" in text
+    with pytest.raises(ConfigError, match="give --queues A-B too"):
+        rule(queue_first=3, queue_last=3, cpu_fanout=True)
+
+
 def test_remove_touches_only_our_rules():
     text = nf.remove_text(INSTALLED)
     assert text.splitlines() == ["*filter", "-D FORWARD -m comment --comment hybrid -j HYBRID",
