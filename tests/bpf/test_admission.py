@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from bpfkit import A4, B4, MARK_VALUE, IP, UDP, Raw, default_config, frame, tcp4, udp4
+from bpfkit import A4, A6, B4, MARK_VALUE, IP, UDP, Raw, default_config, frame, tcp4, tcp6, udp4
 from reference import TC_ACT_PASS, TC_ACT_SHOT, XDP_DROP, XDP_PASS, Reference
 
 from hybrid import abi
@@ -105,6 +105,36 @@ def test_drop_policy_drops_at_tc_then_at_xdp(run):
     assert both.xdp(tcp4("S", src=C4, sport=40003)) == XDP_PASS
     c = run.nonzero()
     assert (c["over_drop"], c["over_source"], c["xdp_drop_source"], c["flagged"]) == (1, 1, 1, 1)
+    run.check_invariant()
+
+
+def test_ipv6_sources_have_budgets_and_are_dropped_at_xdp(run):
+    """The same admission for IPv6: a source's budget, the drop policy at tc, then XDP dropping
+    that source's SYNs, and payload over the global budget never passed."""
+    c6 = "2001:db8:1::3"
+    both = Both(run, budgets(source_burst=1, drop=True))
+    assert both.tc(tcp6("S", sport=40001))[0].mark == MARK_VALUE
+    r, ref = both.tc(tcp6("S", sport=40002))
+    assert (r.action, ref.outcome) == (TC_ACT_SHOT, abi.CNT_OVER_DROP)
+    assert both.xdp(tcp6("S", sport=40003)) == XDP_DROP
+    assert both.xdp(tcp6("A", sport=40001)) == XDP_PASS
+    assert both.xdp(tcp6("S", src=c6, sport=40003)) == XDP_PASS
+    assert set(run.maps.sources()) == {A6}
+    c = run.nonzero()
+    assert (c["over_drop"], c["over_source"], c["xdp_drop_source"]) == (1, 1, 1)
+    run.check_invariant()
+
+
+def test_ipv6_global_budget_reserves_for_established_flows_and_never_passes_payload(run):
+    both = Both(run, budgets(global_burst=3))
+    for sport in (40001, 40002):
+        assert both.tc(tcp6("S", sport=sport))[0].mark == MARK_VALUE
+    r, ref = both.tc(tcp6("S", sport=40003))                # flow starts: half the burst
+    assert (r.action, r.mark, ref.outcome) == (TC_ACT_PASS, 0, abi.CNT_OVER_PASS)
+    hello = b"\x16\x03\x01\x00\x05hello"
+    assert both.tc(tcp6("PA", hello, sport=40001))[0].mark == MARK_VALUE    # the reserve admits it
+    r, ref = both.tc(tcp6("PA", hello, sport=40002))        # over, with payload: dropped
+    assert (r.action, ref.outcome) == (TC_ACT_SHOT, abi.CNT_OVER_DROP)
     run.check_invariant()
 
 
