@@ -93,35 +93,20 @@ def test_per_source_budget_charges_the_first_flagged_packet_when_syns_are_skippe
     assert run.nonzero()["over_source"] == 1
 
 
-def test_drop_policy_drops_at_tc_then_at_xdp(run):
+@pytest.mark.parametrize("tcp, src, other", [(tcp4, A4, C4), (tcp6, A6, "2001:db8:1::3")], ids=["ipv4", "ipv6"])
+def test_drop_policy_drops_at_tc_then_at_xdp(run, tcp, src, other):
     both = Both(run, budgets(source_burst=1, drop=True))
-    assert both.tc(tcp4("S", sport=40001))[0].mark == MARK_VALUE
-    r, ref = both.tc(tcp4("S", sport=40002))
+    assert both.tc(tcp("S", sport=40001))[0].mark == MARK_VALUE
+    r, ref = both.tc(tcp("S", sport=40002))
     assert (r.action, ref.outcome) == (TC_ACT_SHOT, abi.CNT_OVER_DROP)
     # The source is over its budget: XDP drops its SYNs before an skb exists ...
-    assert both.xdp(tcp4("S", sport=40003)) == XDP_DROP
+    assert both.xdp(tcp("S", sport=40003)) == XDP_DROP
     # ... but not its packets of established flows, nor other sources' SYNs.
-    assert both.xdp(tcp4("A", sport=40001)) == XDP_PASS
-    assert both.xdp(tcp4("S", src=C4, sport=40003)) == XDP_PASS
+    assert both.xdp(tcp("A", sport=40001)) == XDP_PASS
+    assert both.xdp(tcp("S", src=other, sport=40003)) == XDP_PASS
+    assert set(run.maps.sources()) == {src}
     c = run.nonzero()
     assert (c["over_drop"], c["over_source"], c["xdp_drop_source"], c["flagged"]) == (1, 1, 1, 1)
-    run.check_invariant()
-
-
-def test_ipv6_sources_have_budgets_and_are_dropped_at_xdp(run):
-    """The same admission for IPv6: a source's budget, the drop policy at tc, then XDP dropping
-    that source's SYNs, and payload over the global budget never passed."""
-    c6 = "2001:db8:1::3"
-    both = Both(run, budgets(source_burst=1, drop=True))
-    assert both.tc(tcp6("S", sport=40001))[0].mark == MARK_VALUE
-    r, ref = both.tc(tcp6("S", sport=40002))
-    assert (r.action, ref.outcome) == (TC_ACT_SHOT, abi.CNT_OVER_DROP)
-    assert both.xdp(tcp6("S", sport=40003)) == XDP_DROP
-    assert both.xdp(tcp6("A", sport=40001)) == XDP_PASS
-    assert both.xdp(tcp6("S", src=c6, sport=40003)) == XDP_PASS
-    assert set(run.maps.sources()) == {A6}
-    c = run.nonzero()
-    assert (c["over_drop"], c["over_source"], c["xdp_drop_source"]) == (1, 1, 1)
     run.check_invariant()
 
 

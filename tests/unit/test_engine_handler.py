@@ -130,12 +130,13 @@ def big_client_hello(name: str) -> bytes:
     return hello
 
 
-def segments(hello: bytes, size: int = 200, seq0: int = 1000):
+def segments(data: bytes, size: int = 200, seq0: int = 1000, dport: int = 443):
+    """``data`` cut into TCP segments of ``size`` bytes, one flow, consecutive sequence numbers."""
     out, seq = [], seq0
-    for i in range(0, len(hello), size):
-        part = hello[i:i + size]
+    for i in range(0, len(data), size):
+        part = data[i:i + size]
         out.append(bytes(IP(src="198.18.1.2", dst="198.18.2.2") /
-                         TCP(sport=40000, dport=443, flags="PA", seq=seq) / Raw(part)))
+                         TCP(sport=40000, dport=dport, flags="PA", seq=seq) / Raw(part)))
         seq += len(part)
     return out
 
@@ -180,14 +181,8 @@ def test_no_joining_when_no_rule_reads_the_sni():
     assert p.verdicts == ["repeat"] and e._hellos == {}
 
 
-def http_segments(head: bytes, size: int, seq0: int = 5000):
-    out, seq = [], seq0
-    for i in range(0, len(head), size):
-        part = head[i:i + size]
-        out.append(bytes(IP(src="198.18.1.2", dst="198.18.2.2") /
-                         TCP(sport=40001, dport=80, flags="PA", seq=seq) / Raw(part)))
-        seq += len(part)
-    return out
+def http_segments(head: bytes, size: int):
+    return segments(head, size, seq0=5000, dport=80)
 
 
 HEAD = b"GET / HTTP/1.1\r\nUser-Agent: split\r\nHost: x.blocked.example\r\nAccept: */*\r\n\r\n"
