@@ -29,7 +29,10 @@ QUICK_WORKLOADS = ["bulk-1"]
 @click.option("--lab-name", default="hbench", show_default=True)
 @click.option("--engine-pps", "engine_rules", metavar="RULES", default=None,
               help="Instead: packets/s through the engine with RULES vs a bare accept-all consumer.")
-def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, engine_rules) -> None:
+@click.option("--takeover", is_flag=True,
+              help="Instead: how long a killed engine's queue stays unbound under `hybridctl run`, with "
+                   "a spare engine waiting and without (one fresh run per sample).")
+def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, engine_rules, takeover) -> None:
     """Measure modes of feeding a userspace engine side by side, in one run, on a fresh lab.
 
     Reports the median of the repetitions and its ratio to `baseline` (nothing attached)
@@ -46,6 +49,18 @@ def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, en
       sudo hybridctl bench --quick --modes ct-new,connbytes --workloads newconn,payload-visibility
     """
     say = (lambda m: click.echo(m, err=True))
+    if takeover:
+        res = benchmod.takeover(1 if quick else repetitions, lab_name=lab_name, progress=say)
+        if json_path == "-":
+            click.echo(json.dumps(res, indent=1))
+            return
+        click.echo("\n".join(f"{kind:<9} median {res['median'][kind] * 1000:7.1f} ms unbound  (samples: "
+                             + ", ".join(f"{x * 1000:.1f}" for x in res["samples"][kind]) + ")"
+                             for kind in ("spare", "no-spare")))
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     if engine_rules is not None:
         if quick:
             repetitions, seconds = 1, 1.0

@@ -14,10 +14,12 @@ pinned to the last CPU in every such mode. ``nfq-all-bare`` keeps the cheapest p
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -721,3 +723,70 @@ def engine_vs_bare(rules: str, repetitions: int, seconds: float, *, lab_name: st
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {"rules": rules, "repetitions": repetitions, "seconds": seconds, "machine": machine(),
             "samples": samples, "median": med, "ratio": med["engine"] / med["bare"] if med["bare"] else float("nan")}
+
+
+# -- engine takeover: how long a killed engine's queue stays unbound ---------------------------------
+def _run_events(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _wait_event(proc: subprocess.Popen, path: str, name: str, count: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = [e for e in _run_events(path) if e.get("event") == name]
+        if len(got) >= count:
+            return got[count - 1]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise HybridError(f"hybridctl run did not log {name} #{count} (exit {proc.poll()}); its log: {path}")
+        time.sleep(0.01)
+
+
+def _takeover_once(lab: Lab, spare: bool, tmp: str) -> float:
+    """Start `hybridctl run`, kill its engine with SIGKILL, and return the seconds from the kill
+    to the queue bound again (the `engine_bound` line's timestamp); stop the run."""
+    log_path = os.path.join(tmp, f"run-{'spare' if spare else 'nospare'}.jsonl")
+    conf = os.path.join(tmp, "hybrid.toml")
+    with open(conf, "w") as f:
+        f.write(f'[attach]\ninterfaces = ["to-client", "to-server"]\n[engine]\nrules = {json.dumps(os.path.abspath(BENCH_RULES))}\n')
+    with open(log_path, "w") as out:
+        proc = lab.popen("gw", [*hybridctl(), "run", "--config", conf, "--detach-on-stop",
+                                "--standby" if spare else "--no-standby"], stdout=out, start_new_session=True)
+    try:
+        _wait_event(proc, log_path, "engine_running", 1)
+        if spare:
+            _wait_event(proc, log_path, "engine_standby", 1)
+        time.sleep(0.5)
+        pid = _wait_event(proc, log_path, "engine_started", 1)["pid"]
+        t0 = time.time()
+        os.kill(pid, signal.SIGKILL)
+        bound = _wait_event(proc, log_path, "engine_bound", 2)
+        ts = datetime.datetime.fromisoformat(bound["ts"].replace("Z", "+00:00")).timestamp()
+        _wait_event(proc, log_path, "engine_running", 2)
+        return ts - t0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        sysutil.run([*hybridctl(), "detach", "--all"], netns=lab.netns("gw"), timeout=60,
+                    what="hybridctl detach", check=False)
+
+
+def takeover(repetitions: int, *, lab_name: str = "hbench",
+             progress: Callable[[str], None] = lambda _m: None) -> dict:
+    """Seconds from ``kill -9`` of the engine of `hybridctl run` to its queue bound again, with a
+    spare engine waiting (the default) and without, interleaved; a fresh run for each sample."""
+    sysutil.require_root("bench")
+    samples: dict[str, list[float]] = {"spare": [], "no-spare": []}
+    with Lab(lab_name) as lab, tempfile.TemporaryDirectory(prefix="hybrid-bench-") as tmp:
+        for rep in range(repetitions):
+            for kind in (("spare", "no-spare") if rep % 2 == 0 else ("no-spare", "spare")):
+                secs = _takeover_once(lab, kind == "spare", tmp)
+                samples[kind].append(secs)
+                progress(f"rep {rep + 1} {kind:<9} {secs * 1000:8.1f} ms unbound")
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"repetitions": repetitions, "machine": machine(), "samples": samples, "median": med}

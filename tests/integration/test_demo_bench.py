@@ -78,6 +78,13 @@ def test_bench_quick_new_modes_and_workloads_leave_nothing():
         nc, udp = got[(m, "newconn")], got[(m, "udp-small")]
         assert nc["median"] > 0 and nc["unit"] == "req/s" and len(nc["samples"]) == 1
         assert nc["extra_median"]["p99_ms"] >= nc["extra_median"]["p50_ms"] > 0
+        per_request = nc["extra_median"]["queued_per_request"]
+        if m == "baseline":
+            assert per_request == 0
+        elif m == "connbytes":
+            assert per_request > 2                   # the whole short exchange is queued
+        else:
+            assert 0.9 <= per_request <= 1.5, (m, per_request)   # the SYN (ct-new), the request (hybrid)
         assert udp["median"] > 0 and udp["extra_median"]["sent_pps"] >= udp["median"]
     vis = {m: got[(m, "payload-visibility")] for m in modes}
     assert all(v["extra_median"]["connections"] == 20 for v in vis.values())
@@ -141,3 +148,19 @@ def test_bench_quick_flood_blocks_where_each_mode_says():
             assert x[other] == 0, (mode, x)
         assert x["flood_server_pps"] == 0, (mode, x)
     assert leakcheck.leaked(before, leakcheck.snapshot(), lambda kind, item: item.startswith(name)) == {}
+
+
+def test_bench_takeover_measures_both_ways_and_leaves_nothing():
+    """--takeover --quick: one `hybridctl run` with a spare engine and one without, each engine
+    killed once; both report how long the queue stayed unbound, and nothing is left behind."""
+    before = leakcheck.snapshot()
+    name = leakcheck.new_lab_name()
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--takeover", "--quick", "--lab-name", name,
+                           "--json", "-"], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert {k: len(v) for k, v in res["samples"].items()} == {"spare": 1, "no-spare": 1}
+    assert all(0 < v[0] < 60 for v in res["samples"].values())
+    assert leakcheck.leaked(before, leakcheck.snapshot(), lambda kind, item: item.startswith(name)) == {}
+    assert not os.path.exists(f"/run/hybrid/run-{name}-gw.lock")
