@@ -60,6 +60,7 @@ SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 STOP_TIMEOUT = 10.0            # seconds an engine gets to unbind after SIGTERM
 CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
 BIND_RETRY = 10.0              # seconds a starting engine retries a queue still held by a dying one
+SPARE_RETRY = 30.0             # seconds before a spare that died (e.g. a rules file broken on disk) is tried again
 PR_SET_PDEATHSIG = 1
 # Settings an engine process is started with: a change restarts the engines.
 ENGINE_KEYS = ("attach.queues", "attach.fail_open", "attach.mark_mask", "engine.rules", "engine.flow_ttl",
@@ -114,6 +115,7 @@ class Service:
         self._ready: dict[int, int] = {}     # queue -> read end: the engine bound its queue
         self._go_fds: dict[int, int] = {}    # queue -> write end: go ahead, the maps are there
         self.standby: dict[int, tuple[subprocess.Popen, int]] = {}   # queue -> spare engine, its go fd
+        self._spare_retry: dict[int, float] = {}     # queue -> no new spare before (monotonic)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -240,7 +242,8 @@ class Service:
         """A spare engine for ``queue``: it loads the rules, then waits for a byte on its pipe
         (:meth:`_promote`) before it binds the queue; EOF instead (:meth:`_stop_standbys`, or
         the supervisor's death) and it exits."""
-        if not self.cfg["service.standby_engines"] or queue in self.standby:
+        if (not self.cfg["service.standby_engines"] or queue in self.standby
+                or time.monotonic() < self._spare_retry.get(queue, 0.0)):
             return
         go_r, go_w = os.pipe()
         spec = self._spec(queue)
@@ -281,6 +284,7 @@ class Service:
         return True
 
     def _stop_standbys(self) -> None:
+        self._spare_retry.clear()          # whoever starts spares next does so with a new configuration
         for proc, go_w in self.standby.values():
             os.close(go_w)                 # EOF: the spare exits without binding
         for proc, _ in self.standby.values():
@@ -359,11 +363,18 @@ class Service:
                 continue
             os.close(go_w)
             del self.standby[queue]
-            event(logging.ERROR, "standby_died", f"spare engine for queue {queue} exited with status {rc}",
-                  queue=queue, pid=proc.pid, exit_status=rc)
-            if not self._count_death():
-                return False
-            self._start_standby(queue)
+            # Not a death that stops the service: the queue's engine is serving. A spare killed by
+            # a signal is replaced at once; one that exited by itself could not start (its own log
+            # line says why: a rules file broken on disk since the last reload, say), so it is
+            # tried again later, not in a loop.
+            later = rc >= 0
+            if later:
+                self._spare_retry[queue] = time.monotonic() + SPARE_RETRY
+            event(logging.ERROR, "standby_died", f"spare engine for queue {queue} exited with status {rc}"
+                  + (f"; trying again in {SPARE_RETRY:.0f} s" if later else ""), queue=queue, pid=proc.pid,
+                  exit_status=rc)
+        for queue in sorted(self.children):
+            self._start_standby(queue)     # a spare that is missing and due
         return True
 
     def _count_death(self) -> bool:

@@ -271,6 +271,35 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
     assert "Traceback" not in r.err_path.read_text()
 
 
+def test_a_spare_that_cannot_start_does_not_stop_the_service(lab, tmp_path, runs):
+    """The rules file is broken on disk without a reload, then the spare is killed: it is
+    replaced at once, but the replacement cannot load the rules and exits. That is logged and
+    tried again 30 s later, not in a loop, and never counted towards the crash limit: the serving
+    engine carries on. A reload with a good file brings a spare back at once."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text(realistic_text())
+    r = Run(lab, tmp_path, "--config", EXAMPLE, *IFACES, "--rules", str(rules))
+    runs.append(r)
+    r.wait_running()
+    spare = r.wait_event("engine_standby")["pid"]
+    rules.write_text(realistic_text() + '\n[[rule]]\nname = "oops"\nproto = "tcpp"\n')
+    os.kill(spare, signal.SIGKILL)        # killed: replaced at once ...
+    assert r.wait_event("standby_died")["exit_status"] == -signal.SIGKILL
+    replacement = r.wait_event("engine_standby", 2)["pid"]
+    died = r.wait_event("standby_died", 2)   # ... by one that reads the broken file and exits
+    assert died["pid"] == replacement and died["exit_status"] > 0 and "trying again in 30 s" in died["msg"]
+    time.sleep(2)
+    assert not r.events("giving_up") and r.proc.poll() is None
+    assert alive(r.engine_pids()[-1]) and len(r.events("engine_standby")) == 2     # no retry loop
+    with Nginx(lab):
+        assert curl(lab, "x.blocked.example").returncode == 56          # the engine still decides
+    rules.write_text(realistic_text())
+    r.send(signal.SIGHUP)
+    r.wait_event("reloaded")
+    assert alive(r.wait_event("engine_standby", 3)["pid"])
+    assert r.stop() == 0
+
+
 def realistic_text() -> str:
     with open(REALISTIC) as f:
         return f.read()
