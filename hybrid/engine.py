@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from . import abi, nfq, rewrite
 from .errors import HybridError
 from .maps import flow_key_bytes
-from .packet import Packet, decode
+from .packet import Packet, client_hello_missing, decode, http_head_missing, parse_http, parse_sni
 from .rules import Decision, RuleSet, RulesError, load_rules
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,6 @@ class Engine:
         first = pkt.raw[pkt.payload_off]
         if not self._hellos and first != 0x16 and not 0x41 <= first <= 0x5A:
             return False                    # neither a TLS record nor a method, nothing held: most packets
-        from .packet import client_hello_missing, http_head_missing, parse_http, parse_sni
         key = (pkt.src_bytes, pkt.sport, pkt.dst_bytes, pkt.dport)
         held = self._hellos.get(key)
         now = time.monotonic()
