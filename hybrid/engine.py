@@ -301,8 +301,7 @@ class Engine:
         if not self._hellos and first != 0x16 and not 0x41 <= first <= 0x5A:
             return False                    # neither a TLS record nor a method, nothing held: most packets
         key = (pkt.src_bytes, pkt.sport, pkt.dst_bytes, pkt.dport)
-        held = self._hellos.get(key)
-        now = time.monotonic()
+        held = self._hellos.get(key) if self._hellos else None
         st = self.stats
         if held is None:
             if first == 0x16 and self.rules.needs_sni:
@@ -313,6 +312,7 @@ class Engine:
                 is_http = True
             else:
                 return False
+            now = time.monotonic()
             if len(self._hellos) >= HELLO_MAX_FLOWS:
                 self._expire_hellos(now)
                 if len(self._hellos) >= HELLO_MAX_FLOWS:
@@ -326,6 +326,7 @@ class Engine:
             self._flow_verdict(pkt, _INSPECT_WHILE_JOINING)
             self._accept(nfpkt)
             return True
+        now = time.monotonic()
         data, expect, _, is_http = held
         if pkt.tcp_seq != expect:
             if ((expect - pkt.tcp_seq) & 0xFFFFFFFF) < 0x80000000:   # a retransmission: already held

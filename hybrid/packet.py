@@ -397,6 +397,8 @@ def http_head_missing(d: bytes) -> bool:
     rules would see no host, or a truncated one. True only while ``d`` is a plausible prefix:
     an uppercase method being typed, or a valid request line followed by complete header lines,
     none of them Host, and no blank line yet."""
+    if b"\r\n\r\n" in d:
+        return False                                     # the head has ended (most requests: at once)
     eol = d.find(b"\r\n", 0, _MAX_HTTP_LINE)
     if eol < 0:
         if len(d) >= _MAX_HTTP_LINE:
