@@ -146,6 +146,7 @@ class Engine:
         self._ifnames: dict[int, str | None] = {}
         # (src, sport, dst, dport) -> [joined bytes, next expected TCP seq, evictable after (monotonic), is_http]
         self._hellos: dict[tuple, list] = {}
+        self._ended_join = False           # the packet in hand ended a join (its flow is in INSPECT)
         self._stop = False
         self._dirty = False
         self._publisher: threading.Thread | None = None
@@ -261,6 +262,10 @@ class Engine:
                 self._dirty = True
                 return
             d = rules.decide(pkt)
+            if self._ended_join:           # the flow is in the join's INSPECT: the decision replaces it
+                self._ended_join = False
+                if d.flow not in FLOW_VERDICTS:
+                    self._flow_verdict(pkt, _NONE_AFTER_JOIN)
             if d.flow in FLOW_VERDICTS:
                 self._flow_verdict(pkt, d)
             if d.action == "accept":
@@ -333,6 +338,7 @@ class Engine:
                 self._accept(nfpkt)
                 return True
             del self._hellos[key]                                     # a gap: decide on what we have
+            self._ended_join = True
             self._abandoned(is_http)
             return False
         data += pkt.payload
@@ -346,6 +352,7 @@ class Engine:
             self._accept(nfpkt)
             return True
         del self._hellos[key]                                          # decide this segment on the whole
+        self._ended_join = True
         if is_http:
             pkt._http = parse_http(data)
             st.http_heads_joined += 1
@@ -410,8 +417,9 @@ class Engine:
             sport = dport = 0
         key, _ = flow_key_bytes(pkt.src_bytes, pkt.dst_bytes, sport, dport, pkt.proto)
         try:   # d.ttl: positive seconds (the rules compiler and _merge_verdict() check it)
-            self.maps.write_verdict(key, FLOW_VERDICTS[d.flow], max(1, int(d.ttl * 1e9)))
-            self.stats.flow_verdicts[d.flow] += 1
+            self.maps.write_verdict(key, _FLOW_CODES[d.flow], max(1, int(d.ttl * 1e9)))
+            if d.flow in FLOW_VERDICTS:
+                self.stats.flow_verdicts[d.flow] += 1
         except HybridError as exc:
             self.stats.flow_write_errors += 1
             if self.stats.flow_write_errors <= 10:
@@ -493,6 +501,9 @@ class Engine:
 # queued (INSPECT), for no longer than the join may take.
 _INSPECT_WHILE_JOINING = Decision(rule=None, action="accept", mark=None, rewrite=None, reject_with=None,
                                   flow="inspect", ttl=JOIN_TTL, log=False)
+# A decision that leaves the flow alone, after a join: the join's INSPECT is ended (back to NONE).
+_NONE_AFTER_JOIN = _INSPECT_WHILE_JOINING._replace(flow="none")
+_FLOW_CODES = {**FLOW_VERDICTS, "none": abi.VERDICT_NONE}
 
 
 class _Stop(Exception):

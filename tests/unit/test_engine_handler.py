@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.all import IP, TCP, UDP, Raw
 
-from hybrid.engine import Engine, RateLimiter, VerdictLog
+from hybrid import abi
+from hybrid.engine import JOIN_TTL, Engine, RateLimiter, VerdictLog
 
 pytestmark = pytest.mark.unit
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "rules")
@@ -233,6 +234,37 @@ def test_slow_http_pieces_are_joined_however_long_the_pause():
         if e.stats.http_heads_joined:
             break
     assert p.verdicts == ["drop"] and e.stats.http_heads_abandoned == 0
+
+
+class RecordingMaps:
+    """Stands in for hybrid.maps.Maps: records the flow verdicts the engine writes."""
+
+    def __init__(self):
+        self.writes: list[tuple[int, int | None]] = []
+
+    def write_verdict(self, key: bytes, verdict: int, ttl_ns: int | None) -> None:
+        self.writes.append((verdict, ttl_ns))
+
+
+@pytest.mark.parametrize("host, last", [(b"x.blocked.example", abi.VERDICT_BLOCK), (b"www.example.test", abi.VERDICT_NONE)])
+def test_a_join_keeps_the_flow_in_inspect_and_the_decision_replaces_it(tmp_path, host, last):
+    """Each held piece renews the INSPECT (JOIN_TTL); the decision on the joined head then
+    writes its own flow verdict, or, when it leaves the flow alone (flow "none"), ends the
+    INSPECT, which would otherwise queue every packet of the flow for two minutes."""
+    rules = tmp_path / "r.toml"
+    rules.write_text('default = "accept"\ndefault_flow = "none"\n[[rule]]\nname = "h"\nproto = "tcp"\n'
+                     'http_host = ".blocked.example"\naction = "drop"\nflow = "block"\n')
+    e = Engine(0, str(rules), maps=None, mark_mask=MASK)
+    e.maps = RecordingMaps()
+    pieces = http_segments(HEAD.replace(b"x.blocked.example", host), 10)
+    for raw in pieces:
+        e._handle(FakePacket(raw))
+    held = sum(1 for v, _ in e.maps.writes if v == abi.VERDICT_INSPECT)
+    assert held >= 2 and e.maps.writes[:held] == [(abi.VERDICT_INSPECT, int(JOIN_TTL * 1e9))] * held
+    assert e.maps.writes[held][0] == last and len(e.maps.writes) == held + 1
+    e.maps.writes.clear()
+    e._handle(FakePacket(pieces[-1]))                    # a later packet: nothing left to end
+    assert all(v != abi.VERDICT_NONE for v, _ in e.maps.writes)
 
 
 def test_no_http_joining_when_no_rule_reads_http():
