@@ -231,6 +231,8 @@ def status(as_json: bool) -> None:
         click.echo(f"  {'(default)':<33}{e.get('default', 0):>12,}")
         if e.get("last_reload_error"):
             click.echo(f"  last reload refused: {e['last_reload_error']}")
+    for queue, pid in sorted(st.get("spares", {}).items(), key=lambda kv: int(kv[0])):
+        click.echo(f"spare engine queue {queue} (waiting, pid {pid}): takes the queue over if its engine dies")
     if st.get("warning"):
         click.echo(f"warning: {st['warning']}")
 

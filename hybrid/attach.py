@@ -513,6 +513,30 @@ def _all_ifnames() -> list[str]:
 
 
 # -- status --------------------------------------------------------------------------------------
+def spares_path(instance: str | None = None) -> str:
+    """Where `hybridctl run` publishes its spare engines (next to its lock file)."""
+    return os.path.join(os.path.dirname(STATE_ROOT), f"run-{instance or instance_name()}.spares.json")
+
+
+def read_spares(instance: str | None = None) -> dict[str, int]:
+    """queue -> pid of each spare engine waiting, as `hybridctl run` published them; {} when no
+    run is up (or it died without removing the file: its spares went with it)."""
+    try:
+        with open(spares_path(instance)) as f:
+            doc = json.load(f)
+        os.kill(int(doc["supervisor"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {}
+    for queue, pid in doc.get("spares", {}).items():
+        try:
+            os.kill(int(pid), 0)
+        except (OSError, ValueError, TypeError):
+            continue
+        out[str(queue)] = int(pid)
+    return out
+
+
 def status() -> dict:
     """What is attached in this namespace and what the kernel counted (summed over CPUs)."""
     instance = instance_name()
@@ -554,6 +578,7 @@ def status() -> dict:
     out["netfilter"] = [asdict(s) for s in netfilter.status()]
     from .engine import read_stats
     out["engines"] = read_stats(os.path.join(STATE_ROOT, instance))
+    out["spares"] = read_spares(instance)
     from . import nfq   # the kernel's queue counters, and what a full queue let through
     o = state.options
     out["queue"] = nfq.queue_report(o.get("queue_first", 0), o.get("queue_last", 0), o.get("fail_open", True),

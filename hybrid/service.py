@@ -152,6 +152,8 @@ class Service:
             self._stop_metrics()
             if self.attached:
                 self._release()
+            with contextlib.suppress(OSError):
+                os.unlink(att.spares_path())
             _unlock_instance(lock)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         event(logging.INFO, "stopped", "hybrid stopped", exit_status=rc)
@@ -256,6 +258,7 @@ class Service:
         finally:
             os.close(go_r)
         self.standby[queue] = (proc, go_w)
+        self._publish_spares()
         event(logging.INFO, "engine_standby", f"spare engine for queue {queue} waiting (pid {proc.pid})",
               queue=queue, pid=proc.pid)
 
@@ -264,6 +267,7 @@ class Service:
         spare = self.standby.pop(queue, None)
         if spare is None:
             return False
+        self._publish_spares()
         proc, go_w = spare
         alive = proc.poll() is None
         try:
@@ -294,6 +298,18 @@ class Service:
                 proc.kill()
                 proc.wait()
         self.standby.clear()
+        self._publish_spares()
+
+    def _publish_spares(self) -> None:
+        """For `hybridctl status`: which queues have a spare engine waiting."""
+        doc = {"supervisor": os.getpid(), "spares": {str(q): p.pid for q, (p, _) in sorted(self.standby.items())}}
+        path = att.spares_path()
+        with contextlib.suppress(OSError):
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, path)
 
     def _wait_ready(self) -> None:
         """Until every engine started with a handshake has bound its queue."""
@@ -363,6 +379,7 @@ class Service:
                 continue
             os.close(go_w)
             del self.standby[queue]
+            self._publish_spares()
             # Not a death that stops the service: the queue's engine is serving. A spare killed by
             # a signal is replaced at once; one that exited by itself could not start (its own log
             # line says why: a rules file broken on disk since the last reload, say), so it is

@@ -138,8 +138,9 @@ def runs(lab):
     for r in started:
         r.kill()
     assert in_gw(lab, HYBRIDCTL, "detach", "--all").returncode == 0
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(f"/run/hybrid/run-{lab.netns('gw')}.lock")      # left by a killed run
+    for left in ("lock", "spares.json"):                              # left by a killed run
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/run/hybrid/run-{lab.netns('gw')}.{left}")
 
 
 def curl(lab, host: str) -> subprocess.CompletedProcess:
@@ -227,6 +228,8 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
         # it decides with the reloaded rules.
         spares = r.spare_pids()
         assert alive(spares[-1]) and not any(alive(p) for p in spares[:-1])
+        assert status(lab)["spares"] == {"0": spares[-1]}
+        assert f"spare engine queue 0 (waiting, pid {spares[-1]})" in in_gw(lab, HYBRIDCTL, "status").stdout
         os.kill(new_engine, signal.SIGKILL)
         died = r.wait_event("engine_died")
         assert died["pid"] == new_engine and died["exit_status"] == -signal.SIGKILL
@@ -266,6 +269,7 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
     assert not os.path.exists(f"/run/hybrid/instances/{lab.netns('gw')}")
     assert not os.path.exists(f"/run/hybrid/bpffs/{lab.netns('gw')}")
     assert not os.path.exists(f"/run/hybrid/run-{lab.netns('gw')}.lock")
+    assert not os.path.exists(f"/run/hybrid/run-{lab.netns('gw')}.spares.json")
     for e in r.lines():                       # every line is one JSON object with the common fields
         assert {"ts", "level", "event", "msg"} <= set(e)
     assert "Traceback" not in r.err_path.read_text()
