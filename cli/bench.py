@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from hybrid import bench as benchmod
+from hybrid.lab import bench as benchmod
 
 DEFAULT_MODES = "baseline,nfq-all,ct-new,connbytes,hybrid"
 DEFAULT_WORKLOADS = "bulk-1,bulk-4,newconn,udp-small,payload-visibility,flood,synflood"

@@ -9,9 +9,9 @@ import json
 
 import click
 
-from hybrid import config as hcfg
+from hybrid.engine.rules import load_rules
 from hybrid.errors import ConfigError
-from hybrid.rules import load_rules
+from hybrid.service import config as hcfg
 
 from .rules import LocatedError
 

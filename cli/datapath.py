@@ -6,9 +6,14 @@ import json
 
 import click
 
-from hybrid import attach as att
+from hybrid.datapath import attach as att
+from hybrid.engine import runner
+from hybrid.engine.rules import load_rules
+from hybrid.kernel.sysutil import pid_alive
+from hybrid.observe.status import status as status_view
 
 from .common import InputError, parse_int, parse_queues
+from .engine import run_engines
 
 
 def _reasons(value: str) -> tuple[str, ...]:
@@ -88,7 +93,6 @@ def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, cpu_
       hybridctl attach eth0 eth1 --rules examples/rules/realistic.toml   # attach + engine; Ctrl-C detaches
     """
     if rules is not None:
-        from hybrid.rules import load_rules
         load_rules(rules)          # a broken rules file is reported before anything is attached
     qa, qb = parse_queues(queues)
     opts = att.AttachOptions(
@@ -116,12 +120,10 @@ def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, cpu_
 
 
 def _engine_in_foreground(rules: str, keep: bool, log_path: str | None) -> None:
-    from hybrid import engine as eng
 
-    from .engine import run_engines
     rc = 1
     try:
-        rc = run_engines(rules, eng.settings_for_instance(), log_path, 4096)
+        rc = run_engines(rules, runner.settings_for_instance(), log_path, 4096)
     finally:
         if keep:
             click.echo("engine stopped; hybrid stays attached (--keep)", err=True)
@@ -182,7 +184,7 @@ _SHOWN = [("packets", "seen (tc)"), ("flagged", "flagged"), ("bypassed", "bypass
 def status(as_json: bool) -> None:
     """Show what is attached in this network namespace and what the kernel counted
     (summed over CPUs): packets seen, flagged by reason, bypassed, dropped, flows."""
-    st = att.status()
+    st = status_view()
     if as_json:
         click.echo(json.dumps(st, indent=1))
         return
@@ -222,7 +224,7 @@ def status(as_json: bool) -> None:
                        f"{nf['queued_packets']:,} packets matched the queue rule")
     _print_queues(st.get("queue"))
     for e in st.get("engines", []):
-        alive = _pid_alive(e.get("pid"))
+        alive = pid_alive(e.get("pid"))
         click.echo(f"engine queue {e['queue']} ({'running, pid ' + str(e['pid']) if alive else 'stopped'}): "
                    f"{e['packets']:,} packets, " + ", ".join(f"{k} {v:,}" for k, v in e["actions"].items() if v)
                    + (f", {e['errors']} errors (accepted)" if e.get("errors") else ""))
@@ -255,12 +257,3 @@ def _print_queues(rep: dict | None) -> None:
                f"{'unknown':>12}  (not every queue has an engine that recorded its start)"))
     click.echo(f"  {'dropped by overflow (fail-closed)':<36}{rep['dropped_overflow']:>12,}")
     click.echo(f"  {'dropped, socket buffer full':<36}{rep['user_dropped']:>12,}")
-
-
-def _pid_alive(pid) -> bool:
-    import os
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (OSError, TypeError, ValueError):
-        return False

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from hybrid import demo as demomod
+from hybrid.lab import demo as demomod
 
 
 @click.command()

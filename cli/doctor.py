@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from hybrid import doctor as lib
+from hybrid.observe import doctor as lib
 
 LABELS = {lib.OK: ("ok", "green"), lib.WARN: ("warn", "yellow"), lib.FAIL: ("FAIL", "red")}
 NAME_WIDTH = max(len(name) for name, _req, _fn in lib.CHECKS)

@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from hybrid import engine as eng
+from hybrid.engine import runner
+from hybrid.engine.rules import load_rules
 
 from .common import parse_queues
 
@@ -31,7 +32,7 @@ def _log_stream(path: str | None):
 
 def engine_argv(queue: int, rules: str, log_path: str | None, queue_len: int, fail_open: bool) -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "hybridctl")
-    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
+    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "hybrid.cli.main"]
     argv += ["engine", "--queue", str(queue), "--rules", rules, "--queue-len", str(queue_len),
              "--fail-open" if fail_open else "--fail-closed"]
     if log_path:
@@ -39,14 +40,14 @@ def engine_argv(queue: int, rules: str, log_path: str | None, queue_len: int, fa
     return argv
 
 
-def run_engines(rules: str, settings: eng.EngineSettings, log_path: str | None, queue_len: int) -> int:
+def run_engines(rules: str, settings: runner.EngineSettings, log_path: str | None, queue_len: int) -> int:
     """One engine process per queue, in the foreground, until SIGTERM/SIGINT."""
     rules = os.path.abspath(rules)
     first, last = settings.queues
     click.echo(f"engine: queue{'s' if last > first else ''} {first}{'' if last == first else f'-{last}'}, "
                f"rules {rules}, {'fail-open' if settings.fail_open else 'fail-closed'}; "
                "SIGHUP reloads the rules, Ctrl-C stops", err=True)
-    return eng.serve(rules, settings,
+    return runner.serve(rules, settings,
                      lambda q: engine_argv(q, rules, log_path, queue_len, settings.fail_open))
 
 
@@ -73,11 +74,10 @@ def engine(rules, queues, queue, fail_open, queue_len, log_path) -> None:
       hybridctl attach eth0 eth1 --queues 0-1
       hybridctl engine --rules examples/rules/realistic.toml --log /var/log/hybrid-verdicts.jsonl
     """
-    from hybrid.rules import load_rules
     load_rules(rules)   # bad input first: a broken or missing rules file is exit 2 even when not attached
-    settings = eng.settings_for_instance(parse_queues(queues), fail_open)
+    settings = runner.settings_for_instance(parse_queues(queues), fail_open)
     if queue is not None:           # one engine, in this process (what run_engines starts)
         with _log_stream(log_path) as stream:
-            eng.serve_one(queue, rules, settings, maxlen=queue_len, log_stream=stream)
+            runner.serve_one(queue, rules, settings, maxlen=queue_len, log_stream=stream)
         return
     raise SystemExit(run_engines(rules, settings, log_path, queue_len))

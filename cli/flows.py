@@ -9,7 +9,9 @@ import sys
 
 import click
 
-from hybrid import abi, views
+from hybrid.datapath.maps import flow_info
+from hybrid.kernel import abi
+from hybrid.observe import views
 
 from .common import InputError
 
@@ -227,5 +229,4 @@ def unblock(target) -> None:
 
 
 def _effective_verdict(key, flow) -> str:
-    from hybrid.maps import flow_info
     return flow_info(key, flow)["verdict"]

@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from hybrid import lab as labmod
 from hybrid.errors import HybridError
+from hybrid.lab import topology as labmod
 
 NAME_OPT = click.option("--name", default="hlab", show_default=True, metavar="NAME",
                         help="Lab name: prefix of its namespaces NAME-client, NAME-gw, NAME-server.")

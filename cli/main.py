@@ -65,27 +65,32 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-from .doctor import doctor  # noqa: E402
-from .lab import lab  # noqa: E402
+from .bench import bench  # noqa: E402
 from .datapath import attach, detach, status  # noqa: E402
 from .demo import demo  # noqa: E402
-from .bench import bench  # noqa: E402
+from .doctor import doctor  # noqa: E402
 from .engine import engine  # noqa: E402
+from .lab import lab  # noqa: E402
 from .rules import rules  # noqa: E402
 
 for _cmd in (doctor, lab, attach, detach, status, demo, bench, engine, rules):
     main.add_command(_cmd)
 
 from .config import config  # noqa: E402
+
 main.add_command(config)
 from .run import run  # noqa: E402
+
 main.add_command(run)
 from .flows import block, bypass, flows, unblock  # noqa: E402
+
 for _cmd in (flows, block, bypass, unblock):
     main.add_command(_cmd)
 from .top import top  # noqa: E402
+
 main.add_command(top)
 from .service import install_service  # noqa: E402
+
 main.add_command(install_service)
 
 

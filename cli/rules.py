@@ -6,7 +6,7 @@ import json
 
 import click
 
-from hybrid.rules import RulesError, load_rules
+from hybrid.engine.rules import RulesError, load_rules
 
 from .common import InputError
 

@@ -9,16 +9,16 @@ import sys
 
 import click
 
-from hybrid import config as hcfg
-from hybrid import service
 from hybrid.errors import HybridError
+from hybrid.service import config as hcfg
+from hybrid.service import supervisor as service
 
 from .config import config_options, load_located
 
 
 def child_argv(spec: dict) -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "hybridctl")
-    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
+    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "hybrid.cli.main"]
     return argv + ["run", "--engine-child", json.dumps(spec)]
 
 

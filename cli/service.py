@@ -10,8 +10,8 @@ import sys
 
 import click
 
-from hybrid.config import DEFAULT_PATH
 from hybrid.errors import HybridError
+from hybrid.service.config import DEFAULT_PATH
 
 from .common import InputError
 

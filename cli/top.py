@@ -9,8 +9,9 @@ import time
 
 import click
 
-from hybrid import abi, views
 from hybrid.errors import NotFoundError
+from hybrid.kernel import abi
+from hybrid.observe import views
 
 # (total name, label) in display order; rates are per second over the last interval.
 ROWS = [

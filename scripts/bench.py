@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cli.main import main  # noqa: E402
+from hybrid.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     main(["bench", *sys.argv[1:]], prog_name="hybridctl")

@@ -84,6 +84,6 @@ PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install -q --disable-pip-version
 
 # --- Smoke check: every import the tool needs -----------------------------------------------------
 "$venv/bin/python" - <<'PY' || die "the virtual environment is incomplete (see the error above)"
-import bcc, netfilterqueue, pyroute2, click, hybrid, cli.main  # noqa: F401
+import bcc, netfilterqueue, pyroute2, click, hybrid, hybrid.cli.main  # noqa: F401
 PY
 say "done. Check the machine with: sudo $venv/bin/hybridctl doctor"

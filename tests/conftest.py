@@ -16,9 +16,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import leakcheck  # noqa: E402
-
-from hybrid.lab import Lab  # noqa: E402
 from leakcheck import new_lab_name  # noqa: E402
+
+from hybrid.lab.topology import Lab  # noqa: E402
 
 IS_ROOT = os.geteuid() == 0
 TAG = leakcheck.session_tag()

@@ -16,7 +16,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from hybrid.lab import netns
+from hybrid.lab.topology import netns
 
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 IFACES = ["to-client", "to-server"]

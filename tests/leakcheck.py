@@ -9,7 +9,9 @@ import json
 import os
 import subprocess
 
-from hybrid import attach, bpffs, lab, netfilter
+from hybrid import instance
+from hybrid.kernel import bpffs, netfilter
+from hybrid.lab import topology as lab
 
 
 def _root_xdp_links() -> list[str]:
@@ -25,7 +27,7 @@ def snapshot() -> dict[str, set[str]]:
         "pinned BPF objects": set(bpffs.pins()),
         "iptables rules in the root namespace": set(netfilter.leftovers()),
         "XDP programs in the root namespace": set(_root_xdp_links()),
-        "hybrid instances (state files)": set(attach.instances()),
+        "hybrid instances (state files)": set(instance.instances()),
         "lab records": set(lab.recorded_labs()),
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from hybrid.lab import netns
+from hybrid.lab.topology import netns
 
 
 def udp_send(lab, payloads: list[bytes], dport: int, sport: int = 0, wait: float = 0.5) -> int:

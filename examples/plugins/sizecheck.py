@@ -5,7 +5,7 @@ Referenced from a rules file as ``plugin = "sizecheck:decide"`` with this direct
 does not); an exception counts as "does not match" and is logged, rate-limited.
 """
 
-from hybrid.rules import Verdict
+from hybrid.plugin import Verdict
 
 LIMIT = 1000
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from hybrid import abi, bpfsys
-from hybrid.maps import Maps
+from hybrid.datapath.maps import Maps
+from hybrid.kernel import abi, bpfsys
 
 LO = 1
 MARK_VALUE = 0x00100000

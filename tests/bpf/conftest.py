@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from bpfkit import Runner, reset
 
 
@@ -14,7 +13,7 @@ from bpfkit import Runner, reset
 def datapath():
     if os.geteuid() != 0:
         pytest.skip("needs root: BPF_PROG_TEST_RUN (run sudo ./scripts/test.sh)")
-    from hybrid import loader
+    from hybrid.datapath import loader
     dp = loader.compile_datapath(None)
     try:
         yield dp

@@ -17,8 +17,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from hybrid import abi
-from hybrid.maps import canonical_order, parse_cidr
+from hybrid.datapath.maps import canonical_order, parse_cidr
+from hybrid.kernel import abi
 
 # Parse outcomes (bpf/hybrid.bpf.c enum hybrid_pkt_status)
 PKT_OK, PKT_NOT_IP, PKT_BAD_L3, PKT_FRAGMENT, PKT_BAD_L4 = range(5)

@@ -11,9 +11,10 @@ import tempfile
 
 import pytest
 
-from hybrid import abi, bpfsys, loader
+from hybrid.datapath import loader
+from hybrid.datapath.maps import Maps
 from hybrid.errors import ConfigError, KernelFeatureError, NotFoundError
-from hybrid.maps import Maps
+from hybrid.kernel import abi, bpfsys
 
 pytestmark = pytest.mark.bpf
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from bpfkit import A4, A6, B4, MARK_VALUE, IP, UDP, Raw, default_config, frame, tcp4, tcp6, udp4
+from bpfkit import A4, A6, B4, IP, MARK_VALUE, UDP, Raw, default_config, frame, tcp4, tcp6, udp4
 from reference import TC_ACT_PASS, TC_ACT_SHOT, XDP_DROP, XDP_PASS, Reference
 
-from hybrid import abi
-from hybrid.maps import flow_key
+from hybrid.datapath.maps import flow_key
+from hybrid.kernel import abi
 
 pytestmark = pytest.mark.bpf
 

@@ -13,12 +13,12 @@ import random
 import time
 
 import pytest
+from bpfkit import icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
+from reference import Reference, key_tuple
 from scapy.all import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
 
-from bpfkit import icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
-from hybrid import abi
-from hybrid import abi as R
-from reference import Reference, key_tuple
+from hybrid.kernel import abi
+from hybrid.kernel import abi as R
 
 pytestmark = pytest.mark.bpf
 FRAMES = int(os.environ.get("HYBRID_FUZZ_FRAMES", "100000"))

@@ -7,16 +7,35 @@ from __future__ import annotations
 import time
 
 import pytest
-from bpfkit import (A4, A6, B4, B6, LO, MARK_VALUE, IP, TCP, UDP, IPv6, Raw, default_config,
-                    frame, icmp4_echo, icmp6_echo, pad60, reason_counters, tcp4, tcp6, udp4)
+from bpfkit import (
+    A4,
+    A6,
+    B4,
+    B6,
+    IP,
+    LO,
+    MARK_VALUE,
+    TCP,
+    UDP,
+    IPv6,
+    Raw,
+    default_config,
+    frame,
+    icmp4_echo,
+    icmp6_echo,
+    pad60,
+    reason_counters,
+    tcp4,
+    tcp6,
+    udp4,
+)
 from reference import TC_ACT_PASS, TC_ACT_SHOT, Reference, key_tuple, parse
 from scapy.layers.inet import IPOption_RR, IPOption_Timestamp
-from scapy.layers.inet6 import (IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
-                                IPv6ExtHdrRouting)
+from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
 from scapy.layers.ipsec import AH
 
-from hybrid import abi
-from hybrid.maps import flow_key
+from hybrid.datapath.maps import flow_key
+from hybrid.kernel import abi
 
 pytestmark = pytest.mark.bpf
 

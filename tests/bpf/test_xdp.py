@@ -7,12 +7,12 @@ import socket
 import time
 
 import pytest
-from bpfkit import A4, A6, B4, B6, LO, IP, TCP, frame, icmp4_echo, tcp4, tcp6, udp4
+from bpfkit import A4, A6, B4, B6, IP, LO, TCP, frame, icmp4_echo, tcp4, tcp6, udp4
 from reference import XDP_DROP, XDP_PASS, Reference
 from test_tc import ALL_CASES
 
-from hybrid import abi
-from hybrid.maps import flow_key
+from hybrid.datapath.maps import flow_key
+from hybrid.kernel import abi
 
 pytestmark = pytest.mark.bpf
 

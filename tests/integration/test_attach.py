@@ -13,13 +13,13 @@ import sys
 import time
 
 import pytest
-
-from hybrid import abi, bpffs
-from hybrid.bench import bare_consumer
-from hybrid.demo import iperf3
-from hybrid.lab import netns
-from hybrid.maps import Maps
 from traffic import udp_send
+
+from hybrid.datapath.maps import Maps
+from hybrid.kernel import abi, bpffs
+from hybrid.lab.bench import bare_consumer
+from hybrid.lab.demo import iperf3
+from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
@@ -182,7 +182,7 @@ def test_blocked_flow_dies_at_xdp(lab, mode):
 
 def test_ipv6_connections_are_flagged_and_queued(attached):
     lab = attached
-    from hybrid.demo import Nginx
+    from hybrid.lab.demo import Nginx
     with bare_consumer(lab) as consumer, Nginx(lab):
         before = status(lab)
         for _ in range(3):
@@ -314,7 +314,7 @@ def test_foreign_xdp_program_is_never_replaced(lab):
     code = r"""
 import sys
 from bcc import BPF
-from hybrid import netlink
+from hybrid.kernel import netlink
 b = BPF(text="int foreign_xdp(struct xdp_md *ctx) { return XDP_PASS; }")
 fn = b.load_func("foreign_xdp", BPF.XDP)
 netlink.xdp_attach("to-client", fn.fd, "generic")

@@ -5,9 +5,8 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 import leakcheck
+import pytest
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
@@ -99,7 +98,7 @@ def test_bench_quick_new_modes_and_workloads_leave_nothing():
 
 
 def test_bench_wrk_output_is_parsed():
-    from hybrid.bench import parse_wrk
+    from hybrid.lab.bench import parse_wrk
     out = """Running 1s test @ http://198.18.0.1/
   1 threads and 8 connections
   Latency Distribution

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.doctor import doctor
-from hybrid import doctor as lib
+from hybrid.observe import doctor as lib
 
 pytestmark = [
     pytest.mark.integration,

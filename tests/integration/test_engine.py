@@ -13,10 +13,10 @@ import sys
 import time
 
 import pytest
-
-from hybrid.demo import Nginx
-from hybrid.lab import netns
 from traffic import udp_send
+
+from hybrid.lab.demo import Nginx
+from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
@@ -336,8 +336,8 @@ def test_realistic_example_http_tls_dns(engine, lab):
     """examples/rules/realistic.toml against real curl/nginx (HTTP and HTTPS with a throwaway
     certificate) and real dig/dnsmasq; everything not blocked is bypassed after its first
     payload packet."""
-    from hybrid.labservers import Dns
-    from hybrid.labservers import Nginx as TlsNginx
+    from hybrid.lab.servers import Dns
+    from hybrid.lab.servers import Nginx as TlsNginx
     engine(realistic_example())
     srv = lab.info.server.ipv4
     names = ("www.example.test", "a.tracker.example")
@@ -416,7 +416,8 @@ def test_split_client_hello_cannot_slip_past_the_sni_rule(engine, lab):
     has no SNI. The engine joins the segments and still blocks the name; an allowed name reaches
     the server."""
     import ssl
-    from hybrid.labservers import Nginx as TlsNginx
+
+    from hybrid.lab.servers import Nginx as TlsNginx
     engine(realistic_example())
 
     def hello(name):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from hybrid import flood
+from hybrid.lab import flood
 
 pytestmark = pytest.mark.integration
 SOURCES = "198.18.1.128/25"
@@ -74,7 +74,7 @@ def test_refuses_to_run_in_the_initial_namespace():
     import subprocess
     import sys
     # A made-up interface: should the check ever fail, nothing could be sent anyway.
-    proc = subprocess.run([sys.executable, "-m", "hybrid.flood", "--iface", "nonexistent0", "--sources", SOURCES,
+    proc = subprocess.run([sys.executable, "-m", "hybrid.lab.flood", "--iface", "nonexistent0", "--sources", SOURCES,
                            "--dst", "198.18.2.2", "--dst-mac", "02:00:00:00:00:01", "--seconds", "0.1"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
@@ -126,7 +126,7 @@ def test_syn_flood_from_spoofed_sources_leaves_legitimate_connections_through(la
     import subprocess
     import sys
 
-    from hybrid.labservers import Nginx
+    from hybrid.lab.servers import Nginx
     hybridctl = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 
     def hctl(*args):

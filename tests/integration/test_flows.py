@@ -10,10 +10,10 @@ import json
 import socket
 
 import pytest
-
 from gwlab import attached_with_engine, hctl, nfqueue_counters, status
-from hybrid.lab import netns
 from traffic import udp_send
+
+from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
 

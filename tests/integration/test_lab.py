@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
 from leakcheck import new_lab_name
-from hybrid import lab as labmod
-from hybrid.demo import Nginx, iperf3
+
+from hybrid.lab import topology as labmod
+from hybrid.lab.demo import Nginx, iperf3
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = [os.path.join(os.path.dirname(sys.executable), "hybridctl")]

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from hybrid.errors import HybridError
-from hybrid.labservers import Dns, Nginx, UdpSink, udp_send_from_client
+from hybrid.lab.servers import Dns, Nginx, UdpSink, udp_send_from_client
 
 pytestmark = pytest.mark.integration
 

@@ -1,11 +1,11 @@
 """The session-end leak check must be able to fail: prove it sees each kind of leftover."""
 
-import pytest
-
 import leakcheck
+import pytest
 from leakcheck import new_lab_name
-from hybrid import lab as labmod
-from hybrid import netfilter as nf
+
+from hybrid.kernel import netfilter as nf
+from hybrid.lab import topology as labmod
 
 pytestmark = pytest.mark.integration
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import socket
 
 import pytest
-
 from gwlab import MetricsProcess, attached_with_engine, engine_stats, nfqueue_counters, sample, status
-from hybrid.errors import ConfigError, HybridError
-from hybrid.lab import netns
-from hybrid.metrics import serve_metrics
 from traffic import udp_send
+
+from hybrid.errors import ConfigError, HybridError
+from hybrid.lab.topology import netns
+from hybrid.observe.metrics import serve_metrics
 
 pytestmark = pytest.mark.integration
 

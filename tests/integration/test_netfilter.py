@@ -2,7 +2,7 @@
 
 import pytest
 
-from hybrid import netfilter as nf
+from hybrid.kernel import netfilter as nf
 
 pytestmark = pytest.mark.integration
 

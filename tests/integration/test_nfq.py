@@ -6,10 +6,10 @@ import threading
 
 import pytest
 from netfilterqueue import NetfilterQueue
-
-from hybrid import nfq
-from hybrid.lab import netns
 from traffic import udp_send
+
+from hybrid.kernel import nfq
+from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
 QUEUE = 7

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from hybrid import nfq
-from hybrid.labservers import Nginx
+from hybrid.kernel import nfq
+from hybrid.lab.servers import Nginx
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hybrid.labservers import Nginx, _wait_port
+from hybrid.lab.servers import Nginx, _wait_port
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")

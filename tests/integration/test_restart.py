@@ -14,10 +14,10 @@ import sys
 import time
 
 import pytest
-
-from hybrid import abi, bpffs, nfq
-from hybrid.maps import Maps, flow_key
 from traffic import udp_send
+
+from hybrid.datapath.maps import Maps, flow_key
+from hybrid.kernel import abi, bpffs, nfq
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")

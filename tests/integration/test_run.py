@@ -18,10 +18,10 @@ import time
 
 import pytest
 
-from hybrid import abi, bpfsys
-from hybrid.labservers import Nginx
-from hybrid.lab import netns
-from hybrid.maps import Maps, flow_key
+from hybrid.datapath.maps import Maps, flow_key
+from hybrid.kernel import abi, bpfsys
+from hybrid.lab.servers import Nginx
+from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from hybrid import abi, bpffs
+from hybrid.kernel import abi, bpffs
 
 pytestmark = pytest.mark.integration
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")

@@ -13,9 +13,9 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from hybrid.cli.main import main
 
-from cli.main import main
-from hybrid.labservers import Nginx
+from hybrid.lab.servers import Nginx
 
 HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -10,9 +10,9 @@ import threading
 import time
 
 import pytest
-
 from gwlab import attached_with_engine, hctl, status
-from hybrid.lab import netns
+
+from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
 

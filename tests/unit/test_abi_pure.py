@@ -10,10 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from hybrid import abi
+from hybrid.datapath.maps import (
+    addr16,
+    addr_from16,
+    canonical_order,
+    flow_key,
+    flow_key_bytes,
+    flow_key_raw,
+    format_flow_key,
+    format_prefix,
+    key_ports,
+    parse_cidr,
+)
 from hybrid.errors import ConfigError
-from hybrid.maps import (addr16, addr_from16, canonical_order, flow_key, flow_key_bytes, flow_key_raw,
-                         format_flow_key, format_prefix, key_ports, parse_cidr)
+from hybrid.kernel import abi
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
-
-from cli.main import main
+from hybrid.cli.main import main
 
 pytestmark = pytest.mark.unit
 

@@ -9,12 +9,12 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
+from hybrid.cli.main import main
 
-from cli.main import main
-from hybrid import attach as att
-from hybrid import config as hcfg
-from hybrid.rules import compile_rules, load_rules
-from hybrid.service import JsonFormatter, event
+from hybrid.datapath import attach as att
+from hybrid.engine.rules import compile_rules, load_rules
+from hybrid.service import config as hcfg
+from hybrid.service.supervisor import JsonFormatter, event
 
 pytestmark = pytest.mark.unit
 
@@ -261,13 +261,13 @@ def test_json_log_lines():
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("hybrid.service")
+    logger = logging.getLogger("hybrid.service.supervisor")
     logger.addHandler(handler)
     old = logger.level
     logger.setLevel(logging.INFO)
     try:
         event(logging.INFO, "reloaded", "configuration reloaded", changed=["attach.mark"], level="not me")
-        logging.getLogger("hybrid.service").warning("plain %s", "message")
+        logging.getLogger("hybrid.service.supervisor").warning("plain %s", "message")
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old)
@@ -275,7 +275,7 @@ def test_json_log_lines():
     assert first["level"] == "info" and first["event"] == "reloaded" and first["changed"] == ["attach.mark"]
     assert first["msg"] == "configuration reloaded" and first["ts"].endswith("Z")
     assert second["event"] == "log" and second["msg"] == "plain message" and second["level"] == "warning"
-    assert second["logger"] == "hybrid.service"
+    assert second["logger"] == "hybrid.service.supervisor"
 
 
 def test_deployment_doc_lists_every_key():

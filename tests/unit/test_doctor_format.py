@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import doctor as cli_doctor
-from hybrid import doctor as lib
+from hybrid.observe import doctor as lib
 
 pytestmark = pytest.mark.unit
 

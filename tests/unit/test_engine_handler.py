@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.all import IP, TCP, UDP, Raw
 
-from hybrid import abi
-from hybrid.engine import JOIN_TTL, Engine, RateLimiter, VerdictLog
+from hybrid.engine.loop import JOIN_TTL, Engine, RateLimiter, VerdictLog
+from hybrid.kernel import abi
 
 pytestmark = pytest.mark.unit
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "rules")
@@ -279,7 +279,7 @@ def test_a_stop_signal_mid_packet_ends_the_loop_and_still_gives_the_verdict():
     """SIGTERM's handler raises _Stop wherever the engine is. Inside the handler it must not be
     counted as a packet error and swallowed (the engine would then wait in recv() for another
     packet before stopping), and the packet in hand must still get its verdict."""
-    from hybrid.engine import _Stop
+    from hybrid.engine.loop import _Stop
     e = engine("realistic.toml")
 
     def stop_now(pkt):

@@ -9,8 +9,8 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from hybrid import flood
 from hybrid.errors import ConfigError
+from hybrid.lab import flood
 
 pytestmark = pytest.mark.unit
 GW_MAC = "02:00:00:00:00:01"

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from hybrid.packet import decode
-from hybrid.rules import load_rules
+from hybrid.engine.packet import decode
+from hybrid.engine.rules import load_rules
 
 pytestmark = pytest.mark.unit
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from hybrid import netfilter as nf
 from hybrid.errors import ConfigError
+from hybrid.kernel import netfilter as nf
 
 pytestmark = pytest.mark.unit
 

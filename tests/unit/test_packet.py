@@ -9,12 +9,19 @@ import ssl
 import pytest
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
-from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt,
-                                IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.ipsec import AH
 from scapy.packet import Raw
 
-from hybrid.packet import HttpRequest, Packet, decode
+from hybrid.engine.packet import HttpRequest, Packet, decode
 
 pytestmark = pytest.mark.unit
 
@@ -320,5 +327,5 @@ def test_bytes_like_input_is_copied_to_bytes():
     (b"\x16\x03\x01", False), (b"", False), (b"G" * 17, False), (b"GET" + b"x" * 9000, False),
 ])
 def test_http_head_missing(data, missing):
-    from hybrid.packet import http_head_missing
+    from hybrid.engine.packet import http_head_missing
     assert http_head_missing(data) is missing

@@ -10,12 +10,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
-from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
-                                IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 
+from hybrid.engine.packet import Packet, decode
+from hybrid.engine.rewrite import fill_payload, icmp_unreachable_for, replace_bytes, set_payload, tcp_rst_for
 from hybrid.errors import HybridError
-from hybrid.packet import Packet, decode
-from hybrid.rewrite import fill_payload, icmp_unreachable_for, replace_bytes, set_payload, tcp_rst_for
 
 pytestmark = pytest.mark.unit
 

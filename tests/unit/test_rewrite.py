@@ -7,16 +7,31 @@ from __future__ import annotations
 import random
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, IPerror, TCPerror, UDPerror
-from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt,
-                                IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, IPOption_RR, TCPerror, UDPerror
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.ipsec import AH
 from scapy.utils import checksum as scapy_checksum
 
+from hybrid.engine.packet import decode
+from hybrid.engine.rewrite import (
+    ICMP6_PORT_UNREACHABLE,
+    ICMP_HOST_PROHIBITED,
+    checksum,
+    fill_payload,
+    icmp_unreachable_for,
+    replace_bytes,
+    set_payload,
+    tcp_rst_for,
+)
 from hybrid.errors import HybridError
-from hybrid.packet import decode
-from hybrid.rewrite import (ICMP6_PORT_UNREACHABLE, ICMP_HOST_PROHIBITED, checksum, fill_payload,
-                            icmp_unreachable_for, replace_bytes, set_payload, tcp_rst_for)
 
 pytestmark = pytest.mark.unit
 

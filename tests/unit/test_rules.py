@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from hybrid.engine.rules import Decision, RulesError, Verdict, compile_rules, load_rules
 from hybrid.errors import ConfigError
-from hybrid.rules import Decision, RulesError, Verdict, compile_rules, load_rules
 
 pytestmark = pytest.mark.unit
 
@@ -337,7 +337,7 @@ def test_failing_plugin_is_counted_not_matching_and_logged_rate_limited(plugin_d
     ruleset = load_rules(write(plugin_dir, 'plugin_paths = ["plugins"]\n[[rule]]\nname = "boom"\n'
                                            'plugin = "sizecheck:explode"\n[[rule]]\nname = "next"\n'
                                            'action = "drop"\n'))
-    with caplog.at_level(logging.WARNING, logger="hybrid.rules"):
+    with caplog.at_level(logging.WARNING, logger="hybrid.engine.rules"):
         decisions = [ruleset.decide(Pkt()) for _ in range(5)]
     assert {d.rule for d in decisions} == {"next"}
     assert ruleset.plugin_errors == {"boom": 5}
@@ -348,7 +348,7 @@ def test_failing_plugin_is_counted_not_matching_and_logged_rate_limited(plugin_d
 
 def test_plugin_returning_garbage_counts_as_failure(plugin_dir):
     (plugin_dir / "plugins" / "odd.py").write_text(
-        "from hybrid.rules import Verdict\n"
+        "from hybrid.plugin import Verdict\n"
         "def text(p):\n    return 'drop'\n"
         "def bad_action(p):\n    return Verdict('explode')\n"
         "def zero_ttl(p):\n    return Verdict('accept', flow='bypass', ttl=0)\n"
@@ -401,7 +401,7 @@ def test_example_realistic():
 
 
 def test_example_realistic_with_the_real_decoder():
-    packet = pytest.importorskip("hybrid.packet")
+    from hybrid.engine import packet
     import struct
 
     def ipv4_tcp(payload: bytes, flags: int) -> bytes:

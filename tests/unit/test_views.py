@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid import abi
+from hybrid.datapath.maps import flow_info, flow_key
 from hybrid.errors import ConfigError
-from hybrid.maps import flow_info, flow_key
-from hybrid.views import (decision_buckets, merge_decisions, parse_target, quantile_ns, rates,
-                          totals)
+from hybrid.kernel import abi
+from hybrid.observe.views import decision_buckets, merge_decisions, parse_target, quantile_ns, rates, totals
 
 pytestmark = pytest.mark.unit
 

@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from .errors import HybridError, KernelFeatureError, NotFoundError, PrivilegeError
+from hybrid.errors import HybridError, KernelFeatureError, NotFoundError, PrivilegeError
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,10 @@ import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import abi
-from .errors import ConfigError, HybridError, KernelFeatureError, NotFoundError
-
-if TYPE_CHECKING:
-    from .maps import Maps
+from hybrid.datapath.maps import Maps
+from hybrid.errors import ConfigError, HybridError, KernelFeatureError, NotFoundError
+from hybrid.kernel import abi
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +33,13 @@ _MAX_ENTRIES = 1 << 24
 
 
 def bpf_dir() -> Path:
-    """Directory holding hybrid.bpf.c and its headers: $HYBRID_BPF_DIR, else bpf/ next to the
-    package (source checkout), else share/hybrid/bpf under the installation prefix."""
+    """Directory holding hybrid.bpf.c and its headers: $HYBRID_BPF_DIR, else the package data
+    of an installed hybrid (hybrid/bpf/, mapped from the checkout's bpf/ by pyproject.toml), else
+    the checkout's bpf/ beside the package (an editable install or a source tree)."""
     env = os.environ.get("HYBRID_BPF_DIR")
     candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve().parent
-    candidates += [here.parent / "bpf", here / "bpf"]
+    package = Path(__file__).resolve().parent.parent
+    candidates += [package / "bpf", package.parent / "bpf"]
     for path in candidates:
         if (path / SOURCE_NAME).is_file():
             return path
@@ -94,7 +92,6 @@ class Datapath:
 
     def maps(self) -> Maps:
         """A Maps on duplicated fds: it stays usable after this Datapath is closed."""
-        from .maps import Maps
         return Maps.from_fds(self.map_fds())
 
     def close(self) -> None:

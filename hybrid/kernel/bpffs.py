@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import os
 
-from . import sysutil
-from .errors import KernelFeatureError, PrivilegeError
+from hybrid.errors import KernelFeatureError, PrivilegeError
+from hybrid.kernel import sysutil
 
 log = logging.getLogger(__name__)
 

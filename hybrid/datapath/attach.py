@@ -8,7 +8,7 @@ look for; and it never trusts the file alone: it reads back what is attached (pr
 netlink and bpf()) and removes only what is hybrid's.
 
 Where things live:
-- state: /run/hybrid/instances/<instance>/state.json (root only, 0600);
+- state: hybrid.instance.state_path(instance) (root only, 0600);
 - maps: pinned in <bpffs>/<instance>/ (see hybrid.bpffs), reopened by the next attach so that
   verdicts and counters survive a restart;
 - programs: attached to the interfaces (XDP and clsact ingress), referenced by nothing else.
@@ -25,12 +25,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from . import abi, bpffs, bpfsys, netfilter, netlink, sysutil
-from .errors import ConfigError, HybridError, NotFoundError, PrivilegeError
+from hybrid import instance as inst
+from hybrid.datapath import loader
+from hybrid.datapath.maps import Maps, format_prefix, parse_cidr
+from hybrid.errors import ConfigError, HybridError, NotFoundError, PrivilegeError
+from hybrid.kernel import abi, bpffs, bpfsys, netfilter, netlink, sysutil
 
 log = logging.getLogger(__name__)
 
-STATE_ROOT = "/run/hybrid/instances"
 XDP_MODES = ("auto", "native", "generic", "off")
 OVER_BUDGET = ("pass", "drop")
 TC_PREF = 1
@@ -158,7 +160,7 @@ class State:
 
     @staticmethod
     def path(instance: str) -> str:
-        return os.path.join(STATE_ROOT, instance, "state.json")
+        return inst.state_path(instance)
 
     @classmethod
     def load(cls, instance: str) -> State | None:
@@ -176,23 +178,11 @@ class State:
         return cls(raw["instance"], raw["pin_dir"], raw.get("options", {}), ifaces, raw.get("netfilter"))
 
     def save(self) -> None:
-        path = self.path(self.instance)
-        os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
-        os.chmod(STATE_ROOT, 0o700)         # instance names are namespace names: root's business
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
+        inst.make_dirs(self.instance)
+        inst.write_json(self.path(self.instance), asdict(self), indent=1)
 
     def remove(self) -> None:
-        shutil.rmtree(os.path.dirname(self.path(self.instance)), ignore_errors=True)
-
-
-def instance_name() -> str:
-    """One instance per network namespace, named after it."""
-    return sysutil.netns_id()
+        inst.remove(self.instance)
 
 
 def choose_xdp_mode(requested: str, link: netlink.LinkInfo) -> str:
@@ -218,12 +208,11 @@ class AttachResult:
 def attach(opts: AttachOptions) -> AttachResult:
     """Attach hybrid to ``opts.interfaces`` in the current network namespace (or re-attach:
     programs are replaced in place, pinned state is reused, rules are never duplicated)."""
-    from . import loader  # bcc/LLVM only for the process that compiles
 
     sysutil.require_root("attach")
     opts.validate()
     links = {name: netlink.link_info(name) for name in opts.interfaces}  # all exist, or nothing changes
-    instance = instance_name()
+    instance = inst.name()
     old = State.load(instance)
     pin_dir = os.path.join(bpffs.ensure(), instance)   # how this process reaches it
     reused = os.path.isdir(pin_dir) and bool(os.listdir(pin_dir))
@@ -287,7 +276,6 @@ def _apply_config(maps, opts: AttachOptions, old_cfg) -> None:
     """Make the maps say exactly what ``opts`` says. On a re-attach the pinned maps still hold
     the previous options: ports and prefixes no longer asked for are removed, so attaching
     again means "this configuration", not "this configuration added to the last one"."""
-    from .maps import format_prefix, parse_cidr
     cfg = opts.config()
     if old_cfg is not None:
         # Keep what the maps API maintains (HAVE_PORTS/PREFIXES) and what a running engine
@@ -407,15 +395,15 @@ def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
     Idempotent, and works without the state file (it then looks for hybrid's programs on every
     interface and for hybrid's chain)."""
     sysutil.require_root("detach")
-    instance = instance_name()
+    instance = inst.name()
     state = State.load(instance)
     known = set(state.interfaces) if state else set()
     if interfaces is None:
-        targets = sorted(known | set(_discover_attached()))
+        targets = sorted(known | set(discover_attached()))
     else:
         targets = list(interfaces)
     touched, kept_clsact = [], []
-    maps = _open_maps(state)
+    maps = open_maps(state)
     try:
         for name in targets:
             ist = state.interfaces.get(name) if state else None
@@ -432,25 +420,24 @@ def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
     families, pins_removed = [], False
     if not remaining:
         families = netfilter.remove()
-        pin_dir = _pin_access(instance)
+        pin_dir = pin_access(instance)
         if pin_dir and os.path.isdir(pin_dir):
             _remove_pins(pin_dir)
             pins_removed = True
-        shutil.rmtree(os.path.join(STATE_ROOT, instance), ignore_errors=True)
+        inst.remove(instance)
     elif state:
         state.save()
     return DetachResult(instance, touched, families, pins_removed, remaining, kept_clsact)
 
 
-def _pin_access(instance: str) -> str | None:
+def pin_access(instance: str) -> str | None:
     """The path through which this process reaches the instance's pins (see hybrid.bpffs)."""
     base = bpffs.locate()
     return os.path.join(base, instance) if base else None
 
 
-def _open_maps(state: State | None):
-    from .maps import Maps
-    path = _pin_access(state.instance) if state else None
+def open_maps(state: State | None):
+    path = pin_access(state.instance) if state else None
     if path is None:
         return None
     try:
@@ -487,17 +474,22 @@ def _has_clsact(name: str) -> bool:
         return False
 
 
+def programs_on(name: str) -> tuple[bool, bool]:
+    """(hybrid's XDP program is attached, hybrid's tc filter is attached) on interface ``name``;
+    NotFoundError when the interface is gone."""
+    link = netlink.link_info(name)
+    xdp = bool(link.xdp_prog_id) and _prog_name(link.xdp_prog_id) == abi.PROG_XDP
+    return xdp, any(_is_our_filter(f) for f in netlink.ingress_filters(name))
+
+
 def _has_our_programs(name: str) -> bool:
     try:
-        link = netlink.link_info(name)
+        return any(programs_on(name))
     except NotFoundError:
         return False
-    if link.xdp_prog_id and _prog_name(link.xdp_prog_id) == abi.PROG_XDP:
-        return True
-    return any(_is_our_filter(f) for f in netlink.ingress_filters(name))
 
 
-def _discover_attached() -> list[str]:
+def discover_attached() -> list[str]:
     """Interfaces in this namespace that carry a hybrid program (for detach without state)."""
     out = []
     for name in _all_ifnames():
@@ -512,104 +504,12 @@ def _all_ifnames() -> list[str]:
     return [link["ifname"] for link in json.loads(proc.stdout)]
 
 
-# -- status --------------------------------------------------------------------------------------
-def spares_path(instance: str | None = None) -> str:
-    """Where `hybridctl run` publishes its spare engines (next to its lock file)."""
-    return os.path.join(os.path.dirname(STATE_ROOT), f"run-{instance or instance_name()}.spares.json")
-
-
-def read_spares(instance: str | None = None) -> dict[str, int]:
-    """queue -> pid of each spare engine waiting, as `hybridctl run` published them; {} when no
-    run is up (or it died without removing the file: its spares went with it)."""
-    try:
-        with open(spares_path(instance)) as f:
-            doc = json.load(f)
-        os.kill(int(doc["supervisor"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    out = {}
-    for queue, pid in doc.get("spares", {}).items():
-        try:
-            os.kill(int(pid), 0)
-        except (OSError, ValueError, TypeError):
-            continue
-        out[str(queue)] = int(pid)
-    return out
-
-
-def status() -> dict:
-    """What is attached in this namespace and what the kernel counted (summed over CPUs)."""
-    instance = instance_name()
-    state = State.load(instance)
-    out: dict = {"instance": instance, "attached": state is not None and bool(state.interfaces),
-                 "pin_dir": state.pin_dir if state else None, "interfaces": {}, "netfilter": [],
-                 "flows": None, "config": None}
-    if state is None:
-        discovered = _discover_attached()
-        if discovered:
-            out["warning"] = (f"hybrid programs on {', '.join(discovered)} but no state file: "
-                              "run 'hybridctl detach --all' to clean up")
-        return out
-    maps = _open_maps(state)
-    try:
-        stats = maps.stats() if maps else {}
-        for name, ist in state.interfaces.items():
-            entry: dict = {"ifindex": ist.ifindex, "xdp_mode": ist.xdp_mode}
-            try:
-                link = netlink.link_info(name)
-                entry["xdp_attached"] = bool(link.xdp_prog_id) and _prog_name(link.xdp_prog_id) == abi.PROG_XDP
-                entry["tc_attached"] = any(_is_our_filter(f) for f in netlink.ingress_filters(name))
-            except NotFoundError:
-                entry["missing"] = True
-            entry["counters"] = stats.get(ist.ifindex, {})
-            out["interfaces"][name] = entry
-        if maps:
-            out["flows"] = maps.flow_count()
-            cfg = maps.get_config()
-            out["config"] = {"mark": f"0x{cfg.mark_value:x}/0x{cfg.mark_mask:x}", "first_n": cfg.first_n,
-                             "reasons": [r for r, bit in REASON_BITS.items() if cfg.reasons & bit],
-                             "skipped_by_engine": [r for r, bit in REASON_BITS.items() if cfg.skip_reasons & bit],
-                             "admission": _admission_view(cfg)}
-        else:
-            out["warning"] = f"pinned maps missing under {state.pin_dir}: re-run attach or detach"
-    finally:
-        if maps:
-            maps.close()
-    out["netfilter"] = [asdict(s) for s in netfilter.status()]
-    from .engine import read_stats
-    out["engines"] = read_stats(os.path.join(STATE_ROOT, instance))
-    out["spares"] = read_spares(instance)
-    from . import nfq   # the kernel's queue counters, and what a full queue let through
-    o = state.options
-    out["queue"] = nfq.queue_report(o.get("queue_first", 0), o.get("queue_last", 0), o.get("fail_open", True),
-                                    os.path.join(STATE_ROOT, instance),
-                                    rule_packets=sum(s["queued_packets"] for s in out["netfilter"]))
-    return out
-
-
-def _admission_view(cfg: abi.Config) -> dict:
-    """The budgets as rates (per second, whole gateway) and the over-budget policy."""
-    def rate(interval: int, tolerance: int) -> dict | None:
-        if not interval:
-            return None
-        return {"rate": round(1e9 / interval), "burst": tolerance // interval + 1}
-    return {"source": rate(cfg.source_interval_ns, cfg.source_tolerance_ns),
-            "global": rate(cfg.global_interval_ns, cfg.global_tolerance_ns),
-            "over_budget": "drop" if cfg.flags & abi.CFG_OVER_DROP else "pass"}
-
-
-def instances() -> list[str]:
-    try:
-        return sorted(d for d in os.listdir(STATE_ROOT) if os.path.exists(State.path(d)))
-    except (FileNotFoundError, PermissionError):
-        return []
-
-
+# -- forgetting -----------------------------------------------------------------------------------
 def purge_instance(instance: str) -> None:
     """Forget an instance whose network namespace is gone (lab down): its pins and state.
     The kernel already dropped its programs and rules with the namespace."""
-    pin_dir = _pin_access(instance)
+    pin_dir = pin_access(instance)
     if pin_dir and os.path.isdir(pin_dir):
         _remove_pins(pin_dir)
-    shutil.rmtree(os.path.join(STATE_ROOT, instance), ignore_errors=True)
+    inst.remove(instance)
 

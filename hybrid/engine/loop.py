@@ -25,16 +25,25 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 
-from . import abi, nfq, rewrite
-from .errors import HybridError
-from .maps import flow_key_bytes
-from .packet import Packet, client_hello_missing, decode, http_head_missing, parse_http, parse_sni
-from .rules import Decision, RuleSet, RulesError, load_rules
+from hybrid import instance as inst
+from hybrid.datapath import queues
+from hybrid.datapath.maps import flow_key_bytes
+from hybrid.engine import rewrite
+from hybrid.engine.packet import (
+    Packet,
+    client_hello_missing,
+    decode,
+    http_head_missing,
+    parse_http,
+    parse_sni,
+)
+from hybrid.engine.rules import Decision, RulesError, RuleSet, load_rules
+from hybrid.errors import HybridError
+from hybrid.kernel import abi, nfq
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +172,10 @@ class Engine:
             raise HybridError(f"binding NFQUEUE {self.queue}: {exc} (is another engine bound to it?)") from None
         self._nfq = q
         self.setup = nfq.configure(q.get_fd(), self.queue, fail_open=self.fail_open, maxlen=self.maxlen)
+        try:
+            queues.record_baseline(self.queue)
+        except Exception as exc:  # noqa: BLE001 - a missing figure in status must not stop an engine
+            log.warning("queue %d: counters at bind not recorded: %s", self.queue, exc)
         self._declare_needs()
 
     def _declare_needs(self, bound: bool = True) -> None:
@@ -486,12 +499,8 @@ class Engine:
     def _write_stats(self, force: bool = False) -> None:
         if not self.stats_path:
             return
-        tmp = self.stats_path + ".tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.snapshot(), f)
-            os.replace(tmp, self.stats_path)
+            inst.write_json(self.stats_path, self.snapshot())
         except OSError as exc:
             if force:
                 log.warning("cannot write engine stats to %s: %s", self.stats_path, exc)
@@ -508,111 +517,3 @@ _FLOW_CODES = {**FLOW_VERDICTS, "none": abi.VERDICT_NONE}
 
 class _Stop(Exception):
     """Raised from a signal handler to leave NetfilterQueue's receive loop."""
-
-
-def stats_path(instance_dir: str, queue: int) -> str:
-    return os.path.join(instance_dir, f"engine-{queue}.json")
-
-
-def read_stats(instance_dir: str) -> list[dict]:
-    """The engines' published counters for an instance (one file per queue)."""
-    out = []
-    try:
-        names = sorted(os.listdir(instance_dir))
-    except FileNotFoundError:
-        return out
-    for name in names:
-        if name.startswith("engine-") and name.endswith(".json"):
-            with contextlib.suppress(OSError, ValueError):
-                with open(os.path.join(instance_dir, name)) as f:
-                    out.append(json.load(f))
-    return out
-
-
-
-# -- running engines for an attached instance ---------------------------------------------------
-@dataclass
-class EngineSettings:
-    """What an engine takes from the attachment it serves (its state file), overridable."""
-
-    queues: tuple[int, int]
-    mark_mask: int
-    fail_open: bool
-    pin_access: str | None
-    instance_dir: str
-
-
-def settings_for_instance(queues: tuple[int, int] | None = None, fail_open: bool | None = None) -> EngineSettings:
-    from .attach import STATE_ROOT, State, _pin_access, instance_name
-    instance = instance_name()
-    state = State.load(instance)
-    if state is None or not state.interfaces:
-        raise HybridError(f"hybrid is not attached in this network namespace ({instance}): "
-                          "run 'hybridctl attach IFACE...' first, or 'hybridctl attach IFACE... --rules FILE'")
-    opts = state.options
-    q = queues or (opts.get("queue_first", 0), opts.get("queue_last", 0))
-    return EngineSettings(queues=q, mark_mask=opts.get("mark_mask", 0),
-                          fail_open=opts.get("fail_open", True) if fail_open is None else fail_open,
-                          pin_access=_pin_access(instance), instance_dir=os.path.join(STATE_ROOT, instance))
-
-
-def serve_one(queue: int, rules_path: str, settings: EngineSettings, *, maxlen: int = 4096,
-              log_stream=None) -> dict:
-    """Run one engine in this process until SIGTERM/SIGINT; returns its final counters."""
-    from .maps import Maps
-    maps = Maps.open_pinned(settings.pin_access) if settings.pin_access else None
-    try:
-        eng = Engine(queue, rules_path, maps=maps, mark_mask=settings.mark_mask,
-                     fail_open=settings.fail_open, maxlen=maxlen, log_stream=log_stream,
-                     stats_path=stats_path(settings.instance_dir, queue))
-        eng.install_signals()
-        eng.bind()
-        log.info("engine bound to queue %d (%s)", queue, "fail-open" if settings.fail_open else "fail-closed")
-        eng.run()
-        return eng.snapshot()
-    finally:
-        if maps is not None:
-            maps.close()
-
-
-def serve(rules_path: str, settings: EngineSettings, argv_for_queue, *, on_start=None) -> int:
-    """One engine process per queue of ``settings.queues`` (children run ``argv_for_queue(q)``);
-    SIGHUP is passed on to every child, SIGTERM/SIGINT stop them all. Returns the worst exit
-    status of the children."""
-    load_rules(rules_path)   # a broken file fails here, once, before anything starts
-    first, last = settings.queues
-    children = [subprocess.Popen(argv_for_queue(q)) for q in range(first, last + 1)]
-    stopping = False
-
-    def forward(sig, _frame):
-        nonlocal stopping
-        if sig != signal.SIGHUP:
-            stopping = True
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(sig)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
-    try:
-        if on_start:
-            on_start([c.pid for c in children])
-        worst = 0
-        for c in children:
-            while True:
-                try:
-                    rc = c.wait()
-                    break
-                except InterruptedError:   # pragma: no cover - PEP 475 retries for us
-                    continue
-            if rc not in (0, -signal.SIGTERM, -signal.SIGINT, 130, 143):
-                worst = max(worst, 1)
-            if not stopping:      # one engine died on its own: stop the others, report it
-                forward(signal.SIGTERM, None)
-        return worst
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        for c in children:
-            if c.poll() is None:
-                c.kill()
-                c.wait()

@@ -29,7 +29,8 @@ import time
 import tomllib
 from typing import Any, Callable, NamedTuple
 
-from .errors import ConfigError
+from hybrid.errors import ConfigError
+from hybrid.plugin import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +86,6 @@ class Decision(NamedTuple):
     flow: str
     ttl: int
     log: bool
-
-
-class Verdict(NamedTuple):
-    """What a plugin returns when its rule matches (return None when it does not).
-
-    Fields left None take the rule's own value (its ``action``, ``flow``, ``ttl``, ...), so a
-    plugin can say as little as ``Verdict("drop")``. ``mark`` is ``(value, mask)`` or an int (mask
-    0xffffffff); ``rewrite`` is a Decision-style tuple."""
-
-    action: str | None = None
-    flow: str | None = None
-    ttl: int | None = None
-    mark: tuple[int, int] | int | None = None
-    rewrite: tuple | None = None
-    reject_with: str | None = None
-    log: bool | None = None
 
 
 class _Source:
@@ -632,7 +617,7 @@ def _show_rewrite(spec: tuple) -> str:
 
 def _merge_verdict(base: Decision, v, pkt) -> Decision:
     if not isinstance(v, Verdict):
-        raise TypeError(f"returned {type(v).__name__}, expected hybrid.rules.Verdict or None")
+        raise TypeError(f"returned {type(v).__name__}, expected hybrid.plugin.Verdict or None")
     action = v.action if v.action is not None else base.action
     if action not in ACTIONS:
         raise ValueError(f"Verdict action {action!r} is not one of {', '.join(ACTIONS)}")

@@ -28,12 +28,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from . import sysutil
-from .attach import DEFAULT_MARK, DEFAULT_MASK
-from .demo import engine_process, hybridctl, iperf3
-from .errors import ConfigError, HybridError
-from .lab import Lab
-from .labservers import Nginx, _wait_port
+from hybrid.datapath.attach import DEFAULT_MARK, DEFAULT_MASK
+from hybrid.datapath.maps import Maps
+from hybrid.errors import ConfigError, HybridError
+from hybrid.kernel import abi, bpffs, sysutil
+from hybrid.lab.demo import engine_process, hybridctl, iperf3
+from hybrid.lab.flood import flooding
+from hybrid.lab.servers import Nginx, _wait_port
+from hybrid.lab.topology import Lab
 
 # The rule set every queued mode decides with (see the file's own comments).
 BENCH_RULES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
@@ -150,7 +152,7 @@ class Report:
 # maps): a bypass would stop the very queueing the measurement needs.
 ENGINE_CONSUMER = r"""
 import sys
-from hybrid.engine import Engine
+from hybrid.engine.loop import Engine
 log = open(sys.argv[5], "a") if len(sys.argv) > 5 else None
 eng = Engine(int(sys.argv[1]), sys.argv[3], maps=None, mark_mask=int(sys.argv[4]), maxlen=int(sys.argv[2]),
              log_stream=log)
@@ -469,8 +471,6 @@ def _flood_blocked(lab: Lab, probe: Probe) -> Iterator[Callable[[], dict[str, in
     mode gets an iptables DROP as the first rule of filter FORWARD, ahead of any queue rule. A
     counting rule in the server's raw PREROUTING sees what got through. Yields a function that
     reads the counters (packets dropped at XDP, at tc, at netfilter, reaching the server)."""
-    from . import abi, bpffs
-    from .maps import Maps
     with contextlib.ExitStack() as undo:
         count = ["-s", FLOOD_SOURCES, "-m", "comment", "--comment", FLOOD_TAG]
         lab.run("server", ["iptables", "-w", "-t", "raw", "-I", "PREROUTING", "1", *count])
@@ -507,7 +507,6 @@ def _flood(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
     measured just before in the same setup (``no_flood_gbps``), their ratio (``kept``), and the
     flood's fate in packets/s: sent, dropped at XDP, at tc, at netfilter, reaching the server,
     and unaccounted (lost elsewhere, e.g. a full backlog queue, or still in flight)."""
-    from .flood import flooding
     probe = probe or Probe()
     clean = iperf3(lab, seconds)["end"]["sum_received"]["bits_per_second"] / 1e9
     with _flood_blocked(lab, probe) as read:
@@ -564,8 +563,6 @@ def _refused(lab: Lab, probe: Probe) -> int:
     """Flagged packets hybrid's admission control refused so far (0 outside hybrid modes)."""
     if not probe.hybrid:
         return 0
-    from . import bpffs
-    from .maps import Maps
     with Maps.open_pinned(os.path.join(bpffs.locate() or "", lab.netns("gw"))) as maps:
         return sum(c.get("over_global", 0) + c.get("over_source", 0) for i, c in maps.stats().items() if i)
 
@@ -579,7 +576,6 @@ def _synflood(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
     flood just before (``no_flood_cps``), ``kept``, the share of attempts that completed under
     the flood (``completed``), the flood's rate, packets/s queued to userspace during the flood,
     and (hybrid) flagged packets/s its admission control refused."""
-    from .flood import flooding
     probe = probe or Probe()
     with Nginx(lab):
         quiet = _connect_loop(lab, seconds)

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from .errors import HybridError, PrivilegeError, ToolMissingError
+from hybrid.errors import HybridError, PrivilegeError, ToolMissingError
 
 log = logging.getLogger(__name__)
 
@@ -148,3 +148,15 @@ def netns_id() -> str:
     if in_init_ns("net") is not False:
         return "default"
     return f"netns-{os.stat('/proc/self/ns/net').st_ino}"
+
+
+def pid_alive(pid) -> bool:
+    """A process with this id exists (one we may not signal counts: it exists). False for
+    anything that is not a pid."""
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except PermissionError:
+        return True
+    except (OSError, TypeError, ValueError, OverflowError):
+        return False

@@ -3,9 +3,9 @@ snapshot of one instance's counters (kernel, netfilter queue, engines), totals a
 two snapshots, the engine's decision-time histogram in Prometheus buckets, and the FLOW and
 PREFIX syntax of ``hybridctl block|bypass|unblock``.
 
-Everything is read, nothing changed: the pinned maps (hybrid.maps), the netfilter queue's
-counters in /proc/net/netfilter/nfnetlink_queue (hybrid.nfq), the engines' stats files
-(hybrid.engine.read_stats). The instance is the one of the calling process's network
+Everything is read, nothing changed: the pinned maps (hybrid.datapath.maps), the netfilter queue's
+counters in /proc/net/netfilter/nfnetlink_queue (hybrid.kernel.nfq), the engines' stats files
+(hybrid.instance.engine_stats). The instance is the one of the calling process's network
 namespace.
 """
 
@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import time
 from dataclasses import dataclass
 
-from . import abi, nfq
-from .errors import ConfigError, NotFoundError
+from hybrid import instance as inst
+from hybrid.datapath import queues
+from hybrid.datapath.attach import State, pin_access
+from hybrid.datapath.maps import Maps, flow_info, flow_key
+from hybrid.errors import ConfigError, NotFoundError
+from hybrid.kernel import abi, nfq
+from hybrid.kernel.sysutil import pid_alive
 
 # ---- the instance's maps --------------------------------------------------------------------------
 
 
 def instance_state(instance: str | None = None):
     """(instance name, attach.State or None) of the current network namespace."""
-    from .attach import State, instance_name
-    name = instance or instance_name()
+    name = instance or inst.name()
     return name, State.load(name)
 
 
@@ -34,13 +37,11 @@ def instance_state(instance: str | None = None):
 def instance_maps(instance: str | None = None):
     """The pinned maps of the attached instance, closed on exit; a one-line error when hybrid is
     not attached here."""
-    from .attach import _pin_access
-    from .maps import Maps
     name, state = instance_state(instance)
     if state is None or not state.interfaces:
         raise NotFoundError(f"hybrid is not attached in this network namespace ({name}): "
                             "run 'hybridctl attach IFACE...' first")
-    pin = _pin_access(name)
+    pin = pin_access(name)
     if pin is None:
         raise NotFoundError(f"the hybrid bpffs is not mounted, so the maps of {name} are unreachable: "
                             "re-run 'hybridctl attach' or 'hybridctl detach --all'")
@@ -52,16 +53,6 @@ def instance_maps(instance: str | None = None):
 
 
 # ---- one snapshot -----------------------------------------------------------------------------------
-def pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except PermissionError:
-        return True
-    except (OSError, TypeError, ValueError):
-        return False
-
-
 def snapshot(instance: str | None = None, *, top_flows: int = 0, flow_scan: bool = True) -> dict:
     """Everything the views show, read at (nearly) one instant.
 
@@ -88,7 +79,6 @@ def snapshot(instance: str | None = None, *, top_flows: int = 0, flow_scan: bool
                 top: list[dict] = []
                 n = 0
                 now = time.monotonic_ns()
-                from .maps import flow_info
                 for key, flow in maps.flows():
                     n += 1
                     info = None
@@ -112,13 +102,10 @@ def snapshot(instance: str | None = None, *, top_flows: int = 0, flow_scan: bool
     if state is not None and state.interfaces:
         # Fail-open overflow is counted by no kernel counter: nfq derives it from the queue
         # rule's counter and the queues' since the engines bound (None when it cannot).
-        from .attach import STATE_ROOT
-        rep = nfq.queue_report(first, last, state.options.get("fail_open", True), os.path.join(STATE_ROOT, name))
+        rep = queues.queue_report(first, last, state.options.get("fail_open", True), name)
         snap["overflow"] = {k: rep[k] for k in ("passed_overflow", "dropped_overflow", "user_dropped")}
     if state is not None:
-        from .attach import STATE_ROOT
-        from .engine import read_stats
-        for e in read_stats(os.path.join(STATE_ROOT, name)):
+        for e in inst.engine_stats(name):
             e["alive"] = pid_alive(e.get("pid"))
             snap["engines"].append(e)
     return snap
@@ -250,7 +237,6 @@ class Target:
         return self.cidr is not None
 
     def key(self):
-        from .maps import flow_key
         return flow_key(self.src, self.dst, self.sport, self.dport, self.proto, self.vlan)[0]
 
 

@@ -23,8 +23,8 @@ import struct
 import time
 from collections.abc import Iterator, Mapping
 
-from . import abi, bpfsys
-from .errors import ConfigError, HybridError, NotFoundError
+from hybrid.errors import ConfigError, HybridError, NotFoundError
+from hybrid.kernel import abi, bpfsys
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import sysutil
-from .errors import HybridError
-from .lab import Lab
-from .labservers import Nginx, _wait_port  # re-exported: tests import Nginx from here
+from hybrid import instance as inst
+from hybrid.errors import HybridError
+from hybrid.kernel import sysutil
+from hybrid.lab.servers import (  # re-exported: tests import Nginx from here
+    Nginx,
+    _stop,
+    _wait_port,
+)
+from hybrid.lab.topology import Lab
 
 Say = Callable[[str], None]
 
@@ -66,7 +71,7 @@ log = false
 def hybridctl() -> list[str]:
     """This installation's hybridctl, runnable inside another namespace."""
     exe = os.path.join(os.path.dirname(sys.executable), "hybridctl")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "hybrid.cli.main"]
 
 
 def iperf3(lab: Lab, seconds: float, streams: int = 1, port: int = 5201) -> dict:
@@ -129,10 +134,8 @@ def engine_process(lab: Lab, rules: str, *, log: str | None = None, cpu: int | N
     """``hybridctl engine --rules RULES`` in the lab's gateway for the duration of the block
     (hybrid must be attached there). Yields the engine's stats file once the engine is bound;
     stops it on the way out, also on failure."""
-    from .attach import STATE_ROOT
-    from .labservers import _stop
     gw = lab.netns("gw")
-    stats_file = os.path.join(STATE_ROOT, gw, "engine-0.json")
+    stats_file = inst.engine_stats_path(gw, 0)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(stats_file)
     argv = [*hybridctl(), "engine", "--rules", rules, *(["--log", log] if log else [])]

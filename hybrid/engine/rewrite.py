@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import struct
 
+from hybrid.engine.packet import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    Packet,
+)
 from hybrid.errors import HybridError
-from hybrid.packet import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Packet
 
 __all__ = ["ICMP_ADMIN_PROHIBITED", "ICMP_HOST_PROHIBITED", "ICMP_PORT_UNREACHABLE",
            "ICMP6_ADMIN_PROHIBITED", "ICMP6_PORT_UNREACHABLE", "checksum", "fill_payload",

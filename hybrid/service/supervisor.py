@@ -48,11 +48,15 @@ import sys
 import time
 from typing import Callable
 
-from . import __version__
-from . import attach as att
-from .config import Config, split_listen
-from .errors import ConfigError, HybridError
-from .rules import load_rules
+from hybrid import __version__
+from hybrid import instance as inst
+from hybrid.datapath import attach as att
+from hybrid.datapath.maps import Maps
+from hybrid.engine import loop as eng
+from hybrid.engine import runner
+from hybrid.engine.rules import load_rules
+from hybrid.errors import ConfigError, HybridError
+from hybrid.service.config import Config, split_listen
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +157,7 @@ class Service:
             if self.attached:
                 self._release()
             with contextlib.suppress(OSError):
-                os.unlink(att.spares_path())
+                os.unlink(inst.spares_path())
             _unlock_instance(lock)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         event(logging.INFO, "stopped", "hybrid stopped", exit_status=rc)
@@ -303,13 +307,8 @@ class Service:
     def _publish_spares(self) -> None:
         """For `hybridctl status`: which queues have a spare engine waiting."""
         doc = {"supervisor": os.getpid(), "spares": {str(q): p.pid for q, (p, _) in sorted(self.standby.items())}}
-        path = att.spares_path()
         with contextlib.suppress(OSError):
-            tmp = path + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, path)
+            inst.write_json(inst.spares_path(), doc)
 
     def _wait_ready(self) -> None:
         """Until every engine started with a handshake has bound its queue."""
@@ -457,7 +456,7 @@ class Service:
         if not cfg["metrics.enabled"]:
             return
         try:
-            from . import metrics
+            from hybrid.observe import metrics
         except ImportError as exc:
             raise HybridError(f"metrics are enabled but cannot be served ({exc}): install prometheus_client "
                               "(scripts/setup.sh) or set metrics.enabled = false") from None
@@ -479,9 +478,8 @@ class Service:
 
 def _attached_here() -> bool:
     """hybrid is attached in this namespace and its pinned maps are there."""
-    from .engine import settings_for_instance
     try:
-        settings = settings_for_instance()
+        settings = runner.settings_for_instance()
     except HybridError:
         return False
     return bool(settings.pin_access) and os.path.exists(os.path.join(settings.pin_access, "hybrid_flows"))
@@ -490,8 +488,8 @@ def _attached_here() -> bool:
 def _lock_instance() -> tuple[int, str]:
     """One `hybridctl run` per instance: a second one would attach over the first and, on its
     way out, detach it. The lock is an flock, so a killed holder releases it."""
-    os.makedirs(os.path.dirname(att.STATE_ROOT), mode=0o700, exist_ok=True)
-    path = os.path.join(os.path.dirname(att.STATE_ROOT), f"run-{att.instance_name()}.lock")
+    os.makedirs(inst.RUN_ROOT, mode=0o700, exist_ok=True)
+    path = inst.lock_path()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -532,15 +530,11 @@ def run_engine_child(spec: dict) -> int:
     on ``ready_fd``, and wait for a byte on ``go_fd`` before opening the pinned maps (EOF
     instead: the start was abandoned). Signals stay blocked meanwhile; closing ``go_fd`` is how
     the supervisor stops an engine that never got going."""
-    from . import engine as eng
-    from .maps import Maps
-
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != spec["parent"]:
         return 1                                   # the supervisor is already gone
     queue = spec["queue"]
-    instance_dir = os.path.join(att.STATE_ROOT, att.instance_name())
     maps = stream = None
     try:
         if spec["verdicts"] == "-":
@@ -549,7 +543,7 @@ def run_engine_child(spec: dict) -> int:
             stream = os.fdopen(os.open(spec["verdicts"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
         engine = eng.Engine(queue, spec["rules"], maps=None, mark_mask=spec["mark_mask"],
                             fail_open=spec["fail_open"], maxlen=spec["queue_len"], log_stream=stream,
-                            stats_path=eng.stats_path(instance_dir, queue), flow_ttl=spec["flow_ttl"])
+                            stats_path=inst.engine_stats_path(inst.name(), queue), flow_ttl=spec["flow_ttl"])
         if spec.get("standby_fd") is not None:     # a spare: wait to be promoted (EOF: never)
             go = os.read(spec["standby_fd"], 1)
             os.close(spec["standby_fd"])
@@ -565,7 +559,7 @@ def run_engine_child(spec: dict) -> int:
             os.close(spec["go_fd"])
             if not go:
                 return 0
-        settings = eng.settings_for_instance((queue, queue), spec["fail_open"])
+        settings = runner.settings_for_instance((queue, queue), spec["fail_open"])
         maps = Maps.open_pinned(settings.pin_access) if settings.pin_access else None
         engine.maps = maps
         engine.install_signals()

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import sysutil
-from .errors import HybridError, KernelFeatureError, NotFoundError
+from hybrid.errors import HybridError, KernelFeatureError, NotFoundError
+from hybrid.kernel import sysutil
 
 log = logging.getLogger(__name__)
 

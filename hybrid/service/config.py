@@ -31,8 +31,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import attach as att
-from .errors import ConfigError
+from hybrid.datapath import attach as att
+from hybrid.errors import ConfigError
 
 DEFAULT_PATH = "/etc/hybrid/hybrid.toml"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9469"

@@ -25,8 +25,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from . import sysutil
-from .errors import ConfigError, HybridError
+from hybrid.errors import ConfigError, HybridError
+from hybrid.kernel import sysutil
 
 log = logging.getLogger(__name__)
 

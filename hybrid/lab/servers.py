@@ -27,9 +27,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import sysutil
-from .errors import ConfigError, HybridError, ToolMissingError
-from .lab import Lab, netns
+from hybrid.errors import ConfigError, HybridError, ToolMissingError
+from hybrid.kernel import sysutil
+from hybrid.lab.topology import Lab, netns
 
 log = logging.getLogger(__name__)
 

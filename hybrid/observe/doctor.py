@@ -42,8 +42,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
-from . import bpffs, sysutil
-from .errors import HybridError, ToolMissingError
+from hybrid.errors import HybridError, ToolMissingError
+from hybrid.kernel import bpffs, sysutil
 
 log = logging.getLogger(__name__)
 

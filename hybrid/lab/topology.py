@@ -26,12 +26,13 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-from . import sysutil
-from .errors import ConfigError, HybridError, NotFoundError
+from hybrid import instance as inst
+from hybrid.datapath.attach import purge_instance
+from hybrid.errors import ConfigError, HybridError, NotFoundError
+from hybrid.kernel import sysutil
 
 log = logging.getLogger(__name__)
 
-LAB_DIR = "/run/hybrid/labs"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,20}$")
 ROLES = ("client", "gw", "server")
 
@@ -96,7 +97,7 @@ class Lab:
 
     @property
     def record_path(self) -> str:
-        return os.path.join(LAB_DIR, f"{self.name}.json")
+        return inst.lab_record_path(self.name)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def up(self) -> LabInfo:
@@ -111,7 +112,7 @@ class Lab:
             undo.callback(self.down)
             self._build()
             undo.pop_all()
-        os.makedirs(LAB_DIR, mode=0o700, exist_ok=True)
+        os.makedirs(inst.LABS, mode=0o700, exist_ok=True)
         with open(self.record_path, "w") as f:
             json.dump(asdict(self.info), f, indent=1)
         log.info("lab %s up", self.name)
@@ -170,7 +171,6 @@ class Lab:
             os.unlink(self.record_path)
         # hybrid attached in the gateway lived and died with the namespace; its pins and state
         # file live outside it (bpffs, /run) and go now.
-        from .attach import purge_instance
         purge_instance(self.info.gw_client.netns)
         return removed
 
@@ -205,7 +205,7 @@ class Lab:
 
 def recorded_labs() -> list[str]:
     try:
-        return sorted(f[:-5] for f in os.listdir(LAB_DIR) if f.endswith(".json"))
+        return sorted(f[:-5] for f in os.listdir(inst.LABS) if f.endswith(".json"))
     except FileNotFoundError:
         return []
 

@@ -14,7 +14,7 @@ receive run on the sender's CPU).
 Safety: sources and destination must lie in the benchmarking range 198.18.0.0/15, and the
 program refuses to run in the initial network namespace; the frames never leave the lab.
 
-Run as a subprocess so it can be killed (``python -m hybrid.flood ...``, see ``--help``); it
+Run as a subprocess so it can be killed (``python -m hybrid.lab.flood ...``, see ``--help``); it
 prints one JSON line when it stops: ``{"sent": N, "seconds": S, "pps": P, "errors": E}``. SIGTERM
 and SIGINT stop it cleanly, and it stops by itself after ``--seconds``.
 """
@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError, HybridError
+from hybrid.errors import ConfigError, HybridError
 
 LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")     # RFC 2544 benchmarking addresses
 ETH_P_IP = 0x0800
@@ -317,7 +317,7 @@ def flooding(lab, sources: str, *, kind: str = "udp", dst: str | None = None, po
     server) while the body runs; stops it on exit and reads its report. ``cpu`` pins it."""
     gw_if = "to-client" if role == "client" else "to-server"
     dst = dst or lab.info.server.ipv4
-    argv = [sys.executable, "-m", "hybrid.flood", "--iface", "eth0", "--kind", kind, "--sources", sources,
+    argv = [sys.executable, "-m", "hybrid.lab.flood", "--iface", "eth0", "--kind", kind, "--sources", sources,
             "--dst", dst, "--port", str(port), "--dst-mac", gw_mac(lab, gw_if), "--rate", str(rate),
             "--seconds", str(seconds)]
     if cpu is not None:
@@ -361,7 +361,7 @@ def _in_initial_netns() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hybrid.flood",
+    p = argparse.ArgumentParser(prog="python -m hybrid.lab.flood",
                                 description="Flood raw frames from spoofed lab sources (198.18.0.0/15) "
                                             "through an interface of a lab namespace.")
     p.add_argument("--iface", required=True, help="interface to send on (in this network namespace)")

@@ -1,0 +1,1 @@
+"""hybrid as a service: the configuration file and the supervisor behind `hybridctl run`."""
