@@ -9,6 +9,7 @@ import click
 from hybrid.datapath import attach as att
 from hybrid.engine import runner
 from hybrid.engine.rules import load_rules
+from hybrid.kernel import abi
 from hybrid.kernel.sysutil import pid_alive
 from hybrid.observe.status import status as status_view
 
@@ -18,9 +19,9 @@ from .engine import run_engines
 
 def _reasons(value: str) -> tuple[str, ...]:
     names = tuple(r.strip() for r in value.split(",") if r.strip())
-    bad = [r for r in names if r not in att.REASON_BITS]
+    bad = [r for r in names if r not in abi.REASON_BITS]
     if bad:
-        raise InputError(f"--flag {bad[0]!r}: use a comma-separated list of {', '.join(att.REASON_BITS)}")
+        raise InputError(f"--flag {bad[0]!r}: use a comma-separated list of {', '.join(abi.REASON_BITS)}")
     return names
 
 
@@ -215,7 +216,7 @@ def status(as_json: bool) -> None:
         for key, label in _SHOWN:
             if cnt.get(key):
                 click.echo(f"  {label:<24}{cnt[key]:>14,}")
-        reasons = [(k[len("reason_"):], v) for k, v in cnt.items() if k.startswith("reason_") and v]
+        reasons = [(abi.reason_written(k), v) for k, v in cnt.items() if k.startswith("reason_") and v]
         if reasons:
             click.echo("  flagged by reason: " + ", ".join(f"{k} {v:,}" for k, v in reasons))
     for nf in st["netfilter"]:

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from hybrid.kernel import abi
 from hybrid.lab import demo as demomod
 
 
@@ -47,7 +48,7 @@ def demo(lab_name: str, seconds: float, requests: int, as_json: bool) -> None:
     for e in rep.status.get("interfaces", {}).values():
         for k, v in e["counters"].items():
             if k.startswith("reason_") and v:
-                reasons[k[7:]] = reasons.get(k[7:], 0) + v
+                reasons[abi.reason_written(k)] = reasons.get(abi.reason_written(k), 0) + v
     if reasons:
         click.echo("Flagged because: " + ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())))
     click.echo(f"{rep.status.get('flows', 0)} flows were in the kernel flow table; "

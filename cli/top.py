@@ -18,7 +18,7 @@ ROWS = [
     ("seen", "seen by tc"),
     ("seen_xdp", "seen by XDP"),
     ("flagged", "flagged"),
-    *[(f"reason_{r}", f"  {r.replace('_', '-')}") for r in abi.REASON_NAMES.values()],
+    *[(f"reason_{r}", f"  {abi.reason_written(r)}") for r in abi.REASON_NAMES.values()],
     ("queued", "queued to the engine"),
     ("accepted", "accepted by the engine"),
     ("dropped_user", "dropped by the engine"),

@@ -44,17 +44,7 @@ DEFAULT_MASK = 0x00100000   # Istio (0x539) and Weave (0x20000/0x40000); configu
 # room for a slower box and for the kernel's own work on the queue. 0 turns it off.
 DEFAULT_GLOBAL_RATE = 40_000
 DEFAULT_FIRST_N = 3         # payload packets per direction; see docs/design.md for why 3
-DEFAULT_REASONS = ("syn", "first-n", "port", "prefix", "suspicious", "fragment", "inspect", "malformed")
-REASON_BITS = {
-    "syn": abi.REASON_SYN,
-    "first-n": abi.REASON_FIRST_N,
-    "port": abi.REASON_PORT,
-    "prefix": abi.REASON_PREFIX,
-    "suspicious": abi.REASON_SUSPICIOUS,
-    "fragment": abi.REASON_FRAGMENT,
-    "inspect": abi.REASON_INSPECT,
-    "malformed": abi.REASON_MALFORMED,
-}
+DEFAULT_REASONS = tuple(abi.REASON_BITS)   # every reason, as written on the command line
 
 
 @dataclass
@@ -94,9 +84,9 @@ class AttachOptions:
             raise ConfigError("an interface is named twice")
         if self.xdp_mode not in XDP_MODES:
             raise ConfigError(f"xdp mode {self.xdp_mode!r}: use one of {', '.join(XDP_MODES)}")
-        bad = [r for r in self.reasons if r not in REASON_BITS]
+        bad = [r for r in self.reasons if r not in abi.REASON_BITS]
         if bad:
-            raise ConfigError(f"flag reason {bad[0]!r}: use any of {', '.join(REASON_BITS)}")
+            raise ConfigError(f"flag reason {bad[0]!r}: use any of {', '.join(abi.REASON_BITS)}")
         if not 0 <= self.first_n <= 1_000_000:
             raise ConfigError(f"first-n {self.first_n}: use 0 (off) up to 1000000")
         for p in self.watch_ports:
@@ -120,7 +110,7 @@ class AttachOptions:
         cfg = abi.Config()
         cfg.mark_value = self.mark
         cfg.mark_mask = self.mark_mask
-        cfg.reasons = sum(REASON_BITS[r] for r in set(self.reasons))
+        cfg.reasons = sum(abi.REASON_BITS[r] for r in set(self.reasons))
         cfg.first_n = self.first_n
         if self.over_budget == "drop":
             cfg.flags |= abi.CFG_OVER_DROP

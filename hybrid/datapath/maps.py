@@ -29,8 +29,6 @@ from hybrid.kernel import abi, bpfsys
 log = logging.getLogger(__name__)
 
 IPV4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
-ICMP_PROTOS = (1, 58)
 
 # Batch lookups that the map type does not support fail with one of these; we then walk keys.
 _BATCH_UNSUPPORTED = {_errno.EINVAL, _errno.EOPNOTSUPP, 524, _errno.ENOSPC}  # 524: ENOTSUPP
@@ -120,14 +118,14 @@ def format_flow_key(key: abi.FlowKey) -> str:
     """One line: ``tcp 198.18.1.2:40000 <-> 198.18.2.2:80 vlan 0`` (lo endpoint first)."""
     lo, hi = addr_from16(bytes(key.addr_lo)), addr_from16(bytes(key.addr_hi))
     plo, phi = key_ports(key)
-    proto = PROTO_NAMES.get(key.proto, f"proto-{key.proto}")
+    proto = abi.PROTO_NAMES.get(key.proto, f"proto-{key.proto}")
 
     def endpoint(ip: IPAddress, port: int) -> str:
         return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
 
     if key.proto in (6, 17):
         middle = f"{endpoint(lo, plo)} <-> {endpoint(hi, phi)}"
-    elif key.proto in ICMP_PROTOS and plo:
+    elif key.proto in abi.ICMP_PROTOS and plo:
         middle = f"{lo} <-> {hi} id {plo}"
     else:
         middle = f"{lo} <-> {hi}"
@@ -148,14 +146,14 @@ def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None) -> di
     (src, sport), (dst, dport) = ((hi, phi), (lo, plo)) if orig else ((lo, plo), (hi, phi))
     expires = flow.verdict_expires_ns
     live = flow.verdict != abi.VERDICT_NONE and (expires == 0 or expires > now)
-    proto = PROTO_NAMES.get(key.proto, str(key.proto))
+    proto = abi.PROTO_NAMES.get(key.proto, str(key.proto))
 
     def endpoint(ip: IPAddress, port: int) -> str:
         return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
 
     if key.proto in (6, 17):
         spec = f"{proto} {endpoint(src, sport)} {endpoint(dst, dport)}"
-    elif key.proto in ICMP_PROTOS and sport:
+    elif key.proto in abi.ICMP_PROTOS and sport:
         spec = f"{proto} {src} {dst} id {sport}"
     else:
         spec = f"{proto} {src} {dst}"

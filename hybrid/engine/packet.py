@@ -21,6 +21,8 @@ import ipaddress
 import struct
 from typing import NamedTuple
 
+from hybrid.kernel.abi import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP  # noqa: F401 (re-exported)
+
 __all__ = ["HttpRequest", "Packet", "decode"]
 
 _U16 = struct.Struct("!H").unpack_from
@@ -35,7 +37,6 @@ _HOPOPTS, _ROUTING, _FRAGMENT, _AH, _DSTOPTS = 0, 43, 44, 51, 60
 _MAX_EXT_HEADERS = 8
 _V6_EXT = frozenset((_HOPOPTS, _ROUTING, _FRAGMENT, _AH, _DSTOPTS))
 
-IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
 _ECHO_TYPES = {4: (0, 8), 6: (128, 129)}     # (reply, request) per IP version
 
 _UNSET = object()                           # "lazy field not computed yet"

@@ -30,6 +30,7 @@ import tomllib
 from typing import Any, Callable, NamedTuple
 
 from hybrid.errors import ConfigError
+from hybrid.kernel.abi import ICMP_PROTOS, PROTO_NAMES, PROTO_NUMBERS
 from hybrid.plugin import Verdict
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,7 @@ log = logging.getLogger(__name__)
 ACTIONS = ("accept", "drop", "reject", "rewrite", "mark")
 DEFAULT_ACTIONS = ("accept", "drop")
 FLOWS = ("none", "bypass", "block", "inspect")
-PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 PORT_PROTOS = (6, 17, 132, 136)          # tcp, udp, sctp, udplite: the ones with ports
-ICMP_PROTOS = (1, 58)
 PAYLOAD_PROTOS = (6, 17, 1, 58)          # where a payload rewrite makes sense
 REJECT_WITH = ("tcp-reset", "icmp-port-unreachable", "icmp-admin-prohibited")
 DEFAULT_FLOW_TTL = 300
@@ -144,8 +143,8 @@ def _parse_proto(value) -> int:
         if 0 <= value <= 255:
             return value
         raise ValueError(f"proto {value}: an IP protocol number is 0-255")
-    if isinstance(value, str) and value.lower() in PROTOS:
-        return PROTOS[value.lower()]
+    if isinstance(value, str) and value.lower() in PROTO_NUMBERS:
+        return PROTO_NUMBERS[value.lower()]
     raise ValueError(f"proto {value!r}: use tcp, udp, icmp, icmpv6 or an IP protocol number 0-255")
 
 
@@ -772,7 +771,7 @@ def _compile_rule(src: _Source, index: int, raw, flow_ttl: int, loader: "_Plugin
     if "proto" in raw:
         proto = parse("proto", _parse_proto, raw["proto"])
         checks.append((0, _m_eq("proto", proto)))
-        shown.append(("proto", next((k for k, v in PROTOS.items() if v == proto), str(proto))))
+        shown.append(("proto", PROTO_NAMES.get(proto, str(proto))))
 
     if "iif" in raw:
         names = parse("iif", _parse_strings, "iif", raw["iif"], 'an interface name like "eth0" or a list')

@@ -58,7 +58,9 @@ REASON_INSPECT = 1 << 6
 REASON_MALFORMED = 1 << 7
 REASON_COUNT = 8
 REASONS_ALL = (1 << REASON_COUNT) - 1
-# bit -> name, in bit order
+# bit -> name, in bit order: the one table of reason names. Counters and JSON keys use the name as
+# is (reason_first_n); what people read and write (--flag, the configuration's flag list, status
+# text) spells it with dashes (first-n), derived here and nowhere else.
 REASON_NAMES = {
     REASON_SYN: "syn",
     REASON_FIRST_N: "first_n",
@@ -69,6 +71,20 @@ REASON_NAMES = {
     REASON_INSPECT: "inspect",
     REASON_MALFORMED: "malformed",
 }
+
+REASON_BITS = {name.replace("_", "-"): bit for bit, name in REASON_NAMES.items()}   # written name -> bit
+
+
+def reason_written(counter_name: str) -> str:
+    """``reason_first_n`` (a counter) or ``first_n`` -> ``first-n``, as people write it."""
+    return counter_name.removeprefix("reason_").replace("_", "-")
+
+
+# ---- IP protocols (IANA numbers): the names rules, FLOW arguments and flow listings use -------
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
+PROTO_NAMES = {IPPROTO_ICMP: "icmp", IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMPV6: "icmpv6"}
+PROTO_NUMBERS = {name: number for number, name in PROTO_NAMES.items()}
+ICMP_PROTOS = (IPPROTO_ICMP, IPPROTO_ICMPV6)
 
 # ---- Config flags, port bits, prefix actions, flow flags, iface flags ---------------------------
 CFG_HAVE_PREFIXES = 1 << 0

@@ -39,8 +39,8 @@ def status() -> dict:
             out["flows"] = maps.flow_count()
             cfg = maps.get_config()
             out["config"] = {"mark": f"0x{cfg.mark_value:x}/0x{cfg.mark_mask:x}", "first_n": cfg.first_n,
-                             "reasons": [r for r, bit in attach.REASON_BITS.items() if cfg.reasons & bit],
-                             "skipped_by_engine": [r for r, bit in attach.REASON_BITS.items() if cfg.skip_reasons & bit],
+                             "reasons": [r for r, bit in abi.REASON_BITS.items() if cfg.reasons & bit],
+                             "skipped_by_engine": [r for r, bit in abi.REASON_BITS.items() if cfg.skip_reasons & bit],
                              "admission": _admission_view(cfg)}
         else:
             out["warning"] = f"pinned maps missing under {state.pin_dir}: re-run attach or detach"

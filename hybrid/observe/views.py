@@ -214,7 +214,6 @@ def quantile_ns(log2_counts: list[int], q: float) -> float | None:
 
 
 # ---- FLOW and PREFIX --------------------------------------------------------------------------------
-PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 FLOW_SYNTAX = ("PROTO SRC:PORT DST:PORT (tcp, udp), PROTO SRC DST [id N] (icmp, icmpv6), or a "
                "prefix like 198.18.1.0/24; IPv6 with ports as [2001:db8::1]:443")
 
@@ -279,8 +278,8 @@ def parse_target(words: list[str] | tuple[str, ...]) -> Target:
             raise ConfigError(f"'{parts[0]}' is neither a prefix nor a flow: {FLOW_SYNTAX}") from None
         return Target(text, cidr=str(net))
     proto_word = parts[0].lower()
-    if proto_word in PROTOS:
-        proto = PROTOS[proto_word]
+    if proto_word in abi.PROTO_NUMBERS:
+        proto = abi.PROTO_NUMBERS[proto_word]
     elif proto_word.isdigit() and 0 <= int(proto_word) <= 255:
         proto = int(proto_word)
     else:

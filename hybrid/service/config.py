@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from hybrid.datapath import attach as att
 from hybrid.errors import ConfigError
+from hybrid.kernel import abi
 
 DEFAULT_PATH = "/etc/hybrid/hybrid.toml"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9469"
@@ -189,7 +190,7 @@ class Field:
         return f"{self.section}.{self.key}"
 
 
-_REASONS = tuple(att.REASON_BITS)
+_REASONS = tuple(abi.REASON_BITS)
 FIELDS: tuple[Field, ...] = (
     Field("attach", "interfaces", _list(_ifname, nonempty=True), REQUIRED,
           "Interfaces to attach to (a gateway: both sides).", "--interface", "list", "IFACE"),

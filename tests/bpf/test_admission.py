@@ -11,7 +11,20 @@ from __future__ import annotations
 import time
 
 import pytest
-from bpfkit import A4, A6, B4, IP, MARK_VALUE, UDP, Raw, default_config, frame, tcp4, tcp6, udp4
+from bpfkit import (
+    A4,
+    A6,
+    B4,
+    IP,
+    MARK_VALUE,
+    UDP,
+    Raw,
+    default_config,
+    frame,
+    tcp4,
+    tcp6,
+    udp4,
+)
 from reference import TC_ACT_PASS, TC_ACT_SHOT, XDP_DROP, XDP_PASS, Reference
 
 from hybrid.datapath.maps import flow_key

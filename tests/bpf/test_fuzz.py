@@ -15,7 +15,12 @@ import time
 import pytest
 from bpfkit import icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
 from reference import Reference, key_tuple
-from scapy.all import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+from scapy.all import (
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 
 from hybrid.kernel import abi
 from hybrid.kernel import abi as R

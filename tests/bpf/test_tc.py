@@ -31,7 +31,12 @@ from bpfkit import (
 )
 from reference import TC_ACT_PASS, TC_ACT_SHOT, Reference, key_tuple, parse
 from scapy.layers.inet import IPOption_RR, IPOption_Timestamp
-from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+from scapy.layers.inet6 import (
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.ipsec import AH
 
 from hybrid.datapath.maps import flow_key

@@ -8,7 +8,14 @@ from __future__ import annotations
 import socket
 
 import pytest
-from gwlab import MetricsProcess, attached_with_engine, engine_stats, nfqueue_counters, sample, status
+from gwlab import (
+    MetricsProcess,
+    attached_with_engine,
+    engine_stats,
+    nfqueue_counters,
+    sample,
+    status,
+)
 from traffic import udp_send
 
 from hybrid.errors import ConfigError, HybridError

@@ -20,7 +20,13 @@ from scapy.layers.inet6 import (
 )
 
 from hybrid.engine.packet import Packet, decode
-from hybrid.engine.rewrite import fill_payload, icmp_unreachable_for, replace_bytes, set_payload, tcp_rst_for
+from hybrid.engine.rewrite import (
+    fill_payload,
+    icmp_unreachable_for,
+    replace_bytes,
+    set_payload,
+    tcp_rst_for,
+)
 from hybrid.errors import HybridError
 
 pytestmark = pytest.mark.unit

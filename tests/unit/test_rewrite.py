@@ -7,7 +7,16 @@ from __future__ import annotations
 import random
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, IPOption_RR, TCPerror, UDPerror
+from scapy.layers.inet import (
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    IPerror,
+    IPOption_RR,
+    TCPerror,
+    UDPerror,
+)
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
     ICMPv6EchoRequest,

@@ -401,8 +401,9 @@ def test_example_realistic():
 
 
 def test_example_realistic_with_the_real_decoder():
-    from hybrid.engine import packet
     import struct
+
+    from hybrid.engine import packet
 
     def ipv4_tcp(payload: bytes, flags: int) -> bytes:
         tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 5 << 4, flags, 65535, 0, 0)

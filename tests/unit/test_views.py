@@ -8,7 +8,14 @@ import pytest
 from hybrid.datapath.maps import flow_info, flow_key
 from hybrid.errors import ConfigError
 from hybrid.kernel import abi
-from hybrid.observe.views import decision_buckets, merge_decisions, parse_target, quantile_ns, rates, totals
+from hybrid.observe.views import (
+    decision_buckets,
+    merge_decisions,
+    parse_target,
+    quantile_ns,
+    rates,
+    totals,
+)
 
 pytestmark = pytest.mark.unit
 
