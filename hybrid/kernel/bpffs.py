@@ -101,14 +101,6 @@ def _mount(prefix: list[str], root: str) -> None:
     log.info("mounted bpffs at %s", root)
 
 
-def instance_dir(instance: str, root: str | None = None) -> str:
-    """Pin directory of one hybrid instance (one per network namespace), created 0700."""
-    base = ensure(root)
-    path = os.path.join(base, instance)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
-
-
 def pins(root: str | None = None) -> list[str]:
     """Every pinned object below the hybrid bpffs (relative paths), without mounting it."""
     base = locate(root)

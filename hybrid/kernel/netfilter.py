@@ -73,10 +73,6 @@ class QueueRule:
         return target + (" --queue-bypass" if self.fail_open else "") + (" --queue-cpu-fanout" if self.cpu_fanout else "")
 
 
-def _jump_rule(hook: str) -> str:
-    return f"-A {HOOKS[hook]} -m comment --comment {COMMENT} -j {CHAIN}"
-
-
 def install_text(rule: QueueRule, current_save: str) -> str:
     """iptables-restore input that (re)installs our chain and jumps atomically."""
     lines = ["*filter", f":{CHAIN} - [0:0]"]  # declaring a chain with --noflush empties it

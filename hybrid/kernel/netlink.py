@@ -31,7 +31,6 @@ XDP_MODE_FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
 # IFLA_XDP_ATTACHED as pyroute2 decodes it
 _ATTACHED = {None: None, "xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload", "xdpmulti": "multi"}
 
-CLSACT_HANDLE = 0xFFFF0000
 INGRESS_PARENT = 0xFFFFFFF2   # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 ETH_P_ALL = 0x0003
 
