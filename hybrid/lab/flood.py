@@ -322,7 +322,8 @@ def flooding(lab, sources: str, *, kind: str = "udp", dst: str | None = None, po
             "--seconds", str(seconds)]
     if cpu is not None:
         argv = ["taskset", "-c", str(cpu), *argv]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # hybrid's own parent directory, so that `-m hybrid.lab.flood` imports this very copy
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     proc = lab.popen(role, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         first = proc.stdout.readline()
