@@ -10,15 +10,28 @@ import sys
 
 import click
 
+import hybrid
 from hybrid.errors import HybridError
 from hybrid.service.config import DEFAULT_PATH
 
 from .common import InputError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-UNIT_SOURCE = os.path.join(REPO, "deploy", "hybrid.service")
-EXAMPLE_CONFIG = os.path.join(REPO, "examples", "hybrid.toml")
-EXAMPLE_RULES = os.path.join(REPO, "examples", "rules")
+
+def shipped(*parts: str) -> str:
+    """A file install-service installs, from deploy/ or examples/. An installed hybrid carries
+    them as package data (hybrid/deploy/, hybrid/examples/: see pyproject.toml); an editable
+    install or a source tree has them beside the package, at the top of the checkout."""
+    package = os.path.dirname(os.path.abspath(hybrid.__file__))
+    for base in (package, os.path.dirname(package)):
+        path = os.path.join(base, *parts)
+        if os.path.exists(path):
+            return path
+    return os.path.join(package, *parts)        # missing: name where an installed hybrid has it
+
+
+UNIT_SOURCE = shipped("deploy", "hybrid.service")
+EXAMPLE_CONFIG = shipped("examples", "hybrid.toml")
+EXAMPLE_RULES = shipped("examples", "rules")
 UNIT_PATH = "/etc/systemd/system/hybrid.service"
 TEMPLATE_EXE = "/usr/local/bin/hybridctl"
 
@@ -93,7 +106,7 @@ def install_service(root: str, force: bool) -> None:
         raise InputError("install-service writes to /etc: run it as root (or give --root DIR)")
     for src in (UNIT_SOURCE, EXAMPLE_CONFIG, EXAMPLE_RULES):
         if not os.path.exists(src):
-            raise HybridError(f"{src} is missing: install-service runs from a hybrid source checkout")
+            raise HybridError(f"{src} is missing: this hybrid installation is incomplete; reinstall it")
     exe = hybridctl_path()
     conf_dir = os.path.dirname(DEFAULT_PATH)
     done = [(UNIT_PATH, _install_file(None, render_unit(exe), _under(root, UNIT_PATH), True, 0o644)),

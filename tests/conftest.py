@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
+import leakcheck
 import pytest
+from leakcheck import new_lab_name
 
-sys.path.insert(0, os.path.dirname(__file__))
-import leakcheck  # noqa: E402
-from leakcheck import new_lab_name  # noqa: E402
-
-from hybrid.lab.topology import Lab  # noqa: E402
+from hybrid.lab.topology import Lab
 
 IS_ROOT = os.geteuid() == 0
-TAG = leakcheck.session_tag()
+LEAK_GRACE_S = 3.0
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,19 +34,15 @@ def pytest_sessionstart(session):
     session.config._hybrid_before = leakcheck.snapshot() if IS_ROOT else None
 
 
-def _ours(kind: str, item: str) -> bool:
-    if kind in ("network namespaces", "lab records", "hybrid instances (state files)"):
-        return item.startswith(TAG) or item.startswith("hybrid-doctor-")
-    if kind == "pinned BPF objects":
-        return item.startswith(TAG)
-    return True
-
-
 def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_hybrid_before", None)
     if before is None:
         return
-    leaks = leakcheck.leaked(before, leakcheck.snapshot(), _ours)
+    # A process told to stop may still be on its way out: look again for a moment before
+    # calling anything a leak.
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while (leaks := leakcheck.leaked(before, leakcheck.snapshot(), leakcheck.ours)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     if leaks:
         lines = [f"  {kind}: {', '.join(items)}" for kind, items in leaks.items()]
         sys.stderr.write("\nLEAK CHECK FAILED: the tests left these behind:\n" + "\n".join(lines) + "\n")
