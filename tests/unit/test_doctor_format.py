@@ -7,8 +7,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from hybrid.cli import doctor as cli_doctor
 
-from cli import doctor as cli_doctor
 from hybrid.observe import doctor as lib
 
 pytestmark = pytest.mark.unit
