@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* hybrid_common.h: constants, map names and map key/value layouts shared by the BPF programs
- * (bpf/hybrid.bpf.c) and userspace. hybrid/abi.py mirrors this file: change both, and
+ * (bpf/hybrid.bpf.c) and userspace. hybrid/kernel/abi.py mirrors this file: change both, and
  * tests/bpf/test_abi.py proves they agree (sizes and field offsets as compiled by bcc), and
  * tests/unit/test_abi_pure.py checks every #define against the mirror without root.
  *

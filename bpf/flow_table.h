@@ -1,0 +1,208 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* flow_table.h: the flow table (hybrid_flows, struct hybrid_flow of hybrid_common.h). The
+ * canonical key, finding, creating and restarting an entry, per-direction accounting, the
+ * verdict and its expiry, the first-N payload budget and the retransmission window.
+ * hybrid_tc_ingress alone writes the table; hybrid_xdp only asks whether a flow is blocked.
+ * Included by hybrid.bpf.c after the map accessors.
+ */
+#ifndef HYBRID_FLOW_TABLE_H
+#define HYBRID_FLOW_TABLE_H
+
+/* memcmp() of two 16-byte network-order addresses, as -1/0/1. Comparing the words after
+ * converting them to host order gives the same order as comparing the bytes. */
+static __always_inline int addr_cmp(const __u32 *a, const __u32 *b)
+{
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		__u32 x = bpf_ntohl(a[i]), y = bpf_ntohl(b[i]);
+
+		if (x != y)
+			return x < y ? -1 : 1;
+	}
+	return 0;
+}
+
+/* Canonical, direction-independent key (hybrid_common.h): the lower (address, host-order port)
+ * endpoint is "lo". Returns the packet's direction: 0 when it travels from lo, 1 from hi.
+ * hybrid/datapath/maps.py:canonical_order() is the same function in Python: change both. */
+static __always_inline __u32 flow_key_build(struct hybrid_flow_key *key, const struct hybrid_pkt *p)
+{
+	int cmp = addr_cmp(p->saddr, p->daddr);
+	__u32 dir;
+
+	if (cmp == 0) {
+		__u16 s = bpf_ntohs(p->sport), d = bpf_ntohs(p->dport);
+
+		cmp = s < d ? -1 : (s > d ? 1 : 0);
+	}
+	dir = cmp > 0;
+	if (!dir) {
+		__builtin_memcpy(key->addr_lo, p->saddr, 16);
+		__builtin_memcpy(key->addr_hi, p->daddr, 16);
+		key->port_lo = p->sport;
+		key->port_hi = p->dport;
+	} else {
+		__builtin_memcpy(key->addr_lo, p->daddr, 16);
+		__builtin_memcpy(key->addr_hi, p->saddr, 16);
+		key->port_lo = p->dport;
+		key->port_hi = p->sport;
+	}
+	key->vlan = p->vlan;
+	key->proto = p->proto;
+	key->_pad0 = 0;
+	return dir;
+}
+
+/* A verdict is in force until its expiry; 0 means no expiry. */
+static __always_inline int verdict_live(const struct hybrid_flow *flow, __u64 now)
+{
+	return flow->verdict_expires_ns == 0 || now < flow->verdict_expires_ns;
+}
+
+static __always_inline int flow_blocked(const struct hybrid_flow *flow, __u64 now)
+{
+	return flow->verdict == HYBRID_VERDICT_BLOCK && verdict_live(flow, now);
+}
+
+/* XDP's question: is the packet's flow in a BLOCK that has not expired? */
+static __always_inline int flow_blocked_pkt(const struct hybrid_pkt *p, __u64 now)
+{
+	struct hybrid_flow_key key;
+	struct hybrid_flow *flow;
+
+	flow_key_build(&key, p);
+	flow = flow_find(&key);
+	return flow && flow_blocked(flow, now);
+}
+
+/* Find the packet's flow entry, creating it when there is none. Returns NULL when the table
+ * refused the insert; adds STATS_EVENT(HYBRID_CNT_FLOW_NEW) to *events when this packet
+ * created (or restarted) the entry.
+ *
+ * A SYN without ACK starts a new connection, even on a 5-tuple the table still holds from an
+ * earlier one: clients recycle ephemeral ports within seconds, and a BYPASS left behind by the
+ * previous connection must not make the new one invisible. The entry starts over as a new
+ * flow, unless it is in a BLOCK that has not expired (the engine blocked this tuple). A
+ * retransmitted SYN starts it over again, which changes nothing. */
+static __always_inline struct hybrid_flow *flow_track(struct hybrid_flow_key *key,
+						      const struct hybrid_pkt *p, __u32 dir,
+						      __u64 now, __u32 *events)
+{
+	struct hybrid_flow fresh = {};
+	struct hybrid_flow *flow = flow_find(key);
+
+	if (flow && !(pkt_is_bare_syn(p) && !flow_blocked(flow, now)))
+		return flow;
+	fresh.first_seen_ns = now;
+	if (dir)
+		fresh.flags |= HYBRID_FLOW_ORIG_HI;
+	if (flow) {
+		flow_replace(key, &fresh);
+		*events |= STATS_EVENT(HYBRID_CNT_FLOW_NEW);
+	} else {
+		if (p->proto == IPPROTO_TCP && !pkt_is_bare_syn(p))
+			fresh.flags |= HYBRID_FLOW_MIDSTREAM;
+		/* NOEXIST: if another CPU created the flow in the meantime, keep its entry. */
+		if (flow_insert(key, &fresh) == 0)
+			*events |= STATS_EVENT(HYBRID_CNT_FLOW_NEW);
+	}
+	return flow_find(key);
+}
+
+/* Count the packet in its direction and return the verdict in force, after reverting an
+ * expired one to NONE. Atomics (BPF_XADD; the result is not used): the same flow is updated
+ * from every CPU that receives its packets. */
+static __always_inline __u8 flow_account(struct hybrid_flow *flow, const struct hybrid_pkt *p,
+					 __u32 dir, __u64 now, __u32 *events)
+{
+	__u8 verdict;
+
+	flow->last_seen_ns = now;
+	__sync_fetch_and_add(&flow->packets[dir & 1], 1);
+	__sync_fetch_and_add(&flow->bytes[dir & 1], p->l3_len);
+
+	verdict = flow->verdict;
+	if (verdict != HYBRID_VERDICT_NONE && !verdict_live(flow, now)) {
+		/* Racing CPUs may both see the expiry; the write is idempotent, the counter may
+		 * count it twice. */
+		flow->verdict = HYBRID_VERDICT_NONE;
+		flow->verdict_expires_ns = 0;
+		*events |= STATS_EVENT(HYBRID_CNT_VERDICT_EXPIRED);
+		verdict = HYBRID_VERDICT_NONE;
+	}
+	return verdict;
+}
+
+/* Spend one packet of the direction's first-N budget when the packet carries payload (pure
+ * ACKs do not consume it). Returns how many payload packets the direction had before this one:
+ * the packet is within the budget when that is below first_n. Without an entry (the insert
+ * failed) the packet counts as the first of a new flow: its payload, if any, is within it.
+ * 0xffffffff: no payload, never within the budget.
+ *
+ * bcc's LLVM backend targets a BPF CPU without fetching atomics (BPF_FETCH: "Invalid usage of
+ * the XADD return value"), so the old value is read, then the add is atomic: two CPUs racing
+ * on one direction may both see the same count and both flag, which errs on the side of
+ * inspecting one packet more, never one fewer. */
+static __always_inline __u32 flow_spend_first_n(struct hybrid_flow *flow, const struct hybrid_pkt *p,
+						__u32 dir)
+{
+	__u32 prev;
+
+	if (p->payload_len == 0)
+		return 0xffffffff;
+	if (!flow)
+		return 0;
+	prev = flow->payload_packets[dir & 1];
+	__sync_fetch_and_add(&flow->payload_packets[dir & 1], 1);
+	return prev;
+}
+
+/* Undo flow_spend_first_n() for a packet that is dropped: a dropped packet must not spend the
+ * flow's first-N budget, or a flood could use up a flow's inspection and let its later payload
+ * pass unflagged. (An atomic add of -1: the undo of the add in flow_spend_first_n().) */
+static __always_inline void flow_refund_first_n(struct hybrid_flow *flow, const struct hybrid_pkt *p,
+						__u32 dir)
+{
+	if (flow && p->payload_len > 0)
+		__sync_fetch_and_add(&flow->payload_packets[dir & 1], (__u32)-1);
+}
+
+/* HYBRID_FLOW_SEQ0/1: the flag saying seq_end[dir] is set. */
+static __always_inline __u8 flow_seq_bit(__u32 dir)
+{
+	return dir ? HYBRID_FLOW_SEQ1 : HYBRID_FLOW_SEQ0;
+}
+
+/* A TCP payload packet flagged under the first-N budget: move the direction's seq_end to the
+ * end of its payload when that is further (hybrid_common.h, struct hybrid_flow). */
+static __always_inline void flow_note_inspected(struct hybrid_flow *flow, const struct hybrid_pkt *p,
+						__u32 dir)
+{
+	__u8 bit = flow_seq_bit(dir);
+	__u32 end = p->seq + p->payload_len;
+
+	if (!(flow->flags & bit) || (__s32)(end - flow->seq_end[dir & 1]) > 0)
+		flow->seq_end[dir & 1] = end;
+	flow->flags |= bit;
+}
+
+/* Does a TCP payload packet past the budget start within HYBRID_RETRANS_WINDOW before the
+ * direction's seq_end, i.e. retransmit bytes that were inspected under the budget? */
+static __always_inline int flow_is_retransmission(const struct hybrid_flow *flow,
+						  const struct hybrid_pkt *p, __u32 dir)
+{
+	return p->proto == IPPROTO_TCP && p->payload_len > 0 && (flow->flags & flow_seq_bit(dir)) &&
+	       flow->seq_end[dir & 1] - p->seq - 1 < HYBRID_RETRANS_WINDOW;
+}
+
+/* The packet was admitted to the queue: the flow has flagged one more (the per-source budget
+ * charges a flow only until it has flagged something). */
+static __always_inline void flow_note_flagged(struct hybrid_flow *flow)
+{
+	if (flow)
+		__sync_fetch_and_add(&flow->flagged, 1);
+}
+
+#endif /* HYBRID_FLOW_TABLE_H */
