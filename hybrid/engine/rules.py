@@ -7,18 +7,24 @@ compiled regexes, the :class:`Decision` each rule returns), and matchers are ord
 packet's cheap fields are tested before the lazily parsed ones (HTTP, TLS SNI, DNS name, then a
 plugin).
 
+The compiler is driven by one table, :data:`MATCH_KEYS`: a row per match key says how its value
+is parsed (into a typed value the compiled rule keeps), which matcher it builds, which protocols
+it implies, whether it needs a payload, and how ``hybridctl rules check`` shows it. What a rule
+does (``action``, ``flow``, ``mark`` ...) is compiled after its matchers, by
+:func:`_compile_decision`, since those keys depend on each other.
+
 Every error is a :class:`RulesError` with a one-line message ``FILE:LINE: what is wrong and what
-to write instead``. See ``examples/rules/`` for complete files.
+to write instead`` (the file is read through hybrid/tomlfile.py, as the service configuration
+is). See ``examples/rules/`` for complete files.
 
 Packets are read through a fixed set of attributes (``version``, ``proto``, ``src_int``,
 ``dst_int``, ``sport``, ``dport``, ``tcp_flags``, ``icmp_type``, ``icmp_code``, ``payload``,
 ``payload_len``, ``fragment``, ``indev``, ``http``, ``tls_sni``, ``dns_qname``): see
-``hybrid/packet.py``.
+``hybrid/engine/packet.py``.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import ipaddress
 import logging
@@ -26,12 +32,12 @@ import os
 import re
 import sys
 import time
-import tomllib
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
-from hybrid.errors import ConfigError
 from hybrid.kernel.abi import ICMP_PROTOS, PROTO_NAMES, PROTO_NUMBERS
 from hybrid.plugin import Verdict
+from hybrid.tomlfile import TomlFileError, TomlFormat, TomlSource, close_match, suggest
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +57,17 @@ RULE_KEYS = ("name", "proto", "src", "dst", "sport", "dport", "port", "tcp_flags
              "icmp_type", "icmp_code", "payload_len", "payload_contains", "payload_hex", "payload_regex",
              "http_method", "http_host", "http_path", "tls_sni", "dns_qname", "action", "reject_with",
              "rewrite", "mark", "flow", "ttl", "plugin", "log")
+DECISION_KEYS = ("action", "reject_with", "rewrite", "mark", "flow", "ttl", "plugin", "log")
 REWRITE_KEYS = ("fill", "end", "replace", "set", "set_hex")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-_TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
-_TOML_END_RE = re.compile(r"\s*\(at end of document\)$")
-_RULE_HEADER_RE = re.compile(r"^\s*\[\[\s*rule\s*\]\]")
-_TABLE_HEADER_RE = re.compile(r"^\s*\[")
 
 
-class RulesError(ConfigError):
-    """A rules file that cannot be used; ``str()`` is ``FILE:LINE: message``."""
+class RulesError(TomlFileError):
+    """A rules file that cannot be used; ``str()`` is ``FILE:LINE: message``; ``filename``,
+    ``line`` and ``reason`` (the message alone) are kept."""
 
-    def __init__(self, filename: str, line: int | None, message: str):
-        where = f"{filename}:{line}" if line else filename
-        super().__init__(f"{where}: {message}")
-        self.filename = filename
-        self.line = line
-        self.reason = message
+
+RULES_FILE = TomlFormat(RulesError, "the rules file", "[[rule]] headers")
 
 
 class Decision(NamedTuple):
@@ -87,56 +87,25 @@ class Decision(NamedTuple):
     log: bool
 
 
-class _Source:
-    """Finds the line of a rule's header or of one of its keys in the raw text, for messages."""
-
-    def __init__(self, filename: str, text: str):
-        self.filename = filename
-        self.lines = text.splitlines()
-        self.headers = [i for i, ln in enumerate(self.lines) if _RULE_HEADER_RE.match(ln)]
-        first_table = next((i for i, ln in enumerate(self.lines) if _TABLE_HEADER_RE.match(ln)), len(self.lines))
-        self.top_end = first_table
-
-    def _span(self, index: int | None) -> tuple[int, int]:
-        if index is None:
-            return 0, self.top_end
-        if index >= len(self.headers):
-            return 0, len(self.lines)
-        start = self.headers[index]
-        end = self.headers[index + 1] if index + 1 < len(self.headers) else len(self.lines)
-        return start, end
-
-    def line(self, index: int | None, key: str | None = None) -> int | None:
-        """1-based line of ``key`` in rule ``index`` (None: the top level), else of its header."""
-        start, end = self._span(index)
-        if key is not None:
-            pat = re.compile(r'^\s*(?:%s|"%s"|\'%s\')\s*[=.]' % ((re.escape(key),) * 3))
-            for i in range(start, end):
-                if pat.match(self.lines[i]):
-                    return i + 1
-        if index is None:
-            return 1 if self.lines else None
-        return start + 1 if index < len(self.headers) else None
-
-    def error(self, index: int | None, key: str | None, message: str) -> RulesError:
-        return RulesError(self.filename, self.line(index, key), message)
-
-
-def _suggest(word: str, choices) -> str:
-    swapped = [c for c in choices if sorted(c) == sorted(word)]      # transposed letters first
-    close = swapped or difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(choices)}"
-
-
 def _listify(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
 # ---------------------------------------------------------------------------------------------
-# value parsers: each returns the compiled form or raises ValueError(message without location)
+# value parsers: each returns the typed value a compiled rule keeps, or raises
+# ValueError(message without location). Match-key parsers take (key, value).
 
 
-def _parse_proto(value) -> int:
+class TcpFlags(NamedTuple):
+    """A parsed ``tcp_flags``: the bits that must be set among ``mask``, and the text as written
+    (upper-cased) for ``rules check``."""
+
+    flags: int
+    mask: int
+    text: str
+
+
+def _parse_proto(key: str, value) -> int:
     if isinstance(value, bool):
         raise ValueError("proto: use tcp, udp, icmp, icmpv6 or an IP protocol number 0-255")
     if isinstance(value, int):
@@ -148,9 +117,9 @@ def _parse_proto(value) -> int:
     raise ValueError(f"proto {value!r}: use tcp, udp, icmp, icmpv6 or an IP protocol number 0-255")
 
 
-def _parse_cidrs(key: str, value) -> tuple[dict[int, tuple[tuple[int, int], ...]], list[str]]:
-    by_version: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
-    shown = []
+def _parse_cidrs(key: str, value) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The networks, in the order written."""
+    nets = []
     for item in _listify(value):
         if not isinstance(item, str):
             raise ValueError(f"{key} {item!r}: write a CIDR string like \"198.18.1.0/24\" or \"2001:2::/48\"")
@@ -163,13 +132,10 @@ def _parse_cidrs(key: str, value) -> tuple[dict[int, tuple[tuple[int, int], ...]
                 raise ValueError(f"{key} {item!r}: not a CIDR ({exc}); write e.g. \"198.18.1.0/24\" or "
                                  f"\"2001:2::/48\"") from None
             raise ValueError(f"{key} {item!r}: host bits are set; write \"{fixed}\"") from None
-        bits = net.max_prefixlen
-        mask = ((1 << bits) - 1) ^ ((1 << (bits - net.prefixlen)) - 1)
-        by_version[net.version].append((int(net.network_address), mask))
-        shown.append(str(net))
-    if not shown:
+        nets.append(net)
+    if not nets:
         raise ValueError(f"{key}: the list is empty; give at least one CIDR or remove the key")
-    return {v: tuple(nets) for v, nets in by_version.items() if nets}, shown
+    return tuple(nets)
 
 
 def _parse_range(key: str, value, lo: int, hi: int, example: str) -> tuple[int, int]:
@@ -192,23 +158,20 @@ def _parse_range(key: str, value, lo: int, hi: int, example: str) -> tuple[int, 
     return a, b
 
 
-def _parse_ports(key: str, value) -> tuple[frozenset[int], tuple[tuple[int, int], ...], list[str]]:
-    singles, ranges, shown = set(), [], []
+def _ranged(lo: int, hi: int, example: str) -> Callable[[str, Any], tuple[int, int]]:
+    return lambda key, value: _parse_range(key, value, lo, hi, example)
+
+
+def _parse_ports(key: str, value) -> tuple[tuple[int, int], ...]:
+    """(first, last) per port or range, in the order written (a port is (p, p))."""
     items = _listify(value)
     if not items:
         raise ValueError(f"{key}: the list is empty; give at least one port or remove the key")
-    for item in items:
-        a, b = _parse_range(key, item, 0, 65535, 'a port like 443, a range like "1000-2000", or a list of them')
-        if a == b:
-            singles.add(a)
-            shown.append(str(a))
-        else:
-            ranges.append((a, b))
-            shown.append(f"{a}-{b}")
-    return frozenset(singles), tuple(ranges), shown
+    return tuple(_parse_range(key, item, 0, 65535, 'a port like 443, a range like "1000-2000", or a list of them')
+                 for item in items)
 
 
-def _parse_tcp_flags(value) -> tuple[int, int]:
+def _parse_tcp_flags(key: str, value) -> TcpFlags:
     example = 'flags/mask letters from FSRPAUEC, e.g. "S/SA" (SYN set, ACK clear) or "R"'
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"tcp_flags {value!r}: write {example}")
@@ -228,12 +191,13 @@ def _parse_tcp_flags(value) -> tuple[int, int]:
         raise ValueError(f"tcp_flags {value!r}: the mask is empty; write {example}")
     if flags & ~mask:
         raise ValueError(f"tcp_flags {value!r}: every flag must also be in the mask; write {example}")
-    return flags, mask
+    return TcpFlags(flags, mask, value.strip().upper())
 
 
-def _parse_names(key: str, value) -> tuple[frozenset[str], tuple[str, ...], list[str]]:
-    """Exact names, and suffixes: ".x" = x and its subdomains, "*.x" = subdomains only."""
-    exact, suffixes, shown = set(), [], []
+def _parse_names(key: str, value) -> tuple[str, ...]:
+    """Lower-cased names without a final dot, in the order written: "x" is exactly x, ".x" x and
+    its subdomains, "*.x" its subdomains only (see :func:`_name_sets`)."""
+    names = []
     items = _listify(value)
     if not items:
         raise ValueError(f"{key}: the list is empty; give at least one name or remove the key")
@@ -242,18 +206,11 @@ def _parse_names(key: str, value) -> tuple[frozenset[str], tuple[str, ...], list
             raise ValueError(f"{key} {item!r}: write a name like \"example.com\", \".example.com\" (it and "
                              f"its subdomains) or \"*.example.com\" (subdomains only)")
         name = item.strip().lower().rstrip(".")
-        if name.startswith("*."):
-            suffixes.append(name[1:])
-        elif name.startswith("."):
-            suffixes.append(name)
-            exact.add(name[1:])
-        elif "*" in name:
+        if "*" in name and not name.startswith(("*.", ".")):
             raise ValueError(f"{key} {item!r}: a wildcard is only allowed as a leading \"*.\", "
                              f"e.g. \"*.example.com\"")
-        else:
-            exact.add(name)
-        shown.append(name)
-    return frozenset(exact), tuple(suffixes), shown
+        names.append(name)
+    return tuple(names)
 
 
 def _parse_strings(key: str, value, example: str) -> tuple[str, ...]:
@@ -261,6 +218,36 @@ def _parse_strings(key: str, value, example: str) -> tuple[str, ...]:
     if not items or not all(isinstance(i, str) and i for i in items):
         raise ValueError(f"{key} {value!r}: write {example}")
     return tuple(items)
+
+
+def _strings(example: str) -> Callable[[str, Any], tuple[str, ...]]:
+    return lambda key, value: _parse_strings(key, value, example)
+
+
+def _parse_methods(key: str, value) -> tuple[str, ...]:
+    return tuple(m.upper() for m in _parse_strings(key, value, 'a method like "POST" or a list of them'))
+
+
+def _parse_bool(key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} {value!r}: write true or false")
+    return value
+
+
+def _parse_contains(key: str, value) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} {value!r}: write non-empty text, e.g. \"GET /secret\"")
+    return value
+
+
+def _parse_regex(key: str, value) -> re.Pattern:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} {value!r}: write a regex in single quotes, e.g. '^\\x16\\x03'")
+    try:
+        return re.compile(value.encode("utf-8"), re.DOTALL)
+    except re.error as exc:
+        raise ValueError(f"{key} {value!r} does not compile: {exc}; fix the pattern (use single quotes so "
+                         f"backslashes stay as written)") from None
 
 
 def _parse_hex(key: str, value) -> bytes:
@@ -309,7 +296,7 @@ def _parse_rewrite(value) -> tuple:
         raise ValueError(f"rewrite: write an inline table: {example}")
     for k in value:
         if k not in REWRITE_KEYS:
-            raise ValueError(f"rewrite: unknown key {k!r}, {_suggest(k, REWRITE_KEYS)}")
+            raise ValueError(f"rewrite: unknown key {k!r}, {suggest(k, REWRITE_KEYS)}")
     kinds = [k for k in ("fill", "replace", "set", "set_hex") if k in value]
     if len(kinds) != 1:
         raise ValueError(f"rewrite: give exactly one of fill, replace, set, set_hex: {example}")
@@ -452,11 +439,159 @@ def _m_qname(exact, suffixes):
 
 
 # ---------------------------------------------------------------------------------------------
+# matcher builders: (key, typed value) -> matcher; the lookup structures are made here, once
 
 
+def _name_sets(names: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(exact names, suffixes) of parsed names: ".x" is x exactly and the suffix ".x"; "*.x"
+    the suffix ".x" only."""
+    exact, suffixes = set(), []
+    for name in names:
+        if name.startswith("*."):
+            suffixes.append(name[1:])
+        elif name.startswith("."):
+            suffixes.append(name)
+            exact.add(name[1:])
+        else:
+            exact.add(name)
+    return frozenset(exact), tuple(suffixes)
+
+
+def _build_ports(key: str, ports: tuple[tuple[int, int], ...]):
+    singles = frozenset(a for a, b in ports if a == b)
+    ranges = tuple((a, b) for a, b in ports if a != b)
+    return _m_port(None if key == "port" else key, singles, ranges)
+
+
+def _build_range(key: str, value: tuple[int, int]):
+    a, b = value
+    return _m_eq(key, a) if a == b else _m_range(key, a, b)
+
+
+def _build_cidrs(key: str, nets) -> Callable:
+    by_version: dict[int, list[tuple[int, int]]] = {}
+    for net in nets:
+        bits = net.max_prefixlen
+        mask = ((1 << bits) - 1) ^ ((1 << (bits - net.prefixlen)) - 1)
+        by_version.setdefault(net.version, []).append((int(net.network_address), mask))
+    return _m_cidr(f"{key}_int", {v: tuple(n) for v, n in by_version.items()})
+
+
+def _build_iif(key: str, names: tuple[str, ...]):
+    return _m_eq("indev", names[0]) if len(names) == 1 else _m_in("indev", names)
+
+
+def _show_range(value: tuple[int, int]) -> str:
+    a, b = value
+    return str(a) if a == b else f"{a}-{b}"
+
+
+def _show_ports(value: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(map(_show_range, value))
+
+
+def _show_all(value: tuple) -> str:
+    return ",".join(map(str, value))
+
+
+# Every bare TCP SYN (with or without ECN bits) the kernel flags with REASON_SYN.
+_SYN_FLAG_VARIANTS = (0x02, 0x42, 0x82, 0xC2)
+
+
+def _syn_tcp_flags(value: TcpFlags) -> str:
+    hits = [(f & value.mask) == value.flags for f in _SYN_FLAG_VARIANTS]
+    return "none" if not any(hits) else "all" if all(hits) else "some"
+
+
+def _syn_all(value) -> str:
+    return "all"
+
+
+class MatchKey(NamedTuple):
+    """One match key of a rule: how its value is read, matched, shown and reasoned about."""
+
+    name: str
+    parse: Callable[[str, Any], Any]              # (key, TOML value) -> typed value, or ValueError
+    build: Callable[[str, Any], Callable] | None  # (key, typed value) -> matcher(pkt) -> bool
+    cost: int                                     # matchers run cheapest first
+    show: Callable[[Any], str]                    # typed value -> its text in `rules check`
+    protos: frozenset[int] | None = None          # the protocols it can match (None: any); implied
+    wrong_proto: str = ""                         # the error when proto is not one of them ({key})
+    payload: bool = False                         # only a packet with payload can match (no SYN can)
+    syn: Callable[[Any], str] | None = None       # typed value -> how it meets bare TCP SYNs: "none",
+                                                  # "all" or "some" (None: "some", it may match some)
+    reads: str | None = None                      # the packet view it reads that costs to compute
+    excludes: tuple[str, str] | None = None       # (key, error): the two are not given together
+
+
+_PORTS = frozenset(PORT_PROTOS)
+_NEEDS_PORTS = '{key} needs a protocol with ports: write proto = "tcp" or "udp", or remove the port'
+_ICMP = frozenset(ICMP_PROTOS)
+_NEEDS_ICMP = '{key} needs proto = "icmp" or "icmpv6"'
+_ICMP_NUMBER = _ranged(0, 255, 'a number 0-255 or a range like "3-5"')
+
+# The order of the rows is the order keys are checked in (so which error a rule with several
+# gets), the order `rules check` shows them, and, within one cost, the order matchers run.
+# `proto` has no matcher: RuleSet indexes rules by the protocols their keys allow, so a rule is
+# only ever tried on packets of those protocols.
+MATCH_KEYS: tuple[MatchKey, ...] = (
+    MatchKey("proto", _parse_proto, None, 0, lambda p: PROTO_NAMES.get(p, str(p)), syn=_syn_all),
+    MatchKey("iif", _strings('an interface name like "eth0" or a list'), _build_iif, 1, _show_all, reads="indev"),
+    MatchKey("fragment", _parse_bool, _m_eq, 1, lambda v: str(v).lower(),
+             syn=lambda v: "none" if v else "all"),          # SYNs are never fragments
+    MatchKey("sport", _parse_ports, _build_ports, 2, _show_ports, _PORTS, _NEEDS_PORTS),
+    MatchKey("dport", _parse_ports, _build_ports, 2, _show_ports, _PORTS, _NEEDS_PORTS),
+    MatchKey("port", _parse_ports, _build_ports, 2, _show_ports, _PORTS, _NEEDS_PORTS),
+    MatchKey("tcp_flags", _parse_tcp_flags, lambda k, v: _m_tcp_flags(v.flags, v.mask), 2, lambda v: v.text,
+             frozenset((6,)), 'tcp_flags only match TCP: write proto = "tcp" or remove tcp_flags',
+             syn=_syn_tcp_flags),
+    MatchKey("icmp_type", _ICMP_NUMBER, _build_range, 2, _show_range, _ICMP, _NEEDS_ICMP),
+    MatchKey("icmp_code", _ICMP_NUMBER, _build_range, 2, _show_range, _ICMP, _NEEDS_ICMP),
+    MatchKey("src", _parse_cidrs, _build_cidrs, 3, _show_all),
+    MatchKey("dst", _parse_cidrs, _build_cidrs, 3, _show_all),
+    MatchKey("payload_len", _ranged(0, 65535, 'a byte count like 32 or a range like "1-100"'), _build_range, 3,
+             _show_range, syn=lambda v: "none" if v[0] > 0 else "all"),
+    MatchKey("payload_contains", _parse_contains, lambda k, v: _m_contains(v.encode("utf-8")), 4, repr,
+             payload=True, reads="payload",
+             excludes=("payload_hex", ("give payload_contains (text) or payload_hex (bytes), not both; "
+                                       "use payload_regex for more than one pattern"))),
+    MatchKey("payload_hex", _parse_hex, lambda k, v: _m_contains(v), 4, bytes.hex, payload=True, reads="payload"),
+    MatchKey("payload_regex", _parse_regex, lambda k, v: _m_regex(v), 5, lambda v: repr(v.pattern.decode("utf-8")),
+             reads="payload"),                       # it may match an empty payload too
+    MatchKey("http_method", _parse_methods, lambda k, v: _m_http("method", v), 6, _show_all, payload=True,
+             reads="http"),
+    MatchKey("http_host", _parse_names, lambda k, v: _m_http("host", _name_sets(v)), 6, _show_all, payload=True,
+             reads="http"),
+    MatchKey("http_path", _strings('a path prefix like "/admin" or a list of them'),
+             lambda k, v: _m_http("path", v), 6, _show_all, payload=True, reads="http"),
+    MatchKey("tls_sni", _parse_names, lambda k, v: _m_sni(*_name_sets(v)), 7, _show_all, payload=True, reads="tls_sni"),
+    MatchKey("dns_qname", _parse_names, lambda k, v: _m_qname(*_name_sets(v)), 7, _show_all, payload=True,
+             reads="dns_qname"),
+)
+_MATCH_KEY = {k.name: k for k in MATCH_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
 class _Rule:
-    __slots__ = ("index", "name", "line", "checks", "decision", "decision_tcp", "plugin", "plugin_ref",
-                 "shown", "decision_parts", "protos")
+    """One compiled rule. ``match`` keeps each match key's typed value, in MATCH_KEYS order."""
+
+    index: int
+    name: str
+    line: int | None
+    match: dict[str, Any]
+    checks: tuple[Callable, ...]          # the matchers, cheapest first
+    protos: frozenset[int] | None         # the protocols it can match (None: any)
+    decision: Decision
+    decision_tcp: Decision | None         # for TCP packets, when it differs (reject by protocol)
+    plugin: Callable | None
+    plugin_ref: str | None
+
+    def reads(self, view: str) -> bool:
+        """Whether one of its matchers reads ``view`` ("indev", "http", "tls_sni", ...)."""
+        return any(_MATCH_KEY[key].reads == view for key in self.match)
 
 
 class RuleSet:
@@ -466,20 +601,21 @@ class RuleSet:
     def __init__(self, filename: str, rules: list[_Rule], default: Decision, plugin_paths: list[str]):
         self.filename = filename
         self._rules = rules
-        self._fast = tuple((r.name, tuple(r.checks), r.decision, r.decision_tcp, r.plugin) for r in rules)
+        self._fast = tuple((r.name, r.checks, r.decision, r.decision_tcp, r.plugin) for r in rules)
         # Per-protocol index, order kept: a packet only walks the rules that can match its
-        # protocol (a UDP packet never tries the TCP-only Host and SNI rules).
+        # protocol (a UDP packet never tries the TCP-only Host and SNI rules). This is the only
+        # protocol test: rules carry no matcher for proto or for the protocols keys imply.
         known = set().union(*(r.protos for r in rules if r.protos is not None))
         self._by_proto = {p: tuple(f for f, r in zip(self._fast, rules) if r.protos is None or p in r.protos)
                           for p in known}
         self._fast_other = tuple(f for f, r in zip(self._fast, rules) if r.protos is None)
         # Whether any rule reads the input interface (resolving its name costs per packet).
-        self.needs_indev = any(key == "iif" for r in rules for key, _ in r.shown)
+        self.needs_indev = any(r.reads("indev") for r in rules)
         # Whether any rule reads the TLS SNI, or the HTTP request (a plugin may read either): the
         # engine then joins ClientHellos and request heads split over TCP segments.
         plugins = any(r.plugin is not None for r in rules)
-        self.needs_sni = plugins or any(key == "tls_sni" for r in rules for key, _ in r.shown)
-        self.needs_http = plugins or any(key.startswith("http_") for r in rules for key, _ in r.shown)
+        self.needs_sni = plugins or any(r.reads("tls_sni") for r in rules)
+        self.needs_http = plugins or any(r.reads("http") for r in rules)
         self.needs_join = self.needs_sni or self.needs_http
         # Whether a bare TCP SYN can be decided anything but "accept, leave the flow alone"; when
         # not, the engine tells the kernel not to queue SYNs (they would only cost a round trip).
@@ -539,7 +675,8 @@ class RuleSet:
         out = []
         for r in self._rules:
             d = r.decision
-            out.append({"order": r.index + 1, "name": r.name, "line": r.line, "match": dict(r.shown),
+            out.append({"order": r.index + 1, "name": r.name, "line": r.line,
+                        "match": {key: _MATCH_KEY[key].show(value) for key, value in r.match.items()},
                         "plugin": r.plugin_ref, "action": d.action, "reject_with": d.reject_with,
                         "mark": None if d.mark is None else f"{d.mark[0]:#x}/{d.mark[1]:#x}",
                         "rewrite": None if d.rewrite is None else _show_rewrite(d.rewrite),
@@ -551,41 +688,19 @@ class RuleSet:
         return out
 
 
-# Keys that only match a packet with payload: a bare SYN never satisfies them.
-_PAYLOAD_ONLY_KEYS = frozenset({"payload_hex", "http_method", "http_host", "http_path", "tls_sni", "dns_qname"})
-# Every bare TCP SYN (with or without ECN bits) the kernel flags with REASON_SYN.
-_SYN_FLAG_VARIANTS = (0x02, 0x42, 0x82, 0xC2)
-
-
 def _syn_fit(rule: _Rule) -> str:
     """How a rule's matchers meet bare TCP SYNs: "none" (it can match none), "all" (it matches
     every one) or "some" (it may match some: addresses, ports, interfaces, regexes ...)."""
     if rule.protos is not None and 6 not in rule.protos:
         return "none"
     fit = "all"
-    for key, value in rule.shown:
-        if key in ("proto", "name"):
-            continue
-        if key in _PAYLOAD_ONLY_KEYS or (key == "payload_contains" and value not in ("''", '""')):
+    for key, value in rule.match.items():
+        row = _MATCH_KEY[key]
+        key_fit = "none" if row.payload else row.syn(value) if row.syn else "some"
+        if key_fit == "none":
             return "none"
-        if key == "fragment":
-            if value == "true":
-                return "none"
-            continue
-        if key == "payload_len":
-            lo = int(value.split("-")[0])
-            if lo > 0:
-                return "none"
-            continue
-        if key == "tcp_flags":
-            flags, mask = _parse_tcp_flags(value)
-            hits = [(f & mask) == flags for f in _SYN_FLAG_VARIANTS]
-            if not any(hits):
-                return "none"
-            if not all(hits):
-                fit = "some"
-            continue
-        fit = "some"          # src, dst, ports, iif, payload_regex, payload_contains "": may match
+        if key_fit == "some":
+            fit = "some"
     return fit
 
 
@@ -650,33 +765,21 @@ def _merge_verdict(base: Decision, v, pkt) -> Decision:
 def load_rules(path: str | os.PathLike, flow_ttl: int | None = None) -> RuleSet:
     """Read and compile a rules file; RulesError (a ConfigError) if it cannot be used.
     ``flow_ttl``, when given, replaces the file's ``flow_ttl`` (the service configuration's)."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise RulesError(path, None, f"cannot read the rules file: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise RulesError(path, line, "not UTF-8 text; save the file as UTF-8") from None
-    return compile_rules(text, path, flow_ttl=flow_ttl)
+    return _compile(RULES_FILE.read(path), flow_ttl)
 
 
 def compile_rules(text: str, filename: str = "<rules>", flow_ttl: int | None = None) -> RuleSet:
     """Compile rules from TOML ``text``; ``filename`` names it in errors and anchors plugin_paths."""
-    src = _Source(filename, text)
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise _toml_error(filename, text, exc) from None
+    return _compile(RULES_FILE.parse(text, filename), flow_ttl)
 
+
+def _compile(src: TomlSource, flow_ttl: int | None) -> RuleSet:
+    doc, filename = src.doc, src.filename
     for key in doc:
         if key not in TOP_KEYS:
             if key in RULE_KEYS:
                 raise src.error(None, key, f"{key!r} is a rule key: put it under a [[rule]] header")
-            raise src.error(None, key, f"unknown top-level key {key!r}, {_suggest(key, TOP_KEYS)}")
+            raise src.error(None, key, f"unknown top-level key {key!r}, {suggest(key, TOP_KEYS)}")
 
     default_action = doc.get("default", "accept")
     if default_action not in DEFAULT_ACTIONS:
@@ -714,41 +817,24 @@ def compile_rules(text: str, filename: str = "<rules>", flow_ttl: int | None = N
     for index, raw in enumerate(raw_rules):
         rule = _compile_rule(src, index, raw, flow_ttl, loader)
         if rule.name in seen:
-            raise src.error(index, "name", f"duplicate rule name {rule.name!r} (first at line {seen[rule.name]}); "
-                                           f"give every rule a unique name")
+            raise src.error(("rule", index), "name", f"duplicate rule name {rule.name!r} (first at line "
+                                                     f"{seen[rule.name]}); give every rule a unique name")
         seen[rule.name] = rule.line or 0
         rules.append(rule)
     return RuleSet(filename, rules, default, plugin_paths)
 
 
-def _toml_error(filename: str, text: str, exc: tomllib.TOMLDecodeError) -> RulesError:
-    msg = str(exc)
-    line = None
-    m = _TOML_POS_RE.search(msg)
-    if m:
-        line, col = int(m.group(1)), int(m.group(2))
-        msg = msg[:m.start()] + f" at column {col}"
-    else:
-        m = _TOML_END_RE.search(msg)
-        if m:
-            line = max(1, len(text.splitlines()))
-            msg = msg[:m.start()] + " at the end of the file"
-    hint = "check the TOML syntax (strings in quotes, one key = value per line, [[rule]] headers)"
-    if msg.startswith("Cannot overwrite a value") or msg.startswith("Cannot declare"):
-        hint = "a key or table is given twice; keep one"
-    return RulesError(filename, line, f"TOML syntax: {msg[0].lower() + msg[1:]}; {hint}")
-
-
-def _compile_rule(src: _Source, index: int, raw, flow_ttl: int, loader: "_PluginLoader") -> _Rule:
+def _compile_rule(src: TomlSource, index: int, raw, flow_ttl: int, loader: _PluginLoader) -> _Rule:
+    place = ("rule", index)
     if not isinstance(raw, dict):
-        raise src.error(index, None, "each rule is a table under a [[rule]] header")
+        raise src.error(place, None, "each rule is a table under a [[rule]] header")
 
     def err(key: str | None, message: str) -> RulesError:
-        return src.error(index, key, message)
+        return src.error(place, key, message)
 
     for key in raw:
         if key not in RULE_KEYS:
-            raise err(key, f"unknown rule key {key!r}, {_suggest(key, RULE_KEYS)}")
+            raise err(key, f"unknown rule key {key!r}, {suggest(key, RULE_KEYS)}")
 
     name = raw.get("name")
     if name is None:
@@ -756,156 +842,72 @@ def _compile_rule(src: _Source, index: int, raw, flow_ttl: int, loader: "_Plugin
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise err("name", f"name {name!r}: use 1-64 letters, digits or -_.: starting with a letter or digit")
 
-    r = _Rule()
-    r.index, r.name, r.line = index, name, src.line(index)
-    checks: list[tuple[int, Callable]] = []     # (cost, matcher): sorted cheap-first below
-    shown: list[tuple[str, str]] = []
+    match = _compile_match(raw, err)
+    plugin = None
+    if "plugin" in raw:
+        try:
+            plugin = loader.load(raw["plugin"])
+        except ValueError as exc:
+            raise err("plugin", str(exc)) from None
+    decision, decision_tcp = _compile_decision(raw, err, name, match, plugin, flow_ttl)
 
+    checks, protos = _matchers(match)
+    return _Rule(index, name, src.line(place), match, checks, protos, decision, decision_tcp, plugin,
+                 raw.get("plugin"))
+
+
+def _compile_match(raw: dict, err: Callable[[str | None, str], RulesError]) -> dict[str, Any]:
+    """Each match key of the rule, parsed into its typed value, in MATCH_KEYS order."""
+    match: dict[str, Any] = {}
+    for row in MATCH_KEYS:
+        if row.name not in raw:
+            continue
+        if row.excludes is not None and row.excludes[0] in raw:
+            raise err(*row.excludes)
+        proto = match.get("proto")          # proto is the first row: set when the rule gives one
+        if row.protos is not None and proto is not None and proto not in row.protos:
+            raise err(row.name, row.wrong_proto.format(key=row.name))
+        try:
+            match[row.name] = row.parse(row.name, raw[row.name])
+        except ValueError as exc:
+            raise err(row.name, str(exc)) from None
+    return match
+
+
+def _matchers(match: dict[str, Any]) -> tuple[tuple[Callable, ...], frozenset[int] | None]:
+    """The rule's matchers, cheapest first, and the protocols it can match at all (None: any),
+    for RuleSet's per-protocol index."""
+    checks: list[tuple[int, Callable]] = []
+    protos = frozenset((match["proto"],)) if "proto" in match else None
+    for key, value in match.items():
+        row = _MATCH_KEY[key]
+        if row.build is not None:
+            checks.append((row.cost, row.build(key, value)))
+        if row.protos is not None:
+            protos = row.protos if protos is None else protos & row.protos
+    checks.sort(key=lambda c: c[0])         # stable: equal costs keep the table's order
+    return tuple(fn for _, fn in checks), protos
+
+
+def _compile_decision(raw: dict, err: Callable[[str | None, str], RulesError], name: str, match: dict[str, Any],
+                      plugin: Callable | None, flow_ttl: int) -> tuple[Decision, Decision | None]:
+    """What the rule does: its Decision and, when a reject answers TCP differently, the one for
+    TCP packets. These keys depend on each other (action says which of reject_with, rewrite and
+    mark belong), so they are checked in this order, not through a table."""
     def parse(key, fn, *args):
         try:
             return fn(*args)
         except ValueError as exc:
             raise err(key, str(exc)) from None
 
-    proto = None
-    if "proto" in raw:
-        proto = parse("proto", _parse_proto, raw["proto"])
-        checks.append((0, _m_eq("proto", proto)))
-        shown.append(("proto", PROTO_NAMES.get(proto, str(proto))))
-
-    if "iif" in raw:
-        names = parse("iif", _parse_strings, "iif", raw["iif"], 'an interface name like "eth0" or a list')
-        checks.append((1, _m_eq("indev", names[0]) if len(names) == 1 else _m_in("indev", names)))
-        shown.append(("iif", ",".join(names)))
-
-    if "fragment" in raw:
-        if not isinstance(raw["fragment"], bool):
-            raise err("fragment", f"fragment {raw['fragment']!r}: write true or false")
-        checks.append((1, _m_eq("fragment", raw["fragment"])))
-        shown.append(("fragment", str(raw["fragment"]).lower()))
-
-    port_keys = [k for k in ("sport", "dport", "port") if k in raw]
-    if port_keys:
-        if proto is None:
-            checks.append((0, _m_in("proto", PORT_PROTOS)))
-        elif proto not in PORT_PROTOS:
-            raise err(port_keys[0], f"{port_keys[0]} needs a protocol with ports: write proto = \"tcp\" or "
-                                    f"\"udp\", or remove the port")
-        for key in port_keys:
-            singles, ranges, s = parse(key, _parse_ports, key, raw[key])
-            checks.append((2, _m_port(None if key == "port" else key, singles, ranges)))
-            shown.append((key, ",".join(s)))
-
-    if "tcp_flags" in raw:
-        if proto is None:
-            checks.append((0, _m_eq("proto", 6)))
-        elif proto != 6:
-            raise err("tcp_flags", 'tcp_flags only match TCP: write proto = "tcp" or remove tcp_flags')
-        flags, mask = parse("tcp_flags", _parse_tcp_flags, raw["tcp_flags"])
-        checks.append((2, _m_tcp_flags(flags, mask)))
-        shown.append(("tcp_flags", raw["tcp_flags"].strip().upper()))
-
-    icmp_keys = [k for k in ("icmp_type", "icmp_code") if k in raw]
-    if icmp_keys:
-        if proto is None:
-            checks.append((0, _m_in("proto", ICMP_PROTOS)))
-        elif proto not in ICMP_PROTOS:
-            raise err(icmp_keys[0], f"{icmp_keys[0]} needs proto = \"icmp\" or \"icmpv6\"")
-        for key in icmp_keys:
-            a, b = parse(key, _parse_range, key, raw[key], 0, 255, 'a number 0-255 or a range like "3-5"')
-            checks.append((2, _m_eq(key, a) if a == b else _m_range(key, a, b)))
-            shown.append((key, str(a) if a == b else f"{a}-{b}"))
-
-    for key in ("src", "dst"):
-        if key in raw:
-            by_version, s = parse(key, _parse_cidrs, key, raw[key])
-            checks.append((3, _m_cidr(f"{key}_int", by_version)))
-            shown.append((key, ",".join(s)))
-
-    payload_len = None
-    if "payload_len" in raw:
-        payload_len = parse("payload_len", _parse_range, "payload_len", raw["payload_len"], 0, 65535,
-                            'a byte count like 32 or a range like "1-100"')
-        a, b = payload_len
-        checks.append((3, _m_eq("payload_len", a) if a == b else _m_range("payload_len", a, b)))
-        shown.append(("payload_len", str(a) if a == b else f"{a}-{b}"))
-
-    if "payload_contains" in raw and "payload_hex" in raw:
-        raise err("payload_hex", "give payload_contains (text) or payload_hex (bytes), not both; "
-                                 "use payload_regex for more than one pattern")
-    if "payload_contains" in raw:
-        v = raw["payload_contains"]
-        if not isinstance(v, str) or not v:
-            raise err("payload_contains", f"payload_contains {v!r}: write non-empty text, e.g. \"GET /secret\"")
-        checks.append((4, _m_contains(v.encode("utf-8"))))
-        shown.append(("payload_contains", repr(v)))
-    if "payload_hex" in raw:
-        data = parse("payload_hex", _parse_hex, "payload_hex", raw["payload_hex"])
-        checks.append((4, _m_contains(data)))
-        shown.append(("payload_hex", data.hex()))
-    if "payload_regex" in raw:
-        v = raw["payload_regex"]
-        if not isinstance(v, str) or not v:
-            raise err("payload_regex", f"payload_regex {v!r}: write a regex in single quotes, e.g. '^\\x16\\x03'")
-        try:
-            rx = re.compile(v.encode("utf-8"), re.DOTALL)
-        except re.error as exc:
-            raise err("payload_regex", f"payload_regex {v!r} does not compile: {exc}; fix the pattern "
-                                       f"(use single quotes so backslashes stay as written)") from None
-        checks.append((5, _m_regex(rx)))
-        shown.append(("payload_regex", repr(v)))
-
-    if "http_method" in raw:
-        methods = parse("http_method", _parse_strings, "http_method", raw["http_method"],
-                        'a method like "POST" or a list of them')
-        checks.append((6, _m_http("method", tuple(m.upper() for m in methods))))
-        shown.append(("http_method", ",".join(m.upper() for m in methods)))
-    if "http_host" in raw:
-        exact, suffixes, s = parse("http_host", _parse_names, "http_host", raw["http_host"])
-        checks.append((6, _m_http("host", (exact, suffixes))))
-        shown.append(("http_host", ",".join(s)))
-    if "http_path" in raw:
-        paths = parse("http_path", _parse_strings, "http_path", raw["http_path"],
-                      'a path prefix like "/admin" or a list of them')
-        checks.append((6, _m_http("path", paths)))
-        shown.append(("http_path", ",".join(paths)))
-    if "tls_sni" in raw:
-        exact, suffixes, s = parse("tls_sni", _parse_names, "tls_sni", raw["tls_sni"])
-        checks.append((7, _m_sni(exact, suffixes)))
-        shown.append(("tls_sni", ",".join(s)))
-    if "dns_qname" in raw:
-        exact, suffixes, s = parse("dns_qname", _parse_names, "dns_qname", raw["dns_qname"])
-        checks.append((7, _m_qname(exact, suffixes)))
-        shown.append(("dns_qname", ",".join(s)))
-
-    # sorted() is stable: equal costs keep the order above
-    r.checks = [fn for _, fn in sorted(checks, key=lambda c: c[0])]
-    # The protocols this rule can match at all (None: any), for RuleSet's per-protocol index.
-    protos = None
-    for present, allowed in ((proto is not None, (proto,)), (bool(port_keys), PORT_PROTOS),
-                             ("tcp_flags" in raw, (6,)), (bool(icmp_keys), ICMP_PROTOS)):
-        if present:
-            protos = frozenset(allowed) if protos is None else protos & frozenset(allowed)
-    r.protos = protos
-    r.shown = shown
-
-    # --- what the rule does
-    r.plugin, r.plugin_ref = None, None
-    if "plugin" in raw:
-        r.plugin_ref = raw["plugin"]
-        try:
-            r.plugin = loader.load(raw["plugin"])
-        except ValueError as exc:
-            raise err("plugin", str(exc)) from None
-
-    if "action" not in raw and r.plugin is None:
+    proto, payload_len = match.get("proto"), match.get("payload_len")
+    if "action" not in raw and plugin is None:
         raise err(None, f"rule {name!r} has no action: add action = \"drop\" (one of {', '.join(ACTIONS)})")
     action = raw.get("action", "accept")
     if action not in ACTIONS:
-        hint = [a for a in ACTIONS if sorted(a) == sorted(str(action))] or \
-            difflib.get_close_matches(str(action), ACTIONS, n=1)
+        hint = close_match(str(action), ACTIONS)
         raise err("action", f"action {action!r}: write one of {', '.join(ACTIONS)}" +
-                  (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                  (f" (did you mean {hint!r}?)" if hint else ""))
 
     reject_with = None
     if "reject_with" in raw:
@@ -932,7 +934,7 @@ def _compile_rule(src: _Source, index: int, raw, flow_ttl: int, loader: "_Plugin
             raise err("rewrite", f"rewrite only goes with action = \"rewrite\" (this rule's is {action!r})")
         rewrite = parse("rewrite", _parse_rewrite, raw["rewrite"])
     if action == "rewrite":
-        if rewrite is None and r.plugin is None:
+        if rewrite is None and plugin is None:
             raise err("action", 'action = "rewrite" needs a rewrite: add rewrite = { fill = "h", end = "\\n" }, '
                                 '{ replace = ["from", "to"] } or { set = "text" }')
         if proto is not None and proto not in PAYLOAD_PROTOS:
@@ -947,7 +949,7 @@ def _compile_rule(src: _Source, index: int, raw, flow_ttl: int, loader: "_Plugin
         if action != "mark":
             raise err("mark", f"mark only goes with action = \"mark\" (this rule's is {action!r})")
         mark = parse("mark", _parse_mark, raw["mark"])
-    elif action == "mark" and r.plugin is None:
+    elif action == "mark" and plugin is None:
         raise err("action", 'action = "mark" needs a mark: add mark = "0x10/0xff" (value/mask)')
 
     flow = raw.get("flow", "none")
@@ -956,16 +958,15 @@ def _compile_rule(src: _Source, index: int, raw, flow_ttl: int, loader: "_Plugin
     ttl = flow_ttl
     if "ttl" in raw:
         ttl = parse("ttl", _positive_int, "ttl", raw["ttl"], "seconds the flow verdict lasts, e.g. 600")
-        if flow == "none" and r.plugin is None:
+        if flow == "none" and plugin is None:
             raise err("ttl", "ttl is how long the flow verdict lasts: add flow = \"bypass\", \"block\" or "
                              "\"inspect\", or remove ttl")
     logged = raw.get("log", action in LOGGED_ACTIONS)
     if not isinstance(logged, bool):
         raise err("log", f"log {logged!r}: write true or false")
 
-    r.decision = Decision(name, action, mark, rewrite, reject_with, flow, ttl, logged)
-    r.decision_tcp = r.decision._replace(reject_with=decision_tcp) if decision_tcp else None
-    return r
+    decision = Decision(name, action, mark, rewrite, reject_with, flow, ttl, logged)
+    return decision, (decision._replace(reject_with=decision_tcp) if decision_tcp else None)
 
 
 class _PluginLoader:
@@ -1008,9 +1009,9 @@ class _PluginLoader:
         func = getattr(module, func_name, None)
         if func is None:
             names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-            close = difflib.get_close_matches(func_name, names, n=1)
+            close = close_match(func_name, names)
             raise ValueError(f"plugin {ref!r}: {file} has no {func_name!r}" +
-                             (f"; did you mean {mod_name}:{close[0]}?" if close else "; define it"))
+                             (f"; did you mean {mod_name}:{close}?" if close else "; define it"))
         if not callable(func):
             raise ValueError(f"plugin {ref!r}: {func_name} in {file} is not callable; point at a function")
         return func

@@ -22,17 +22,16 @@ what to write instead``, as hybrid/rules.py does for rules files.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import json
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from hybrid.datapath import attach as att
 from hybrid.errors import ConfigError
+from hybrid.tomlfile import TomlFileError, TomlFormat, TomlSource, suggest
 from hybrid.kernel import abi
 
 DEFAULT_PATH = "/etc/hybrid/hybrid.toml"
@@ -42,15 +41,18 @@ SECTIONS = ("attach", "engine", "log", "service", "metrics")
 REQUIRED = object()   # a field without a default
 
 
-class ConfigFileError(ConfigError):
+class ConfigFileError(TomlFileError):
     """A configuration that cannot be used; ``str()`` is ``FILE:LINE: message`` (or, for a
-    command-line override, ``--option: message``)."""
+    command-line override, ``--option: message``); ``where``, ``line`` and ``reason`` (the
+    message alone) are kept."""
 
-    def __init__(self, where: str, line: int | None, message: str):
-        super().__init__(f"{where}:{line}: {message}" if line else f"{where}: {message}")
-        self.where = where
-        self.line = line
-        self.reason = message
+    @property
+    def where(self) -> str:
+        return self.filename
+
+
+CONFIG_FILE = TomlFormat(ConfigFileError, "the configuration", "[section] headers",
+                         missing_hint=" (write one from examples/hybrid.toml, or give --config)")
 
 
 # -- value parsers: each returns the normalised value or raises ValueError(message) ---------------
@@ -264,67 +266,6 @@ BY_NAME = {f.name: f for f in FIELDS}
 PATH_FIELDS = ("engine.rules", "log.verdicts")
 
 
-# -- locating keys in the text, for FILE:LINE messages ---------------------------------------------
-
-class _Source:
-    def __init__(self, filename: str, text: str):
-        self.filename = filename
-        self.lines = text.splitlines()
-        self.headers: dict[str, int] = {}
-        for i, ln in enumerate(self.lines):
-            m = re.match(r"^\s*\[\s*([A-Za-z0-9_\-\"'. ]+?)\s*\]", ln)
-            if m and not ln.lstrip().startswith("[["):
-                self.headers.setdefault(m.group(1).strip("\"'"), i)
-
-    def _span(self, section: str | None) -> tuple[int, int]:
-        starts = sorted(self.headers.values())
-        if section is None:
-            return 0, starts[0] if starts else len(self.lines)
-        if section not in self.headers:
-            return 0, len(self.lines)
-        start = self.headers[section]
-        end = next((s for s in starts if s > start), len(self.lines))
-        return start, end
-
-    def line(self, section: str | None, key: str | None = None) -> int | None:
-        start, end = self._span(section)
-        if key is not None:
-            pat = re.compile(r'^\s*(?:%s\.)?(?:%s|"%s"|\'%s\')\s*[=.]'
-                             % ((re.escape(section or ""),) + (re.escape(key),) * 3))
-            for i in range(start, end):
-                if pat.match(self.lines[i]):
-                    return i + 1
-            if section is not None:        # a dotted key at the top level: attach.mark = ...
-                dotted = re.compile(r'^\s*%s\s*\.\s*%s\s*=' % (re.escape(section), re.escape(key)))
-                for i, ln in enumerate(self.lines):
-                    if dotted.match(ln):
-                        return i + 1
-        if section is not None and section in self.headers:
-            return self.headers[section] + 1
-        return None
-
-    def error(self, section: str | None, key: str | None, message: str) -> ConfigFileError:
-        return ConfigFileError(self.filename, self.line(section, key), message)
-
-
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(choices)}"
-
-
-def _toml_error(filename: str, text: str, exc: tomllib.TOMLDecodeError) -> ConfigFileError:
-    msg, line = str(exc), None
-    m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", msg)
-    if m:
-        line, msg = int(m.group(1)), msg[:m.start()] + f" at column {m.group(2)}"
-    elif msg.endswith("(at end of document)"):
-        line, msg = max(1, len(text.splitlines())), msg[:-len("(at end of document)")].rstrip() + " at the end of the file"
-    hint = "check the TOML syntax (strings in quotes, one key = value per line, [section] headers)"
-    if msg.startswith(("Cannot overwrite a value", "Cannot declare")):
-        hint = "a key or table is given twice; keep one"
-    return ConfigFileError(filename, line, f"TOML syntax: {msg[0].lower() + msg[1:]}; {hint}")
-
-
 # -- the configuration ------------------------------------------------------------------------------
 
 @dataclass
@@ -395,25 +336,6 @@ def _toml_value(value, as_hex: bool = False) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def read_file(path: str | os.PathLike) -> tuple[str, dict]:
-    """The file's text and its parsed TOML; ConfigFileError if it cannot be read or parsed."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        hint = " (write one from examples/hybrid.toml, or give --config)" if exc.errno == 2 else ""
-        raise ConfigFileError(path, None, f"cannot read the configuration: {exc.strerror}{hint}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigFileError(path, raw[:exc.start].count(b"\n") + 1, "not UTF-8 text; save the file as UTF-8") from None
-    try:
-        return text, tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise _toml_error(path, text, exc) from None
-
-
 def load(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> Config:
     """The effective configuration: ``path`` (None: no file, defaults only), then ``overrides``
     (``"section.key"`` -> value as given on the command line; None entries are ignored)."""
@@ -422,8 +344,8 @@ def load(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None
     src = None
     if path is not None:
         path = os.path.abspath(os.fspath(path))
-        text, doc = read_file(path)
-        src = _Source(path, text)
+        src = CONFIG_FILE.read(path)
+        doc = src.doc
         base = os.path.dirname(path)
         for section, table in doc.items():
             if section not in SECTIONS:
@@ -432,7 +354,7 @@ def load(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None
                     raise src.error(None, section, f"{section!r} belongs in the [{owner}] table: put it under "
                                                    f"a [{owner}] header")
                 raise ConfigFileError(path, src.line(section) or src.line(None, section),
-                                      f"unknown table {section!r}, {_suggest(section, SECTIONS)}")
+                                      f"unknown table {section!r}, {suggest(section, SECTIONS)}")
             if not isinstance(table, dict):
                 raise src.error(None, section, f"{section!r} is a table: write [{section}] and its keys below it")
             keys = [f.key for f in FIELDS if f.section == section]
@@ -440,7 +362,7 @@ def load(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None
                 f = BY_NAME.get(f"{section}.{key}")
                 if f is None:
                     elsewhere = next((g.section for g in FIELDS if g.key == key), None)
-                    hint = f"it belongs in [{elsewhere}]" if elsewhere else _suggest(key, keys)
+                    hint = f"it belongs in [{elsewhere}]" if elsewhere else suggest(key, keys)
                     raise src.error(section, key, f"unknown key {key!r} in [{section}], {hint}")
                 try:
                     value = f.parse(raw)
@@ -474,7 +396,7 @@ def load(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None
     return cfg
 
 
-def _check_whole(cfg: Config, src: _Source | None) -> None:
+def _check_whole(cfg: Config, src: TomlSource | None) -> None:
     """What only the whole configuration can tell: the mark inside its mask, and what
     AttachOptions itself refuses."""
     def error(section: str, key: str, message: str) -> ConfigFileError:

@@ -115,3 +115,12 @@ def test_analysis_agrees_with_real_decisions_on_syns(path):
                 d = rules.decide(pkt)
                 assert (d.action, d.flow, d.mark, d.rewrite, d.log) == ("accept", "none", None, None, False), \
                     (path, dport, flags, d)
+
+
+@pytest.mark.parametrize("rule", [
+    'proto = "tcp"\npayload_contains = "\'\'"\naction = "drop"',     # its text shows as quotes: still text
+    'proto = "tcp"\ntcp_flags = "sa/sa"\naction = "drop"',            # SYN-ACKs only, however it is written
+    'proto = "tcp"\npayload_len = "1-1"\naction = "drop"',
+])
+def test_the_analysis_reads_the_parsed_values(tmp_path, rule):
+    assert not needs(tmp_path, f"[[rule]]\nname = \"r\"\n{rule}\n" + WAIT)

@@ -415,3 +415,28 @@ def test_example_realistic_with_the_real_decoder():
     req = b"GET / HTTP/1.1\r\nHost: shop.blocked.example\r\n\r\n"
     assert ruleset.decide(packet.decode(ipv4_tcp(req, 0x18))).rule == "block-http-host"
     assert ruleset.decide(packet.decode(ipv4_tcp(b"", 0x02))).rule == "wait-for-payload"
+
+
+# --- the compiler's table of match keys
+
+
+def test_every_rule_key_is_the_name_a_match_key_or_a_decision_key():
+    from hybrid.engine.rules import DECISION_KEYS, MATCH_KEYS, RULE_KEYS
+    names = [k.name for k in MATCH_KEYS]
+    assert sorted(RULE_KEYS) == sorted(["name", *names, *DECISION_KEYS])
+    assert len(set(names)) == len(names) and not set(names) & set(DECISION_KEYS)
+
+
+def test_rules_check_shows_the_parsed_values_in_table_order():
+    out = rs("http_host = [\"Example.COM.\", \"*.a.example\"]\npayload_regex = '^\\x16'\n"
+             'src = ["10.0.0.0/8", "2001:2::/48"]\ntcp_flags = "sa/sa"\nsport = [443, "1000-2000", 443]\n'
+             'proto = "tcp"\n').describe()
+    assert out[0]["match"] == {"proto": "tcp", "sport": "443,1000-2000,443", "tcp_flags": "SA/SA",
+                               "src": "10.0.0.0/8,2001:2::/48", "payload_regex": "'^\\\\x16'",
+                               "http_host": "example.com,*.a.example"}
+
+
+def test_an_error_in_a_rule_sub_table_names_the_sub_table():
+    with pytest.raises(RulesError) as info:
+        compile_rules('[[rule]]\nname = "a"\naction = "drop"\n\n[rule.rewrite]\nset = "x"\n', "b.toml")
+    assert str(info.value) == "b.toml:5: rewrite only goes with action = \"rewrite\" (this rule's is 'drop')"
