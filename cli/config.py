@@ -1,22 +1,103 @@
-"""hybridctl config check|show, and the options every configuration-driven command shares:
-``--config FILE`` and one override option per configuration key (generated from
-hybrid.config.FIELDS, so the file and the command line can never drift apart)."""
+"""hybridctl config check|show, and the command-line options generated from the schema
+(hybrid.datapath.options.ATTACH, and hybrid.service.config.FIELDS for the other tables): one
+click option per schema entry, with the entry's help text, parsed by the entry's own parser, so
+the file, ``hybridctl attach`` and ``hybridctl run`` can never drift apart.
+
+- :func:`config_options`: ``--config FILE`` and an override option per configuration key
+  (``hybridctl run``, ``hybridctl config show``);
+- :func:`schema_option`: the option of one entry (``hybridctl attach`` builds its own from it).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 
 import click
 
+from hybrid.datapath.options import REQUIRED, Int, Option
 from hybrid.engine.rules import load_rules
 from hybrid.errors import ConfigError
 from hybrid.service import config as hcfg
 
+from .common import InputError
 from .rules import LocatedError
 
 
-def _dest(f: hcfg.Field) -> str:
+class SchemaValue(click.ParamType):
+    """A command-line value parsed by its schema entry's parser (``parse``: the entry's, or its
+    list's item parser)."""
+
+    def __init__(self, opt: Option, parse):
+        self.opt, self.parse, self.name = opt, parse, opt.key
+
+    def convert(self, value, param, ctx):
+        try:
+            return self.parse(value)
+        except ValueError as exc:
+            _fail(self.opt, exc, param, ctx)
+
+
+def _fail(opt: Option, exc: ValueError, param, ctx):
+    """A refused value as one line: in the parser's command-line words when it has them
+    (``--queues 'x': use N or FIRST-LAST, ...``), else as click says it (``Invalid value for
+    '--first-n': ...``). Exit status 2 either way."""
+    arg = getattr(exc, "arg", None)
+    if arg:
+        raise InputError(f"{opt.option} {arg}") from None
+    raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _whole_list(opt: Option):
+    """What only the whole list can tell (an item given twice, an empty list)."""
+    def check(ctx, param, value):
+        if not value:
+            return value
+        try:
+            return opt.parse(value)
+        except ValueError as exc:
+            _fail(opt, exc, param, ctx)
+    return check
+
+
+def _metavar(opt: Option) -> str:
+    parse = getattr(opt.parse, "item", opt.parse)
+    if opt.metavar:
+        return opt.metavar
+    if hasattr(parse, "choices"):
+        return "|".join(parse.choices)
+    return "N" if isinstance(parse, Int) else "VALUE"
+
+
+def default_text(opt: Option) -> str | None:
+    """The default as written on the command line; None for none (or an empty list)."""
+    d = opt.default
+    if d is REQUIRED or d is None or d == []:
+        return None
+    if opt.kind == "flag":
+        return opt.cli.split("/")[0 if d else 1].lstrip("-")
+    if opt.kind == "commas":
+        return "all" if set(d) == set(getattr(opt.parse, "choices", ())) else ",".join(d)
+    if isinstance(d, list):
+        return ", ".join(map(str, d))
+    return f"{d:#x}" if opt.hex else str(d)
+
+
+def schema_option(opt: Option, dest: str, note: str = ""):
+    """The click option of one schema entry, passing ``dest`` the parsed value (None or () when
+    not given: the default is the schema's, applied by whoever builds from the values)."""
+    text = opt.help + (" Repeatable." if opt.kind == "list" else "") + note
+    if opt.kind == "flag":
+        return click.option(opt.cli, dest, default=None, help=text)
+    if opt.kind == "list":
+        return click.option(opt.cli, dest, multiple=True, type=SchemaValue(opt, opt.parse.item),
+                            callback=_whole_list(opt), metavar=_metavar(opt), help=text)
+    return click.option(opt.cli, dest, default=None, type=SchemaValue(opt, opt.parse), metavar=_metavar(opt),
+                        help=text)
+
+
+def _dest(f: Option) -> str:
     return "cfg__" + f.name.replace(".", "__")
 
 
@@ -29,16 +110,7 @@ def config_options(fn):
         return fn(*args, config_path=config_path, overrides=overrides, **kwargs)
 
     for f in reversed(hcfg.FIELDS):
-        where = f"  [file: {f.key} in [{f.section}]]"
-        if f.kind == "flag":
-            opt = click.option(f.cli, _dest(f), default=None, help=f.help + where)
-        elif f.kind == "list":
-            opt = click.option(f.cli, _dest(f), multiple=True, metavar=f.metavar,
-                               help=f.help + " Repeatable." + where)
-        else:
-            metavar = f.metavar or ("N" if isinstance(f.default, int) or f.default is None else "VALUE")
-            opt = click.option(f.cli, _dest(f), default=None, metavar=metavar, help=f.help + where)
-        wrapper = opt(wrapper)
+        wrapper = schema_option(f, _dest(f), f"  [file: {f.key} in [{f.section}]]")(wrapper)
     wrapper = click.option("--config", "config_path", default=hcfg.DEFAULT_PATH, show_default=True,
                            type=click.Path(dir_okay=False), help="The configuration file (TOML).")(wrapper)
     return wrapper
@@ -65,19 +137,24 @@ def config() -> None:
 
 
 @config.command()
-@click.option("--config", "config_path", default=hcfg.DEFAULT_PATH, show_default=True,
-              type=click.Path(dir_okay=False), help="The configuration file (TOML).")
-def check(config_path: str) -> None:
-    """Validate the configuration file and the rules file it names.
+@click.argument("file", required=False, type=click.Path(dir_okay=False), metavar="[FILE]")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help=f"The configuration file (TOML), the same as FILE.  [default: {hcfg.DEFAULT_PATH}]")
+def check(file: str | None, config_path: str | None) -> None:
+    """Validate the configuration file FILE (or --config FILE) and the rules file it names.
 
     On an error, prints one line FILE:LINE: what is wrong and what to write instead (for the
     configuration or the rules file), and exits 2.
 
     \b
     Examples:
-      hybridctl config check
+      hybridctl config check                           # /etc/hybrid/hybrid.toml
+      hybridctl config check examples/hybrid.toml
       hybridctl config check --config examples/hybrid.toml
     """
+    if file and config_path and os.path.abspath(file) != os.path.abspath(config_path):
+        raise click.UsageError(f"two configuration files, {file} and --config {config_path}: give one")
+    config_path = file or config_path or hcfg.DEFAULT_PATH
     cfg, ruleset = load_located(config_path)
     n = len(ruleset)
     click.echo(f"{cfg.path}: ok: attach {', '.join(cfg['attach.interfaces'])}, queue{'s' if '-' in cfg['attach.queues'] else ''} "

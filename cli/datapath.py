@@ -2,89 +2,60 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import click
 
 from hybrid.datapath import attach as att
+from hybrid.datapath.options import ATTACH, AttachOptions, Option
 from hybrid.engine import runner
 from hybrid.engine.rules import load_rules
 from hybrid.kernel import abi
 from hybrid.kernel.sysutil import pid_alive
 from hybrid.observe.status import status as status_view
 
-from .common import InputError, parse_int, parse_queues
+from .common import InputError
+from .config import default_text, schema_option
 from .engine import run_engines
 
 
-def _reasons(value: str) -> tuple[str, ...]:
-    names = tuple(r.strip() for r in value.split(",") if r.strip())
-    bad = [r for r in names if r not in abi.REASON_BITS]
-    if bad:
-        raise InputError(f"--flag {bad[0]!r}: use a comma-separated list of {', '.join(abi.REASON_BITS)}")
-    return names
+def attach_options(fn):
+    """An option per attach option of the schema (hybrid.datapath.options.ATTACH) but the
+    interfaces, which are the IFACE... arguments. The command receives ``options``: {key: parsed
+    value} of the options given; AttachOptions takes the schema's defaults for the rest."""
+    schema = [o for o in ATTACH if o.key != "interfaces"]
+
+    def dest(o: Option) -> str:
+        return "opt__" + o.key
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        given = {o.key: v for o in schema if (v := kwargs.pop(dest(o))) is not None and v != ()}
+        return fn(*args, options=given, **kwargs)
+
+    for o in reversed(schema):
+        default = default_text(o)
+        wrapper = schema_option(o, dest(o), f"  [default: {default}]" if default else "")(wrapper)
+    return wrapper
 
 
 @click.command()
 @click.argument("interfaces", nargs=-1, required=True, metavar="IFACE...")
-@click.option("--xdp-mode", type=click.Choice(att.XDP_MODES), default="auto", show_default=True,
-              help="auto: native XDP on physical NICs, none on veth/virtual links (measured: XDP costs "
-                   "throughput there and tc drops just as early); off: tc only.")
-@click.option("--hook", "hooks", multiple=True, type=click.Choice(["forward", "input"]),
-              help="Netfilter hook whose marked packets are queued  [default: forward; input for a host]")
-@click.option("--mark", default=hex(att.DEFAULT_MARK), show_default=True, help="Bit(s) set on flagged packets.")
-@click.option("--mark-mask", default=hex(att.DEFAULT_MASK), show_default=True,
-              help="Bits hybrid owns in the packet mark; others are never touched.")
-@click.option("--queues", default="0", show_default=True, metavar="N|A-B",
-              help="NFQUEUE number, or a range spread with --queue-balance.")
-@click.option("--fail-open/--fail-closed", default=True, show_default=True,
-              help="With no engine bound: let flagged packets pass (--queue-bypass) or drop them.")
-@click.option("--queue-cpu-fanout", "cpu_fanout", is_flag=True,
-              help="With a range of queues: pick the queue by the CPU the packet is on, not by a hash "
-                   "of its addresses (which sends every connection between two hosts to one engine). "
-                   "Needs a NIC that keeps each flow on one CPU (RSS) for split ClientHellos and "
-                   "request heads to be joined.")
-@click.option("--flag", "flag", default=",".join(att.DEFAULT_REASONS), show_default=True,
-              help="Comma-separated flag reasons to enable.")
-@click.option("--first-n", default=att.DEFAULT_FIRST_N, show_default=True, type=click.IntRange(0, 1_000_000),
-              help="Payload-carrying packets queued per direction at the start of every flow.")
-@click.option("--watch-port", "watch_ports", multiple=True, type=click.IntRange(1, 65535),
-              help="Queue every packet of flows on this port (repeatable).")
-@click.option("--watch-prefix", "watch_prefixes", multiple=True, metavar="CIDR",
-              help="Queue every packet from or to this prefix (repeatable).")
-@click.option("--block-prefix", "block_prefixes", multiple=True, metavar="CIDR",
-              help="Drop every packet from or to this prefix in the kernel (repeatable).")
-@click.option("--family", "families", multiple=True, type=click.Choice(["ipv4", "ipv6"]),
-              help="Netfilter families to install the queue rule in  [default: both]")
-@click.option("--flow-table-size", default=131072, show_default=True, type=click.IntRange(1024, 1 << 24),
-              help="Entries in the kernel flow table (LRU).")
-@click.option("--source-rate", default=0, show_default=True, type=click.IntRange(0, 100_000_000),
-              metavar="N", help="Admission: new flows per second one source may send to the engine (0: off).")
-@click.option("--source-burst", default=0, type=click.IntRange(0, 100_000_000), metavar="N",
-              help="Admission: burst allowed above --source-rate  [default: one second's worth]")
-@click.option("--global-rate", default=att.DEFAULT_GLOBAL_RATE, show_default=True,
-              type=click.IntRange(0, 100_000_000), metavar="N",
-              help="Admission: flagged packets per second for the whole gateway, so the engine is "
-                   "never flooded (0: off).")
-@click.option("--global-burst", default=0, type=click.IntRange(0, 100_000_000), metavar="N",
-              help="Admission: burst allowed above --global-rate  [default: one second's worth]")
-@click.option("--over-budget", type=click.Choice(att.OVER_BUDGET), default="pass", show_default=True,
-              help="An over-budget flagged packet without payload: pass it unflagged, or drop it. "
-                   "One with payload is always dropped (never passed uninspected).")
+@attach_options
 @click.option("--rules", type=click.Path(dir_okay=False), default=None,
               help="Run the verdict engine with these rules in the foreground after attaching.")
 @click.option("--keep", is_flag=True, help="With --rules: leave hybrid attached when the engine stops.")
 @click.option("--log", "log_path", default=None, metavar="FILE",
               help="With --rules: the verdict log, JSON lines ('-' for standard output).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, cpu_fanout, flag, first_n, watch_ports,
-           watch_prefixes, block_prefixes, families, flow_table_size, source_rate, source_burst, global_rate,
-           global_burst, over_budget, rules, keep, log_path, as_json) -> None:
+def attach(interfaces, options, rules, keep, log_path, as_json) -> None:
     """Attach hybrid's XDP/tc programs to IFACE... and install the queue rule.
 
     All or nothing: if any step fails (an interface is missing, a foreign XDP program is
     attached, iptables refuses), everything done so far is undone. Attaching again replaces the
-    programs in place and reuses the pinned flow table: no rule is ever duplicated.
+    programs in place and reuses the pinned flow table: no rule is ever duplicated. Every option
+    is also a key of the [attach] table of `hybridctl run`'s configuration file.
 
     \b
     Examples:
@@ -95,16 +66,7 @@ def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, cpu_
     """
     if rules is not None:
         load_rules(rules)          # a broken rules file is reported before anything is attached
-    qa, qb = parse_queues(queues)
-    opts = att.AttachOptions(
-        interfaces=list(interfaces), xdp_mode=xdp_mode, hooks=tuple(hooks) or ("forward",),
-        mark=parse_int(mark, "--mark"), mark_mask=parse_int(mark_mask, "--mark-mask"),
-        queue_first=qa, queue_last=qb, fail_open=fail_open, queue_cpu_fanout=cpu_fanout, reasons=_reasons(flag),
-        first_n=first_n,
-        watch_ports=tuple(watch_ports), watch_prefixes=tuple(watch_prefixes),
-        block_prefixes=tuple(block_prefixes), families=tuple(families) or ("ipv4", "ipv6"),
-        flow_table_size=flow_table_size, source_rate=source_rate, source_burst=source_burst,
-        global_rate=global_rate, global_burst=global_burst, over_budget=over_budget)
+    opts = AttachOptions.from_values({**options, "interfaces": list(interfaces)})
     res = att.attach(opts)
     if as_json:
         click.echo(json.dumps(res.__dict__, indent=1))
@@ -113,11 +75,12 @@ def attach(interfaces, xdp_mode, hooks, mark, mark_mask, queues, fail_open, cpu_
         return
     if as_json:
         return
+    qa, qb = opts.queue_first, opts.queue_last
     for name, mode in res.interfaces.items():
         click.echo(f"attached {name}: tc ingress + " + ("no XDP" if mode == "off" else f"XDP {mode}"))
     click.echo(f"maps pinned in {res.pin_dir}" + (" (reused: verdicts and counters kept)" if res.reused_pins else ""))
     click.echo("marked packets go to NFQUEUE " + (f"{qa}" if qa == qb else f"{qa}-{qb}") +
-               (" (fail-open)" if fail_open else " (fail-closed)") + "; see: hybridctl status")
+               (" (fail-open)" if opts.fail_open else " (fail-closed)") + "; see: hybridctl status")
 
 
 def _engine_in_foreground(rules: str, keep: bool, log_path: str | None) -> None:

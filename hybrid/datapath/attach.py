@@ -28,106 +28,14 @@ from dataclasses import asdict, dataclass, field
 from hybrid import instance as inst
 from hybrid.datapath import loader
 from hybrid.datapath.maps import Maps, format_prefix, parse_cidr
-from hybrid.errors import ConfigError, HybridError, NotFoundError, PrivilegeError
+from hybrid.datapath.options import AttachOptions
+from hybrid.errors import HybridError, NotFoundError, PrivilegeError
 from hybrid.kernel import abi, bpffs, bpfsys, netfilter, netlink, sysutil
 
 log = logging.getLogger(__name__)
 
-XDP_MODES = ("auto", "native", "generic", "off")
-OVER_BUDGET = ("pass", "drop")
 TC_PREF = 1
 TC_HANDLE = 0x4859          # "HY": identifies our filter next to others on the same hook
-DEFAULT_MARK = 0x00100000   # bit 20: clear of kube-proxy (0x4000/0x8000), Cilium (0x0F00-0xFF00),
-DEFAULT_MASK = 0x00100000   # Istio (0x539) and Weave (0x20000/0x40000); configurable for the rest
-# Flagged packets per second for the whole gateway, on by default: one engine decides ~80,000
-# packets/s of realistic rules on the reference machine (docs/benchmarks.md); half of that leaves
-# room for a slower box and for the kernel's own work on the queue. 0 turns it off.
-DEFAULT_GLOBAL_RATE = 40_000
-DEFAULT_FIRST_N = 3         # payload packets per direction; see docs/design.md for why 3
-DEFAULT_REASONS = tuple(abi.REASON_BITS)   # every reason, as written on the command line
-
-
-@dataclass
-class AttachOptions:
-    interfaces: list[str]
-    xdp_mode: str = "auto"
-    hooks: tuple[str, ...] = ("forward",)
-    mark: int = DEFAULT_MARK
-    mark_mask: int = DEFAULT_MASK
-    queue_first: int = 0
-    queue_last: int = 0
-    fail_open: bool = True
-    queue_cpu_fanout: bool = False
-    reasons: tuple[str, ...] = DEFAULT_REASONS
-    first_n: int = DEFAULT_FIRST_N
-    watch_ports: tuple[int, ...] = ()
-    watch_prefixes: tuple[str, ...] = ()
-    block_prefixes: tuple[str, ...] = ()
-    families: tuple[str, ...] = ("ipv4", "ipv6")
-    flow_table_size: int = 131072
-    # Admission control (docs/design.md): budgets on flagged packets, so the engine can never be
-    # flooded. 0 = off. source_rate: flows a single source may start per second (flagged SYNs and
-    # first packets of new flows); global_rate: flagged packets per second for the whole gateway.
-    # A burst of 0 means "one second's worth". over_budget: what happens to a flagged packet
-    # over budget that carries no payload ("pass" it unflagged, or "drop" it); one that carries
-    # payload is always dropped, so a flood can never push payload past the engine uninspected.
-    source_rate: int = 0
-    source_burst: int = 0
-    global_rate: int = DEFAULT_GLOBAL_RATE
-    global_burst: int = 0
-    over_budget: str = "pass"
-
-    def validate(self) -> None:
-        if not self.interfaces:
-            raise ConfigError("name at least one interface to attach to")
-        if len(set(self.interfaces)) != len(self.interfaces):
-            raise ConfigError("an interface is named twice")
-        if self.xdp_mode not in XDP_MODES:
-            raise ConfigError(f"xdp mode {self.xdp_mode!r}: use one of {', '.join(XDP_MODES)}")
-        bad = [r for r in self.reasons if r not in abi.REASON_BITS]
-        if bad:
-            raise ConfigError(f"flag reason {bad[0]!r}: use any of {', '.join(abi.REASON_BITS)}")
-        if not 0 <= self.first_n <= 1_000_000:
-            raise ConfigError(f"first-n {self.first_n}: use 0 (off) up to 1000000")
-        for p in self.watch_ports:
-            if not 1 <= p <= 65535:
-                raise ConfigError(f"watched port {p}: use 1-65535")
-        for name in ("source_rate", "source_burst", "global_rate", "global_burst"):
-            v = getattr(self, name)
-            if not 0 <= v <= 100_000_000:
-                raise ConfigError(f"{name.replace('_', '-')} {v}: use 0 (off) up to 100000000 per second")
-        if self.over_budget not in OVER_BUDGET:
-            raise ConfigError(f"over-budget {self.over_budget!r}: use one of {', '.join(OVER_BUDGET)}")
-        if not 1024 <= self.flow_table_size <= 1 << 24:
-            raise ConfigError(f"flow table size {self.flow_table_size}: use 1024 up to 16777216")
-        self.queue_rule()  # validates marks, queues, hooks, families
-
-    def queue_rule(self) -> netfilter.QueueRule:
-        return netfilter.QueueRule(self.mark, self.mark_mask, self.queue_first, self.queue_last,
-                                   self.fail_open, self.queue_cpu_fanout, tuple(self.hooks), tuple(self.families))
-
-    def config(self) -> abi.Config:
-        cfg = abi.Config()
-        cfg.mark_value = self.mark
-        cfg.mark_mask = self.mark_mask
-        cfg.reasons = sum(abi.REASON_BITS[r] for r in set(self.reasons))
-        cfg.first_n = self.first_n
-        if self.over_budget == "drop":
-            cfg.flags |= abi.CFG_OVER_DROP
-        if self.source_rate:
-            cfg.source_interval_ns, cfg.source_tolerance_ns = gcra_params(self.source_rate, self.source_burst)
-        if self.global_rate:
-            cfg.global_interval_ns, cfg.global_tolerance_ns = gcra_params(self.global_rate, self.global_burst)
-        return cfg
-
-
-def gcra_params(rate: int, burst: int) -> tuple[int, int]:
-    """(interval, tolerance) in ns of a GCRA bucket admitting ``rate`` packets per second with
-    bursts of ``burst`` packets (0: one second's worth)."""
-    interval = max(1, 1_000_000_000 // rate)
-    burst = burst or rate
-    return interval, interval * (max(1, burst) - 1)
-
 
 
 # -- state file ----------------------------------------------------------------------------------

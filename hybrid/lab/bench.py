@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from hybrid.datapath.attach import DEFAULT_MARK, DEFAULT_MASK
+from hybrid.datapath.options import DEFAULT_MARK, DEFAULT_MASK
 from hybrid.datapath.maps import Maps
 from hybrid.errors import ConfigError, HybridError
 from hybrid.kernel import abi, bpffs, sysutil

@@ -3,10 +3,10 @@
 A configuration file has five tables. Every key in ``[attach]`` is the ``hybridctl attach``
 option of the same name with dashes written as underscores (``--mark-mask`` -> ``mark_mask``,
 ``--watch-port`` -> ``watch_port``); options that can be repeated take a list (or one value).
+Those keys, their parsers, defaults and help are hybrid.datapath.options.ATTACH; this module
+declares the other tables with the same record (:class:`~hybrid.datapath.options.Option`).
 
-    [attach]    interfaces, xdp_mode, hook, mark, mark_mask, queues, fail_open, queue_cpu_fanout,
-                flag, first_n, watch_port, watch_prefix, block_prefix, family, flow_table_size,
-                source_rate, source_burst, global_rate, global_burst, over_budget
+    [attach]    hybrid.datapath.options.ATTACH (interfaces, xdp_mode, hook, mark, queues, ...)
     [engine]    rules (the rules file), flow_ttl (overrides the rules file's), queue_len
     [log]       level, verdicts (the engine's verdict log)
     [service]   keep_attached_on_stop, standby_engines
@@ -27,18 +27,16 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from hybrid.datapath import attach as att
+from hybrid.datapath.options import ATTACH, REQUIRED, AttachOptions, Choice, Int, Option, boolean, queue_range
 from hybrid.errors import ConfigError
 from hybrid.tomlfile import TomlFileError, TomlFormat, TomlSource, suggest
-from hybrid.kernel import abi
 
 DEFAULT_PATH = "/etc/hybrid/hybrid.toml"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9469"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECTIONS = ("attach", "engine", "log", "service", "metrics")
-REQUIRED = object()   # a field without a default
 
 
 class ConfigFileError(TomlFileError):
@@ -55,87 +53,7 @@ CONFIG_FILE = TomlFormat(ConfigFileError, "the configuration", "[section] header
                          missing_hint=" (write one from examples/hybrid.toml, or give --config)")
 
 
-# -- value parsers: each returns the normalised value or raises ValueError(message) ---------------
-
-def _int(lo: int, hi: int, example: str) -> Callable[[Any], int]:
-    def parse(value) -> int:
-        if isinstance(value, str):
-            try:
-                value = int(value.strip(), 0)
-            except ValueError:
-                raise ValueError(f"{value!r}: write a number, e.g. {example}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{value!r}: write a number, e.g. {example}")
-        if not lo <= value <= hi:
-            raise ValueError(f"{value}: use {lo} to {hi}")
-        return value
-    return parse
-
-
-def _bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ValueError(f"{value!r}: write true or false (no quotes)")
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
-    def parse(value) -> str:
-        if isinstance(value, str) and value in choices:
-            return value
-        raise ValueError(f"{value!r}: write one of {', '.join(choices)}")
-    return parse
-
-
-def _list(item: Callable[[Any], Any], *, split_commas: bool = False, nonempty: bool = False,
-          unique: bool = True) -> Callable[[Any], list]:
-    def parse(value) -> list:
-        if isinstance(value, str) and split_commas:
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
-        out = [item(v) for v in items]
-        if nonempty and not out:
-            raise ValueError("the list is empty; give at least one")
-        if unique:
-            dup = next((v for i, v in enumerate(out) if v in out[:i]), None)
-            if dup is not None:
-                raise ValueError(f"{dup!r} is given twice; keep one")
-        return out
-    return parse
-
-
-def _ifname(value) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[^\s/:]{1,15}", value):
-        raise ValueError(f"{value!r}: an interface name is 1-15 characters without spaces, '/' or ':', "
-                         "e.g. \"eth0\"")
-    return value
-
-
-def _cidr(value) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{value!r}: write a CIDR string like \"198.18.0.0/15\" or \"2001:db8::/32\"")
-    try:
-        return str(ipaddress.ip_network(value.strip(), strict=False))
-    except ValueError:
-        raise ValueError(f"{value!r}: not an IPv4 or IPv6 CIDR; write e.g. \"198.18.0.0/15\" or "
-                         "\"2001:db8::/32\"") from None
-
-
-def _queues(value) -> str:
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r}: write a queue number or a range, e.g. 0 or \"0-1\"")
-    if isinstance(value, int):
-        value = str(value)
-    if not isinstance(value, str):
-        raise ValueError(f"{value!r}: write a queue number or a range, e.g. 0 or \"0-1\"")
-    first, sep, last = value.partition("-")
-    try:
-        a, b = int(first), int(last if sep else first)
-    except ValueError:
-        raise ValueError(f"{value!r}: write a queue number or a range, e.g. 0 or \"0-1\"") from None
-    if not 0 <= a <= b <= 65535:
-        raise ValueError(f"{value!r}: need 0 <= first <= last <= 65535")
-    return str(a) if a == b else f"{a}-{b}"
-
+# -- value parsers of the other tables (the shared ones are in hybrid.datapath.options) ---------
 
 def _path(value) -> str:
     if not isinstance(value, str) or not value.strip():
@@ -173,94 +91,33 @@ def split_listen(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
-# -- the schema -----------------------------------------------------------------------------------
+# -- the schema: the attach options, then the other tables -----------------------------------------
 
-@dataclass(frozen=True)
-class Field:
-    section: str
-    key: str
-    parse: Callable[[Any], Any]
-    default: Any
-    help: str
-    cli: str                     # the override option of `hybridctl run` / `config show`
-    kind: str = "value"          # value | list | flag (boolean with a --no form) | commas
-    metavar: str | None = None
-    hex: bool = False            # shown as 0x... by `config show`
-
-    @property
-    def name(self) -> str:
-        return f"{self.section}.{self.key}"
-
-
-_REASONS = tuple(abi.REASON_BITS)
-FIELDS: tuple[Field, ...] = (
-    Field("attach", "interfaces", _list(_ifname, nonempty=True), REQUIRED,
-          "Interfaces to attach to (a gateway: both sides).", "--interface", "list", "IFACE"),
-    Field("attach", "xdp_mode", _choice(att.XDP_MODES), "auto",
-          "auto: native XDP on physical NICs, none on veth/virtual links; off: tc only.", "--xdp-mode", metavar="|".join(att.XDP_MODES)),
-    Field("attach", "hook", _list(_choice(("forward", "input")), nonempty=True), ["forward"],
-          "Netfilter hooks whose marked packets are queued (forward: a gateway; input: a host).", "--hook", "list", "forward|input"),
-    Field("attach", "mark", _int(1, 0xFFFFFFFF, "0x100000"), att.DEFAULT_MARK,
-          "Bit(s) set on flagged packets.", "--mark", hex=True),
-    Field("attach", "mark_mask", _int(1, 0xFFFFFFFF, "0x100000"), att.DEFAULT_MASK,
-          "Bits hybrid owns in the packet mark; others are never touched.", "--mark-mask", hex=True),
-    Field("attach", "queues", _queues, "0",
-          "NFQUEUE number, or a range spread with --queue-balance (one engine process per queue).",
-          "--queues", metavar="N|A-B"),
-    Field("attach", "fail_open", _bool, True,
-          "With no engine bound or a full queue: let flagged packets pass (true) or drop them (false).",
-          "--fail-open/--fail-closed", "flag"),
-    Field("attach", "queue_cpu_fanout", _bool, False,
-          "With a range of queues: pick the queue by the packet's CPU, not by a hash of its addresses.",
-          "--queue-cpu-fanout/--queue-balance-by-address", "flag"),
-    Field("attach", "flag", _list(_choice(_REASONS), split_commas=True), list(att.DEFAULT_REASONS),
-          f"Flag reasons to enable ({', '.join(_REASONS)}).", "--flag", "commas", "R1,R2"),
-    Field("attach", "first_n", _int(0, 1_000_000, "3"), att.DEFAULT_FIRST_N,
-          "Payload-carrying packets queued per direction at the start of every flow.", "--first-n"),
-    Field("attach", "watch_port", _list(_int(1, 65535, "53")), [],
-          "Queue every packet of flows on these ports.", "--watch-port", "list", "PORT"),
-    Field("attach", "watch_prefix", _list(_cidr), [],
-          "Queue every packet from or to these prefixes.", "--watch-prefix", "list", "CIDR"),
-    Field("attach", "block_prefix", _list(_cidr), [],
-          "Drop every packet from or to these prefixes in the kernel.", "--block-prefix", "list", "CIDR"),
-    Field("attach", "family", _list(_choice(("ipv4", "ipv6")), nonempty=True), ["ipv4", "ipv6"],
-          "Netfilter families to install the queue rule in.", "--family", "list", "ipv4|ipv6"),
-    Field("attach", "flow_table_size", _int(1024, 1 << 24, "131072"), 131072,
-          "Entries in the kernel flow table (LRU).", "--flow-table-size"),
-    Field("attach", "source_rate", _int(0, 100_000_000, "100"), 0,
-          "Admission: new flows per second one source may send to the engine (0: off).", "--source-rate"),
-    Field("attach", "source_burst", _int(0, 100_000_000, "200"), 0,
-          "Admission: burst above source_rate (0: one second's worth).", "--source-burst"),
-    Field("attach", "global_rate", _int(0, 100_000_000, "50000"), att.DEFAULT_GLOBAL_RATE,
-          "Admission: flagged packets per second for the whole gateway (0: off).", "--global-rate"),
-    Field("attach", "global_burst", _int(0, 100_000_000, "100000"), 0,
-          "Admission: burst above global_rate (0: one second's worth).", "--global-burst"),
-    Field("attach", "over_budget", _choice(att.OVER_BUDGET), "pass",
-          "An over-budget flagged packet without payload: pass it unflagged, or drop it.", "--over-budget", metavar="pass|drop"),
-    Field("engine", "rules", _path, REQUIRED,
-          "The verdict engine's rules file (TOML; see examples/rules/).", "--rules", metavar="FILE"),
-    Field("engine", "flow_ttl", _int(1, 10_000_000, "300"), None,
-          "Seconds a flow verdict lasts when its rule gives no ttl (overrides the rules file's flow_ttl).",
-          "--flow-ttl", metavar="SECONDS"),
-    Field("engine", "queue_len", _int(1, 1 << 20, "4096"), 4096,
-          "Packets the kernel holds for each engine before overflowing.", "--queue-len"),
-    Field("log", "level", _choice(LOG_LEVELS), "info",
-          "Least severe level of the JSON log lines on standard output.", "--log-level", metavar="|".join(LOG_LEVELS)),
-    Field("log", "verdicts", _log_target, None,
-          "The engines' verdict log, JSON lines, rate-limited ('-': standard output).", "--verdict-log",
-          metavar="FILE"),
-    Field("service", "keep_attached_on_stop", _bool, False,
-          "On SIGTERM leave the kernel side in place (a restart then has no blind window) instead of detaching.",
-          "--keep-attached/--detach-on-stop", "flag"),
-    Field("service", "standby_engines", _bool, True,
-          "Keep a spare engine per queue, started and waiting, so that a crashed engine's queue is bound "
-          "again in milliseconds, not the 0.4 s a new engine process takes (one idle process per queue).",
-          "--standby/--no-standby", "flag"),
-    Field("metrics", "enabled", _bool, False,
-          "Serve Prometheus metrics on /metrics.", "--metrics/--no-metrics", "flag"),
-    Field("metrics", "listen", _listen, DEFAULT_METRICS_LISTEN,
-          "Address and port of the metrics endpoint (localhost unless you open it).", "--metrics-listen",
-          metavar="HOST:PORT"),
+FIELDS: tuple[Option, ...] = ATTACH + (
+    Option("rules", "--rules", _path, REQUIRED,
+           "The verdict engine's rules file (TOML; see examples/rules/).", metavar="FILE", section="engine"),
+    Option("flow_ttl", "--flow-ttl", Int(1, 10_000_000, 300), None,
+           "Seconds a flow verdict lasts when its rule gives no ttl (overrides the rules file's flow_ttl).",
+           metavar="SECONDS", section="engine"),
+    Option("queue_len", "--queue-len", Int(1, 1 << 20, 4096), 4096,
+           "Packets the kernel holds for each engine before overflowing.", section="engine"),
+    Option("level", "--log-level", Choice(LOG_LEVELS), "info",
+           "Least severe level of the JSON log lines on standard output.", section="log"),
+    Option("verdicts", "--verdict-log", _log_target, None,
+           "The engines' verdict log, JSON lines, rate-limited ('-': standard output).", metavar="FILE",
+           section="log"),
+    Option("keep_attached_on_stop", "--keep-attached/--detach-on-stop", boolean, False,
+           "On SIGTERM leave the kernel side in place (a restart then has no blind window) instead of detaching.",
+           "flag", section="service"),
+    Option("standby_engines", "--standby/--no-standby", boolean, True,
+           "Keep a spare engine per queue, started and waiting, so that a crashed engine's queue is bound "
+           "again in milliseconds, not the 0.4 s a new engine process takes (one idle process per queue).",
+           "flag", section="service"),
+    Option("enabled", "--metrics/--no-metrics", boolean, False,
+           "Serve Prometheus metrics on /metrics.", "flag", section="metrics"),
+    Option("listen", "--metrics-listen", _listen, DEFAULT_METRICS_LISTEN,
+           "Address and port of the metrics endpoint (localhost unless you open it).", metavar="HOST:PORT",
+           section="metrics"),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 PATH_FIELDS = ("engine.rules", "log.verdicts")
@@ -281,22 +138,10 @@ class Config:
 
     @property
     def queues(self) -> tuple[int, int]:
-        first, _, last = self.values["attach.queues"].partition("-")
-        return int(first), int(last or first)
+        return queue_range(self.values["attach.queues"])
 
-    def attach_options(self) -> att.AttachOptions:
-        v = self.values
-        first, last = self.queues
-        return att.AttachOptions(
-            interfaces=list(v["attach.interfaces"]), xdp_mode=v["attach.xdp_mode"], hooks=tuple(v["attach.hook"]),
-            mark=v["attach.mark"], mark_mask=v["attach.mark_mask"], queue_first=first, queue_last=last,
-            fail_open=v["attach.fail_open"], queue_cpu_fanout=v["attach.queue_cpu_fanout"],
-            reasons=tuple(v["attach.flag"]), first_n=v["attach.first_n"],
-            watch_ports=tuple(v["attach.watch_port"]), watch_prefixes=tuple(v["attach.watch_prefix"]),
-            block_prefixes=tuple(v["attach.block_prefix"]), families=tuple(v["attach.family"]),
-            flow_table_size=v["attach.flow_table_size"], source_rate=v["attach.source_rate"],
-            source_burst=v["attach.source_burst"], global_rate=v["attach.global_rate"],
-            global_burst=v["attach.global_burst"], over_budget=v["attach.over_budget"])
+    def attach_options(self) -> AttachOptions:
+        return AttachOptions.from_values(self.section("attach"))
 
     def section(self, name: str) -> dict[str, Any]:
         return {f.key: self.values[f.name] for f in FIELDS if f.section == name}
@@ -378,7 +223,7 @@ def load(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None
         try:
             value = f.parse(raw)
         except ValueError as exc:
-            raise ConfigFileError(f.cli.split("/")[0], None, str(exc)) from None
+            raise ConfigFileError(f.option, None, str(exc)) from None
         if f.name in PATH_FIELDS and value != "-":
             value = os.path.abspath(value)
         values[name], origin[name] = value, "command line"
@@ -388,7 +233,7 @@ def load(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None
                 where = path or "the configuration"
                 raise ConfigFileError(where, src.line(f.section) if src else None,
                                       f"{f.name} is required: set {f.key} under [{f.section}]"
-                                      f" (or give {f.cli})")
+                                      f" (or give {f.option})")
             values[f.name] = list(f.default) if isinstance(f.default, list) else f.default
             origin[f.name] = "default"
     cfg = Config(path, values, origin)
@@ -403,7 +248,7 @@ def _check_whole(cfg: Config, src: TomlSource | None) -> None:
         if src is not None and cfg.origin[f"{section}.{key}"] == "file":
             return src.error(section, key, message)
         f = BY_NAME[f"{section}.{key}"]
-        return ConfigFileError(cfg.path if cfg.origin[f.name] == "default" and cfg.path else f.cli.split("/")[0],
+        return ConfigFileError(cfg.path if cfg.origin[f.name] == "default" and cfg.path else f.option,
                                None, message)
 
     mark, mask = cfg["attach.mark"], cfg["attach.mark_mask"]

@@ -7,12 +7,14 @@ import logging
 import os
 import textwrap
 
+import click
 import pytest
 from click.testing import CliRunner
 from hybrid.cli.main import main
 
-from hybrid.datapath import attach as att
+from hybrid.datapath import options as att
 from hybrid.engine.rules import compile_rules, load_rules
+from hybrid.errors import ConfigError
 from hybrid.service import config as hcfg
 from hybrid.service.supervisor import JsonFormatter, event
 
@@ -209,6 +211,21 @@ def test_config_check_ok(write, tmp_path):
                          f"{tmp_path / 'rules.toml'} (0 rules); metrics off\n"
 
 
+def test_config_check_takes_the_file_as_an_argument_too(write, tmp_path):
+    path = write(MINIMAL)
+    by_option = cli("config", "check", "--config", path)
+    for args in ([path], [path, "--config", path], [os.path.relpath(path), "--config", path]):
+        res = cli("config", "check", *args)
+        assert res.exit_code == 0, res.output
+        assert res.output == by_option.output
+    other = str(tmp_path / "other.toml")
+    res = cli("config", "check", path, "--config", other)
+    assert res.exit_code == 2
+    assert res.output == f"Error: two configuration files, {path} and --config {other}: give one " \
+                         "(see 'main config check --help')\n"
+    assert "hybridctl config check examples/hybrid.toml" in cli("config", "check", "--help").output
+
+
 def test_config_check_error_is_one_bare_line(write):
     path = write('[attach]\ninterfaces = ["eth0"]\nxdp_mode = "fast"\n[engine]\nrules = "rules.toml"\n')
     res = cli("config", "check", "--config", path)
@@ -253,6 +270,59 @@ def test_run_and_show_offer_an_override_for_every_key():
         text = cli(*args).output
         for f in hcfg.FIELDS:
             assert f"[file: {f.key} in [{f.section}]]" in " ".join(text.split()), (cmd, f.name)
+
+
+def _help_of(command) -> dict[str, str]:
+    """option spelling -> help text of a click command."""
+    return {name: p.help for p in command.params if isinstance(p, click.Option)
+            for name in p.opts + p.secondary_opts}
+
+
+def test_every_attach_option_is_a_key_an_attach_option_and_a_run_option():
+    """One schema: every entry is a key of [attach], an option of `hybridctl attach` (but the
+    interfaces, its arguments) and an override of `hybridctl run` and `config show`, each with
+    the schema's help text."""
+    assert [f for f in hcfg.FIELDS if f.section == "attach"] == list(att.ATTACH)
+    attach_help = _help_of(main.commands["attach"])
+    run_help = _help_of(main.commands["run"])
+    show_help = _help_of(main.commands["config"].commands["show"])
+    for opt in att.ATTACH:
+        assert run_help[opt.option].startswith(opt.help), opt.key
+        assert show_help[opt.option] == run_help[opt.option], opt.key
+        if opt.key == "interfaces":
+            assert "interfaces" in [p.name for p in main.commands["attach"].params if isinstance(p, click.Argument)]
+            continue
+        assert attach_help[opt.option].startswith(opt.help), opt.key
+        for spelling in opt.cli.split("/"):
+            assert spelling in attach_help and spelling in run_help, spelling
+
+
+def test_attach_options_default_to_the_schema():
+    """AttachOptions' defaults are the schema's, and the values round-trip through the parsers."""
+    opts = att.AttachOptions(interfaces=["eth0"])
+    values = opts.values()
+    for opt in att.ATTACH:
+        if opt.key != "interfaces":
+            assert opt.parse(values[opt.key]) == opt.default, opt.key
+    assert att.AttachOptions.from_values(values) == opts
+    assert att.AttachOptions.from_values({"interfaces": ["eth0"], "queues": "2-3"}).queue_rule().queue_target() == \
+        "NFQUEUE --queue-balance 2:3 --queue-bypass"
+
+
+def test_attach_help_shows_each_default_once():
+    text = " ".join(cli("attach", "--help").output.split())
+    for shown in ("[default: 0x100000]", "[default: forward]", "[default: fail-open]", "[default: all]",
+                  f"[default: {att.DEFAULT_GLOBAL_RATE}]", "[default: ipv4, ipv6]", "[default: pass]"):
+        assert shown in text, shown
+
+
+def test_validate_refuses_what_the_parsers_refuse():
+    with pytest.raises(ConfigError, match=r"^first_n 2000000: use 0 to 1000000$"):
+        att.AttachOptions(interfaces=["eth0"], first_n=2_000_000).validate()
+    with pytest.raises(ConfigError, match=r"^flag 'nope': write one of syn, "):
+        att.AttachOptions(interfaces=["eth0"], reasons=("syn", "nope")).validate()
+    with pytest.raises(ConfigError, match=r"^an interface is named twice$"):
+        att.AttachOptions(interfaces=["eth0", "eth0"]).validate()
 
 
 # -- the log format ----------------------------------------------------------------------------------
