@@ -9,7 +9,8 @@ maps alive and lists their ids, which is how a fresh process finds the state whe
 unreachable). Each ``Maps`` owns its fds; close it, or use it as a context manager.
 
 Canonical flow keys: :func:`canonical_order` (inlined in :func:`flow_key_bytes`) is the Python
-twin of ``flow_key_build()`` in bpf/hybrid.bpf.c. Change both.
+twin of ``flow_key_build()`` in bpf/hybrid.bpf.c, and :func:`packet_key_ports` of the ports
+``parse_packet()`` puts in a packet's key. Change both.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def flow_key(src: str | IPAddress, dst: str | IPAddress, sport: int, dport: int,
              vlan: int = 0) -> tuple[abi.FlowKey, int]:
     """The canonical key of the flow a packet src:sport -> dst:dport belongs to, and the
     packet's direction (0: from lo). Ports are host-order numbers; for ICMP/ICMPv6 echo pass
-    the identifier as both ports, 0 for other ICMP."""
+    the identifier as both ports, 0 for other ICMP (:func:`packet_key_ports` picks them from a
+    packet)."""
     for port in (sport, dport):
         if not 0 <= port <= 0xFFFF:
             raise ConfigError(f"port {port} is out of range 0-65535")
@@ -106,6 +108,40 @@ def flow_key_bytes(src: bytes, dst: bytes, sport: int, dport: int, proto: int,
     if (s, sport) > (d, dport):                    # canonical_order() == 1
         return d + s + _KEY_PORTS.pack(dport, sport) + tail, 1
     return s + d + _KEY_PORTS.pack(sport, dport) + tail, 0
+
+
+# The ICMP types whose identifier keys the flow, per transport protocol, as parse_packet() in
+# bpf/hybrid.bpf.c tests them: ICMP_ECHOREPLY and ICMP_ECHO over IPv4, ICMPV6_ECHO_REQUEST and
+# ICMPV6_ECHO_REPLY over IPv6. Each family's own numbers only: an ICMP type 128 or an ICMPv6
+# type 8 is no echo message and is keyed with port 0.
+ECHO_TYPES = {abi.IPPROTO_ICMP: (0, 8), abi.IPPROTO_ICMPV6: (128, 129)}
+
+
+def packet_key_ports(version: int, proto: int, sport: int, dport: int, l4: bytes,
+                     l4_off: int) -> tuple[int, int] | None:
+    """The two ports parse_packet() in bpf/hybrid.bpf.c keys a packet's flow by (host-order
+    numbers), from the packet's IP version, transport protocol and decoded ports, and ``l4``
+    holding its transport header at ``l4_off``:
+
+    - TCP, UDP: ``(sport, dport)``;
+    - ICMP over IPv4, ICMPv6 over IPv6: the echo identifier as both ports for the family's echo
+      types (:data:`ECHO_TYPES`), ``(0, 0)`` for any other type;
+    - ICMP over IPv6, ICMPv6 over IPv4, an ICMP header shorter than 8 bytes: ``None``, the tc
+      program builds no key (it flags the packet MALFORMED);
+    - any other protocol: ``(0, 0)``, the flow is keyed by addresses and protocol alone.
+
+    Change it with parse_packet()."""
+    if proto == abi.IPPROTO_TCP or proto == abi.IPPROTO_UDP:
+        return sport, dport
+    echo = ECHO_TYPES.get(proto)
+    if echo is None:
+        return 0, 0
+    if (proto == abi.IPPROTO_ICMPV6) != (version == 6) or len(l4) < l4_off + 8:
+        return None
+    if l4[l4_off] in echo:
+        ident = (l4[l4_off + 4] << 8) | l4[l4_off + 5]
+        return ident, ident
+    return 0, 0
 
 
 def key_ports(key: abi.FlowKey) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """The verdict engine: one process per NFQUEUE, deciding what happens to each queued packet and
 feeding flow verdicts back into the kernel's flow table.
 
-Per packet: decode (hybrid.packet) -> first matching rule (hybrid.rules) -> flow follow-up
+Per packet: decode (hybrid.packet) -> a ClientHello or request head split over TCP segments
+held back until joined (hybrid.engine.join) -> first matching rule (hybrid.rules) -> flow follow-up
 written to the pinned flow table *before* the packet's verdict, so that the flow's next packets
 are already bypassed or blocked in the kernel -> the packet verdict:
 
@@ -31,16 +32,9 @@ from dataclasses import dataclass, field
 
 from hybrid import instance as inst
 from hybrid.datapath import queues
-from hybrid.datapath.maps import flow_key_bytes
 from hybrid.engine import rewrite
-from hybrid.engine.packet import (
-    Packet,
-    client_hello_missing,
-    decode,
-    http_head_missing,
-    parse_http,
-    parse_sni,
-)
+from hybrid.engine.join import DECIDE, JOIN_TTL, SegmentJoiner, Step
+from hybrid.engine.packet import Packet, decode
 from hybrid.engine.rules import Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError
 from hybrid.kernel import abi, nfq
@@ -48,17 +42,6 @@ from hybrid.kernel import abi, nfq
 log = logging.getLogger(__name__)
 
 FLOW_VERDICTS = {"bypass": abi.VERDICT_BYPASS, "block": abi.VERDICT_BLOCK, "inspect": abi.VERDICT_INSPECT}
-# Joining ClientHellos split over TCP segments: bounded in flows, bytes and time, so a flood of
-# half-sent handshakes costs memory we chose, not memory an attacker chooses.
-HELLO_MAX_FLOWS = 4096
-HELLO_MAX_BYTES = 16384 + 5          # one TLS record
-# A held flow is kept in INSPECT for JOIN_TTL seconds from its latest held segment: longer than
-# servers wait for a request head (nginx: 60 s), so that pausing between pieces cannot outlast
-# the INSPECT and let the rest pass unqueued. An entry idle for HELLO_TIMEOUT may be dropped when
-# the table is full (then counted as abandoned); a slow sender is otherwise joined however slow.
-JOIN_TTL = 120.0
-HELLO_TIMEOUT = 5.0
-HTTP_HEAD_MAX_BYTES = 32768          # a request head this long without a Host line is decided as is
 STATS_INTERVAL = 0.5   # seconds between stats-file writes while counters change
 # Decision-time histogram: the handler's duration in ns lands in slot dt.bit_length(), i.e. slot i
 # counts 2**(i-1) <= dt < 2**i (slot 0: dt == 0). Powers of two need no search and no clamp (a
@@ -153,9 +136,7 @@ class Engine:
         self._raw4: socket.socket | None = None
         self._raw6: socket.socket | None = None
         self._ifnames: dict[int, str | None] = {}
-        # (src, sport, dst, dport) -> [joined bytes, next expected TCP seq, evictable after (monotonic), is_http]
-        self._hellos: dict[tuple, list] = {}
-        self._ended_join = False           # the packet in hand ended a join (its flow is in INSPECT)
+        self.joiner = SegmentJoiner(self.stats)   # split ClientHellos and request heads (join.py)
         self._stop = False
         self._dirty = False
         self._publisher: threading.Thread | None = None
@@ -271,14 +252,19 @@ class Engine:
             rules = self.rules
             if rules.needs_indev:
                 pkt.indev = self._ifname(nfpkt.indev)
-            if rules.needs_join and pkt.proto == 6 and pkt.payload_len and self._hold_hello(pkt, nfpkt):
-                self._dirty = True
-                return
+            ended_join = False
+            if rules.needs_join and pkt.proto == 6 and pkt.payload_len:
+                j = self.joiner.offer(pkt, rules)
+                if j is not DECIDE:
+                    if j.held:
+                        self._hold(pkt, nfpkt, j.step)
+                        return
+                    ended_join = True      # GAP or JOINED: the flow is in the join's INSPECT
+                    if j.data is not None:
+                        pkt.set_joined(j.data, http=j.http)
             d = rules.decide(pkt)
-            if self._ended_join:           # the flow is in the join's INSPECT: the decision replaces it
-                self._ended_join = False
-                if d.flow not in FLOW_VERDICTS:
-                    self._flow_verdict(pkt, _NONE_AFTER_JOIN)
+            if ended_join and d.flow not in FLOW_VERDICTS:    # the decision replaces the INSPECT
+                self._flow_verdict(pkt, _NONE_AFTER_JOIN)
             if d.flow in FLOW_VERDICTS:
                 self._flow_verdict(pkt, d)
             if d.action == "accept":
@@ -308,81 +294,14 @@ class Engine:
             stats.decision_ns_log2[dt.bit_length()] += 1
             stats.decision_ns_sum += dt
 
-    def _hold_hello(self, pkt: Packet, nfpkt) -> bool:
-        """Join a ClientHello, or an HTTP request head, split over TCP segments (only when some
-        rule reads the SNI, or the Host, method or path). True: this segment was held back
-        (accepted, the flow kept in INSPECT so its next segments are queued too); False: decide
-        now, with ``pkt``'s SNI or HTTP request taken from the joined bytes when a join just
-        completed. The server gets each held segment, but not the whole ClientHello or request
-        until the engine has decided on it."""
-        first = pkt.raw[pkt.payload_off]
-        if not self._hellos and first != 0x16 and not 0x41 <= first <= 0x5A:
-            return False                    # neither a TLS record nor a method, nothing held: most packets
-        key = (pkt.src_bytes, pkt.sport, pkt.dst_bytes, pkt.dport)
-        held = self._hellos.get(key) if self._hellos else None
-        st = self.stats
-        if held is None:
-            if first == 0x16 and self.rules.needs_sni:
-                is_http = False
-                if pkt.tls_sni is not None or not client_hello_missing(pkt.payload):
-                    return False
-            elif first != 0x16 and self.rules.needs_http and http_head_missing(pkt.payload):
-                is_http = True
-            else:
-                return False
-            now = time.monotonic()
-            if len(self._hellos) >= HELLO_MAX_FLOWS:
-                self._expire_hellos(now)
-                if len(self._hellos) >= HELLO_MAX_FLOWS:
-                    if is_http:
-                        st.http_heads_abandoned += 1
-                    else:
-                        st.hellos_abandoned += 1
-                    return False
-            self._hellos[key] = [pkt.payload, (pkt.tcp_seq + pkt.payload_len) & 0xFFFFFFFF, now + HELLO_TIMEOUT,
-                                 is_http]
+    def _hold(self, pkt: Packet, nfpkt, step: Step) -> None:
+        """A segment the joiner holds back: accepted without a decision; a new or grown join
+        keeps its flow in INSPECT for JOIN_TTL from now, so that the flow's next segments are
+        queued too (a retransmission changes nothing)."""
+        if step is Step.HOLD:
             self._flow_verdict(pkt, _INSPECT_WHILE_JOINING)
-            self._accept(nfpkt)
-            return True
-        now = time.monotonic()
-        data, expect, _, is_http = held
-        if pkt.tcp_seq != expect:
-            if ((expect - pkt.tcp_seq) & 0xFFFFFFFF) < 0x80000000:   # a retransmission: already held
-                self._accept(nfpkt)
-                return True
-            del self._hellos[key]                                     # a gap: decide on what we have
-            self._ended_join = True
-            self._abandoned(is_http)
-            return False
-        data += pkt.payload
-        if is_http:
-            missing, limit = http_head_missing(data), HTTP_HEAD_MAX_BYTES
-        else:
-            missing, limit = client_hello_missing(data), HELLO_MAX_BYTES
-        if missing and len(data) < limit:
-            held[0], held[1], held[2] = data, (expect + pkt.payload_len) & 0xFFFFFFFF, now + HELLO_TIMEOUT
-            self._flow_verdict(pkt, _INSPECT_WHILE_JOINING)       # JOIN_TTL from now
-            self._accept(nfpkt)
-            return True
-        del self._hellos[key]                                          # decide this segment on the whole
-        self._ended_join = True
-        if is_http:
-            pkt._http = parse_http(data)
-            st.http_heads_joined += 1
-        else:
-            pkt._sni = parse_sni(data)
-            st.hellos_joined += 1
-        return False
-
-    def _abandoned(self, is_http: bool) -> None:
-        if is_http:
-            self.stats.http_heads_abandoned += 1
-        else:
-            self.stats.hellos_abandoned += 1
-
-    def _expire_hellos(self, now: float) -> None:
-        for k in [k for k, v in self._hellos.items() if v[2] <= now]:
-            self._abandoned(self._hellos.pop(k)[3])
+        self._accept(nfpkt)
+        self._dirty = True
 
     def _verdict(self, nfpkt, pkt: Packet, d: Decision) -> None:
         action = d.action
@@ -421,16 +340,13 @@ class Engine:
         return rewrite.set_payload(pkt, spec[1])
 
     def _flow_verdict(self, pkt: Packet, d: Decision) -> None:
-        if self.maps is None or pkt.version == 0 or pkt.fragment or pkt.error:
+        if self.maps is None:
             return
-        sport, dport = pkt.sport, pkt.dport
-        if pkt.icmp_type in (8, 0, 128, 129):           # echo: the identifier keys the flow
-            sport = dport = int.from_bytes(pkt.raw[pkt.l4_off + 4:pkt.l4_off + 6], "big")
-        elif pkt.icmp_type >= 0:
-            sport = dport = 0
-        key, _ = flow_key_bytes(pkt.src_bytes, pkt.dst_bytes, sport, dport, pkt.proto)
+        key = pkt.flow_key()            # the key tc builds for it; None: tc keys no such packet
+        if key is None:
+            return
         try:   # d.ttl: positive seconds (the rules compiler and _merge_verdict() check it)
-            self.maps.write_verdict(key, _FLOW_CODES[d.flow], max(1, int(d.ttl * 1e9)))
+            self.maps.write_verdict(key[0], _FLOW_CODES[d.flow], max(1, int(d.ttl * 1e9)))
             if d.flow in FLOW_VERDICTS:
                 self.stats.flow_verdicts[d.flow] += 1
         except HybridError as exc:
@@ -506,8 +422,8 @@ class Engine:
                 log.warning("cannot write engine stats to %s: %s", self.stats_path, exc)
 
 
-# The flow follow-up while a split ClientHello is being joined: every packet of the flow is
-# queued (INSPECT), for no longer than the join may take.
+# The flow follow-up while a split ClientHello or request head is being joined: every packet of
+# the flow is queued (INSPECT), for no longer than the join may take.
 _INSPECT_WHILE_JOINING = Decision(rule=None, action="accept", mark=None, rewrite=None, reject_with=None,
                                   flow="inspect", ttl=JOIN_TTL, log=False)
 # A decision that leaves the flow alone, after a join: the join's INSPECT is ended (back to NONE).

@@ -12,7 +12,7 @@ type/code, ``None``). Lazy views of a broken or irrelevant packet are ``None``.
 
 The rules follow the tc classifier in bpf/hybrid.bpf.c: ICMP only over IPv4 and ICMPv6 only over
 IPv6; a non-first fragment has no transport header; ICMP echo flows are keyed by the identifier
-(see :meth:`Packet.flow_tuple` and :func:`hybrid.maps.flow_key`).
+(see :meth:`Packet.flow_key`, :meth:`Packet.flow_tuple` and :func:`hybrid.maps.packet_key_ports`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import ipaddress
 import struct
 from typing import NamedTuple
 
+from hybrid.datapath.maps import flow_key_bytes, packet_key_ports
 from hybrid.kernel.abi import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP  # noqa: F401 (re-exported)
 
 __all__ = ["HttpRequest", "Packet", "decode"]
@@ -37,8 +38,6 @@ _HOPOPTS, _ROUTING, _FRAGMENT, _AH, _DSTOPTS = 0, 43, 44, 51, 60
 _MAX_EXT_HEADERS = 8
 _V6_EXT = frozenset((_HOPOPTS, _ROUTING, _FRAGMENT, _AH, _DSTOPTS))
 
-_ECHO_TYPES = {4: (0, 8), 6: (128, 129)}     # (reply, request) per IP version
-
 _UNSET = object()                           # "lazy field not computed yet"
 _new = object.__new__
 _HTTP_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
@@ -53,7 +52,8 @@ class HttpRequest(NamedTuple):
 
 
 class Packet:
-    """One decoded IP packet. Build it with :func:`decode`; read-only by convention.
+    """One decoded IP packet, built by :func:`decode` only (it has no constructor). Read-only
+    by convention, except ``indev`` and :meth:`set_joined`, which the engine sets.
 
     ``ip_hlen`` counts every header before the transport one (IPv4 options, IPv6 extension
     headers), so ``l4_off == ip_hlen``. ``payload_off``/``payload_len`` delimit the transport
@@ -65,28 +65,6 @@ class Packet:
                  "tcp_flags", "tcp_seq", "tcp_ack", "icmp_type", "icmp_code", "ip_hlen",
                  "l4_off", "payload_off", "payload_len", "fragment", "error", "indev",
                  "_src", "_dst", "_payload", "_http", "_sni", "_dns")
-
-    def __init__(self, raw: bytes):
-        self.raw = raw
-        self.version = 0
-        self.proto = 0
-        self.src_bytes = b""
-        self.dst_bytes = b""
-        self.sport = 0
-        self.dport = 0
-        self.tcp_flags = 0
-        self.tcp_seq = 0
-        self.tcp_ack = 0
-        self.icmp_type = -1
-        self.icmp_code = -1
-        self.ip_hlen = 0
-        self.l4_off = 0
-        self.payload_off = 0
-        self.payload_len = 0
-        self.fragment = False
-        self.error: str | None = None
-        self.indev: str | None = None
-        self._src = self._dst = self._payload = self._http = self._sni = self._dns = _UNSET
 
     def __repr__(self) -> str:
         if not self.version:
@@ -121,11 +99,27 @@ class Packet:
     def flow_tuple(self) -> tuple:
         """``(src, dst, sport, dport, proto)`` ready for :func:`hybrid.maps.flow_key`: addresses
         as ``ipaddress`` objects (``None`` if undecodable), and for ICMP/ICMPv6 echo the
-        identifier as both ports, like the BPF classifier."""
+        identifier as both ports, like the BPF classifier (:func:`hybrid.maps.packet_key_ports`)."""
         sport, dport = self.sport, self.dport
-        if self.icmp_type in _ECHO_TYPES.get(self.version, ()) and self.payload_off >= self.l4_off + 8:
-            sport = dport = _U16(self.raw, self.l4_off + 4)[0]
+        if self.icmp_type >= 0:                 # an ICMP header of the packet's own IP version
+            sport, dport = packet_key_ports(self.version, self.proto, sport, dport, self.raw, self.l4_off)
         return (self.src, self.dst, sport, dport, self.proto)
+
+    def flow_key(self) -> tuple[bytes, int] | None:
+        """The key the tc program builds for this packet, as the bytes of ``struct flow_key``
+        (VLAN 0: a queued packet has no link-layer header), and the packet's direction (0: from
+        the "lo" endpoint). ``None`` where the tc program builds none: not IP, a fragment, a
+        header that does not decode, ICMP over the other IP version. The verdict engine writes
+        its flow verdicts under this key."""
+        if not self.version or self.fragment or self.error:
+            return None
+        proto = self.proto
+        if proto == 6 or proto == 17:           # TCP, UDP: their ports (packet_key_ports() without the call)
+            return flow_key_bytes(self.src_bytes, self.dst_bytes, self.sport, self.dport, proto)
+        ports = packet_key_ports(self.version, proto, self.sport, self.dport, self.raw, self.l4_off)
+        if ports is None:
+            return None
+        return flow_key_bytes(self.src_bytes, self.dst_bytes, ports[0], ports[1], proto)
 
     # -- payload and protocol views --------------------------------------------------------
 
@@ -151,6 +145,15 @@ class Packet:
             self._sni = (_parse_sni(self.payload) if self.proto == IPPROTO_TCP and self.payload_len
                          and self.payload_off > self.l4_off else None)
         return self._sni
+
+    def set_joined(self, data: bytes, *, http: bool) -> None:
+        """Read this segment's ``http`` view (``http=True``) or its ``tls_sni`` view from
+        ``data`` instead of its own payload: the request head or ClientHello that the engine
+        joined from its flow's segments, ending with this one (hybrid.engine.join)."""
+        if http:
+            self._http = _parse_http(data)
+        else:
+            self._sni = _parse_sni(data)
 
     @property
     def dns_qname(self) -> str | None:
@@ -416,16 +419,6 @@ def http_head_missing(d: bytes) -> bool:
         if nxt == pos or d[pos:pos + 5].lower() == b"host:":
             return False                                 # end of headers, or a whole Host line
         pos = nxt + 2
-
-
-def parse_http(d: bytes) -> HttpRequest | None:
-    """The HTTP/1.x request at the start of ``d`` (the engine's joined segments)."""
-    return _parse_http(d)
-
-
-def parse_sni(d: bytes) -> str | None:
-    """The server_name of a ClientHello at the start of ``d`` (the engine's joined segments)."""
-    return _parse_sni(d)
 
 
 def _parse_sni(d: bytes) -> str | None:

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.all import IP, TCP, UDP, Raw
 
-from hybrid.engine.loop import JOIN_TTL, Engine, RateLimiter, VerdictLog
+from hybrid.engine.join import JOIN_TTL
+from hybrid.engine.loop import Engine, RateLimiter, VerdictLog
 from hybrid.kernel import abi
 
 pytestmark = pytest.mark.unit
@@ -159,7 +160,7 @@ def test_split_client_hello_is_joined_before_the_sni_rule_decides(name, decided)
     assert held >= 1                                     # at least one segment had no SNI
     assert e.stats.hellos_joined == 1 and p.verdicts == [decided]
     assert e.rules.counters["block-tls-sni"] == (1 if decided == "drop" else 0)
-    assert e._hellos == {}
+    assert len(e.joiner) == 0
 
 
 def test_split_client_hello_retransmission_and_gap():
@@ -171,7 +172,7 @@ def test_split_client_hello_retransmission_and_gap():
         assert p.verdicts == ["repeat"]
     p = FakePacket(segs[3])                           # segment 3 skipped: a gap, decide now
     e._handle(p)
-    assert e.stats.hellos_abandoned == 1 and e._hellos == {}
+    assert e.stats.hellos_abandoned == 1 and len(e.joiner) == 0
 
 
 def test_no_joining_when_no_rule_reads_the_sni():
@@ -179,7 +180,7 @@ def test_no_joining_when_no_rule_reads_the_sni():
     assert not e.rules.needs_sni
     p = FakePacket(segments(big_client_hello("a.tracker.example"), size=50)[0])
     e._handle(p)
-    assert p.verdicts == ["repeat"] and e._hellos == {}
+    assert p.verdicts == ["repeat"] and len(e.joiner) == 0
 
 
 def http_segments(head: bytes, size: int):
@@ -206,7 +207,7 @@ def test_split_http_head_is_joined_until_the_host_line_is_whole(size, host, deci
         assert p.verdicts == ["repeat"]
     assert e.stats.http_heads_joined == 1 and p.verdicts == [decided]
     assert e.rules.counters["block-http-host"] == (1 if decided == "drop" else 0)
-    assert e._hellos == {}
+    assert len(e.joiner) == 0
     assert e.stats.packets == -(-host_end // size)       # decided on the piece that ended the Host line
 
 
@@ -217,7 +218,7 @@ def test_whole_http_head_and_other_protocols_are_decided_at_once():
         p = FakePacket(http_segments(payload, len(payload))[0])
         e._handle(p)
         assert len(p.verdicts) == 1
-    assert e.stats.http_heads_joined == 0 and e._hellos == {}
+    assert e.stats.http_heads_joined == 0 and len(e.joiner) == 0
 
 
 def test_slow_http_pieces_are_joined_however_long_the_pause():
@@ -226,8 +227,8 @@ def test_slow_http_pieces_are_joined_however_long_the_pause():
     e = engine("realistic.toml")
     segs = http_segments(HEAD, 10)
     e._handle(FakePacket(segs[0]))
-    for entry in e._hellos.values():
-        entry[2] -= 3600                                  # an hour "passes"
+    for entry in e.joiner.flows.values():
+        entry.evictable_after -= 3600                     # an hour "passes"
     for raw in segs[1:]:
         p = FakePacket(raw)
         e._handle(p)
@@ -272,7 +273,7 @@ def test_no_http_joining_when_no_rule_reads_http():
     assert not e.rules.needs_http
     p = FakePacket(http_segments(HEAD, 10)[0])
     e._handle(p)
-    assert p.verdicts == ["repeat"] and e._hellos == {}
+    assert p.verdicts == ["repeat"] and len(e.joiner) == 0
 
 
 def test_a_stop_signal_mid_packet_ends_the_loop_and_still_gives_the_verdict():

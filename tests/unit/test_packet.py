@@ -38,6 +38,7 @@ def touch_all(p: Packet) -> None:
     for name in FIELDS + LAZY:
         getattr(p, name)
     p.flow_tuple()
+    p.flow_key()
     repr(p)
 
 
@@ -301,6 +302,32 @@ def test_slots_and_laziness():
     with pytest.raises(AttributeError):
         p.unknown = 1                                  # type: ignore[attr-defined]
     assert p.src is p.src and p.payload is p.payload
+
+
+def test_built_by_decode_only():
+    with pytest.raises(TypeError):
+        Packet(b"\x45")                                 # type: ignore[call-arg]
+
+
+def test_flow_key_is_none_where_tc_builds_none():
+    assert decode(b"").flow_key() is None
+    assert decode(bytes(IP(**V4, flags="MF") / UDP(sport=1, dport=2) / (b"a" * 16))).flow_key() is None
+    assert decode(bytes(IP(**V4) / TCP())[:30]).flow_key() is None          # truncated TCP header
+    assert decode(bytes(IPv6(**V6, nh=1) / ICMP())).flow_key() is None      # ICMP over IPv6
+    key, direction = decode(bytes(IP(**V4) / UDP(sport=1, dport=2))).flow_key()
+    assert len(key) == 40 and direction == 0
+
+
+def test_set_joined_reads_the_view_from_the_joined_bytes():
+    head = b"GET /a HTTP/1.1\r\nHost: Joined.Example\r\n\r\n"
+    p = decode(bytes(IP(**V4) / TCP(sport=1, dport=80, flags="PA") / head[-10:]))
+    assert p.http is None
+    p.set_joined(head, http=True)
+    assert p.http == HttpRequest("GET", "joined.example", "/a")
+    hello = client_hello("joined.example")
+    p = decode(bytes(IP(**V4) / TCP(sport=1, dport=443, flags="PA") / hello[-10:]))
+    p.set_joined(hello, http=False)
+    assert p.tls_sni == "joined.example" and p.http is None
 
 
 def test_ah_length_is_in_4_byte_units():
