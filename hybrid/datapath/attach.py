@@ -85,9 +85,9 @@ class State:
 
 def choose_xdp_mode(requested: str, link: netlink.LinkInfo) -> str:
     """The XDP mode for one interface. ``auto`` never picks a mode that costs throughput on the
-    interface at hand. Measured on veth (docs/design.md): native XDP strips the peer's software GSO
-    (-80% TCP throughput) and generic XDP copies every GSO super-packet (-10%); on veth the skb
-    already exists, so dropping at tc is as early as XDP would be. auto: veth and other virtual
+    interface at hand. On veth (measured in docs/design.md, "XDP mode") native XDP strips the peer's
+    software GSO and generic XDP copies every GSO super-packet, and the skb already exists, so
+    dropping at tc is as early as XDP would be. auto: veth and other virtual
     links -> off (tc enforces blocks), physical NICs -> native (drop before any skb exists)."""
     if requested != "auto":
         return requested

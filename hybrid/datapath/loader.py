@@ -1,7 +1,7 @@
 """Compiling and loading the datapath (bpf/hybrid.bpf.c) with bcc.
 
 Only the process that attaches imports this module: it needs bcc, LLVM and kernel headers. The
-verdict engine and status use hybrid.maps on pinned maps (or maps found through a program id)
+verdict engine and status use hybrid.datapath.maps on pinned maps (or maps found through a program id)
 and never compile anything.
 
 Load-time knobs go to the compiler as -D flags (HYBRID_FLOW_TABLE_SIZE, HYBRID_PREFIX_TABLE_SIZE,

@@ -1,6 +1,6 @@
 """Typed access to one hybrid instance's maps.
 
-Used by attach/status and by the verdict engine; it only talks to libbpf (hybrid.bpfsys), never
+Used by attach/status and by the verdict engine; it only talks to libbpf (hybrid.kernel.bpfsys), never
 to bcc, so a process using it needs no compiler and no kernel headers.
 
 Three ways to get at the maps: the pin directory (``Maps.open_pinned``), fds held by the loader
@@ -9,7 +9,7 @@ maps alive and lists their ids, which is how a fresh process finds the state whe
 unreachable). Each ``Maps`` owns its fds; close it, or use it as a context manager.
 
 Canonical flow keys: :func:`canonical_order` (inlined in :func:`flow_key_bytes`) is the Python
-twin of ``flow_key_build()`` in bpf/hybrid.bpf.c, and :func:`packet_key_ports` of the ports
+twin of ``flow_key_build()`` in bpf/flow_table.h, and :func:`packet_key_ports` of the ports
 ``parse_packet()`` puts in a packet's key. Change both.
 """
 
@@ -100,8 +100,8 @@ def flow_key_bytes(src: bytes, dst: bytes, sport: int, dport: int, proto: int,
                    vlan: int = 0) -> tuple[bytes, int]:
     """The flow key as the bytes of ``struct flow_key`` and the packet's direction: the verdict
     engine's per-packet path, which hands the bytes to the kernel as they are. Addresses in
-    packet form (4 or 16 bytes, network order), unchecked. A fifth of the cost of filling an
-    abi.FlowKey field by field, which measured 5.8 us."""
+    packet form (4 or 16 bytes, network order), unchecked. Much cheaper than filling an
+    abi.FlowKey field by field (docs/benchmarks.md, "where the engine's time went")."""
     s = IPV4_MAPPED_PREFIX + src if len(src) == 4 else src
     d = IPV4_MAPPED_PREFIX + dst if len(dst) == 4 else dst
     tail = _KEY_TAIL.pack(vlan, proto)
@@ -111,7 +111,7 @@ def flow_key_bytes(src: bytes, dst: bytes, sport: int, dport: int, proto: int,
 
 
 # The ICMP types whose identifier keys the flow, per transport protocol, as parse_packet() in
-# bpf/hybrid.bpf.c tests them: ICMP_ECHOREPLY and ICMP_ECHO over IPv4, ICMPV6_ECHO_REQUEST and
+# bpf/packet.h tests them: ICMP_ECHOREPLY and ICMP_ECHO over IPv4, ICMPV6_ECHO_REQUEST and
 # ICMPV6_ECHO_REPLY over IPv6. Each family's own numbers only: an ICMP type 128 or an ICMPv6
 # type 8 is no echo message and is keyed with port 0.
 ECHO_TYPES = {abi.IPPROTO_ICMP: (0, 8), abi.IPPROTO_ICMPV6: (128, 129)}
@@ -119,7 +119,7 @@ ECHO_TYPES = {abi.IPPROTO_ICMP: (0, 8), abi.IPPROTO_ICMPV6: (128, 129)}
 
 def packet_key_ports(version: int, proto: int, sport: int, dport: int, l4: bytes,
                      l4_off: int) -> tuple[int, int] | None:
-    """The two ports parse_packet() in bpf/hybrid.bpf.c keys a packet's flow by (host-order
+    """The two ports parse_packet() in bpf/packet.h keys a packet's flow by (host-order
     numbers), from the packet's IP version, transport protocol and decoded ports, and ``l4``
     holding its transport header at ``l4_off``:
 

@@ -31,9 +31,10 @@ XDP_MODES = ("auto", "native", "generic", "off")
 OVER_BUDGET = ("pass", "drop")
 DEFAULT_MARK = 0x00100000   # bit 20: clear of kube-proxy (0x4000/0x8000), Cilium (0x0F00-0xFF00),
 DEFAULT_MASK = 0x00100000   # Istio (0x539) and Weave (0x20000/0x40000); configurable for the rest
-# Flagged packets per second for the whole gateway, on by default: one engine decides ~80,000
-# packets/s of realistic rules on the reference machine (docs/benchmarks.md); half of that leaves
-# room for a slower box and for the kernel's own work on the queue. 0 turns it off.
+# Flagged packets per second for the whole gateway, on by default: about half of what one engine
+# decides per second with realistic rules on the reference machine (docs/benchmarks.md, "the
+# verdict engine against a bare consumer"), leaving room for a slower box and for the kernel's
+# own work on the queue. 0 turns it off.
 DEFAULT_GLOBAL_RATE = 40_000
 DEFAULT_FIRST_N = 3         # payload packets per direction; see docs/design.md for why 3
 DEFAULT_REASONS = tuple(abi.REASON_BITS)   # every reason, as written on the command line

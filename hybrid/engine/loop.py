@@ -1,8 +1,8 @@
 """The verdict engine: one process per NFQUEUE, deciding what happens to each queued packet and
 feeding flow verdicts back into the kernel's flow table.
 
-Per packet: decode (hybrid.packet) -> a ClientHello or request head split over TCP segments
-held back until joined (hybrid.engine.join) -> first matching rule (hybrid.rules) -> flow follow-up
+Per packet: decode (hybrid.engine.packet) -> a ClientHello or request head split over TCP segments
+held back until joined (hybrid.engine.join) -> first matching rule (hybrid.engine.rules) -> flow follow-up
 written to the pinned flow table *before* the packet's verdict, so that the flow's next packets
 are already bypassed or blocked in the kernel -> the packet verdict:
 

@@ -10,9 +10,9 @@ the payload bytes, and the protocol views ``http``, ``tls_sni``, ``dns_qname``/`
 the fields decoded before the problem set, and the others at their defaults (0, -1 for ICMP
 type/code, ``None``). Lazy views of a broken or irrelevant packet are ``None``.
 
-The rules follow the tc classifier in bpf/hybrid.bpf.c: ICMP only over IPv4 and ICMPv6 only over
+The rules follow the tc classifier's parse_packet() in bpf/packet.h: ICMP only over IPv4 and ICMPv6 only over
 IPv6; a non-first fragment has no transport header; ICMP echo flows are keyed by the identifier
-(see :meth:`Packet.flow_key`, :meth:`Packet.flow_tuple` and :func:`hybrid.maps.packet_key_ports`).
+(see :meth:`Packet.flow_key`, :meth:`Packet.flow_tuple` and :func:`hybrid.datapath.maps.packet_key_ports`).
 """
 
 from __future__ import annotations
@@ -97,9 +97,9 @@ class Packet:
         return int.from_bytes(self.dst_bytes, "big")
 
     def flow_tuple(self) -> tuple:
-        """``(src, dst, sport, dport, proto)`` ready for :func:`hybrid.maps.flow_key`: addresses
+        """``(src, dst, sport, dport, proto)`` ready for :func:`hybrid.datapath.maps.flow_key`: addresses
         as ``ipaddress`` objects (``None`` if undecodable), and for ICMP/ICMPv6 echo the
-        identifier as both ports, like the BPF classifier (:func:`hybrid.maps.packet_key_ports`)."""
+        identifier as both ports, like the BPF classifier (:func:`hybrid.datapath.maps.packet_key_ports`)."""
         sport, dport = self.sport, self.dport
         if self.icmp_type >= 0:                 # an ICMP header of the packet's own IP version
             sport, dport = packet_key_ports(self.version, self.proto, sport, dport, self.raw, self.l4_off)

@@ -1,7 +1,7 @@
 """Packets the verdict engine hands back to the kernel: rewritten payloads, TCP resets, ICMP
 unreachables.
 
-Every function takes a :class:`hybrid.packet.Packet` and returns new raw IP bytes with every
+Every function takes a :class:`hybrid.engine.packet.Packet` and returns new raw IP bytes with every
 length and checksum recomputed. Where a rewrite is impossible (not IP, a decode error, a
 fragment, no TCP/UDP/ICMP header, a result too long) it raises :class:`HybridError` with a one-line
 reason; it never raises anything else.

@@ -17,7 +17,7 @@ three lines. Relative paths are relative to the configuration file. Options give
 line override the file (:func:`load` ``overrides``).
 
 Every error in a file is a :class:`ConfigFileError`, one line ``FILE:LINE: what is wrong and
-what to write instead``, as hybrid/rules.py does for rules files.
+what to write instead``, through the TOML front-end rules files use too (hybrid/tomlfile.py).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ FIELDS: tuple[Option, ...] = ATTACH + (
            "flag", section="service"),
     Option("standby_engines", "--standby/--no-standby", boolean, True,
            "Keep a spare engine per queue, started and waiting, so that a crashed engine's queue is bound "
-           "again in milliseconds, not the 0.4 s a new engine process takes (one idle process per queue).",
+           "again in milliseconds, not the fraction of a second a new engine process takes (one idle process per queue; hybridctl bench --takeover measures both).",
            "flag", section="service"),
     Option("enabled", "--metrics/--no-metrics", boolean, False,
            "Serve Prometheus metrics on /metrics.", "flag", section="metrics"),

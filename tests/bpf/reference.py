@@ -1,4 +1,4 @@
-"""A pure-Python model of bpf/hybrid.bpf.c: the oracle the BPF tests (and later a fuzzer)
+"""A pure-Python model of the datapath in bpf/ (hybrid.bpf.c and its headers): the oracle the BPF tests (and later a fuzzer)
 compare the kernel against. It works on raw frame bytes, like the BPF code, and follows it step
 by step; change both together.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from hybrid.datapath.maps import canonical_order, parse_cidr
 from hybrid.kernel import abi
 
-# Parse outcomes (bpf/hybrid.bpf.c enum hybrid_pkt_status)
+# Parse outcomes (bpf/packet.h enum hybrid_pkt_status)
 PKT_OK, PKT_NOT_IP, PKT_BAD_L3, PKT_FRAGMENT, PKT_BAD_L4 = range(5)
 
 # tc verdicts as BPF_PROG_TEST_RUN returns them (retval is a u32): the program passes with
