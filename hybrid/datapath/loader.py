@@ -138,22 +138,21 @@ def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TAB
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise KernelFeatureError(f"compiling {src} with bcc failed ({detail}): {_kernel_hint()}") from exc
     try:
-        try:
-            xdp = bpf.load_func(abi.PROG_XDP.encode(), BPF.XDP)
-        except Exception as exc:
-            raise KernelFeatureError(
-                f"loading XDP program {abi.PROG_XDP} failed ({_last_line(exc)}): the verifier rejected it "
-                "or XDP is unsupported; run hybridctl doctor") from exc
-        try:
-            tc = bpf.load_func(abi.PROG_TC.encode(), BPF.SCHED_CLS)
-        except Exception as exc:
-            raise KernelFeatureError(
-                f"loading tc program {abi.PROG_TC} failed ({_last_line(exc)}): the verifier rejected it "
-                "or cls_bpf is unsupported; run hybridctl doctor") from exc
+        xdp = _load(bpf, abi.PROG_XDP, BPF.XDP, "XDP program", "XDP")
+        tc = _load(bpf, abi.PROG_TC, BPF.SCHED_CLS, "tc program", "cls_bpf")
     except BaseException:
         bpf.cleanup()
         raise
     return Datapath(bpf, xdp.fd, tc.fd, pin_dir)
+
+
+def _load(bpf, name: str, prog_type: int, what: str, feature: str):
+    """One program of the compiled object, loaded (verified); a one-line error naming it."""
+    try:
+        return bpf.load_func(name.encode(), prog_type)
+    except Exception as exc:  # bcc raises bare Exception when the verifier or the kernel refuses
+        raise KernelFeatureError(f"loading {what} {name} failed ({_last_line(exc)}): the verifier rejected it "
+                                 f"or {feature} is unsupported; run hybridctl doctor") from exc
 
 
 def _last_line(exc: BaseException) -> str:

@@ -155,17 +155,20 @@ def format_flow_key(key: abi.FlowKey) -> str:
     lo, hi = addr_from16(bytes(key.addr_lo)), addr_from16(bytes(key.addr_hi))
     plo, phi = key_ports(key)
     proto = abi.PROTO_NAMES.get(key.proto, f"proto-{key.proto}")
+    return f"{proto} {_endpoints(key.proto, lo, plo, hi, phi, ' <-> ')} vlan {key.vlan}"
 
+
+def _endpoints(proto: int, a: IPAddress, pa: int, b: IPAddress, pb: int, sep: str) -> str:
+    """The two endpoints of a flow as FLOW arguments write them: with ports for TCP and UDP
+    (IPv6 in brackets), with the echo id for ICMP, bare addresses otherwise."""
     def endpoint(ip: IPAddress, port: int) -> str:
         return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
 
-    if key.proto in (6, 17):
-        middle = f"{endpoint(lo, plo)} <-> {endpoint(hi, phi)}"
-    elif key.proto in abi.ICMP_PROTOS and plo:
-        middle = f"{lo} <-> {hi} id {plo}"
-    else:
-        middle = f"{lo} <-> {hi}"
-    return f"{proto} {middle} vlan {key.vlan}"
+    if proto in (abi.IPPROTO_TCP, abi.IPPROTO_UDP):
+        return f"{endpoint(a, pa)}{sep}{endpoint(b, pb)}"
+    if proto in abi.ICMP_PROTOS and pa:
+        return f"{a}{sep}{b} id {pa}"
+    return f"{a}{sep}{b}"
 
 
 def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None) -> dict:
@@ -183,16 +186,7 @@ def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None) -> di
     expires = flow.verdict_expires_ns
     live = flow.verdict != abi.VERDICT_NONE and (expires == 0 or expires > now)
     proto = abi.PROTO_NAMES.get(key.proto, str(key.proto))
-
-    def endpoint(ip: IPAddress, port: int) -> str:
-        return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
-
-    if key.proto in (6, 17):
-        spec = f"{proto} {endpoint(src, sport)} {endpoint(dst, dport)}"
-    elif key.proto in abi.ICMP_PROTOS and sport:
-        spec = f"{proto} {src} {dst} id {sport}"
-    else:
-        spec = f"{proto} {src} {dst}"
+    spec = f"{proto} {_endpoints(key.proto, src, sport, dst, dport, ' ')}"
     if key.vlan:
         spec += f" vlan {key.vlan}"
     return {
