@@ -84,10 +84,10 @@ def attach(interfaces, options, rules, keep, log_path, as_json) -> None:
 
 
 def _engine_in_foreground(rules: str, keep: bool, log_path: str | None) -> None:
-
+    """The engines of ``attach --rules``, one process per queue, then detach unless ``keep``."""
     rc = 1
     try:
-        rc = run_engines(rules, runner.settings_for_instance(), log_path, 4096)
+        rc = run_engines(rules, runner.settings_for_instance(), log_path, runner.QUEUE_LEN)
     finally:
         if keep:
             click.echo("engine stopped; hybrid stays attached (--keep)", err=True)

@@ -30,16 +30,6 @@ def _log_stream(path: str | None):
             yield f
 
 
-def engine_argv(queue: int, rules: str, log_path: str | None, queue_len: int, fail_open: bool) -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "hybridctl")
-    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "hybrid.cli.main"]
-    argv += ["engine", "--queue", str(queue), "--rules", rules, "--queue-len", str(queue_len),
-             "--fail-open" if fail_open else "--fail-closed"]
-    if log_path:
-        argv += ["--log", log_path]
-    return argv
-
-
 def run_engines(rules: str, settings: runner.EngineSettings, log_path: str | None, queue_len: int) -> int:
     """One engine process per queue, in the foreground, until SIGTERM/SIGINT."""
     rules = os.path.abspath(rules)
@@ -47,8 +37,7 @@ def run_engines(rules: str, settings: runner.EngineSettings, log_path: str | Non
     click.echo(f"engine: queue{'s' if last > first else ''} {first}{'' if last == first else f'-{last}'}, "
                f"rules {rules}, {'fail-open' if settings.fail_open else 'fail-closed'}; "
                "SIGHUP reloads the rules, Ctrl-C stops", err=True)
-    return runner.serve(rules, settings,
-                     lambda q: engine_argv(q, rules, log_path, queue_len, settings.fail_open))
+    return runner.serve(rules, settings, queue_len=queue_len, log_path=log_path)
 
 
 @click.command()
@@ -58,7 +47,7 @@ def run_engines(rules: str, settings: runner.EngineSettings, log_path: str | Non
 @click.option("--queue", type=click.IntRange(0, 65535), default=None, hidden=True)
 @click.option("--fail-open/--fail-closed", default=None,
               help="On queue overflow let packets pass or drop them  [default: the attachment's]")
-@click.option("--queue-len", default=4096, show_default=True, type=click.IntRange(1, 1 << 20),
+@click.option("--queue-len", default=runner.QUEUE_LEN, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Packets the kernel holds for the engine before overflowing.")
 @click.option("--log", "log_path", default=None, metavar="FILE",
               help="Verdict log, JSON lines, rate-limited ('-' for standard output).")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 
 import click
 
+from hybrid.engine import runner
 from hybrid.errors import HybridError
 from hybrid.service import config as hcfg
 from hybrid.service import supervisor as service
@@ -17,9 +16,8 @@ from .config import config_options, load_located
 
 
 def child_argv(spec: dict) -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "hybridctl")
-    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "hybrid.cli.main"]
-    return argv + ["run", "--engine-child", json.dumps(spec)]
+    """An engine of this supervisor: ``hybridctl run --engine-child SPEC`` (see :func:`_child`)."""
+    return [*runner.hybridctl_argv(), "run", "--engine-child", json.dumps(spec)]
 
 
 @click.command()

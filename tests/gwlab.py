@@ -1,7 +1,9 @@
 """Helpers for integration tests that attach hybrid in a lab's gateway namespace and run the real
-verdict engine there (used by test_metrics, test_flows and test_top): hybridctl in the gateway,
-an engine process, a metrics server process, and Prometheus text parsed by prometheus_client's
-own parser."""
+verdict engine there: hybridctl in the gateway, an engine process, a metrics server process, and
+Prometheus text parsed by prometheus_client's own parser.
+
+Every test runs hybridctl as ``HYBRIDCTL`` and starts engines with :func:`start_engine`, both the
+library's own way (hybrid.engine.runner), so the tests start processes exactly as hybrid does."""
 
 from __future__ import annotations
 
@@ -16,14 +18,21 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from hybrid.engine import runner
 from hybrid.lab.topology import netns
 
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
+HYBRIDCTL = runner.hybridctl_argv()     # the command that runs hybridctl: [*HYBRIDCTL, "status"]
 IFACES = ["to-client", "to-server"]
 
 
+def start_engine(lab, rules, **kw) -> subprocess.Popen:
+    """``hybridctl engine --rules RULES`` in the lab's gateway; ``kw``: the options of
+    runner.start_engine (log_path, queue_len, cpu, ...) and subprocess.Popen's."""
+    return runner.start_engine(str(rules), netns=lab.netns("gw"), **kw)
+
+
 def hctl(lab, *args, check=True, timeout=120):
-    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, *args],
+    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, *args],
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"hybridctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
@@ -71,9 +80,7 @@ class Engine:
         self.lab = lab
         with contextlib.suppress(FileNotFoundError):
             os.unlink(stats_file(lab))
-        self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine",
-                                      "--rules", str(rules_path)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = start_engine(lab, rules_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not os.path.exists(stats_file(lab)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -109,7 +116,7 @@ def attached_with_engine(lab, tmp_path, rules: str, *attach_args):
         assert "Traceback" not in err, err
 
 
-_SERVE = ("import sys\nfrom hybrid.metrics import serve_metrics\n"
+_SERVE = ("import sys\nfrom hybrid.observe.metrics import serve_metrics\n"
           "h = serve_metrics(sys.argv[1], int(sys.argv[2]))\nprint(h.port, flush=True)\n"
           "sys.stdin.read()\nh.stop()\n")
 

@@ -1,11 +1,15 @@
 """Running engines for an attached instance: what an engine takes from the attachment it
-serves, one engine in this process, and one engine process per queue in the foreground."""
+serves, one engine in this process, one engine process per queue in the foreground, and the one
+way to start an engine process (:func:`start_engine`) or any other hybridctl command
+(:func:`hybridctl_argv`)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from hybrid import instance as inst
@@ -14,8 +18,51 @@ from hybrid.datapath.maps import Maps
 from hybrid.engine.loop import Engine
 from hybrid.engine.rules import load_rules
 from hybrid.errors import HybridError
+from hybrid.kernel import sysutil
 
 log = logging.getLogger(__name__)
+
+QUEUE_LEN = 4096      # packets the kernel holds for an engine before the queue overflows (default)
+
+
+# -- starting engine processes ------------------------------------------------------------------
+def hybridctl_argv() -> list[str]:
+    """The command that runs this installation's hybridctl in a new process, also inside another
+    network namespace whose PATH may not have it: the console script installed next to the
+    running Python, else that Python running the package (a checkout used without installing)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "hybridctl")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "hybrid.cli.main"]
+
+
+def engine_argv(rules: str, *, queue: int | None = None, queue_len: int | None = None,
+                fail_open: bool | None = None, log_path: str | None = None, netns: str | None = None,
+                cpu: int | None = None) -> list[str]:
+    """``hybridctl engine --rules RULES``: one engine process per queue of the attachment, or with
+    ``queue`` one engine serving that queue in the process itself (what :func:`serve` starts).
+    Options left None take the command's defaults (the attachment's fail-open policy, a queue of
+    QUEUE_LEN packets, no verdict log). ``cpu``: pinned to that CPU (taskset); ``netns``: run in that
+    network namespace (ip netns exec), where the attachment is."""
+    argv = [*hybridctl_argv(), "engine", "--rules", rules]
+    if queue is not None:
+        argv += ["--queue", str(queue)]
+    if queue_len is not None:
+        argv += ["--queue-len", str(queue_len)]
+    if fail_open is not None:
+        argv.append("--fail-open" if fail_open else "--fail-closed")
+    if log_path:
+        argv += ["--log", log_path]
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    return sysutil.netns_prefix(netns) + argv
+
+
+def start_engine(rules: str, *, queue: int | None = None, queue_len: int | None = None,
+                 fail_open: bool | None = None, log_path: str | None = None, netns: str | None = None,
+                 cpu: int | None = None, **popen) -> subprocess.Popen:
+    """Start ``hybridctl engine`` (see :func:`engine_argv`) as a child process; ``popen`` goes to
+    :class:`subprocess.Popen` (stdout, stderr, start_new_session, ...). The caller stops it."""
+    return subprocess.Popen(engine_argv(rules, queue=queue, queue_len=queue_len, fail_open=fail_open,
+                                        log_path=log_path, netns=netns, cpu=cpu), **popen)
 
 
 # -- running engines for an attached instance ---------------------------------------------------
@@ -43,7 +90,7 @@ def settings_for_instance(queues: tuple[int, int] | None = None, fail_open: bool
                           pin_access=pin_access(instance), instance=instance)
 
 
-def serve_one(queue: int, rules_path: str, settings: EngineSettings, *, maxlen: int = 4096,
+def serve_one(queue: int, rules_path: str, settings: EngineSettings, *, maxlen: int = QUEUE_LEN,
               log_stream=None) -> dict:
     """Run one engine in this process until SIGTERM/SIGINT; returns its final counters."""
     maps = Maps.open_pinned(settings.pin_access) if settings.pin_access else None
@@ -61,13 +108,15 @@ def serve_one(queue: int, rules_path: str, settings: EngineSettings, *, maxlen: 
             maps.close()
 
 
-def serve(rules_path: str, settings: EngineSettings, argv_for_queue, *, on_start=None) -> int:
-    """One engine process per queue of ``settings.queues`` (children run ``argv_for_queue(q)``);
-    SIGHUP is passed on to every child, SIGTERM/SIGINT stop them all. Returns the worst exit
-    status of the children."""
+def serve(rules_path: str, settings: EngineSettings, *, queue_len: int = QUEUE_LEN, log_path: str | None = None,
+          on_start=None) -> int:
+    """One engine process per queue of ``settings.queues`` (``hybridctl engine --queue Q``, see
+    :func:`start_engine`); SIGHUP is passed on to every child, SIGTERM/SIGINT stop them all.
+    Returns the worst exit status of the children."""
     load_rules(rules_path)   # a broken file fails here, once, before anything starts
     first, last = settings.queues
-    children = [subprocess.Popen(argv_for_queue(q)) for q in range(first, last + 1)]
+    children = [start_engine(rules_path, queue=q, queue_len=queue_len, fail_open=settings.fail_open,
+                             log_path=log_path) for q in range(first, last + 1)]
     stopping = False
 
     def forward(sig, _frame):
@@ -84,12 +133,7 @@ def serve(rules_path: str, settings: EngineSettings, argv_for_queue, *, on_start
             on_start([c.pid for c in children])
         worst = 0
         for c in children:
-            while True:
-                try:
-                    rc = c.wait()
-                    break
-                except InterruptedError:   # pragma: no cover - PEP 475 retries for us
-                    continue
+            rc = c.wait()
             if rc not in (0, -signal.SIGTERM, -signal.SIGINT, 130, 143):
                 worst = max(worst, 1)
             if not stopping:      # one engine died on its own: stop the others, report it

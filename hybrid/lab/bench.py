@@ -28,18 +28,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from hybrid.datapath.options import DEFAULT_MARK, DEFAULT_MASK
 from hybrid.datapath.maps import Maps
+from hybrid.datapath.options import DEFAULT_MARK, DEFAULT_MASK
+from hybrid.engine.runner import hybridctl_argv
 from hybrid.errors import ConfigError, HybridError
 from hybrid.kernel import abi, bpffs, sysutil
-from hybrid.lab.demo import engine_process, hybridctl, iperf3
+from hybrid.lab.demo import engine_process, iperf3
 from hybrid.lab.flood import flooding
 from hybrid.lab.servers import Nginx, _wait_port
 from hybrid.lab.topology import Lab
 
 # The rule set every queued mode decides with (see the file's own comments).
-BENCH_RULES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                           "bench-rules.toml")
+BENCH_RULES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "scripts", "bench-rules.toml")      # the checkout's scripts/, beside hybrid/
 VISIBLE_RULE = "see-visible-host"        # the rule in BENCH_RULES that payload-visibility counts
 
 # A bare NetfilterQueue consumer that accepts everything: the cheapest possible userspace side.
@@ -271,9 +272,9 @@ def hybrid_attached(lab: Lab, xdp_mode: str = "auto", rules: str | None = "") ->
     verdicts reach the kernel's flow table; ``rules=None``: a bare accept-all consumer instead."""
     gw = lab.netns("gw")
     with contextlib.ExitStack() as undo:
-        sysutil.run([*hybridctl(), "attach", "to-client", "to-server", "--xdp-mode", xdp_mode], netns=gw,
+        sysutil.run([*hybridctl_argv(), "attach", "to-client", "to-server", "--xdp-mode", xdp_mode], netns=gw,
                     timeout=120, what="hybridctl attach")
-        undo.callback(sysutil.run, [*hybridctl(), "detach", "--all"], netns=gw, timeout=60,
+        undo.callback(sysutil.run, [*hybridctl_argv(), "detach", "--all"], netns=gw, timeout=60,
                       what="hybridctl detach")
         if rules is None:
             undo.enter_context(bare_consumer(lab))
@@ -705,7 +706,7 @@ def engine_vs_bare(rules: str, repetitions: int, seconds: float, *, lab_name: st
         gw = lab.netns("gw")
         # No admission budget: this measures how fast the engine empties the queue, and the
         # default global budget (40,000/s) would cap both consumers below that.
-        sysutil.run([*hybridctl(), "attach", "to-client", "to-server", "--watch-port", "9999",
+        sysutil.run([*hybridctl_argv(), "attach", "to-client", "to-server", "--watch-port", "9999",
                      "--global-rate", "0"], netns=gw,
                     timeout=120, what="hybridctl attach")
         try:
@@ -715,7 +716,7 @@ def engine_vs_bare(rules: str, repetitions: int, seconds: float, *, lab_name: st
                     samples[kind].append(pps)
                     progress(f"rep {rep + 1} {kind:<7} {pps:12,.0f} packets/s")
         finally:
-            sysutil.run([*hybridctl(), "detach", "--all"], netns=gw, timeout=60, what="hybridctl detach")
+            sysutil.run([*hybridctl_argv(), "detach", "--all"], netns=gw, timeout=60, what="hybridctl detach")
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {"rules": rules, "repetitions": repetitions, "seconds": seconds, "machine": machine(),
             "samples": samples, "median": med, "ratio": med["engine"] / med["bare"] if med["bare"] else float("nan")}
@@ -746,7 +747,7 @@ def _takeover_once(lab: Lab, spare: bool, tmp: str) -> float:
     with open(conf, "w") as f:
         f.write(f'[attach]\ninterfaces = ["to-client", "to-server"]\n[engine]\nrules = {json.dumps(os.path.abspath(BENCH_RULES))}\n')
     with open(log_path, "w") as out:
-        proc = lab.popen("gw", [*hybridctl(), "run", "--config", conf, "--detach-on-stop",
+        proc = lab.popen("gw", [*hybridctl_argv(), "run", "--config", conf, "--detach-on-stop",
                                 "--standby" if spare else "--no-standby"], stdout=out, start_new_session=True)
     try:
         _wait_event(proc, log_path, "engine_running", 1)
@@ -768,7 +769,7 @@ def _takeover_once(lab: Lab, spare: bool, tmp: str) -> float:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        sysutil.run([*hybridctl(), "detach", "--all"], netns=lab.netns("gw"), timeout=60,
+        sysutil.run([*hybridctl_argv(), "detach", "--all"], netns=lab.netns("gw"), timeout=60,
                     what="hybridctl detach", check=False)
 
 

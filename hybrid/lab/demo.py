@@ -10,12 +10,12 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hybrid import instance as inst
+from hybrid.engine.runner import hybridctl_argv, start_engine
 from hybrid.errors import HybridError
 from hybrid.kernel import sysutil
 from hybrid.lab.servers import (  # re-exported: tests import Nginx from here
@@ -68,12 +68,6 @@ log = false
 """
 
 
-def hybridctl() -> list[str]:
-    """This installation's hybridctl, runnable inside another namespace."""
-    exe = os.path.join(os.path.dirname(sys.executable), "hybridctl")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "hybrid.cli.main"]
-
-
 def iperf3(lab: Lab, seconds: float, streams: int = 1, port: int = 5201) -> dict:
     """One iperf3 TCP transfer client -> server through the gateway; the parsed JSON result."""
     server = lab.popen("server", ["iperf3", "-s", "-1", "-B", lab.info.server.ipv4, "-p", str(port)])
@@ -111,19 +105,19 @@ def run_demo(say: Say, lab_name: str = "hdemo", seconds: float = 3.0, requests: 
             raise HybridError(f"the lab does not forward ({rep.reachable}): check 'hybridctl doctor'")
         say("client reaches the server through the gateway (IPv4 and IPv6)")
         try:
-            sysutil.run([*hybridctl(), "attach", "to-client", "to-server"], netns=gw, timeout=120,
+            sysutil.run([*hybridctl_argv(), "attach", "to-client", "to-server"], netns=gw, timeout=120,
                         what="hybridctl attach")
             say("hybrid attached on the gateway (to-client, to-server); flagged packets go to NFQUEUE 0")
             with _engine(lab, say) as stats_file:
                 _drive(lab, rep, say, seconds, requests)
                 _wait_published(stats_file, rep)
             rep.consumer_packets = rep.engine.get("packets")
-            st = sysutil.run([*hybridctl(), "status", "--json"], netns=gw, what="hybridctl status")
+            st = sysutil.run([*hybridctl_argv(), "status", "--json"], netns=gw, what="hybridctl status")
             rep.status = json.loads(st.stdout)
             rep.kernel_packets = sum(e["counters"].get("packets", 0) for e in rep.status["interfaces"].values())
             rep.queued_packets = sum(n["queued_packets"] for n in rep.status["netfilter"])
         finally:
-            sysutil.run([*hybridctl(), "detach", "--all"], netns=gw, check=False, what="hybridctl detach")
+            sysutil.run([*hybridctl_argv(), "detach", "--all"], netns=gw, check=False, what="hybridctl detach")
     say(f"lab {lab_name} removed; nothing of hybrid is left")
     return rep
 
@@ -138,8 +132,8 @@ def engine_process(lab: Lab, rules: str, *, log: str | None = None, cpu: int | N
     stats_file = inst.engine_stats_path(gw, 0)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(stats_file)
-    argv = [*hybridctl(), "engine", "--rules", rules, *(["--log", log] if log else [])]
-    proc = lab.popen("gw", ["taskset", "-c", str(cpu), *argv] if cpu is not None else argv)
+    proc = start_engine(rules, log_path=log, cpu=cpu, netns=gw, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
         while not os.path.exists(stats_file):      # written once the engine is bound

@@ -46,6 +46,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from hybrid import __version__
@@ -107,19 +108,28 @@ def event(level: int, name: str, msg: str, /, **fields) -> None:
 
 # -- the supervisor --------------------------------------------------------------------------------
 
+@dataclass
+class QueueEngines:
+    """What the supervisor keeps for one queue: the engine serving it, the pipes of that engine's
+    start handshake while it lasts, and the spare engine waiting to take over."""
+
+    engine: subprocess.Popen | None = None
+    ready_fd: int | None = None         # read end: the engine bound its queue (handshake)
+    go_fd: int | None = None            # write end: go ahead, the maps are there (handshake)
+    spare: subprocess.Popen | None = None
+    spare_go_fd: int | None = None      # write end: a byte promotes the spare, EOF stops it
+    spare_retry_at: float = 0.0         # no new spare before this (time.monotonic)
+
+
 class Service:
     def __init__(self, load_config: Callable[[], Config], argv_for_child: Callable[[dict], list[str]]):
         self.load_config = load_config
         self.argv_for_child = argv_for_child
         self.cfg: Config | None = None
-        self.children: dict[int, subprocess.Popen] = {}     # queue -> engine process
+        self.queues: dict[int, QueueEngines] = {}      # queue -> its engines
         self.deaths: list[float] = []
         self.metrics = None
         self.attached = False
-        self._ready: dict[int, int] = {}     # queue -> read end: the engine bound its queue
-        self._go_fds: dict[int, int] = {}    # queue -> write end: go ahead, the maps are there
-        self.standby: dict[int, tuple[subprocess.Popen, int]] = {}   # queue -> spare engine, its go fd
-        self._spare_retry: dict[int, float] = {}     # queue -> no new spare before (monotonic)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -229,27 +239,28 @@ class Service:
         finally:
             for fd in fds:
                 os.close(fd)
+        q = self.queues.setdefault(queue, QueueEngines())
         if handshake:
-            self._ready[queue], self._go_fds[queue] = ready_r, go_w
-        self.children[queue] = proc
+            q.ready_fd, q.go_fd = ready_r, go_w
+        q.engine = proc
         event(logging.INFO, "engine_started", f"engine for queue {queue} started (pid {proc.pid})",
               queue=queue, pid=proc.pid, rules=self.cfg["engine.rules"])
 
     def _start_engines(self, handshake: bool = False) -> None:
         first, last = self.cfg.queues
-        for q in range(first, last + 1):
-            self._start_engine(q, handshake)
+        for queue in range(first, last + 1):
+            self._start_engine(queue, handshake)
         if handshake:
             self._wait_ready()
-        for q in range(first, last + 1):
-            self._start_standby(q)
+        for queue in range(first, last + 1):
+            self._start_standby(queue)
 
     def _start_standby(self, queue: int) -> None:
         """A spare engine for ``queue``: it loads the rules, then waits for a byte on its pipe
         (:meth:`_promote`) before it binds the queue; EOF instead (:meth:`_stop_standbys`, or
         the supervisor's death) and it exits."""
-        if (not self.cfg["service.standby_engines"] or queue in self.standby
-                or time.monotonic() < self._spare_retry.get(queue, 0.0)):
+        q = self.queues.setdefault(queue, QueueEngines())
+        if not self.cfg["service.standby_engines"] or q.spare is not None or time.monotonic() < q.spare_retry_at:
             return
         go_r, go_w = os.pipe()
         spec = self._spec(queue)
@@ -261,18 +272,19 @@ class Service:
             raise
         finally:
             os.close(go_r)
-        self.standby[queue] = (proc, go_w)
+        q.spare, q.spare_go_fd = proc, go_w
         self._publish_spares()
         event(logging.INFO, "engine_standby", f"spare engine for queue {queue} waiting (pid {proc.pid})",
               queue=queue, pid=proc.pid)
 
     def _promote(self, queue: int) -> bool:
         """Hand ``queue`` to its spare engine; False when there is none (or it is gone)."""
-        spare = self.standby.pop(queue, None)
-        if spare is None:
+        q = self.queues.get(queue)
+        if q is None or q.spare is None:
             return False
+        proc, go_w = q.spare, q.spare_go_fd
+        q.spare = q.spare_go_fd = None
         self._publish_spares()
-        proc, go_w = spare
         alive = proc.poll() is None
         try:
             if alive:
@@ -286,66 +298,73 @@ class Service:
                 proc.kill()
             proc.wait()
             return False
-        self.children[queue] = proc
+        q.engine = proc
         event(logging.INFO, "engine_promoted", f"spare engine (pid {proc.pid}) takes over queue {queue}",
               queue=queue, pid=proc.pid)
         return True
 
     def _stop_standbys(self) -> None:
-        self._spare_retry.clear()          # whoever starts spares next does so with a new configuration
-        for proc, go_w in self.standby.values():
-            os.close(go_w)                 # EOF: the spare exits without binding
-        for proc, _ in self.standby.values():
+        spares = [q for q in self.queues.values() if q.spare is not None]
+        for q in self.queues.values():
+            q.spare_retry_at = 0.0         # whoever starts spares next does so with a new configuration
+        for q in spares:
+            os.close(q.spare_go_fd)        # EOF: the spare exits without binding
+        for q in spares:
             try:
-                proc.wait(timeout=STOP_TIMEOUT)
+                q.spare.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.standby.clear()
+                q.spare.kill()
+                q.spare.wait()
+        for q in spares:
+            q.spare = q.spare_go_fd = None
         self._publish_spares()
 
     def _publish_spares(self) -> None:
         """For `hybridctl status`: which queues have a spare engine waiting."""
-        doc = {"supervisor": os.getpid(), "spares": {str(q): p.pid for q, (p, _) in sorted(self.standby.items())}}
+        doc = {"supervisor": os.getpid(),
+               "spares": {str(queue): q.spare.pid for queue, q in sorted(self.queues.items()) if q.spare is not None}}
         with contextlib.suppress(OSError):
             inst.write_json(inst.spares_path(), doc)
 
     def _wait_ready(self) -> None:
         """Until every engine started with a handshake has bound its queue."""
         deadline = time.monotonic() + BIND_RETRY + 30
-        while self._ready:
-            for queue, fd in list(self._ready.items()):
-                if select.select([fd], [], [], 0)[0]:
-                    if os.read(fd, 1):
-                        os.close(fd)
-                        del self._ready[queue]
+        while waiting := {queue: q for queue, q in self.queues.items() if q.ready_fd is not None}:
+            for queue, q in waiting.items():
+                if select.select([q.ready_fd], [], [], 0)[0]:
+                    if os.read(q.ready_fd, 1):
+                        os.close(q.ready_fd)
+                        q.ready_fd = None
                         continue
-                    rc = self.children[queue].wait()
+                    rc = q.engine.wait()
                     raise HybridError(f"the engine for queue {queue} exited ({rc}) before binding it; "
                                       "its log lines say why")
-            if self._ready:
+            if still := [queue for queue, q in waiting.items() if q.ready_fd is not None]:
                 if time.monotonic() > deadline:
-                    raise HybridError(f"the engines for queues {sorted(self._ready)} did not bind in time")
-                select.select(list(self._ready.values()), [], [], 0.2)
+                    raise HybridError(f"the engines for queues {sorted(still)} did not bind in time")
+                select.select([self.queues[queue].ready_fd for queue in still], [], [], 0.2)
 
     def _go(self) -> None:
         """Let the engines waiting in their handshake open the maps and decide packets."""
-        for queue, fd in list(self._go_fds.items()):
-            with contextlib.suppress(OSError):
-                os.write(fd, b"1")
-            os.close(fd)
-            del self._go_fds[queue]
+        for q in self.queues.values():
+            if q.go_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(q.go_fd, b"1")
+                os.close(q.go_fd)
+                q.go_fd = None
 
     def _stop_engines(self) -> None:
         self._stop_standbys()              # first: none may take over a queue being stopped
-        for fd in list(self._ready.values()) + list(self._go_fds.values()):
-            os.close(fd)          # an engine still in its handshake reads EOF and exits
-        self._ready.clear()
-        self._go_fds.clear()
-        for proc in self.children.values():
+        for q in self.queues.values():
+            for fd in (q.ready_fd, q.go_fd):
+                if fd is not None:
+                    os.close(fd)          # an engine still in its handshake reads EOF and exits
+            q.ready_fd = q.go_fd = None
+        engines = sorted((queue, q.engine) for queue, q in self.queues.items() if q.engine is not None)
+        for _, proc in engines:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for queue, proc in sorted(self.children.items()):
+        for queue, proc in engines:
             try:
                 rc = proc.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -356,14 +375,14 @@ class Service:
             else:
                 event(logging.INFO, "engine_stopped", f"engine for queue {queue} stopped", queue=queue,
                       pid=proc.pid, exit_status=rc)
-        self.children.clear()
+        self.queues.clear()
 
     def _reap(self) -> bool:
         """Replace every engine that died, by its spare when there is one, and every spare that
         died. False: they die too often; stop the service."""
-        for queue, proc in sorted(self.children.items()):
-            rc = proc.poll()
-            if rc is None:
+        for queue, q in sorted(self.queues.items()):
+            proc = q.engine
+            if proc is None or (rc := proc.poll()) is None:
                 continue
             event(logging.ERROR, "engine_died", f"engine for queue {queue} exited with status {rc}",
                   queue=queue, pid=proc.pid, exit_status=rc)
@@ -372,12 +391,12 @@ class Service:
             if not self._promote(queue):
                 self._start_engine(queue)
             self._start_standby(queue)
-        for queue, (proc, go_w) in sorted(self.standby.items()):
-            rc = proc.poll()
-            if rc is None:
+        for queue, q in sorted(self.queues.items()):
+            proc = q.spare
+            if proc is None or (rc := proc.poll()) is None:
                 continue
-            os.close(go_w)
-            del self.standby[queue]
+            os.close(q.spare_go_fd)
+            q.spare = q.spare_go_fd = None
             self._publish_spares()
             # Not a death that stops the service: the queue's engine is serving. A spare killed by
             # a signal is replaced at once; one that exited by itself could not start (its own log
@@ -385,12 +404,13 @@ class Service:
             # tried again later, not in a loop.
             later = rc >= 0
             if later:
-                self._spare_retry[queue] = time.monotonic() + SPARE_RETRY
+                q.spare_retry_at = time.monotonic() + SPARE_RETRY
             event(logging.ERROR, "standby_died", f"spare engine for queue {queue} exited with status {rc}"
                   + (f"; trying again in {SPARE_RETRY:.0f} s" if later else ""), queue=queue, pid=proc.pid,
                   exit_status=rc)
-        for queue in sorted(self.children):
-            self._start_standby(queue)     # a spare that is missing and due
+        for queue, q in sorted(self.queues.items()):
+            if q.engine is not None:
+                self._start_standby(queue)     # a spare that is missing and due
         return True
 
     def _count_death(self) -> bool:
@@ -441,12 +461,12 @@ class Service:
             event(logging.INFO, "reloaded", "configuration reloaded; engines restarted for "
                   + ", ".join(restart), changed=changed)
         else:
-            for proc in self.children.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGHUP)
+            for q in self.queues.values():
+                if q.engine is not None and q.engine.poll() is None:
+                    q.engine.send_signal(signal.SIGHUP)
             self._stop_standbys()          # spares load the rules when they start: start them again
-            for q in range(self.cfg.queues[0], self.cfg.queues[1] + 1):
-                self._start_standby(q)
+            for queue in range(self.cfg.queues[0], self.cfg.queues[1] + 1):
+                self._start_standby(queue)
             event(logging.INFO, "reloaded", "configuration reloaded; engines reload the rules",
                   changed=changed, rules=new["engine.rules"])
         return True

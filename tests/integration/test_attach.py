@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from gwlab import HYBRIDCTL
 from traffic import udp_send
 
 from hybrid.datapath.maps import Maps
@@ -22,12 +23,11 @@ from hybrid.lab.demo import iperf3
 from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 IFACES = ["to-client", "to-server"]
 
 
 def hctl(lab, *args, check=True, env=None):
-    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, *args],
+    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, *args],
                           capture_output=True, text=True, timeout=120, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"hybridctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
@@ -282,7 +282,7 @@ def test_detach_after_kill_9_at_any_point(lab):
     """kill -9 the attaching process at several points of its work; a fresh detach always
     leaves the namespace clean."""
     for delay in (0.15, 0.5, 1.0, 3.0):
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "attach", *IFACES,
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, "attach", *IFACES,
                                  "--xdp-mode", "generic"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         time.sleep(delay)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
+from gwlab import HYBRIDCTL
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 RULES_OK = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "rules", "realistic.toml")
 
 # (arguments, exit status, text the one line must contain). {bad} is a broken TOML file,
@@ -116,7 +115,7 @@ def files(tmp_path_factory):
 
 def run_in_gw(lab, argv: list[str], user: str | None = None) -> subprocess.CompletedProcess:
     prefix = ["runuser", "-u", user, "--"] if user else []
-    return subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *prefix, HYBRIDCTL, *argv],
+    return subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *prefix, *HYBRIDCTL, *argv],
                           capture_output=True, text=True, timeout=60, cwd="/")
 
 

@@ -7,15 +7,15 @@ import sys
 
 import leakcheck
 import pytest
+from gwlab import HYBRIDCTL
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 
 
 def test_demo_runs_end_to_end_and_leaves_nothing():
     before = leakcheck.snapshot()
     name = leakcheck.new_lab_name()
-    proc = subprocess.run([HYBRIDCTL, "demo", "--lab-name", name, "--seconds", "1", "--requests", "3", "--json"],
+    proc = subprocess.run([*HYBRIDCTL, "demo", "--lab-name", name, "--seconds", "1", "--requests", "3", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from gwlab import HYBRIDCTL
+from hybrid.cli.doctor import doctor
 
-from cli.doctor import doctor
 from hybrid.observe import doctor as lib
 
 pytestmark = [
@@ -22,7 +23,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-HYBRIDCTL = REPO / ".venv" / "bin" / "hybridctl"
 
 
 def leftovers(pid: int | None = None) -> list[str]:
@@ -35,7 +35,7 @@ def by_name(doc: dict) -> dict[str, dict]:
 
 
 def test_every_required_check_passes_and_nothing_is_left():
-    with subprocess.Popen([str(HYBRIDCTL), "doctor", "--json"], stdout=subprocess.PIPE,
+    with subprocess.Popen([*HYBRIDCTL, "doctor", "--json"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as proc:
         out, err = proc.communicate(timeout=300)
     doc = json.loads(out)
@@ -71,7 +71,7 @@ def test_without_iptables_on_path_doctor_fails_naming_the_package(tmp_path):
                                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}).stdout.strip()
         (bindir / tool).symlink_to(found)
     env = {**os.environ, "PATH": str(bindir)}
-    proc = subprocess.run([str(HYBRIDCTL), "doctor"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([*HYBRIDCTL, "doctor"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1, proc.stdout
     tools = next(line for line in proc.stdout.splitlines() if line.split()[1:2] == ["tools"])
     assert tools.startswith("FAIL  tools")
@@ -84,7 +84,7 @@ def test_without_iptables_on_path_doctor_fails_naming_the_package(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_doctor_leaves_no_namespace(sig):
     # Interrupt while the attach checks are running: their namespace must go anyway.
-    with subprocess.Popen([str(HYBRIDCTL), "doctor"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    with subprocess.Popen([*HYBRIDCTL, "doctor"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) as proc:
         try:
             seen = []

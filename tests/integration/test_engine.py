@@ -13,18 +13,18 @@ import sys
 import time
 
 import pytest
+from gwlab import HYBRIDCTL, start_engine
 from traffic import udp_send
 
 from hybrid.lab.demo import Nginx
 from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 IFACES = ["to-client", "to-server"]
 
 
 def hctl(lab, *args, check=True):
-    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, *args],
+    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, *args],
                           capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"hybridctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
@@ -60,13 +60,12 @@ def engine_stats(lab, queue=0, until=None, timeout=5.0) -> dict:
 
 
 class RunningEngine:
-    def __init__(self, lab, rules_path, log_path, extra=()):
+    def __init__(self, lab, rules_path, log_path, **options):
         self.lab, self.log_path = lab, log_path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(stats_file(lab))
-        self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine",
-                                      "--rules", str(rules_path), "--log", str(log_path), *extra],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = start_engine(lab, rules_path, log_path=str(log_path), **options,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not os.path.exists(stats_file(lab)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -96,13 +95,13 @@ def attached(lab):
 
 @pytest.fixture
 def engine(attached, tmp_path):
-    """engine(rules_text) -> RunningEngine; stopped at the end of the test."""
+    """engine(rules_text, **options) -> RunningEngine; stopped at the end of the test."""
     running = []
 
-    def start(text: str, *extra) -> RunningEngine:
+    def start(text: str, **options) -> RunningEngine:
         rules = tmp_path / "rules.toml"
         rules.write_text(text)
-        eng = RunningEngine(attached, rules, tmp_path / "verdicts.jsonl", extra)
+        eng = RunningEngine(attached, rules, tmp_path / "verdicts.jsonl", **options)
         running.append(eng)
         return eng
 
@@ -226,7 +225,7 @@ def test_status_shows_per_rule_counters(engine, lab):
 def test_attach_with_rules_runs_in_foreground_and_detaches_on_sigterm(lab, tmp_path):
     rules = tmp_path / "r.toml"
     rules.write_text('default = "accept"\n')
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "attach", *IFACES,
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, "attach", *IFACES,
                              "--rules", str(rules)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait(lambda: os.path.exists(stats_file(lab)), timeout=30)
     assert lab.ping("client", lab.info.server.ipv4)
@@ -270,8 +269,7 @@ def test_two_queues_two_engine_processes(lab, tmp_path):
     hctl(lab, "attach", *IFACES, "--queues", "0-1", "--watch-port", "10010")
     rules = tmp_path / "r.toml"
     rules.write_text('default = "accept"\n')
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine", "--rules", str(rules)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_engine(lab, rules, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait(lambda: os.path.exists(stats_file(lab, 0)) and os.path.exists(stats_file(lab, 1)), timeout=30)
         assert "--queue-balance 0:1" in lab.run("gw", ["iptables-save"]).stdout
@@ -309,8 +307,7 @@ def test_queue_cpu_fanout_spreads_one_host_pair_by_cpu(lab, tmp_path):
     hctl(lab, "attach", *IFACES, "--queues", "0-1", "--queue-cpu-fanout", "--watch-port", "10010")
     rules = tmp_path / "r.toml"
     rules.write_text('default = "accept"\n')
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine", "--rules", str(rules)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_engine(lab, rules, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     send = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
             "[s.sendto(b'x', (sys.argv[1], 10010)) for _ in range(20)]")
     try:
@@ -504,7 +501,7 @@ def test_reject_over_ipv6_resets_the_client(engine, lab):
 def test_attach_with_rules_and_keep_leaves_hybrid_attached(lab, tmp_path):
     rules = tmp_path / "r.toml"
     rules.write_text('default = "accept"\n')
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "attach", *IFACES,
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, "attach", *IFACES,
                              "--rules", str(rules), "--keep"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:

@@ -8,6 +8,7 @@ import re
 import time
 
 import pytest
+from gwlab import HYBRIDCTL, start_engine
 
 from hybrid.lab import flood
 
@@ -135,13 +136,11 @@ def test_syn_flood_from_spoofed_sources_leaves_legitimate_connections_through(la
     import os
     import signal
     import subprocess
-    import sys
 
     from hybrid.lab.servers import Nginx
-    hybridctl = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 
     def hctl(*args):
-        proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), hybridctl, *args],
+        proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, *args],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
@@ -153,8 +152,7 @@ def test_syn_flood_from_spoofed_sources_leaves_legitimate_connections_through(la
     rules.write_text(SYN_RULES)
     hctl("attach", "to-client", "to-server", "--global-rate", str(GLOBAL_RATE))
     stats = f"/run/hybrid/instances/{lab.netns('gw')}/engine-0.json"
-    engine = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), hybridctl, "engine", "--rules", str(rules)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    engine = start_engine(lab, rules, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(stats):

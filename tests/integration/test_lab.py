@@ -1,18 +1,16 @@
 """The lab on the real kernel: reachability through the gateway, isolation, clean removal."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
+from gwlab import HYBRIDCTL
 from leakcheck import new_lab_name
 
 from hybrid.lab import topology as labmod
 from hybrid.lab.demo import Nginx, iperf3
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = [os.path.join(os.path.dirname(sys.executable), "hybridctl")]
 
 
 def test_client_reaches_server_through_gateway(lab):

@@ -13,12 +13,12 @@ import sys
 import time
 
 import pytest
+from gwlab import HYBRIDCTL, start_engine
 
 from hybrid.kernel import nfq
 from hybrid.lab.servers import Nginx
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 IFACES = ["to-client", "to-server"]
 QUEUE_LEN = 4
 RULES = 'default = "accept"\ndefault_flow = "bypass"\nflow_ttl = 300\n'
@@ -61,21 +61,20 @@ def in_gw(lab, *argv, **kw):
 
 
 def status(lab) -> dict:
-    proc = in_gw(lab, HYBRIDCTL, "status", "--json")
+    proc = in_gw(lab, *HYBRIDCTL, "status", "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
 @pytest.mark.parametrize("policy", ["--fail-open", "--fail-closed"])
 def test_hung_engine_overflow_is_counted_and_shown(lab, tmp_path, policy):
-    assert in_gw(lab, HYBRIDCTL, "attach", *IFACES, policy).returncode == 0
+    assert in_gw(lab, *HYBRIDCTL, "attach", *IFACES, policy).returncode == 0
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     stats = f"/run/hybrid/instances/{lab.netns('gw')}/engine-0.json"
     err = open(tmp_path / "engine.err", "w")
-    engine = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine", "--rules", str(rules),
-                               "--queue-len", str(QUEUE_LEN)],
-                              stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    engine = start_engine(lab, rules, queue_len=QUEUE_LEN, stdout=subprocess.DEVNULL, stderr=err,
+                          start_new_session=True)
     child = None
     try:
         deadline = time.monotonic() + 30
@@ -94,7 +93,7 @@ def test_hung_engine_overflow_is_counted_and_shown(lab, tmp_path, policy):
         res = json.loads(proc.stdout)
         q = mid["queue"]
         flagged = sum(e["counters"].get("flagged", 0) for e in mid["interfaces"].values())
-        text = in_gw(lab, HYBRIDCTL, "status").stdout
+        text = in_gw(lab, *HYBRIDCTL, "status").stdout
         assert q["queues"][0]["bound"] and q["queues"][0]["waiting"] == QUEUE_LEN   # full, engine hung
         if policy == "--fail-open":
             # New connections keep completing past the hung engine...
@@ -127,7 +126,7 @@ def test_hung_engine_overflow_is_counted_and_shown(lab, tmp_path, policy):
             os.killpg(engine.pid, signal.SIGKILL)
             engine.wait()
         err.close()
-        assert in_gw(lab, HYBRIDCTL, "detach", "--all").returncode == 0
+        assert in_gw(lab, *HYBRIDCTL, "detach", "--all").returncode == 0
 
 
 def _line(text: str, label: str) -> str:

@@ -8,15 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from gwlab import HYBRIDCTL, start_engine
 
 from hybrid.lab.servers import Nginx, _wait_port
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 IFACES = ["to-client", "to-server"]
 RULES = 'default = "accept"\ndefault_flow = "bypass"\nflow_ttl = 300\n' \
         '[[rule]]\nname = "wait-for-payload"\nproto = "tcp"\npayload_len = 0\naction = "accept"\nflow = "none"\n'
@@ -29,12 +28,11 @@ def in_gw(lab, *argv, **kw):
 
 @pytest.mark.parametrize("policy", ["--fail-open", "--fail-closed"])
 def test_kill_9_of_the_engine_under_load(lab, tmp_path, policy):
-    assert in_gw(lab, HYBRIDCTL, "attach", *IFACES, policy).returncode == 0
+    assert in_gw(lab, *HYBRIDCTL, "attach", *IFACES, policy).returncode == 0
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     stats = f"/run/hybrid/instances/{lab.netns('gw')}/engine-0.json"
-    engine = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine", "--rules", str(rules)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    engine = start_engine(lab, rules, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     iperf_server = None
     try:
         deadline = time.monotonic() + 30
@@ -74,7 +72,7 @@ def test_kill_9_of_the_engine_under_load(lab, tmp_path, policy):
         if iperf_server is not None and iperf_server.poll() is None:
             iperf_server.kill()
             iperf_server.wait()
-        assert in_gw(lab, HYBRIDCTL, "detach", "--all").returncode == 0
+        assert in_gw(lab, *HYBRIDCTL, "detach", "--all").returncode == 0
 
 
 def _alive(pid: int) -> bool:

@@ -10,17 +10,16 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
+from gwlab import HYBRIDCTL, start_engine
 from traffic import udp_send
 
 from hybrid.datapath.maps import Maps, flow_key
 from hybrid.kernel import abi, bpffs, nfq
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 IFACES = ["to-client", "to-server"]
 OPTIONS = ["--xdp-mode", "generic", "--fail-open"]
 RULES = 'default = "accept"\ndefault_flow = "bypass"\nflow_ttl = 300\n'
@@ -28,15 +27,15 @@ SPORT, DPORT = 40777, 9777
 
 
 def hctl(lab, *args):
-    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, *args],
+    proc = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"hybridctl {' '.join(args)}: {proc.stderr}"
     return proc.stdout
 
 
-def start_engine(lab, rules, instance_dir: str, old_pid: int | None = None):
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "engine", "--rules", str(rules)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def engine_bound(lab, rules, instance_dir: str, old_pid: int | None = None):
+    """Start `hybridctl engine`; its process and the pid of the engine bound to queue 0."""
+    proc = start_engine(lab, rules, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     stats = os.path.join(instance_dir, "engine-0.json")
     deadline = time.monotonic() + 30
     while True:
@@ -95,7 +94,7 @@ def test_restart_after_kill_9_reuses_state_and_duplicates_nothing(lab, tmp_path)
     hctl(lab, "attach", *IFACES, *OPTIONS)
     engine = child = None
     try:
-        engine, child = start_engine(lab, rules, instance_dir)
+        engine, child = engine_bound(lab, rules, instance_dir)
         # A flow the engine bypasses: its first datagram is queued, the rest stay in the kernel.
         assert udp_send(lab, [b"hello"] * 3, dport=DPORT, sport=SPORT) == 3
         flow, stats = the_flow(lab)
@@ -109,7 +108,7 @@ def test_restart_after_kill_9_reuses_state_and_duplicates_nothing(lab, tmp_path)
         kill_9(engine, child)
         out = json.loads(hctl(lab, "attach", *IFACES, *OPTIONS, "--json"))
         assert out["reused_pins"] is True
-        engine, child = start_engine(lab, rules, instance_dir, old_pid=child)
+        engine, child = engine_bound(lab, rules, instance_dir, old_pid=child)
 
         assert inventory(lab) == before                           # nothing duplicated, nothing lost
         assert sorted(f for f in os.listdir(instance_dir) if f.startswith("engine-")) == ["engine-0.json"]

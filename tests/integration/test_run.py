@@ -12,11 +12,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
+from gwlab import HYBRIDCTL
 
 from hybrid.datapath.maps import Maps, flow_key
 from hybrid.kernel import abi, bpfsys
@@ -24,7 +24,6 @@ from hybrid.lab.servers import Nginx
 from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "hybrid.toml")
 REALISTIC = os.path.join(ROOT, "examples", "rules", "realistic.toml")
@@ -68,7 +67,7 @@ def hybrid_rules(lab) -> list[str]:
 
 
 def status(lab) -> dict:
-    proc = in_gw(lab, HYBRIDCTL, "status", "--json")
+    proc = in_gw(lab, *HYBRIDCTL, "status", "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -81,7 +80,7 @@ class Run:
         self.log_path = tmp_path / f"{name}.jsonl"
         self.err_path = tmp_path / f"{name}.stderr"
         with open(self.log_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "run", *args],
+            self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, "run", *args],
                                          stdout=out, stderr=err, start_new_session=True)
 
     def lines(self) -> list[dict]:
@@ -137,7 +136,7 @@ def runs(lab):
     yield started
     for r in started:
         r.kill()
-    assert in_gw(lab, HYBRIDCTL, "detach", "--all").returncode == 0
+    assert in_gw(lab, *HYBRIDCTL, "detach", "--all").returncode == 0
     for left in ("lock", "spares.json"):                              # left by a killed run
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/run/hybrid/run-{lab.netns('gw')}.{left}")
@@ -229,7 +228,7 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
         spares = r.spare_pids()
         assert alive(spares[-1]) and not any(alive(p) for p in spares[:-1])
         assert status(lab)["spares"] == {"0": spares[-1]}
-        assert f"spare engine queue 0 (waiting, pid {spares[-1]})" in in_gw(lab, HYBRIDCTL, "status").stdout
+        assert f"spare engine queue 0 (waiting, pid {spares[-1]})" in in_gw(lab, *HYBRIDCTL, "status").stdout
         os.kill(new_engine, signal.SIGKILL)
         died = r.wait_event("engine_died")
         assert died["pid"] == new_engine and died["exit_status"] == -signal.SIGKILL
@@ -250,7 +249,7 @@ def test_run_from_the_example_configuration(lab, tmp_path, runs):
 
     # A second run in the same namespace is refused before it touches anything.
     conf.write_text(conf.read_text().replace('queues = "zero"', 'queues = "0"'))
-    second = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "run", "--config", str(conf),
+    second = subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, "run", "--config", str(conf),
                              *IFACES, "--rules", str(rules), "--detach-on-stop"],
                             capture_output=True, text=True, timeout=60)
     assert second.returncode == 1

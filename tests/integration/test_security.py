@@ -11,11 +11,11 @@ import subprocess
 import sys
 
 import pytest
+from gwlab import HYBRIDCTL
 
 from hybrid.kernel import abi, bpffs
 
 pytestmark = pytest.mark.integration
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 IFACES = ["to-client", "to-server"]
 REPO = pathlib.Path(__file__).resolve().parents[2]
 AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"]
@@ -28,9 +28,9 @@ def in_gw(lab, *argv, nobody=False):
 
 @pytest.fixture
 def attached(lab, tmp_path):
-    assert in_gw(lab, HYBRIDCTL, "attach", *IFACES, "--watch-port", "53").returncode == 0
+    assert in_gw(lab, *HYBRIDCTL, "attach", *IFACES, "--watch-port", "53").returncode == 0
     yield lab
-    assert in_gw(lab, HYBRIDCTL, "detach", "--all").returncode == 0
+    assert in_gw(lab, *HYBRIDCTL, "detach", "--all").returncode == 0
 
 
 def mode(path) -> int:
@@ -58,20 +58,20 @@ def test_pins_and_state_are_root_only(attached):
 def test_unprivileged_user_gets_one_line_and_changes_nothing(attached, args, action):
     lab = attached
     before = in_gw(lab, "iptables-save").stdout.splitlines()[1:-1]
-    proc = in_gw(lab, HYBRIDCTL, *args, nobody=True)
+    proc = in_gw(lab, *HYBRIDCTL, *args, nobody=True)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0] == (f"Error: {action} needs root (CAP_NET_ADMIN and CAP_BPF): run it with sudo" if action
                         else "Error: hybrid's state is readable by root only: run it with sudo")
     assert in_gw(lab, "iptables-save").stdout.splitlines()[1:-1] == before
-    assert json.loads(in_gw(lab, HYBRIDCTL, "status", "--json").stdout)["attached"] is True
+    assert json.loads(in_gw(lab, *HYBRIDCTL, "status", "--json").stdout)["attached"] is True
 
 
 def test_unprivileged_user_cannot_open_the_maps_or_touch_the_rules(attached):
     lab = attached
     pin = os.path.join(bpffs.locate(), lab.netns("gw"), "hybrid_ports")
-    probe = ("import sys\nfrom hybrid import bpfsys\n"
+    probe = ("import sys\nfrom hybrid.kernel import bpfsys\n"
              "try:\n    bpfsys.obj_get(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e.errno)\n"
              "else:\n    print('opened')\n")
     out = in_gw(lab, sys.executable, "-c", probe, pin, nobody=True)
@@ -83,7 +83,7 @@ def test_unprivileged_user_cannot_open_the_maps_or_touch_the_rules(attached):
 def test_no_shell_anywhere():
     """Every subprocess gets an argv list: user input never meets a shell."""
     offenders = []
-    for path in list((REPO / "hybrid").glob("*.py")) + list((REPO / "cli").glob("*.py")):
+    for path in list((REPO / "hybrid").rglob("*.py")) + list((REPO / "cli").rglob("*.py")):
         text = path.read_text()
         for needle in ("shell=True", "os.system(", "os.popen(", "subprocess.getoutput", "subprocess.getstatusoutput"):
             if needle in text:

@@ -8,16 +8,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 from click.testing import CliRunner
+from gwlab import HYBRIDCTL
 from hybrid.cli.main import main
 
 from hybrid.lab.servers import Nginx
 
-HYBRIDCTL = os.path.join(os.path.dirname(sys.executable), "hybridctl")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNIT = os.path.join(ROOT, "deploy", "hybrid.service")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
@@ -55,7 +54,7 @@ def test_install_service_into_a_root_and_verify_the_unit(tmp_path):
     assert oct(conf.stat().st_mode & 0o777) == "0o600" and oct((root / "etc/hybrid").stat().st_mode & 0o777) == "0o700"
 
     values = unit_values(str(unit))
-    assert values["ExecStart"] == [f"{HYBRIDCTL} run --config /etc/hybrid/hybrid.toml"]
+    assert values["ExecStart"] == [f"{' '.join(HYBRIDCTL)} run --config /etc/hybrid/hybrid.toml"]
     proc = verify(str(unit), str(tmp_path))
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
 
@@ -70,7 +69,7 @@ def test_verify_catches_a_broken_unit(tmp_path):
     """The check above can fail: an invalid value is reported (and only reported)."""
     bad = tmp_path / "hybrid.service"
     with open(UNIT) as f:
-        text = f.read().replace("ExecStart=/usr/local/bin/hybridctl", f"ExecStart={HYBRIDCTL}")
+        text = f.read().replace("ExecStart=/usr/local/bin/hybridctl", f"ExecStart={' '.join(HYBRIDCTL)}")
     bad.write_text(text.replace("Restart=on-failure", "Restart=sometimes"))
     proc = verify(str(bad), str(tmp_path))
     assert "Failed to parse service restart specifier" in proc.stderr
@@ -110,7 +109,7 @@ def test_the_unit_capabilities_are_enough(lab, tmp_path):
     log = tmp_path / "run.jsonl"
     with open(log, "w") as out:
         proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), "setpriv", "--bounding-set", bset,
-                                 "--inh-caps", "-all", "--no-new-privs", HYBRIDCTL, "run",
+                                 "--inh-caps", "-all", "--no-new-privs", *HYBRIDCTL, "run",
                                  "--config", os.path.join(ROOT, "examples", "hybrid.toml"),
                                  "--interface", "to-client", "--interface", "to-server"],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -136,7 +135,7 @@ def test_the_unit_capabilities_are_enough(lab, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        subprocess.run(["ip", "netns", "exec", lab.netns("gw"), HYBRIDCTL, "detach", "--all"], capture_output=True)
+        subprocess.run(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, "detach", "--all"], capture_output=True)
         if os.path.exists(f"/run/hybrid/run-{lab.netns('gw')}.lock"):      # left only by a killed run
             os.unlink(f"/run/hybrid/run-{lab.netns('gw')}.lock")
 
