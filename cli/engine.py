@@ -10,10 +10,11 @@ import sys
 
 import click
 
+from hybrid.datapath import options as opts
 from hybrid.engine import runner
 from hybrid.engine.rules import load_rules
 
-from .common import parse_queues
+from .config import SchemaValue
 
 log = logging.getLogger("hybridctl")
 
@@ -42,7 +43,7 @@ def run_engines(rules: str, settings: runner.EngineSettings, log_path: str | Non
 
 @click.command()
 @click.option("--rules", required=True, type=click.Path(dir_okay=False), help="The TOML rules file.")
-@click.option("--queues", default=None, metavar="N|A-B",
+@click.option("--queues", default=None, metavar="N|A-B", type=SchemaValue(opts.BY_KEY["queues"], opts.queues),
               help="Queues to serve, one engine process each  [default: the attachment's]")
 @click.option("--queue", type=click.IntRange(0, 65535), default=None, hidden=True)
 @click.option("--fail-open/--fail-closed", default=None,
@@ -64,7 +65,7 @@ def engine(rules, queues, queue, fail_open, queue_len, log_path) -> None:
       hybridctl engine --rules examples/rules/realistic.toml --log /var/log/hybrid-verdicts.jsonl
     """
     load_rules(rules)   # bad input first: a broken or missing rules file is exit 2 even when not attached
-    settings = runner.settings_for_instance(parse_queues(queues), fail_open)
+    settings = runner.settings_for_instance(queues and opts.queue_range(queues), fail_open)
     if queue is not None:           # one engine, in this process (what run_engines starts)
         with _log_stream(log_path) as stream:
             runner.serve_one(queue, rules, settings, maxlen=queue_len, log_stream=stream)

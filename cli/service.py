@@ -6,28 +6,15 @@ import filecmp
 import os
 import shutil
 import subprocess
-import sys
 
 import click
 
-import hybrid
+from hybrid.engine import runner
 from hybrid.errors import HybridError
+from hybrid.resources import shipped
 from hybrid.service.config import DEFAULT_PATH
 
 from .common import InputError
-
-
-def shipped(*parts: str) -> str:
-    """A file install-service installs, from deploy/ or examples/. An installed hybrid carries
-    them as package data (hybrid/deploy/, hybrid/examples/: see pyproject.toml); an editable
-    install or a source tree has them beside the package, at the top of the checkout."""
-    package = os.path.dirname(os.path.abspath(hybrid.__file__))
-    for base in (package, os.path.dirname(package)):
-        path = os.path.join(base, *parts)
-        if os.path.exists(path):
-            return path
-    return os.path.join(package, *parts)        # missing: name where an installed hybrid has it
-
 
 UNIT_SOURCE = shipped("deploy", "hybrid.service")
 EXAMPLE_CONFIG = shipped("examples", "hybrid.toml")
@@ -37,10 +24,10 @@ TEMPLATE_EXE = "/usr/local/bin/hybridctl"
 
 
 def hybridctl_path() -> str:
-    """The hybridctl the unit should start: the one next to this Python (the venv's)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "hybridctl")
-    if os.path.exists(exe):
-        return exe
+    """The hybridctl the unit should start: this installation's console script (the venv's)."""
+    argv = runner.hybridctl_argv()
+    if len(argv) == 1:
+        return argv[0]
     found = shutil.which("hybridctl")
     if found is None:
         raise HybridError("cannot find the hybridctl executable: install hybrid (scripts/setup.sh) first")

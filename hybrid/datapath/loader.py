@@ -22,6 +22,7 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
+from hybrid import resources
 from hybrid.datapath.maps import Maps
 from hybrid.errors import ConfigError, HybridError, KernelFeatureError, NotFoundError
 from hybrid.kernel import abi
@@ -33,13 +34,11 @@ _MAX_ENTRIES = 1 << 24
 
 
 def bpf_dir() -> Path:
-    """Directory holding hybrid.bpf.c and its headers: $HYBRID_BPF_DIR, else the package data
-    of an installed hybrid (hybrid/bpf/, mapped from the checkout's bpf/ by pyproject.toml), else
-    the checkout's bpf/ beside the package (an editable install or a source tree)."""
+    """Directory holding hybrid.bpf.c and its headers: $HYBRID_BPF_DIR, else where hybrid ships
+    them (hybrid.resources: the installed package's data, or the checkout's bpf/)."""
     env = os.environ.get("HYBRID_BPF_DIR")
     candidates = [Path(env)] if env else []
-    package = Path(__file__).resolve().parent.parent
-    candidates += [package / "bpf", package.parent / "bpf"]
+    candidates += [Path(p) for p in resources.candidates("bpf")]
     for path in candidates:
         if (path / SOURCE_NAME).is_file():
             return path

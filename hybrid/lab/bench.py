@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from hybrid import resources
 from hybrid.datapath.maps import Maps
 from hybrid.datapath.options import DEFAULT_MARK, DEFAULT_MASK
 from hybrid.engine.runner import hybridctl_argv
@@ -39,8 +40,7 @@ from hybrid.lab.servers import Nginx, _wait_port
 from hybrid.lab.topology import Lab
 
 # The rule set every queued mode decides with (see the file's own comments).
-BENCH_RULES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "scripts", "bench-rules.toml")      # the checkout's scripts/, beside hybrid/
+BENCH_RULES = resources.shipped("scripts", "bench-rules.toml")    # in a checkout of hybrid
 VISIBLE_RULE = "see-visible-host"        # the rule in BENCH_RULES that payload-visibility counts
 
 # A bare NetfilterQueue consumer that accepts everything: the cheapest possible userspace side.
