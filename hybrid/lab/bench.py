@@ -36,12 +36,14 @@ from hybrid.errors import ConfigError, HybridError
 from hybrid.kernel import abi, bpffs, sysutil
 from hybrid.lab.demo import engine_process, iperf3
 from hybrid.lab.flood import flooding
-from hybrid.lab.servers import Nginx, _wait_port
+from hybrid.lab.servers import Nginx
+from hybrid.lab.servers import iperf3 as iperf3_run
 from hybrid.lab.topology import Lab
 
 # The rule set every queued mode decides with (see the file's own comments).
 BENCH_RULES = resources.shipped("scripts", "bench-rules.toml")    # in a checkout of hybrid
 VISIBLE_RULE = "see-visible-host"        # the rule in BENCH_RULES that payload-visibility counts
+UDP_SMALL = ["-u", "-b", "0", "-l", "64", "-A", "0"]   # iperf3 client: 64-byte datagrams, unlimited, on CPU 0
 
 # A bare NetfilterQueue consumer that accepts everything: the cheapest possible userspace side.
 BARE_CONSUMER = r"""
@@ -381,25 +383,7 @@ def _udp_small(lab: Lab, seconds: float, probe: Probe | None = None, port: int =
     received but never queued went uninspected. Sender and receiver share CPU 0; the engine
     (where there is one) has the last CPU."""
     queued_before = _queued_total(lab)
-    server = lab.popen("server", ["iperf3", "-s", "-1", "-A", "0", "-B", lab.info.server.ipv4, "-p", str(port)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_port(lab, "server", port)
-        proc = lab.run("client", ["iperf3", "-u", "-b", "0", "-l", "64", "-A", "0", "-c", lab.info.server.ipv4,
-                                  "-p", str(port), "-t", str(seconds), "-J"], timeout=seconds + 30, check=False,
-                       what="iperf3 client")
-        try:
-            res = json.loads(proc.stdout)
-        except ValueError:
-            raise HybridError(f"iperf3 failed: {sysutil.last_line(proc.stderr) or 'no output'}") from None
-        if "error" in res:
-            raise HybridError(f"iperf3 failed: {res['error']}")
-    finally:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=5)
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    res = iperf3_run(lab, seconds, port=port, client=UDP_SMALL, server=["-A", "0"])
     s = res["end"]["sum"]           # UDP: the server's count of packets and losses
     secs = s.get("seconds") or seconds
     received = max(0, s["packets"] - s["lost_packets"])
@@ -680,17 +664,7 @@ def queue_pps(lab: Lab, rules: str | None, seconds: float, port: int = 9999) -> 
     CPU, and unpinned runs of the same consumer varied by 40%; so the consumer gets the last CPU
     and the sender and receiver the first, for every consumer alike."""
     with bare_consumer(lab, rules=rules, mark_mask=DEFAULT_MASK, cpu=_engine_cpu()) as consumer:
-        server = lab.popen("server", ["iperf3", "-s", "-1", "-A", "0", "-B", lab.info.server.ipv4, "-p", str(port)])
-        try:
-            _wait_port(lab, "server", port)
-            lab.run("client", ["iperf3", "-u", "-b", "0", "-l", "64", "-A", "0", "-c", lab.info.server.ipv4,
-                               "-p", str(port), "-t", str(seconds)], timeout=seconds + 30, check=False)
-        finally:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(timeout=5)
-            if server.poll() is None:
-                server.kill()
-                server.wait()
+        iperf3_run(lab, seconds, port=port, client=UDP_SMALL, server=["-A", "0"], parse=False)
     if consumer.seen is None:
         raise HybridError("the queue consumer did not report what it saw")
     return consumer.seen / seconds

@@ -18,10 +18,10 @@ from hybrid import instance as inst
 from hybrid.engine.runner import hybridctl_argv, start_engine
 from hybrid.errors import HybridError
 from hybrid.kernel import sysutil
+from hybrid.lab import servers
 from hybrid.lab.servers import (  # re-exported: tests import Nginx from here
     Nginx,
     _stop,
-    _wait_port,
 )
 from hybrid.lab.topology import Lab
 
@@ -70,25 +70,7 @@ log = false
 
 def iperf3(lab: Lab, seconds: float, streams: int = 1, port: int = 5201) -> dict:
     """One iperf3 TCP transfer client -> server through the gateway; the parsed JSON result."""
-    server = lab.popen("server", ["iperf3", "-s", "-1", "-B", lab.info.server.ipv4, "-p", str(port)])
-    try:
-        _wait_port(lab, "server", port)
-        proc = lab.run("client", ["iperf3", "-c", lab.info.server.ipv4, "-p", str(port), "-t", str(seconds),
-                                  "-P", str(streams), "-J"], timeout=seconds + 30, check=False,
-                       what="iperf3 client")
-        try:
-            result = json.loads(proc.stdout)
-        except ValueError:
-            raise HybridError(f"iperf3 failed: {sysutil.last_line(proc.stderr) or 'no output'}") from None
-        if "error" in result:
-            raise HybridError(f"iperf3 failed: {result['error']}")
-        return result
-    finally:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=5)
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    return servers.iperf3(lab, seconds, port=port, client=["-P", str(streams)])
 
 
 def run_demo(say: Say, lab_name: str = "hdemo", seconds: float = 3.0, requests: int = 20) -> DemoReport:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -335,3 +336,33 @@ def udp_send_from_client(lab: Lab, payload: bytes, port: int, sport: int = 0, *,
         sock.bind((src, sport))
         sock.sendto(payload, (dst, port))
         return sock.getsockname()[1]
+
+
+def iperf3(lab: Lab, seconds: float, *, port: int = 5201, client: Sequence[str] = (),
+           server: Sequence[str] = (), parse: bool = True) -> dict | None:
+    """One iperf3 run client -> server through the gateway: a one-shot server (``-s -1``, plus
+    ``server`` options) and a client for ``seconds`` (plus ``client`` options, e.g. ``-P 4`` or
+    ``-u -b 0 -l 64``). The client's parsed JSON result (``-J``), or None with ``parse=False``
+    (the client's own failure is then not checked). The server is stopped in every case."""
+    srv = lab.popen("server", ["iperf3", "-s", "-1", *server, "-B", lab.info.server.ipv4, "-p", str(port)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(lab, "server", port)
+        proc = lab.run("client", ["iperf3", *client, "-c", lab.info.server.ipv4, "-p", str(port),
+                                  "-t", str(seconds), *(["-J"] if parse else [])],
+                       timeout=seconds + 30, check=False, what="iperf3 client")
+        if not parse:
+            return None
+        try:
+            result = json.loads(proc.stdout)
+        except ValueError:
+            raise HybridError(f"iperf3 failed: {sysutil.last_line(proc.stderr) or 'no output'}") from None
+        if "error" in result:
+            raise HybridError(f"iperf3 failed: {result['error']}")
+        return result
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            srv.wait(timeout=5)
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
