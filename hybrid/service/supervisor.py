@@ -19,10 +19,10 @@ are blocked, so none is lost between two checks):
 - An engine that dies is started again; five deaths within a minute stop the service (exit 1),
   so that systemd's ``Restart=on-failure`` takes over. With ``service.standby_engines`` (the
   default) each queue has a spare engine that has started Python and loaded the rules and waits
-  on a pipe: a dead engine's queue is bound again by the spare a median 13 ms after the kill
-  (``hybridctl bench --takeover``; a new engine process takes 485 ms, a window in which new
-  flows pass uninspected with fail-open, or are dropped with fail-closed), and a new spare
-  starts behind it.
+  on a pipe: a dead engine's queue is bound again by the spare in milliseconds, where a new
+  engine process needs a large fraction of a second, a window in which new flows pass
+  uninspected with fail-open or are dropped with fail-closed (``hybridctl bench --takeover``
+  measures both; docs/benchmarks.md), and a new spare starts behind it.
 
 Engines are child processes (``argv_for_child(spec)`` runs :func:`run_engine_child`); each asks
 the kernel to send it SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``), so a ``kill -9``
