@@ -29,7 +29,7 @@ from hybrid import instance as inst
 from hybrid.datapath import loader
 from hybrid.datapath.maps import Maps, format_prefix, parse_cidr
 from hybrid.datapath.options import AttachOptions
-from hybrid.errors import HybridError, NotFoundError, PrivilegeError
+from hybrid.errors import ConfigError, HybridError, NotFoundError, PrivilegeError
 from hybrid.kernel import abi, bpffs, bpfsys, netfilter, netlink, sysutil
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,26 @@ class State:
         inst.remove(self.instance)
 
 
+_ETHERNET_HINT = "attach to an Ethernet interface (a bridge port, a veth, a NIC)"
+
+
+def link_type_refusal(ifname: str, link_type: int) -> str | None:
+    """Why hybrid cannot attach to a link of this hardware type (ARPHRD_*), or None when it can.
+    Both programs parse from an Ethernet header: on a layer-3 device (WireGuard, tun, PPP, GRE)
+    the packet starts at the IP header, which would be read as MAC addresses and an EtherType,
+    and every packet would pass unflagged. Decided by the hardware type, never by the name."""
+    if link_type == netlink.ARPHRD_ETHER:
+        return None
+    kind = netlink.link_type_name(link_type)
+    if link_type == netlink.ARPHRD_LOOPBACK:
+        return (f"{ifname} is the loopback device (link type {kind}): it carries this host's traffic to "
+                f"itself, not traffic hybrid can gate; {_ETHERNET_HINT}")
+    if link_type in netlink.ARPHRD_LAYER3:
+        return (f"{ifname} is a layer-3 device (link type {kind}): its packets have no Ethernet header "
+                f"and hybrid parses Ethernet frames; {_ETHERNET_HINT}")
+    return f"{ifname} is not an Ethernet device (link type {kind}): hybrid parses Ethernet frames; {_ETHERNET_HINT}"
+
+
 def choose_xdp_mode(requested: str, link: netlink.LinkInfo) -> str:
     """The XDP mode for one interface. ``auto`` never picks a mode that costs throughput on the
     interface at hand. On veth (measured in docs/design.md, "XDP mode") native XDP strips the peer's
@@ -110,6 +130,9 @@ def attach(opts: AttachOptions) -> AttachResult:
     sysutil.require_root("attach")
     opts.validate()
     links = {name: netlink.link_info(name) for name in opts.interfaces}  # all exist, or nothing changes
+    for link in links.values():                                           # all are Ethernet, likewise
+        if refusal := link_type_refusal(link.ifname, link.link_type):
+            raise ConfigError(refusal)
     instance = inst.name()
     old = State.load(instance)
     pin_dir = os.path.join(bpffs.ensure(), instance)   # how this process reaches it

@@ -34,6 +34,29 @@ _ATTACHED = {None: None, "xdp": "native", "xdpgeneric": "generic", "xdpoffload":
 INGRESS_PARENT = 0xFFFFFFF2   # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 ETH_P_ALL = 0x0003
 
+# linux/if_arp.h: a link's hardware type (ifinfomsg.ifi_type). The names are the ones
+# 'ip link' prints after "link/" (iproute2's lib/ll_types.c).
+ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772
+# Layer-3 devices: no link-layer header, skb->data (tc) and xdp->data start at the IP header.
+ARPHRD_LAYER3 = {
+    0xFFFE: "none",       # ARPHRD_NONE: WireGuard, tun, bareudp
+    512: "ppp",           # ARPHRD_PPP
+    519: "rawip",         # ARPHRD_RAWIP: some cellular modems (qmi_wwan raw-ip)
+    768: "ipip",          # ARPHRD_TUNNEL
+    769: "tunnel6",       # ARPHRD_TUNNEL6: ip6tnl
+    776: "sit",           # ARPHRD_SIT
+    778: "gre",           # ARPHRD_IPGRE (gretap is Ethernet)
+    823: "gre6",          # ARPHRD_IP6GRE (ip6gretap is Ethernet)
+}
+_ARPHRD_NAMES = {ARPHRD_ETHER: "ether", ARPHRD_LOOPBACK: "loopback", 32: "infiniband", 280: "can",
+                 0xFFFF: "void", **ARPHRD_LAYER3}
+
+
+def link_type_name(link_type: int) -> str:
+    """``ip link``'s name for a hardware type, or its number when it is not one we name."""
+    return _ARPHRD_NAMES.get(link_type, str(link_type))
+
 
 @contextlib.contextmanager
 def _ipr() -> Iterator[IPRoute]:
@@ -77,6 +100,7 @@ class LinkInfo:
     ifname: str
     ifindex: int
     kind: str | None          # "veth", "bridge", ... ; None for physical NICs
+    link_type: int            # hardware type, ARPHRD_* (ARPHRD_ETHER for NICs, veth, bridge, tap)
     driver_xdp: str | None    # "native"/"generic"/... when an XDP program is attached
     xdp_prog_id: int
     oper_up: bool
@@ -95,7 +119,7 @@ def link_info(name: str) -> LinkInfo:
     if xdp is not None:
         mode = _ATTACHED.get(xdp.get_attr("IFLA_XDP_ATTACHED"), "unknown")
         prog = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
-    return LinkInfo(name, idx, kind, mode, prog, link.get_attr("IFLA_OPERSTATE") == "UP")
+    return LinkInfo(name, idx, kind, link["ifi_type"], mode, prog, link.get_attr("IFLA_OPERSTATE") == "UP")
 
 
 def xdp_attach(name: str, prog_fd: int, mode: str, *, replace_prog_fd: int | None = None) -> None:
