@@ -22,7 +22,7 @@ from hybrid.errors import ConfigError
 from hybrid.service import config as hcfg
 
 from .common import InputError
-from .rules import LocatedError
+from .rules import IMPORT_PLUGINS_HELP, LocatedError, plugins_note
 
 
 class SchemaValue(click.ParamType):
@@ -116,12 +116,15 @@ def config_options(fn):
     return wrapper
 
 
-def load_located(config_path: str, overrides: dict | None = None, *, with_rules: bool = True):
-    """The effective configuration (and the compiled rules), or one bare ``FILE:LINE: ...`` line
-    with exit status 2."""
+def load_located(config_path: str, overrides: dict | None = None, *, with_rules: bool = True,
+                 import_plugins: bool = True):
+    """The effective configuration (and the compiled rules, checked against the configured mark
+    mask; with ``import_plugins=False`` plugins are checked, not imported), or one bare
+    ``FILE:LINE: ...`` line with exit status 2."""
     try:
         cfg = hcfg.load(config_path, overrides)
-        ruleset = load_rules(cfg["engine.rules"], cfg["engine.flow_ttl"]) if with_rules else None
+        ruleset = load_rules(cfg["engine.rules"], cfg["engine.flow_ttl"], mark_mask=cfg["attach.mark_mask"],
+                             import_plugins=import_plugins) if with_rules else None
     except ConfigError as exc:
         raise LocatedError(str(exc)) from None
     return cfg, ruleset
@@ -140,11 +143,15 @@ def config() -> None:
 @click.argument("file", required=False, type=click.Path(dir_okay=False), metavar="[FILE]")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help=f"The configuration file (TOML), the same as FILE.  [default: {hcfg.DEFAULT_PATH}]")
-def check(file: str | None, config_path: str | None) -> None:
+@click.option("--import-plugins", is_flag=True, help=IMPORT_PLUGINS_HELP)
+def check(file: str | None, config_path: str | None, import_plugins: bool) -> None:
     """Validate the configuration file FILE (or --config FILE) and the rules file it names.
 
     On an error, prints one line FILE:LINE: what is wrong and what to write instead (for the
     configuration or the rules file), and exits 2.
+
+    The rules are checked as `hybridctl rules check` does, against the configured mark_mask:
+    plugins are not imported unless --import-plugins is given.
 
     \b
     Examples:
@@ -155,11 +162,11 @@ def check(file: str | None, config_path: str | None) -> None:
     if file and config_path and os.path.abspath(file) != os.path.abspath(config_path):
         raise click.UsageError(f"two configuration files, {file} and --config {config_path}: give one")
     config_path = file or config_path or hcfg.DEFAULT_PATH
-    cfg, ruleset = load_located(config_path)
+    cfg, ruleset = load_located(config_path, import_plugins=import_plugins)
     n = len(ruleset)
     click.echo(f"{cfg.path}: ok: attach {', '.join(cfg['attach.interfaces'])}, queue{'s' if '-' in cfg['attach.queues'] else ''} "
                f"{cfg['attach.queues']} ({'fail-open' if cfg['attach.fail_open'] else 'fail-closed'}); "
-               f"rules {cfg['engine.rules']} ({n} rule{'s' if n != 1 else ''}); metrics "
+               f"rules {cfg['engine.rules']} ({n} rule{'s' if n != 1 else ''}){plugins_note(ruleset)}; metrics "
                + (f"on {cfg['metrics.listen']}" if cfg["metrics.enabled"] else "off"))
 
 

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from hybrid.datapath.options import ATTACH, DEFAULT_MASK
 from hybrid.engine.rules import RulesError, load_rules
 
 from .common import InputError
@@ -23,26 +24,61 @@ def rules() -> None:
     """Work with the verdict engine's rules files (TOML; see examples/rules/)."""
 
 
+_MARK_MASK = next(o for o in ATTACH if o.key == "mark_mask")
+
+IMPORT_PLUGINS_HELP = ("Import the plugins (runs their code, as the engine does); by default each is only "
+                       "checked: its file's owner and mode, and the function defined at its top level.")
+
+
+def _mark_mask(ctx, param, value):
+    """--mark-mask parsed by the attach option's own parser (hybrid.datapath.options)."""
+    try:
+        return _MARK_MASK.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(getattr(exc, "arg", None) or str(exc), ctx, param) from None
+
+
+def plugins_note(ruleset) -> str:
+    """What the output says about plugins: nothing when the rules use none or were imported."""
+    if ruleset.plugins_imported or not ruleset.has_plugins:
+        return ""
+    return " (plugins checked, not imported: --import-plugins runs them)"
+
+
 @rules.command()
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--mark-mask", "mark_mask", default=f"{DEFAULT_MASK:#x}", show_default=True, callback=_mark_mask,
+              metavar="N", help="Hybrid's mark bits (the attachment's --mark-mask): a rule's mark may not touch them.")
+@click.option("--import-plugins", is_flag=True, help=IMPORT_PLUGINS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the compiled rules as JSON.")
-def check(file: str, as_json: bool) -> None:
+def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> None:
     """Compile FILE and print its rules in the order they are tried, with the default last.
 
     On an error, prints one line FILE:LINE: what is wrong and what to write instead, and exits 2.
+
+    Plugins are not imported (no plugin code runs) unless --import-plugins is given: each plugin
+    module must exist in the file's plugin_paths and define the function at its top level, and
+    the module, its plugin directory and the directories between them (symlinks resolved) must
+    not be writable by group or others and must be owned by root, as the engine (root) requires;
+    run as another user, this command also accepts files that user owns.
+
+    A rule's mark may not touch hybrid's own mark bits (--mark-mask, 0x100000 unless the
+    attachment says otherwise): the engine would queue the packet again, for ever.
 
     \b
     Examples:
       hybridctl rules check examples/rules/realistic.toml
       hybridctl rules check policy.toml --json
+      hybridctl rules check policy.toml --mark-mask 0x300000 --import-plugins
     """
     try:
-        ruleset = load_rules(file)
+        ruleset = load_rules(file, mark_mask=mark_mask, import_plugins=import_plugins)
     except RulesError as exc:
         raise LocatedError(str(exc)) from None
     described = ruleset.describe()
     if as_json:
-        click.echo(json.dumps({"file": file, "rules": described[:-1], "default": described[-1]}, indent=1))
+        click.echo(json.dumps({"file": file, "rules": described[:-1], "default": described[-1],
+                               "plugins_imported": ruleset.plugins_imported}, indent=1))
         return
     width = max([len(d["name"]) for d in described[:-1]] + [7])
     for d in described:
@@ -55,7 +91,7 @@ def check(file: str, as_json: bool) -> None:
                    f"{_action(d)}  flow={d['flow']}" + (f"/{d['ttl']}s" if d["flow"] != "none" else "")
                    + ("  log" if d["log"] else ""))
     n = len(described) - 1
-    click.echo(f"{file}: {n} rule{'s' if n != 1 else ''} ok")
+    click.echo(f"{file}: {n} rule{'s' if n != 1 else ''} ok{plugins_note(ruleset)}")
 
 
 def _action(d: dict) -> str:

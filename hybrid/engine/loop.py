@@ -123,7 +123,8 @@ class Engine:
         self.queue = queue
         self.rules_path = rules_path
         self.flow_ttl = flow_ttl                           # overrides the file's (service config)
-        self.rules: RuleSet = load_rules(rules_path, flow_ttl)   # a broken file fails before binding
+        # A broken file fails before binding; so does a mark that would touch hybrid's own bits.
+        self.rules: RuleSet = load_rules(rules_path, flow_ttl, mark_mask=mark_mask)
         self.maps = maps
         self.mark_mask = mark_mask                         # hybrid's bits: cleared on accept
         self._keep_bits = ~mark_mask & 0xFFFFFFFF
@@ -223,7 +224,7 @@ class Engine:
     def reload(self) -> bool:
         """Load the rules file again. A broken file keeps the old rules and says why."""
         try:
-            new = load_rules(self.rules_path, self.flow_ttl)
+            new = load_rules(self.rules_path, self.flow_ttl, mark_mask=self.mark_mask)
         except RulesError as exc:
             self.stats.reload_errors += 1
             self.stats.last_reload_error = str(exc)

@@ -17,6 +17,21 @@ Every error is a :class:`RulesError` with a one-line message ``FILE:LINE: what i
 to write instead`` (the file is read through hybrid/tomlfile.py, as the service configuration
 is). See ``examples/rules/`` for complete files.
 
+Plugins (``plugin = "module:function"``) are Python code run inside the engine, which runs as
+root. So a directory in ``plugin_paths``, a plugin module and every directory between the two
+are checked as sshd checks authorized_keys, symlinks resolved first: each must be owned by root
+and not writable by group or others, or the file is refused (a module that is a symlink must
+lead to a file inside its plugin directory). When hybrid itself does not run as root (a
+developer's ``hybridctl rules check``), the user it runs as may own them too; see
+:func:`plugin_owners`. ``import_plugins=False`` checks plugins without running any of their
+code: the module is parsed, and the function must be defined at its top level.
+
+Hybrid's own mark bits (``mark_mask``, the attachment's ``--mark-mask``) are not a rule's to
+set: the engine accepts a packet by clearing them and re-running the hook, so a rule's ``mark``
+whose mask overlaps them could send the packet back to the queue for ever. Such a rule is
+refused when compiled with the mask, and a plugin's Verdict carrying such a mark counts as the
+plugin failing.
+
 Packets are read through a fixed set of attributes (``version``, ``proto``, ``src_int``,
 ``dst_int``, ``sport``, ``dport``, ``tcp_flags``, ``icmp_type``, ``icmp_code``, ``payload``,
 ``payload_len``, ``fragment``, ``indev``, ``http``, ``tls_sni``, ``dns_qname``): see
@@ -25,11 +40,15 @@ Packets are read through a fixed set of attributes (``version``, ``proto``, ``sr
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import ipaddress
 import logging
 import os
+import pwd
 import re
+import shlex
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -281,6 +300,19 @@ def _parse_mark(value) -> tuple[int, int]:
     if val & ~mask:
         raise ValueError(f"mark {value!r}: the value has bits outside the mask; write \"{hex(val)}/{hex(mask | val)}\"")
     return val, mask
+
+
+def _mark_overlap(written, mark: tuple[int, int], hybrid_mask: int) -> str | None:
+    """Why a rule's parsed ``mark`` may not be used beside hybrid's own ``hybrid_mask``, or None."""
+    val, mask = mark
+    if not mask & hybrid_mask:
+        return None
+    whose = (f"a bare number means mask {mask:#x}, which" if isinstance(written, int) else f"its mask {mask:#x}")
+    rest = mask & ~hybrid_mask
+    fix = (f'leave them out: mark = "{val:#x}/{rest:#x}"' if rest and not val & hybrid_mask
+           else f"use bits outside {hybrid_mask:#x}")
+    return (f"mark {written!r}: {whose} overlaps hybrid's mark mask {hybrid_mask:#x}, bits the engine owns "
+            f"(setting them would send the packet back to the queue for ever); {fix}")
 
 
 def _text(key: str, value) -> bytes:
@@ -598,8 +630,11 @@ class RuleSet:
     """Compiled rules. :meth:`decide` is the per-packet entry point; ``counters`` maps each rule
     name to the packets it decided, ``plugin_errors`` each plugin rule's name to its failures."""
 
-    def __init__(self, filename: str, rules: list[_Rule], default: Decision, plugin_paths: list[str]):
+    def __init__(self, filename: str, rules: list[_Rule], default: Decision, plugin_paths: list[str], *,
+                 mark_mask: int = 0, plugins_imported: bool = True):
         self.filename = filename
+        self.mark_mask = mark_mask                  # hybrid's bits: a plugin's mark may not touch them
+        self.plugins_imported = plugins_imported    # False: plugins were only checked (rules check)
         self._rules = rules
         self._fast = tuple((r.name, r.checks, r.decision, r.decision_tcp, r.plugin) for r in rules)
         # Per-protocol index, order kept: a packet only walks the rules that can match its
@@ -613,7 +648,7 @@ class RuleSet:
         self.needs_indev = any(r.reads("indev") for r in rules)
         # Whether any rule reads the TLS SNI, or the HTTP request (a plugin may read either): the
         # engine then joins ClientHellos and request heads split over TCP segments.
-        plugins = any(r.plugin is not None for r in rules)
+        self.has_plugins = plugins = any(r.plugin is not None for r in rules)
         self.needs_sni = plugins or any(r.reads("tls_sni") for r in rules)
         self.needs_http = plugins or any(r.reads("http") for r in rules)
         self.needs_join = self.needs_sni or self.needs_http
@@ -655,7 +690,7 @@ class RuleSet:
             verdict = plugin(pkt)
             if verdict is None:
                 return None
-            return _merge_verdict(base, verdict, pkt)
+            return _merge_verdict(base, verdict, pkt, self.mark_mask)
         except Exception as exc:  # a plugin must never take the engine down
             self.plugin_errors[name] += 1
             now = time.monotonic()
@@ -729,7 +764,7 @@ def _show_rewrite(spec: tuple) -> str:
     return kind + " " + " ".join(repr(a)[1:] for a in args)
 
 
-def _merge_verdict(base: Decision, v, pkt) -> Decision:
+def _merge_verdict(base: Decision, v, pkt, mark_mask: int = 0) -> Decision:
     if not isinstance(v, Verdict):
         raise TypeError(f"returned {type(v).__name__}, expected hybrid.plugin.Verdict or None")
     action = v.action if v.action is not None else base.action
@@ -743,6 +778,9 @@ def _merge_verdict(base: Decision, v, pkt) -> Decision:
         mark = (mark, 0xFFFFFFFF)
     if action == "mark" and mark is None:
         raise ValueError("Verdict action 'mark' without a mark")
+    if action == "mark" and mark_mask and mark[1] & mark_mask:
+        raise ValueError(f"Verdict mark {mark[0]:#x}/{mark[1]:#x} overlaps hybrid's mark mask {mark_mask:#x} (the "
+                         f"packet would be queued again for ever); not applied")
     rewrite = v.rewrite if v.rewrite is not None else base.rewrite
     if action == "rewrite" and rewrite is None:
         raise ValueError("Verdict action 'rewrite' without a rewrite spec")
@@ -762,18 +800,25 @@ def _merge_verdict(base: Decision, v, pkt) -> Decision:
 # compiler
 
 
-def load_rules(path: str | os.PathLike, flow_ttl: int | None = None) -> RuleSet:
+def load_rules(path: str | os.PathLike, flow_ttl: int | None = None, *, mark_mask: int = 0,
+               import_plugins: bool = True) -> RuleSet:
     """Read and compile a rules file; RulesError (a ConfigError) if it cannot be used.
-    ``flow_ttl``, when given, replaces the file's ``flow_ttl`` (the service configuration's)."""
-    return _compile(RULES_FILE.read(path), flow_ttl)
+    ``flow_ttl``, when given, replaces the file's ``flow_ttl`` (the service configuration's).
+    ``mark_mask``: hybrid's own mark bits, which no rule's or plugin's mark may touch (0: not
+    checked). ``import_plugins=False``: check each plugin (ownership, modes, the function defined
+    at the module's top level) without running its code; the RuleSet then only describes the
+    rules (deciding a packet with such a plugin counts as the plugin failing)."""
+    return _compile(RULES_FILE.read(path), flow_ttl, mark_mask, import_plugins)
 
 
-def compile_rules(text: str, filename: str = "<rules>", flow_ttl: int | None = None) -> RuleSet:
-    """Compile rules from TOML ``text``; ``filename`` names it in errors and anchors plugin_paths."""
-    return _compile(RULES_FILE.parse(text, filename), flow_ttl)
+def compile_rules(text: str, filename: str = "<rules>", flow_ttl: int | None = None, *, mark_mask: int = 0,
+                  import_plugins: bool = True) -> RuleSet:
+    """Compile rules from TOML ``text``; ``filename`` names it in errors and anchors plugin_paths.
+    The keyword arguments are :func:`load_rules`'s."""
+    return _compile(RULES_FILE.parse(text, filename), flow_ttl, mark_mask, import_plugins)
 
 
-def _compile(src: TomlSource, flow_ttl: int | None) -> RuleSet:
+def _compile(src: TomlSource, flow_ttl: int | None, mark_mask: int, import_plugins: bool) -> RuleSet:
     doc, filename = src.doc, src.filename
     for key in doc:
         if key not in TOP_KEYS:
@@ -803,6 +848,9 @@ def _compile(src: TomlSource, flow_ttl: int | None) -> RuleSet:
         if not os.path.isdir(full):
             raise src.error(None, "plugin_paths", f"plugin_paths {p!r}: no such directory ({full}); create it or "
                                                   f"fix the path (relative to the rules file)")
+        unsafe = _unsafe(full, os.path.realpath(full))
+        if unsafe:
+            raise src.error(None, "plugin_paths", f"plugin_paths {p!r}: {unsafe}")
         plugin_paths.append(full)
 
     raw_rules = doc.get("rule", [])
@@ -811,20 +859,20 @@ def _compile(src: TomlSource, flow_ttl: int | None) -> RuleSet:
 
     default = Decision(None, default_action, None, None, None, default_flow, flow_ttl,
                        default_action in LOGGED_ACTIONS)
-    loader = _PluginLoader(plugin_paths)
+    loader = _PluginLoader(plugin_paths, import_plugins)
     rules: list[_Rule] = []
     seen: dict[str, int] = {}
     for index, raw in enumerate(raw_rules):
-        rule = _compile_rule(src, index, raw, flow_ttl, loader)
+        rule = _compile_rule(src, index, raw, flow_ttl, loader, mark_mask)
         if rule.name in seen:
             raise src.error(("rule", index), "name", f"duplicate rule name {rule.name!r} (first at line "
                                                      f"{seen[rule.name]}); give every rule a unique name")
         seen[rule.name] = rule.line or 0
         rules.append(rule)
-    return RuleSet(filename, rules, default, plugin_paths)
+    return RuleSet(filename, rules, default, plugin_paths, mark_mask=mark_mask, plugins_imported=import_plugins)
 
 
-def _compile_rule(src: TomlSource, index: int, raw, flow_ttl: int, loader: _PluginLoader) -> _Rule:
+def _compile_rule(src: TomlSource, index: int, raw, flow_ttl: int, loader: _PluginLoader, mark_mask: int) -> _Rule:
     place = ("rule", index)
     if not isinstance(raw, dict):
         raise src.error(place, None, "each rule is a table under a [[rule]] header")
@@ -849,7 +897,7 @@ def _compile_rule(src: TomlSource, index: int, raw, flow_ttl: int, loader: _Plug
             plugin = loader.load(raw["plugin"])
         except ValueError as exc:
             raise err("plugin", str(exc)) from None
-    decision, decision_tcp = _compile_decision(raw, err, name, match, plugin, flow_ttl)
+    decision, decision_tcp = _compile_decision(raw, err, name, match, plugin, flow_ttl, mark_mask)
 
     checks, protos = _matchers(match)
     return _Rule(index, name, src.line(place), match, checks, protos, decision, decision_tcp, plugin,
@@ -890,10 +938,11 @@ def _matchers(match: dict[str, Any]) -> tuple[tuple[Callable, ...], frozenset[in
 
 
 def _compile_decision(raw: dict, err: Callable[[str | None, str], RulesError], name: str, match: dict[str, Any],
-                      plugin: Callable | None, flow_ttl: int) -> tuple[Decision, Decision | None]:
+                      plugin: Callable | None, flow_ttl: int, mark_mask: int) -> tuple[Decision, Decision | None]:
     """What the rule does: its Decision and, when a reject answers TCP differently, the one for
     TCP packets. These keys depend on each other (action says which of reject_with, rewrite and
-    mark belong), so they are checked in this order, not through a table."""
+    mark belong), so they are checked in this order, not through a table. A mark may not touch
+    ``mark_mask``, hybrid's own bits."""
     def parse(key, fn, *args):
         try:
             return fn(*args)
@@ -949,6 +998,9 @@ def _compile_decision(raw: dict, err: Callable[[str | None, str], RulesError], n
         if action != "mark":
             raise err("mark", f"mark only goes with action = \"mark\" (this rule's is {action!r})")
         mark = parse("mark", _parse_mark, raw["mark"])
+        overlap = _mark_overlap(raw["mark"], mark, mark_mask)
+        if overlap:
+            raise err("mark", overlap)
     elif action == "mark" and plugin is None:
         raise err("action", 'action = "mark" needs a mark: add mark = "0x10/0xff" (value/mask)')
 
@@ -969,11 +1021,98 @@ def _compile_decision(raw: dict, err: Callable[[str | None, str], RulesError], n
     return decision, (decision._replace(reject_with=decision_tcp) if decision_tcp else None)
 
 
-class _PluginLoader:
-    """Imports ``module:function`` by file from the declared plugin directories only."""
+def plugin_owners() -> tuple[int, ...]:
+    """The user ids a plugin directory or module may be owned by: root; and, when hybrid does not
+    run as root (a developer checking a rules file), also the user it runs as."""
+    euid = os.geteuid()
+    return (0,) if euid == 0 else (0, euid)
 
-    def __init__(self, paths: list[str]):
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _unsafe(named: str, real: str) -> str | None:
+    """Why ``real`` (``named`` with its symlinks resolved) may not hold plugin code, with the
+    command that fixes it; None when it may: owned by one of :func:`plugin_owners` and not
+    writable by group or others."""
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        return f"cannot check {real}: {exc.strerror}"
+    owners = plugin_owners()
+    foreign, writable = st.st_uid not in owners, st.st_mode & 0o022
+    if not foreign and not writable:
+        return None
+    faults = []
+    if foreign:
+        faults.append(f"owned by {_user(st.st_uid)}, not root" +
+                      (f" or you ({_user(owners[1])})" if len(owners) > 1 else ""))
+    if writable:
+        who = {0o020: "group", 0o002: "others"}.get(writable, "group and others")
+        faults.append(f"writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})")
+    quoted = shlex.quote(real)
+    fix = f"chown root: {quoted} && chmod go-w {quoted}" if foreign else f"chmod go-w {quoted}"
+    shown = real if real == named else f"{real} (where {named} leads)"
+    return f"{shown} is {' and '.join(faults)}; plugins run as root in the engine: run {fix}"
+
+
+def _top_level_names(body: list[ast.stmt]) -> list[str]:
+    """The names a module's statements bind at its top level (also inside top-level if, try,
+    with and loops: ``try: import x``), in order."""
+    names: list[str] = []
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                names += _bound(target)
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            names += _bound(node.target)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names += [a.asname or a.name.split(".")[0] for a in node.names if a.name != "*"]
+        elif isinstance(node, (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try,
+                               getattr(ast, "TryStar", ast.Try))):
+            for part in ("body", "orelse", "finalbody"):
+                names += _top_level_names(getattr(node, part, []))
+            for handler in getattr(node, "handlers", []):
+                names += _top_level_names(handler.body)
+    return names
+
+
+def _bound(target: ast.expr) -> list[str]:
+    """The names an assignment target binds: ``a``, ``a, (b, *c)``; not ``a.x`` or ``a[0]``."""
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, ast.Starred):
+        return _bound(target.value)
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for elt in target.elts for n in _bound(elt)]
+    return []
+
+
+class _Unimported:
+    """Stands for a plugin that was checked, not imported (``hybridctl rules check``): its
+    RuleSet describes the rules; a packet decided with it counts as the plugin failing."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+
+    def __call__(self, pkt):
+        raise RuntimeError(f"plugin {self.ref!r} was checked, not imported")
+
+
+class _PluginLoader:
+    """Finds ``module:function`` by file in the declared plugin directories only, refuses a file
+    that is not safe to run as root (see :func:`_unsafe`), then imports it, or, with
+    ``import_plugins=False``, only checks that the function is defined at its top level."""
+
+    def __init__(self, paths: list[str], import_plugins: bool = True):
         self.paths = paths
+        self.import_plugins = import_plugins
         self.modules: dict[str, Any] = {}
 
     def load(self, ref) -> Callable:
@@ -986,15 +1125,19 @@ class _PluginLoader:
         if not self.paths:
             raise ValueError(f"plugin {ref!r}: no plugin_paths declared; add plugin_paths = [\"plugins\"] at the "
                              f"top of the file and put {mod_name}.py there")
-        file = next((os.path.join(p, mod_name + ".py") for p in self.paths
-                     if os.path.isfile(os.path.join(p, mod_name + ".py"))), None)
-        if file is None:
+        found = next(((p, os.path.join(p, mod_name + ".py")) for p in self.paths
+                      if os.path.isfile(os.path.join(p, mod_name + ".py"))), None)
+        if found is None:
             raise ValueError(f"plugin {ref!r}: {mod_name}.py not found in plugin_paths "
                              f"({', '.join(self.paths)}); put it there or fix the name")
-        module = self.modules.get(file)
+        real = self._checked(ref, *found)
+        file = found[1]
+        if not self.import_plugins:
+            return self._parsed(ref, file, real, mod_name, func_name)
+        module = self.modules.get(real)
         if module is None:
-            unique = f"hybrid_plugin_{abs(hash(file)):x}_{mod_name}"
-            spec = importlib.util.spec_from_file_location(unique, file)
+            unique = f"hybrid_plugin_{abs(hash(real)):x}_{mod_name}"
+            spec = importlib.util.spec_from_file_location(unique, real)
             if spec is None or spec.loader is None:
                 raise ValueError(f"plugin {ref!r}: cannot load {file}")
             module = importlib.util.module_from_spec(spec)
@@ -1005,13 +1148,52 @@ class _PluginLoader:
                 sys.modules.pop(unique, None)
                 raise ValueError(f"plugin {ref!r}: importing {file} failed: {type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}; fix the module") from None
-            self.modules[file] = module
+            self.modules[real] = module
         func = getattr(module, func_name, None)
         if func is None:
             names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-            close = close_match(func_name, names)
-            raise ValueError(f"plugin {ref!r}: {file} has no {func_name!r}" +
-                             (f"; did you mean {mod_name}:{close}?" if close else "; define it"))
+            raise ValueError(self._missing(ref, file, mod_name, func_name, names))
         if not callable(func):
             raise ValueError(f"plugin {ref!r}: {func_name} in {file} is not callable; point at a function")
         return func
+
+    @staticmethod
+    def _checked(ref: str, plugin_dir: str, file: str) -> str:
+        """The module's real path, once it and every directory from it up to its plugin
+        directory are safe (sshd's check of authorized_keys); ValueError otherwise."""
+        real, top = os.path.realpath(file), os.path.realpath(plugin_dir)
+        if not real.startswith(top.rstrip(os.sep) + os.sep):
+            raise ValueError(f"plugin {ref!r}: {file} leads to {real}, outside its plugin directory {top}; "
+                             f"put the module itself there, or add its directory to plugin_paths")
+        path, named = real, file
+        while True:
+            unsafe = _unsafe(named, path)
+            if unsafe:
+                raise ValueError(f"plugin {ref!r}: {unsafe}")
+            if path == top:
+                return real
+            path = named = os.path.dirname(path)
+
+    @staticmethod
+    def _parsed(ref: str, file: str, real: str, mod_name: str, func_name: str) -> Callable:
+        """Check without running anything: ``func_name`` is bound at the module's top level."""
+        try:
+            with open(real, "rb") as fh:
+                tree = ast.parse(fh.read(), filename=file)
+        except OSError as exc:
+            raise ValueError(f"plugin {ref!r}: cannot read {file}: {exc.strerror}") from None
+        except (SyntaxError, ValueError) as exc:
+            where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+            raise ValueError(f"plugin {ref!r}: {file} does not parse: {type(exc).__name__}: "
+                             f"{getattr(exc, 'msg', None) or exc}{where}; fix the module") from None
+        names = _top_level_names(tree.body)
+        if func_name not in names:
+            raise ValueError(_PluginLoader._missing(ref, file, mod_name, func_name,
+                                                    [n for n in names if not n.startswith("_")]))
+        return _Unimported(ref)
+
+    @staticmethod
+    def _missing(ref: str, file: str, mod_name: str, func_name: str, names: list[str]) -> str:
+        close = close_match(func_name, names)
+        return (f"plugin {ref!r}: {file} has no {func_name!r}" +
+                (f"; did you mean {mod_name}:{close}?" if close else "; define it"))

@@ -71,3 +71,86 @@ def test_missing_file_is_one_line_exit_2(tmp_path):
     assert res.exit_code == 2
     assert res.output.splitlines() == [f"{tmp_path / 'nope.toml'}: cannot read the rules file: No such file or "
                                        f"directory"]
+
+
+# --- plugins are checked, not imported, unless --import-plugins; marks against hybrid's mask
+
+
+@pytest.fixture
+def side_effect(tmp_path):
+    """A rules file whose plugin writes a file when imported; returns (rules file, that file)."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    os.chmod(plugins, 0o755)
+    proof = tmp_path / "imported"
+    (plugins / "side.py").write_text(f"open({str(proof)!r}, 'w').close()\ndef decide(p):\n    return None\n")
+    os.chmod(plugins / "side.py", 0o644)
+    path = tmp_path / "rules.toml"
+    path.write_text('plugin_paths = ["plugins"]\n[[rule]]\nname = "p"\nplugin = "side:decide"\n')
+    return path, proof
+
+
+def test_check_does_not_import_plugins(side_effect):
+    path, proof = side_effect
+    res = run("rules", "check", str(path))
+    assert res.exit_code == 0, res.output
+    assert not proof.exists()
+    assert res.output.splitlines()[-1] == (f"{path}: 1 rule ok (plugins checked, not imported: --import-plugins "
+                                           f"runs them)")
+    res = run("rules", "check", str(path), "--json")
+    assert json.loads(res.output)["plugins_imported"] is False and not proof.exists()
+    res = run("rules", "check", str(path), "--import-plugins")
+    assert res.exit_code == 0, res.output
+    assert proof.exists()
+    assert res.output.splitlines()[-1] == f"{path}: 1 rule ok"
+
+
+def test_check_refuses_an_unsafe_plugin_without_importing_it(side_effect):
+    path, proof = side_effect
+    module = path.parent / "plugins" / "side.py"
+    os.chmod(module, 0o666)
+    res = run("rules", "check", str(path))
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [
+        f"{path}:4: plugin 'side:decide': {module} is writable by group and others (mode 0666); plugins run as root "
+        f"in the engine: run chmod go-w {module}"]
+    assert run("rules", "check", str(path), "--import-plugins").exit_code == 2
+    assert not proof.exists()
+
+
+def test_check_refuses_a_mark_on_hybrids_bits(tmp_path):
+    path = tmp_path / "mark.toml"
+    path.write_text('[[rule]]\nname = "m"\naction = "mark"\nmark = "0x100000/0x100000"\n')
+    res = run("rules", "check", str(path))
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [
+        f"{path}:4: mark '0x100000/0x100000': its mask 0x100000 overlaps hybrid's mark mask 0x100000, bits the "
+        f"engine owns (setting them would send the packet back to the queue for ever); use bits outside 0x100000"]
+    res = run("rules", "check", str(path), "--mark-mask", "0x200000")
+    assert res.exit_code == 0, res.output
+    assert "  1 m        any  -> mark(0x100000/0x100000)  flow=none" in res.output.splitlines()
+    res = run("rules", "check", str(path), "--mark-mask", "0x300000")
+    assert res.exit_code == 2 and "hybrid's mark mask 0x300000" in res.output
+    res = run("rules", "check", str(path), "--mark-mask", "nope")
+    assert res.exit_code == 2 and "Invalid value for '--mark-mask': 'nope': expected a number" in res.output
+
+
+def test_config_check_does_not_import_plugins_and_uses_the_configured_mask(side_effect):
+    path, proof = side_effect
+    conf = path.parent / "hybrid.toml"
+    conf.write_text(f'[attach]\ninterfaces = ["eth0"]\n[engine]\nrules = "{path.name}"\n')
+    res = run("config", "check", str(conf))
+    assert res.exit_code == 0, res.output
+    assert not proof.exists()
+    assert f"rules {path} (1 rule) (plugins checked, not imported: --import-plugins runs them); metrics off" \
+        in res.output
+    res = run("config", "check", str(conf), "--import-plugins")
+    assert res.exit_code == 0, res.output
+    assert proof.exists() and "not imported" not in res.output
+
+    path.write_text('[[rule]]\nname = "m"\naction = "mark"\nmark = "0x4/0xf"\n')
+    assert run("config", "check", str(conf)).exit_code == 0
+    conf.write_text(f'[attach]\ninterfaces = ["eth0"]\nmark = 0x2\nmark_mask = 0x2\n[engine]\nrules = "{path.name}"\n')
+    res = run("config", "check", str(conf))
+    assert res.exit_code == 2
+    assert res.output.startswith(f"{path}:4: mark '0x4/0xf': its mask 0xf overlaps hybrid's mark mask 0x2, ")

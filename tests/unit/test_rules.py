@@ -281,8 +281,10 @@ def test_load_rules_errors(tmp_path):
 
 @pytest.fixture
 def plugin_dir(tmp_path):
-    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins").mkdir(mode=0o755)
+    os.chmod(tmp_path / "plugins", 0o755)        # plugins must not be group-writable, whatever the umask
     shutil.copy(os.path.join(EXAMPLES, "plugins", "sizecheck.py"), tmp_path / "plugins" / "sizecheck.py")
+    os.chmod(tmp_path / "plugins" / "sizecheck.py", 0o644)
     (tmp_path / "outside.py").write_text("def decide(p):\n    return None\n")
     return tmp_path
 
@@ -363,6 +365,210 @@ def test_plugin_returning_garbage_counts_as_failure(plugin_dir):
     d = ruleset.decide(Pkt())
     assert (d.rule, d.action, d.mark) == ("m", "mark", (7, 0xFFFFFFFF))
     assert ruleset.plugin_errors == {"t": 1, "b": 1, "z": 1, "s": 1, "m": 0}
+
+
+# --- plugins: who may own them, and checking without importing
+
+NOBODY = 65534
+
+
+def plugin_rules(plugin_dir, ref="side:decide"):
+    return write(plugin_dir, f'plugin_paths = ["plugins"]\n[[rule]]\nname = "p"\nplugin = "{ref}"\n')
+
+
+def side_effect_plugin(plugin_dir):
+    """A plugin whose import writes a file: the proof that it ran."""
+    proof = plugin_dir / "imported"
+    (plugin_dir / "plugins" / "side.py").write_text(f"open({str(proof)!r}, 'w').close()\n"
+                                                    "def decide(p):\n    return None\n")
+    return proof
+
+
+def test_checking_a_plugin_does_not_run_it(plugin_dir):
+    proof = side_effect_plugin(plugin_dir)
+    ruleset = load_rules(plugin_rules(plugin_dir), import_plugins=False)
+    assert not proof.exists()
+    assert ruleset.plugins_imported is False and ruleset.has_plugins
+    assert ruleset.describe()[0]["plugin"] == "side:decide"
+    assert ruleset.decide(Pkt()).rule is None and ruleset.plugin_errors == {"p": 1}   # never runs
+    load_rules(plugin_rules(plugin_dir))                                               # the engine's way
+    assert proof.exists()
+
+
+@pytest.mark.parametrize("source, ref, error", [
+    ("def decide(p):\n    return None\n", "side:decid", "has no 'decid'; did you mean side:decide?"),
+    ("def helper(p):\n    return None\n", "side:other", "has no 'other'; define it"),
+    ("class decide:\n    pass\n", "side:decide", None),
+    ("try:\n    from x import decide\nexcept ImportError:\n    decide = None\n", "side:decide", None),
+    ("if True:\n    def decide(p):\n        return None\n", "side:decide", None),
+    ("a, (b, *decide) = 1, (2, 3)\n", "side:decide", None),
+    ("import os\nos.decide = 1\nx: int\n", "side:decide", "has no 'decide'; define it"),
+    ("def decide(p)\n    return None\n", "side:decide", "does not parse: SyntaxError: expected ':' (line 1); "
+                                                       "fix the module"),
+])
+def test_checking_a_plugin_finds_the_function_at_top_level(plugin_dir, source, ref, error):
+    (plugin_dir / "plugins" / "side.py").write_text(source)
+    path = plugin_rules(plugin_dir, ref)
+    if error is None:
+        load_rules(path, import_plugins=False)
+        return
+    with pytest.raises(RulesError) as info:
+        load_rules(path, import_plugins=False)
+    assert str(info.value) == f"{path}:4: plugin '{ref}': {plugin_dir / 'plugins' / 'side.py'} {error}"
+
+
+def test_group_writable_plugin_behind_a_symlink_is_refused(plugin_dir):
+    lib = plugin_dir / "plugins" / "lib"
+    lib.mkdir()
+    target = lib / "real.py"
+    target.write_text("def decide(p):\n    return None\n")
+    os.chmod(target, 0o664)
+    (plugin_dir / "plugins" / "side.py").symlink_to(target)
+    path = plugin_rules(plugin_dir)
+    for import_plugins in (True, False):
+        with pytest.raises(RulesError) as info:
+            load_rules(path, import_plugins=import_plugins)
+        assert str(info.value) == (
+            f"{path}:4: plugin 'side:decide': {target} (where {plugin_dir / 'plugins' / 'side.py'} leads) is "
+            f"writable by group (mode 0664); plugins run as root in the engine: run chmod go-w {target}")
+    os.chmod(target, 0o644)
+    os.chmod(lib, 0o757)                 # the directory between the module and its plugin directory
+    with pytest.raises(RulesError, match=rf":4: plugin 'side:decide': {lib} is writable by others \(mode 0757\); "
+                                         rf"plugins run as root in the engine: run chmod go-w {lib}$"):
+        load_rules(path)
+    os.chmod(lib, 0o755)
+    assert load_rules(path).decide(Pkt()).rule is None
+
+
+def test_plugin_symlink_leading_out_of_its_directory_is_refused(plugin_dir):
+    (plugin_dir / "plugins" / "side.py").symlink_to(plugin_dir / "outside.py")
+    path = plugin_rules(plugin_dir)
+    with pytest.raises(RulesError) as info:
+        load_rules(path)
+    assert str(info.value) == (
+        f"{path}:4: plugin 'side:decide': {plugin_dir / 'plugins' / 'side.py'} leads to {plugin_dir / 'outside.py'}, "
+        f"outside its plugin directory {plugin_dir / 'plugins'}; put the module itself there, or add its directory "
+        f"to plugin_paths")
+
+
+def test_world_writable_plugin_directory_is_refused(plugin_dir):
+    proof = side_effect_plugin(plugin_dir)
+    plugins = plugin_dir / "plugins"
+    os.chmod(plugins, 0o777)
+    path = plugin_rules(plugin_dir)
+    with pytest.raises(RulesError) as info:
+        load_rules(path, import_plugins=False)
+    assert str(info.value) == (f"{path}:1: plugin_paths 'plugins': {plugins} is writable by group and others "
+                               f"(mode 0777); plugins run as root in the engine: run chmod go-w {plugins}")
+    os.chmod(plugins, 0o1777)            # sticky or not: anyone may add a module
+    with pytest.raises(RulesError, match=r"\(mode 1777\)"):
+        load_rules(path)
+    assert not proof.exists()
+
+
+def test_plugin_directory_through_a_symlink_is_checked_where_it_leads(plugin_dir):
+    real = plugin_dir / "real-plugins"
+    real.mkdir()
+    (real / "side.py").write_text("def decide(p):\n    return None\n")
+    shutil.rmtree(plugin_dir / "plugins")
+    (plugin_dir / "plugins").symlink_to(real)
+    path = plugin_rules(plugin_dir)
+    load_rules(path)
+    os.chmod(real, 0o775)
+    with pytest.raises(RulesError, match=rf"^{path}:1: plugin_paths 'plugins': {real} \(where "
+                                         rf"{plugin_dir / 'plugins'} leads\) is writable by group \(mode 0775\)"):
+        load_rules(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_plugin_owned_by_another_user_is_refused(plugin_dir):
+    proof = side_effect_plugin(plugin_dir)
+    module = plugin_dir / "plugins" / "side.py"
+    os.chown(module, NOBODY, NOBODY)
+    path = plugin_rules(plugin_dir)
+    with pytest.raises(RulesError) as info:
+        load_rules(path)
+    assert str(info.value).startswith(f"{path}:4: plugin 'side:decide': {module} is owned by uid {NOBODY}")
+    assert str(info.value).endswith(f", not root; plugins run as root in the engine: run chown root: {module} && "
+                                    f"chmod go-w {module}")
+    os.chmod(module, 0o666)
+    with pytest.raises(RulesError, match=r", not root and writable by group and others \(mode 0666\); plugins run "
+                                         r"as root in the engine: run chown root: "):
+        load_rules(path)
+    assert not proof.exists()
+    os.chown(module, 0, 0)
+    os.chown(plugin_dir / "plugins", NOBODY, NOBODY)
+    with pytest.raises(RulesError, match=rf"^{path}:1: plugin_paths 'plugins': {plugin_dir / 'plugins'} is owned by "
+                                         rf"uid {NOBODY}"):
+        load_rules(path)
+
+
+def test_plugin_owners_are_root_and_a_non_root_invoker(monkeypatch):
+    from hybrid.engine import rules
+    monkeypatch.setattr(rules.os, "geteuid", lambda: 0)
+    assert rules.plugin_owners() == (0,)
+    monkeypatch.setattr(rules.os, "geteuid", lambda: 4242)        # a developer's `rules check`
+    assert rules.plugin_owners() == (0, 4242)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_not_running_as_root_another_users_plugin_is_refused(plugin_dir, monkeypatch):
+    from hybrid.engine import rules
+    module = plugin_dir / "plugins" / "side.py"
+    side_effect_plugin(plugin_dir)
+    os.chown(module, NOBODY, NOBODY)
+    path = plugin_rules(plugin_dir)
+    monkeypatch.setattr(rules.os, "geteuid", lambda: NOBODY)      # nobody checking nobody's plugin
+    load_rules(path, import_plugins=False)
+    monkeypatch.setattr(rules.os, "geteuid", lambda: 4242)
+    with pytest.raises(RulesError, match=rf"{module} is owned by uid {NOBODY}.*, not root or you \(uid 4242\); "):
+        load_rules(path, import_plugins=False)
+
+
+# --- marks: hybrid's own bits are not a rule's or a plugin's to set
+
+MASK = 0x100000
+
+
+@pytest.mark.parametrize("mark, error", [
+    ('"0x100000/0x100000"', "mark '0x100000/0x100000': its mask 0x100000 overlaps hybrid's mark mask 0x100000, "
+                            "bits the engine owns (setting them would send the packet back to the queue for ever); "
+                            "use bits outside 0x100000"),
+    ('"0x10/0x1000ff"', "mark '0x10/0x1000ff': its mask 0x1000ff overlaps hybrid's mark mask 0x100000, bits the "
+                        "engine owns (setting them would send the packet back to the queue for ever); leave them "
+                        "out: mark = \"0x10/0xff\""),
+    ("16", "mark 16: a bare number means mask 0xffffffff, which overlaps hybrid's mark mask 0x100000, bits the "
+           "engine owns (setting them would send the packet back to the queue for ever); leave them out: "
+           "mark = \"0x10/0xffefffff\""),
+])
+def test_mark_overlapping_hybrids_mask_is_refused(mark, error):
+    text = f'[[rule]]\nname = "a"\naction = "mark"\nmark = {mark}\n'
+    with pytest.raises(RulesError) as info:
+        compile_rules(text, "b.toml", mark_mask=MASK)
+    assert str(info.value) == f"b.toml:4: {error}"
+    compile_rules(text, "b.toml")                                  # no mask given: not checked
+    compile_rules(text.replace(mark, '"0x10/0xff"'), "b.toml", mark_mask=MASK)
+
+
+def test_plugin_mark_overlapping_hybrids_mask_is_a_plugin_failure(plugin_dir, caplog):
+    (plugin_dir / "plugins" / "marks.py").write_text(
+        "from hybrid.plugin import Verdict\n"
+        "def ours(p):\n    return Verdict('mark', mark=(0x100000, 0x100000))\n"
+        "def whole(p):\n    return Verdict('mark', mark=7)\n"
+        "def fine(p):\n    return Verdict('mark', mark=(0x42, 0xff))\n")
+    path = write(plugin_dir, 'plugin_paths = ["plugins"]\n'
+                             '[[rule]]\nname = "o"\nplugin = "marks:ours"\n'
+                             '[[rule]]\nname = "w"\nplugin = "marks:whole"\n'
+                             '[[rule]]\nname = "f"\nplugin = "marks:fine"\n')
+    ruleset = load_rules(path, mark_mask=MASK)
+    with caplog.at_level(logging.WARNING, logger="hybrid.engine.rules"):
+        d = ruleset.decide(Pkt())
+    assert (d.rule, d.action, d.mark) == ("f", "mark", (0x42, 0xFF))
+    assert ruleset.plugin_errors == {"o": 1, "w": 1, "f": 0}
+    assert caplog.records[0].getMessage() == (
+        "rule o: plugin failed, rule treated as not matching: ValueError: Verdict mark 0x100000/0x100000 overlaps "
+        "hybrid's mark mask 0x100000 (the packet would be queued again for ever); not applied")
+    assert load_rules(path).decide(Pkt()).rule == "o"              # no mask given: not checked
 
 
 def test_verdict_defaults():
