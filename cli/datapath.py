@@ -191,7 +191,9 @@ def status(as_json: bool) -> None:
         alive = pid_alive(e.get("pid"))
         click.echo(f"engine queue {e['queue']} ({'running, pid ' + str(e['pid']) if alive else 'stopped'}): "
                    f"{e['packets']:,} packets, " + ", ".join(f"{k} {v:,}" for k, v in e["actions"].items() if v)
-                   + (f", {e['errors']} errors (accepted)" if e.get("errors") else ""))
+                   + (f", {e['errors']} errors (accepted)" if e.get("errors") else "")
+                   + (f", {e['reject_send_errors']} reject messages not sent (dropped)"
+                      if e.get("reject_send_errors") else ""))
         for rule, n in e.get("rules", {}).items():
             click.echo(f"  rule {rule:<28}{n:>12,}")
         click.echo(f"  {'(default)':<33}{e.get('default', 0):>12,}")

@@ -9,9 +9,9 @@ are already bypassed or blocked in the kernel -> the packet verdict:
 - accept: clear hybrid's mark bit and return NF_REPEAT. The packet re-enters the same netfilter
   hook, no longer matches the queue rule, and meets the user's own rules after it (a plain
   NF_ACCEPT would skip them all);
-- drop; reject (a TCP RST or ICMP unreachable sent to the sender through a raw socket, then
-  drop); rewrite (new payload, checksums recomputed, then as accept); mark (set the rule's bits
-  under its mask, then as accept).
+- drop; reject (drop, then through a raw socket a TCP RST to the sender and one on to the
+  receiver, or an ICMP unreachable to the sender); rewrite (new payload, checksums recomputed,
+  then as accept); mark (set the rule's bits under its mask, then as accept).
 
 Nothing a packet carries may stop the engine: an exception in decoding, a rule or a plugin is
 counted and the packet accepted (the engine fails open per packet, as the queue does when the
@@ -28,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hybrid import instance as inst
@@ -109,6 +110,7 @@ class EngineStats:
     reloads: int = 0
     reload_errors: int = 0
     last_reload_error: str | None = None
+    reject_send_errors: int = 0    # a reject's RSTs or ICMP errors not built or not sent (dropped still)
     decision_ns_log2: list[int] = field(default_factory=lambda: [0] * DECISION_SLOTS)
     decision_ns_sum: int = 0
 
@@ -311,8 +313,8 @@ class Engine:
         elif action == "drop":
             nfpkt.drop()
         elif action == "reject":
+            nfpkt.drop()            # first: no failure to send the reset may turn into an accept
             self._send_reject(pkt, d.reject_with)
-            nfpkt.drop()
         elif action == "rewrite":
             nfpkt.set_payload(self._rewritten(pkt, d.rewrite))
             self._accept(nfpkt)
@@ -356,20 +358,43 @@ class Engine:
                 log.error("queue %d: writing a flow verdict failed: %s", self.queue, exc)
 
     def _send_reject(self, pkt: Packet, how: str | None) -> None:
+        """What a reject sends: for TCP a RST to the sender and, when the packet carries ACK (its
+        receiver has a connection), a RST on to the receiver as if from the sender, so that the
+        server does not keep a half-open connection ("reject both"); otherwise an ICMP
+        unreachable to the sender. A RST gets no answer (RFC 9293): its drop is the whole reject.
+        A message that cannot be built (an ICMP error about an ICMP error, a fragment) or sent
+        is counted in ``reject_send_errors`` (the first few logged) and never raises: the packet
+        is dropped all the same."""
         if how == "tcp-reset" or (how is None and pkt.proto == socket.IPPROTO_TCP):
-            out = rewrite.tcp_rst_for(pkt)
+            if pkt.tcp_flags & _TCP_RST:
+                return
+            self._send_raw(pkt, rewrite.tcp_rst_for, "a TCP RST to the sender")
+            if pkt.tcp_flags & _TCP_ACK:
+                self._send_raw(pkt, rewrite.tcp_rst_onward, "a TCP RST to the receiver")
         else:
             code = "port-unreachable" if how == "icmp-port-unreachable" else "admin-prohibited"
-            out = rewrite.icmp_unreachable_for(pkt, code)
-        dst = decode(out)
-        if pkt.version == 4:
-            if self._raw4 is None:
-                self._raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            self._raw4.sendto(out, (str(dst.dst), 0))
-        else:
-            if self._raw6 is None:
-                self._raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            self._raw6.sendto(out, (str(dst.dst), 0))
+            self._send_raw(pkt, lambda p: rewrite.icmp_unreachable_for(p, code), f"an ICMP {code}")
+
+    def _send_raw(self, pkt: Packet, build: Callable[[Packet], bytes], what: str) -> None:
+        """Build ``build(pkt)`` and send it through the raw socket of its IP version (routing
+        picks the interface: the client's side or the server's)."""
+        try:
+            out = build(pkt)
+            if pkt.version == 4:
+                if self._raw4 is None:
+                    self._raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                self._raw4.sendto(out, (socket.inet_ntop(socket.AF_INET, out[16:20]), 0))
+            else:
+                if self._raw6 is None:
+                    self._raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                self._raw6.sendto(out, (socket.inet_ntop(socket.AF_INET6, out[24:40]), 0))
+        except _Stop:
+            raise
+        except Exception as exc:   # noqa: BLE001 - HybridError (not buildable), OSError (not sent)
+            self.stats.reject_send_errors += 1
+            if self.stats.reject_send_errors <= 10:
+                log.error("queue %d: reject: %s not sent (%s); the packet is dropped",
+                          self.queue, what, exc)
 
     def _ifname(self, index: int) -> str | None:
         if not index:
@@ -392,6 +417,7 @@ class Engine:
                 "hellos_joined": st.hellos_joined, "hellos_abandoned": st.hellos_abandoned,
                 "http_heads_joined": st.http_heads_joined, "http_heads_abandoned": st.http_heads_abandoned,
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
+                "reject_send_errors": st.reject_send_errors,
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),
                 "fail_open": self.fail_open, "flags_confirmed": self.setup.flags_confirmed if self.setup else None,
@@ -430,6 +456,7 @@ _INSPECT_WHILE_JOINING = Decision(rule=None, action="accept", mark=None, rewrite
 # A decision that leaves the flow alone, after a join: the join's INSPECT is ended (back to NONE).
 _NONE_AFTER_JOIN = _INSPECT_WHILE_JOINING._replace(flow="none")
 _FLOW_CODES = {**FLOW_VERDICTS, "none": abi.VERDICT_NONE}
+_TCP_RST, _TCP_ACK = 0x04, 0x10
 
 
 class _Stop(Exception):

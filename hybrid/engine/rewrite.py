@@ -1,5 +1,5 @@
-"""Packets the verdict engine hands back to the kernel: rewritten payloads, TCP resets, ICMP
-unreachables.
+"""Packets the verdict engine hands back to the kernel: rewritten payloads, TCP resets (to the
+sender, and on to the receiver), ICMP unreachables.
 
 Every function takes a :class:`hybrid.engine.packet.Packet` and returns new raw IP bytes with every
 length and checksum recomputed. Where a rewrite is impossible (not IP, a decode error, a
@@ -26,7 +26,7 @@ from hybrid.errors import HybridError
 
 __all__ = ["ICMP_ADMIN_PROHIBITED", "ICMP_HOST_PROHIBITED", "ICMP_PORT_UNREACHABLE",
            "ICMP6_ADMIN_PROHIBITED", "ICMP6_PORT_UNREACHABLE", "checksum", "fill_payload",
-           "icmp_unreachable_for", "replace_bytes", "set_payload", "tcp_rst_for"]
+           "icmp_unreachable_for", "replace_bytes", "set_payload", "tcp_rst_for", "tcp_rst_onward"]
 
 # ICMPv4 type 3 codes (RFC 792, RFC 1812 5.2.7.1) and ICMPv6 type 1 codes (RFC 4443 3.1).
 ICMP_PORT_UNREACHABLE = 3
@@ -73,9 +73,10 @@ def _require(pkt: Packet, what: str) -> None:
         raise HybridError(f"cannot {what}: the packet is an IP fragment")
 
 
-def _final_dst_v6(raw: bytes, l4_off: int) -> bytes:
+def _final_dst_v6(raw: bytes, l4_off: int, refuse_ah: bool = True) -> bytes:
     """The destination for the IPv6 pseudo-header: the final one when a routing header still
-    has segments left (RFC 8200 8.1). Refuses AH: a rewrite would break its ICV."""
+    has segments left (RFC 8200 8.1). Refuses AH unless ``refuse_ah`` is false: a rewrite would
+    break its ICV."""
     dst = raw[24:40]
     nh, off = raw[6], 40
     while nh in _V6_EXT and off < l4_off:
@@ -85,7 +86,7 @@ def _final_dst_v6(raw: bytes, l4_off: int) -> bytes:
             ext_len = (raw[off + 1] + 2) << 2
         else:
             ext_len = (raw[off + 1] + 1) << 3
-        if nh == _AH:
+        if nh == _AH and refuse_ah:
             raise HybridError("cannot rewrite the payload: the packet is protected by an IPsec "
                               "authentication header")
         if nh == _ROUTING and raw[off + 3]:           # segments left
@@ -185,16 +186,21 @@ def _ip_header(version: int, src: bytes, dst: bytes, proto: int) -> bytearray:
     return bytearray(struct.pack("!IHBB16s16s", 6 << 28, 0, proto, _TTL, src, dst))
 
 
+def _tcp_flags_to_reset(pkt: Packet) -> int:
+    """The flags of a TCP segment a RST may answer; HybridError for anything else."""
+    _require(pkt, "build a TCP RST")
+    if pkt.proto != IPPROTO_TCP or pkt.payload_off <= pkt.l4_off:
+        raise HybridError(f"cannot build a TCP RST: IP protocol {pkt.proto} is not TCP")
+    if pkt.tcp_flags & _TCP_RST:
+        raise HybridError("cannot build a TCP RST in answer to a RST (RFC 9293)")
+    return pkt.tcp_flags
+
+
 def tcp_rst_for(pkt: Packet) -> bytes:
     """A TCP RST from the packet's receiver back to its sender (RFC 9293 3.10.7.1): if the
     packet has ACK, ``seq = its ack``; otherwise ``seq = 0``, ACK set and ``ack = its seq +
     payload length (+1 for SYN, +1 for FIN)``. No options, window 0, TTL/hop limit 64."""
-    _require(pkt, "build a TCP RST")
-    if pkt.proto != IPPROTO_TCP or pkt.payload_off <= pkt.l4_off:
-        raise HybridError(f"cannot build a TCP RST: IP protocol {pkt.proto} is not TCP")
-    flags = pkt.tcp_flags
-    if flags & _TCP_RST:
-        raise HybridError("cannot build a TCP RST in answer to a RST (RFC 9293)")
+    flags = _tcp_flags_to_reset(pkt)
     if flags & _TCP_ACK:
         seq, ack, out_flags = pkt.tcp_ack, 0, _TCP_RST
     else:
@@ -207,6 +213,36 @@ def tcp_rst_for(pkt: Packet) -> bytes:
     buf += struct.pack("!HHIIBBHHH", pkt.dport, pkt.sport, seq, ack, 5 << 4, out_flags, 0, 0, 0)
     _fix_ip(buf, version, 20)
     _fix_transport(buf, version, IPPROTO_TCP, l4_off, pkt.dst_bytes, pkt.src_bytes)
+    return bytes(buf)
+
+
+def tcp_rst_onward(pkt: Packet) -> bytes:
+    """A TCP RST from the packet's sender on to its receiver, as if the sender had aborted: the
+    second half of an inline reject, so that the receiver (the server, usually) does not keep a
+    half-open connection. The packet's own addresses and ports, ``seq = its seq`` (the
+    receiver's RCV.NXT when the segment is in order: RFC 5961 3.2 resets only on that exact
+    number, anything else in the window draws a challenge ACK), RST+ACK with ``ack = its ack``.
+    The ACK changes nothing in a synchronized state, where a RST is judged by its sequence
+    number alone (RFC 9293 3.10.7.4), nor in SYN-RECEIVED (Linux's tcp_check_req wants an ACK
+    of ISS+1, which the sender's own ack is), and it is required in SYN-SENT, where only a RST
+    that acknowledges the SYN counts (3.10.7.3): the receiver of a rejected SYN+ACK.
+
+    Refused for a packet without ACK (a bare SYN): its receiver has no connection to reset (the
+    SYN never reached it; a listener ignores RSTs). No options, window 0, TTL/hop limit 64; an
+    IPv6 packet still on a routing header's way is reset at its final destination."""
+    flags = _tcp_flags_to_reset(pkt)
+    if not flags & _TCP_ACK:
+        raise HybridError("cannot build a TCP RST onward: a segment without ACK leaves its receiver "
+                          "no connection to reset")
+    version = pkt.version
+    src = pkt.src_bytes
+    dst = pkt.dst_bytes if version == 4 else _final_dst_v6(pkt.raw, pkt.l4_off, refuse_ah=False)
+    buf = _ip_header(version, src, dst, IPPROTO_TCP)
+    l4_off = len(buf)
+    buf += struct.pack("!HHIIBBHHH", pkt.sport, pkt.dport, pkt.tcp_seq, pkt.tcp_ack, 5 << 4,
+                       _TCP_RST | _TCP_ACK, 0, 0, 0)
+    _fix_ip(buf, version, 20)
+    _fix_transport(buf, version, IPPROTO_TCP, l4_off, src, dst)
     return bytes(buf)
 
 

@@ -172,6 +172,8 @@ def _engines(snap: dict) -> Iterator:
         ("http_heads_abandoned", "Split HTTP request heads given up (gap, too big, timeout, table full)."),
         ("reloads", "Rule reloads (SIGHUP) that succeeded."),
         ("reload_errors", "Rule reloads refused (the old rules stayed)."),
+        ("reject_send_errors", "Reject messages (TCP RSTs, ICMP errors) not built or not sent; "
+                               "the packets were dropped all the same."),
     )}
     hist = HistogramMetricFamily("hybrid_engine_decision_seconds",
                                  "Time in the engine's packet handler, from the packet handed over to its "

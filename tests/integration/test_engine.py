@@ -545,3 +545,96 @@ def test_new_connection_on_a_bypassed_tuple_is_inspected_again(engine, lab):
         second = request("www.blocked.example")            # same client port, same 5-tuple
     assert isinstance(second, ConnectionResetError)
     assert engine_stats(lab, until=lambda st: st["rules"]["block-http-host"] == 1)["rules"]["block-http-host"] == 1
+
+
+# -- reject resets both ends ---------------------------------------------------------------------
+
+REJECT_BOTH_RULES = ('default = "accept"\ndefault_flow = "none"\n'
+                     '[[rule]]\nname = "block-sni"\nproto = "tcp"\ntls_sni = "*.blocked.test"\n'
+                     'action = "reject"\nflow = "block"\nttl = 30\n'
+                     '[[rule]]\nname = "block-host"\nproto = "tcp"\nhttp_host = ".blocked.test"\n'
+                     'action = "reject"\nflow = "block"\nttl = 30\n')
+
+
+def established_from(lab, client: str, sport: int) -> list[str]:
+    """The server's ESTABLISHED connections from ``client`` to local port ``sport``."""
+    out = lab.run("server", ["ss", "-Htn", "state", "established", f"( sport = :{sport} )"]).stdout
+    return [ln for ln in out.splitlines() if client in ln]
+
+
+def no_established_from(lab, client: str, sport: int, timeout: float = 3.0) -> list[str]:
+    """Poll briefly until the server holds no ESTABLISHED connection from ``client``; the ones it
+    still holds at the end (empty when the reset arrived)."""
+    deadline = time.monotonic() + timeout
+    while (left := established_from(lab, client, sport)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+@contextlib.contextmanager
+def openssl_s_server(lab, tmp_path, port: int):
+    """``openssl s_server -www`` in the server namespace: one connection at a time, so a
+    half-open connection it waits on stops it from answering anyone else."""
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=www.example.test"],
+                   check=True, capture_output=True, timeout=30)
+    log = open(tmp_path / "s_server.log", "wb")
+    proc = lab.popen("server", ["openssl", "s_server", "-accept", str(port), "-cert", cert, "-key", key, "-www"],
+                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        _wait(lambda: proc.poll() is not None or bool(lab.run(
+            "server", ["ss", "-Hltn", f"sport = :{port}"]).stdout.strip()))
+        assert proc.poll() is None, (tmp_path / "s_server.log").read_text()
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_reject_resets_the_server_too_and_openssl_s_server_answers_the_next_client(engine, lab, tmp_path):
+    """A ClientHello with a blocked SNI is rejected: the client gets a RST, and so does the server
+    (from the client's address, with the segment's own sequence number), which therefore holds no
+    half-open connection. openssl s_server serves one connection at a time: with only the client
+    reset it would wait on that connection for ever and never answer the allowed client."""
+    import ssl
+    engine(REJECT_BOTH_RULES)
+    srv, cli, port = lab.info.server.ipv4, lab.info.client.ipv4, 4433
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+
+    def handshake(name: str) -> bytes:
+        with netns(lab.netns("client")):
+            s = socket.create_connection((srv, port), timeout=5)
+        with ctx.wrap_socket(s, server_hostname=name) as t:
+            t.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return t.recv(16)
+
+    with openssl_s_server(lab, tmp_path, port):
+        with pytest.raises(ConnectionResetError):
+            handshake("www.blocked.test")
+        assert no_established_from(lab, cli, port) == []
+        assert handshake("www.example.test").startswith(b"HTTP/1.0 200")
+    st = engine_stats(lab, until=lambda st: st["actions"]["reject"] == 1)
+    assert st["rules"]["block-sni"] == 1 and st["actions"]["reject"] == 1
+    assert st["reject_send_errors"] == 0 and st["errors"] == 0
+
+
+def test_reject_over_ipv6_resets_the_server_too(engine, lab):
+    """The same over IPv6 with nginx, which would otherwise keep the connection ESTABLISHED until
+    its 60 s header timeout."""
+    engine(REJECT_BOTH_RULES)
+    srv6, cli6 = lab.info.server.ipv6, lab.info.client.ipv6
+    with Nginx(lab):
+        bad = lab.run("client", ["curl", "-s", "-m", "5", f"http://[{srv6}]/", "-H", "Host: www.blocked.test"],
+                      check=False)
+        assert bad.returncode == 56                                  # the client is reset
+        assert no_established_from(lab, cli6, 80) == []              # and so is the server
+    st = engine_stats(lab, until=lambda st: st["actions"]["reject"] == 1)
+    assert st["rules"]["block-host"] == 1 and st["reject_send_errors"] == 0 and st["errors"] == 0
+    assert "reject messages not sent" not in hctl(lab, "status").stdout

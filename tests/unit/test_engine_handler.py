@@ -5,11 +5,12 @@ escapes."""
 import io
 import json
 import os
+import socket
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scapy.all import IP, TCP, UDP, Raw
+from scapy.all import ICMP, IP, TCP, UDP, IPv6, Raw
 
 from hybrid.engine.join import JOIN_TTL
 from hybrid.engine.loop import Engine, RateLimiter, VerdictLog
@@ -291,3 +292,122 @@ def test_a_stop_signal_mid_packet_ends_the_loop_and_still_gives_the_verdict():
         e._handle(pkt)
     assert pkt.verdicts == ["repeat"] and pkt.new_mark == 0
     assert e.stats.errors == 0
+
+
+# -- reject: a reset to each end, and a failure to send one is a counted drop ----------------------
+
+REJECT_RULES = ('default = "accept"\n'
+                '[[rule]]\nname = "no-telnet"\nproto = "tcp"\ndport = 23\naction = "reject"\n'
+                '[[rule]]\nname = "no-udp-23"\nproto = "udp"\ndport = 23\naction = "reject"\n')
+
+
+class FakeRawSocket:
+    """Stands in for the engine's IPPROTO_RAW sockets (socket.socket in hybrid.engine.loop):
+    records what is sent, or fails every send with ``fail``."""
+
+    sent: list[tuple[bytes, tuple]] = []
+    fail: OSError | None = None
+
+    def __init__(self, family, kind, proto):
+        assert kind == socket.SOCK_RAW and proto == socket.IPPROTO_RAW
+        self.family = family
+
+    def sendto(self, data, addr):
+        if FakeRawSocket.fail is not None:
+            raise FakeRawSocket.fail
+        FakeRawSocket.sent.append((data, addr))
+        return len(data)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def raw_sockets(monkeypatch):
+    monkeypatch.setattr(FakeRawSocket, "sent", [])
+    monkeypatch.setattr(FakeRawSocket, "fail", None)
+    monkeypatch.setattr("hybrid.engine.loop.socket.socket", FakeRawSocket)
+    return FakeRawSocket
+
+
+def reject_engine(tmp_path) -> Engine:
+    rules = tmp_path / "reject.toml"
+    rules.write_text(REJECT_RULES)
+    return Engine(0, str(rules), maps=None, mark_mask=MASK)
+
+
+@pytest.mark.parametrize("ip, parse", [(IP(src="198.18.1.2", dst="198.18.2.2"), IP),
+                                       (IPv6(src="2001:db8:1::2", dst="2001:db8:2::2"), IPv6)], ids=["v4", "v6"])
+def test_tcp_reject_resets_both_ends(tmp_path, raw_sockets, ip, parse):
+    """The client gets a RST from the server's address, the server one from the client's, each
+    sent to its own end (routing picks the interface) with the sequence number it expects."""
+    e = reject_engine(tmp_path)
+    p = FakePacket(bytes(ip / TCP(sport=40000, dport=23, flags="PA", seq=1000, ack=9000) / Raw(b"root\r\n")))
+    e._handle(p)
+    assert p.verdicts == ["drop"] and e.stats.actions["reject"] == 1
+    assert e.stats.reject_send_errors == 0 and e.stats.errors == 0
+    (to_client, addr_c), (to_server, addr_s) = raw_sockets.sent
+    c, s = parse(to_client), parse(to_server)
+    assert addr_c[0] == c.dst == ip.src and addr_s[0] == s.dst == ip.dst
+    assert (c.src, c[TCP].sport, c[TCP].dport, c[TCP].seq, str(c[TCP].flags)) == (ip.dst, 23, 40000, 9000, "R")
+    assert (s.src, s[TCP].sport, s[TCP].dport, s[TCP].seq, s[TCP].ack, str(s[TCP].flags)) == \
+        (ip.src, 40000, 23, 1000, 9000, "RA")
+
+
+def test_reject_of_a_syn_resets_the_client_only(tmp_path, raw_sockets):
+    """A bare SYN never reaches the server: nothing there to reset."""
+    e = reject_engine(tmp_path)
+    p = FakePacket(bytes(IP(src="198.18.1.2", dst="198.18.2.2") / TCP(sport=40000, dport=23, flags="S", seq=7)))
+    e._handle(p)
+    assert p.verdicts == ["drop"] and len(raw_sockets.sent) == 1
+    assert IP(raw_sockets.sent[0][0]).dst == "198.18.1.2" and e.stats.reject_send_errors == 0
+
+
+def test_reject_of_a_rst_sends_nothing(tmp_path, raw_sockets):
+    e = reject_engine(tmp_path)
+    p = FakePacket(bytes(IP(src="198.18.1.2", dst="198.18.2.2") / TCP(sport=40000, dport=23, flags="RA")))
+    e._handle(p)
+    assert p.verdicts == ["drop"] and raw_sockets.sent == [] and e.stats.reject_send_errors == 0
+
+
+def test_udp_reject_is_one_icmp_error_to_the_sender(tmp_path, raw_sockets):
+    e = reject_engine(tmp_path)
+    p = FakePacket(bytes(IP(src="198.18.1.2", dst="198.18.2.2") / UDP(sport=5000, dport=23) / Raw(b"x")))
+    e._handle(p)
+    assert p.verdicts == ["drop"] and len(raw_sockets.sent) == 1
+    icmp = IP(raw_sockets.sent[0][0])
+    assert (icmp.dst, icmp.proto, icmp[ICMP].type, icmp[ICMP].code) == ("198.18.1.2", 1, 3, 3)
+
+
+def test_a_reset_that_cannot_be_sent_is_a_counted_drop(tmp_path, raw_sockets, caplog):
+    """sendto fails (no CAP_NET_RAW, no route, ...): the packet is still dropped, never accepted;
+    each message not sent is counted, in the snapshot and the metrics, and the first few logged."""
+    from hybrid.observe import metrics
+    raw_sockets.fail = PermissionError(1, "Operation not permitted")
+    e = reject_engine(tmp_path)
+    pkt = bytes(IP(src="198.18.1.2", dst="198.18.2.2") / TCP(sport=40000, dport=23, flags="PA", seq=1, ack=2) / Raw(b"x"))
+    for _ in range(6):
+        p = FakePacket(pkt)
+        e._handle(p)
+        assert p.verdicts == ["drop"]
+    assert e.stats.actions["reject"] == 6 and e.stats.actions["accept"] == 0 and e.stats.errors == 0
+    assert e.stats.reject_send_errors == 12                     # both resets of each packet
+    logged = [r for r in caplog.records if "not sent" in r.getMessage()]
+    assert len(logged) == 10 and "TCP RST to the receiver" in logged[1].getMessage()
+    assert "Operation not permitted" in logged[0].getMessage()
+    snap = e.snapshot()
+    assert snap["reject_send_errors"] == 12
+    fams = {f.name: f for f in metrics._engines({"engines": [{**snap, "alive": True}]})}
+    assert [s.value for s in fams["hybrid_engine_reject_send_errors"].samples if s.name.endswith("_total")] == [12]
+
+
+def test_a_reject_message_that_cannot_be_built_is_a_counted_drop(tmp_path, raw_sockets):
+    """An ICMP error about an ICMP error is refused (RFC 1122): dropped, counted, nothing sent."""
+    rules = tmp_path / "r.toml"
+    rules.write_text('default = "accept"\n[[rule]]\nname = "no-icmp"\nproto = "icmp"\naction = "reject"\n')
+    e = Engine(0, str(rules), maps=None, mark_mask=MASK)
+    p = FakePacket(bytes(IP(src="198.18.1.2", dst="198.18.2.2") / ICMP(type=3, code=1) /
+                         IP(src="198.18.2.2", dst="198.18.1.2") / UDP()))
+    e._handle(p)
+    assert p.verdicts == ["drop"] and raw_sockets.sent == []
+    assert e.stats.reject_send_errors == 1 and e.stats.errors == 0

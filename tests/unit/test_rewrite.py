@@ -39,6 +39,7 @@ from hybrid.engine.rewrite import (
     replace_bytes,
     set_payload,
     tcp_rst_for,
+    tcp_rst_onward,
 )
 from hybrid.errors import HybridError
 
@@ -194,6 +195,72 @@ def test_rst_refusals():
         tcp_rst_for(decode(bytes(IP(**V4, flags="MF") / TCP())))
 
 
+# -- TCP RST on to the receiver ("reject both") -------------------------------------------------
+
+@pytest.mark.parametrize("ip", [IP(**V4), IPv6(**V6)], ids=["v4", "v6"])
+@pytest.mark.parametrize("flags,data", [("PA", b"GET / HTTP/1.1\r\n\r\n"), ("A", b""), ("FA", b"x"),
+                                        ("SA", b"")])
+def test_rst_onward_resets_the_receiver_as_the_sender(ip, flags, data):
+    """The packet's own addresses and ports, seq = its seq exactly (RFC 5961 3.2: the receiver
+    resets only on RCV.NXT), RST+ACK with its ack (what SYN-SENT needs, harmless elsewhere), no
+    payload, window 0."""
+    p = decode(bytes(ip / TCP(sport=40000, dport=443, flags=flags, seq=0xFFFFFFF0, ack=5000,
+                              window=502, options=[("MSS", 1460)]) / data))
+    out = tcp_rst_onward(p)
+    assert_checksums(out)
+    r = (IP if p.version == 4 else IPv6)(out)
+    assert (r.src, r.dst) == (str(p.src), str(p.dst))
+    assert (r.ttl if p.version == 4 else r.hlim) == 64
+    t = r[TCP]
+    assert (t.sport, t.dport, t.seq, t.ack, str(t.flags), t.window, t.dataofs) == \
+        (40000, 443, 0xFFFFFFF0, 5000, "RA", 0, 5)
+    assert len(t.payload) == 0 and t.options == []
+
+
+@pytest.mark.parametrize("ip", [IP(**V4), IPv6(**V6)], ids=["v4", "v6"])
+def test_both_resets_of_a_reject(ip):
+    """The pair a TCP reject sends: one to each end, each with the sequence number its receiver
+    expects (the sender's: the packet's ack; the receiver's: the packet's seq)."""
+    p = decode(bytes(ip / TCP(sport=40000, dport=443, flags="PA", seq=100, ack=5000) / b"hello"))
+    parse = IP if p.version == 4 else IPv6
+    back, onward = parse(tcp_rst_for(p)), parse(tcp_rst_onward(p))
+    assert (back.dst, back[TCP].dport, back[TCP].seq) == (str(p.src), 40000, 5000)
+    assert (onward.dst, onward[TCP].dport, onward[TCP].seq) == (str(p.dst), 443, 100)
+
+
+def test_rst_onward_ipv6_goes_to_the_final_destination():
+    """On a routing header's way (segments left), the reset goes straight to the last address,
+    its checksum computed for it; an AH-protected packet is reset too (the RST carries no AH)."""
+    p = decode(bytes(PACKETS["tcp6-routing"]))
+    out = tcp_rst_onward(p)
+    assert_checksums(out)
+    assert IPv6(out).dst == "2001:2::77" and IPv6(out).nh == 6
+    ah = decode(bytes(IPv6(**V6) / AH(nh=6, payloadlen=4, icv=b"\0" * 12) / TCP(flags="PA", seq=7) / b"z"))
+    out = tcp_rst_onward(ah)
+    assert_checksums(out)
+    assert IPv6(out)[TCP].seq == 7
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (bytes(IP(**V4) / TCP(flags="S")), "without ACK"),
+    (bytes(IPv6(**V6) / TCP(flags="S")), "without ACK"),
+    (bytes(IP(**V4) / TCP(flags="RA")), "RST"),
+    (bytes(IP(**V4) / UDP()), "not TCP"),
+    (bytes(IP(**V4, flags="MF") / TCP(flags="A")), "fragment"),
+    (b"", "not an IPv4 or IPv6 packet"),
+])
+def test_rst_onward_refusals(raw, reason):
+    with pytest.raises(HybridError, match=reason):
+        tcp_rst_onward(decode(raw))
+
+
+@pytest.mark.parametrize("ip", [IP(**V4), IPv6(**V6)], ids=["v4", "v6"])
+def test_the_scapy_check_catches_a_wrong_rst_checksum(ip):
+    raw = bytearray(tcp_rst_onward(decode(bytes(ip / TCP(flags="PA", seq=1, ack=2) / b"x"))))
+    raw[decode(bytes(raw)).l4_off + 16] ^= 1
+    assert bytes(raw) != scapy_rebuilt(bytes(raw))
+
+
 # -- ICMP unreachable -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tcp4", "udp4", "icmp4", "tcp4-options"])
@@ -269,7 +336,7 @@ def test_rewrites_never_crash_on_truncations():
         for cut in range(0, len(raw) + 1, 3):
             p = decode(raw[:cut])
             for fn in (lambda: set_payload(p, b"x"), lambda: fill_payload(p, b"h", b"\n"),
-                       lambda: replace_bytes(p, b"e", b"E"), lambda: tcp_rst_for(p),
+                       lambda: replace_bytes(p, b"e", b"E"), lambda: tcp_rst_for(p), lambda: tcp_rst_onward(p),
                        lambda: icmp_unreachable_for(p)):
                 try:
                     fn()
