@@ -8,13 +8,14 @@ library's own way (hybrid.engine.runner), so the tests start processes exactly a
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -116,34 +117,81 @@ def attached_with_engine(lab, tmp_path, rules: str, *attach_args):
         assert "Traceback" not in err, err
 
 
-_SERVE = ("import sys\nfrom hybrid.observe.metrics import serve_metrics\n"
-          "h = serve_metrics(sys.argv[1], int(sys.argv[2]))\nprint(h.port, flush=True)\n"
-          "sys.stdin.read()\nh.stop()\n")
+_SERVE = """\
+import json, sys
+from hybrid.observe import metrics
+from hybrid.service.config import read_token
+a = json.loads(sys.argv[1])
+token = read_token(a.pop("token_file")) if a.get("token_file") else None
+limits = {k: a.pop(k) for k in ("cache_seconds", "max_concurrent", "request_timeout") if k in a}
+if a.get("path"):
+    h = metrics.serve_metrics_unix(a["path"], group=a.get("group"), token=token, **limits)
+else:
+    h = metrics.serve_metrics(a["host"], a["port"], token=token, **limits)
+print(h.port or 0, flush=True)
+sys.stdin.read()
+h.stop()
+"""
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
 
 
 class MetricsProcess:
-    """serve_metrics() in a Python process of the gateway namespace, as ``hybridctl run`` does;
-    it stops when its standard input closes (also if the test process dies)."""
+    """serve_metrics() in a Python process of the gateway namespace, as ``hybridctl run`` does:
+    on ``host``:``port``, or with ``path`` on a Unix socket (``group``: its group). With
+    ``token_file``, the server requires that token and :meth:`get` sends it unless told
+    otherwise. ``limits``: serve_metrics' cache_seconds, max_concurrent, request_timeout;
+    ``prefix``: a command to run it under (e.g. setpriv). It stops when its standard input
+    closes (also if the test process dies)."""
 
-    def __init__(self, lab, host="127.0.0.1", port=0):
+    def __init__(self, lab, host="127.0.0.1", port=0, *, path=None, group=None, token_file=None, prefix=(),
+                 **limits):
         self.lab = lab
-        self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), sys.executable, "-c", _SERVE,
-                                      host, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        args = {"host": host, "port": port, "path": path and str(path), "group": group,
+                "token_file": token_file and str(token_file), **limits}
+        self.proc = subprocess.Popen([*prefix, "ip", "netns", "exec", lab.netns("gw"), sys.executable, "-c", _SERVE,
+                                      json.dumps(args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.strip().isdigit():
-            self.close()
-            raise AssertionError(f"metrics server did not start: {self.proc.stderr.read()}")
+            raise AssertionError(f"metrics server did not start: {self.close()}")
         self.port = int(line)
         self.host = host
+        self.path = path and str(path)
+        self.token = None
+        if token_file:
+            with open(token_file) as f:
+                self.token = f.read().strip()
 
-    def get(self, path="/metrics") -> tuple[int, str]:
+    def connection(self, timeout=20) -> http.client.HTTPConnection:
+        """An HTTP connection to the endpoint (made in the gateway's namespace for TCP)."""
+        if self.path:
+            return _UnixHTTPConnection(self.path, timeout)
         with netns(self.lab.netns("gw")):
-            try:
-                with urllib.request.urlopen(f"http://{self.host}:{self.port}{path}", timeout=20) as r:
-                    return r.status, r.read().decode()
-            except urllib.error.HTTPError as exc:
-                return exc.code, exc.read().decode()
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            conn.connect()
+        return conn
+
+    def get(self, path="/metrics", token: str | None = "default") -> tuple[int, str]:
+        """(status, body) of one GET; ``token``: the bearer token to send (None: no
+        Authorization header; by default the server's own, if any)."""
+        token = self.token if token == "default" else token
+        conn = self.connection()
+        try:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token is not None else {})
+            r = conn.getresponse()
+            return r.status, r.read().decode()
+        finally:
+            conn.close()
 
     def scrape(self) -> dict[tuple, float]:
         """{(sample name, sorted label items): value} of one scrape."""

@@ -1,26 +1,44 @@
 """A Prometheus endpoint for the hybrid instance of this network namespace.
 
-``serve_metrics(host, port)`` starts a thread in the calling process that answers
-``GET /metrics`` in the Prometheus text format. Every scrape reads the current figures (nothing
-is cached, nothing runs between scrapes): the kernel counters per interface and per flag reason
-from the pinned maps, the flows in the table by verdict, the netfilter queue's own counters,
-and what the engines publish in their stats files (packets, actions, flow verdicts, per-rule
-verdict counts, and a histogram of the per-packet decision time).
+``serve_metrics_unix(path)`` (what ``hybridctl run`` does by default) or ``serve_metrics(host,
+port)`` starts a thread in the calling process that answers ``GET /metrics`` in the Prometheus
+text format: the kernel counters per interface and per flag reason from the pinned maps, the
+flows in the table by verdict, the netfilter queue's own counters, and what the engines publish
+in their stats files (packets, actions, flow verdicts, per-rule verdict counts, and a histogram
+of the per-packet decision time).
+
+The figures name flows and rules, which the rest of hybrid keeps root-only, and reading them
+walks the flow table and runs iptables-save, so the endpoint guards both:
+
+- who: a Unix socket is 0600 root (0660 with a group); over TCP, a bearer token when one is
+  given, compared in constant time (the configuration requires one beyond loopback);
+- how much: a snapshot is read at most once per second (:class:`SnapshotCache`; scrapes in
+  between share it), at most ``max_concurrent`` requests are handled at once (more are answered
+  503 at once), and a request must arrive within ``request_timeout`` seconds, whole;
+- what was refused: ``hybrid_metrics_refused_total{reason}``.
 
 The instance is the network namespace's of the calling process, fixed when the server starts;
 the endpoint works before hybrid is attached and across re-attaches (``hybrid_attached`` says
-which). The server binds where it is told; ``hybridctl run`` keeps it off unless configured
-and binds it to localhost by default: the figures name flows and rules.
+which).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
+import grp
+import hmac
+import io
 import logging
+import os
 import socket
+import socketserver
+import stat
 import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -30,10 +48,17 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from hybrid import instance as inst
 from hybrid.errors import ConfigError, HybridError
 from hybrid.observe import views
 
 log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 1.0       # a snapshot serves the scrapes of this long
+MAX_CONCURRENT = 4        # requests handled at once; more are answered 503
+REQUEST_TIMEOUT = 5.0     # seconds for a request's whole head to arrive (and for each write of the answer)
+MAX_HEAD = 8192           # bytes of request line and headers
+BUSY_READ_S = 0.05        # how long the accepting thread waits for a refused request's bytes
 
 UNREGISTERED = "(unregistered)"   # interface label of packets on interfaces hybrid did not register
 
@@ -56,30 +81,79 @@ _KERNEL_HELP = {
 }
 
 
-class InstanceCollector:
-    """prometheus_client collector: one snapshot of the instance per scrape."""
+class SnapshotCache:
+    """The instance's last snapshot, reused for ``seconds``: however many scrapes arrive, at once
+    or back to back, the instance is read (the flow table walked, the queue rule's counters
+    read) at most once per ``seconds``. One thread reads while the others wait for its result.
+    ``reads`` counts the reads; ``clock`` is for tests."""
 
-    def __init__(self, instance: str):
+    def __init__(self, read: Callable[[], Any], seconds: float = CACHE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self._read, self.seconds, self._clock = read, seconds, clock
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._at: float | None = None      # clock() when the value was read
+        self.reads = 0
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._at is None or self._clock() - self._at >= self.seconds:
+                self.reads += 1
+                self._value = self._read()
+                self._at = self._clock()   # after the read: a slow read does not shorten the pause
+            return self._value
+
+
+REFUSALS = ("unauthorized", "busy", "timeout")
+
+
+class InstanceCollector:
+    """prometheus_client collector: the instance's snapshot (cached, :class:`SnapshotCache`) and
+    the endpoint's own counters."""
+
+    def __init__(self, instance: str, *, cache_seconds: float = CACHE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         self.instance = instance
         self.scrape_errors = 0
+        self.cache = SnapshotCache(self._read, cache_seconds, clock)
+        self.refused = dict.fromkeys(REFUSALS, 0)
+        self._refused_lock = threading.Lock()
+
+    def count_refused(self, reason: str) -> None:
+        with self._refused_lock:
+            self.refused[reason] += 1
 
     def describe(self) -> list:
         return []       # nothing to read at registration time
 
-    def collect(self) -> Iterator:
+    def _read(self) -> dict | None:
         try:
-            snap = views.snapshot(self.instance)
+            return views.snapshot(self.instance)
         except HybridError as exc:   # detached mid-scrape, maps of another version, ...
             self.scrape_errors += 1
             log.warning("metrics: reading instance %s failed: %s", self.instance, exc)
-            snap = None
+            return None
+
+    def collect(self) -> Iterator:
+        snap = self.cache.get()
         up = GaugeMetricFamily("hybrid_attached", "1 when hybrid is attached in this network namespace.",
                                labels=["instance"])
         up.add_metric([self.instance], 1 if snap and snap["attached"] else 0)
         yield up
-        errs = CounterMetricFamily("hybrid_metrics_scrape_errors", "Scrapes that could not read the instance.")
+        errs = CounterMetricFamily("hybrid_metrics_scrape_errors", "Reads of the instance that failed.")
         errs.add_metric([], self.scrape_errors)
         yield errs
+        yield CounterMetricFamily("hybrid_metrics_snapshots",
+                                  f"Reads of the instance (scrapes within {self.cache.seconds:g} s share one).",
+                                  value=self.cache.reads)
+        refused = CounterMetricFamily("hybrid_metrics_refused",
+                                      "Requests refused: unauthorized (no or wrong bearer token), busy (over "
+                                      "the limit of concurrent requests, 503), timeout (no request in time).",
+                                      labels=["reason"])
+        with self._refused_lock:
+            for reason, n in self.refused.items():
+                refused.add_metric([reason], n)
+        yield refused
         if snap is None:
             return
         yield from _kernel(snap)
@@ -203,14 +277,89 @@ def _le(bound: float) -> str:
 
 
 # ---- the server ---------------------------------------------------------------------------------
+def check_bearer(header: str | None, token: bytes) -> bool:
+    """``header``, an Authorization header's value, is ``Bearer <token>``. The token is compared
+    in constant time (hmac.compare_digest), so response times do not tell how much was right."""
+    scheme, _, given = (header or "").strip().partition(" ")
+    same = hmac.compare_digest(given.strip().encode("latin-1", "replace"), token)
+    return scheme.lower() == "bearer" and same
+
+
+def _response(code: int, reason: str, text: str, extra: str = "") -> bytes:
+    """A whole HTTP/1.0 response, for the answers given without http.server's help."""
+    body = text.encode()
+    return (f"HTTP/1.0 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode() + body
+
+
+_BUSY = _response(503, "Service Unavailable", "busy: too many scrapes at once; try again\n", "Retry-After: 1\r\n")
+_TIMEOUT = _response(408, "Request Timeout", "request not received in time\n")
+_TOO_LARGE = _response(431, "Request Header Fields Too Large", "request head too large\n")
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+def _read_head(sock: socket.socket, timeout: float) -> bytes:
+    """The request line and headers, read within ``timeout`` seconds in all (a client that trickles
+    bytes gains nothing), at most MAX_HEAD bytes. TimeoutError, _HeadTooLarge; b"" if the client
+    closed without a request."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        chunk = sock.recv(4096)
+        if not chunk:
+            return buf
+        buf += chunk
+        if len(buf) > MAX_HEAD:
+            raise _HeadTooLarge
+    sock.settimeout(timeout)          # for the answer: a client that does not read is dropped too
+    return buf
+
+
 class _Handler(BaseHTTPRequestHandler):
-    registry: CollectorRegistry   # set on the subclass made per server
+    """One request per connection (HTTP/1.0), its head read by :func:`_read_head`."""
+
+    server: _GuardedServer
+    protocol_version = "HTTP/1.0"
+
+    def handle(self) -> None:
+        try:
+            head = _read_head(self.connection, self.server.request_timeout)
+        except TimeoutError:
+            self.server.collector.count_refused("timeout")
+            log.debug("metrics: %s sent no request within %.1f s: dropped", self.address_string(),
+                      self.server.request_timeout)
+            with contextlib.suppress(OSError):
+                self.connection.sendall(_TIMEOUT)
+            return
+        except _HeadTooLarge:
+            with contextlib.suppress(OSError):
+                self.connection.sendall(_TOO_LARGE)
+            return
+        if not head:
+            return
+        self.rfile.close()
+        self.rfile = io.BytesIO(head)
+        self.handle_one_request()
 
     def do_GET(self) -> None:   # noqa: N802 - http.server's name
+        token = self.server.token
+        if token is not None and not check_bearer(self.headers.get("Authorization"), token):
+            self.server.collector.count_refused("unauthorized")
+            self._reply(401, b"unauthorized: send the header 'Authorization: Bearer TOKEN' with the token of "
+                             b"metrics.token_file\n", "text/plain; charset=utf-8",
+                        {"WWW-Authenticate": 'Bearer realm="hybrid metrics"'})
+            return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             try:
-                body, ctype, code = generate_latest(self.registry), CONTENT_TYPE_LATEST, 200
+                body, ctype, code = generate_latest(self.server.registry), CONTENT_TYPE_LATEST, 200
             except Exception as exc:   # noqa: BLE001 - a scrape must never kill the server
                 log.warning("metrics: scrape failed: %s", exc)
                 body, ctype, code = f"scrape failed: {exc}\n".encode(), "text/plain; charset=utf-8", 500
@@ -218,35 +367,130 @@ class _Handler(BaseHTTPRequestHandler):
             body, ctype, code = b"hybrid metrics: see /metrics\n", "text/plain; charset=utf-8", 200
         else:
             body, ctype, code = b"not found: try /metrics\n", "text/plain; charset=utf-8", 404
+        self._reply(code, body, ctype)
+
+    def _reply(self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def address_string(self) -> str:
+        return self.client_address[0] if isinstance(self.client_address, tuple) else "unix socket"
 
     def log_message(self, fmt: str, *args) -> None:
         log.debug("metrics: %s %s", self.address_string(), fmt % args)
 
 
-class _Server(ThreadingHTTPServer):
+class _GuardedServer(socketserver.ThreadingMixIn):
+    """A thread per request, at most ``max_concurrent`` at once: beyond that a connection is
+    answered 503 at once by the accepting thread, and no thread is started for it."""
+
     daemon_threads = True
+    block_on_close = False            # stop() does not wait for a slow client
+    request_queue_size = 64           # listen backlog: a burst waits to be answered (or refused)
+    # set by _start before the server binds
+    registry: CollectorRegistry
+    collector: InstanceCollector
+    token: bytes | None
+    request_timeout: float
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.collector.count_refused("busy")
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse_busy(self, request) -> None:
+        try:
+            # Read the request if it has come or comes within BUSY_READ_S, so that the client can
+            # read the 503: a client still sending to a closed Unix socket gets EPIPE, and a TCP
+            # socket closed with unread data is reset, the reset overtaking the 503.
+            request.settimeout(BUSY_READ_S)
+            with contextlib.suppress(OSError):
+                request.recv(MAX_HEAD)
+            request.sendall(_BUSY)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
-        log.debug("metrics: connection from %s failed", client_address, exc_info=True)
+        log.debug("metrics: connection from %s failed", client_address or "unix socket", exc_info=True)
+
+
+class _TCPServer(_GuardedServer, socketserver.TCPServer):
+    allow_reuse_address = True
+
+
+class _UnixServer(_GuardedServer, socketserver.UnixStreamServer):
+    """Binds, gives the socket its group and mode, and only then listens: no connection is
+    accepted before the file's permissions are the ones asked for."""
+
+    socket_mode: int
+    socket_gid: int | None
+    group_name: str
+
+    def server_bind(self) -> None:
+        super().server_bind()
+        path = self.server_address
+        try:
+            if self.socket_gid is not None and os.stat(path).st_gid != self.socket_gid:
+                try:
+                    os.chown(path, -1, self.socket_gid)
+                except PermissionError:
+                    raise HybridError(
+                        f"cannot give the metrics socket {path} to group {self.group_name}: operation not "
+                        "permitted (no CAP_CHOWN, as under the systemd unit): put the socket in a directory of "
+                        f"that group with the setgid bit, e.g. install -d -m 2750 -g {self.group_name} "
+                        "/run/hybrid-metrics (docs/operations.md)") from None
+            os.chmod(path, self.socket_mode)
+            self.inode = os.stat(path).st_ino
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+
+    def server_close(self) -> None:
+        super().server_close()
+        with contextlib.suppress(OSError):      # ours only: a successor may have bound the path
+            if os.stat(self.server_address).st_ino == getattr(self, "inode", None):
+                os.unlink(self.server_address)
 
 
 class MetricsServer:
-    """A running endpoint: ``.host``, ``.port`` (the one bound, also when 0 was asked), ``.url``,
-    ``.stop()`` (idempotent). Also a context manager."""
+    """A running endpoint: ``.host`` and ``.port`` (the one bound, also when 0 was asked) or
+    ``.path`` (a Unix socket), ``.url``, ``.collector``, ``.stop()`` (idempotent). Also a context
+    manager."""
 
-    def __init__(self, server: _Server, thread: threading.Thread, host: str, collector: InstanceCollector):
+    def __init__(self, server: _GuardedServer, thread: threading.Thread, collector: InstanceCollector):
         self._server, self._thread = server, thread
-        self.host = host
-        self.port: int = server.server_address[1]
         self.collector = collector
+        if isinstance(server, _UnixServer):
+            self.host, self.port, self.path = None, None, server.server_address
+        else:
+            self.host, self.port, self.path = server.host, server.server_address[1], None
 
     @property
     def url(self) -> str:
+        """``http://HOST:PORT/metrics``, or ``unix:PATH`` for a socket."""
+        if self.path is not None:
+            return f"unix:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 
@@ -265,9 +509,34 @@ class MetricsServer:
         self.stop()
 
 
-def serve_metrics(host: str, port: int, *, instance: str | None = None) -> MetricsServer:
+def _start(server: _GuardedServer, name: str | None, token: bytes | None, cache_seconds: float,
+           max_concurrent: int, request_timeout: float) -> MetricsServer:
+    """Configure ``server`` (made with bind_and_activate=False), bind, listen, serve from a
+    daemon thread."""
+    collector = InstanceCollector(name or views.instance_state()[0], cache_seconds=cache_seconds)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server.registry, server.collector, server.token = registry, collector, token
+    server.request_timeout, server.slots = request_timeout, threading.BoundedSemaphore(max_concurrent)
+    try:
+        server.server_bind()
+        server.server_activate()
+    except BaseException:
+        server.server_close()
+        raise
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                              name="metrics", daemon=True)
+    thread.start()
+    return MetricsServer(server, thread, collector)
+
+
+def serve_metrics(host: str, port: int, *, token: bytes | None = None, instance: str | None = None,
+                  cache_seconds: float = CACHE_SECONDS, max_concurrent: int = MAX_CONCURRENT,
+                  request_timeout: float = REQUEST_TIMEOUT) -> MetricsServer:
     """Serve /metrics on ``host``:``port`` (0: a free port, see ``.port``) from a daemon thread of
-    this process, for the hybrid instance of this process's network namespace."""
+    this process, for the hybrid instance of this process's network namespace. With ``token``,
+    every request must carry ``Authorization: Bearer TOKEN`` (else 401). Whether an address
+    may go without a token is the configuration's decision (hybrid.service.config)."""
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"metrics port {port!r}: expected 0-65535")
     try:
@@ -276,22 +545,98 @@ def serve_metrics(host: str, port: int, *, instance: str | None = None) -> Metri
         raise ConfigError(f"metrics address {host!r} is not an IP address or a name this host resolves "
                           f"({exc})") from None
     family, _, _, _, sockaddr = infos[0]
-    name = instance or views.instance_state()[0]
-    registry = CollectorRegistry(auto_describe=False)
-    collector = InstanceCollector(name)
-    registry.register(collector)
-    handler = type("MetricsHandler", (_Handler,), {"registry": registry})
-    server_cls = type("MetricsHTTPServer", (_Server,), {"address_family": family})
+    server_cls = type("MetricsTCPServer", (_TCPServer,), {"address_family": family})
+    server = server_cls(sockaddr[:2], _Handler, bind_and_activate=False)
+    server.host = host
     try:
-        server = server_cls(sockaddr[:2], handler)
+        handle = _start(server, instance, token, cache_seconds, max_concurrent, request_timeout)
     except OSError as exc:
         hint = " (another process serves there: pick another port)" if exc.errno == _errno.EADDRINUSE else ""
         raise HybridError(f"cannot serve metrics on {host}:{port}: {exc.strerror}{hint}", exc.errno) from None
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                              name=f"metrics-{server.server_address[1]}", daemon=True)
-    thread.start()
-    log.info("metrics for instance %s on %s:%d/metrics", name, host, server.server_address[1])
-    return MetricsServer(server, thread, host, collector)
+    log.info("metrics for instance %s on %s:%d/metrics%s", handle.collector.instance, host, handle.port,
+             " (bearer token required)" if token is not None else "")
+    return handle
 
 
-__all__ = ["serve_metrics", "MetricsServer", "InstanceCollector"]
+def serve_metrics_unix(path: str, *, group: str | int | None = None, token: bytes | None = None,
+                       instance: str | None = None, cache_seconds: float = CACHE_SECONDS,
+                       max_concurrent: int = MAX_CONCURRENT,
+                       request_timeout: float = REQUEST_TIMEOUT) -> MetricsServer:
+    """Serve /metrics on the Unix socket ``path``: mode 0600 (root only), or 0660 with ``group``
+    (a name or a gid) owning it. The socket's directories must be root's and writable by no one
+    else (so that no one can swap the file), and with ``group`` searchable by that group; a
+    missing directory is created (0700). A socket left by a dead server is replaced; one that
+    answers is not (one path per instance)."""
+    path = os.path.abspath(path)
+    gid = _group_id(group)
+    _check_socket_dirs(path, group, gid)
+    _clear_stale_socket(path)
+    server = _UnixServer(path, _Handler, bind_and_activate=False)
+    server.socket_mode, server.socket_gid, server.group_name = (0o600 if gid is None else 0o660), gid, str(group)
+    try:
+        handle = _start(server, instance, token, cache_seconds, max_concurrent, request_timeout)
+    except OSError as exc:
+        hint = " (another process serves there: choose another path)" if exc.errno == _errno.EADDRINUSE else ""
+        raise HybridError(f"cannot serve metrics on {path}: {exc.strerror}{hint}", exc.errno) from None
+    log.info("metrics for instance %s on unix:%s (mode %s)", handle.collector.instance, path,
+             "0600" if gid is None else f"0660, group {group}")
+    return handle
+
+
+def _group_id(group: str | int | None) -> int | None:
+    if group is None or isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"metrics socket group {group!r}: no such group on this host") from None
+
+
+def _check_socket_dirs(path: str, group: str | int | None, gid: int | None) -> None:
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise HybridError(f"cannot serve metrics on {path}: cannot create {parent}: {exc.strerror}",
+                          exc.errno) from None
+    d = os.path.realpath(parent)
+    while True:
+        st = os.stat(d)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            raise ConfigError(f"cannot serve metrics on {path}: {d} is writable by other users (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}), who could replace the socket: "
+                              f"put it in a directory only root writes to, e.g. {inst.RUN_ROOT}")
+        if gid is not None and not (st.st_mode & 0o001 or (st.st_mode & 0o010 and st.st_gid == gid)):
+            raise ConfigError(f"cannot serve metrics on {path} for group {group}: the group cannot reach it, "
+                              f"{d} has mode {stat.S_IMODE(st.st_mode):04o}: put the socket in a directory the "
+                              "group can search, e.g. /run/hybrid-metrics (docs/operations.md)")
+        if d == "/":
+            return
+        d = os.path.dirname(d)
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket at ``path`` that no one listens on (left by a killed server); HybridError
+    if someone does, or if something else is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise HybridError(f"cannot serve metrics on {path}: a file that is not a socket is there: remove it "
+                          "or choose another metrics.listen")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)           # stale: its server is gone
+            return
+        except OSError as exc:
+            raise HybridError(f"cannot serve metrics on {path}: {exc.strerror or exc}", exc.errno) from None
+    raise HybridError(f"cannot serve metrics on {path}: another process serves there (every network "
+                      "namespace's hybrid needs its own metrics.listen)", _errno.EADDRINUSE)
+
+
+__all__ = ["serve_metrics", "serve_metrics_unix", "MetricsServer", "InstanceCollector", "SnapshotCache",
+           "check_bearer"]

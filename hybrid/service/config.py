@@ -10,7 +10,7 @@ declares the other tables with the same record (:class:`~hybrid.datapath.options
     [engine]    rules (the rules file), flow_ttl (overrides the rules file's), queue_len
     [log]       level, verdicts (the engine's verdict log)
     [service]   keep_attached_on_stop, standby_engines
-    [metrics]   enabled, listen
+    [metrics]   enabled, listen, socket_group, token_file
 
 Every key but ``attach.interfaces`` and ``engine.rules`` has a default, so a minimal file is
 three lines. Relative paths are relative to the configuration file. Options given on the command
@@ -22,19 +22,22 @@ what to write instead``, through the TOML front-end rules files use too (hybrid/
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any
 
+from hybrid import instance as inst
 from hybrid.datapath.options import ATTACH, REQUIRED, AttachOptions, Choice, Int, Option, boolean, queue_range
 from hybrid.errors import ConfigError
 from hybrid.tomlfile import TomlFileError, TomlFormat, TomlSource, suggest
 
 DEFAULT_PATH = "/etc/hybrid/hybrid.toml"
-DEFAULT_METRICS_LISTEN = "127.0.0.1:9469"
+DEFAULT_METRICS_LISTEN = f"unix:{inst.RUN_ROOT}/metrics.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECTIONS = ("attach", "engine", "log", "service", "metrics")
 
@@ -67,18 +70,38 @@ def _log_target(value) -> str:
     return _path(value)
 
 
+_LISTEN_HINT = ('write "unix:/PATH" for a socket, e.g. "unix:/run/hybrid/metrics.sock", or "HOST:PORT", '
+                'e.g. "127.0.0.1:9469" or "[::1]:9469"')
+
+
 def _listen(value) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{value!r}: write \"HOST:PORT\", e.g. \"127.0.0.1:9469\"")
+        raise ValueError(f"{value!r}: {_LISTEN_HINT}")
+    if value.startswith("unix:"):
+        return "unix:" + unix_path(value)
     host, port = split_listen(value)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def unix_path(listen: str) -> str | None:
+    """The socket path of a ``"unix:/PATH"`` listen value (normalised), None for ``HOST:PORT``."""
+    if not listen.startswith("unix:"):
+        return None
+    path = listen[len("unix:"):]
+    if not path.startswith("/"):
+        raise ValueError(f"{listen!r}: write an absolute path after unix:, e.g. \"unix:/run/hybrid/metrics.sock\"")
+    path = os.path.normpath(path)
+    if "\0" in path or len(os.fsencode(path)) > 107:          # sun_path: 108 bytes with the NUL
+        raise ValueError(f"{listen!r}: a socket path has at most 107 bytes and no NUL; choose a shorter one")
+    return path
 
 
 def split_listen(value: str) -> tuple[str, int]:
     """``"127.0.0.1:9469"``, ``"[::1]:9469"`` or ``":9469"`` (all addresses) -> (host, port)."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^\[\]:]*):(\d+)", value.strip())
     if not m:
-        raise ValueError(f"{value!r}: write \"HOST:PORT\", e.g. \"127.0.0.1:9469\" or \"[::1]:9469\"")
+        raise ValueError(f"{value!r}: write \"HOST:PORT\", e.g. \"127.0.0.1:9469\" or \"[::1]:9469\", "
+                         f"or \"unix:/PATH\" for a socket")
     host = m.group(1) if m.group(1) is not None else m.group(3)
     port = int(m.group(2) or m.group(4))
     if not 0 <= port <= 65535:
@@ -89,6 +112,84 @@ def split_listen(value: str) -> tuple[str, int]:
         except ValueError:
             raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
     return host or "0.0.0.0", port
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (of a HOST:PORT listen value) only reaches this machine: 127.0.0.0/8, ::1 or
+    the name localhost. Any other name counts as reachable from outside."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _group(value) -> str | int:
+    """A group that exists here, by name or number (the metrics socket's group)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ValueError(f"{value!r}: write a group name in quotes, e.g. \"prometheus\", or a group id")
+    try:
+        grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(value)
+    except (KeyError, OverflowError):
+        raise ValueError(f"{value!r}: no such group on this host: create it (groupadd) or name "
+                         "another") from None
+    return value
+
+
+def group_id(group: str | int) -> int:
+    """The gid of a ``socket_group`` value (it exists: :func:`_group` checked)."""
+    return group if isinstance(group, int) else grp.getgrnam(group).st_gid
+
+
+# The metrics token file: root's, and nobody else may read or write it. A token is what
+# RFC 6750 allows in an Authorization header (b64token), long enough not to be guessed.
+TOKEN_OWNER_UID = 0
+TOKEN_MIN_LENGTH = 16
+_TOKEN_RE = re.compile(rb"[A-Za-z0-9._~+/-]+=*")
+
+
+def _token_file_problem(path: str, st: os.stat_result) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        return f"token_file {path} is not a regular file"
+    if st.st_uid != TOKEN_OWNER_UID:
+        return f"token_file {path} is owned by uid {st.st_uid}: it must be root's (chown root: {path})"
+    if st.st_mode & 0o077:
+        return (f"token_file {path} has mode {stat.S_IMODE(st.st_mode):04o}: group and others must have no "
+                f"access to it (chmod 600 {path})")
+    if st.st_size == 0:
+        return f"token_file {path} is empty: write a token into it (e.g. openssl rand -hex 32 > {path})"
+    return None
+
+
+def check_token_file(path: str) -> None:
+    """ConfigError unless ``path`` is a non-empty regular file owned by root that group and
+    others cannot read or write. Reads only its status: ``config check`` works unprivileged."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"token_file {path}: {exc.strerror}") from None
+    problem = _token_file_problem(path, st)
+    if problem:
+        raise ConfigError(problem)
+
+
+def read_token(path: str) -> bytes:
+    """The bearer token in ``path`` (surrounding whitespace stripped), after the checks of
+    :func:`check_token_file` on the file actually opened; ConfigError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"token_file {path}: cannot read it: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        problem = _token_file_problem(path, os.fstat(fd))
+        if problem:
+            raise ConfigError(problem)
+        token = f.read(4097).strip()
+    if len(token) > 4096 or len(token) < TOKEN_MIN_LENGTH or not _TOKEN_RE.fullmatch(token):
+        raise ConfigError(f"token_file {path}: the token must be one word of at least {TOKEN_MIN_LENGTH} letters, "
+                          f"digits or -._~+/ (e.g. openssl rand -hex 32 > {path})")
+    return token
 
 
 # -- the schema: the attach options, then the other tables -----------------------------------------
@@ -116,11 +217,18 @@ FIELDS: tuple[Option, ...] = ATTACH + (
     Option("enabled", "--metrics/--no-metrics", boolean, False,
            "Serve Prometheus metrics on /metrics.", "flag", section="metrics"),
     Option("listen", "--metrics-listen", _listen, DEFAULT_METRICS_LISTEN,
-           "Address and port of the metrics endpoint (localhost unless you open it).", metavar="HOST:PORT",
+           "Where the metrics endpoint listens: \"unix:/PATH\", a socket only root (or socket_group) can "
+           "connect to, or HOST:PORT (any address but loopback needs token_file).", metavar="unix:PATH|HOST:PORT",
            section="metrics"),
+    Option("socket_group", "--metrics-socket-group", _group, None,
+           "Group that may connect to the metrics socket (mode 0660); not set: root only (0600).",
+           metavar="GROUP", section="metrics"),
+    Option("token_file", "--metrics-token-file", _path, None,
+           "File holding the bearer token scrapes must send (root's, mode 0600); required for a TCP listen "
+           "on an address other than loopback.", metavar="FILE", section="metrics"),
 )
 BY_NAME = {f.name: f for f in FIELDS}
-PATH_FIELDS = ("engine.rules", "log.verdicts")
+PATH_FIELDS = ("engine.rules", "log.verdicts", "metrics.token_file")
 
 
 # -- the configuration ------------------------------------------------------------------------------
@@ -259,3 +367,25 @@ def _check_whole(cfg: Config, src: TomlSource | None) -> None:
         cfg.attach_options().validate()
     except ConfigError as exc:
         raise error("attach", "interfaces", str(exc)) from None
+    _check_metrics(cfg, error)
+
+
+def _check_metrics(cfg: Config, error) -> None:
+    """The endpoint is not readable by whoever can reach it: a TCP listen beyond loopback needs a
+    token; the token file must be root's alone; a socket group goes with a socket."""
+    listen, token_file = cfg["metrics.listen"], cfg["metrics.token_file"]
+    if token_file is not None:
+        try:
+            check_token_file(token_file)
+        except ConfigError as exc:
+            raise error("metrics", "token_file", str(exc)) from None
+    if unix_path(listen) is not None:
+        return
+    if cfg["metrics.socket_group"] is not None:
+        raise error("metrics", "socket_group", f"socket_group applies to a socket, and listen is {listen}: "
+                                               "remove socket_group, or listen on \"unix:/PATH\"")
+    host, _ = split_listen(listen)
+    if cfg["metrics.enabled"] and token_file is None and not is_loopback(host):
+        raise error("metrics", "listen", f"listen {listen} is reachable from other hosts and no token_file is "
+                                         "set: set token_file (a root-only file with the bearer token "
+                                         "Prometheus sends), or listen on loopback or \"unix:/PATH\"")

@@ -480,14 +480,29 @@ class Service:
         except ImportError as exc:
             raise HybridError(f"metrics are enabled but cannot be served ({exc}): install prometheus_client "
                               "(scripts/setup.sh) or set metrics.enabled = false") from None
-        host, port = split_listen(cfg["metrics.listen"])
+        from hybrid.service.config import read_token, unix_path
+        listen, group = cfg["metrics.listen"], cfg["metrics.socket_group"]
+        token = read_token(cfg["metrics.token_file"]) if cfg["metrics.token_file"] else None
+        path = unix_path(listen)
         try:
-            self.metrics = metrics.serve_metrics(host, port)
+            if path is not None:
+                self.metrics = metrics.serve_metrics_unix(path, group=group, token=token)
+            else:
+                host, port = split_listen(listen)
+                self.metrics = metrics.serve_metrics(host, port, token=token)
         except OSError as exc:
-            raise HybridError(f"metrics endpoint {cfg['metrics.listen']}: {exc.strerror or exc}; "
+            raise HybridError(f"metrics endpoint {listen}: {exc.strerror or exc}; "
                               "choose another metrics.listen") from None
-        event(logging.INFO, "metrics_serving", f"metrics on http://{cfg['metrics.listen'].rsplit(':', 1)[0]}:"
-              f"{self.metrics.port}/metrics", listen=cfg["metrics.listen"], port=self.metrics.port)
+        if path is not None:
+            auth, where = "socket", f"{path} (mode " + ("0600)" if group is None else f"0660, group {group})")
+        else:
+            auth, where = ("token" if token is not None else "none"), self.metrics.url
+        # Loopback TCP without a token: every local user can read the figures. Allowed (the
+        # configuration refuses it beyond loopback), but said at warning level.
+        level = logging.WARNING if auth == "none" else logging.INFO
+        note = "; no token_file: any local user can read them" if auth == "none" else ""
+        event(level, "metrics_serving", f"metrics on {where}{note}", listen=listen, port=self.metrics.port,
+              path=path, auth=auth)
 
     def _stop_metrics(self) -> None:
         if self.metrics is not None:

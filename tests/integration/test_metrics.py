@@ -5,7 +5,18 @@ give for the same moment."""
 
 from __future__ import annotations
 
+import grp
+import logging
+import os
+import pathlib
+import secrets
+import shutil
 import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
 
 import pytest
 from gwlab import (
@@ -13,6 +24,7 @@ from gwlab import (
     attached_with_engine,
     engine_stats,
     nfqueue_counters,
+    parse,
     sample,
     status,
 )
@@ -20,7 +32,10 @@ from traffic import udp_send
 
 from hybrid.errors import ConfigError, HybridError
 from hybrid.lab.topology import netns
-from hybrid.observe.metrics import serve_metrics
+from hybrid.observe import metrics as hmetrics
+from hybrid.observe.metrics import serve_metrics, serve_metrics_unix
+from hybrid.service import config as hcfg
+from hybrid.service.supervisor import Service
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +63,10 @@ def _between(low: float, value: float, high: float) -> bool:
 
 
 def test_scrape_agrees_with_status_engine_and_queue(lab, tmp_path):
-    with attached_with_engine(lab, tmp_path, RULES, "--xdp-mode", "generic"), MetricsProcess(lab) as metrics:
+    # cache_seconds=0: every scrape reads the instance, so that it falls between the status reads
+    # around it and sees traffic sent a moment before (the shared snapshot is tested below).
+    with attached_with_engine(lab, tmp_path, RULES, "--xdp-mode", "generic"), \
+            MetricsProcess(lab, cache_seconds=0) as metrics:
         assert udp_send(lab, [b"first"], dport=10010, sport=41000) == 1          # decided: bypass
         assert udp_send(lab, [b"pass"] * 4, dport=10010, sport=41000) == 4       # kept in the kernel
         assert udp_send(lab, [b"drop"] * 3, dport=10086, sport=41001) == 0
@@ -142,3 +160,248 @@ def test_bad_address_and_busy_port_are_one_line_errors(lab):
             busy.close()
         with serve_metrics("::1", 0) as h:       # IPv6 loopback works too
             assert h.port > 0 and h.url == f"http://[::1]:{h.port}/metrics"
+
+
+# ---- the guards: who may read, and how much a scrape may cost ---------------------------------------
+
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+AS_NOBODY_OTHER_GROUP = ["setpriv", "--reuid=nobody", "--regid=65533", "--clear-groups"]
+
+
+@pytest.fixture
+def socket_dir():
+    """A directory under /run for sockets, searchable by everyone (so that only the socket's own
+    mode keeps other users out), removed afterwards."""
+    d = pathlib.Path(tempfile.mkdtemp(dir="/run", prefix="hybrid-test-metrics-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def curl_unix(path, as_user=()) -> subprocess.CompletedProcess:
+    return subprocess.run([*as_user, "curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+                           "--unix-socket", str(path), "http://localhost/metrics"], capture_output=True, text=True)
+
+
+def connect_as(user: list[str], path) -> str:
+    """What a plain connect() to the socket gives ``user``: "ok" or the exception's name."""
+    code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(sys.argv[1])\n"
+            "    print('ok')\nexcept OSError as e:\n    print(type(e).__name__)\n")
+    return subprocess.run([*user, "/usr/bin/python3", "-c", code, str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_socket_is_root_only(lab, socket_dir):
+    sock = socket_dir / "metrics.sock"
+    with MetricsProcess(lab, path=sock) as metrics:
+        st = os.stat(sock)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+        assert sample(metrics.scrape(), "hybrid_attached", instance=lab.netns("gw")) == 0
+        assert curl_unix(sock).stdout == "200"
+        assert connect_as(AS_NOBODY, sock) == "PermissionError"
+        denied = curl_unix(sock, AS_NOBODY)
+        assert denied.returncode == 7 and denied.stdout == "000", denied     # curl: could not connect
+    assert not sock.exists()                                                  # removed on stop
+
+
+def test_socket_group_may_connect(lab, socket_dir):
+    sock = socket_dir / "metrics.sock"
+    with MetricsProcess(lab, path=sock, group="nogroup"):
+        st = os.stat(sock)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == grp.getgrnam("nogroup").gr_gid
+        assert curl_unix(sock, AS_NOBODY).stdout == "200"                    # nobody, group nogroup
+        assert connect_as(AS_NOBODY_OTHER_GROUP, sock) == "PermissionError"   # nobody, another group
+
+
+def test_group_socket_without_cap_chown(lab, socket_dir):
+    """The systemd unit leaves the service no CAP_CHOWN: a setgid directory of the group gives the
+    socket its group (docs/deployment.md); without one the start fails with a line saying so."""
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    no_chown = ["setpriv", "--bounding-set=-chown"]
+    shared = socket_dir / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, nogroup)
+    shared.chmod(0o2750)
+    with MetricsProcess(lab, path=shared / "metrics.sock", group="nogroup", prefix=no_chown):
+        st = os.stat(shared / "metrics.sock")
+        assert st.st_gid == nogroup and stat.S_IMODE(st.st_mode) == 0o660
+        assert curl_unix(shared / "metrics.sock", AS_NOBODY).stdout == "200"
+    with pytest.raises(AssertionError, match=rf"HybridError: cannot give the metrics socket {socket_dir}/m.sock "
+                                             "to group nogroup: operation not permitted"):
+        MetricsProcess(lab, path=socket_dir / "m.sock", group="nogroup", prefix=no_chown)
+    assert not (socket_dir / "m.sock").exists()
+
+
+def test_socket_errors_are_one_line(lab, socket_dir):
+    private = socket_dir / "private"
+    private.mkdir(mode=0o700)
+    open_dir = socket_dir / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o1777)
+    sock = str(socket_dir / "metrics.sock")
+    with netns(lab.netns("gw")):
+        with pytest.raises(ConfigError, match=rf"^cannot serve metrics on {private}/m.sock for group nogroup: the "
+                                              rf"group cannot reach it, {private} has mode 0700: put the socket"):
+            serve_metrics_unix(str(private / "m.sock"), group="nogroup")
+        with pytest.raises(ConfigError, match=rf"^cannot serve metrics on {open_dir}/m.sock: {open_dir} is "
+                                              r"writable by other users \(mode 1777, uid 0\)"):
+            serve_metrics_unix(str(open_dir / "m.sock"))
+        with serve_metrics_unix(sock):
+            with pytest.raises(HybridError, match=rf"^cannot serve metrics on {sock}: another process serves "
+                                                  "there"):
+                serve_metrics_unix(sock)
+        stale = socket.socket(socket.AF_UNIX)           # a socket left by a killed server
+        stale.bind(sock)
+        stale.close()
+        with serve_metrics_unix(sock) as h:              # is replaced
+            assert h.url == f"unix:{sock}" and curl_unix(sock).stdout == "200"
+        pathlib.Path(sock).write_text("")
+        with pytest.raises(HybridError, match=rf"^cannot serve metrics on {sock}: a file that is not a socket"):
+            serve_metrics_unix(sock)
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "metrics.token"
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def test_tcp_requires_the_token(lab, token_file):
+    with MetricsProcess(lab, token_file=token_file) as metrics:
+        assert metrics.get(token=None)[0] == 401
+        assert metrics.get(token="0" * 64)[0] == 401
+        assert metrics.get(token=metrics.token[:-1])[0] == 401
+        assert metrics.get("/", token=None)[0] == 401
+        m = metrics.scrape()                                   # with the token
+        assert sample(m, "hybrid_metrics_refused_total", reason="unauthorized") == 4
+        assert sample(m, "hybrid_attached", instance=lab.netns("gw")) == 0
+        curl = ["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{metrics.port}/"]
+        assert lab.run("gw", curl, check=False).stdout == "401"
+        assert lab.run("gw", [*curl, "-H", f"Authorization: Bearer {metrics.token}"], check=False).stdout == "200"
+
+
+def _idle(metrics: MetricsProcess) -> socket.socket:
+    """A TCP connection to the endpoint that sends nothing."""
+    with netns(metrics.lab.netns("gw")):
+        return socket.create_connection((metrics.host, metrics.port), timeout=20)
+
+
+def _read_all(conn: socket.socket) -> bytes:
+    out = b""
+    while chunk := conn.recv(4096):
+        out += chunk
+    return out
+
+
+def test_requests_beyond_the_limit_get_503(lab):
+    with MetricsProcess(lab) as metrics:
+        held = [_idle(metrics) for _ in range(hmetrics.MAX_CONCURRENT)]        # every slot taken
+        try:
+            time.sleep(0.3)
+            for _ in range(3):
+                code, text = metrics.get()
+                assert code == 503 and text.startswith("busy:"), (code, text)
+        finally:
+            for conn in held:
+                conn.close()
+        time.sleep(0.3)                                          # their threads see the close
+        m = metrics.scrape()
+        assert sample(m, "hybrid_metrics_refused_total", reason="busy") == 3
+
+
+def test_silent_and_trickling_clients_are_dropped(lab):
+    with MetricsProcess(lab) as metrics:
+        silent, trickle = _idle(metrics), _idle(metrics)
+        stop = threading.Event()
+
+        def trickler():                      # a byte every half second: never a whole request
+            for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"x" * 100:
+                if stop.wait(0.5):
+                    return
+                try:
+                    trickle.send(bytes([byte]))
+                except OSError:
+                    return
+        t = threading.Thread(target=trickler)
+        start = time.monotonic()
+        t.start()
+        try:
+            assert _read_all(silent).startswith(b"HTTP/1.0 408 ")
+            silent_s = time.monotonic() - start
+            assert _read_all(trickle).startswith(b"HTTP/1.0 408 ")
+            trickle_s = time.monotonic() - start
+        finally:
+            stop.set()
+            t.join()
+            silent.close()
+            trickle.close()
+        timeout = hmetrics.REQUEST_TIMEOUT
+        assert timeout - 0.5 < silent_s < timeout + 1.5 and timeout - 0.5 < trickle_s < timeout + 1.5
+        assert sample(metrics.scrape(), "hybrid_metrics_refused_total", reason="timeout") == 2
+
+
+def test_a_burst_of_scrapes_reads_the_instance_once_a_second(lab, tmp_path, socket_dir):
+    sock = socket_dir / "metrics.sock"
+    with attached_with_engine(lab, tmp_path, RULES, "--xdp-mode", "generic"), \
+            MetricsProcess(lab, path=sock) as metrics:
+        assert udp_send(lab, [b"first"], dport=10010, sport=41000) == 1
+        first = metrics.scrape()
+        assert sample(first, "hybrid_attached", instance=lab.netns("gw")) == 1
+        codes: list[int] = []
+        snapshots: list[float] = []
+        deadline = time.monotonic() + 3.0
+
+        def scraper():
+            while time.monotonic() < deadline:
+                try:
+                    code, text = metrics.get()
+                except (BrokenPipeError, ConnectionResetError):
+                    code = 0        # refused before this client had sent its request (a slow thread)
+                codes.append(code)
+                if code == 200:
+                    snapshots.append(sample(parse(text), "hybrid_metrics_snapshots_total"))
+        start = time.monotonic()
+        threads = [threading.Thread(target=scraper) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - start
+        reads = max(snapshots) - sample(first, "hybrid_metrics_snapshots_total")
+        assert set(codes) <= {200, 503, 0}
+        assert codes.count(200) >= 20, codes.count(200)
+        assert 1 <= reads <= elapsed + 1, (reads, elapsed, len(codes))
+        # every refusal is counted, and nearly every refused client got its 503
+        last = metrics.scrape()
+        assert sample(last, "hybrid_metrics_refused_total", reason="busy") == codes.count(503) + codes.count(0)
+        assert codes.count(0) <= codes.count(503) // 10 + 1, (codes.count(0), codes.count(503))
+
+
+def test_run_serves_the_configured_endpoint(lab, socket_dir, token_file, caplog):
+    """hybridctl run's _start_metrics: the socket by default, TCP with the token of token_file."""
+    service = Service(load_config=None, argv_for_child=None)
+    sock = socket_dir / "metrics.sock"
+    caplog.set_level(logging.INFO, logger="hybrid.service.supervisor")
+    with netns(lab.netns("gw")):
+        base = {"attach.interfaces": ["to-client"], "engine.rules": "r.toml", "metrics.enabled": True}
+        service._start_metrics(hcfg.load(None, {**base, "metrics.listen": f"unix:{sock}"}))
+        try:
+            assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600 and curl_unix(sock).stdout == "200"
+        finally:
+            service._stop_metrics()
+        assert not sock.exists()
+        service._start_metrics(hcfg.load(None, {**base, "metrics.listen": "127.0.0.1:0",
+                                                "metrics.token_file": str(token_file)}))
+        try:
+            port = service.metrics.port
+        finally:
+            service._stop_metrics()
+    events = [(r.levelname, r.event, r.fields) for r in caplog.records if getattr(r, "event", None) == "metrics_serving"]
+    assert events == [("INFO", "metrics_serving", {"listen": f"unix:{sock}", "port": None, "path": str(sock),
+                                                   "auth": "socket"}),
+                      ("INFO", "metrics_serving", {"listen": "127.0.0.1:0", "port": port, "path": None,
+                                                   "auth": "token"})]

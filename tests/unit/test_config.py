@@ -54,7 +54,7 @@ def test_minimal_file_gets_the_attach_defaults(write, tmp_path):
     assert opts == att.AttachOptions(interfaces=["eth0"])      # every attach default, unchanged
     assert cfg["engine.rules"] == str(tmp_path / "rules.toml")  # relative to the file
     assert cfg["engine.flow_ttl"] is None and cfg["engine.queue_len"] == 4096
-    assert cfg["metrics.enabled"] is False and cfg["metrics.listen"] == "127.0.0.1:9469"
+    assert cfg["metrics.enabled"] is False and cfg["metrics.listen"] == "unix:/run/hybrid/metrics.sock"
     assert cfg["service.keep_attached_on_stop"] is False
     assert cfg.origin["attach.interfaces"] == "file" and cfg.origin["attach.mark"] == "default"
 
@@ -254,8 +254,8 @@ def test_config_show_prints_the_effective_configuration(write):
 def test_config_show_json(write):
     res = cli("config", "show", "--config", write(MINIMAL), "--json", "--interface", "a", "--interface", "b")
     doc = json.loads(res.output)
-    assert doc["attach"]["interfaces"] == ["a", "b"] and doc["metrics"] == {"enabled": False,
-                                                                             "listen": "127.0.0.1:9469"}
+    assert doc["attach"]["interfaces"] == ["a", "b"] and doc["metrics"] == {
+        "enabled": False, "listen": "unix:/run/hybrid/metrics.sock", "socket_group": None, "token_file": None}
 
 
 def test_run_refuses_a_bad_file_before_changing_anything(write):
