@@ -18,7 +18,7 @@ from hybrid.datapath.maps import Maps
 from hybrid.engine.loop import Engine
 from hybrid.engine.rules import load_rules
 from hybrid.errors import HybridError
-from hybrid.kernel import sysutil
+from hybrid.kernel import caps, sysutil
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ class EngineSettings:
     instance: str
 
 
-def settings_for_instance(queues: tuple[int, int] | None = None, fail_open: bool | None = None) -> EngineSettings:
-    instance = inst.name()
+def settings_for_instance(queues: tuple[int, int] | None = None, fail_open: bool | None = None,
+                          instance: str | None = None) -> EngineSettings:
+    instance = instance or inst.name()
     state = State.load(instance)
     if state is None or not state.interfaces:
         raise HybridError(f"hybrid is not attached in this network namespace ({instance}): "
@@ -92,9 +93,18 @@ def settings_for_instance(queues: tuple[int, int] | None = None, fail_open: bool
 
 def serve_one(queue: int, rules_path: str, settings: EngineSettings, *, maxlen: int = QUEUE_LEN,
               log_stream=None) -> dict:
-    """Run one engine in this process until SIGTERM/SIGINT; returns its final counters."""
+    """Run one engine in this process until SIGTERM/SIGINT; returns its final counters.
+
+    Run as root, the process gives up for good every capability the engine does not use
+    (``caps.ENGINE``) once the maps are open (through /proc/2/root they may need them all) and
+    before it reads the rules: call it in a process of its own (``hybridctl engine --queue Q``)."""
     maps = Maps.open_pinned(settings.pin_access) if settings.pin_access else None
     try:
+        if os.geteuid() == 0:
+            kept = caps.limit_to(caps.ENGINE)
+            log.info("engine for queue %d keeps %s (bounding set %s, no new privileges)", queue,
+                     " ".join(caps.names(kept.effective)) or "no capabilities",
+                     " ".join(caps.names(kept.bounding)) or "empty")
         eng = Engine(queue, rules_path, maps=maps, mark_mask=settings.mark_mask,
                      fail_open=settings.fail_open, maxlen=maxlen, log_stream=log_stream,
                      stats_path=inst.engine_stats_path(settings.instance, queue))

@@ -57,6 +57,7 @@ from hybrid.engine import loop as eng
 from hybrid.engine import runner
 from hybrid.engine.rules import load_rules
 from hybrid.errors import ConfigError, HybridError
+from hybrid.kernel import bpffs, caps, sysutil
 from hybrid.service.config import Config, split_listen
 
 log = logging.getLogger(__name__)
@@ -564,21 +565,34 @@ def run_engine_child(spec: dict) -> int:
     With ``ready_fd``/``go_fd`` (the engines started before the attach): bind the queue, say so
     on ``ready_fd``, and wait for a byte on ``go_fd`` before opening the pinned maps (EOF
     instead: the start was abandoned). Signals stay blocked meanwhile; closing ``go_fd`` is how
-    the supervisor stops an engine that never got going."""
+    the supervisor stops an engine that never got going.
+
+    Run as root, the engine gives up every capability it does not use (``caps.ENGINE``) once its
+    verdict log is open, before it reads the rules or waits as a spare: it parses what the network
+    sends, and a process that does should hold no more than it needs. The rules file is read
+    again on SIGHUP without those capabilities, so it is read without them from the start too."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != spec["parent"]:
         return 1                                   # the supervisor is already gone
     queue = spec["queue"]
     maps = stream = None
+    instance = inst.name()          # before the drop: naming an unnamed namespace reads /proc/2/ns
+    held = _hold_bpffs()
     try:
         if spec["verdicts"] == "-":
             stream = sys.stdout
         elif spec["verdicts"]:
             stream = os.fdopen(os.open(spec["verdicts"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
+        if os.geteuid() == 0:
+            kept = caps.limit_to(caps.ENGINE)
+            event(logging.INFO, "engine_capabilities", f"queue {queue}: the engine keeps "
+                  f"{' '.join(caps.names(kept.effective)) or 'no capabilities'} (bounding set "
+                  f"{' '.join(caps.names(kept.bounding)) or 'empty'}, no new privileges)", queue=queue,
+                  pid=os.getpid(), kept=caps.names(kept.effective), bounding=caps.names(kept.bounding))
         engine = eng.Engine(queue, spec["rules"], maps=None, mark_mask=spec["mark_mask"],
                             fail_open=spec["fail_open"], maxlen=spec["queue_len"], log_stream=stream,
-                            stats_path=inst.engine_stats_path(inst.name(), queue), flow_ttl=spec["flow_ttl"])
+                            stats_path=inst.engine_stats_path(instance, queue), flow_ttl=spec["flow_ttl"])
         if spec.get("standby_fd") is not None:     # a spare: wait to be promoted (EOF: never)
             go = os.read(spec["standby_fd"], 1)
             os.close(spec["standby_fd"])
@@ -594,8 +608,9 @@ def run_engine_child(spec: dict) -> int:
             os.close(spec["go_fd"])
             if not go:
                 return 0
-        settings = runner.settings_for_instance((queue, queue), spec["fail_open"])
-        maps = Maps.open_pinned(settings.pin_access) if settings.pin_access else None
+        settings = runner.settings_for_instance((queue, queue), spec["fail_open"], instance)
+        pin_dir = _held_pins(held, settings.instance) if held else settings.pin_access
+        maps = Maps.open_pinned(pin_dir) if pin_dir else None
         engine.maps = maps
         engine.install_signals()
         event(logging.INFO, "engine_running", f"queue {queue}: deciding packets", queue=queue, pid=os.getpid())
@@ -613,6 +628,44 @@ def run_engine_child(spec: dict) -> int:
             stream.close()
         if maps is not None:
             maps.close()
+        if held:
+            os.close(held[0])
+
+
+def _hold_bpffs() -> tuple[int, str] | None:
+    """When the hybrid bpffs is not mounted in this process's mount namespace (``ip netns exec``
+    made a private one, and the supervisor's attach mounted the bpffs in the initial namespace
+    after it), an O_PATH descriptor on the directory above its mount point in the initial
+    namespace, and the rest of the path from there; else None.
+
+    The supervisor reaches such a bpffs through /proc/2/root (hybrid.kernel.bpffs). Following
+    another process's /proc/PID/root needs every capability that process holds (a ptrace access
+    check, ptrace(2)): an engine that has given up its capabilities cannot. A descriptor opened
+    before can be followed for good (/proc/self/fd/N is always ours), and reaches no further than
+    that directory and what is below it."""
+    root = bpffs.bpffs_root()
+    if root in bpffs.mounted_bpffs() or sysutil.in_init_ns("mnt") is not False:
+        return None
+    for pid in sysutil.INIT_NS_PIDS:
+        above = os.path.dirname(root)
+        while True:
+            try:
+                fd = os.open(f"/proc/{pid}/root{above}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                return fd, os.path.relpath(root, above)
+            except FileNotFoundError:
+                if above == "/":
+                    break
+                above = os.path.dirname(above)
+            except OSError:
+                break
+    return None
+
+
+def _held_pins(held: tuple[int, str], instance: str) -> str | None:
+    """The instance's pin directory through the descriptor of :func:`_hold_bpffs`, or None while
+    no bpffs is mounted there."""
+    base = f"/proc/self/fd/{held[0]}/{held[1]}"
+    return os.path.join(base, instance) if os.path.ismount(base) else None
 
 
 def _bind(engine) -> None:

@@ -16,10 +16,10 @@ import threading
 import time
 
 import pytest
-from gwlab import HYBRIDCTL
+from gwlab import HYBRIDCTL, attached_with_engine, engine_stats
 
 from hybrid.datapath.maps import Maps, flow_key
-from hybrid.kernel import abi, bpfsys
+from hybrid.kernel import abi, bpfsys, caps
 from hybrid.lab.servers import Nginx
 from hybrid.lab.topology import netns
 
@@ -75,12 +75,13 @@ def status(lab) -> dict:
 class Run:
     """One `hybridctl run` in the gateway namespace, its JSON log in a file."""
 
-    def __init__(self, lab, tmp_path, *args: str, name: str = "run"):
+    def __init__(self, lab, tmp_path, *args: str, name: str = "run", wrap: tuple[str, ...] = ()):
+        """``wrap``: a command that executes hybridctl in the same process (``exec "$@"``)."""
         self.lab = lab
         self.log_path = tmp_path / f"{name}.jsonl"
         self.err_path = tmp_path / f"{name}.stderr"
         with open(self.log_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), *HYBRIDCTL, "run", *args],
+            self.proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), *wrap, *HYBRIDCTL, "run", *args],
                                          stdout=out, stderr=err, start_new_session=True)
 
     def lines(self) -> list[dict]:
@@ -301,6 +302,76 @@ def test_a_spare_that_cannot_start_does_not_stop_the_service(lab, tmp_path, runs
     r.wait_event("reloaded")
     assert alive(r.wait_event("engine_standby", 3)["pid"])
     assert r.stop() == 0
+
+
+# A mount namespace of its own in which the bpffs is not mounted: hybridctl run then reaches it
+# (and mounts it, if need be) in the initial namespace through /proc/2/root, as when it is the
+# first run since boot from a private namespace, on a host without shared mount propagation.
+BPFFS_HIDDEN = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'umount /run/hybrid/bpffs 2>/dev/null; exec "$@"', "sh")
+
+
+@pytest.mark.parametrize("bpffs", ["visible", "only-through-proc-2"])
+def test_engines_keep_only_the_capabilities_they_use(lab, tmp_path, runs, bpffs):
+    """The engine and its spare give up everything but CAP_NET_ADMIN, CAP_NET_RAW and CAP_BPF,
+    bounding set included, with no_new_privs; the supervisor keeps what the attach needs. They
+    still decide: a reject (a raw socket), a flow verdict in the pinned maps, and the spare,
+    which opens the maps only once promoted, long after it gave up its capabilities; also when
+    the pins can only be reached through /proc/2/root, which a process holding fewer
+    capabilities than kthreadd may not follow."""
+    r = Run(lab, tmp_path, "--config", EXAMPLE, *IFACES, "--rules", REALISTIC, name=f"caps-{bpffs}",
+            wrap=() if bpffs == "visible" else BPFFS_HIDDEN)
+    runs.append(r)
+    r.wait_running()
+    engine, spare = r.engine_pids()[-1], r.wait_event("engine_standby")["pid"]
+    if bpffs != "visible":
+        with open(f"/proc/{r.proc.pid}/mountinfo") as f:
+            assert " /run/hybrid/bpffs " not in f.read()
+
+    def dropped(pid: int) -> bool:
+        return any(e["pid"] == pid for e in r.events("engine_capabilities"))
+
+    engine_set = caps.mask(caps.ENGINE)
+    wait_for(lambda: dropped(spare), "the spare to give up its capabilities")
+    for pid in (engine, spare):
+        held = caps.Sets.of(pid)
+        assert (held.effective, held.permitted, held.bounding) == (engine_set,) * 3, (pid, held)
+        assert (held.inheritable, held.ambient, held.no_new_privs) == (0, 0, True), (pid, held)
+    assert caps.Sets.of(r.proc.pid) == caps.Sets.of()          # the supervisor: as started
+    logged = {e["pid"]: (e["kept"], e["bounding"]) for e in r.events("engine_capabilities")}
+    assert logged == {pid: (caps.names(engine_set),) * 2 for pid in (engine, spare)}
+
+    with Nginx(lab):
+        assert curl(lab, "www.example.test").stdout == "200"
+        assert curl(lab, "x.blocked.example").returncode == 56          # reset through a raw socket
+        os.kill(engine, signal.SIGKILL)
+        assert r.wait_event("engine_promoted")["pid"] == spare
+        r.wait_running(2)
+        assert curl(lab, "x.blocked.example").returncode == 56          # decided by the spare
+        st = engine_stats(lab, until=lambda st: st["pid"] == spare and st["flow_verdicts"]["block"] >= 1)
+        assert st["pid"] == spare and st["flow_verdicts"]["block"] >= 1 and st["flow_write_errors"] == 0, st
+        assert st["actions"]["reject"] >= 1 and st["errors"] == 0, st
+    new_spare = wait_for(lambda: r.spare_pids()[-1] if len(r.spare_pids()) == 2 else None, "a new spare")
+    wait_for(lambda: dropped(new_spare), "the new spare to give up its capabilities")
+    assert caps.Sets.of(new_spare).effective == engine_set
+    assert r.stop() == 0 and r.events("detached")
+    assert not [e for e in r.lines() if e["level"] == "error" and e["event"] != "engine_died"], r.lines()
+
+
+def test_a_standalone_engine_keeps_only_the_capabilities_it_uses(lab, tmp_path):
+    """`hybridctl engine` (runner.serve_one, one process per queue) gives up the same
+    capabilities once it has opened the maps, and still decides; the process that started it
+    keeps its own."""
+    with attached_with_engine(lab, tmp_path, realistic_text()) as eng, Nginx(lab):
+        pid = engine_stats(lab)["pid"]
+        assert pid != eng.proc.pid
+        held = caps.Sets.of(pid)
+        assert (held.effective, held.permitted, held.bounding) == (caps.mask(caps.ENGINE),) * 3, held
+        assert (held.inheritable, held.ambient, held.no_new_privs) == (0, 0, True), held
+        assert caps.Sets.of(eng.proc.pid) == caps.Sets.of()
+        assert curl(lab, "x.blocked.example").returncode == 56
+        st = engine_stats(lab, until=lambda st: st["flow_verdicts"]["block"] >= 1)
+        assert st["flow_verdicts"]["block"] >= 1 and st["flow_write_errors"] == 0 and st["errors"] == 0, st
 
 
 def realistic_text() -> str:
