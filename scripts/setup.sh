@@ -19,13 +19,16 @@ command -v apt-get >/dev/null || die "apt-get not found: this script supports De
 # iptables, iproute2, util-linux (nsenter), conntrack: netfilter and netlink plumbing
 # iperf3, nginx-light, wrk, curl, iputils-ping: the lab's clients and servers and the benchmarks
 # dnsmasq-base, openssl, dnsutils: the lab's DNS server (dnsmasq without a system service), the
-#   throwaway certificate for its HTTPS server, and dig as DNS client (hybrid/labservers.py)
+#   throwaway certificate for its HTTPS server, and dig as DNS client (hybrid/lab/servers.py)
+# systemd, libseccomp2: systemd-analyze checks the unit's sandbox offline, and the tests rebuild that
+#   sandbox with libseccomp (tests/unitsandbox.py); no systemd needs to run
 packages=(
   python3 python3-venv python3-dev python3-bpfcc gcc
   linux-headers-amd64 libnetfilter-queue-dev
   iptables iproute2 util-linux conntrack ethtool
   iperf3 nginx-light wrk curl iputils-ping
   dnsmasq-base openssl dnsutils
+  systemd libseccomp2
 )
 missing=()
 for p in "${packages[@]}"; do
