@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from gwlab import HYBRIDCTL
 from hybrid.cli.main import main
+from unitsandbox import unit_values
 
 from hybrid.kernel import caps
 from hybrid.lab.servers import Nginx
@@ -30,17 +31,6 @@ SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 
 def cli(*args):
     return CliRunner().invoke(main, list(args))
-
-
-def unit_values(path: str) -> dict[str, list[str]]:
-    values: dict[str, list[str]] = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith(("#", "[")):
-                key, _, value = line.partition("=")
-                values.setdefault(key, []).append(value)
-    return values
 
 
 def verify(path: str, cwd: str) -> subprocess.CompletedProcess:
@@ -106,6 +96,21 @@ def test_unit_policy():
     assert v["PrivateTmp"] == ["yes"]
 
 
+def decides_then_detaches(lab, proc, log) -> None:
+    """A `hybridctl run` of examples/hybrid.toml in the lab lets an allowed request through,
+    resets a blocked one, and detaches cleanly on SIGTERM."""
+    with Nginx(lab):
+        ok = lab.run("client", ["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+                                f"http://{lab.info.server.ipv4}/"], check=False)
+        bad = lab.run("client", ["curl", "-s", "-m", "5", f"http://{lab.info.server.ipv4}/",
+                                 "-H", "Host: x.blocked.example"], check=False)
+    assert ok.stdout == "200" and bad.returncode == 56            # reset, not a timeout
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    text = log.read_text()
+    assert '"event":"detached"' in text and '"level":"error"' not in text, text
+
+
 @pytest.mark.integration
 def test_the_unit_capabilities_are_enough(lab, tmp_path):
     """`hybridctl run` under exactly the unit's bounding set and no-new-privs, in the lab:
@@ -127,16 +132,7 @@ def test_the_unit_capabilities_are_enough(lab, tmp_path):
         with open(f"/proc/{proc.pid}/status") as f:
             bnd = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapBnd:"))
         assert bin(bnd).count("1") == len(caps)                      # really limited
-        with Nginx(lab):
-            ok = lab.run("client", ["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
-                                    f"http://{lab.info.server.ipv4}/"], check=False)
-            bad = lab.run("client", ["curl", "-s", "-m", "5", f"http://{lab.info.server.ipv4}/",
-                                     "-H", "Host: x.blocked.example"], check=False)
-        assert ok.stdout == "200" and bad.returncode == 56            # reset, not a timeout
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        text = log.read_text()
-        assert '"event":"detached"' in text and '"level":"error"' not in text, text
+        decides_then_detaches(lab, proc, log)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -222,17 +218,8 @@ def test_the_unit_sandbox_is_enough(lab, tmp_path):
                 and e["pid"] in engines] == [(caps.names(caps.mask(caps.ENGINE)), caps.names(unit_set))]
         engine = caps.Sets.of(engines[0])
         assert (engine.effective, engine.permitted, engine.bounding) == (caps.mask(caps.ENGINE),) * 2 + (unit_set,)
-        with Nginx(lab):
-            ok = lab.run("client", ["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
-                                    f"http://{lab.info.server.ipv4}/"], check=False)
-            bad = lab.run("client", ["curl", "-s", "-m", "5", f"http://{lab.info.server.ipv4}/",
-                                     "-H", "Host: x.blocked.example"], check=False)
-        assert ok.stdout == "200" and bad.returncode == 56            # reset, not a timeout
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        text = log.read_text()
-        assert '"event":"detached"' in text and '"level":"error"' not in text, text
-        assert "Traceback" not in text, text
+        decides_then_detaches(lab, proc, log)
+        assert "Traceback" not in log.read_text(), log.read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
