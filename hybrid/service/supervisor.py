@@ -58,7 +58,7 @@ from hybrid.engine import runner
 from hybrid.engine.rules import load_rules
 from hybrid.errors import ConfigError, HybridError
 from hybrid.kernel import bpffs, caps, sysutil
-from hybrid.service.config import Config, split_listen
+from hybrid.service.config import Config, read_token, split_listen, unix_path
 
 log = logging.getLogger(__name__)
 
@@ -476,12 +476,11 @@ class Service:
     def _start_metrics(self, cfg: Config) -> None:
         if not cfg["metrics.enabled"]:
             return
-        try:
+        try:        # prometheus_client is imported only when metrics are on
             from hybrid.observe import metrics
         except ImportError as exc:
             raise HybridError(f"metrics are enabled but cannot be served ({exc}): install prometheus_client "
                               "(scripts/setup.sh) or set metrics.enabled = false") from None
-        from hybrid.service.config import read_token, unix_path
         listen, group = cfg["metrics.listen"], cfg["metrics.socket_group"]
         token = read_token(cfg["metrics.token_file"]) if cfg["metrics.token_file"] else None
         path = unix_path(listen)
