@@ -35,7 +35,7 @@ from hybrid import instance as inst
 from hybrid.datapath import queues
 from hybrid.engine import rewrite
 from hybrid.engine.join import DECIDE, JOIN_TTL, SegmentJoiner, Step
-from hybrid.engine.packet import Packet, decode
+from hybrid.engine.packet import DNS_UNPARSED, Packet, decode
 from hybrid.engine.rules import Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError
 from hybrid.kernel import abi, nfq
@@ -111,6 +111,9 @@ class EngineStats:
     reload_errors: int = 0
     last_reload_error: str | None = None
     reject_send_errors: int = 0    # a reject's RSTs or ICMP errors not built or not sent (dropped still)
+    # DNS messages whose question name a rule read but could not read exactly, by reason
+    # (hybrid.engine.packet.DNS_UNPARSED); counted whatever the verdict was
+    dns_unparsed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DNS_UNPARSED, 0))
     decision_ns_log2: list[int] = field(default_factory=lambda: [0] * DECISION_SLOTS)
     decision_ns_sum: int = 0
 
@@ -266,6 +269,8 @@ class Engine:
                     if j.data is not None:
                         pkt.set_joined(j.data, http=j.http)
             d = rules.decide(pkt)
+            if pkt.dns_unparsed is not None:
+                stats.dns_unparsed[pkt.dns_unparsed] += 1
             if ended_join and d.flow not in FLOW_VERDICTS:    # the decision replaces the INSPECT
                 self._flow_verdict(pkt, _NONE_AFTER_JOIN)
             if d.flow in FLOW_VERDICTS:
@@ -418,6 +423,7 @@ class Engine:
                 "http_heads_joined": st.http_heads_joined, "http_heads_abandoned": st.http_heads_abandoned,
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
                 "reject_send_errors": st.reject_send_errors,
+                "dns_unparsed": dict(st.dns_unparsed),
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),
                 "fail_open": self.fail_open, "flags_confirmed": self.setup.flags_confirmed if self.setup else None,

@@ -157,8 +157,10 @@ class Packet:
 
     @property
     def dns_qname(self) -> str | None:
-        """First question name of a DNS message to or from port 53 (lowercase, no final dot;
-        ``""`` for the root), or ``None``."""
+        """The question name of a DNS message to or from port 53 as the server reads it
+        (compression pointers followed, ASCII lower-cased, no final dot; ``""`` for the root),
+        or ``None`` when there is none or it cannot be read: see :func:`_parse_dns` and
+        :attr:`dns_unparsed`. With several questions, the first one."""
         return self._dns_view()[1]
 
     @property
@@ -166,14 +168,21 @@ class Packet:
         """QR bit of a DNS message to or from port 53; ``None`` when this is not one."""
         return self._dns_view()[0]
 
+    @property
+    def dns_unparsed(self) -> str | None:
+        """Why the DNS view could not read this message's question name exactly (a short
+        reason, see :data:`DNS_UNPARSED`), or ``None`` when it could, when this is not DNS, or
+        when nothing read the view (this never parses: the engine counts what rules read)."""
+        return None if self._dns is _UNSET else self._dns[2]
+
     def _dns_view(self) -> tuple:
         if self._dns is _UNSET:
-            self._dns = (None, None)
+            self._dns = _NO_DNS
             if self.payload_len and (self.sport == 53 or self.dport == 53):
                 if self.proto == IPPROTO_UDP:
                     self._dns = _parse_dns(self.payload, 0)
                 elif self.proto == IPPROTO_TCP:
-                    self._dns = _parse_dns(self.payload, 2)
+                    self._dns = _parse_dns_tcp(self.payload)
         return self._dns
 
 
@@ -464,32 +473,96 @@ def _parse_sni(d: bytes) -> str | None:
     return None
 
 
+# Why a DNS question name was not read exactly (Packet.dns_unparsed; the engine's stats count
+# them). "several-questions" and "odd-label" still give a name: the first question's, and the
+# label bytes joined with dots (a label holding a dot reads as the dotted name, so a rule on
+# that name matches it too); every other reason gives no name. What dnsmasq 2.90 does with each
+# is in docs/design.md ("DNS evasions and how each is handled").
+DNS_UNPARSED = ("truncated", "no-question", "several-questions", "label-type", "forward-pointer",
+                "pointer-loop", "too-long", "odd-label", "tcp-no-prefix", "several-messages")
+DNS_MAX_JUMPS = 32            # compression pointers followed in one name (each one lower: <= 6 in practice)
+_NO_DNS = (None, None, None)
+_ODD_LABEL = frozenset(b".\0")
+
+
+def _parse_dns_tcp(d: bytes) -> tuple:
+    """The DNS view of a TCP segment to or from port 53. Normally a 2-byte length and the
+    message. A client may send the length alone and the message in the next segment (the server
+    joins them): a segment whose prefixed reading fails but that reads cleanly as a message on
+    its own is decided on that ("tcp-no-prefix"). Bytes after the first message are another
+    pipelined message the server answers too: counted "several-messages", the first decides."""
+    r = _parse_dns(d, 2)
+    if r[2] is not None and len(d) >= 12:
+        r0 = _parse_dns(d, 0)
+        if r0[2] is None:
+            return (r0[0], r0[1], "tcp-no-prefix")
+    if r[2] is None and len(d) > 2 + _U16(d, 0)[0]:
+        return (r[0], r[1], "several-messages")
+    return r
+
+
 def _parse_dns(d: bytes, prefix: int) -> tuple:
-    """(is_response, first question name) of the DNS message at d[prefix:] (RFC 1035 4.1)."""
+    """(is_response, first question name, reason or None) of the DNS message at d[prefix:]
+    (RFC 1035 4.1). TCP gives ``prefix=2``: the message is the 2-byte length's worth of bytes
+    after it, and pointers count from its first byte. Never raises; every loop is bounded by
+    the 255-byte name limit and :data:`DNS_MAX_JUMPS`."""
     n = len(d)
     base = prefix
     if n < base + 12:
-        return (None, None)
+        return (None, None, "truncated")
     if prefix:                                           # TCP: 2-byte length prefix
         n = min(n, base + _U16(d, 0)[0])
         if n < base + 12:
-            return (None, None)
+            return (None, None, "truncated")
     flags, qdcount = _U16x2(d, base + 2)
     is_response = bool(flags & 0x8000)
     if not qdcount:
-        return (is_response, None)
-    pos = base + 12
+        return (is_response, None, "no-question")
+    name, why = _dns_name(d, base, base + 12, n)
+    if why is None and qdcount != 1:
+        why = "several-questions"
+    return (is_response, name, why)
+
+
+def _dns_name(d: bytes, base: int, pos: int, n: int) -> tuple:
+    """(name, reason or None) of the wire-format name at d[pos:n] in the message starting at
+    d[base] (RFC 1035 3.1, 4.1.4). As a server reads it: compression pointers followed, but
+    only backwards, each one to below where the previous jump landed (so every legal
+    compressor's output reads and no loop can: a pointer to itself, forwards or back into the
+    part already read is "forward-pointer"/"pointer-loop", as dnsmasq refuses them too); at
+    most 255 bytes in wire form and 63 per label; ASCII letters lower-cased (non-ASCII bytes
+    are kept as they are, read as Latin-1: servers compare them byte for byte)."""
     labels = []
-    total = 0
+    total = 1                                            # the final zero byte
+    floor = pos                                          # every pointer must land below this
+    jumps = 0
+    odd = False
     while pos < n:
         ln = d[pos]
         if ln == 0:
-            return (is_response, ".".join(labels).lower())
-        if ln & 0xC0:                                    # compression pointer (or reserved)
-            return (is_response, None)
+            name = b".".join(labels).lower().decode("latin-1")
+            return (name.rstrip(".") if odd else name, "odd-label" if odd else None)
+        if ln >= 0xC0:                                   # compression pointer
+            if pos + 2 > n:
+                return (None, "truncated")
+            target = base + (((ln & 0x3F) << 8) | d[pos + 1])
+            if target >= floor:
+                return (None, "forward-pointer" if target > pos else "pointer-loop")
+            jumps += 1
+            if jumps > DNS_MAX_JUMPS:
+                return (None, "pointer-loop")
+            pos = floor = target
+            continue
+        if ln & 0xC0:                                    # 0x40/0x80: extended/reserved types
+            return (None, "label-type")
         total += ln + 1
-        if total > 255 or pos + 1 + ln > n:
-            return (is_response, None)
-        labels.append(d[pos + 1:pos + 1 + ln].decode("latin-1"))
+        if total > 255:
+            return (None, "too-long")
+        if pos + 1 + ln > n:
+            return (None, "truncated")
+        label = d[pos + 1:pos + 1 + ln]
+        if not odd and not _ODD_LABEL.isdisjoint(label):
+            odd = True
+        labels.append(label)
         pos += 1 + ln
-    return (is_response, None)
+    return (None, "truncated")
