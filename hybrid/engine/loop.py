@@ -36,6 +36,7 @@ from hybrid.datapath import queues
 from hybrid.engine import rewrite
 from hybrid.engine.join import DECIDE, JOIN_TTL, SegmentJoiner, Step
 from hybrid.engine.packet import DNS_UNPARSED, Packet, decode
+from hybrid.engine.packet import http_unparsed
 from hybrid.engine.rules import Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError
 from hybrid.kernel import abi, nfq
@@ -114,6 +115,10 @@ class EngineStats:
     # DNS messages whose question name a rule read but could not read exactly, by reason
     # (hybrid.engine.packet.DNS_UNPARSED); counted whatever the verdict was
     dns_unparsed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DNS_UNPARSED, 0))
+    # HTTP heads that would have been bypassed but cannot be attributed to one host and path (an
+    # unparsable head that may still be a request, several Host lines, ...), by reason: the flow
+    # is kept inspected instead (hybrid.engine.packet.http_unparsed, HttpRequest.doubt)
+    http_unparsed: dict[str, int] = field(default_factory=dict)
     decision_ns_log2: list[int] = field(default_factory=lambda: [0] * DECISION_SLOTS)
     decision_ns_sum: int = 0
 
@@ -269,6 +274,8 @@ class Engine:
                     if j.data is not None:
                         pkt.set_joined(j.data, http=j.http)
             d = rules.decide(pkt)
+            if d.flow == "bypass" and rules.needs_http and pkt.proto == 6 and pkt.payload_len:
+                d = self._unsure_http(pkt, d)
             if pkt.dns_unparsed is not None:
                 stats.dns_unparsed[pkt.dns_unparsed] += 1
             if ended_join and d.flow not in FLOW_VERDICTS:    # the decision replaces the INSPECT
@@ -301,6 +308,17 @@ class Engine:
             dt = _now_ns() - t0
             stats.decision_ns_log2[dt.bit_length()] += 1
             stats.decision_ns_sum += dt
+
+    def _unsure_http(self, pkt: Packet, d: Decision) -> Decision:
+        """A bypass of a TCP payload the server may read as an HTTP request hybrid cannot
+        attribute (unparsable, or several candidate hosts): keep the flow inspected instead,
+        counted by reason."""
+        http = pkt.http
+        why = http.doubt if http is not None else http_unparsed(pkt.payload)
+        if why is None:
+            return d
+        self.stats.http_unparsed[why] = self.stats.http_unparsed.get(why, 0) + 1
+        return d._replace(flow="inspect")
 
     def _hold(self, pkt: Packet, nfpkt, step: Step) -> None:
         """A segment the joiner holds back: accepted without a decision; a new or grown join
@@ -423,6 +441,7 @@ class Engine:
                 "http_heads_joined": st.http_heads_joined, "http_heads_abandoned": st.http_heads_abandoned,
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
                 "reject_send_errors": st.reject_send_errors,
+                "http_unparsed": dict(st.http_unparsed),
                 "dns_unparsed": dict(st.dns_unparsed),
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),

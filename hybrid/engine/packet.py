@@ -24,7 +24,7 @@ from typing import NamedTuple
 from hybrid.datapath.maps import flow_key_bytes, packet_key_ports
 from hybrid.kernel.abi import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP  # noqa: F401 (re-exported)
 
-__all__ = ["HttpRequest", "Packet", "decode"]
+__all__ = ["HttpRequest", "Packet", "decode", "http_unparsed", "normalize_http_path"]
 
 _U16 = struct.Struct("!H").unpack_from
 _U16x2 = struct.Struct("!HH").unpack_from
@@ -40,15 +40,7 @@ _V6_EXT = frozenset((_HOPOPTS, _ROUTING, _FRAGMENT, _AH, _DSTOPTS))
 
 _UNSET = object()                           # "lazy field not computed yet"
 _new = object.__new__
-_HTTP_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
 _MAX_HTTP_LINE = 8192
-
-
-class HttpRequest(NamedTuple):
-    """An HTTP/1.x request line and its Host header (``None`` when absent or not yet seen)."""
-    method: str
-    host: str | None
-    path: str
 
 
 class Packet:
@@ -349,43 +341,256 @@ def _walk_v6(raw: bytes, nh: int, end: int) -> tuple:
 
 # -- protocol views (lazy; bounded; return None on anything unexpected) ---------------------
 
+# -- HTTP/1.x request heads, read as the server reads them (RFC 9112, nginx 1.22) -----------------
+#
+# One reading, the server's: what nginx serves is what the rules must see. So the parser skips
+# empty lines before the request line, accepts bare LF line ends and the runs of spaces nginx
+# accepts, any HTTP/1.x version nginx accepts (1.0-1.99), takes the host of an absolute-form
+# target over the Host header (RFC 9112 3.2.2), reads Host as nginx's ngx_http_validate_host()
+# does (lowercase, port and one trailing dot dropped), and normalises the path as nginx does
+# before location matching (percent-decoding of every octet, dot segments, merged slashes).
+# A head whose host is ambiguous (several Host lines, a Host that differs from the target's
+# authority, userinfo in it) carries every candidate in ``hosts`` and a ``doubt``; a head that
+# may be a request but does not parse has ``http_unparsed()`` reason: the engine bypasses neither.
+
+_METHOD_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_-"          # nginx: anything else is 400
+_NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
+_SCHEME_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-."
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class HttpRequest(NamedTuple):
+    """An HTTP/1.x request head as the server reads it. ``host``: the authority of an
+    absolute-form target, else the Host header (lowercase, no port, no final dot; ``None`` when
+    absent or not yet seen). ``path``: the target's path normalised as nginx does for location
+    matching, then its query unchanged (``?...``); other targets (``*``, authority-form) as sent.
+    ``hosts``: every candidate host when they disagree or repeat (else empty; an absolute-form
+    target's authority alone, as the server reads it, when a Host line disagrees); ``doubt``: why
+    the head cannot be attributed to one host with certainty (``None`` normally): the engine
+    never bypasses it.
+    ``paths``: with requests pipelined after this one in the same bytes, the path of each."""
+    method: str
+    host: str | None
+    path: str
+    hosts: tuple = ()
+    doubt: str | None = None
+    paths: tuple = ()
+
+
+def _skip_empty_lines(data: bytes) -> int:
+    """Offset of the first byte that is not CR or LF (nginx skips them before a request line)."""
+    i, n = 0, min(len(data), _MAX_HTTP_LINE)
+    while i < n and data[i] in b"\r\n":
+        i += 1
+    return i
+
+
+def _request_line(line: bytes):
+    """(method, target, version or None for HTTP/0.9) of a request line without its line end,
+    or a reason string when nginx would not accept it."""
+    method, sp, rest = line.partition(b" ")
+    if not sp or not method or method.translate(None, _METHOD_CHARS):
+        return "bad_method"
+    rest = rest.lstrip(b" ").rstrip(b" ")
+    target, sp, version = rest.rpartition(b" ")
+    if not sp:
+        if method != b"GET" or not rest:                 # HTTP/0.9: GET only
+            return "bad_request_line"
+        target, version = rest, None
+    else:
+        target = target.rstrip(b" ")
+        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+            major, dot, minor = version[5:].partition(b".")
+            if (version[:5] != b"HTTP/" or not dot or major != b"1" or not minor.isdigit()
+                    or not minor.isascii() or int(minor) > 99):
+                return "bad_version"
+    if not target or b" " in target or b"\t" in target or b"\r" in target or b"\0" in target:
+        return "bad_target"
+    return method, target, version
+
+
 def _parse_http(data: bytes) -> HttpRequest | None:
-    eol = data.find(b"\r\n", 0, _MAX_HTTP_LINE)
+    """The request head at the start of ``data``, or ``None`` (see :func:`http_unparsed`)."""
+    r = _read_http(data)
+    return r if r.__class__ is HttpRequest else None
+
+
+def _read_http(data: bytes, depth: int = 0):
+    """:class:`HttpRequest`, or the reason string why ``data`` is not one. Requests pipelined
+    after it in ``data`` (the server serves them all) make it ambiguous: ``hosts`` and ``paths``
+    then hold those of every request."""
+    start = _skip_empty_lines(data) if data[:1] in (b"\r", b"\n") else 0
+    eol = data.find(b"\n", start, start + _MAX_HTTP_LINE)
     if eol < 0:
-        return None
-    parts = data[:eol].split(b" ")
-    if len(parts) != 3 or parts[2] not in _HTTP_VERSIONS:
-        return None
-    method, path = parts[0], parts[1]
-    if not method or not method.isalpha() or not method.isupper() or len(method) > 16 or not path:
-        return None
-    host = None
-    pos = eol + 2
-    n = len(data)
-    while pos < n:
-        nxt = data.find(b"\r\n", pos)
-        if nxt == pos:                                   # end of headers
-            break
-        line = data[pos:nxt] if nxt >= 0 else data[pos:]
-        if line[:5].lower() == b"host:":
-            host = _http_host(line[5:].strip())
-            break
-        if nxt < 0:
-            break
-        pos = nxt + 2
-    return HttpRequest(method.decode("ascii"), host, path.decode("latin-1"))
+        return "incomplete" if len(data) - start < _MAX_HTTP_LINE else "line_too_long"
+    end = eol - 1 if eol > start and data[eol - 1] == 13 else eol
+    line = data[start:end]
+    rl = line.split(b" ")
+    if (len(rl) == 3 and (rl[2] == b"HTTP/1.1" or rl[2] == b"HTTP/1.0") and rl[0].isalpha()
+            and rl[0].isupper() and rl[1][:1] == b"/" and b"\t" not in line and b"\0" not in line):
+        method, target, version = rl                    # the common case, checked at once
+    else:
+        rl = _request_line(line)
+        if rl.__class__ is str:
+            return rl
+        method, target, version = rl
+    doubt = None
+    hosts = []
+    paths = ()
+    if target[:1] == b"/":
+        if b"%" in target or b"/." in target or b"//" in target:
+            path = _http_path(target)
+        else:
+            path = target.decode("latin-1")
+        authority = None
+    else:
+        scheme, sep, after = target.partition(b"://")
+        if sep and scheme and not scheme.translate(None, _SCHEME_CHARS) and scheme[:1].isalpha():
+            cut = len(after)
+            for c in (b"/", b"?"):
+                i = after.find(c)
+                if 0 <= i < cut:
+                    cut = i
+            authority, rest = after[:cut], after[cut:]
+            if b"@" in authority:
+                doubt = "userinfo"                      # nginx: 400; the rules still see it
+                hosts.append(_http_host(authority))
+                authority = authority.rpartition(b"@")[2]
+            path = _http_path(rest) if rest[:1] == b"/" else "/" + rest.decode("latin-1")
+        else:
+            authority = None
+            path = target.decode("latin-1")             # "*", authority-form: as sent
+    if path is None:
+        return "bad_path"
+    if authority is not None:
+        host = _http_host(authority)
+        hosts.append(host)
+    else:
+        host = None
+    if version is not None:
+        # Host lines of the head (ends at the first empty line), found in one lowercase copy:
+        # a line starting "host:" (a name with spaces or another prefix is not Host to nginx).
+        stop = hend = len(data)
+        for blank in (b"\n\r\n", b"\n\n"):
+            i = data.find(blank, eol)
+            if 0 <= i < stop:
+                stop, hend = i, i + len(blank)
+        head = data[eol:stop].lower()
+        seen = head.count(b"\nhost:")
+        if seen:
+            i = head.find(b"\nhost:") + 6
+            while True:
+                j = head.find(b"\n", i)
+                h = _http_host(data[eol + i:eol + j if j >= 0 else stop].strip(b" \t\r"))
+                hosts.append(h)
+                if authority is None and host is None:
+                    host = h
+                i = head.find(b"\nhost:", i)
+                if i < 0:
+                    break
+                i += 6
+        if seen > 1:
+            doubt = doubt or "duplicate_host"
+        elif seen and authority is not None and hosts[-1] != host and doubt is None:
+            doubt = "host_conflict"                      # the server reads the authority only (RFC
+            del hosts[1:]                                # 9112 3.2.2): rules too; never bypassed
+        if hend < len(data):                            # more after the head: a body, or requests
+            if b"\ntransfer-encoding:" in head:
+                doubt = doubt or "pipelined_body"        # chunked: where the next request starts is unsure
+            else:
+                cl = head.find(b"\ncontent-length:")
+                if cl >= 0:
+                    j = head.find(b"\n", cl + 1)
+                    value = head[cl + 16:j if j >= 0 else len(head)].strip(b" \t\r")
+                    hend += int(value) if value.isdigit() and len(value) < 10 else 0
+                rest = data[hend:]
+                if rest.strip(b"\r\n"):
+                    nxt = _read_http(rest, depth + 1) if depth < 8 else "too_many_requests"
+                    if nxt.__class__ is HttpRequest:
+                        doubt = doubt or "pipelined"
+                        if not hosts:
+                            hosts.append(host)
+                        hosts.extend(nxt.hosts or (nxt.host,))
+                        paths = (path,) + (nxt.paths or (nxt.path,))
+                    elif http_unparsed(rest) is not None:
+                        doubt = doubt or "pipelined_unparsed"
+    if doubt is None:
+        return HttpRequest(method.decode("latin-1"), host, path)
+    return HttpRequest(method.decode("latin-1"), host, path, tuple(dict.fromkeys(hosts)), doubt, paths)
 
 
 def _http_host(value: bytes) -> str:
+    """A Host value (or an authority) as nginx's server_name matching sees it: lowercase, the
+    port dropped (after the first ':' outside brackets), the brackets of an IPv6 literal
+    dropped, one trailing dot dropped."""
     if value.startswith(b"["):                           # [v6]:port
         close = value.find(b"]")
         if close > 0:
             value = value[1:close]
     else:
-        colon = value.rfind(b":")
+        colon = value.find(b":")
         if colon >= 0:
             value = value[:colon]
+    if value.endswith(b"."):
+        value = value[:-1]
     return value.decode("latin-1").lower()
+
+
+def _http_path(target: bytes) -> str | None:
+    """An origin-form target's path as nginx matches locations: every %XX decoded (the decoded
+    octet then counts as what it is: ``%2F`` a slash, ``%2E`` a dot), slashes merged, ``.`` and
+    ``..`` segments resolved; the query after ``?`` kept as sent. ``None`` where nginx answers
+    400 (a bad escape, ``..`` above the root)."""
+    path, q, query = target.partition(b"?")
+    if b"%" in path:
+        parts = path.split(b"%")
+        out = [parts[0]]
+        for part in parts[1:]:
+            if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
+                return None
+            out.append(bytes((int(part[:2], 16),)) + part[2:])
+        path = b"".join(out)
+    if b"//" in path or b"/." in path:
+        segs = []
+        for seg in path.split(b"/")[1:]:
+            if seg == b"" or seg == b".":
+                continue
+            if seg == b"..":
+                if not segs:
+                    return None
+                segs.pop()
+                continue
+            segs.append(seg)
+        last = path.rsplit(b"/", 1)[1]
+        path = b"/" + b"/".join(segs)
+        if segs and last in (b"", b".", b".."):
+            path += b"/"
+    text = path.decode("latin-1")
+    return text + "?" + query.decode("latin-1") if q else text
+
+
+def normalize_http_path(path: str) -> str:
+    """A path (a rule's prefix) normalised as :attr:`HttpRequest.path` is; unchanged when
+    nginx would refuse it."""
+    norm = _http_path(path.encode("latin-1"))
+    return path if norm is None else norm
+
+
+def http_unparsed(data: bytes) -> str | None:
+    """Why ``data``, which may still be the start of an HTTP request (a method token at its
+    start, after any empty lines), is not one the parser can read: ``None`` when it is not a
+    candidate or parses. The engine keeps such a flow inspected instead of bypassing it."""
+    start = _skip_empty_lines(data) if data[:1] in (b"\r", b"\n") else 0
+    if start >= len(data):
+        return "incomplete" if data else None           # empty lines only, so far
+    first = data[start]
+    if not (0x41 <= first <= 0x5A or first == 0x5F or first == 0x2D):
+        return None
+    token = data[start:start + 64].split(b" ", 1)
+    if token[0].translate(None, _METHOD_CHARS) or (len(token) == 1 and len(token[0]) == 64):
+        return None                                     # not a method, or nothing like one
+    r = _read_http(data)
+    return r if r.__class__ is str else None
 
 
 def client_hello_missing(d: bytes) -> int:
@@ -407,27 +612,47 @@ def http_head_missing(d: bytes) -> bool:
     """Whether ``d`` can be the start of an HTTP/1.x request whose Host line (or the end of its
     headers) has not arrived yet. An evader who sends the request head in pieces (one byte at a
     time, or cutting the Host line in two) must not get a decision on the first piece: the Host
-    rules would see no host, or a truncated one. True only while ``d`` is a plausible prefix:
-    an uppercase method being typed, or a valid request line followed by complete header lines,
-    none of them Host, and no blank line yet."""
-    if b"\r\n\r\n" in d:
+    rules would see no host, or a truncated one. True only while ``d`` is a plausible prefix, read
+    as the server reads it (empty lines first, CRLF or bare LF): a method being typed, or a valid
+    request line followed by complete header lines, none of them Host, and no blank line yet."""
+    start = _skip_empty_lines(d) if d[:1] in (b"\r", b"\n") else 0
+    n = len(d)
+    if start >= n:
+        return 0 < n < _MAX_HTTP_LINE                    # only empty lines so far
+    if d.find(b"\n\n", start) >= 0 or d.find(b"\n\r\n", start) >= 0:
         return False                                     # the head has ended (most requests: at once)
-    eol = d.find(b"\r\n", 0, _MAX_HTTP_LINE)
+    eol = d.find(b"\n", start, start + _MAX_HTTP_LINE)
     if eol < 0:
-        if len(d) >= _MAX_HTTP_LINE:
+        if n - start >= _MAX_HTTP_LINE:
             return False
-        method = d.split(b" ", 1)[0]
-        return 0 < len(method) <= 16 and method.isalpha() and method.isupper()
-    if _parse_http(d[:eol + 2]) is None:
+        method = d[start:].split(b" ", 1)[0]
+        return 0 < len(method) <= 16 and not method.translate(None, _METHOD_CHARS)
+    if _parse_http(d[:eol + 1]) is None:
         return False                                     # not an HTTP request line: decide now
-    pos = eol + 2
+    pos = eol + 1
     while True:
-        nxt = d.find(b"\r\n", pos)
+        nxt = d.find(b"\n", pos)
         if nxt < 0:
             return True                                  # a header line still arriving
-        if nxt == pos or d[pos:pos + 5].lower() == b"host:":
+        if nxt == pos or d[pos:pos + 5].lower() == b"host:" or (nxt == pos + 1 and d[pos] == 13):
             return False                                 # end of headers, or a whole Host line
-        pos = nxt + 2
+        pos = nxt + 1
+
+
+# -- TLS ClientHello: records joined as a TLS server joins them ---------------------------------
+# Limits measured against OpenSSL 3.0's s_server (docs/design.md, "TLS evasions"): a handshake
+# record longer than 2**14 bytes is fatal (record_overflow), as are a 33rd empty record in a row
+# (unexpected_message) and any record of another content type before the ClientHello is whole
+# (unexpected_message). OpenSSL accepts a ClientHello of up to 131396 bytes; we join at most
+# TLS_HELLO_MAX handshake bytes and TLS_HELLO_MAX_RECORDS records, and a larger one is never
+# bypassed (see client_hello_problem()).
+TLS_RECORD_MAX = 16384
+TLS_MAX_EMPTY_RECORDS = 32
+TLS_HELLO_MAX = 65536
+TLS_HELLO_MAX_RECORDS = 16384
+# Why a ClientHello gave no server_name a rule may trust (client_hello_problem(); the engine
+# counts them in hellos_unparsed and never bypasses such a flow).
+TLS_UNPARSED = ("interleaved", "record_overflow", "empty_records", "too_big", "too_many_records", "sni_malformed", "sni_duplicate", "hello_malformed", "incomplete")
 
 
 def _parse_sni(d: bytes) -> str | None:

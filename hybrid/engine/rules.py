@@ -54,6 +54,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
+from hybrid.engine.packet import normalize_http_path
 from hybrid.kernel.abi import ICMP_PROTOS, PROTO_NAMES, PROTO_NUMBERS
 from hybrid.plugin import Verdict
 from hybrid.tomlfile import TomlFileError, TomlFormat, TomlSource, close_match, suggest
@@ -430,26 +431,48 @@ def _name_test(exact: frozenset[str], suffixes: tuple[str, ...]):
 
 
 def _m_http(field: str, values):
+    """HTTP matchers, on the request as the server reads it (hybrid.engine.packet.HttpRequest):
+    ``path`` prefixes are compared with the normalised path (nginx's location matching:
+    case-sensitive, decoded, dot segments and repeated slashes resolved), so the rule's prefixes
+    are normalised the same way; ``host`` names match the server's host, or any candidate of an
+    ambiguous head (several Host lines, pipelined requests), which the engine also never
+    bypasses."""
     if field == "method":
         def match(pkt, _v=values):
             http = pkt.http
             return http is not None and http.method in _v
     elif field == "path":
-        def match(pkt, _v=values):
+        prefixes = tuple(dict.fromkeys(normalize_http_path(v) for v in values))
+
+        def match(pkt, _v=prefixes):
             http = pkt.http
-            return http is not None and http.path is not None and http.path.startswith(_v)
+            if http is None:
+                return False
+            paths = getattr(http, "paths", None)              # pipelined requests: any of them
+            if paths:
+                return any(p.startswith(_v) for p in paths if p)
+            return http.path is not None and http.path.startswith(_v)
     else:
         test = _name_test(*values)
 
         def match(pkt, _t=test):
             http = pkt.http
-            if http is None or not http.host:
+            if http is None:
                 return False
-            host = http.host.lower()
-            if not host.startswith("[") and ":" in host:      # strip the port; leave [v6]:port alone
-                host = host.rsplit(":", 1)[0]
-            return _t(host.rstrip("."))
+            hosts = getattr(http, "hosts", None)              # a stand-in may have none
+            if hosts:                                        # ambiguous: any candidate
+                return any(_t(_canon_host(h)) for h in hosts if h)
+            return bool(http.host) and _t(_canon_host(http.host))
     return match
+
+
+def _canon_host(host: str) -> str:
+    """A host as nginx's server_name matching compares it (the parser's hosts already are; a
+    plugin's or a test's may not be): lowercase, no port, no final dot."""
+    host = host.lower()
+    if not host.startswith("[") and ":" in host:         # strip the port; leave [v6]:port alone
+        host = host.split(":", 1)[0]
+    return host.removesuffix(".")
 
 
 def _m_sni(exact, suffixes):

@@ -164,12 +164,14 @@ class Nginx(_Server):
     INDEX = "hello from the hybrid lab\n"
 
     def __init__(self, lab: Lab, role: str = "server", port: int = 80, root: str | None = None, *,
-                 tls_port: int | None = None, server_names: Sequence[str] = ("example.test",)):
+                 tls_port: int | None = None, server_names: Sequence[str] = ("example.test",),
+                 extra_servers: str = ""):
         super().__init__(lab, role)
         if tls_port is not None and not server_names:
             raise ConfigError("Nginx with tls_port needs at least one server name for the certificate")
         self.port, self.tls_port = port, tls_port
         self.server_names = tuple(server_names)
+        self.extra_servers = extra_servers
         self._root = root
         self.root: str | None = root
         self.conf: str | None = None
@@ -197,7 +199,8 @@ events {{ worker_connections 4096; }}
 http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d};
   fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
   keepalive_requests 100000;
-  server {{ {listen} root {self.root}; {tls} }} }}
+  server {{ {listen} root {self.root}; {tls} }}
+{self.extra_servers} }}
 """)
         logfile = self._popen([_tool("nginx"), "-c", self.conf, "-e", f"{d}/error.log"], "stderr.log")
         for port in (self.port, self.tls_port):
