@@ -76,13 +76,18 @@ def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
 
+# What PrivateTmp= and ProtectHome= hide: a --keep path below one of them is put back.
+HIDDEN = ("/tmp", "/var/tmp", "/home", "/root", "/run/user")
+
+
 def mountpoint(path: str) -> bool:
     return subprocess.run(["mountpoint", "-q", path], check=False).returncode == 0
 
 
 class FileSystem:
-    def __init__(self):
+    def __init__(self, keep: list[str] | None = None):
         self.stage = None
+        self.keep = [os.path.realpath(p) for p in keep or ()]
 
     def staging(self) -> str:
         """A private tmpfs (over /mnt) for the inaccessible stand-ins and the new /dev."""
@@ -129,6 +134,26 @@ class FileSystem:
         if sysutil.in_init_ns("mnt") is not False:
             sys.exit("unitsandbox: run me in a mount namespace of my own (ip netns exec NS ...)")
         sh("mount", "--make-rprivate", "/")
+        kept = []
+        for i, path in enumerate(self.keep):     # set aside before /tmp, /root... are hidden
+            os.mkdir(f"{self.staging()}/keep{i}", 0o700)
+            sh("mount", "--bind", path, f"{self.staging()}/keep{i}")
+            kept.append((f"{self.staging()}/keep{i}", path))
+        self.hide(v)
+        for staged, path in kept:
+            self.restore(staged, path)
+
+    def restore(self, staged: str, path: str) -> None:
+        """Put back a kept path that the sandbox hid, as an installation outside /tmp and the
+        home directories would be: a tmpfs over the hidden top directory, the path bound in."""
+        if os.access(path, os.X_OK):
+            return
+        top = next(t for t in HIDDEN if path == t or path.startswith(t + "/"))
+        sh("mount", "-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "tmpfs", top)
+        os.makedirs(path, exist_ok=True)
+        sh("mount", "--bind", staged, path)
+
+    def hide(self, v) -> None:
         if v.get("ProtectProc", ["default"])[-1] == "invisible":
             sh("mount", "-t", "proc", "-o", "hidepid=invisible", "proc", "/proc")
         system = v.get("ProtectSystem", ["no"])[-1]
@@ -262,10 +287,14 @@ def seccomp_filters(v) -> None:
 
 
 def main(argv: list[str]) -> None:
+    keep = []
+    while argv[:1] == ["--keep"] and len(argv) > 1:
+        keep.append(argv[1])
+        argv = argv[2:]
     if len(argv) < 3 or argv[1] != "--":
-        sys.exit("usage: unitsandbox.py UNIT -- COMMAND [ARG...]")
+        sys.exit("usage: unitsandbox.py [--keep PATH]... UNIT -- COMMAND [ARG...]")
     v = unit_values(argv[0])
-    FileSystem().apply(v)
+    FileSystem(keep).apply(v)
     bounding = v.get("CapabilityBoundingSet")
     caps.limit_to(bounding[-1].split() if bounding else caps.NAMES)
     seccomp_filters(v)

@@ -196,7 +196,9 @@ def test_the_unit_sandbox_is_enough(lab, tmp_path):
     subprocess.run(shlex.split(pre[1:]), capture_output=True, timeout=30, check=True)
     log = tmp_path / "run.jsonl"
     with open(log, "w") as out:
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), sys.executable, SANDBOX, UNIT, "--",
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.netns("gw"), sys.executable, SANDBOX,
+                                 # hybrid as installed: the checkout and its venv, wherever CI cloned it
+                                 "--keep", ROOT, UNIT, "--",
                                  *HYBRIDCTL, "run", "--config", os.path.join(ROOT, "examples", "hybrid.toml"),
                                  "--interface", "to-client", "--interface", "to-server"],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
