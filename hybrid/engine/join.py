@@ -36,7 +36,8 @@ __all__ = ["DECIDE", "HELLO_MAX_BYTES", "HELLO_MAX_FLOWS", "HELLO_TIMEOUT", "HTT
            "JOIN_TTL", "HeldFlow", "JoinCounters", "JoinResult", "SegmentJoiner", "Step"]
 
 HELLO_MAX_FLOWS = 4096               # joins in progress at once
-HELLO_MAX_BYTES = 16384 + 5          # one TLS record
+HELLO_MAX_BYTES = 65536              # a ClientHello over any number of TLS records, headers included
+                                     # (packet.TLS_HELLO_MAX): beyond it, decided on the bytes joined
 HTTP_HEAD_MAX_BYTES = 32768          # a request head this long without a Host line is decided as is
 # A held flow is kept in INSPECT for JOIN_TTL seconds from its latest held segment: longer than
 # servers wait for a request head (nginx: 60 s), so that pausing between pieces cannot outlast

@@ -35,7 +35,7 @@ from hybrid import instance as inst
 from hybrid.datapath import queues
 from hybrid.engine import rewrite
 from hybrid.engine.join import DECIDE, JOIN_TTL, SegmentJoiner, Step
-from hybrid.engine.packet import DNS_UNPARSED, Packet, decode
+from hybrid.engine.packet import DNS_UNPARSED, TLS_UNPARSED, Packet, client_hello_problem, decode
 from hybrid.engine.packet import http_unparsed
 from hybrid.engine.rules import Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError
@@ -108,6 +108,9 @@ class EngineStats:
     hellos_abandoned: int = 0  # gave up joining (out of order, too big, timed out, table full)
     http_heads_joined: int = 0     # the same for HTTP request heads sent in pieces
     http_heads_abandoned: int = 0
+    # ClientHellos a bypass was refused for, since no server_name could be trusted from them
+    # (the flow stays inspected instead), by reason (hybrid.engine.packet.TLS_UNPARSED)
+    hellos_unparsed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TLS_UNPARSED, 0))
     reloads: int = 0
     reload_errors: int = 0
     last_reload_error: str | None = None
@@ -276,6 +279,9 @@ class Engine:
             d = rules.decide(pkt)
             if d.flow == "bypass" and rules.needs_http and pkt.proto == 6 and pkt.payload_len:
                 d = self._unsure_http(pkt, d)
+            if d.flow == "bypass" and rules.needs_sni and pkt.payload_len and pkt.proto == 6 \
+                    and pkt.raw[pkt.payload_off] == 0x16 and pkt.tls_sni is None:
+                d = self._unparsed_hello(j.data if ended_join and j.data is not None else pkt.payload, d)
             if pkt.dns_unparsed is not None:
                 stats.dns_unparsed[pkt.dns_unparsed] += 1
             if ended_join and d.flow not in FLOW_VERDICTS:    # the decision replaces the INSPECT
@@ -308,6 +314,17 @@ class Engine:
             dt = _now_ns() - t0
             stats.decision_ns_log2[dt.bit_length()] += 1
             stats.decision_ns_sum += dt
+
+    def _unparsed_hello(self, data: bytes, d: Decision) -> Decision:
+        """A bypass decided on a TLS handshake record with no server_name: refused (the flow
+        stays inspected for the rule's ttl) when the ClientHello could not be read as a server
+        reads it (records interleaved or too long, ambiguous SNI, too big, a join given up),
+        since the server may yet be serving a name the rules block. Counted by reason."""
+        why = client_hello_problem(data)
+        if why is None:
+            return d                        # a whole ClientHello without SNI, or not TLS
+        self.stats.hellos_unparsed[why] += 1
+        return d._replace(flow="inspect")
 
     def _unsure_http(self, pkt: Packet, d: Decision) -> Decision:
         """A bypass of a TCP payload the server may read as an HTTP request hybrid cannot
@@ -439,10 +456,11 @@ class Engine:
                 "flow_write_errors": st.flow_write_errors, "reloads": st.reloads,
                 "hellos_joined": st.hellos_joined, "hellos_abandoned": st.hellos_abandoned,
                 "http_heads_joined": st.http_heads_joined, "http_heads_abandoned": st.http_heads_abandoned,
+                "hellos_unparsed": dict(st.hellos_unparsed),
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
                 "reject_send_errors": st.reject_send_errors,
-                "http_unparsed": dict(st.http_unparsed),
                 "dns_unparsed": dict(st.dns_unparsed),
+                "http_unparsed": dict(st.http_unparsed),
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),
                 "fail_open": self.fail_open, "flags_confirmed": self.setup.flags_confirmed if self.setup else None,

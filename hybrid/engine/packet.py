@@ -593,21 +593,6 @@ def http_unparsed(data: bytes) -> str | None:
     return r if r.__class__ is str else None
 
 
-def client_hello_missing(d: bytes) -> int:
-    """How many bytes of the TLS record holding a ClientHello that starts at ``d`` have not
-    arrived yet, when no server_name could be read from what has (0 otherwise: not a
-    ClientHello, complete, or the SNI is already readable). A ClientHello split over TCP
-    segments, by post-quantum key shares or on purpose to slip past SNI filtering, shows its
-    SNI only once the engine has joined the segments."""
-    n = len(d)
-    if n < 6 or d[0] != 22 or d[1] != 3 or d[5] != 1:
-        return 0
-    want = 5 + _U16(d, 3)[0]
-    if want <= n or _parse_sni(d) is not None:
-        return 0
-    return want - n
-
-
 def http_head_missing(d: bytes) -> bool:
     """Whether ``d`` can be the start of an HTTP/1.x request whose Host line (or the end of its
     headers) has not arrived yet. An evader who sends the request head in pieces (one byte at a
@@ -652,50 +637,171 @@ TLS_HELLO_MAX = 65536
 TLS_HELLO_MAX_RECORDS = 16384
 # Why a ClientHello gave no server_name a rule may trust (client_hello_problem(); the engine
 # counts them in hellos_unparsed and never bypasses such a flow).
-TLS_UNPARSED = ("interleaved", "record_overflow", "empty_records", "too_big", "too_many_records", "sni_malformed", "sni_duplicate", "hello_malformed", "incomplete")
+TLS_UNPARSED = ("interleaved", "record_overflow", "empty_records", "too_big", "too_many_records",
+                "sni_malformed", "sni_duplicate", "hello_malformed", "incomplete")
+
+
+def tls_client_hello(d: bytes) -> tuple[bytes, int, str | None]:
+    """Join the handshake records at the start of ``d`` as a TLS server does: strip each record's
+    header and concatenate their fragments, up to the end of the first handshake message.
+    Returns ``(handshake bytes, missing, problem)``:
+
+    - ``problem`` ``None``, ``missing`` 0: the ClientHello is whole (``handshake`` holds exactly it,
+      its 4-byte header included), or ``d`` does not start a ClientHello at all (``handshake``
+      empty: not our business; a server aborts on a first handshake message of another type, and
+      a later segment of a flow decided already may start with a record too);
+    - ``problem`` ``None``, ``missing`` > 0: a prefix of a ClientHello; at least that many more
+      bytes must arrive (a lower bound: later record headers are not counted);
+    - ``problem`` set: what a server would abort on, or what we will not join: ``"interleaved"``
+      (another content type before the ClientHello is whole), ``"record_overflow"``,
+      ``"empty_records"``, ``"too_big"``, ``"too_many_records"``.
+    """
+    n = len(d)
+    if not n or d[0] != 22 or (n > 1 and d[1] != 3):
+        return b"", 0, None                              # not a TLS handshake record (major 3)
+    parts = []
+    have = 0
+    want = 0                                             # 4 + message length, once known
+    pos = records = empty = 0
+    while True:
+        if pos + 5 > n:                                  # a record header still (partly) to come
+            if pos < n and d[pos] != 22:
+                return b"".join(parts), 0, "interleaved"
+            if pos + 1 < n and d[pos + 1] != 3:
+                return b"".join(parts), 0, "interleaved"
+            need = (want - have) if want else 4 - have
+            return b"".join(parts), (pos + 5 - n) + max(need, 1), None
+        if d[pos] != 22 or d[pos + 1] != 3:
+            return b"".join(parts), 0, "interleaved"
+        rlen = _U16(d, pos + 3)[0]
+        if rlen > TLS_RECORD_MAX:
+            return b"".join(parts), 0, "record_overflow"
+        records += 1
+        if records > TLS_HELLO_MAX_RECORDS:
+            return b"".join(parts), 0, "too_many_records"
+        if rlen:
+            empty = 0
+        else:
+            empty += 1
+            if empty > TLS_MAX_EMPTY_RECORDS:
+                return b"".join(parts), 0, "empty_records"
+        frag = d[pos + 5:pos + 5 + rlen]
+        if frag:
+            if not have and frag[0] != 1:
+                return b"", 0, None                      # another handshake message: not ours
+            parts.append(frag)
+            have += len(frag)
+        if not want and have >= 4:
+            hs = b"".join(parts)
+            parts = [hs]
+            want = 4 + int.from_bytes(hs[1:4], "big")
+            if want > TLS_HELLO_MAX:
+                return hs, 0, "too_big"
+        if want and have >= want:
+            return b"".join(parts)[:want], 0, None
+        if len(frag) < rlen:                             # the record continues in a later segment
+            need = (want - have) if want else 4 - have
+            return b"".join(parts), max(rlen - len(frag), need), None
+        pos += 5 + rlen
+
+
+def _sni_in_hello(h: bytes) -> tuple[str | None, str | None]:
+    """``(server_name, problem)`` of the ClientHello handshake message ``h`` (from its type byte;
+    possibly a prefix), parsed as OpenSSL 3.0 parses it (RFC 8446 4.1.2, RFC 6066 3). The name is
+    returned as sent (no case or dot change: the rules normalise). ``problem``: ``"sni_malformed"``
+    (an empty or inconsistent list, a type other than host_name, more than one name, an empty,
+    over-long or NUL-holding name: OpenSSL aborts on each), ``"sni_duplicate"`` (two server_name
+    extensions), ``"hello_malformed"`` (lengths past the end of a whole message). A prefix that
+    ends before the server_name extension gives ``(None, None)``."""
+    n = len(h)
+    if n < 4 or h[0] != 1:
+        return None, None
+    end = min(n, 4 + int.from_bytes(h[1:4], "big"))
+    whole = end == 4 + int.from_bytes(h[1:4], "big")
+    bad = (None, "hello_malformed") if whole else (None, None)
+    pos = 4 + 2 + 32                                     # client_version, random
+    if pos + 1 > end:
+        return bad
+    pos += 1 + h[pos]                                    # session_id
+    if pos + 2 > end:
+        return bad
+    pos += 2 + _U16(h, pos)[0]                           # cipher_suites
+    if pos + 1 > end:
+        return bad
+    pos += 1 + h[pos]                                    # compression_methods
+    if pos == end and whole:
+        return None, None                                # no extensions at all
+    if pos + 2 > end:
+        return bad
+    ext_end = pos + 2 + _U16(h, pos)[0]
+    if whole and ext_end != end:
+        return bad
+    ext_end = min(ext_end, end)
+    pos += 2
+    name = None
+    while pos + 4 <= ext_end:
+        etype, elen = _U16x2(h, pos)
+        pos += 4
+        if pos + elen > ext_end:
+            return bad if whole else (name, None)
+        if etype == 0:                                   # server_name
+            if name is not None:
+                return None, "sni_duplicate"
+            lst = h[pos:pos + elen]
+            # ServerNameList: exactly one host_name (OpenSSL accepts no other shape).
+            if (len(lst) < 5 or _U16(lst, 0)[0] != len(lst) - 2 or lst[2] != 0
+                    or _U16(lst, 3)[0] != len(lst) - 5):
+                return None, "sni_malformed"
+            raw = lst[5:]
+            if not raw or len(raw) > 255 or 0 in raw:
+                return None, "sni_malformed"
+            name = raw.decode("latin-1")
+        pos += elen
+    if whole and pos != ext_end:
+        return bad
+    return name, None
+
+
+def client_hello_problem(d: bytes) -> str | None:
+    """Why the TLS ClientHello starting ``d`` (a segment's payload, or the bytes joined) gives
+    no server_name a rule may trust: a reason of :func:`tls_client_hello` or :func:`_sni_in_hello`,
+    or ``"incomplete"`` (the bytes end before the server_name extension does: a join given up).
+    ``None`` when a name is found, when the ClientHello is whole and has none, or when ``d`` is
+    not a TLS handshake record. The engine never bypasses a flow with a problem."""
+    hs, missing, problem = tls_client_hello(d)
+    if problem:
+        return problem
+    name, problem = _sni_in_hello(hs)
+    if problem or name is not None:
+        return problem
+    return "incomplete" if missing else None
+
+
+def client_hello_missing(d: bytes) -> int:
+    """How many more bytes (at least) the TLS ClientHello starting at ``d`` needs before its
+    server_name can be read, over any number of handshake records (0: not a ClientHello, whole,
+    the name already readable, or a problem that no more bytes would cure). A ClientHello split
+    over TCP segments or TLS records, by post-quantum key shares or on purpose to slip past SNI
+    filtering, shows its SNI only once the engine has joined the pieces."""
+    hs, missing, problem = tls_client_hello(d)
+    if problem or not missing:
+        return 0
+    name, problem = _sni_in_hello(hs)
+    if problem or name is not None:
+        return 0
+    return missing
 
 
 def _parse_sni(d: bytes) -> str | None:
-    """ClientHello -> server_name (RFC 8446 4.1.2, RFC 6066 3). Only the bytes present are
-    read: a ClientHello cut after its SNI extension (a later TCP segment) still answers."""
-    n = len(d)
-    if n < 44 or d[0] != 22 or d[1] != 3 or d[5] != 1:   # handshake record, ClientHello
+    """ClientHello -> server_name, the handshake message joined from its records first
+    (:func:`tls_client_hello`). Only the bytes present are read: a ClientHello cut after its
+    SNI extension (a later TCP segment) still answers. Lower-cased as before (OpenSSL compares
+    names case-blind); a final dot is kept (the rules drop it). ``None`` when there is no name,
+    or when it is ambiguous or malformed (see :func:`client_hello_problem`)."""
+    if len(d) < 6 or d[0] != 22:
         return None
-    end = min(n, 5 + _U16(d, 3)[0], 9 + int.from_bytes(d[6:9], "big"))
-    pos = 9 + 2 + 32                                     # client_version, random
-    if pos + 1 > end:
-        return None
-    pos += 1 + d[pos]                                    # session_id
-    if pos + 2 > end:
-        return None
-    pos += 2 + _U16(d, pos)[0]                           # cipher_suites
-    if pos + 1 > end:
-        return None
-    pos += 1 + d[pos]                                    # compression_methods
-    if pos + 2 > end:
-        return None
-    ext_end = min(end, pos + 2 + _U16(d, pos)[0])
-    pos += 2
-    while pos + 4 <= ext_end:
-        etype, elen = _U16x2(d, pos)
-        pos += 4
-        if etype == 0:                                   # server_name
-            if pos + elen > ext_end or elen < 2:
-                return None
-            lend = min(pos + 2 + _U16(d, pos)[0], pos + elen)
-            pos += 2
-            while pos + 3 <= lend:
-                ntype = d[pos]
-                nlen = _U16(d, pos + 1)[0]
-                pos += 3
-                if pos + nlen > lend:
-                    return None
-                if ntype == 0 and nlen:                  # host_name
-                    return d[pos:pos + nlen].decode("latin-1").lower()
-                pos += nlen
-            return None
-        pos += elen
-    return None
+    name = _sni_in_hello(tls_client_hello(d)[0])[0]
+    return None if name is None else name.lower()
 
 
 # Why a DNS question name was not read exactly (Packet.dns_unparsed; the engine's stats count
