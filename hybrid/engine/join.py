@@ -100,6 +100,12 @@ class HeldFlow:
     http: bool                       # an HTTP request head (else a TLS ClientHello)
 
 
+# First bytes of a payload that may start a join: a TLS handshake record (0x16), or an HTTP
+# request as nginx reads one: empty lines (CR, LF) before the request line, and a method of
+# upper-case letters, '_' and '-'.
+_MAY_START = frozenset(b"\x16\r\n_-ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
 class SegmentJoiner:
     """The joins in progress of one engine. Counts into ``stats`` (``hellos_joined``,
     ``hellos_abandoned``, ``http_heads_joined``, ``http_heads_abandoned``)."""
@@ -118,8 +124,8 @@ class SegmentJoiner:
         ``rules.needs_sni``, only request heads when ``rules.needs_http``."""
         first = pkt.raw[pkt.payload_off]
         flows = self.flows
-        if not flows and first != 0x16 and not 0x41 <= first <= 0x5A:
-            return DECIDE                   # neither a TLS record nor a method, nothing held: most packets
+        if not flows and first not in _MAY_START:
+            return DECIDE                   # neither a TLS record nor a request, nothing held: most packets
         key = (pkt.src_bytes, pkt.sport, pkt.dst_bytes, pkt.dport)
         held = flows.get(key) if flows else None
         if held is None:
@@ -131,7 +137,10 @@ class SegmentJoiner:
             http = False
             if pkt.tls_sni is not None or not client_hello_missing(pkt.payload):
                 return DECIDE
-        elif first != 0x16 and rules.needs_http and http_head_missing(pkt.payload):
+        elif first != 0x16 and rules.needs_http and http_head_missing(pkt.payload) \
+                and (first > 0x0D or pkt.payload.lstrip(b"\r\n")):
+            # Empty lines alone start no join: the engine keeps such a flow inspected without
+            # one (loop.py), and a lone CRLF later in a flow (a head's end) is not a new request.
             http = True
         else:
             return DECIDE

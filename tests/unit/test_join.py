@@ -59,6 +59,18 @@ def test_a_head_in_pieces_is_held_then_decided_on_the_joined_bytes(joiner):
     assert joiner.stats.http_heads_joined == 1 and len(joiner) == 0
 
 
+@pytest.mark.parametrize("lead", [b"\r\n", b"\n", b"\r\n\r\n"])
+def test_a_head_after_empty_lines_is_joined_too(joiner, lead):
+    """nginx skips empty lines before the request line: a head that starts with them and is cut
+    before its Host line must be held, not decided on its first piece (then bypassed)."""
+    head = lead + HEAD
+    cut = head.index(b"Host:") + 2
+    first, rest = seg(head[:cut], 1000), seg(head[cut:], 1000 + cut)
+    assert joiner.offer(first, BOTH).step is Step.HOLD
+    r = joiner.offer(rest, BOTH)
+    assert r.step is Step.JOINED and r.data == head and r.http
+
+
 def test_a_gap_ends_the_join_unjoined(joiner):
     parts = pieces(HEAD, 10)
     assert joiner.offer(parts[0], BOTH).step is Step.HOLD
