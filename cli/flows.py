@@ -10,6 +10,7 @@ import sys
 import click
 
 from hybrid.datapath.maps import flow_info
+from hybrid.errors import TableFullError
 from hybrid.kernel import abi
 from hybrid.observe import views
 
@@ -143,7 +144,10 @@ def block(target, ttl) -> None:
             click.echo(f"blocked {t.cidr}: dropped in the kernel until 'hybridctl unblock {t.cidr}'")
             return
         secs = views.check_ttl(300.0 if ttl is None else ttl)
-        maps.set_verdict(t.key(), abi.VERDICT_BLOCK, secs)
+        try:
+            maps.set_verdict(t.key(), abi.VERDICT_BLOCK, secs, manual=True)
+        except TableFullError as exc:
+            raise click.ClickException(f"blocked {t.text} in the flow table, but not pinned: {exc}") from exc
     click.echo(f"blocked {t.text}" + (f" for {secs:g} s" if secs else " until unblocked"))
 
 
@@ -216,11 +220,12 @@ def unblock(target) -> None:
             return
         key = t.key()
         flow = maps.get_flow(key)
-        if flow is None:
+        pinned = maps.get_pinned(key) is not None
+        if flow is None and not pinned:
             click.echo(f"{t.text} is not in the flow table; nothing changed")
             return
-        info = _effective_verdict(key, flow)
-        if info != "block":
+        info = _effective_verdict(key, flow) if flow is not None else "block"   # evicted, pinned
+        if info != "block" and not pinned:
             click.echo(f"{t.text} was not blocked (verdict {info}); nothing changed")
             return
         maps.clear_verdict(key)

@@ -57,6 +57,7 @@ EXPECTED_MAPS = {
     abi.MAP_STATS: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, abi.MAX_IFACES, 0),
     abi.MAP_SOURCES: (bpfsys.BPF_MAP_TYPE_LRU_HASH, abi.SOURCE_TABLE_SIZE, 0),
     abi.MAP_BUDGET: (bpfsys.BPF_MAP_TYPE_ARRAY, 1, 0),
+    abi.MAP_PINNED: (bpfsys.BPF_MAP_TYPE_HASH, abi.PINNED_TABLE_SIZE, 1),          # BPF_F_NO_PREALLOC
 }
 
 
