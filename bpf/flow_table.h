@@ -72,22 +72,21 @@ static __always_inline int pinned_live(const struct hybrid_pinned_verdict *pin, 
 	return pin->expires_ns == 0 || now < pin->expires_ns;
 }
 
-/* XDP's question: is the packet's flow in a BLOCK that has not expired? The flow table
- * answers when it holds the flow; on a miss, the pinned table does (the flow's entry may have
- * been evicted: tc restores it on this packet, but XDP drops it first). XDP only reads: an
- * expired pinned entry is left for tc to delete. */
+/* XDP's question: is the packet's flow in a BLOCK that has not expired? Only the flow table
+ * answers. A blocked flow evicted from it is not in the table, and the pinned table is not
+ * asked here: the packet goes on to tc, which restores the entry from the pinned table, counts
+ * the restore (HYBRID_CNT_EVICTED_DECIDED) and drops the packet; its next packets drop here
+ * again. Asking here instead would cost a lookup for every packet of a flood of new flows (all
+ * misses) and, with every packet of the flow dropped at XDP, tc would never restore the entry
+ * nor count the eviction. */
 static __always_inline int flow_blocked_pkt(const struct hybrid_pkt *p, __u64 now)
 {
 	struct hybrid_flow_key key;
 	struct hybrid_flow *flow;
-	struct hybrid_pinned_verdict *pin;
 
 	flow_key_build(&key, p);
 	flow = flow_find(&key);
-	if (flow)
-		return flow_blocked(flow, now);
-	pin = pinned_find(&key);
-	return pin && pin->verdict == HYBRID_VERDICT_BLOCK && pinned_live(pin, now);
+	return flow && flow_blocked(flow, now);
 }
 
 /* A new entry for a flow the table does not hold: does a pinned verdict survive for it? A live

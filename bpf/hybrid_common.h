@@ -70,7 +70,8 @@
  * from the flow table while its pinned entry exists has been evicted (or deleted by userspace).
  * tc consults the pinned table only when it creates an entry (a miss): a live pinned verdict is
  * copied into the new entry, and HYBRID_CNT_EVICTED_DECIDED counts the restore; an expired one
- * is deleted. XDP, on a miss, drops a flow whose pinned verdict is a live BLOCK (read only).
+ * is deleted. XDP does not look: the first packet after an eviction drops at tc, which restores
+ * the entry, and the next ones drop at XDP again (flow_blocked_pkt() says why).
  * A full pinned table refuses userspace's insert (E2BIG): counted and reported, never silent. */
 #define HYBRID_PIN_ENGINE 1  /* struct hybrid_pinned_verdict.origin: the verdict engine's BLOCK */
 #define HYBRID_PIN_MANUAL 2  /* an operator's verdict (hybridctl block) */

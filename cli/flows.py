@@ -117,7 +117,7 @@ def flows(as_json: bool, limit: int, sort: str, verdicts: tuple[str, ...]) -> No
 @click.command()
 @click.argument("target", nargs=-1, required=True, metavar="FLOW|PREFIX")
 @click.option("--ttl", type=float, default=None, metavar="S",
-              help="FLOW: seconds the block lasts (0: until unblocked or the flow leaves the table)  "
+              help="FLOW: seconds the block lasts (0: until unblocked; it survives eviction from the flow table)  "
                    "[default: 300]. A PREFIX block has no expiry.")
 @_flow_help
 def block(target, ttl) -> None:

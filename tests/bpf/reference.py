@@ -327,13 +327,8 @@ class Reference:
             if tat is not None and tat > now_ns and tat - now_ns > cfg.source_tolerance_ns:
                 return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_SOURCE)
         key, _ = canonical_key(p)
-        flow = self.flows.get(key)
-        if flow is not None:
-            blocked = flow.verdict == abi.VERDICT_BLOCK and self._live(flow.verdict_expires_ns, now_ns)
-        else:   # a miss: the pinned table answers (read only; tc deletes an expired entry)
-            verdict, expires = self.pinned.get(key, (abi.VERDICT_NONE, 0))
-            blocked = verdict == abi.VERDICT_BLOCK and self._live(expires, now_ns)
-        if blocked:
+        flow = self.flows.get(key)       # a miss passes, pinned or not: tc restores the entry
+        if flow is not None and flow.verdict == abi.VERDICT_BLOCK and self._live(flow.verdict_expires_ns, now_ns):
             return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_FLOW)
         return XdpResult(XDP_PASS, None)
 

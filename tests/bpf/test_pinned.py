@@ -1,6 +1,7 @@
 """Flow-table pressure (BPF_PROG_TEST_RUN): BLOCK verdicts pinned in hybrid_pinned survive the
 LRU's evictions. A BLOCK written as the engine writes it holds after its entry is deleted (an
-eviction); a manual block holds through floods of new 5-tuples on a small flow table, and
+eviction): the next packet passes XDP (which asks the flow table only) and tc restores the
+entry and drops it; a manual block holds through floods of new 5-tuples on a small flow table, and
 ``evicted_decided`` counts every restore; an expired pinned verdict is deleted, not applied;
 a full pinned table is refused loudly."""
 
@@ -33,13 +34,14 @@ def test_engine_block_survives_eviction(run, maps):
     pin = maps.get_pinned(_key())
     assert (pin.verdict, pin.origin, pin.expires_ns) == (abi.VERDICT_BLOCK, abi.PIN_ENGINE, before.verdict_expires_ns)
     assert maps.delete_flow(_key())                                  # the LRU evicts it
-    assert run.xdp(tcp4("PA", b"data")) == XDP_DROP                   # XDP: the pinned table answers
-    assert maps.get_flow(_key()) is None                             # XDP never writes the table
-    assert run.tc(tcp4("PA", b"data")).action == TC_ACT_SHOT          # tc restores the entry
+    assert run.xdp(tcp4("PA", b"data")) == XDP_PASS                   # XDP asks the flow table only:
+    assert maps.get_flow(_key()) is None                             # (and never writes it)
+    assert run.tc(tcp4("PA", b"data")).action == TC_ACT_SHOT          # tc restores the entry, drops
     after = maps.get_flow(_key())
     assert (after.verdict, after.verdict_expires_ns) == (abi.VERDICT_BLOCK, before.verdict_expires_ns)
+    assert run.xdp(tcp4("PA", b"data")) == XDP_DROP                   # and XDP drops again
     assert run.tc(tcp4("S", sport=80, dport=40000, src="198.18.2.2", dst="198.18.1.2")).action == TC_ACT_SHOT
-    assert run.nonzero() == {"xdp_packets": 1, "xdp_drop_flow": 1, "packets": 2, "drop_tc_flow": 2,
+    assert run.nonzero() == {"xdp_packets": 2, "xdp_drop_flow": 1, "packets": 2, "drop_tc_flow": 2,
                              "flow_new": 1, "evicted_decided": 1}
     run.check_invariant()
 
@@ -103,12 +105,13 @@ def test_manual_block_survives_floods_on_a_small_table(small):
         _flood(run, 1024 + round_ * 3 * SMALL_FLOWS, 3 * SMALL_FLOWS)
         gone = maps.get_flow(_key()) is None
         evicted += gone
-        assert run.xdp(tcp4("PA", b"x")) == XDP_DROP, round_
-        assert run.tc(tcp4("PA", b"x")).action == TC_ACT_SHOT, round_
+        assert run.xdp(tcp4("PA", b"x")) == (XDP_PASS if gone else XDP_DROP), round_
+        assert run.tc(tcp4("PA", b"x")).action == TC_ACT_SHOT, round_     # restored when gone
         assert maps.get_flow(_key()).verdict == abi.VERDICT_BLOCK
+        assert run.xdp(tcp4("PA", b"x")) == XDP_DROP, round_
     c = run.counters(LO)
     assert evicted >= 1 and c["evicted_decided"] == evicted, (evicted, c)
-    assert c["drop_tc_flow"] == 4 and c["xdp_drop_flow"] == 4 and c["flow_full"] == 0
+    assert c["drop_tc_flow"] == 4 and c["xdp_drop_flow"] == 8 - evicted and c["flow_full"] == 0
     run.check_invariant()
 
 
