@@ -77,7 +77,7 @@ def flows(as_json: bool, limit: int, sort: str, verdicts: tuple[str, ...]) -> No
     flagged for the engine.
 
     An expired verdict shows as 'none (... expired)': the kernel reverts it on the flow's next
-    packet.
+    packet. 'pinned (manual|engine)': the flow's BLOCK survives eviction from the table.
 
     \b
     Examples:
@@ -108,7 +108,8 @@ def flows(as_json: bool, limit: int, sort: str, verdicts: tuple[str, ...]) -> No
         table.add_row(f["flow"], _verdict_text(f), _duration(f["age"]), _duration(f["idle"]),
                       f"{_human(f['packets'][0])}/{_human(f['packets'][1])}",
                       f"{_human(f['bytes'][0])}/{_human(f['bytes'][1])}", str(f["flagged"]),
-                      "midstream" if f["midstream"] else "")
+                      ", ".join(([f"pinned ({f['pinned']})"] if f.get("pinned") else [])
+                                + (["midstream"] if f["midstream"] else [])))
     Console(width=None if sys.stdout.isatty() else 1000).print(table)   # piped: never cut a FLOW
     shown = f"{len(rows)} of {matching} flows" + (f" ({total} in the table)" if matching != total else "")
     click.echo(f"{shown}, sorted by {sort}" + ("; --limit 0 shows all" if len(rows) < matching else ""))

@@ -172,13 +172,16 @@ def _endpoints(proto: int, a: IPAddress, pa: int, b: IPAddress, pb: int, sep: st
     return f"{a}{sep}{b}"
 
 
-def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None) -> dict:
+def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None,
+              pinned: abi.PinnedVerdict | None = None) -> dict:
     """One flow-table entry as plain data, oriented from the endpoint that sent its first packet
     (``src``) to the other (``dst``); per-direction counters are ``[from src, from dst]``.
     ``verdict`` is the effective one: an expired verdict reads "none" (tc reverts it on the
     flow's next packet). ``ttl`` is seconds left, None when the verdict never expires; ``age``
     and ``idle`` are seconds since the first and the last packet (CLOCK_MONOTONIC, like
-    bpf_ktime_get_ns). ``flow`` is the FLOW form that ``hybridctl block`` takes."""
+    bpf_ktime_get_ns). ``flow`` is the FLOW form that ``hybridctl block`` takes. ``pinned`` is
+    who pinned the flow's BLOCK (``manual``, ``engine``; None: not pinned), from the flow's
+    entry in hybrid_pinned when the caller passes it."""
     now = time.monotonic_ns() if now_ns is None else now_ns
     lo, hi = addr_from16(bytes(key.addr_lo)), addr_from16(bytes(key.addr_hi))
     plo, phi = key_ports(key)
@@ -204,6 +207,7 @@ def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None) -> di
         "payload_packets": [flow.payload_packets[orig], flow.payload_packets[1 - orig]],
         "flagged": flow.flagged,
         "midstream": bool(flow.flags & abi.FLOW_MIDSTREAM),
+        "pinned": abi.PIN_ORIGIN_NAMES.get(pinned.origin, str(pinned.origin)) if pinned is not None else None,
     }
 
 
@@ -563,10 +567,11 @@ class Maps:
         return self._items(abi.MAP_FLOWS)
 
     def flow_infos(self, now_ns: int | None = None) -> Iterator[dict]:
-        """:func:`flow_info` of every entry in the flow table."""
+        """:func:`flow_info` of every entry in the flow table, with its pinned verdict."""
         now = time.monotonic_ns() if now_ns is None else now_ns
+        pinned = {bytes(key): pin for key, pin in self.pinned()}
         for key, flow in self.flows():
-            yield flow_info(key, flow, now)
+            yield flow_info(key, flow, now, pinned.get(bytes(key)))
 
     def flow_count(self) -> int:
         return sum(1 for _ in self._keys(abi.MAP_FLOWS))
