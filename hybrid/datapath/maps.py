@@ -642,7 +642,7 @@ class Maps:
             self._last_prune_ns = now
             self.prune_pinned(now)
         raise TableFullError(
-            f"{abi.MAP_PINNED} is full ({abi.PINNED_TABLE_SIZE} entries): the verdict is in the flow table "
+            f"{abi.MAP_PINNED} is full ({self.pinned_capacity()} entries): the verdict is in the flow table "
             "but a flood of new flows can evict it; unblock flows that need no block "
             "(hybridctl status counts them)", _errno.E2BIG)
 
@@ -652,6 +652,10 @@ class Maps:
 
     def pinned_count(self) -> int:
         return sum(1 for _ in self._keys(abi.MAP_PINNED))
+
+    def pinned_capacity(self) -> int:
+        """The pinned table's size as created (HYBRID_PINNED_TABLE_SIZE at compile time)."""
+        return bpfsys.map_info(self.fd(abi.MAP_PINNED)).max_entries
 
     def get_pinned(self, key: abi.FlowKey | bytes) -> abi.PinnedVerdict | None:
         pin = abi.PinnedVerdict()

@@ -67,7 +67,7 @@ def _pinned_view(maps) -> dict:
         name = abi.PIN_ORIGIN_NAMES.get(pin.origin)
         if name:
             by_origin[name] += 1
-    return {"count": total, "size": abi.PINNED_TABLE_SIZE, **by_origin}
+    return {"count": total, "size": maps.pinned_capacity(), **by_origin}
 
 
 def _admission_view(cfg: abi.Config) -> dict:

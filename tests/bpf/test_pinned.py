@@ -126,6 +126,7 @@ def test_full_pinned_table_is_refused_after_pruning(small):
     maps.set_verdict(keys[SMALL_PINNED], abi.VERDICT_BLOCK, None)     # full: the expired one is pruned
     assert maps.get_pinned(keys[0]) is None and maps.pinned_count() == SMALL_PINNED
     extra = flow_key("198.18.1.2", "198.18.2.2", 50000, 80, 6)[0]
-    with pytest.raises(TableFullError, match="hybrid_pinned is full"):
+    assert maps.pinned_capacity() == SMALL_PINNED
+    with pytest.raises(TableFullError, match=f"hybrid_pinned is full \\({SMALL_PINNED} entries\\)"):
         maps.set_verdict(extra, abi.VERDICT_BLOCK, None, manual=True)
     assert maps.get_flow(extra).verdict == abi.VERDICT_BLOCK          # in the flow table all the same
