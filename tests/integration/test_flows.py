@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 
 import pytest
 from gwlab import attached_with_engine, hctl, nfqueue_counters, status
@@ -113,6 +114,10 @@ def test_block_unblock_and_bypass_a_live_tcp_flow(lab, tmp_path):
             assert maps.delete_flow(key)
         client.sendall(b"!")
         assert recv_exactly(server, 8, 1.5) == b""
+        deadline = time.monotonic() + 20              # the client's next retransmission (RTO backoff)
+        while not any(f["flow"] == spec for f in flows_json(lab)["flows"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert recv_exactly(server, 8, 0.5) == b""
         assert find(lab, spec)["verdict"] == "block" and find(lab, spec)["pinned"] == "manual"
         assert "pinned (manual)" in hctl(lab, "flows").stdout
         assert counters(lab)["evicted_decided"] >= 1
