@@ -91,7 +91,11 @@ static __always_inline int flow_blocked_pkt(const struct hybrid_pkt *p, __u64 no
 
 /* A new entry for a flow the table does not hold: does a pinned verdict survive for it? A live
  * one is copied into *fresh and 1 returned (the entry was evicted and is being restored); an
- * expired one is deleted (its verdict is over) and 0 returned, as when there is none. */
+ * expired one is deleted (its verdict is over) and 0 returned, as when there is none.
+ * A hash map has no compare-and-delete: should userspace pin a new BLOCK for this very key
+ * between the lookup and the delete, the delete removes it (the flow table still holds the new
+ * BLOCK, unprotected until it is written again). The window is a few instructions long, on a
+ * flow whose block had expired. */
 static __always_inline int flow_restore_pinned(struct hybrid_flow_key *key, struct hybrid_flow *fresh,
 					       __u64 now)
 {
