@@ -76,7 +76,7 @@ def test_programs_and_from_prog_id(datapath):
         mine.set_config(abi.Config(mark_value=0x77, mark_mask=0xFF, first_n=9))
         assert (found.get_config().mark_value, found.get_config().first_n) == (0x77, 9)
         assert {bpfsys.map_info(fd).id for fd in found.fds().values()} == set(tc.map_ids)
-    with pytest.raises(NotFoundError, match="hybrid_ports, hybrid_budget: pass the id of the tc program"):
+    with pytest.raises(NotFoundError, match="hybrid_ports, hybrid_budget, hybrid_pinned: pass the id of the tc program"):
         Maps.from_prog_id(xdp.id)                                     # XDP never reads the ports
 
 
