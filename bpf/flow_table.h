@@ -66,7 +66,19 @@ static __always_inline int flow_blocked(const struct hybrid_flow *flow, __u64 no
 	return flow->verdict == HYBRID_VERDICT_BLOCK && verdict_live(flow, now);
 }
 
-/* XDP's question: is the packet's flow in a BLOCK that has not expired? */
+/* A pinned verdict is in force until its expiry; 0 means no expiry. */
+static __always_inline int pinned_live(const struct hybrid_pinned_verdict *pin, __u64 now)
+{
+	return pin->expires_ns == 0 || now < pin->expires_ns;
+}
+
+/* XDP's question: is the packet's flow in a BLOCK that has not expired? Only the flow table
+ * answers. A blocked flow evicted from it is not in the table, and the pinned table is not
+ * asked here: the packet goes on to tc, which restores the entry from the pinned table, counts
+ * the restore (HYBRID_CNT_EVICTED_DECIDED) and drops the packet; its next packets drop here
+ * again. Asking here instead would cost a lookup for every packet of a flood of new flows (all
+ * misses) and, with every packet of the flow dropped at XDP, tc would never restore the entry
+ * nor count the eviction. */
 static __always_inline int flow_blocked_pkt(const struct hybrid_pkt *p, __u64 now)
 {
 	struct hybrid_flow_key key;
@@ -77,9 +89,35 @@ static __always_inline int flow_blocked_pkt(const struct hybrid_pkt *p, __u64 no
 	return flow && flow_blocked(flow, now);
 }
 
+/* A new entry for a flow the table does not hold: does a pinned verdict survive for it? A live
+ * one is copied into *fresh and 1 returned (the entry was evicted and is being restored); an
+ * expired one is deleted (its verdict is over) and 0 returned, as when there is none.
+ * A hash map has no compare-and-delete: should userspace pin a new BLOCK for this very key
+ * between the lookup and the delete, the delete removes it (the flow table still holds the new
+ * BLOCK, unprotected until it is written again). The window is a few instructions long, on a
+ * flow whose block had expired. */
+static __always_inline int flow_restore_pinned(struct hybrid_flow_key *key, struct hybrid_flow *fresh,
+					       __u64 now)
+{
+	struct hybrid_pinned_verdict *pin = pinned_find(key);
+
+	if (!pin)
+		return 0;
+	if (!pinned_live(pin, now)) {
+		pinned_delete(key);
+		return 0;
+	}
+	fresh->verdict = pin->verdict;
+	fresh->verdict_expires_ns = pin->expires_ns;
+	return 1;
+}
+
 /* Find the packet's flow entry, creating it when there is none. Returns NULL when the table
  * refused the insert; adds STATS_EVENT(HYBRID_CNT_FLOW_NEW) to *events when this packet
- * created (or restarted) the entry.
+ * created (or restarted) the entry. A created entry starts with the flow's pinned verdict, if
+ * a live one survives its eviction (flow_restore_pinned(), HYBRID_CNT_EVICTED_DECIDED). A
+ * restart does not look: it happens only to an entry that is not blocked, and only BLOCK is
+ * pinned.
  *
  * A SYN without ACK starts a new connection, even on a 5-tuple the table still holds from an
  * earlier one: clients recycle ephemeral ports within seconds, and a BYPASS left behind by the
@@ -102,11 +140,17 @@ static __always_inline struct hybrid_flow *flow_track(struct hybrid_flow_key *ke
 		flow_replace(key, &fresh);
 		*events |= STATS_EVENT(HYBRID_CNT_FLOW_NEW);
 	} else {
+		int restored = flow_restore_pinned(key, &fresh, now);
+
 		if (p->proto == IPPROTO_TCP && !pkt_is_bare_syn(p))
 			fresh.flags |= HYBRID_FLOW_MIDSTREAM;
-		/* NOEXIST: if another CPU created the flow in the meantime, keep its entry. */
-		if (flow_insert(key, &fresh) == 0)
+		/* NOEXIST: if another CPU created the flow in the meantime, keep its entry (and
+		 * count the restore once, by the CPU whose insert won). */
+		if (flow_insert(key, &fresh) == 0) {
 			*events |= STATS_EVENT(HYBRID_CNT_FLOW_NEW);
+			if (restored)
+				*events |= STATS_EVENT(HYBRID_CNT_EVICTED_DECIDED);
+		}
 	}
 	return flow_find(key);
 }

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* hybrid.bpf.c: the datapath. Compiled at run time by bcc (hybrid/datapath/loader.py), with -I
  * for this directory and these -D knobs: HYBRID_FLOW_TABLE_SIZE, HYBRID_PREFIX_TABLE_SIZE,
- * HYBRID_PIN_DIR. Runtime knobs live in the hybrid_config map. hybrid_common.h explains the
+ * HYBRID_PINNED_TABLE_SIZE, HYBRID_PIN_DIR. Runtime knobs live in the hybrid_config map. hybrid_common.h explains the
  * division of labour:
  *   hybrid_xdp         drops blocked prefixes and BLOCK flows; never writes the flow table.
  *   hybrid_tc_ingress  classifies every packet, maintains the flow table, sets the mark.
@@ -37,6 +37,11 @@ HYBRID_TABLE("array", __u32, struct hybrid_config, hybrid_config, 1, 0);
  * flood of new flows degrades the oldest state rather than blinding the classifier. */
 HYBRID_TABLE("lru_hash", struct hybrid_flow_key, struct hybrid_flow, hybrid_flows,
 	     HYBRID_FLOW_TABLE_SIZE, 0);
+/* Not LRU: what is pinned stays until userspace removes it or it expires (hybrid_common.h,
+ * "Pinned verdicts"). BPF_F_NO_PREALLOC: entries are allocated on insert, so an empty table
+ * costs no memory; the datapath only looks up and deletes, userspace inserts. */
+HYBRID_TABLE("hash", struct hybrid_flow_key, struct hybrid_pinned_verdict, hybrid_pinned,
+	     HYBRID_PINNED_TABLE_SIZE, BPF_F_NO_PREALLOC);
 /* The kernel refuses to create an LPM trie without BPF_F_NO_PREALLOC. */
 HYBRID_TABLE("lpm_trie", struct hybrid_prefix_key, struct hybrid_prefix, hybrid_prefixes,
 	     HYBRID_PREFIX_TABLE_SIZE, BPF_F_NO_PREALLOC);
@@ -80,6 +85,16 @@ static __always_inline int flow_replace(struct hybrid_flow_key *key, struct hybr
 static __always_inline int flow_insert(struct hybrid_flow_key *key, struct hybrid_flow *flow)
 {
 	return hybrid_flows.insert(key, flow);
+}
+
+static __always_inline struct hybrid_pinned_verdict *pinned_find(struct hybrid_flow_key *key)
+{
+	return hybrid_pinned.lookup(key);
+}
+
+static __always_inline void pinned_delete(struct hybrid_flow_key *key)
+{
+	hybrid_pinned.delete(key);
 }
 
 static __always_inline struct hybrid_prefix *prefix_find(struct hybrid_prefix_key *key)

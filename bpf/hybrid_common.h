@@ -27,6 +27,9 @@
 #ifndef HYBRID_PREFIX_TABLE_SIZE
 #define HYBRID_PREFIX_TABLE_SIZE 16384
 #endif /* HYBRID_PREFIX_TABLE_SIZE */
+#ifndef HYBRID_PINNED_TABLE_SIZE
+#define HYBRID_PINNED_TABLE_SIZE 65536  /* hash, not LRU: a full table refuses userspace's insert */
+#endif /* HYBRID_PINNED_TABLE_SIZE */
 #ifndef HYBRID_SOURCE_TABLE_SIZE
 #define HYBRID_SOURCE_TABLE_SIZE 65536  /* LRU: per-source admission buckets */
 #endif /* HYBRID_SOURCE_TABLE_SIZE */
@@ -46,6 +49,7 @@
 #define HYBRID_MAP_STATS    "hybrid_stats"     /* percpu_array[HYBRID_MAX_IFACES] of struct hybrid_stats */
 #define HYBRID_MAP_SOURCES  "hybrid_sources"   /* lru_hash  struct hybrid_addr_key -> struct hybrid_bucket */
 #define HYBRID_MAP_BUDGET   "hybrid_budget"    /* array[1]  of struct hybrid_bucket (the global budget) */
+#define HYBRID_MAP_PINNED   "hybrid_pinned"    /* hash      struct hybrid_flow_key -> struct hybrid_pinned_verdict */
 
 /* ---- Program names --------------------------------------------------------------------------- */
 #define HYBRID_PROG_XDP "hybrid_xdp"
@@ -56,6 +60,21 @@
 #define HYBRID_VERDICT_INSPECT 1  /* every packet is flagged (the engine asked to keep looking) */
 #define HYBRID_VERDICT_BYPASS  2  /* never flagged: the engine has decided, traffic stays in kernel */
 #define HYBRID_VERDICT_BLOCK   3  /* dropped at XDP (or at tc when no XDP is attached) */
+
+/* ---- Pinned verdicts (hybrid_pinned) ---------------------------------------------------
+ * The flow table is an LRU: it never refuses an insert, it evicts, so a flood of new 5-tuples
+ * would push BLOCK entries out and unblock their flows without a trace. Every BLOCK (the
+ * engine's and the operator's) is therefore also written to hybrid_pinned, a plain hash
+ * the datapath never inserts into, so nothing but userspace and expiry removes an entry.
+ * Userspace writes the flow table entry first and the pinned entry second; so a flow missing
+ * from the flow table while its pinned entry exists has been evicted (or deleted by userspace).
+ * tc consults the pinned table only when it creates an entry (a miss): a live pinned verdict is
+ * copied into the new entry, and HYBRID_CNT_EVICTED_DECIDED counts the restore; an expired one
+ * is deleted. XDP does not look: the first packet after an eviction drops at tc, which restores
+ * the entry, and the next ones drop at XDP again (flow_blocked_pkt() says why).
+ * A full pinned table refuses userspace's insert (E2BIG): counted and reported, never silent. */
+#define HYBRID_PIN_ENGINE 1  /* struct hybrid_pinned_verdict.origin: the verdict engine's BLOCK */
+#define HYBRID_PIN_MANUAL 2  /* an operator's verdict (hybridctl block) */
 
 /* ---- Flag reasons: bit masks in hybrid_config.reasons and in the per-reason counters --------- */
 #define HYBRID_REASON_SYN        (1U << 0)  /* TCP SYN without ACK: a new connection */
@@ -140,7 +159,9 @@
 #define HYBRID_CNT_OVER_SOURCE     24  /* event: the per-source budget refused a packet */
 #define HYBRID_CNT_OVER_GLOBAL     25  /* event: the global budget refused a packet */
 #define HYBRID_CNT_XDP_DROP_SOURCE 26  /* dropped at XDP: a SYN from a source over its budget */
-#define HYBRID_CNT_MAX             27
+#define HYBRID_CNT_EVICTED_DECIDED 27  /* event: a decided entry was evicted from the flow table and
+                                        * restored from hybrid_pinned */
+#define HYBRID_CNT_MAX             28
 
 /* ---- Structs ---------------------------------------------------------------------------------- */
 
@@ -224,8 +245,16 @@ struct hybrid_bucket {
 	__u64 tat_ns;       /* CLOCK_MONOTONIC: theoretical arrival time of the next packet (GCRA) */
 };                          /* 8 bytes */
 
+/* What survives the eviction of a decided flow (hybrid_pinned, keyed by the flow key). */
+struct hybrid_pinned_verdict {
+	__u64 expires_ns;   /* CLOCK_MONOTONIC; as hybrid_flow.verdict_expires_ns, 0 = never */
+	__u8  verdict;      /* HYBRID_VERDICT_* (userspace pins BLOCK only) */
+	__u8  origin;       /* HYBRID_PIN_*: who wrote it (informational) */
+	__u8  _pad0[6];
+};                          /* 16 bytes */
+
 struct hybrid_stats {
 	__u64 c[HYBRID_CNT_MAX];
-};                          /* 216 bytes; per CPU: userspace sums over possible CPUs */
+};                          /* 224 bytes; per CPU: userspace sums over possible CPUs */
 
 #endif /* HYBRID_COMMON_H */

@@ -140,7 +140,8 @@ _SHOWN = [("packets", "seen (tc)"), ("flagged", "flagged"), ("bypassed", "bypass
           ("not_ip", "not IP"), ("malformed_l3", "malformed IP"),
           ("over_pass", "over budget, passed"), ("over_drop", "over budget, dropped"),
           ("over_source", "  refused: source budget"), ("over_global", "  refused: global budget"),
-          ("xdp_drop_source", "dropped at XDP, source")]
+          ("xdp_drop_source", "dropped at XDP, source"),
+          ("evicted_decided", "decided flows restored")]
 
 
 @click.command()
@@ -158,6 +159,12 @@ def status(as_json: bool) -> None:
             click.echo(f"warning: {st['warning']}")
         return
     click.echo(f"instance {st['instance']}, maps in {st['pin_dir']}, {st['flows']} flows in the table")
+    if st.get("pinned"):
+        p = st["pinned"]
+        evicted = sum(e["counters"].get("evicted_decided", 0) for e in st["interfaces"].values())
+        click.echo(f"pinned blocks: {p['count']:,} of {p['size']:,} ({p['manual']:,} manual, {p['engine']:,} by the "
+                   f"engine); decided flows evicted from the table and restored: {evicted:,}"
+                   + ("; FULL: new blocks are not protected from eviction" if p["count"] >= p["size"] else ""))
     if st["config"]:
         c = st["config"]
         click.echo(f"mark {c['mark']}, first {c['first_n']} payload packets per direction, "
@@ -193,7 +200,9 @@ def status(as_json: bool) -> None:
                    f"{e['packets']:,} packets, " + ", ".join(f"{k} {v:,}" for k, v in e["actions"].items() if v)
                    + (f", {e['errors']} errors (accepted)" if e.get("errors") else "")
                    + (f", {e['reject_send_errors']} reject messages not sent (dropped)"
-                      if e.get("reject_send_errors") else ""))
+                      if e.get("reject_send_errors") else "")
+                   + (f", {e['pinned_write_errors']} blocks not pinned (pinned table full)"
+                      if e.get("pinned_write_errors") else ""))
         for rule, n in e.get("rules", {}).items():
             click.echo(f"  rule {rule:<28}{n:>12,}")
         click.echo(f"  {'(default)':<33}{e.get('default', 0):>12,}")

@@ -10,6 +10,7 @@ import sys
 import click
 
 from hybrid.datapath.maps import flow_info
+from hybrid.errors import TableFullError
 from hybrid.kernel import abi
 from hybrid.observe import views
 
@@ -76,7 +77,7 @@ def flows(as_json: bool, limit: int, sort: str, verdicts: tuple[str, ...]) -> No
     flagged for the engine.
 
     An expired verdict shows as 'none (... expired)': the kernel reverts it on the flow's next
-    packet.
+    packet. 'pinned (manual|engine)': the flow's BLOCK survives eviction from the table.
 
     \b
     Examples:
@@ -107,7 +108,8 @@ def flows(as_json: bool, limit: int, sort: str, verdicts: tuple[str, ...]) -> No
         table.add_row(f["flow"], _verdict_text(f), _duration(f["age"]), _duration(f["idle"]),
                       f"{_human(f['packets'][0])}/{_human(f['packets'][1])}",
                       f"{_human(f['bytes'][0])}/{_human(f['bytes'][1])}", str(f["flagged"]),
-                      "midstream" if f["midstream"] else "")
+                      ", ".join(([f"pinned ({f['pinned']})"] if f.get("pinned") else [])
+                                + (["midstream"] if f["midstream"] else [])))
     Console(width=None if sys.stdout.isatty() else 1000).print(table)   # piped: never cut a FLOW
     shown = f"{len(rows)} of {matching} flows" + (f" ({total} in the table)" if matching != total else "")
     click.echo(f"{shown}, sorted by {sort}" + ("; --limit 0 shows all" if len(rows) < matching else ""))
@@ -116,7 +118,7 @@ def flows(as_json: bool, limit: int, sort: str, verdicts: tuple[str, ...]) -> No
 @click.command()
 @click.argument("target", nargs=-1, required=True, metavar="FLOW|PREFIX")
 @click.option("--ttl", type=float, default=None, metavar="S",
-              help="FLOW: seconds the block lasts (0: until unblocked or the flow leaves the table)  "
+              help="FLOW: seconds the block lasts (0: until unblocked; it survives eviction from the flow table)  "
                    "[default: 300]. A PREFIX block has no expiry.")
 @_flow_help
 def block(target, ttl) -> None:
@@ -143,7 +145,10 @@ def block(target, ttl) -> None:
             click.echo(f"blocked {t.cidr}: dropped in the kernel until 'hybridctl unblock {t.cidr}'")
             return
         secs = views.check_ttl(300.0 if ttl is None else ttl)
-        maps.set_verdict(t.key(), abi.VERDICT_BLOCK, secs)
+        try:
+            maps.set_verdict(t.key(), abi.VERDICT_BLOCK, secs, manual=True)
+        except TableFullError as exc:
+            raise click.ClickException(f"blocked {t.text} in the flow table, but not pinned: {exc}") from exc
     click.echo(f"blocked {t.text}" + (f" for {secs:g} s" if secs else " until unblocked"))
 
 
@@ -216,11 +221,12 @@ def unblock(target) -> None:
             return
         key = t.key()
         flow = maps.get_flow(key)
-        if flow is None:
+        pinned = maps.get_pinned(key) is not None
+        if flow is None and not pinned:
             click.echo(f"{t.text} is not in the flow table; nothing changed")
             return
-        info = _effective_verdict(key, flow)
-        if info != "block":
+        info = _effective_verdict(key, flow) if flow is not None else "block"   # evicted, pinned
+        if info != "block" and not pinned:
             click.echo(f"{t.text} was not blocked (verdict {info}); nothing changed")
             return
         maps.clear_verdict(key)

@@ -32,3 +32,7 @@ class ConfigError(HybridError):
 
 class NotFoundError(HybridError):
     """An interface, namespace or attachment that was named does not exist."""
+
+
+class TableFullError(HybridError):
+    """A kernel table that does not evict (hybrid_pinned) refused an insert: full."""

@@ -24,7 +24,7 @@ import struct
 import time
 from collections.abc import Iterator, Mapping
 
-from hybrid.errors import ConfigError, HybridError, NotFoundError
+from hybrid.errors import ConfigError, HybridError, NotFoundError, TableFullError
 from hybrid.kernel import abi, bpfsys
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ IPV4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 # Batch lookups that the map type does not support fail with one of these; we then walk keys.
 _BATCH_UNSUPPORTED = {_errno.EINVAL, _errno.EOPNOTSUPP, 524, _errno.ENOSPC}  # 524: ENOTSUPP
 _BATCH_SIZE = 1024
+PRUNE_INTERVAL_NS = 1_000_000_000   # a full pinned table is swept for expired entries at most this often
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -171,13 +172,16 @@ def _endpoints(proto: int, a: IPAddress, pa: int, b: IPAddress, pb: int, sep: st
     return f"{a}{sep}{b}"
 
 
-def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None) -> dict:
+def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None,
+              pinned: abi.PinnedVerdict | None = None) -> dict:
     """One flow-table entry as plain data, oriented from the endpoint that sent its first packet
     (``src``) to the other (``dst``); per-direction counters are ``[from src, from dst]``.
     ``verdict`` is the effective one: an expired verdict reads "none" (tc reverts it on the
     flow's next packet). ``ttl`` is seconds left, None when the verdict never expires; ``age``
     and ``idle`` are seconds since the first and the last packet (CLOCK_MONOTONIC, like
-    bpf_ktime_get_ns). ``flow`` is the FLOW form that ``hybridctl block`` takes."""
+    bpf_ktime_get_ns). ``flow`` is the FLOW form that ``hybridctl block`` takes. ``pinned`` is
+    who pinned the flow's BLOCK (``manual``, ``engine``; None: not pinned), from the flow's
+    entry in hybrid_pinned when the caller passes it."""
     now = time.monotonic_ns() if now_ns is None else now_ns
     lo, hi = addr_from16(bytes(key.addr_lo)), addr_from16(bytes(key.addr_hi))
     plo, phi = key_ports(key)
@@ -203,6 +207,7 @@ def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None) -> di
         "payload_packets": [flow.payload_packets[orig], flow.payload_packets[1 - orig]],
         "flagged": flow.flagged,
         "midstream": bool(flow.flags & abi.FLOW_MIDSTREAM),
+        "pinned": abi.PIN_ORIGIN_NAMES.get(pinned.origin, str(pinned.origin)) if pinned is not None else None,
     }
 
 
@@ -245,6 +250,8 @@ class Maps:
         self.origin = origin
         self._ncpu: int | None = None
         self._scratch = abi.Flow()      # write_verdict()'s buffer
+        self._pin_scratch = abi.PinnedVerdict()
+        self._last_prune_ns: int | None = None
         try:
             self._check_layouts()
         except BaseException:
@@ -560,10 +567,11 @@ class Maps:
         return self._items(abi.MAP_FLOWS)
 
     def flow_infos(self, now_ns: int | None = None) -> Iterator[dict]:
-        """:func:`flow_info` of every entry in the flow table."""
+        """:func:`flow_info` of every entry in the flow table, with its pinned verdict."""
         now = time.monotonic_ns() if now_ns is None else now_ns
+        pinned = {bytes(key): pin for key, pin in self.pinned()}
         for key, flow in self.flows():
-            yield flow_info(key, flow, now)
+            yield flow_info(key, flow, now, pinned.get(bytes(key)))
 
     def flow_count(self) -> int:
         return sum(1 for _ in self._keys(abi.MAP_FLOWS))
@@ -575,24 +583,37 @@ class Maps:
     def delete_flow(self, key: abi.FlowKey) -> bool:
         return self._delete(abi.MAP_FLOWS, key)
 
-    def set_verdict(self, key: abi.FlowKey | bytes, verdict: int, ttl: float | None) -> abi.Flow:
+    def set_verdict(self, key: abi.FlowKey | bytes, verdict: int, ttl: float | None, *,
+                    manual: bool = False) -> abi.Flow:
         """Give a flow a verdict for ``ttl`` seconds (None: until changed). Creates the entry
         when missing. The expiry is on CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns().
+        A BLOCK is pinned too (:meth:`write_verdict`), marked as the operator's with ``manual``
+        (hybridctl block); any other verdict removes the flow's pinned one.
 
         This is a read-modify-write of the whole entry: packet counters the datapath adds
         between the read and the write are lost (the verdict matters, the counters are
-        statistics). Returns the flow as written."""
+        statistics). Returns the flow as written. Raises :class:`TableFullError` when the
+        pinned table is full: the verdict is in the flow table, but an eviction would lose it."""
         if verdict not in abi.VERDICT_NAMES:
             raise ConfigError(f"invalid verdict {verdict!r}: use one of {sorted(abi.VERDICT_NAMES)}")
         if ttl is not None and ttl <= 0:
             raise ConfigError(f"verdict TTL must be positive or None, not {ttl!r}")
-        self.write_verdict(key, verdict, None if ttl is None else max(1, int(ttl * 1e9)))
+        if verdict != abi.VERDICT_BLOCK:
+            self.unpin_verdict(key)
+        self.write_verdict(key, verdict, None if ttl is None else max(1, int(ttl * 1e9)),
+                           origin=abi.PIN_MANUAL if manual else abi.PIN_ENGINE)
         return abi.Flow.from_buffer_copy(self._scratch)
 
-    def write_verdict(self, key: abi.FlowKey | bytes, verdict: int, ttl_ns: int | None) -> None:
+    def write_verdict(self, key: abi.FlowKey | bytes, verdict: int, ttl_ns: int | None,
+                      origin: int = abi.PIN_ENGINE) -> None:
         """:meth:`set_verdict` for the verdict engine's per-packet path: arguments unchecked
         (``ttl_ns`` in nanoseconds, positive or None), the flow read into one reused buffer,
-        nothing returned. Two bpf() calls: a lookup and an update."""
+        nothing returned. Two bpf() calls: a lookup and an update; a BLOCK takes a third, its
+        copy in the pinned table (hybrid_common.h, "Pinned verdicts"), written after the flow
+        table so that the datapath may take a flow missing from the table while pinned for an
+        evicted one. Raises :class:`TableFullError` when the pinned table is full (after
+        sweeping its expired entries, at most once per PRUNE_INTERVAL_NS): the flow table
+        holds the verdict all the same."""
         flow = self._scratch
         now = time.monotonic_ns()
         if not bpfsys.map_lookup(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS):
@@ -601,18 +622,69 @@ class Maps:
         flow.verdict = verdict
         flow.verdict_expires_ns = 0 if ttl_ns is None or verdict == abi.VERDICT_NONE else now + ttl_ns
         bpfsys.map_update(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS)
+        if verdict == abi.VERDICT_BLOCK:
+            pin = self._pin_scratch
+            pin.expires_ns = flow.verdict_expires_ns
+            pin.verdict = verdict
+            pin.origin = origin
+            self._pin(key, pin, now)
+
+    def _pin(self, key, pin: abi.PinnedVerdict, now: int) -> None:
+        for attempt in (0, 1):
+            try:
+                bpfsys.map_update(self.fd(abi.MAP_PINNED), key, pin, name=abi.MAP_PINNED)
+                return
+            except HybridError as exc:
+                if exc.errno != _errno.E2BIG:
+                    raise
+            if attempt or (self._last_prune_ns is not None and now - self._last_prune_ns < PRUNE_INTERVAL_NS):
+                break
+            self._last_prune_ns = now
+            self.prune_pinned(now)
+        raise TableFullError(
+            f"{abi.MAP_PINNED} is full ({self.pinned_capacity()} entries): the verdict is in the flow table "
+            "but a flood of new flows can evict it; unblock flows that need no block "
+            "(hybridctl status counts them)", _errno.E2BIG)
+
+    def pinned(self) -> Iterator[tuple[abi.FlowKey, abi.PinnedVerdict]]:
+        """Every (key, pinned verdict): the BLOCKs that survive eviction from the flow table."""
+        return self._items(abi.MAP_PINNED)
+
+    def pinned_count(self) -> int:
+        return sum(1 for _ in self._keys(abi.MAP_PINNED))
+
+    def pinned_capacity(self) -> int:
+        """The pinned table's size as created (HYBRID_PINNED_TABLE_SIZE at compile time)."""
+        return bpfsys.map_info(self.fd(abi.MAP_PINNED)).max_entries
+
+    def get_pinned(self, key: abi.FlowKey | bytes) -> abi.PinnedVerdict | None:
+        pin = abi.PinnedVerdict()
+        return pin if self._lookup(abi.MAP_PINNED, key, pin) else None
+
+    def unpin_verdict(self, key: abi.FlowKey | bytes) -> bool:
+        """Remove the flow's pinned verdict; False when it had none."""
+        return self._delete(abi.MAP_PINNED, key)
+
+    def prune_pinned(self, now_ns: int | None = None) -> int:
+        """Delete the pinned verdicts that have expired (the datapath deletes one only when its
+        flow comes back); returns how many."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        expired = [key for key, pin in self.pinned() if pin.expires_ns and pin.expires_ns <= now]
+        return sum(1 for key in expired if self.unpin_verdict(key))
 
     def clear_verdict(self, key: abi.FlowKey) -> bool:
-        """Back to VERDICT_NONE; False when the flow is not in the table."""
+        """Back to VERDICT_NONE, and no pinned verdict; False when the flow is neither in the
+        table nor pinned."""
+        unpinned = self.unpin_verdict(key)
         flow = self.get_flow(key)
         if flow is None:
-            return False
+            return unpinned
         flow.verdict = abi.VERDICT_NONE
         flow.verdict_expires_ns = 0
         try:
             self._update(abi.MAP_FLOWS, key, flow, bpfsys.BPF_EXIST)
         except NotFoundError:  # evicted (LRU) between the read and the write
-            return False
+            return unpinned
         return True
 
 

@@ -38,7 +38,7 @@ from hybrid.engine.join import DECIDE, JOIN_TTL, SegmentJoiner, Step
 from hybrid.engine.packet import DNS_UNPARSED, TLS_UNPARSED, Packet, client_hello_problem, decode
 from hybrid.engine.packet import http_unparsed
 from hybrid.engine.rules import Decision, RulesError, RuleSet, load_rules
-from hybrid.errors import HybridError
+from hybrid.errors import HybridError, TableFullError
 from hybrid.kernel import abi, nfq
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class EngineStats:
     flow_verdicts: dict[str, int] = field(default_factory=lambda: {f: 0 for f in FLOW_VERDICTS})
     errors: int = 0            # packets whose handling raised (accepted, fail-open)
     flow_write_errors: int = 0
+    pinned_write_errors: int = 0   # BLOCKs written to the flow table but not pinned (pinned table full)
     hellos_joined: int = 0     # split ClientHellos held back and decided on the joined bytes
     hellos_abandoned: int = 0  # gave up joining (out of order, too big, timed out, table full)
     http_heads_joined: int = 0     # the same for HTTP request heads sent in pieces
@@ -392,6 +393,12 @@ class Engine:
             self.maps.write_verdict(key[0], _FLOW_CODES[d.flow], max(1, int(d.ttl * 1e9)))
             if d.flow in FLOW_VERDICTS:
                 self.stats.flow_verdicts[d.flow] += 1
+        except TableFullError as exc:    # in the flow table, not pinned: an eviction would lose it
+            if d.flow in FLOW_VERDICTS:
+                self.stats.flow_verdicts[d.flow] += 1
+            self.stats.pinned_write_errors += 1
+            if self.stats.pinned_write_errors <= 10:
+                log.error("queue %d: pinning a BLOCK failed: %s", self.queue, exc)
         except HybridError as exc:
             self.stats.flow_write_errors += 1
             if self.stats.flow_write_errors <= 10:
@@ -453,7 +460,8 @@ class Engine:
         st = self.stats
         return {"pid": os.getpid(), "started": st.started, "packets": st.packets,
                 "actions": dict(st.actions), "flow_verdicts": dict(st.flow_verdicts), "errors": st.errors,
-                "flow_write_errors": st.flow_write_errors, "reloads": st.reloads,
+                "flow_write_errors": st.flow_write_errors,
+                "pinned_write_errors": st.pinned_write_errors, "reloads": st.reloads,
                 "hellos_joined": st.hellos_joined, "hellos_abandoned": st.hellos_abandoned,
                 "http_heads_joined": st.http_heads_joined, "http_heads_abandoned": st.http_heads_abandoned,
                 "hellos_unparsed": dict(st.hellos_unparsed),

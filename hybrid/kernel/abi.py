@@ -14,6 +14,7 @@ import ctypes
 FLOW_TABLE_SIZE = 131072
 PREFIX_TABLE_SIZE = 16384
 SOURCE_TABLE_SIZE = 65536
+PINNED_TABLE_SIZE = 65536
 
 MAX_IFACES = 64
 MAX_VLAN_DEPTH = 2
@@ -28,7 +29,9 @@ MAP_IFACES = "hybrid_ifaces"
 MAP_STATS = "hybrid_stats"
 MAP_SOURCES = "hybrid_sources"
 MAP_BUDGET = "hybrid_budget"
-MAP_NAMES = (MAP_CONFIG, MAP_FLOWS, MAP_PREFIXES, MAP_PORTS, MAP_IFACES, MAP_STATS, MAP_SOURCES, MAP_BUDGET)
+MAP_PINNED = "hybrid_pinned"
+MAP_NAMES = (MAP_CONFIG, MAP_FLOWS, MAP_PREFIXES, MAP_PORTS, MAP_IFACES, MAP_STATS, MAP_SOURCES, MAP_BUDGET,
+             MAP_PINNED)
 
 PROG_XDP = "hybrid_xdp"
 PROG_TC = "hybrid_tc_ingress"
@@ -46,6 +49,11 @@ VERDICT_NAMES = {
     VERDICT_BYPASS: "bypass",
     VERDICT_BLOCK: "block",
 }
+
+# ---- Pinned verdicts (hybrid_pinned: BLOCKs that survive the flow table's eviction) ----
+PIN_ENGINE = 1
+PIN_MANUAL = 2
+PIN_ORIGIN_NAMES = {PIN_ENGINE: "engine", PIN_MANUAL: "manual"}
 
 # ---- Flag reasons (bits) ----------------------------------------------------------------------
 REASON_SYN = 1 << 0
@@ -126,7 +134,8 @@ CNT_OVER_PASS = 23
 CNT_OVER_SOURCE = 24
 CNT_OVER_GLOBAL = 25
 CNT_XDP_DROP_SOURCE = 26
-CNT_MAX = 27
+CNT_EVICTED_DECIDED = 27
+CNT_MAX = 28
 
 # index -> snake_case name
 COUNTER_NAMES: dict[int, str] = {
@@ -150,6 +159,7 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_OVER_SOURCE: "over_source",
     CNT_OVER_GLOBAL: "over_global",
     CNT_XDP_DROP_SOURCE: "xdp_drop_source",
+    CNT_EVICTED_DECIDED: "evicted_decided",
 }
 # The tc counters whose sum equals CNT_PACKETS (the invariant in the header).
 TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASSED,
@@ -243,6 +253,15 @@ class Bucket(ctypes.Structure):
     ]
 
 
+class PinnedVerdict(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("verdict", ctypes.c_uint8),
+        ("origin", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8 * 6),
+    ]
+
+
 class Stats(ctypes.Structure):
     _fields_ = [
         ("c", ctypes.c_uint64 * CNT_MAX),
@@ -252,7 +271,7 @@ class Stats(ctypes.Structure):
 # Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
 # against bcc).
 SIZES = {Config: 56, FlowKey: 40, Flow: 80, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
-         Stats: 216}
+         PinnedVerdict: 16, Stats: 224}
 
 # map name -> (key type, value type); value is per CPU for hybrid_stats.
 MAP_LAYOUTS: dict[str, tuple[type, type]] = {
@@ -264,5 +283,6 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     MAP_STATS: (ctypes.c_uint32, Stats),
     MAP_SOURCES: (AddrKey, Bucket),
     MAP_BUDGET: (ctypes.c_uint32, Bucket),
+    MAP_PINNED: (FlowKey, PinnedVerdict),
 }
 PERCPU_MAPS = frozenset({MAP_STATS})

@@ -240,6 +240,8 @@ def _engines(snap: dict) -> Iterator:
     misc = {key: CounterMetricFamily(f"hybrid_engine_{key}", text, labels=["queue"]) for key, text in (
         ("errors", "Packets whose handling raised (accepted, fail-open)."),
         ("flow_write_errors", "Flow verdicts that could not be written to the kernel."),
+        ("pinned_write_errors", "BLOCK verdicts written to the flow table but not pinned (pinned table "
+                                "full): an eviction would lose them."),
         ("hellos_joined", "TLS ClientHellos split over segments, joined and decided whole."),
         ("hellos_abandoned", "Split ClientHellos given up (gap, too big, timeout, table full)."),
         ("http_heads_joined", "HTTP request heads split over segments, joined and decided whole."),

@@ -17,7 +17,7 @@ def status() -> dict:
     state = attach.State.load(instance)
     out: dict = {"instance": instance, "attached": state is not None and bool(state.interfaces),
                  "pin_dir": state.pin_dir if state else None, "interfaces": {}, "netfilter": [],
-                 "flows": None, "config": None}
+                 "flows": None, "pinned": None, "config": None}
     if state is None:
         discovered = attach.discover_attached()
         if discovered:
@@ -37,6 +37,7 @@ def status() -> dict:
             out["interfaces"][name] = entry
         if maps:
             out["flows"] = maps.flow_count()
+            out["pinned"] = _pinned_view(maps)
             cfg = maps.get_config()
             out["config"] = {"mark": f"0x{cfg.mark_value:x}/0x{cfg.mark_mask:x}", "first_n": cfg.first_n,
                              "reasons": [r for r, bit in abi.REASON_BITS.items() if cfg.reasons & bit],
@@ -54,6 +55,19 @@ def status() -> dict:
     out["queue"] = queues.queue_report(o.get("queue_first", 0), o.get("queue_last", 0), o.get("fail_open", True),
                                     instance, rule_packets=sum(s["queued_packets"] for s in out["netfilter"]))
     return out
+
+
+def _pinned_view(maps) -> dict:
+    """The pinned verdicts (BLOCKs that survive eviction from the flow table), by origin, and
+    the table's size: a full one refuses new BLOCKs their protection."""
+    by_origin = {name: 0 for name in abi.PIN_ORIGIN_NAMES.values()}
+    total = 0
+    for _, pin in maps.pinned():
+        total += 1
+        name = abi.PIN_ORIGIN_NAMES.get(pin.origin)
+        if name:
+            by_origin[name] += 1
+    return {"count": total, "size": maps.pinned_capacity(), **by_origin}
 
 
 def _admission_view(cfg: abi.Config) -> dict:

@@ -30,6 +30,8 @@ def reset(maps: Maps) -> None:
     """Empty every map and restore the default config, lo registered in slot 1."""
     for key, _ in list(maps.flows()):
         maps.delete_flow(key)
+    for key, _ in list(maps.pinned()):
+        maps.unpin_verdict(key)
     for cidr in list(maps.prefixes()):
         maps.del_prefix(cidr)
     for port in list(maps.watched_ports()):

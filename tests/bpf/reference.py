@@ -9,7 +9,9 @@ by step; change both together.
 Where the C makes a choice the header leaves open (ICMP payload = bytes after the 8-byte header,
 INSPECT replacing the PREFIX reason, too many IPv6 extension headers = MALFORMED), this model
 makes the same one, and says so in tests/bpf/test_tc.py. It does not model a full flow table
-(FLOW_FULL) or concurrent CPUs.
+(FLOW_FULL) or concurrent CPUs; the LRU's evictions are modelled as the test makes them
+(:meth:`Reference.evict`, with the kernel's entry deleted), and the pinned verdicts that
+survive them (:meth:`Reference.pin`, hybrid_pinned).
 """
 
 from __future__ import annotations
@@ -246,6 +248,7 @@ class Reference:
         for cidr, action in (prefixes or {}).items():
             self.add_prefix(cidr, action)
         self.flows: dict[tuple, RefFlow] = {}
+        self.pinned: dict[tuple, tuple[int, int]] = {}   # hybrid_pinned: key -> (verdict, expires_ns)
         self.sources: dict[bytes, int] = {}     # admission: source address -> tat (GCRA)
         self.global_tat = 0                     # the global bucket
 
@@ -297,6 +300,18 @@ class Reference:
         flow = self.flows.setdefault(key, RefFlow(now_ns, now_ns, 0))
         flow.verdict, flow.verdict_expires_ns = verdict, expires_ns
 
+    def pin(self, key: tuple, verdict: int, expires_ns: int = 0) -> None:
+        """What userspace adds to hybrid_pinned (after the flow table: Maps.write_verdict)."""
+        self.pinned[key] = (verdict, expires_ns)
+
+    def evict(self, key: tuple) -> None:
+        """The LRU drops the flow's entry (the fuzz deletes it from the kernel's table too)."""
+        self.flows.pop(key, None)
+
+    @staticmethod
+    def _live(expires_ns: int, now_ns: int) -> bool:
+        return expires_ns == 0 or now_ns < expires_ns
+
     def xdp(self, frame: bytes, now_ns: int) -> XdpResult:
         p = parse(frame)
         if p.status in (PKT_NOT_IP, PKT_BAD_L3):
@@ -312,9 +327,8 @@ class Reference:
             if tat is not None and tat > now_ns and tat - now_ns > cfg.source_tolerance_ns:
                 return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_SOURCE)
         key, _ = canonical_key(p)
-        flow = self.flows.get(key)
-        if flow and flow.verdict == abi.VERDICT_BLOCK and (
-                flow.verdict_expires_ns == 0 or now_ns < flow.verdict_expires_ns):
+        flow = self.flows.get(key)       # a miss passes, pinned or not: tc restores the entry
+        if flow is not None and flow.verdict == abi.VERDICT_BLOCK and self._live(flow.verdict_expires_ns, now_ns):
             return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_FLOW)
         return XdpResult(XDP_PASS, None)
 
@@ -353,6 +367,12 @@ class Reference:
                     flags |= abi.FLOW_MIDSTREAM
                 flow = self.flows[key] = RefFlow(now_ns, now_ns, flags)
                 events.append(abi.CNT_FLOW_NEW)
+                pin = self.pinned.get(key)
+                if pin is not None and self._live(pin[1], now_ns):     # evicted: restored
+                    flow.verdict, flow.verdict_expires_ns = pin
+                    events.append(abi.CNT_EVICTED_DECIDED)
+                elif pin is not None:                                   # expired: deleted
+                    del self.pinned[key]
             flow.last_seen_ns = now_ns
             flow.packets[direction] += 1
             flow.bytes[direction] += p.l3_len
@@ -410,6 +430,17 @@ class Reference:
             flow.flagged += 1
         new_mark = (cfg.mark_value & cfg.mark_mask) | (mark & ~cfg.mark_mask & 0xFFFFFFFF)
         return TcResult(TC_ACT_PASS, new_mark, abi.CNT_FLAGGED, reasons, tuple(events), key, direction)
+
+
+def flow_key_of(key: tuple) -> abi.FlowKey:
+    """Inverse of :func:`key_tuple`."""
+    lo, hi, plo, phi, vlan, proto = key
+    k = abi.FlowKey()
+    k.addr_lo[:], k.addr_hi[:] = lo, hi
+    k.port_lo = int.from_bytes(plo.to_bytes(2, "big"), "little")
+    k.port_hi = int.from_bytes(phi.to_bytes(2, "big"), "little")
+    k.vlan, k.proto = vlan, proto
+    return k
 
 
 def key_tuple(key: abi.FlowKey) -> tuple:

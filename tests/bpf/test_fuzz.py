@@ -14,7 +14,7 @@ import time
 
 import pytest
 from bpfkit import icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
-from reference import Reference, key_tuple
+from reference import PKT_OK, Reference, canonical_key, flow_key_of, key_tuple, parse
 from scapy.all import (
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -90,6 +90,32 @@ def _mutate(rng: random.Random, bases: list[bytes]) -> bytes:
     return bytes(f[:rng.randrange(max(1, len(f) // 2), len(f) + 1)])
 
 
+def _pin_random(rng: random.Random, maps, ref: Reference, keys: list[tuple], now: int) -> None:
+    """Pinned verdicts (hybrid_pinned) for about half of the base frames' flows, as if an
+    earlier BLOCK had been written and its entry evicted: mostly BLOCKs, some of the verdicts
+    userspace never pins (the datapath copies whatever it finds), live forever, live for a
+    while, or expired."""
+    for key in keys:
+        if rng.random() < 0.5:
+            continue
+        verdict = rng.choice([R.VERDICT_BLOCK] * 4 + [R.VERDICT_BYPASS, R.VERDICT_INSPECT])
+        expires = rng.choice([0, now + 10**15, 1])
+        maps._update(R.MAP_PINNED, flow_key_of(key), R.PinnedVerdict(expires_ns=expires, verdict=verdict,
+                                                                      origin=R.PIN_ENGINE))
+        ref.pin(key, verdict, expires)
+
+
+def _evict_random(rng: random.Random, maps, ref: Reference) -> None:
+    """What the LRU does under pressure: one entry leaves the table (a pinned flow's, half of
+    the time, so that restores happen)."""
+    pinned = [k for k in ref.pinned if k in ref.flows]
+    candidates = pinned if pinned and rng.random() < 0.5 else list(ref.flows)
+    if candidates:
+        key = rng.choice(candidates)
+        ref.evict(key)
+        assert maps.delete_flow(flow_key_of(key)), "the kernel's table lacks an entry the model has"
+
+
 def test_fuzz_tc_and_xdp_against_reference(run, maps):
     rng = random.Random(SEED)
     bases = _bases()
@@ -99,6 +125,8 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
     cfg_ports = {80: R.PORT_TCP | R.PORT_UDP}
     cfg_prefixes = {"198.18.99.0/24": R.PREFIX_BLOCK, "2001:db8:2::/48": R.PREFIX_WATCH}
     seen_outcomes: set[int] = set()
+    base_keys = sorted({canonical_key(p)[0] for p in map(parse, bases) if p.status == PKT_OK})
+    restored = 0
     tc_runs = xdp_runs = short = 0
     start = time.monotonic()
     for chunk_start in range(0, FRAMES, CHUNK):
@@ -115,6 +143,10 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
                                global_interval_ns=10**12, global_tolerance_ns=10**12 * 400,
                                flags=maps.get_config().flags | R.CFG_OVER_DROP, skip_reasons=R.REASON_SYN)
         ref = Reference(maps.get_config(), ports=cfg_ports, prefixes=cfg_prefixes)
+        # The model's clock stands still at the chunk's start; the kernel's runs on. Expiries
+        # are chosen far from both (0, 1 or 10^15 ns ahead), and budgets are 1000 s per token.
+        now = time.monotonic_ns()
+        _pin_random(rng, maps, ref, base_keys, now)
         totals: dict[str, int] = {}
         for i in range(chunk_start, min(FRAMES, chunk_start + CHUNK)):
             f = _mutate(rng, bases)
@@ -122,7 +154,9 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
             if len(f) < 14:      # the kernel refuses test runs below an Ethernet header; no NIC delivers them
                 short += 1
                 continue
-            want_x = ref.xdp(f, now_ns=0)
+            if rng.random() < 1 / 30:
+                _evict_random(rng, maps, ref)
+            want_x = ref.xdp(f, now_ns=now)
             got_x = run.xdp(f)
             xdp_runs += 1
             assert got_x == want_x.action, where
@@ -131,7 +165,7 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
                     totals[abi.COUNTER_NAMES[idx]] = totals.get(abi.COUNTER_NAMES[idx], 0) + 1
             if not _testable(f):
                 continue
-            want = ref.tc(f, now_ns=0, mark=0x4000)
+            want = ref.tc(f, now_ns=now, mark=0x4000)
             got = run.tc(f, mark=0x4000)
             tc_runs += 1
             assert (got.action, got.mark) == (want.action, want.mark), where
@@ -141,10 +175,15 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
         assert run.nonzero() == totals, f"counters after chunk at frame {chunk_start} (seed {SEED})"
         kernel = {key_tuple(k): list(fl.packets) for k, fl in maps.flows()}
         assert kernel == {k: fl.packets for k, fl in ref.flows.items()}, f"flows, chunk at {chunk_start}"
+        pinned = {key_tuple(k): (p.verdict, p.expires_ns) for k, p in maps.pinned()}
+        assert pinned == ref.pinned, f"pinned verdicts, chunk at {chunk_start}"
+        restored += totals.get("evicted_decided", 0)
         run.check_invariant()
     # The generator reached every kind of outcome, not just the easy ones.
     assert {R.CNT_FLAGGED, R.CNT_PASSED, R.CNT_NOT_IP, R.CNT_MALFORMED_L3, R.CNT_DROP_TC_PREFIX,
             R.CNT_OVER_DROP} <= seen_outcomes
+    assert restored > 0, "no evicted decided flow was ever restored"
     assert tc_runs >= FRAMES * 0.6 and xdp_runs + short == FRAMES and short < FRAMES * 0.05
-    print(f"\nfuzz: {FRAMES} frames ({tc_runs} through tc, {xdp_runs} through XDP) in "
+    print(f"\nfuzz: {FRAMES} frames ({tc_runs} through tc, {xdp_runs} through XDP, {restored} evicted decided "
+          f"flows restored) in "
           f"{time.monotonic() - start:.1f} s, seed {SEED}")

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
+import time
 
 import pytest
 from gwlab import attached_with_engine, hctl, nfqueue_counters, status
 from traffic import udp_send
 
+from hybrid.datapath.maps import Maps, flow_key
+from hybrid.kernel import bpffs
 from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
@@ -100,10 +104,28 @@ def test_block_unblock_and_bypass_a_live_tcp_flow(lab, tmp_path):
         assert f["verdict"] == "block" and 0 < f["ttl"] <= 60
         assert [x["flow"] for x in flows_json(lab, "--verdict", "block")["flows"]] == [spec]
 
-        # unblock: TCP retransmits and the data arrives
+        # the block is pinned: an eviction from the flow table (deleted here) does not lift it;
+        # tc restores the entry and counts it, status shows both
+        st = status(lab)
+        assert (st["pinned"]["count"], st["pinned"]["manual"], st["pinned"]["engine"]) == (1, 1, 0), st["pinned"]
+        assert "pinned blocks: 1 of 65,536 (1 manual, 0 by the engine)" in hctl(lab, "status").stdout
+        key = flow_key(lab.info.client.ipv4, lab.info.server.ipv4, SPORT, DPORT, 6)[0]
+        with Maps.open_pinned(os.path.join(bpffs.locate(), lab.netns("gw"))) as maps:
+            assert maps.delete_flow(key)
+        client.sendall(b"!")
+        assert recv_exactly(server, 8, 1.5) == b""
+        deadline = time.monotonic() + 20              # the client's next retransmission (RTO backoff)
+        while not any(f["flow"] == spec for f in flows_json(lab)["flows"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert recv_exactly(server, 8, 0.5) == b""
+        assert find(lab, spec)["verdict"] == "block" and find(lab, spec)["pinned"] == "manual"
+        assert "pinned (manual)" in hctl(lab, "flows").stdout
+        assert counters(lab)["evicted_decided"] >= 1
+
+        # unblock: TCP retransmits the data and it arrives
         assert hctl(lab, "unblock", spec).stdout == f"unblocked {spec}\n"
-        assert recv_exactly(server, 7, 15) == b"blocked"
-        assert find(lab, spec)["verdict"] == "none"
+        assert recv_exactly(server, 8, 15) == b"blocked!"
+        assert find(lab, spec)["verdict"] == "none" and status(lab)["pinned"]["count"] == 0
         assert hctl(lab, "unblock", spec).stdout == f"{spec} was not blocked (verdict none); nothing changed\n"
 
         # bypass (endpoints given the other way round: same flow): nothing more is queued

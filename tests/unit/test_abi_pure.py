@@ -62,6 +62,7 @@ def test_struct_sizes_match_header_comments():
     stated = dict(re.findall(r"struct hybrid_(\w+) \{.*?\};\s+/\* (\d+) bytes", text, re.S))
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
                  "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
+                 "pinned_verdict": abi.PinnedVerdict,
                  "stats": abi.Stats}
     assert set(stated) == set(by_c_name)
     for cname, size in stated.items():
@@ -74,6 +75,7 @@ def test_struct_fields_match_header():
     structs = dict(re.findall(r"struct hybrid_(\w+) \{(.*?)\};", text, re.S))
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
                  "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
+                 "pinned_verdict": abi.PinnedVerdict,
                  "stats": abi.Stats}
     for cname, body in structs.items():
         fields = re.findall(r"__[us]\d+\s+(\w+)", re.sub(r"/\*.*?\*/", "", body, flags=re.S))

@@ -2,6 +2,7 @@
 object records the verdict. Whatever bytes arrive, exactly one verdict is given and nothing
 escapes."""
 
+import errno
 import io
 import json
 import os
@@ -14,6 +15,7 @@ from scapy.all import ICMP, IP, TCP, UDP, IPv6, Raw
 
 from hybrid.engine.join import JOIN_TTL
 from hybrid.engine.loop import Engine, RateLimiter, VerdictLog
+from hybrid.errors import TableFullError
 from hybrid.kernel import abi
 
 pytestmark = pytest.mark.unit
@@ -267,6 +269,29 @@ def test_a_join_keeps_the_flow_in_inspect_and_the_decision_replaces_it(tmp_path,
     e.maps.writes.clear()
     e._handle(FakePacket(pieces[-1]))                    # a later packet: nothing left to end
     assert all(v != abi.VERDICT_NONE for v, _ in e.maps.writes)
+
+
+class FullPinnedMaps(RecordingMaps):
+    """A pinned table that is full: the flow table takes the BLOCK, the pin fails."""
+
+    def write_verdict(self, key: bytes, verdict: int, ttl_ns: int | None) -> None:
+        super().write_verdict(key, verdict, ttl_ns)
+        if verdict == abi.VERDICT_BLOCK:
+            raise TableFullError("hybrid_pinned is full (8 entries): ...", errno.E2BIG)
+
+
+def test_a_block_that_cannot_be_pinned_is_counted_not_an_error(tmp_path):
+    """The BLOCK is in the flow table (it counts as written); the failed pin is counted in
+    pinned_write_errors, never silent, and is not a flow write error."""
+    rules = tmp_path / "r.toml"
+    rules.write_text('default = "accept"\ndefault_flow = "none"\n[[rule]]\nname = "b"\nproto = "udp"\n'
+                     'dport = 53\naction = "drop"\nflow = "block"\n')
+    e = Engine(0, str(rules), maps=None, mark_mask=MASK)
+    e.maps = FullPinnedMaps()
+    e._handle(FakePacket(bytes(IP(src="198.18.1.2", dst="198.18.2.2") / UDP(sport=1, dport=53) / Raw(b"x"))))
+    assert [v for v, _ in e.maps.writes] == [abi.VERDICT_BLOCK]
+    assert (e.stats.pinned_write_errors, e.stats.flow_write_errors, e.stats.flow_verdicts["block"]) == (1, 0, 1)
+    assert e.snapshot()["pinned_write_errors"] == 1
 
 
 def test_no_http_joining_when_no_rule_reads_http():
