@@ -624,6 +624,7 @@ MATCH_KEYS: tuple[MatchKey, ...] = (
              reads="dns_qname"),
 )
 _MATCH_KEY = {k.name: k for k in MATCH_KEYS}
+_CONTENT_VIEWS = frozenset(("payload", "http", "tls_sni", "dns_qname"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +648,10 @@ class _Rule:
     def reads(self, view: str) -> bool:
         """Whether one of its matchers reads ``view`` ("indev", "http", "tls_sni", ...)."""
         return any(_MATCH_KEY[key].reads == view for key in self.match)
+
+    def reads_content(self) -> bool:
+        """Whether one of its matchers reads the transport payload (or a view parsed from it)."""
+        return any(_MATCH_KEY[key].reads in _CONTENT_VIEWS for key in self.match)
 
 
 class RuleSet:
@@ -675,6 +680,9 @@ class RuleSet:
         self.needs_sni = plugins or any(r.reads("tls_sni") for r in rules)
         self.needs_http = plugins or any(r.reads("http") for r in rules)
         self.needs_join = self.needs_sni or self.needs_http
+        # The rules that decide on bytes a client sends (payload, HTTP, SNI, DNS question; any
+        # plugin): their flow verdicts are scoped to the side that sent them (loop.py).
+        self.content_rules = frozenset(r.name for r in rules if r.plugin is not None or r.reads_content())
         # Whether a bare TCP SYN can be decided anything but "accept, leave the flow alone"; when
         # not, the engine tells the kernel not to queue SYNs (they would only cost a round trip).
         self.needs_syn = _needs_syn(rules, default)
