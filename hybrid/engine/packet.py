@@ -45,7 +45,9 @@ _MAX_HTTP_LINE = 8192
 
 class Packet:
     """One decoded IP packet, built by :func:`decode` only (it has no constructor). Read-only
-    by convention, except ``indev`` and :meth:`set_joined`, which the engine sets.
+    by convention, except ``indev``, ``doubt`` and :meth:`set_joined`, which the engine sets.
+    ``doubt`` (None, or a reason like "join:abandoned") says the bytes decided on may not be
+    what the server reads: the engine then never bypasses the flow on this packet (loop.py).
 
     ``ip_hlen`` counts every header before the transport one (IPv4 options, IPv6 extension
     headers), so ``l4_off == ip_hlen``. ``payload_off``/``payload_len`` delimit the transport
@@ -56,7 +58,7 @@ class Packet:
     __slots__ = ("raw", "version", "proto", "src_bytes", "dst_bytes", "sport", "dport",
                  "tcp_flags", "tcp_seq", "tcp_ack", "icmp_type", "icmp_code", "ip_hlen",
                  "l4_off", "payload_off", "payload_len", "fragment", "error", "indev",
-                 "_src", "_dst", "_payload", "_http", "_sni", "_dns")
+                 "doubt", "_src", "_dst", "_payload", "_http", "_sni", "_dns")
 
     def __repr__(self) -> str:
         if not self.version:
@@ -79,6 +81,13 @@ class Packet:
         if self._dst is _UNSET:
             self._dst = _ip_object(self.dst_bytes)
         return self._dst
+
+    @property
+    def ttl(self) -> int:
+        """IPv4 TTL or IPv6 hop limit, as the engine got the packet (0 when not decoded)."""
+        if self.version == 4:
+            return self.raw[8]
+        return self.raw[7] if self.version == 6 else 0
 
     @property
     def src_int(self) -> int:
@@ -308,6 +317,7 @@ def decode(raw: bytes) -> Packet:
     p.payload_len = payload_len
     p.fragment = fragment
     p.error = error
+    p.doubt = None
     p.indev = None
     p._src = p._dst = p._payload = p._http = p._sni = p._dns = _UNSET
     return p
