@@ -72,7 +72,11 @@ TCP_FLAG_BITS = {"F": 1, "S": 2, "R": 4, "P": 8, "A": 16, "U": 32, "E": 64, "C":
 LOGGED_ACTIONS = ("drop", "reject", "rewrite")
 PLUGIN_ERROR_LOG_INTERVAL = 10.0         # seconds between two log lines about one failing plugin
 
-TOP_KEYS = ("default", "default_flow", "flow_ttl", "plugin_paths", "rule")
+TOP_KEYS = ("default", "default_flow", "flow_ttl", "on_doubt", "plugin_paths", "rule")
+# What the engine does with a packet it would have bypassed its flow on but cannot be sure the
+# server reads as it did (loop.py): keep the flow inspected and pass the packet, or drop it, or
+# reset it (a TCP RST both ways; an ICMP error otherwise). The flow is never bypassed on it.
+ON_DOUBT = ("inspect", "drop", "reset")
 RULE_KEYS = ("name", "proto", "src", "dst", "sport", "dport", "port", "tcp_flags", "iif", "fragment",
              "icmp_type", "icmp_code", "payload_len", "payload_contains", "payload_hex", "payload_regex",
              "http_method", "http_host", "http_path", "tls_sni", "dns_qname", "action", "reject_with",
@@ -659,8 +663,9 @@ class RuleSet:
     name to the packets it decided, ``plugin_errors`` each plugin rule's name to its failures."""
 
     def __init__(self, filename: str, rules: list[_Rule], default: Decision, plugin_paths: list[str], *,
-                 mark_mask: int = 0, plugins_imported: bool = True):
+                 mark_mask: int = 0, plugins_imported: bool = True, on_doubt: str = "inspect"):
         self.filename = filename
+        self.on_doubt = on_doubt                    # ON_DOUBT: what a doubtful packet gets
         self.mark_mask = mark_mask                  # hybrid's bits: a plugin's mark may not touch them
         self.plugins_imported = plugins_imported    # False: plugins were only checked (rules check)
         self._rules = rules
@@ -863,6 +868,9 @@ def _compile(src: TomlSource, flow_ttl: int | None, mark_mask: int, import_plugi
     default_flow = doc.get("default_flow", "none")
     if default_flow not in FLOWS:
         raise src.error(None, "default_flow", f"default_flow {default_flow!r}: write one of {', '.join(FLOWS)}")
+    on_doubt = doc.get("on_doubt", "inspect")
+    if on_doubt not in ON_DOUBT:
+        raise src.error(None, "on_doubt", f"on_doubt {on_doubt!r}: write one of {', '.join(ON_DOUBT)}")
     try:
         file_ttl = _positive_int("flow_ttl", doc.get("flow_ttl", DEFAULT_FLOW_TTL), "seconds, e.g. 300")
     except ValueError as exc:
@@ -900,7 +908,8 @@ def _compile(src: TomlSource, flow_ttl: int | None, mark_mask: int, import_plugi
                                                      f"{seen[rule.name]}); give every rule a unique name")
         seen[rule.name] = rule.line or 0
         rules.append(rule)
-    return RuleSet(filename, rules, default, plugin_paths, mark_mask=mark_mask, plugins_imported=import_plugins)
+    return RuleSet(filename, rules, default, plugin_paths, mark_mask=mark_mask, plugins_imported=import_plugins,
+                   on_doubt=on_doubt)
 
 
 def _compile_rule(src: TomlSource, index: int, raw, flow_ttl: int, loader: _PluginLoader, mark_mask: int) -> _Rule:
