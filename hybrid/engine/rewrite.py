@@ -24,7 +24,7 @@ from hybrid.engine.packet import (
 )
 from hybrid.errors import HybridError
 
-__all__ = ["ICMP_ADMIN_PROHIBITED", "ICMP_HOST_PROHIBITED", "ICMP_PORT_UNREACHABLE",
+__all__ = ["transport_checksum_ok", "ICMP_ADMIN_PROHIBITED", "ICMP_HOST_PROHIBITED", "ICMP_PORT_UNREACHABLE",
            "ICMP6_ADMIN_PROHIBITED", "ICMP6_PORT_UNREACHABLE", "checksum", "fill_payload",
            "icmp_unreachable_for", "replace_bytes", "set_payload", "tcp_rst_for", "tcp_rst_onward"]
 
@@ -62,6 +62,23 @@ def checksum(data: bytes) -> int:
     if s == 0 and total:
         s = 0xFFFF
     return ~s & 0xFFFF
+
+
+def transport_checksum_ok(pkt: Packet) -> bool:
+    """Whether the TCP or UDP checksum of a decoded, unfragmented packet is right (a UDP/IPv4
+    checksum of 0, "none", is right), i.e. whether its receiver will take the segment rather
+    than discard it. True for other protocols and for packets it cannot check (fragments,
+    decode errors): callers only use False. The kernel completes offloaded (CHECKSUM_PARTIAL)
+    checksums before it queues a packet (NFQA_CFG_F_GSO is not set), so a wrong one is wrong."""
+    proto = pkt.proto
+    if (proto != IPPROTO_TCP and proto != IPPROTO_UDP) or pkt.fragment or pkt.error or not pkt.version:
+        return True
+    raw, l4 = pkt.raw, pkt.l4_off
+    end = pkt.payload_off + pkt.payload_len
+    if proto == IPPROTO_UDP and pkt.version == 4 and raw[l4 + 6:l4 + 8] == b"\0\0":
+        return True
+    dst = pkt.dst_bytes if pkt.version == 4 else _final_dst_v6(raw, l4, refuse_ah=False)
+    return checksum(_pseudo(pkt.version, pkt.src_bytes, dst, proto, end - l4) + raw[l4:end]) == 0
 
 
 def _require(pkt: Packet, what: str) -> None:
