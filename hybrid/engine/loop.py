@@ -13,6 +13,17 @@ are already bypassed or blocked in the kernel -> the packet verdict:
   receiver, or an ICMP unreachable to the sender); rewrite (new payload, checksums recomputed,
   then as accept); mark (set the rule's bits under its mask, then as accept).
 
+Before a flow verdict is written, one place (:meth:`Engine._settle`) checks it against what the
+server will see. A bypass is refused when the engine cannot be sure the server reads the bytes as
+it did (a head, ClientHello or DNS name it could not read exactly, a join it gave up, a checksum
+the receiver will reject, a TTL that may expire before the server, bytes that are not the start
+of the client's stream): the packet gets the rules' ``on_doubt`` (inspect: passed, the flow kept
+inspected; drop; reset), counted by reason. Flow verdicts come from the side that is speaking: a
+bypass decided on the responder's bytes is not written, and a BLOCK earned by a rule on client
+bytes covers the flow only when the kernel saw the flow's own handshake and the bytes came from
+the side that opened it (else it covers the packet). Every verdict the engine writes belongs to
+its connection: a new SYN on the same 5-tuple starts afresh in the kernel.
+
 Nothing a packet carries may stop the engine: an exception in decoding, a rule or a plugin is
 counted and the packet accepted (the engine fails open per packet, as the queue does when the
 engine is away). The engine never compiles BPF: it only opens the pinned maps.
@@ -30,14 +41,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from hybrid import instance as inst
 from hybrid.datapath import queues
 from hybrid.engine import rewrite
 from hybrid.engine.join import DECIDE, JOIN_TTL, SegmentJoiner, Step
-from hybrid.engine.packet import DNS_UNPARSED, TLS_UNPARSED, Packet, client_hello_problem, decode
-from hybrid.engine.packet import http_unparsed
-from hybrid.engine.rules import Decision, RulesError, RuleSet, load_rules
+from hybrid.engine.packet import Packet, client_hello_problem, decode, http_unparsed
+from hybrid.engine.rules import ON_DOUBT, Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError, TableFullError
 from hybrid.kernel import abi, nfq
 
@@ -109,20 +120,21 @@ class EngineStats:
     hellos_abandoned: int = 0  # gave up joining (out of order, too big, timed out, table full)
     http_heads_joined: int = 0     # the same for HTTP request heads sent in pieces
     http_heads_abandoned: int = 0
-    # ClientHellos a bypass was refused for, since no server_name could be trusted from them
-    # (the flow stays inspected instead), by reason (hybrid.engine.packet.TLS_UNPARSED)
-    hellos_unparsed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TLS_UNPARSED, 0))
     reloads: int = 0
     reload_errors: int = 0
     last_reload_error: str | None = None
     reject_send_errors: int = 0    # a reject's RSTs or ICMP errors not built or not sent (dropped still)
-    # DNS messages whose question name a rule read but could not read exactly, by reason
-    # (hybrid.engine.packet.DNS_UNPARSED); counted whatever the verdict was
-    dns_unparsed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DNS_UNPARSED, 0))
-    # HTTP heads that would have been bypassed but cannot be attributed to one host and path (an
-    # unparsable head that may still be a request, several Host lines, ...), by reason: the flow
-    # is kept inspected instead (hybrid.engine.packet.http_unparsed, HttpRequest.doubt)
-    http_unparsed: dict[str, int] = field(default_factory=dict)
+    rewrite_errors: int = 0        # a rewrite that cannot be made (a fragment, IPsec AH): dropped instead
+    # Packets the engine would have bypassed their flow on, but could not be sure the server
+    # reads as it did, by reason ("http:several-hosts", "tls:interleaved", "dns:forward-pointer",
+    # "join:abandoned", "tcp:bad-checksum", "ip:low-ttl", "tcp:not-stream-start", ...): the flow
+    # is not bypassed; the packet gets the rules' on_doubt (counted in doubt_actions).
+    doubts: dict[str, int] = field(default_factory=dict)
+    doubt_actions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ON_DOUBT, 0))
+    # Flow verdicts narrowed to the side that spoke: a bypass decided on the responder's bytes
+    # (the flow is left as it was), a BLOCK earned on client bytes without the flow's own
+    # handshake or from the responder side (the packet is dropped, the flow kept inspected).
+    scoped: dict[str, int] = field(default_factory=lambda: {"responder-side": 0, "block-packet-only": 0})
     decision_ns_log2: list[int] = field(default_factory=lambda: [0] * DECISION_SLOTS)
     decision_ns_sum: int = 0
 
@@ -278,13 +290,8 @@ class Engine:
                     if j.data is not None:
                         pkt.set_joined(j.data, http=j.http)
             d = rules.decide(pkt)
-            if d.flow == "bypass" and rules.needs_http and pkt.proto == 6 and pkt.payload_len:
-                d = self._unsure_http(pkt, d)
-            if d.flow == "bypass" and rules.needs_sni and pkt.payload_len and pkt.proto == 6 \
-                    and pkt.raw[pkt.payload_off] == 0x16 and pkt.tls_sni is None:
-                d = self._unparsed_hello(j.data if ended_join and j.data is not None else pkt.payload, d)
-            if pkt.dns_unparsed is not None:
-                stats.dns_unparsed[pkt.dns_unparsed] += 1
+            if d.flow != "inspect":
+                d = self._settle(pkt, d, j.data if ended_join and j.data is not None else None)
             if ended_join and d.flow not in FLOW_VERDICTS:    # the decision replaces the INSPECT
                 self._flow_verdict(pkt, _NONE_AFTER_JOIN)
             if d.flow in FLOW_VERDICTS:
@@ -316,27 +323,110 @@ class Engine:
             stats.decision_ns_log2[dt.bit_length()] += 1
             stats.decision_ns_sum += dt
 
-    def _unparsed_hello(self, data: bytes, d: Decision) -> Decision:
-        """A bypass decided on a TLS handshake record with no server_name: refused (the flow
-        stays inspected for the rule's ttl) when the ClientHello could not be read as a server
-        reads it (records interleaved or too long, ambiguous SNI, too big, a join given up),
-        since the server may yet be serving a name the rules block. Counted by reason."""
-        why = client_hello_problem(data)
+    # -- the one place a flow verdict is checked against what the server will see ---------------
+    def _settle(self, pkt: Packet, d: Decision, joined: bytes | None) -> Decision:
+        """The decision as the engine may act on it, for a decision that writes a flow verdict
+        (bypass, block) or a packet in doubt:
+
+        - doubt: a bypass (or a packet the join already doubts) whose bytes the server may not
+          read as the engine did (:meth:`_doubt`): the flow is never bypassed on it; the packet
+          gets the rules' ``on_doubt`` (inspect: passed, flow kept inspected; drop; reset);
+        - scope: a bypass decided on the responder's bytes is not written (the client's bytes
+          are still to come); a BLOCK earned by a rule on client bytes is written for the flow
+          only when its own handshake was seen and the bytes came from the side that opened it,
+          else it applies to this packet and the flow stays inspected (spoofed packets cannot
+          block someone else's connection)."""
+        if d.flow == "block":
+            if d.rule is not None and d.rule in self.rules.content_rules and self.maps is not None:
+                facts = self._facts(pkt)
+                if facts is None or not facts.handshake or not facts.from_client:
+                    self.stats.scoped["block-packet-only"] += 1
+                    return d._replace(flow="inspect")
+            return d
+        why = pkt.doubt
+        facts = None
         if why is None:
-            return d                        # a whole ClientHello without SNI, or not TLS
-        self.stats.hellos_unparsed[why] += 1
+            bypass = d.flow == "bypass"
+            if bypass and self.maps is not None and pkt.payload_len:
+                facts = self._facts(pkt)
+            why = self._doubt(pkt, joined, facts, bypass)
+        if why is not None:
+            return self._on_doubt(pkt, d, why)
+        if d.flow == "bypass" and facts is not None and not facts.from_client and not facts.midstream:
+            self.stats.scoped["responder-side"] += 1
+            return d._replace(flow="none")
+        return d
+
+    def _doubt(self, pkt: Packet, joined: bytes | None, facts: _Facts | None, bypass: bool) -> str | None:
+        """Why the server may not read this packet's bytes as the engine did, or None. Parser
+        doubts first (a head, ClientHello or DNS name a rule could not read exactly: the flow
+        is kept inspected whatever its verdict, so that the engine sees the rest). Then, for a
+        bypass only, the transport: a checksum its receiver will reject, a TTL lower than its
+        direction's highest (it may expire before the server: an insertion), bytes that are
+        not the start of the client's stream."""
+        rules = self.rules
+        if pkt.fragment:
+            return "ip:fragment"
+        proto = pkt.proto
+        if proto == 6 and pkt.payload_len:
+            data = joined if joined is not None else pkt.payload
+            if rules.needs_http:
+                http = pkt.http
+                why = http.doubt if http is not None else http_unparsed(data)
+                if why is not None:
+                    return "http:" + why
+            if rules.needs_sni and data[0] == 0x16 and pkt.tls_sni is None:
+                why = client_hello_problem(data)
+                if why is not None:
+                    return "tls:" + why
+        why = pkt.dns_unparsed
+        if why is not None:
+            return "dns:" + why
+        if not bypass or not pkt.payload_len:
+            return None
+        if not rewrite.transport_checksum_ok(pkt):
+            return ("tcp:" if proto == 6 else "udp:") + "bad-checksum"
+        if facts is not None:
+            if pkt.ttl + _FORWARD_HOPS < facts.ttl_max:
+                return "ip:low-ttl"
+            if proto == 6 and facts.isn is not None and rules.content_rules:
+                # where the decided bytes begin: a joined message ends with this segment; a
+                # SYN's data (TCP Fast Open) begins one after its sequence number
+                start = pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
+                if joined is not None:
+                    start -= len(joined) - pkt.payload_len
+                start &= _SEQ_MASK
+                if start != (facts.isn + 1) & _SEQ_MASK:
+                    return "tcp:not-stream-start"
+        return None
+
+    def _on_doubt(self, pkt: Packet, d: Decision, why: str) -> Decision:
+        stats = self.stats
+        stats.doubts[why] = stats.doubts.get(why, 0) + 1
+        policy = self.rules.on_doubt
+        if d.action in ("drop", "reject"):
+            policy = "inspect"                      # already not passed
+        stats.doubt_actions[policy] += 1
+        if policy == "drop":
+            return d._replace(action="drop", flow="inspect", mark=None, rewrite=None)
+        if policy == "reset":
+            return d._replace(action="reject", flow="inspect", mark=None, rewrite=None,
+                              reject_with="tcp-reset" if pkt.proto == 6 else None)
         return d._replace(flow="inspect")
 
-    def _unsure_http(self, pkt: Packet, d: Decision) -> Decision:
-        """A bypass of a TCP payload the server may read as an HTTP request hybrid cannot
-        attribute (unparsable, or several candidate hosts): keep the flow inspected instead,
-        counted by reason."""
-        http = pkt.http
-        why = http.doubt if http is not None else http_unparsed(pkt.payload)
-        if why is None:
-            return d
-        self.stats.http_unparsed[why] = self.stats.http_unparsed.get(why, 0) + 1
-        return d._replace(flow="inspect")
+    def _facts(self, pkt: Packet) -> _Facts | None:
+        """What the kernel's flow entry knows about this packet's connection (None: no entry,
+        or no key). One map lookup, made only for a decision that writes a flow verdict."""
+        key = pkt.flow_key()
+        if key is None:
+            return None
+        try:
+            flow = self.maps.get_flow(key[0])
+        except HybridError:
+            return None
+        if flow is None:
+            return None
+        return _Facts.of(flow, key[1])
 
     def _hold(self, pkt: Packet, nfpkt, step: Step) -> None:
         """A segment the joiner holds back: accepted without a decision; a new or grown join
@@ -357,7 +447,16 @@ class Engine:
             nfpkt.drop()            # first: no failure to send the reset may turn into an accept
             self._send_reject(pkt, d.reject_with)
         elif action == "rewrite":
-            nfpkt.set_payload(self._rewritten(pkt, d.rewrite))
+            try:
+                out = self._rewritten(pkt, d.rewrite)
+            except HybridError as exc:          # a fragment, an AH-protected packet, ...:
+                nfpkt.drop()                    # it cannot pass as the rule wants it, so not at all
+                self.stats.rewrite_errors += 1
+                if self.stats.rewrite_errors <= 10:
+                    log.error("queue %d: rule %s: %s; the packet is dropped", self.queue, d.rule, exc)
+                self.stats.actions["drop"] += 1
+                return
+            nfpkt.set_payload(out)
             self._accept(nfpkt)
         elif action == "mark":
             value, mask = d.mark
@@ -390,7 +489,8 @@ class Engine:
         if key is None:
             return
         try:   # d.ttl: positive seconds (the rules compiler and _merge_verdict() check it)
-            self.maps.write_verdict(key[0], _FLOW_CODES[d.flow], max(1, int(d.ttl * 1e9)))
+            # conn_scoped: the verdict belongs to this connection; a new SYN on the 5-tuple ends it
+            self.maps.write_verdict(key[0], _FLOW_CODES[d.flow], max(1, int(d.ttl * 1e9)), conn_scoped=True)
             if d.flow in FLOW_VERDICTS:
                 self.stats.flow_verdicts[d.flow] += 1
         except TableFullError as exc:    # in the flow table, not pinned: an eviction would lose it
@@ -464,11 +564,10 @@ class Engine:
                 "pinned_write_errors": st.pinned_write_errors, "reloads": st.reloads,
                 "hellos_joined": st.hellos_joined, "hellos_abandoned": st.hellos_abandoned,
                 "http_heads_joined": st.http_heads_joined, "http_heads_abandoned": st.http_heads_abandoned,
-                "hellos_unparsed": dict(st.hellos_unparsed),
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
-                "reject_send_errors": st.reject_send_errors,
-                "dns_unparsed": dict(st.dns_unparsed),
-                "http_unparsed": dict(st.http_unparsed),
+                "reject_send_errors": st.reject_send_errors, "rewrite_errors": st.rewrite_errors,
+                "doubts": dict(st.doubts), "doubt_policy": self.rules.on_doubt,
+                "doubt_actions": dict(st.doubt_actions), "scoped": dict(st.scoped),
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),
                 "fail_open": self.fail_open, "flags_confirmed": self.setup.flags_confirmed if self.setup else None,
@@ -507,7 +606,31 @@ _INSPECT_WHILE_JOINING = Decision(rule=None, action="accept", mark=None, rewrite
 # A decision that leaves the flow alone, after a join: the join's INSPECT is ended (back to NONE).
 _NONE_AFTER_JOIN = _INSPECT_WHILE_JOINING._replace(flow="none")
 _FLOW_CODES = {**FLOW_VERDICTS, "none": abi.VERDICT_NONE}
-_TCP_RST, _TCP_ACK = 0x04, 0x10
+_SEQ_MASK = 0xFFFFFFFF
+# The engine reads a forwarded packet after the gateway decremented its TTL (ip_forward and
+# ip6_forward do so before the FORWARD hook); tc recorded it before. On the INPUT hook this
+# lets a packet one below its direction's highest TTL pass the check: it has arrived anyway.
+_FORWARD_HOPS = 1
+
+
+class _Facts(NamedTuple):
+    """A connection as the kernel's flow entry saw it, from the packet's side (see
+    bpf/hybrid_common.h struct hybrid_flow)."""
+    from_client: bool       # the packet comes from the side whose packet created the entry
+    midstream: bool         # the entry began on a non-SYN: who opened the connection is unknown
+    handshake: bool         # both the SYN and the SYN-ACK were seen
+    ttl_max: int            # the highest TTL seen in the packet's direction
+    isn: int | None         # the packet's direction's initial sequence number, when seen
+
+    @classmethod
+    def of(cls, flow, direction: int) -> _Facts:
+        flags = flow.flags
+        orig = 1 if flags & abi.FLOW_ORIG_HI else 0
+        isn_bit = abi.FLOW_ISN1 if direction else abi.FLOW_ISN0
+        return cls(direction == orig, bool(flags & abi.FLOW_MIDSTREAM),
+                   flags & (abi.FLOW_ISN0 | abi.FLOW_ISN1) == abi.FLOW_ISN0 | abi.FLOW_ISN1,
+                   flow.ttl_max[direction], flow.isn[direction] if flags & isn_bit else None)
+_TCP_SYN, _TCP_RST, _TCP_ACK = 0x02, 0x04, 0x10
 
 
 class _Stop(Exception):

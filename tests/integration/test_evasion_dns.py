@@ -8,6 +8,7 @@ purpose (OVERBLOCK): dnsmasq answers none of them with a blocked name either."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import struct
 import sys
 
@@ -133,13 +134,13 @@ def ask_all(lab) -> dict[str, str]:
 
 def engine_dns_unparsed(lab) -> dict:
     with open(f"/run/hybrid/instances/{lab.netns('gw')}/engine-0.json") as f:
-        return json.load(f)["dns_unparsed"]
+        return Counter({k[4:]: n for k, n in json.load(f)["doubts"].items() if k.startswith("dns:")})
 
 
 @pytest.fixture(scope="module")
 def answers(lab, tmp_path_factory):
     """(dnsmasq's answers through accept-all hybrid, answers through hybrid blocking the names,
-    the blocking engine's dns_unparsed counters)."""
+    the blocking engine's doubts about DNS names, by reason)."""
     from hybrid.lab.servers import Dns
     with Dns(lab, records={**BLOCKED, **ALLOWED}):
         with attached_with_engine(lab, tmp_path_factory.mktemp("oracle"), ACCEPT_ALL):

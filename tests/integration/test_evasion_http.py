@@ -164,8 +164,8 @@ def test_hybrid_decides_on_what_nginx_serves(lab, tmp_path):
         direct = send_all(lab)                     # nginx's own reading, no hybrid
         with attached_with_engine(lab, tmp_path, BLOCK, "--xdp-mode", "generic"):
             through = send_all(lab)
-            st = engine_stats(lab, until=lambda st: st["http_unparsed"].get("host_conflict")
-                              and st["http_unparsed"].get("duplicate_host"))
+            st = engine_stats(lab, until=lambda st: st["doubts"].get("http:host_conflict")
+                              and st["doubts"].get("http:duplicate_host"))
     table = []
     wrong = []
     for name, _ in VARIANTS:
@@ -181,11 +181,11 @@ def test_hybrid_decides_on_what_nginx_serves(lab, tmp_path):
         if not ok:
             wrong.append(name)
     print("\n".join(table))
-    print("engine http_unparsed:", st.get("http_unparsed"), "rules:", st.get("rules"))
+    print("engine doubts:", st.get("doubts"), "rules:", st.get("rules"))
     # The oracle must have seen the evasions work at all: nginx served the blocked host or /admin.
     assert served(direct["absolute URI"]) == {"blocked"} and served(direct["percent admin"]) == {"admin"}
     assert served(direct["plain allowed"]) == {"allowed"}
     assert not wrong, "\n".join(table)
     # Ambiguous heads that no rule blocked were not bypassed, and counted by reason.
-    assert st["http_unparsed"]["host_conflict"] >= 1 and st["http_unparsed"]["duplicate_host"] >= 1
+    assert st["doubts"]["http:host_conflict"] >= 1 and st["doubts"]["http:duplicate_host"] >= 1
     assert st["rules"]["block-host"] >= 10 and st["rules"]["block-admin"] >= 5 and st["errors"] == 0

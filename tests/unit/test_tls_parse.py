@@ -362,11 +362,11 @@ def test_the_engine_bypasses_an_allowed_name_in_many_records(tmp_path):
 ])
 def test_an_unparsed_hello_is_never_bypassed_and_is_counted(tmp_path, data, why):
     e, _ = run_engine(tmp_path, data, [5000])
-    assert e.stats.hellos_unparsed[why] == 1
+    assert e.stats.doubts == {"tls:" + why: 1}
     assert abi.VERDICT_BYPASS not in e.maps.writes and e.maps.writes[-1] == abi.VERDICT_INSPECT
 
 
 def test_a_hello_without_sni_is_still_bypassed(tmp_path):
     e, _ = run_engine(tmp_path, client_hello(None), [5000])
-    assert e.maps.writes[-1] == abi.VERDICT_BYPASS and not any(e.stats.hellos_unparsed.values())
+    assert e.maps.writes[-1] == abi.VERDICT_BYPASS and not e.stats.doubts
 
