@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from hybrid import instance as inst
 from hybrid.datapath import queues
 from hybrid.engine import rewrite
-from hybrid.engine.join import DECIDE, JOIN_TTL, SegmentJoiner, Step
+from hybrid.engine.join import ABANDON_REASONS, DECIDE, JOIN_TTL, SegmentJoiner, Step, stricter
 from hybrid.engine.packet import DNS_UNPARSED, TLS_UNPARSED, Packet, client_hello_problem, decode
 from hybrid.engine.packet import http_unparsed
 from hybrid.engine.rules import Decision, RulesError, RuleSet, load_rules
@@ -109,6 +109,15 @@ class EngineStats:
     hellos_abandoned: int = 0  # gave up joining (out of order, too big, timed out, table full)
     http_heads_joined: int = 0     # the same for HTTP request heads sent in pieces
     http_heads_abandoned: int = 0
+    # The segment joiner (hybrid.engine.join): joins given up, by reason (join.ABANDON_REASONS);
+    # pieces held beyond a hole or kept with nothing before them; messages decided on two
+    # readings (overlaps with different bytes); pieces the joiner set pkt.doubt on; flows
+    # remembered as abandoned that the memory's bound dropped before JOIN_TTL.
+    joins_abandoned: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ABANDON_REASONS, 0))
+    joins_out_of_order: int = 0
+    joins_overlap_differs: int = 0
+    joins_doubted: int = 0
+    joins_forgotten: int = 0
     # ClientHellos a bypass was refused for, since no server_name could be trusted from them
     # (the flow stays inspected instead), by reason (hybrid.engine.packet.TLS_UNPARSED)
     hellos_unparsed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TLS_UNPARSED, 0))
@@ -268,16 +277,25 @@ class Engine:
             if rules.needs_indev:
                 pkt.indev = self._ifname(nfpkt.indev)
             ended_join = False
+            d_alt = None
             if rules.needs_join and pkt.proto == 6 and pkt.payload_len:
                 j = self.joiner.offer(pkt, rules)
                 if j is not DECIDE:
                     if j.held:
                         self._hold(pkt, nfpkt, j.step)
                         return
-                    ended_join = True      # GAP or JOINED: the flow is in the join's INSPECT
-                    if j.data is not None:
-                        pkt.set_joined(j.data, http=j.http)
+                    # JOINED: the flow is in the join's INSPECT until the decision replaces it;
+                    # in doubt (pkt.doubt) that INSPECT is left to run its JOIN_TTL.
+                    ended_join = pkt.doubt is None
+                    if j.alt is not None:       # overlaps differed: decide on both readings
+                        pkt.set_joined(j.alt, http=j.http)
+                        d_alt = rules.decide(pkt)
+                    pkt.set_joined(j.data, http=j.http)
             d = rules.decide(pkt)
+            if d_alt is not None:
+                d = stricter(d, d_alt)
+            if pkt.doubt is not None and d.flow == "bypass":    # until the doubt step lands
+                d = d._replace(flow="none")
             if d.flow == "bypass" and rules.needs_http and pkt.proto == 6 and pkt.payload_len:
                 d = self._unsure_http(pkt, d)
             if d.flow == "bypass" and rules.needs_sni and pkt.payload_len and pkt.proto == 6 \
