@@ -336,8 +336,12 @@ class SegmentJoiner:
         ``rules.needs_sni``, only request heads when ``rules.needs_http``."""
         key = (pkt.src_bytes, pkt.sport, pkt.dst_bytes, pkt.dport)
         held = self.flows.get(key) if self.flows else None
-        if held is not None and held.start is not None:
-            return self._continue(pkt, key, held)
+        if held is not None:
+            if held.expires <= time.monotonic():         # past JOIN_TTL: the server gave up too
+                self._drop(key, held)
+                held = None
+            elif held.start is not None:
+                return self._continue(pkt, key, held)
         if held is None and self.abandoned:
             gone = self.abandoned.get(key)
             if gone is not None:

@@ -438,3 +438,91 @@ def test_the_work_per_piece_does_not_grow_with_the_bytes_held(joiner, monkeypatc
     late = per_piece[-200:-1]                              # the decision's own work aside
     assert max(late) <= 64 and sum(per_piece[:-1]) <= 40 * len(per_piece)
     assert r.step is Step.JOINED and len(calls) <= 2 and sum(calls) <= 2 * len(msg) + 16
+
+
+def test_held_pieces_older_than_join_ttl_are_dropped_not_joined(joiner, monkeypatch):
+    """A piece kept longer than JOIN_TTL (servers wait less for a request head) is not joined
+    with a start that comes after it; nothing is remembered (nothing was given up)."""
+    assert joiner.offer(seg(b"Host: x.blocked.example\r\n\r\n", 1016), BOTH).step is Step.DECIDE
+    clock = [join.time.monotonic() + join.JOIN_TTL + 1]
+    monkeypatch.setattr(join.time, "monotonic", lambda: clock[0])
+    p = seg(b"GET / HTTP/1.1\r\n", 1000)
+    assert joiner.offer(p, BOTH).step is Step.HOLD and p.doubt is None
+    held = next(iter(joiner.flows.values()))
+    assert held.data == b"GET / HTTP/1.1\r\n" and not joiner.abandoned
+
+
+# -- the engine's join step (loop.py's Engine._handle, its join part) -------------------------------
+class _Nf:
+    """NetfilterQueue's packet as the engine's handler uses it; records the verdict."""
+
+    def __init__(self, raw: bytes):
+        self.raw, self.verdicts = raw, []
+
+    def get_payload(self):
+        return self.raw
+
+    def get_mark(self):
+        return 0x100000
+
+    def set_mark(self, m):
+        pass
+
+    def repeat(self):
+        self.verdicts.append("repeat")
+
+    def drop(self):
+        self.verdicts.append("drop")
+
+
+class _Maps:
+    def __init__(self):
+        self.writes = []
+
+    def write_verdict(self, key, verdict, ttl_ns):
+        self.writes.append(verdict)
+
+
+def _engine(tmp_path):
+    from hybrid.engine.loop import Engine
+    rules = tmp_path / "r.toml"
+    rules.write_text('default = "accept"\ndefault_flow = "bypass"\n[[rule]]\nname = "h"\nproto = "tcp"\n'
+                     'http_host = ".blocked.example"\naction = "drop"\nflow = "block"\n')
+    e = Engine(0, str(rules), maps=None, mark_mask=0x100000)
+    e.maps = _Maps()
+    return e
+
+
+def _raw(payload: bytes, seq: int, sport: int = 40000) -> bytes:
+    return bytes(IP(src="198.18.1.2", dst="198.18.2.2") / TCP(sport=sport, dport=80, flags="PA", seq=seq)
+                 / Raw(payload))
+
+
+@pytest.mark.parametrize("blocked_first", [True, False])
+def test_the_engine_decides_both_readings_and_the_strictest_wins(tmp_path, blocked_first):
+    from hybrid.kernel import abi
+    e = _engine(tmp_path)
+    a, b = (HEAD, OTHER) if blocked_first else (OTHER, HEAD)
+    for payload, seq in ((a[:HOST_AT + 6], 1000), (a[HOST_AT + 6:HOST_END - 2], 1000 + HOST_AT + 6),
+                         (b[HOST_AT + 6:HOST_END - 2], 1000 + HOST_AT + 6)):
+        nf = _Nf(_raw(payload, seq))
+        e._handle(nf)
+        assert nf.verdicts == ["repeat"]
+    nf = _Nf(_raw(a[HOST_END - 2:], 1000 + HOST_END - 2))
+    e._handle(nf)
+    assert nf.verdicts == ["drop"] and e.maps.writes[-1] == abi.VERDICT_BLOCK
+    assert e.stats.joins_overlap_differs >= 1 and e.stats.errors == 0
+
+
+def test_the_engine_never_bypasses_a_flow_on_an_orphan_piece(tmp_path):
+    """Piece 1 first (the Host line): decided in doubt, no BYPASS written; piece 0 then joins
+    it and the joined head is blocked."""
+    from hybrid.kernel import abi
+    e = _engine(tmp_path)
+    nf = _Nf(_raw(HEAD[HOST_AT:], 1000 + HOST_AT))
+    e._handle(nf)
+    assert nf.verdicts == ["repeat"] and abi.VERDICT_BYPASS not in e.maps.writes
+    nf = _Nf(_raw(HEAD[:HOST_AT], 1000))
+    e._handle(nf)
+    assert nf.verdicts == ["drop"] and e.maps.writes[-1] == abi.VERDICT_BLOCK
+    assert e.stats.http_heads_joined == 1 and e.stats.joins_doubted == 1
