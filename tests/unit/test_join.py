@@ -324,7 +324,8 @@ def test_ipv6_sources_share_their_64(joiner, monkeypatch):
     monkeypatch.setattr(join, "SOURCE_MAX_FLOWS", 2)
 
     def seg6(src):
-        return decode(bytes(IPv6(src=src, dst="2001:2:0:2::2") / TCP(sport=1, dport=80, flags="PA", seq=1) / Raw(b"GE")))
+        return decode(bytes(IPv6(src=src, dst="2001:2:0:2::2") / TCP(sport=1, dport=80, flags="PA", seq=1)
+                            / Raw(b"GE")))
     assert joiner.offer(seg6("2001:2:0:1::1"), BOTH).step is Step.HOLD
     assert joiner.offer(seg6("2001:2:0:1::2"), BOTH).step is Step.HOLD
     p = seg6("2001:2:0:1::3")
