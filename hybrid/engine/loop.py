@@ -46,7 +46,7 @@ from typing import NamedTuple
 from hybrid import instance as inst
 from hybrid.datapath import queues
 from hybrid.engine import rewrite
-from hybrid.engine.join import DECIDE, JOIN_TTL, SegmentJoiner, Step
+from hybrid.engine.join import ABANDON_REASONS, DECIDE, JOIN_TTL, SegmentJoiner, Step, stricter
 from hybrid.engine.packet import Packet, client_hello_problem, decode, http_unparsed
 from hybrid.engine.rules import ON_DOUBT, Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError, TableFullError
@@ -120,6 +120,15 @@ class EngineStats:
     hellos_abandoned: int = 0  # gave up joining (out of order, too big, timed out, table full)
     http_heads_joined: int = 0     # the same for HTTP request heads sent in pieces
     http_heads_abandoned: int = 0
+    # The segment joiner (hybrid.engine.join): joins given up, by reason (join.ABANDON_REASONS);
+    # pieces held beyond a hole or kept with nothing before them; messages decided on two
+    # readings (overlaps with different bytes); pieces the joiner set pkt.doubt on; flows
+    # remembered as abandoned that the memory's bound dropped before JOIN_TTL.
+    joins_abandoned: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ABANDON_REASONS, 0))
+    joins_out_of_order: int = 0
+    joins_overlap_differs: int = 0
+    joins_doubted: int = 0
+    joins_forgotten: int = 0
     reloads: int = 0
     reload_errors: int = 0
     last_reload_error: str | None = None
@@ -280,18 +289,26 @@ class Engine:
             if rules.needs_indev:
                 pkt.indev = self._ifname(nfpkt.indev)
             ended_join = False
+            d_alt = joined = joined_start = None
             if rules.needs_join and pkt.proto == 6 and pkt.payload_len:
                 j = self.joiner.offer(pkt, rules)
                 if j is not DECIDE:
                     if j.held:
                         self._hold(pkt, nfpkt, j.step)
                         return
-                    ended_join = True      # GAP or JOINED: the flow is in the join's INSPECT
-                    if j.data is not None:
-                        pkt.set_joined(j.data, http=j.http)
+                    # JOINED: the flow is in the join's INSPECT until the decision replaces it;
+                    # in doubt (pkt.doubt) that INSPECT is left to run its JOIN_TTL.
+                    ended_join = pkt.doubt is None
+                    if j.alt is not None:       # overlaps differed: decide on both readings
+                        pkt.set_joined(j.alt, http=j.http)
+                        d_alt = rules.decide(pkt)
+                    pkt.set_joined(j.data, http=j.http)
+                    joined, joined_start = j.data, j.start_seq
             d = rules.decide(pkt)
+            if d_alt is not None:
+                d = stricter(d, d_alt)
             if d.flow != "inspect":
-                d = self._settle(pkt, d, j.data if ended_join and j.data is not None else None)
+                d = self._settle(pkt, d, joined, joined_start)
             if ended_join and d.flow not in FLOW_VERDICTS:    # the decision replaces the INSPECT
                 self._flow_verdict(pkt, _NONE_AFTER_JOIN)
             if d.flow in FLOW_VERDICTS:
@@ -324,18 +341,21 @@ class Engine:
             stats.decision_ns_sum += dt
 
     # -- the one place a flow verdict is checked against what the server will see ---------------
-    def _settle(self, pkt: Packet, d: Decision, joined: bytes | None) -> Decision:
-        """The decision as the engine may act on it, for a decision that writes a flow verdict
-        (bypass, block) or a packet in doubt:
+    def _settle(self, pkt: Packet, d: Decision, joined: bytes | None, joined_start: int | None) -> Decision:
+        """The decision as the engine may act on it, for every decision but ``inspect``:
 
-        - doubt: a bypass (or a packet the join already doubts) whose bytes the server may not
-          read as the engine did (:meth:`_doubt`): the flow is never bypassed on it; the packet
-          gets the rules' ``on_doubt`` (inspect: passed, flow kept inspected; drop; reset);
-        - scope: a bypass decided on the responder's bytes is not written (the client's bytes
-          are still to come); a BLOCK earned by a rule on client bytes is written for the flow
-          only when its own handshake was seen and the bytes came from the side that opened it,
-          else it applies to this packet and the flow stays inspected (spoofed packets cannot
-          block someone else's connection)."""
+        - scope: a BLOCK earned by a rule on client bytes is written for the flow only when the
+          kernel saw the flow's own handshake and the bytes came from the side that opened it,
+          else it covers this packet and the flow stays inspected (spoofed packets cannot block
+          someone else's connection); a bypass decided on the responder's bytes is not written
+          (the client's bytes are what the rules are about, and they are still to come);
+        - doubt: a decision on client bytes the server may not read as the engine did
+          (:meth:`_parse_doubt`, and for a bypass :meth:`_transport_doubt`) never bypasses the
+          flow: the packet gets the rules' ``on_doubt`` (inspect: passed, the flow kept
+          inspected; drop; reset), counted by reason.
+
+        The kernel's facts about the connection cost one map lookup, made only for a BLOCK by a
+        content rule, a bypass on payload, or a packet already in doubt."""
         if d.flow == "block":
             if d.rule is not None and d.rule in self.rules.content_rules and self.maps is not None:
                 facts = self._facts(pkt)
@@ -343,32 +363,40 @@ class Engine:
                     self.stats.scoped["block-packet-only"] += 1
                     return d._replace(flow="inspect")
             return d
+        bypass = d.flow == "bypass"
         why = pkt.doubt
-        facts = None
+        # A piece the joiner kept with nothing before it: only a bypass on it is refused, and
+        # only if it is not the start of its stream (which the kernel's facts can tell). A
+        # flow left alone goes on being queued by the kernel's first-N budget, and a lower
+        # piece by its retransmission window (bpf/classify.h).
+        soft = why == _OUT_OF_ORDER
+        if soft:
+            why = None
         if why is None:
-            bypass = d.flow == "bypass"
-            if bypass and self.maps is not None and pkt.payload_len:
-                facts = self._facts(pkt)
-            why = self._doubt(pkt, joined, facts, bypass)
+            why = self._parse_doubt(pkt, joined)
+        if why is None and not bypass:
+            return d
+        facts = self._facts(pkt) if self.maps is not None and pkt.payload_len else None
+        if facts is not None and not facts.from_client and not facts.midstream:
+            if bypass:
+                self.stats.scoped["responder-side"] += 1
+                return d._replace(flow="none")
+            return d                        # the responder's bytes: the rules are about the client's
+        if why is None:
+            why = self._transport_doubt(pkt, joined, joined_start, facts)
+            if why is None and soft and (facts is None or facts.isn is None):
+                why = _OUT_OF_ORDER         # where its stream starts is unknown
         if why is not None:
             return self._on_doubt(pkt, d, why)
-        if d.flow == "bypass" and facts is not None and not facts.from_client and not facts.midstream:
-            self.stats.scoped["responder-side"] += 1
-            return d._replace(flow="none")
         return d
 
-    def _doubt(self, pkt: Packet, joined: bytes | None, facts: _Facts | None, bypass: bool) -> str | None:
-        """Why the server may not read this packet's bytes as the engine did, or None. Parser
-        doubts first (a head, ClientHello or DNS name a rule could not read exactly: the flow
-        is kept inspected whatever its verdict, so that the engine sees the rest). Then, for a
-        bypass only, the transport: a checksum its receiver will reject, a TTL lower than its
-        direction's highest (it may expire before the server: an insertion), bytes that are
-        not the start of the client's stream."""
-        rules = self.rules
+    def _parse_doubt(self, pkt: Packet, joined: bytes | None) -> str | None:
+        """A head, ClientHello or DNS name a rule reads that could not be read exactly as the
+        server reads it (the parsers say why), or a fragment; None when there is no doubt."""
         if pkt.fragment:
             return "ip:fragment"
-        proto = pkt.proto
-        if proto == 6 and pkt.payload_len:
+        rules = self.rules
+        if pkt.proto == 6 and pkt.payload_len:
             data = joined if joined is not None else pkt.payload
             if rules.needs_http:
                 http = pkt.http
@@ -380,24 +408,30 @@ class Engine:
                 if why is not None:
                     return "tls:" + why
         why = pkt.dns_unparsed
-        if why is not None:
-            return "dns:" + why
-        if not bypass or not pkt.payload_len:
+        return None if why is None else "dns:" + why
+
+    def _transport_doubt(self, pkt: Packet, joined: bytes | None, joined_start: int | None,
+                         facts: _Facts | None) -> str | None:
+        """For a bypass on payload: a checksum its receiver will reject (the server never reads
+        these bytes), a TTL lower than its direction's highest (it may expire before the server:
+        an insertion), client bytes that do not begin at the start of their stream (a middle
+        piece decided before the start, which the server then reads unseen)."""
+        if not pkt.payload_len:
             return None
+        proto = pkt.proto
         if not rewrite.transport_checksum_ok(pkt):
             return ("tcp:" if proto == 6 else "udp:") + "bad-checksum"
-        if facts is not None:
-            if pkt.ttl + _FORWARD_HOPS < facts.ttl_max:
-                return "ip:low-ttl"
-            if proto == 6 and facts.isn is not None and rules.content_rules:
-                # where the decided bytes begin: a joined message ends with this segment; a
-                # SYN's data (TCP Fast Open) begins one after its sequence number
+        if facts is None:
+            return None
+        if pkt.ttl + _FORWARD_HOPS < facts.ttl_max:
+            return "ip:low-ttl"
+        if proto == 6 and facts.isn is not None and self.rules.content_rules:
+            if joined_start is not None:
+                start = joined_start
+            else:                           # a SYN's data (TCP Fast Open) begins one after its seq
                 start = pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
-                if joined is not None:
-                    start -= len(joined) - pkt.payload_len
-                start &= _SEQ_MASK
-                if start != (facts.isn + 1) & _SEQ_MASK:
-                    return "tcp:not-stream-start"
+            if (start - facts.isn - 1) & _SEQ_MASK:
+                return "tcp:not-stream-start"
         return None
 
     def _on_doubt(self, pkt: Packet, d: Decision, why: str) -> Decision:
@@ -564,6 +598,9 @@ class Engine:
                 "pinned_write_errors": st.pinned_write_errors, "reloads": st.reloads,
                 "hellos_joined": st.hellos_joined, "hellos_abandoned": st.hellos_abandoned,
                 "http_heads_joined": st.http_heads_joined, "http_heads_abandoned": st.http_heads_abandoned,
+                "joins_abandoned": dict(st.joins_abandoned), "joins_out_of_order": st.joins_out_of_order,
+                "joins_overlap_differs": st.joins_overlap_differs, "joins_doubted": st.joins_doubted,
+                "joins_forgotten": st.joins_forgotten,
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
                 "reject_send_errors": st.reject_send_errors, "rewrite_errors": st.rewrite_errors,
                 "doubts": dict(st.doubts), "doubt_policy": self.rules.on_doubt,
@@ -607,6 +644,7 @@ _INSPECT_WHILE_JOINING = Decision(rule=None, action="accept", mark=None, rewrite
 _NONE_AFTER_JOIN = _INSPECT_WHILE_JOINING._replace(flow="none")
 _FLOW_CODES = {**FLOW_VERDICTS, "none": abi.VERDICT_NONE}
 _SEQ_MASK = 0xFFFFFFFF
+_OUT_OF_ORDER = "join:out-of-order"     # hybrid.engine.join: a piece kept with nothing before it
 # The engine reads a forwarded packet after the gateway decremented its TTL (ip_forward and
 # ip6_forward do so before the FORWARD hook); tc recorded it before. On the INPUT hook this
 # lets a packet one below its direction's highest TTL pass the check: it has arrived anyway.
