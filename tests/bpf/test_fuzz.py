@@ -175,7 +175,7 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
         assert run.nonzero() == totals, f"counters after chunk at frame {chunk_start} (seed {SEED})"
         kernel = {key_tuple(k): list(fl.packets) for k, fl in maps.flows()}
         assert kernel == {k: fl.packets for k, fl in ref.flows.items()}, f"flows, chunk at {chunk_start}"
-        pinned = {key_tuple(k): (p.verdict, p.expires_ns) for k, p in maps.pinned()}
+        pinned = {key_tuple(k): (p.verdict, p.expires_ns, p.origin) for k, p in maps.pinned()}
         assert pinned == ref.pinned, f"pinned verdicts, chunk at {chunk_start}"
         restored += totals.get("evicted_decided", 0)
         run.check_invariant()
