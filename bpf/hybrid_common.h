@@ -233,9 +233,10 @@ struct hybrid_flow {
 	__u32 seq_end[2];
 	/* TCP, per direction, host order: the initial sequence number, from the bare SYN (the
 	 * originator's direction) and the SYN-ACK (the other one), valid with HYBRID_FLOW_ISN0/1;
-	 * the stream's first byte is isn + 1. Both set: the handshake was seen. A bare SYN records
-	 * its direction's isn (a new connection starts the entry over first); a SYN-ACK only while
-	 * its direction has none, so a later, spoofed SYN-ACK cannot move the server's stream start.
+	 * the stream's first byte is isn + 1. Both set: the handshake was seen. Each is the first
+	 * SYN-carrying segment of its direction since the entry (re)started: a bare SYN opening a
+	 * new connection starts the entry over first (flow_track(); not on an operator's live
+	 * BLOCK), and a later, spoofed SYN-ACK cannot move the server's stream start.
 	 * What was seen at the gateway, not what the endpoints agreed on: a sender can forge both. */
 	__u32 isn[2];
 };                                 /* 88 bytes */

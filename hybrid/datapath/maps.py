@@ -603,7 +603,8 @@ class Maps:
 
         This is a read-modify-write of the whole entry: packet counters the datapath adds
         between the read and the write are lost (the verdict matters, the counters are
-        statistics). Returns the flow as written. Raises :class:`TableFullError` when the
+        statistics), and so would be a fact it records meanwhile (a TTL rise, the SYN-ACK's
+        isn: the next SYN-ACK records it again). Returns the flow as written. Raises :class:`TableFullError` when the
         pinned table is full: the verdict is in the flow table, but an eviction would lose it."""
         if verdict not in abi.VERDICT_NAMES:
             raise ConfigError(f"invalid verdict {verdict!r}: use one of {sorted(abi.VERDICT_NAMES)}")
