@@ -63,8 +63,9 @@ static __always_inline int tcp_flags_suspicious(__u8 f)
 	return 0;
 }
 
-/* The reasons of a packet without a flow key. Fragments: non-first fragments carry no ports,
- * so they cannot be keyed or classified by port. netfilter's conntrack (nf_defrag) reassembles
+/* The reasons of a packet without a flow entry. Fragments: non-first fragments carry no ports,
+ * so they cannot be keyed or classified by port; a first fragment's ports serve only to drop it
+ * when its flow is blocked (fragment_blocked()). netfilter's conntrack (nf_defrag) reassembles
  * before the iptables rule that queues marked packets, so every fragment is marked and the
  * engine sees the whole datagram; the flow table is not touched. An unparseable transport is
  * flagged rather than passed unseen. */

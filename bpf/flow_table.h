@@ -72,76 +72,134 @@ static __always_inline int pinned_live(const struct hybrid_pinned_verdict *pin, 
 	return pin->expires_ns == 0 || now < pin->expires_ns;
 }
 
+/* HYBRID_FLOW_ISN0/1: the flag saying isn[dir] is set. */
+static __always_inline __u8 flow_isn_bit(__u32 dir)
+{
+	return dir ? HYBRID_FLOW_ISN1 : HYBRID_FLOW_ISN0;
+}
+
+/* Is the packet a bare SYN that opens a new connection on an entry whose verdict was written for
+ * a connection (HYBRID_FLOW_CONN_VERDICT, hybrid_common.h)? It is unless its sequence number is
+ * the isn recorded for its direction: a retransmitted SYN of the very connection the verdict
+ * was written for. A new connection must be inspected afresh: with a BYPASS, an attacker would
+ * make one connection benign and send the blocked request on the next from the same port; with
+ * a BLOCK, spoofed packets that earned it would cut the victim's next connections off. */
+static __always_inline int flow_new_connection(const struct hybrid_flow *flow, const struct hybrid_pkt *p,
+					       __u32 dir)
+{
+	return pkt_is_bare_syn(p) && (flow->flags & HYBRID_FLOW_CONN_VERDICT) &&
+	       !((flow->flags & flow_isn_bit(dir)) && flow->isn[dir & 1] == p->seq);
+}
+
 /* XDP's question: is the packet's flow in a BLOCK that has not expired? Only the flow table
  * answers. A blocked flow evicted from it is not in the table, and the pinned table is not
  * asked here: the packet goes on to tc, which restores the entry from the pinned table, counts
  * the restore (HYBRID_CNT_EVICTED_DECIDED) and drops the packet; its next packets drop here
  * again. Asking here instead would cost a lookup for every packet of a flood of new flows (all
  * misses) and, with every packet of the flow dropped at XDP, tc would never restore the entry
- * nor count the eviction. */
+ * nor count the eviction. The SYN of a new connection on a connection-scoped BLOCK goes on to
+ * tc too, which starts the entry over (flow_track()). Also asked for first fragments that
+ * carry their ports (p->frag_keyed). */
 static __always_inline int flow_blocked_pkt(const struct hybrid_pkt *p, __u64 now)
 {
 	struct hybrid_flow_key key;
 	struct hybrid_flow *flow;
+	__u32 dir;
 
-	flow_key_build(&key, p);
+	dir = flow_key_build(&key, p);
 	flow = flow_find(&key);
-	return flow && flow_blocked(flow, now);
+	return flow && flow_blocked(flow, now) && !flow_new_connection(flow, p, dir);
 }
 
-/* A new entry for a flow the table does not hold: does a pinned verdict survive for it? A live
- * one is copied into *fresh and 1 returned (the entry was evicted and is being restored); an
- * expired one is deleted (its verdict is over) and 0 returned, as when there is none.
+/* tc's question for a first fragment that carries its ports: is its flow blocked? Asked of the
+ * flow table and, when the flow is not there (evicted), of the pinned table; nothing is
+ * written: fragments neither create entries nor restore them. A blocked flow's datagrams then
+ * never reassemble: the first fragment drops here (or at XDP), and the others, which carry no
+ * ports, wait in the reassembly queue until it times out. */
+static __always_inline int fragment_blocked(struct hybrid_flow_key *key, __u64 now)
+{
+	struct hybrid_flow *flow = flow_find(key);
+	struct hybrid_pinned_verdict *pin;
+
+	if (flow)
+		return flow_blocked(flow, now);
+	pin = pinned_find(key);
+	return pin && pin->verdict == HYBRID_VERDICT_BLOCK && pinned_live(pin, now);
+}
+
+/* A new entry, for a flow the table does not hold or for a new connection on a 5-tuple whose
+ * entry had a connection-scoped verdict: does a pinned verdict survive for it? A live one is
+ * copied into *fresh and 1 returned (the entry was evicted and is being restored), with
+ * HYBRID_FLOW_CONN_VERDICT when the engine wrote it; an expired one is deleted (its verdict is
+ * over) and 0 returned, as when there is none. So is an ENGINE pin met by a bare SYN: the
+ * engine blocked a connection, and the SYN opens another one (hybrid_common.h, "Pinned
+ * verdicts"). A MANUAL pin holds whatever the packet.
  * A hash map has no compare-and-delete: should userspace pin a new BLOCK for this very key
  * between the lookup and the delete, the delete removes it (the flow table still holds the new
  * BLOCK, unprotected until it is written again). The window is a few instructions long, on a
- * flow whose block had expired. */
+ * flow whose block had expired or whose connection is being replaced. */
 static __always_inline int flow_restore_pinned(struct hybrid_flow_key *key, struct hybrid_flow *fresh,
-					       __u64 now)
+					       const struct hybrid_pkt *p, __u64 now)
 {
 	struct hybrid_pinned_verdict *pin = pinned_find(key);
 
 	if (!pin)
 		return 0;
-	if (!pinned_live(pin, now)) {
+	if (!pinned_live(pin, now) || (pin->origin == HYBRID_PIN_ENGINE && pkt_is_bare_syn(p))) {
 		pinned_delete(key);
 		return 0;
 	}
 	fresh->verdict = pin->verdict;
 	fresh->verdict_expires_ns = pin->expires_ns;
+	if (pin->origin == HYBRID_PIN_ENGINE)
+		fresh->flags |= HYBRID_FLOW_CONN_VERDICT;
 	return 1;
 }
 
 /* Find the packet's flow entry, creating it when there is none. Returns NULL when the table
  * refused the insert; adds STATS_EVENT(HYBRID_CNT_FLOW_NEW) to *events when this packet
  * created (or restarted) the entry. A created entry starts with the flow's pinned verdict, if
- * a live one survives its eviction (flow_restore_pinned(), HYBRID_CNT_EVICTED_DECIDED). A
- * restart does not look: it happens only to an entry that is not blocked, and only BLOCK is
- * pinned.
+ * a live one survives its eviction (flow_restore_pinned(), HYBRID_CNT_EVICTED_DECIDED).
  *
  * A SYN without ACK starts a new connection, even on a 5-tuple the table still holds from an
  * earlier one: clients recycle ephemeral ports within seconds, and a BYPASS left behind by the
  * previous connection must not make the new one invisible. The entry starts over as a new
- * flow, unless it is in a BLOCK that has not expired (the engine blocked this tuple). A
- * retransmitted SYN starts it over again, which changes nothing. */
+ * flow:
+ *  - with a connection-scoped verdict (HYBRID_FLOW_CONN_VERDICT), when the SYN's sequence
+ *    number is not the recorded isn of its direction (flow_new_connection()), whatever the
+ *    verdict, BLOCK included; counted (HYBRID_CNT_CONN_RESTART). The flow's ENGINE pin is
+ *    deleted (it blocked the old connection) and a live MANUAL pin is copied into the new entry
+ *    (flow_restore_pinned()). A retransmitted SYN changes nothing;
+ *  - otherwise (an operator's verdict, or none), unless it is in a BLOCK that has not expired
+ *    (the 5-tuple is blocked). This restart does not look at the pinned table: the entry is not
+ *    blocked, and only BLOCK is pinned. A retransmitted SYN starts it over again, which changes
+ *    nothing. */
 static __always_inline struct hybrid_flow *flow_track(struct hybrid_flow_key *key,
 						      const struct hybrid_pkt *p, __u32 dir,
 						      __u64 now, __u32 *events)
 {
 	struct hybrid_flow fresh = {};
 	struct hybrid_flow *flow = flow_find(key);
+	int conn = 0, restored = 0;
 
-	if (flow && !(pkt_is_bare_syn(p) && !flow_blocked(flow, now)))
-		return flow;
+	if (flow) {
+		if (!pkt_is_bare_syn(p))
+			return flow;
+		conn = flow->flags & HYBRID_FLOW_CONN_VERDICT;
+		if (conn ? !flow_new_connection(flow, p, dir) : flow_blocked(flow, now))
+			return flow;
+	}
 	fresh.first_seen_ns = now;
 	if (dir)
 		fresh.flags |= HYBRID_FLOW_ORIG_HI;
+	if (!flow || conn)
+		restored = flow_restore_pinned(key, &fresh, p, now);
 	if (flow) {
+		if (conn)
+			*events |= STATS_EVENT(HYBRID_CNT_CONN_RESTART);
 		flow_replace(key, &fresh);
 		*events |= STATS_EVENT(HYBRID_CNT_FLOW_NEW);
 	} else {
-		int restored = flow_restore_pinned(key, &fresh, now);
-
 		if (p->proto == IPPROTO_TCP && !pkt_is_bare_syn(p))
 			fresh.flags |= HYBRID_FLOW_MIDSTREAM;
 		/* NOEXIST: if another CPU created the flow in the meantime, keep its entry (and
@@ -177,6 +235,23 @@ static __always_inline __u8 flow_account(struct hybrid_flow *flow, const struct 
 		verdict = HYBRID_VERDICT_NONE;
 	}
 	return verdict;
+}
+
+/* Keep the facts the engine reads when it writes a flow verdict (struct hybrid_flow): the
+ * direction's highest TTL, and the isn of a direction's first SYN-carrying segment since the
+ * entry (re)started: its bare SYN, or the SYN-ACK answering it (a later SYN-ACK does not move
+ * it). Both writes are rare (a TTL rises once or twice per flow, a SYN once per direction), so
+ * the common packet only reads. */
+static __always_inline void flow_note_facts(struct hybrid_flow *flow, const struct hybrid_pkt *p, __u32 dir)
+{
+	__u8 bit = flow_isn_bit(dir);
+
+	if (p->ttl > flow->ttl_max[dir & 1])
+		flow->ttl_max[dir & 1] = p->ttl;
+	if ((p->tcp_flags & TCPF_SYN) && p->proto == IPPROTO_TCP && !(flow->flags & bit)) {
+		flow->isn[dir & 1] = p->seq;
+		flow->flags |= bit;
+	}
 }
 
 /* Spend one packet of the direction's first-N budget when the packet carries payload (pure

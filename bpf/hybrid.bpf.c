@@ -162,8 +162,9 @@ int hybrid_xdp(struct xdp_md *ctx)
 		outcome = HYBRID_CNT_XDP_DROP_PREFIX;
 		goto out;
 	}
-	/* Fragments and unparseable transports have no flow key (tc does not create one either). */
-	if (status != PKT_OK)
+	/* Unparseable transports and fragments have no flow key (tc does not create one either),
+	 * except a first fragment that carries its ports: it drops with its BLOCKed flow. */
+	if (status != PKT_OK && !p.frag_keyed)
 		goto out;
 	now = bpf_ktime_get_ns();
 	if (syn_over_budget(cfg, &p, now)) {
@@ -214,24 +215,32 @@ static __always_inline int tc_check_prefixes(const struct hybrid_config *cfg, st
 	return OUTCOME_NONE;
 }
 
-/* Step 3. Find or create the flow, count the packet in it, enforce its verdict and add the
- * reasons of a packet in a flow. Fragments and unparseable transports have no flow key: they
- * are flagged for what they are and leave the table alone. */
+/* Step 3. Find or create the flow, count the packet in it, keep its facts (TTL, isn), enforce
+ * its verdict and add the reasons of a packet in a flow. Fragments and unparseable transports
+ * have no flow entry: they are flagged for what they are and leave the table alone; a first
+ * fragment that carries its ports is keyed only to drop it when its flow is blocked. */
 static __always_inline int tc_update_flow(const struct hybrid_config *cfg, struct tc_packet *t)
 {
 	__u32 prev;
 	__u8 verdict = HYBRID_VERDICT_NONE;
 
-	if (t->status != PKT_OK) {
+	if (t->status != PKT_OK && !t->pkt.frag_keyed) {
 		t->reasons |= reasons_of_status(t->status);
 		return OUTCOME_NONE;
 	}
 	t->now = bpf_ktime_get_ns();
 	t->dir = flow_key_build(&t->key, &t->pkt);
+	if (t->status != PKT_OK) {
+		if (fragment_blocked(&t->key, t->now))
+			return HYBRID_CNT_DROP_TC_FLOW;
+		t->reasons |= reasons_of_status(t->status);
+		return OUTCOME_NONE;
+	}
 	t->flow = flow_track(&t->key, &t->pkt, t->dir, t->now, &t->events);
-	if (t->flow)
+	if (t->flow) {
 		verdict = flow_account(t->flow, &t->pkt, t->dir, t->now, &t->events);
-	else
+		flow_note_facts(t->flow, &t->pkt, t->dir);
+	} else
 		t->events |= STATS_EVENT(HYBRID_CNT_FLOW_FULL);
 	prev = flow_spend_first_n(t->flow, &t->pkt, t->dir);
 	if (verdict == HYBRID_VERDICT_BLOCK)

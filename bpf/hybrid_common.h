@@ -72,7 +72,11 @@
  * copied into the new entry, and HYBRID_CNT_EVICTED_DECIDED counts the restore; an expired one
  * is deleted. XDP does not look: the first packet after an eviction drops at tc, which restores
  * the entry, and the next ones drop at XDP again (flow_blocked_pkt() says why).
- * A full pinned table refuses userspace's insert (E2BIG): counted and reported, never silent. */
+ * A full pinned table refuses userspace's insert (E2BIG): counted and reported, never silent.
+ * An ENGINE pin is a verdict on one connection (HYBRID_FLOW_CONN_VERDICT): a bare SYN that
+ * misses in the flow table is a new connection, so tc deletes the pin instead of restoring it;
+ * any other packet restores it with HYBRID_FLOW_CONN_VERDICT set. A MANUAL pin is restored
+ * on any packet, SYN or not (the operator blocked the 5-tuple). */
 #define HYBRID_PIN_ENGINE 1  /* struct hybrid_pinned_verdict.origin: the verdict engine's BLOCK */
 #define HYBRID_PIN_MANUAL 2  /* an operator's verdict (hybridctl block) */
 
@@ -130,6 +134,15 @@
 #define HYBRID_FLOW_MIDSTREAM (1U << 1)  /* TCP flow first seen on a non-SYN (existed before attach) */
 #define HYBRID_FLOW_SEQ0      (1U << 2)  /* seq_end[0] is set (TCP: direction 0 has flagged payload) */
 #define HYBRID_FLOW_SEQ1      (1U << 3)  /* seq_end[1] is set */
+#define HYBRID_FLOW_ISN0      (1U << 4)  /* isn[0] is set (a bare SYN or a SYN-ACK came from lo) */
+#define HYBRID_FLOW_ISN1      (1U << 5)  /* isn[1] is set */
+/* The verdict was written by the engine for this connection (Maps.write_verdict(conn_scoped=
+ * True)), not for the 5-tuple: a bare SYN whose sequence number is not the recorded isn of its
+ * direction is a new connection, and starts the entry over whatever the verdict (a BLOCK too:
+ * XDP lets that SYN through to tc), deleting the flow's ENGINE pin. A retransmitted SYN (the
+ * same sequence number) changes nothing. Without the flag (an operator's verdict), a bare SYN
+ * starts over any entry but one in a live BLOCK, retransmitted or not. */
+#define HYBRID_FLOW_CONN_VERDICT (1U << 6)
 
 /* ---- hybrid_iface.flags ----------------------------------------------------------------------- */
 #define HYBRID_IFACE_XDP (1U << 0)  /* an XDP program is attached here too (informational) */
@@ -161,7 +174,9 @@
 #define HYBRID_CNT_XDP_DROP_SOURCE 26  /* dropped at XDP: a SYN from a source over its budget */
 #define HYBRID_CNT_EVICTED_DECIDED 27  /* event: a decided entry was evicted from the flow table and
                                         * restored from hybrid_pinned */
-#define HYBRID_CNT_MAX             28
+#define HYBRID_CNT_CONN_RESTART    28  /* event: a bare SYN with a new sequence number started over an
+                                        * entry with a connection-scoped verdict (CONN_VERDICT) */
+#define HYBRID_CNT_MAX             29
 
 /* ---- Structs ---------------------------------------------------------------------------------- */
 
@@ -204,14 +219,27 @@ struct hybrid_flow {
 	__u32 flagged;             /* packets of this flow flagged for the queue */
 	__u8  verdict;             /* HYBRID_VERDICT_* */
 	__u8  flags;               /* HYBRID_FLOW_* */
-	__u16 _pad0;
+	/* Per direction, the highest IPv4 TTL / IPv6 hop limit of the flow's packets as tc received
+	 * them (0: none seen). A packet arriving with less than its direction's highest may expire
+	 * between the gateway and the server: the insertion of a benign head the server never
+	 * sees. Written only when a packet raises it, without atomics (racing CPUs may keep the
+	 * lower of two new highs: the fact errs towards "low TTL", i.e. more doubt, never less). */
+	__u8  ttl_max[2];
 	/* TCP, per direction: the end (seq + payload length, host order) of the furthest payload
 	 * flagged under the first-N budget (valid with HYBRID_FLOW_SEQ0/1). A segment starting
 	 * before it is a retransmission of inspected bytes and is flagged again without spending
 	 * the budget: otherwise a packet the engine dropped would come back, spend the budget
 	 * retransmission by retransmission, and pass unflagged once it was spent. */
 	__u32 seq_end[2];
-};                                 /* 80 bytes */
+	/* TCP, per direction, host order: the initial sequence number, from the bare SYN (the
+	 * originator's direction) and the SYN-ACK (the other one), valid with HYBRID_FLOW_ISN0/1;
+	 * the stream's first byte is isn + 1. Both set: the handshake was seen. Each is the first
+	 * SYN-carrying segment of its direction since the entry (re)started: a bare SYN opening a
+	 * new connection starts the entry over first (flow_track(); not on an operator's live
+	 * BLOCK), and a later, spoofed SYN-ACK cannot move the server's stream start.
+	 * What was seen at the gateway, not what the endpoints agreed on: a sender can forge both. */
+	__u32 isn[2];
+};                                 /* 88 bytes */
 
 /* How far before seq_end a segment may start and still count as a retransmission of inspected
  * bytes: the flagged range is at most N GSO packets (3 x 64 KiB by default). Sequence numbers
@@ -255,6 +283,6 @@ struct hybrid_pinned_verdict {
 
 struct hybrid_stats {
 	__u64 c[HYBRID_CNT_MAX];
-};                          /* 224 bytes; per CPU: userspace sums over possible CPUs */
+};                          /* 232 bytes; per CPU: userspace sums over possible CPUs */
 
 #endif /* HYBRID_COMMON_H */

@@ -14,7 +14,8 @@ enum hybrid_pkt_status {
 	PKT_OK = 0,        /* IP header and transport header parsed */
 	PKT_NOT_IP,        /* not IPv4/IPv6 (or an L2 header we cannot walk) */
 	PKT_BAD_L3,        /* truncated or invalid IP header: the stack will drop it */
-	PKT_FRAGMENT,      /* IP fragment: addresses known, transport not parsed */
+	PKT_FRAGMENT,      /* IP fragment: addresses known, transport not parsed (a first
+	                    * fragment's ports may be: frag_keyed) */
 	PKT_BAD_L4,        /* valid IP header, transport header truncated/invalid/unreachable */
 };
 
@@ -30,6 +31,9 @@ struct hybrid_pkt {
 	__u8  proto;        /* IPPROTO_* after IPv6 extension headers */
 	__u8  tcp_flags;    /* the 8 flag bits of byte 13 of the TCP header; 0 for non-TCP */
 	__u8  beyond_linear;/* a bounds check failed although the packet has more bytes */
+	__u8  ttl;          /* IPv4 TTL / IPv6 hop limit as received */
+	__u8  frag_keyed;   /* PKT_FRAGMENT at offset 0 whose TCP/UDP ports were read: sport, dport
+	                    * and proto (the transport's, after an IPv6 fragment header) key its flow */
 };
 
 /* The flag bits of byte 13 of the TCP header: the kernel's TCPHDR_* of net/tcp.h, which drags
@@ -74,6 +78,7 @@ static __always_inline int parse_packet(void *data, void *data_end, __u32 pkt_le
 	void *l3, *l3_end;
 	__u32 l3_off, l4_len;
 	__u16 frag = 0;
+	__u8 frag_next = 0;
 	int eth_type, proto, len;
 
 	p->beyond_linear = (__u32)(data_end - data) < pkt_len;
@@ -100,8 +105,14 @@ static __always_inline int parse_packet(void *data, void *data_end, __u32 pkt_le
 		p->daddr[2] = bpf_htonl(0xffff);
 		p->daddr[3] = iph->daddr;
 		p->proto = proto;
-		if (frag)
+		p->ttl = iph->ttl;
+		if (frag) {
+			/* frag != 0 with offset 0: the first fragment (MF is set). */
+			if (!(frag & HYBRID_IP_OFFMASK) &&
+			    parse_l4_ports(&nh, data_end, l3 + p->l3_len, proto, &p->sport, &p->dport) == 0)
+				p->frag_keyed = 1;
 			return PKT_FRAGMENT;
+		}
 	} else if (eth_type == bpf_htons(ETH_P_IPV6)) {
 		proto = parse_ip6hdr(&nh, data_end, &ip6h);
 		if (proto < 0)
@@ -111,8 +122,9 @@ static __always_inline int parse_packet(void *data, void *data_end, __u32 pkt_le
 			return PKT_BAD_L3;
 		__builtin_memcpy(p->saddr, &ip6h->saddr, 16);
 		__builtin_memcpy(p->daddr, &ip6h->daddr, 16);
+		p->ttl = ip6h->hop_limit;
 		l3_end = l3 + p->l3_len;
-		proto = parse_ip6_exthdrs(&nh, data_end, l3_end, proto, &frag);
+		proto = parse_ip6_exthdrs(&nh, data_end, l3_end, proto, &frag, &frag_next);
 		if (proto == HYBRID_PARSE_TOO_DEEP) {
 			/* A valid packet we cannot see through: flag it (MALFORMED) rather than
 			 * let a chain of options hide a flow from the engine. */
@@ -122,8 +134,16 @@ static __always_inline int parse_packet(void *data, void *data_end, __u32 pkt_le
 		if (proto < 0)
 			return PKT_BAD_L3;
 		p->proto = proto;
-		if (proto == IPPROTO_FRAGMENT)
+		if (proto == IPPROTO_FRAGMENT) {
+			/* Offset 0: the first fragment, or an atomic one (M clear, RFC 6946: a whole
+			 * datagram). Only a TCP/UDP header right after the fragment header is keyed. */
+			if (!(frag & HYBRID_IP6_OFFMASK) &&
+			    parse_l4_ports(&nh, data_end, l3_end, frag_next, &p->sport, &p->dport) == 0) {
+				p->proto = frag_next;
+				p->frag_keyed = 1;
+			}
 			return PKT_FRAGMENT;
+		}
 	} else {
 		return PKT_NOT_IP;
 	}

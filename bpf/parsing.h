@@ -168,11 +168,14 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
  *          HYBRID_PARSE_TOO_DEEP after HYBRID_MAX_IPV6_EXT headers.
  * *frag: for a fragment header, its frag_off field in HOST byte order (HYBRID_IP6_OFFMASK /
  *        HYBRID_IP6_MF bits); untouched otherwise.
+ * *frag_nexthdr: for a fragment header, its nexthdr (what the fragmentable part starts with);
+ *        untouched otherwise. The cursor is left just past the fragment header.
  * A bounded loop (kernel >= 5.3 accepts it; the verifier walks each iteration): each step
  * reads two bytes behind one bounds check and advances by a length computed from one byte,
  * so the cursor's variable offset stays bounded (at most 6 * 2048 bytes). */
 static __always_inline int parse_ip6_exthdrs(struct hdr_cursor *nh, void *data_end,
-					     void *l3_end, int nexthdr, __u16 *frag)
+					     void *l3_end, int nexthdr, __u16 *frag,
+					     __u8 *frag_nexthdr)
 {
 	struct hybrid_ipv6_opt_hdr *opt;
 	struct hybrid_frag6hdr *fh;
@@ -193,6 +196,7 @@ static __always_inline int parse_ip6_exthdrs(struct hdr_cursor *nh, void *data_e
 			if ((void *)(fh + 1) > l3_end)
 				return HYBRID_PARSE_INVALID;
 			*frag = bpf_ntohs(fh->frag_off);
+			*frag_nexthdr = fh->nexthdr;
 			nh->pos = fh + 1;
 			return IPPROTO_FRAGMENT;
 		default:
@@ -291,6 +295,25 @@ static __always_inline int parse_icmp6hdr(struct hdr_cursor *nh, void *data_end,
 	nh->pos = h + 1;
 	*icmp6hdr = h;
 	return h->icmp6_type;
+}
+
+/* Read the ports at the start of a TCP or UDP header in a first fragment, whose transport
+ * header may be cut anywhere: only the 4 bytes of the ports must lie before data_end and before
+ * l3_end (the end of the fragment's IP payload).
+ * Returns: 0 and *sport, *dport in NETWORK byte order; HYBRID_PARSE_TRUNCATED when the ports do
+ *          not fit; HYBRID_PARSE_INVALID for another protocol. */
+static __always_inline int parse_l4_ports(struct hdr_cursor *nh, void *data_end, void *l3_end, int proto,
+					  __be16 *sport, __be16 *dport)
+{
+	__be16 *ports = nh->pos;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return HYBRID_PARSE_INVALID;
+	if ((void *)(ports + 2) > data_end || (void *)(ports + 2) > l3_end)
+		return HYBRID_PARSE_TRUNCATED;
+	*sport = ports[0];
+	*dport = ports[1];
+	return 0;
 }
 
 #endif /* HYBRID_PARSING_H */

@@ -91,6 +91,7 @@ static __always_inline int stats_record_tc(__u32 ifindex, int outcome, __u32 eve
 		stats_count_event(st, events, HYBRID_CNT_OVER_SOURCE);
 		stats_count_event(st, events, HYBRID_CNT_OVER_GLOBAL);
 		stats_count_event(st, events, HYBRID_CNT_EVICTED_DECIDED);
+		stats_count_event(st, events, HYBRID_CNT_CONN_RESTART);
 		if (outcome == HYBRID_CNT_FLAGGED) {
 #pragma unroll
 			for (i = 0; i < HYBRID_REASON_COUNT; i++)

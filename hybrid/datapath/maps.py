@@ -181,7 +181,11 @@ def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None,
     and ``idle`` are seconds since the first and the last packet (CLOCK_MONOTONIC, like
     bpf_ktime_get_ns). ``flow`` is the FLOW form that ``hybridctl block`` takes. ``pinned`` is
     who pinned the flow's BLOCK (``manual``, ``engine``; None: not pinned), from the flow's
-    entry in hybrid_pinned when the caller passes it."""
+    entry in hybrid_pinned when the caller passes it. The kernel's facts about the connection,
+    oriented the same way: ``ttl_max`` (the highest IPv4 TTL / IPv6 hop limit seen, 0: none),
+    ``isn`` (the initial sequence numbers of the SYN and SYN-ACK, None where not seen),
+    ``handshake`` (both seen) and ``conn_verdict`` (the verdict belongs to one connection:
+    a new SYN starts the flow over)."""
     now = time.monotonic_ns() if now_ns is None else now_ns
     lo, hi = addr_from16(bytes(key.addr_lo)), addr_from16(bytes(key.addr_hi))
     plo, phi = key_ports(key)
@@ -191,6 +195,7 @@ def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None,
     live = flow.verdict != abi.VERDICT_NONE and (expires == 0 or expires > now)
     proto = abi.PROTO_NAMES.get(key.proto, str(key.proto))
     spec = f"{proto} {_endpoints(key.proto, src, sport, dst, dport, ' ')}"
+    isn = [flow.isn[d] if flow.flags & (abi.FLOW_ISN0, abi.FLOW_ISN1)[d] else None for d in (0, 1)]
     if key.vlan:
         spec += f" vlan {key.vlan}"
     return {
@@ -207,6 +212,10 @@ def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None,
         "payload_packets": [flow.payload_packets[orig], flow.payload_packets[1 - orig]],
         "flagged": flow.flagged,
         "midstream": bool(flow.flags & abi.FLOW_MIDSTREAM),
+        "ttl_max": [flow.ttl_max[orig], flow.ttl_max[1 - orig]],
+        "isn": [isn[orig], isn[1 - orig]],
+        "handshake": None not in isn,
+        "conn_verdict": bool(flow.flags & abi.FLOW_CONN_VERDICT),
         "pinned": abi.PIN_ORIGIN_NAMES.get(pinned.origin, str(pinned.origin)) if pinned is not None else None,
     }
 
@@ -588,11 +597,14 @@ class Maps:
         """Give a flow a verdict for ``ttl`` seconds (None: until changed). Creates the entry
         when missing. The expiry is on CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns().
         A BLOCK is pinned too (:meth:`write_verdict`), marked as the operator's with ``manual``
-        (hybridctl block); any other verdict removes the flow's pinned one.
+        (hybridctl block); any other verdict removes the flow's pinned one. The verdict is the
+        5-tuple's, not one connection's (``conn_scoped=False``): an operator's BLOCK survives
+        new SYNs.
 
         This is a read-modify-write of the whole entry: packet counters the datapath adds
         between the read and the write are lost (the verdict matters, the counters are
-        statistics). Returns the flow as written. Raises :class:`TableFullError` when the
+        statistics), and so would be a fact it records meanwhile (a TTL rise, the SYN-ACK's
+        isn: the next SYN-ACK records it again). Returns the flow as written. Raises :class:`TableFullError` when the
         pinned table is full: the verdict is in the flow table, but an eviction would lose it."""
         if verdict not in abi.VERDICT_NAMES:
             raise ConfigError(f"invalid verdict {verdict!r}: use one of {sorted(abi.VERDICT_NAMES)}")
@@ -605,7 +617,7 @@ class Maps:
         return abi.Flow.from_buffer_copy(self._scratch)
 
     def write_verdict(self, key: abi.FlowKey | bytes, verdict: int, ttl_ns: int | None,
-                      origin: int = abi.PIN_ENGINE) -> None:
+                      origin: int = abi.PIN_ENGINE, conn_scoped: bool = False) -> None:
         """:meth:`set_verdict` for the verdict engine's per-packet path: arguments unchecked
         (``ttl_ns`` in nanoseconds, positive or None), the flow read into one reused buffer,
         nothing returned. Two bpf() calls: a lookup and an update; a BLOCK takes a third, its
@@ -613,7 +625,12 @@ class Maps:
         table so that the datapath may take a flow missing from the table while pinned for an
         evicted one. Raises :class:`TableFullError` when the pinned table is full (after
         sweeping its expired entries, at most once per PRUNE_INTERVAL_NS): the flow table
-        holds the verdict all the same."""
+        holds the verdict all the same.
+
+        ``conn_scoped``: the verdict is for the connection the entry holds now
+        (abi.FLOW_CONN_VERDICT): the SYN of a new connection on the same 5-tuple starts the
+        entry over, BLOCK or not, and deletes an ENGINE pin; False (an operator's verdict)
+        clears the flag. The datapath also takes every ENGINE pin as connection-scoped."""
         flow = self._scratch
         now = time.monotonic_ns()
         if not bpfsys.map_lookup(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS):
@@ -621,6 +638,10 @@ class Maps:
             flow.first_seen_ns = flow.last_seen_ns = now
         flow.verdict = verdict
         flow.verdict_expires_ns = 0 if ttl_ns is None or verdict == abi.VERDICT_NONE else now + ttl_ns
+        if conn_scoped:
+            flow.flags |= abi.FLOW_CONN_VERDICT
+        else:
+            flow.flags &= ~abi.FLOW_CONN_VERDICT & 0xFF
         bpfsys.map_update(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS)
         if verdict == abi.VERDICT_BLOCK:
             pin = self._pin_scratch

@@ -109,6 +109,9 @@ FLOW_ORIG_HI = 1 << 0
 FLOW_MIDSTREAM = 1 << 1
 FLOW_SEQ0 = 1 << 2
 FLOW_SEQ1 = 1 << 3
+FLOW_ISN0 = 1 << 4
+FLOW_ISN1 = 1 << 5
+FLOW_CONN_VERDICT = 1 << 6   # the engine wrote the verdict for this connection, not the 5-tuple
 RETRANS_WINDOW = 1 << 22   # a segment starting up to this far before seq_end is a retransmission
 
 IFACE_XDP = 1 << 0
@@ -135,7 +138,8 @@ CNT_OVER_SOURCE = 24
 CNT_OVER_GLOBAL = 25
 CNT_XDP_DROP_SOURCE = 26
 CNT_EVICTED_DECIDED = 27
-CNT_MAX = 28
+CNT_CONN_RESTART = 28
+CNT_MAX = 29
 
 # index -> snake_case name
 COUNTER_NAMES: dict[int, str] = {
@@ -160,6 +164,7 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_OVER_GLOBAL: "over_global",
     CNT_XDP_DROP_SOURCE: "xdp_drop_source",
     CNT_EVICTED_DECIDED: "evicted_decided",
+    CNT_CONN_RESTART: "conn_restart",
 }
 # The tc counters whose sum equals CNT_PACKETS (the invariant in the header).
 TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASSED,
@@ -215,8 +220,9 @@ class Flow(ctypes.Structure):
         ("flagged", ctypes.c_uint32),
         ("verdict", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
-        ("_pad0", ctypes.c_uint16),
+        ("ttl_max", ctypes.c_uint8 * 2),    # per direction: the highest IPv4 TTL / IPv6 hop limit
         ("seq_end", ctypes.c_uint32 * 2),
+        ("isn", ctypes.c_uint32 * 2),       # per direction, with FLOW_ISN0/1: the SYN's, the SYN-ACK's
     ]
 
 
@@ -270,8 +276,8 @@ class Stats(ctypes.Structure):
 
 # Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
 # against bcc).
-SIZES = {Config: 56, FlowKey: 40, Flow: 80, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
-         PinnedVerdict: 16, Stats: 224}
+SIZES = {Config: 56, FlowKey: 40, Flow: 88, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
+         PinnedVerdict: 16, Stats: 232}
 
 # map name -> (key type, value type); value is per CPU for hybrid_stats.
 MAP_LAYOUTS: dict[str, tuple[type, type]] = {

@@ -53,6 +53,8 @@ class Parsed:
     seq: int = 0
     l3_len: int = 0
     payload_len: int = 0
+    ttl: int = 0             # IPv4 TTL / IPv6 hop limit
+    frag_keyed: bool = False  # a fragment at offset 0 whose TCP/UDP ports were read (proto: the transport's)
 
 
 def _be16(b: bytes, off: int) -> int:
@@ -93,10 +95,14 @@ def parse(frame: bytes) -> Parsed:
         p.saddr = MAPPED + frame[l3 + 12:l3 + 16]
         p.daddr = MAPPED + frame[l3 + 16:l3 + 20]
         p.proto = frame[l3 + 9]
-        if _be16(frame, l3 + 6) & 0x3FFF:
+        p.ttl = frame[l3 + 8]
+        cur = l3 + ihl * 4
+        frag = _be16(frame, l3 + 6) & 0x3FFF
+        if frag:
+            if not frag & 0x1FFF:                                  # offset 0: the first fragment
+                _fragment_ports(p, frame, cur, min(n, l3 + p.l3_len), p.proto)
             p.status = PKT_FRAGMENT
             return p
-        cur = l3 + ihl * 4
         v6 = False
     elif eth_type == ETH_P_IPV6:
         if l3 + 40 > n or frame[l3] >> 4 != 6:
@@ -108,6 +114,7 @@ def parse(frame: bytes) -> Parsed:
             return p
         p.saddr = bytes(frame[l3 + 8:l3 + 24])
         p.daddr = bytes(frame[l3 + 24:l3 + 40])
+        p.ttl = frame[l3 + 7]
         l3_end = l3 + p.l3_len
         nh = frame[l3 + 6]
         cur = l3 + 40
@@ -137,6 +144,8 @@ def parse(frame: bytes) -> Parsed:
             return p
         p.proto = nh
         if result == PKT_FRAGMENT:
+            if not _be16(frame, cur + 2) & 0xFFF8:               # offset 0: first (or atomic)
+                _fragment_ports(p, frame, cur + 8, l3_end, frame[cur])
             p.status = PKT_FRAGMENT
             return p
         v6 = True
@@ -176,6 +185,15 @@ def parse(frame: bytes) -> Parsed:
     return p
 
 
+def _fragment_ports(p: Parsed, frame: bytes, cur: int, end: int, proto: int) -> None:
+    """parse_l4_ports(): the ports of a TCP/UDP header at ``cur`` of a first fragment, when
+    their 4 bytes lie before the frame's and the fragment's end (``end``)."""
+    if proto in (IPPROTO_TCP, IPPROTO_UDP) and cur + 4 <= min(end, len(frame)):
+        p.sport, p.dport = _be16(frame, cur), _be16(frame, cur + 2)
+        p.proto = proto
+        p.frag_keyed = True
+
+
 def _s32(x: int) -> int:
     """(__s32) of a u32 difference: sequence-space comparison with wraparound."""
     x &= 0xFFFFFFFF
@@ -210,6 +228,8 @@ class RefFlow:
     payload_packets: list = field(default_factory=lambda: [0, 0])
     flagged: int = 0
     seq_end: list = field(default_factory=lambda: [None, None])   # None: not set
+    ttl_max: list = field(default_factory=lambda: [0, 0])
+    isn: list = field(default_factory=lambda: [None, None])       # None: not set (FLOW_ISN0/1 clear)
 
 
 @dataclass
@@ -248,7 +268,7 @@ class Reference:
         for cidr, action in (prefixes or {}).items():
             self.add_prefix(cidr, action)
         self.flows: dict[tuple, RefFlow] = {}
-        self.pinned: dict[tuple, tuple[int, int]] = {}   # hybrid_pinned: key -> (verdict, expires_ns)
+        self.pinned: dict[tuple, tuple[int, int, int]] = {}   # hybrid_pinned: key -> (verdict, expires_ns, origin)
         self.sources: dict[bytes, int] = {}     # admission: source address -> tat (GCRA)
         self.global_tat = 0                     # the global bucket
 
@@ -296,13 +316,19 @@ class Reference:
             return 0
         return self.prefix_action(p.saddr) | self.prefix_action(p.daddr)
 
-    def set_verdict(self, key: tuple, verdict: int, expires_ns: int = 0, now_ns: int = 0) -> None:
+    def set_verdict(self, key: tuple, verdict: int, expires_ns: int = 0, now_ns: int = 0,
+                    conn_scoped: bool = False) -> None:
+        """What Maps.write_verdict() writes to the flow table (the pin is :meth:`pin`'s)."""
         flow = self.flows.setdefault(key, RefFlow(now_ns, now_ns, 0))
         flow.verdict, flow.verdict_expires_ns = verdict, expires_ns
+        if conn_scoped:
+            flow.flags |= abi.FLOW_CONN_VERDICT
+        else:
+            flow.flags &= ~abi.FLOW_CONN_VERDICT
 
-    def pin(self, key: tuple, verdict: int, expires_ns: int = 0) -> None:
+    def pin(self, key: tuple, verdict: int, expires_ns: int = 0, origin: int = abi.PIN_ENGINE) -> None:
         """What userspace adds to hybrid_pinned (after the flow table: Maps.write_verdict)."""
-        self.pinned[key] = (verdict, expires_ns)
+        self.pinned[key] = (verdict, expires_ns, origin)
 
     def evict(self, key: tuple) -> None:
         """The LRU drops the flow's entry (the fuzz deletes it from the kernel's table too)."""
@@ -312,13 +338,45 @@ class Reference:
     def _live(expires_ns: int, now_ns: int) -> bool:
         return expires_ns == 0 or now_ns < expires_ns
 
+    def _blocked(self, flow: RefFlow, now_ns: int) -> bool:
+        return flow.verdict == abi.VERDICT_BLOCK and self._live(flow.verdict_expires_ns, now_ns)
+
+    @staticmethod
+    def _new_connection(flow: RefFlow, p: Parsed, direction: int) -> bool:
+        """flow_new_connection(): a bare SYN on a connection-scoped verdict whose sequence number
+        is not the isn recorded for its direction."""
+        return (_bare_syn(p) and bool(flow.flags & abi.FLOW_CONN_VERDICT)
+                and flow.isn[direction] != p.seq)
+
+    def _restore_pinned(self, key: tuple, flow: RefFlow, p: Parsed, now_ns: int) -> bool:
+        """flow_restore_pinned(): a live pin's verdict into the new entry (CONN_VERDICT for the
+        engine's), except an ENGINE pin met by a bare SYN, deleted as an expired one is."""
+        pin = self.pinned.get(key)
+        if pin is None:
+            return False
+        verdict, expires, origin = pin
+        if not self._live(expires, now_ns) or (origin == abi.PIN_ENGINE and _bare_syn(p)):
+            del self.pinned[key]
+            return False
+        flow.verdict, flow.verdict_expires_ns = verdict, expires
+        if origin == abi.PIN_ENGINE:
+            flow.flags |= abi.FLOW_CONN_VERDICT
+        return True
+
+    def _fragment_blocked(self, key: tuple, now_ns: int) -> bool:
+        flow = self.flows.get(key)
+        if flow is not None:
+            return self._blocked(flow, now_ns)
+        pin = self.pinned.get(key)
+        return pin is not None and pin[0] == abi.VERDICT_BLOCK and self._live(pin[1], now_ns)
+
     def xdp(self, frame: bytes, now_ns: int) -> XdpResult:
         p = parse(frame)
         if p.status in (PKT_NOT_IP, PKT_BAD_L3):
             return XdpResult(XDP_PASS, None)
         if self._prefixes_match(p) & abi.PREFIX_BLOCK:
             return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_PREFIX)
-        if p.status != PKT_OK:
+        if p.status != PKT_OK and not p.frag_keyed:
             return XdpResult(XDP_PASS, None)
         cfg = self.config
         if (cfg.flags & abi.CFG_OVER_DROP and cfg.source_interval_ns and p.proto == IPPROTO_TCP
@@ -326,9 +384,9 @@ class Reference:
             tat = self.sources.get(p.saddr)
             if tat is not None and tat > now_ns and tat - now_ns > cfg.source_tolerance_ns:
                 return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_SOURCE)
-        key, _ = canonical_key(p)
+        key, direction = canonical_key(p)
         flow = self.flows.get(key)       # a miss passes, pinned or not: tc restores the entry
-        if flow is not None and flow.verdict == abi.VERDICT_BLOCK and self._live(flow.verdict_expires_ns, now_ns):
+        if flow is not None and self._blocked(flow, now_ns) and not self._new_connection(flow, p, direction):
             return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_FLOW)
         return XdpResult(XDP_PASS, None)
 
@@ -347,6 +405,8 @@ class Reference:
             reasons |= abi.REASON_PREFIX
         key = direction = flow = None
         events: list[int] = []
+        if p.status == PKT_FRAGMENT and p.frag_keyed and self._fragment_blocked(canonical_key(p)[0], now_ns):
+            return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_FLOW)   # a first fragment of a blocked flow
         if p.status == PKT_FRAGMENT:
             reasons |= abi.REASON_FRAGMENT
         elif p.status == PKT_BAD_L4:
@@ -354,25 +414,25 @@ class Reference:
         else:
             key, direction = canonical_key(p)
             flow = self.flows.get(key)
-            is_syn = p.proto == IPPROTO_TCP and p.tcp_flags & (SYN | ACK) == SYN
-            if flow is not None and is_syn and not (
-                    flow.verdict == abi.VERDICT_BLOCK and (flow.verdict_expires_ns == 0
-                                                           or now_ns < flow.verdict_expires_ns)):
-                # A SYN starts a new connection on a recycled 5-tuple: the entry starts over.
+            is_syn = _bare_syn(p)
+            conn = flow is not None and bool(flow.flags & abi.FLOW_CONN_VERDICT)
+            if flow is not None and is_syn and (self._new_connection(flow, p, direction) if conn
+                                                else not self._blocked(flow, now_ns)):
+                # A SYN starts a new connection on a recycled 5-tuple: the entry starts over
+                # (a connection-scoped verdict: its ENGINE pin goes, a MANUAL one holds).
                 flow = self.flows[key] = RefFlow(now_ns, now_ns, abi.FLOW_ORIG_HI if direction else 0)
+                if conn:
+                    self._restore_pinned(key, flow, p, now_ns)
+                    events.append(abi.CNT_CONN_RESTART)
                 events.append(abi.CNT_FLOW_NEW)
             elif flow is None:
                 flags = abi.FLOW_ORIG_HI if direction else 0
-                if p.proto == IPPROTO_TCP and p.tcp_flags & (SYN | ACK) != SYN:
+                if p.proto == IPPROTO_TCP and not is_syn:
                     flags |= abi.FLOW_MIDSTREAM
                 flow = self.flows[key] = RefFlow(now_ns, now_ns, flags)
                 events.append(abi.CNT_FLOW_NEW)
-                pin = self.pinned.get(key)
-                if pin is not None and self._live(pin[1], now_ns):     # evicted: restored
-                    flow.verdict, flow.verdict_expires_ns = pin
+                if self._restore_pinned(key, flow, p, now_ns):      # evicted: restored
                     events.append(abi.CNT_EVICTED_DECIDED)
-                elif pin is not None:                                   # expired: deleted
-                    del self.pinned[key]
             flow.last_seen_ns = now_ns
             flow.packets[direction] += 1
             flow.bytes[direction] += p.l3_len
@@ -381,6 +441,11 @@ class Reference:
                 flow.verdict, flow.verdict_expires_ns = abi.VERDICT_NONE, 0
                 events.append(abi.CNT_VERDICT_EXPIRED)
                 verdict = abi.VERDICT_NONE
+            # flow_note_facts(): the direction's highest TTL; its first SYN-carrying segment's isn.
+            flow.ttl_max[direction] = max(flow.ttl_max[direction], p.ttl)
+            if p.proto == IPPROTO_TCP and p.tcp_flags & SYN and flow.isn[direction] is None:
+                flow.isn[direction] = p.seq
+                flow.flags |= abi.FLOW_ISN1 if direction else abi.FLOW_ISN0
             prev = None
             if p.payload_len > 0:
                 prev = flow.payload_packets[direction]
@@ -430,6 +495,11 @@ class Reference:
             flow.flagged += 1
         new_mark = (cfg.mark_value & cfg.mark_mask) | (mark & ~cfg.mark_mask & 0xFFFFFFFF)
         return TcResult(TC_ACT_PASS, new_mark, abi.CNT_FLAGGED, reasons, tuple(events), key, direction)
+
+
+def _bare_syn(p: Parsed) -> bool:
+    """pkt_is_bare_syn(): TCP, SYN without ACK."""
+    return p.proto == IPPROTO_TCP and p.tcp_flags & (SYN | ACK) == SYN
 
 
 def flow_key_of(key: tuple) -> abi.FlowKey:

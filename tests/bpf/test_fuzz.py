@@ -1,7 +1,11 @@
 """Fuzz the BPF programs: 100,000 random and mutated frames through BPF_PROG_TEST_RUN, each
 checked against the Python reference classifier (tests/bpf/reference.py): never a verifier
 rejection (the programs loaded), never an error from the kernel, never a different verdict or
-mark, and the same counters and flow table per chunk.
+mark, and the same counters, flow table (with each entry's facts: TTLs, isn, flags, verdict)
+and pinned table per chunk. Between frames, verdicts are written as the engine and the operator
+write them (connection-scoped or not) and entries are evicted; the frames include SYNs and
+SYN-ACKs whose sequence numbers repeat (retransmissions) or not (new connections), varying
+TTLs, and first fragments with and without their ports.
 
 The generator is seeded (HYBRID_FUZZ_SEED overrides, HYBRID_FUZZ_FRAMES the count) so a failure
 names the seed and frame that reproduce it."""
@@ -13,7 +17,7 @@ import random
 import time
 
 import pytest
-from bpfkit import icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
+from bpfkit import IP, TCP, UDP, IPv6, Raw, frame, icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
 from reference import PKT_OK, Reference, canonical_key, flow_key_of, key_tuple, parse
 from scapy.all import (
     IPv6ExtHdrDestOpt,
@@ -54,8 +58,64 @@ def _bases() -> list[bytes]:
     ]
 
 
-def _mutate(rng: random.Random, bases: list[bytes]) -> bytes:
-    kind = rng.randrange(8)
+def _facts() -> list[bytes]:
+    """Frames on the base flows that move the per-connection state: bare SYNs and SYN-ACKs from
+    either side with a few sequence numbers (so that some repeat the recorded isn and some do
+    not), payload and ACKs at several TTLs, and first fragments (IPv4 TCP and UDP, IPv6 TCP)
+    with their ports, with too few bytes for them, and later fragments."""
+    a4, b4, a6, b6 = "198.18.1.2", "198.18.2.2", "2001:db8:1::2", "2001:db8:2::2"
+    out = []
+    for seq in (0, 1, 0xFFFFFFFF):
+        for ttl in (1, 64, 255):
+            for flags in ("S", "SA", "PA"):
+                payload = b"GET / HTTP/1.1\r\n" if flags == "PA" else b""
+                out.append(tcp4(flags, payload, seq=seq, ttl=ttl))
+                out.append(tcp4(flags, payload, src=b4, dst=a4, sport=80, dport=40000, seq=seq, ttl=ttl))
+                l4 = TCP(sport=40000, dport=80, flags=flags, seq=seq)
+                out.append(frame(IPv6(src=a6, dst=b6, hlim=ttl) / (l4 / Raw(payload) if payload else l4)))
+    head = TCP(sport=40000, dport=80, flags="PA", seq=1) / Raw(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    for ttl in (3, 64):
+        out += [
+            frame(IP(src=a4, dst=b4, flags="MF", ttl=ttl, proto=6) / head),
+            frame(IP(src=b4, dst=a4, flags="MF", ttl=ttl, proto=6) / TCP(sport=80, dport=40000) / Raw(b"r" * 16)),
+            frame(IP(src=a4, dst=b4, flags="MF", proto=17) / UDP(sport=40000, dport=53) / Raw(b"q" * 24)),
+            frame(IP(src=a4, dst=b4, flags="MF", proto=6) / Raw(b"\x9c\x40\x00\x50")),      # the ports alone
+            frame(IP(src=a4, dst=b4, flags="MF", proto=6) / Raw(b"\x9c")),                    # not even them
+            frame(IP(src=a4, dst=b4, frag=3, proto=6) / Raw(b"y" * 24)),
+            frame(IPv6(src=a6, dst=b6, hlim=ttl) / IPv6ExtHdrFragment(m=1, id=1) / head),
+            frame(IPv6(src=a6, dst=b6) / IPv6ExtHdrFragment(m=0, id=2) / head),                   # atomic
+            frame(IPv6(src=a6, dst=b6) / IPv6ExtHdrFragment(offset=4, m=1, id=1, nh=6) / Raw(b"y" * 16)),
+        ]
+    return out
+
+
+def _write_verdict_random(rng: random.Random, maps, ref: Reference, keys: list[tuple], now: int) -> None:
+    """A verdict on a flow, as the engine (connection-scoped, ENGINE pins) or the operator (not,
+    MANUAL pins) writes it through Maps.write_verdict; never expiring, or far in the future."""
+    key = rng.choice(keys + list(ref.flows))
+    verdict = rng.choice([R.VERDICT_BLOCK] * 3 + [R.VERDICT_BYPASS] * 2 + [R.VERDICT_INSPECT, R.VERDICT_NONE])
+    conn_scoped = rng.random() < 0.7
+    origin = R.PIN_ENGINE if conn_scoped or rng.random() < 0.3 else R.PIN_MANUAL
+    maps.write_verdict(flow_key_of(key), verdict, rng.choice([None, 10**15]), origin=origin, conn_scoped=conn_scoped)
+    expires = maps.get_flow(flow_key_of(key)).verdict_expires_ns
+    ref.set_verdict(key, verdict, expires, now, conn_scoped=conn_scoped)
+    if verdict == R.VERDICT_BLOCK:
+        ref.pin(key, verdict, expires, origin)
+
+
+def _flow_state(fl) -> tuple:
+    """What the fuzz compares of one flow entry (a kernel abi.Flow or a reference RefFlow)."""
+    if isinstance(fl, R.Flow):
+        isn = [fl.isn[d] if fl.flags & (R.FLOW_ISN0, R.FLOW_ISN1)[d] else None for d in (0, 1)]
+        return (list(fl.packets), list(fl.payload_packets), fl.flags, fl.verdict, fl.verdict_expires_ns,
+                list(fl.ttl_max), isn)
+    return (fl.packets, fl.payload_packets, fl.flags, fl.verdict, fl.verdict_expires_ns, fl.ttl_max, fl.isn)
+
+
+def _mutate(rng: random.Random, bases: list[bytes], facts: list[bytes]) -> bytes:
+    kind = rng.randrange(10)
+    if kind >= 8:                                        # the per-connection state, unmutated
+        return rng.choice(facts)
     if kind == 0:                                        # random bytes behind a plausible Ethernet type
         body = rng.randbytes(rng.randrange(0, 120))
         etype = rng.choice([b"\x08\x00", b"\x86\xdd", b"\x81\x00", b"\x88\xa8", b"\x08\x06", rng.randbytes(2)])
@@ -94,15 +154,16 @@ def _pin_random(rng: random.Random, maps, ref: Reference, keys: list[tuple], now
     """Pinned verdicts (hybrid_pinned) for about half of the base frames' flows, as if an
     earlier BLOCK had been written and its entry evicted: mostly BLOCKs, some of the verdicts
     userspace never pins (the datapath copies whatever it finds), live forever, live for a
-    while, or expired."""
+    while, or expired; the engine's or the operator's."""
     for key in keys:
         if rng.random() < 0.5:
             continue
         verdict = rng.choice([R.VERDICT_BLOCK] * 4 + [R.VERDICT_BYPASS, R.VERDICT_INSPECT])
         expires = rng.choice([0, now + 10**15, 1])
+        origin = rng.choice([R.PIN_ENGINE, R.PIN_MANUAL])
         maps._update(R.MAP_PINNED, flow_key_of(key), R.PinnedVerdict(expires_ns=expires, verdict=verdict,
-                                                                      origin=R.PIN_ENGINE))
-        ref.pin(key, verdict, expires)
+                                                                      origin=origin))
+        ref.pin(key, verdict, expires, origin)
 
 
 def _evict_random(rng: random.Random, maps, ref: Reference) -> None:
@@ -119,14 +180,16 @@ def _evict_random(rng: random.Random, maps, ref: Reference) -> None:
 def test_fuzz_tc_and_xdp_against_reference(run, maps):
     rng = random.Random(SEED)
     bases = _bases()
+    facts = _facts()
     maps.watch_port(80)
     maps.add_prefix("198.18.99.0/24", R.PREFIX_BLOCK)
     maps.add_prefix("2001:db8:2::/48", R.PREFIX_WATCH)
     cfg_ports = {80: R.PORT_TCP | R.PORT_UDP}
     cfg_prefixes = {"198.18.99.0/24": R.PREFIX_BLOCK, "2001:db8:2::/48": R.PREFIX_WATCH}
     seen_outcomes: set[int] = set()
-    base_keys = sorted({canonical_key(p)[0] for p in map(parse, bases) if p.status == PKT_OK})
+    base_keys = sorted({canonical_key(p)[0] for p in map(parse, bases + facts) if p.status == PKT_OK})
     restored = 0
+    fragments_dropped = restarts = 0
     tc_runs = xdp_runs = short = 0
     start = time.monotonic()
     for chunk_start in range(0, FRAMES, CHUNK):
@@ -149,13 +212,15 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
         _pin_random(rng, maps, ref, base_keys, now)
         totals: dict[str, int] = {}
         for i in range(chunk_start, min(FRAMES, chunk_start + CHUNK)):
-            f = _mutate(rng, bases)
+            f = _mutate(rng, bases, facts)
             where = f"seed {SEED} frame {i}: {f.hex()}"
             if len(f) < 14:      # the kernel refuses test runs below an Ethernet header; no NIC delivers them
                 short += 1
                 continue
             if rng.random() < 1 / 30:
                 _evict_random(rng, maps, ref)
+            if rng.random() < 1 / 25:
+                _write_verdict_random(rng, maps, ref, base_keys, now)
             want_x = ref.xdp(f, now_ns=now)
             got_x = run.xdp(f)
             xdp_runs += 1
@@ -170,20 +235,24 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
             tc_runs += 1
             assert (got.action, got.mark) == (want.action, want.mark), where
             seen_outcomes.add(want.outcome)
+            fragments_dropped += want.outcome == R.CNT_DROP_TC_FLOW and parse(f).frag_keyed
             for idx, n in want.counters().items():
                 totals[abi.COUNTER_NAMES[idx]] = totals.get(abi.COUNTER_NAMES[idx], 0) + n
         assert run.nonzero() == totals, f"counters after chunk at frame {chunk_start} (seed {SEED})"
-        kernel = {key_tuple(k): list(fl.packets) for k, fl in maps.flows()}
-        assert kernel == {k: fl.packets for k, fl in ref.flows.items()}, f"flows, chunk at {chunk_start}"
-        pinned = {key_tuple(k): (p.verdict, p.expires_ns) for k, p in maps.pinned()}
+        kernel = {key_tuple(k): _flow_state(fl) for k, fl in maps.flows()}
+        assert kernel == {k: _flow_state(fl) for k, fl in ref.flows.items()}, f"flows, chunk at {chunk_start}"
+        pinned = {key_tuple(k): (p.verdict, p.expires_ns, p.origin) for k, p in maps.pinned()}
         assert pinned == ref.pinned, f"pinned verdicts, chunk at {chunk_start}"
         restored += totals.get("evicted_decided", 0)
+        restarts += totals.get("conn_restart", 0)
         run.check_invariant()
     # The generator reached every kind of outcome, not just the easy ones.
     assert {R.CNT_FLAGGED, R.CNT_PASSED, R.CNT_NOT_IP, R.CNT_MALFORMED_L3, R.CNT_DROP_TC_PREFIX,
             R.CNT_OVER_DROP} <= seen_outcomes
     assert restored > 0, "no evicted decided flow was ever restored"
+    assert restarts > 0, "no new connection ever started a connection-scoped verdict over"
+    assert fragments_dropped > 0, "no first fragment of a blocked flow was ever dropped at tc"
     assert tc_runs >= FRAMES * 0.6 and xdp_runs + short == FRAMES and short < FRAMES * 0.05
     print(f"\nfuzz: {FRAMES} frames ({tc_runs} through tc, {xdp_runs} through XDP, {restored} evicted decided "
-          f"flows restored) in "
+          f"flows restored, {restarts} connection restarts, {fragments_dropped} first fragments dropped) in "
           f"{time.monotonic() - start:.1f} s, seed {SEED}")

@@ -40,7 +40,8 @@ def test_engine_block_survives_eviction(run, maps):
     after = maps.get_flow(_key())
     assert (after.verdict, after.verdict_expires_ns) == (abi.VERDICT_BLOCK, before.verdict_expires_ns)
     assert run.xdp(tcp4("PA", b"data")) == XDP_DROP                   # and XDP drops again
-    assert run.tc(tcp4("S", sport=80, dport=40000, src="198.18.2.2", dst="198.18.1.2")).action == TC_ACT_SHOT
+    assert run.tc(tcp4("A", sport=80, dport=40000, src="198.18.2.2", dst="198.18.1.2")).action == TC_ACT_SHOT
+    assert after.flags & abi.FLOW_CONN_VERDICT                       # an engine pin: a new SYN would start over
     assert run.nonzero() == {"xdp_packets": 2, "xdp_drop_flow": 1, "packets": 2, "drop_tc_flow": 2,
                              "flow_new": 1, "evicted_decided": 1}
     run.check_invariant()

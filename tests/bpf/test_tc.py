@@ -60,7 +60,8 @@ def test_syn_alone(run, maps):
     key, direction = flow_key(A4, B4, 40000, 80, 6)
     assert direction == 0
     flow = maps.get_flow(key)
-    assert flow.flags == 0 and flow.flagged == 1 and list(flow.packets) == [1, 0]
+    assert flow.flags == R.FLOW_ISN0 and flow.flagged == 1 and list(flow.packets) == [1, 0]
+    assert (list(flow.isn), list(flow.ttl_max)) == ([0, 0], [64, 0])
     assert list(flow.bytes) == [40, 0] and list(flow.payload_packets) == [0, 0]
     assert flow.first_seen_ns == flow.last_seen_ns > 0
 
@@ -184,8 +185,8 @@ def test_first_n_per_direction_pure_acks_do_not_consume(run, maps):
     flow = maps.get_flow(flow_key(A4, B4, 40000, 80, 6)[0])
     assert list(flow.payload_packets) == [3, 3]
     assert list(flow.packets) == [7, 6]
-    assert flow.flagged == 5 and flow.flags == R.FLOW_SEQ0 | R.FLOW_SEQ1
-    assert list(flow.seq_end) == [10, 11]
+    assert flow.flagged == 5 and flow.flags == R.FLOW_SEQ0 | R.FLOW_SEQ1 | R.FLOW_ISN0 | R.FLOW_ISN1
+    assert list(flow.seq_end) == [10, 11] and list(flow.isn) == [0, 0]
     assert run.nonzero() == {"packets": 13, "flagged": 5, "passed": 8, "flow_new": 1,
                              "reason_syn": 1, "reason_first_n": 4}
 

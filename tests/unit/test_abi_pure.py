@@ -17,6 +17,7 @@ from hybrid.datapath.maps import (
     flow_key,
     flow_key_bytes,
     flow_key_raw,
+    flow_info,
     format_flow_key,
     format_prefix,
     key_ports,
@@ -187,6 +188,29 @@ def test_format_flow_key():
     assert format_flow_key(k) == "icmp 10.0.0.1 <-> 10.0.0.2 id 77 vlan 0"
     k, _ = flow_key("10.0.0.1", "10.0.0.2", 0, 0, 47)
     assert format_flow_key(k) == "proto-47 10.0.0.1 <-> 10.0.0.2 vlan 0"
+
+
+def test_flow_info_facts_oriented_from_the_originator():
+    """The kernel keeps ttl_max and isn per direction of the key ([from lo, from hi]); flow_info
+    turns them to [from src, from dst] and says which isn the kernel has seen."""
+    key, _ = flow_key("198.18.1.2", "198.18.2.2", 40000, 80, 6)
+    flow = abi.Flow(flags=abi.FLOW_ORIG_HI | abi.FLOW_ISN1 | abi.FLOW_CONN_VERDICT, verdict=abi.VERDICT_BYPASS)
+    flow.ttl_max[:] = [50, 60]
+    flow.isn[:] = [123, 456]                     # isn[0] not valid: FLOW_ISN0 is clear
+    info = flow_info(key, flow, now_ns=0)
+    assert (info["src"], info["ttl_max"], info["isn"], info["handshake"], info["conn_verdict"]) == \
+           ("198.18.2.2", [60, 50], [456, None], False, True)
+    flow.flags = abi.FLOW_ISN0 | abi.FLOW_ISN1
+    info = flow_info(key, flow, now_ns=0)
+    assert (info["src"], info["ttl_max"], info["isn"], info["handshake"], info["conn_verdict"]) == \
+           ("198.18.1.2", [50, 60], [123, 456], True, False)
+
+
+def test_flow_flags_fit_the_u8_and_do_not_overlap():
+    bits = [abi.FLOW_ORIG_HI, abi.FLOW_MIDSTREAM, abi.FLOW_SEQ0, abi.FLOW_SEQ1, abi.FLOW_ISN0, abi.FLOW_ISN1,
+            abi.FLOW_CONN_VERDICT]
+    assert sum(bits) < 0x100 and len(set(bits)) == len(bits) and all(b & (b - 1) == 0 for b in bits)
+    assert abi.CNT_MAX <= 32                    # an event is a bit of a __u32 (stats.h)
 
 
 # ---- CIDRs ------------------------------------------------------------------------------------------
