@@ -349,9 +349,9 @@ class Engine:
           else it covers this packet and the flow stays inspected (spoofed packets cannot block
           someone else's connection); a bypass decided on the responder's bytes is not written
           (the client's bytes are what the rules are about, and they are still to come);
-        - doubt: a decision on client bytes the server may not read as the engine did
-          (:meth:`_parse_doubt`, and for a bypass :meth:`_transport_doubt`) never bypasses the
-          flow: the packet gets the rules' ``on_doubt`` (inspect: passed, the flow kept
+        - doubt: a join the joiner could not be sure of (``pkt.doubt``), or a bypass on client
+          bytes the server may not read as the engine did (:meth:`_parse_doubt`,
+          :meth:`_transport_doubt`), never bypasses the flow: the packet gets the rules' ``on_doubt`` (inspect: passed, the flow kept
           inspected; drop; reset), counted by reason.
 
         The kernel's facts about the connection cost one map lookup, made only for a BLOCK by a
@@ -372,10 +372,10 @@ class Engine:
         soft = why == _OUT_OF_ORDER
         if soft:
             why = None
+        if why is None and not bypass:
+            return d                        # a join in doubt keeps the flow inspected, whatever the verdict
         if why is None:
             why = self._parse_doubt(pkt, joined)
-        if why is None and not bypass:
-            return d
         facts = self._facts(pkt) if self.maps is not None and pkt.payload_len else None
         if facts is not None and not facts.from_client and not facts.midstream:
             if bypass:
@@ -455,7 +455,7 @@ class Engine:
         if key is None:
             return None
         try:
-            flow = self.maps.get_flow(key[0])
+            flow = self.maps.get_flow(abi.FlowKey.from_buffer_copy(key[0]))
         except HybridError:
             return None
         if flow is None:

@@ -70,7 +70,10 @@ class RecordingMaps:
     def __init__(self):
         self.keys: list[tuple] = []
 
-    def write_verdict(self, key: bytes, verdict: int, ttl_ns: int | None) -> None:
+    def get_flow(self, key):      # the kernel's facts: unknown here
+        return None
+
+    def write_verdict(self, key: bytes, verdict: int, ttl_ns: int | None, conn_scoped: bool = False) -> None:
         self.keys.append(key_tuple(abi.FlowKey.from_buffer_copy(key)))
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
+from enginefakes import FlowTableFake
 from hybrid.engine import join
 from hybrid.engine.join import DECIDE, HeldFlow, SegmentJoiner, Step, stricter
 from hybrid.engine.loop import EngineStats
@@ -476,11 +477,8 @@ class _Nf:
         self.verdicts.append("drop")
 
 
-class _Maps:
-    def __init__(self):
-        self.writes = []
-
-    def write_verdict(self, key, verdict, ttl_ns):
+class _Maps(FlowTableFake):
+    def write_verdict(self, key, verdict, ttl_ns, conn_scoped=False):
         self.writes.append(verdict)
 
 
@@ -491,6 +489,7 @@ def _engine(tmp_path):
                      'http_host = ".blocked.example"\naction = "drop"\nflow = "block"\n')
     e = Engine(0, str(rules), maps=None, mark_mask=0x100000)
     e.maps = _Maps()
+    e.maps.connection(_raw(b"x", 1000))     # tc saw the handshake: the stream starts at 1000
     return e
 
 

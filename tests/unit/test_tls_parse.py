@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
+from enginefakes import FlowTableFake
 from hybrid.engine.join import SegmentJoiner, Step
 from hybrid.engine.loop import Engine, EngineStats
 from hybrid.engine.packet import (
@@ -247,12 +248,13 @@ def test_every_problem_is_a_counted_reason():
        empties=st.lists(st.integers(min_value=0, max_value=len(HS)), max_size=5))
 def test_reframing_a_valid_hello_never_changes_the_sni(cuts, empties):
     data = reframe(HS, cuts)
-    for at in empties:                                   # a few empty records anywhere
-        pos = 0
-        for _ in range(at % 4):
-            pos = data.find(b"\x16\x03\x01", pos + 1)
-        if pos > 0:
-            data = data[:pos] + record(b"") + data[pos:]
+    for at in empties:                                   # a few empty records between records
+        bounds, pos = [], 0
+        while pos < len(data):                           # walk the record headers: a search for
+            pos += 5 + int.from_bytes(data[pos + 3:pos + 5], "big")    # 16 03 01 could land in
+            bounds.append(pos)                           # a record's random bytes
+        pos = bounds[at % len(bounds)]
+        data = data[:pos] + record(b"") + data[pos:]
     assert _parse_sni(data) == BLOCKED
     assert client_hello_problem(data) is None and client_hello_missing(data) == 0
 
@@ -313,11 +315,8 @@ class FakePacket:
         self.verdicts.append("drop")
 
 
-class RecordingMaps:
-    def __init__(self):
-        self.writes = []
-
-    def write_verdict(self, key, verdict, ttl_ns):
+class RecordingMaps(FlowTableFake):
+    def write_verdict(self, key, verdict, ttl_ns, conn_scoped=False):
         self.writes.append(verdict)
 
 
@@ -330,8 +329,10 @@ def run_engine(tmp_path, data: bytes, sizes) -> tuple[Engine, list[str]]:
     rules.write_text(RULES)
     e = Engine(0, str(rules), maps=None, mark_mask=0x100000)
     e.maps = RecordingMaps()
+    pieces = segs(data, sizes)
+    e.maps.connection(pieces[0])            # tc saw the handshake; the hello starts the stream
     verdicts = []
-    for raw in segs(data, sizes):
+    for raw in pieces:
         p = FakePacket(raw)
         e._handle(p)
         verdicts += p.verdicts
