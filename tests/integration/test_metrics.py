@@ -38,6 +38,7 @@ from gwlab import (
 from traffic import udp_send
 
 from hybrid.errors import ConfigError, HybridError
+from hybrid.kernel import nfq
 from hybrid.lab.topology import netns
 from hybrid.observe import metrics as hmetrics
 from hybrid.observe.metrics import serve_metrics, serve_metrics_unix
@@ -192,6 +193,12 @@ def test_queue_overflow_is_fail_open_in_status_and_metrics(lab, tmp_path):
         if child is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGCONT)
+            # let it drain its queue first: a SIGTERM that lands while it handles a packet is
+            # swallowed (see test_overflow.py), and the stop below would wait for the timeout
+            with contextlib.suppress(OSError, KeyError, AssertionError):
+                wait_for(lambda: not nfq.counters(f"/proc/{child}/net/netfilter/nfnetlink_queue")[0].waiting,
+                         10, "the engine to drain its queue")
+            time.sleep(0.2)
         if engine.poll() is None:
             engine.send_signal(signal.SIGTERM)
             try:
