@@ -111,7 +111,7 @@ def ask_all(lab) -> dict[str, str]:
     for family in FAMILIES:
         src, dst = ends(lab, family)
         for name, pieces in UDP_VARIANTS.items():
-            build = lambda p, pieces=pieces, src=src, dst=dst: udp_fragments(src, dst, p, pieces)  # noqa: E731
+            build = lambda p, pieces=pieces, src=src, dst=dst: udp_fragments(src, dst, p, pieces)
             out[f"{family} {name}"] = ask(lab, family, build)
     return out
 
