@@ -1,5 +1,6 @@
 """The HYBRID chain on a real (nf_tables or legacy) iptables inside a namespace."""
 
+import itertools
 import time
 
 import pytest
@@ -84,11 +85,14 @@ def addrs(lab, family: str, to_gw: bool = False) -> tuple[str, str]:
     return ((lab.info.client.ipv6, far.ipv6) if v6 else (lab.info.client.ipv4, far.ipv4))
 
 
+_idents = itertools.count(0x5150)
+
+
 def send_fragmented(lab, family: str, to_gw: bool = False, port: int = 9999) -> None:
     """One 64-byte UDP datagram client -> server (or the gateway) in three fragments."""
     src, dst = addrs(lab, family, to_gw)
     seg = craft.udp(src, dst, 40000, port, bytes(range(56)))
-    craft.send_ip(lab.netns("client"), craft.fragments(src, dst, craft.UDP, seg, (16, 40), ident=0x5150))
+    craft.send_ip(lab.netns("client"), craft.fragments(src, dst, craft.UDP, seg, (16, 40), ident=next(_idents)))
 
 
 def probed(lab, family: str) -> int:
@@ -121,16 +125,17 @@ def test_the_queue_rule_sees_whole_datagrams_and_removal_gives_fragments_back(la
             send_fragmented(lab, family, to_gw=True)                  # INPUT
             wait_for(lambda: nf.status((family,), netns=gw)[0].queued_packets == 2, what="the INPUT datagram")
             assert nf.remove((family,), netns=gw) == [family]
-            # The defrag hooks go with the last conntrack user (asynchronously, with the rule).
+            # The defrag hooks go with the last conntrack user, asynchronously: a datagram sent
+            # meanwhile may be counted whole, or lost half-reassembled at the gateway.
             deadline = time.monotonic() + 10
             while True:
-                before = probed(lab, family)
+                before, got = probed(lab, family), len(sink.received)
                 send_fragmented(lab, family)
-                sink.wait(len(sink.received) + 1)
+                time.sleep(0.3)
                 if probed(lab, family) - before == 3 or time.monotonic() > deadline:
                     break
-                time.sleep(0.2)
             assert probed(lab, family) - before == 3
+            sink.wait(got + 1)                  # ... and the server reassembles them
     finally:
         lab.run("gw", [ipt, "-t", "mangle", "-F", "PREROUTING"])
         lab.run("gw", [ipt, *probe[:2], "-D", *probe[2:]])
