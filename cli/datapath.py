@@ -14,6 +14,7 @@ from hybrid.engine.rules import load_rules
 from hybrid.kernel import abi
 from hybrid.kernel.sysutil import pid_alive
 from hybrid.observe.status import status as status_view
+from hybrid.observe.status import summary_lines
 
 from .common import InputError
 from .config import default_text, schema_option
@@ -210,6 +211,8 @@ def status(as_json: bool) -> None:
             click.echo(f"  last reload refused: {e['last_reload_error']}")
     for queue, pid in sorted(st.get("spares", {}).items(), key=lambda kv: int(kv[0])):
         click.echo(f"spare engine queue {queue} (waiting, pid {pid}): takes the queue over if its engine dies")
+    for line in summary_lines(st):
+        click.echo(line)
     if st.get("warning"):
         click.echo(f"warning: {st['warning']}")
 

@@ -7,7 +7,7 @@ import json
 import click
 
 from hybrid.datapath.options import ATTACH, DEFAULT_MASK
-from hybrid.engine.rules import RulesError, load_rules
+from hybrid.engine.rules import REGEX_WINDOW, RulesError, load_rules
 
 from .common import InputError
 
@@ -65,6 +65,10 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
     A rule's mark may not touch hybrid's own mark bits (--mark-mask, 0x100000 unless the
     attachment says otherwise): the engine would queue the packet again, for ever.
 
+    A payload_regex that a crafted payload can make backtrack for a long time ((a+)+$, \\d*\\d*x)
+    is refused with how to fix it (a possessive repeat or an atomic group). The engine searches
+    only a payload's first bytes: a note below the rules that use a regex says how many.
+
     \b
     Examples:
       hybridctl rules check examples/rules/realistic.toml
@@ -78,7 +82,8 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
     described = ruleset.describe()
     if as_json:
         click.echo(json.dumps({"file": file, "rules": described[:-1], "default": described[-1],
-                               "plugins_imported": ruleset.plugins_imported}, indent=1))
+                               "plugins_imported": ruleset.plugins_imported, "regex_window": REGEX_WINDOW},
+                              indent=1))
         return
     width = max([len(d["name"]) for d in described[:-1]] + [7])
     for d in described:
@@ -91,6 +96,10 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
                    f"{_action(d)}  flow={d['flow']}" + (f"/{d['ttl']}s" if d["flow"] != "none" else "")
                    + ("  log" if d["log"] else ""))
     n = len(described) - 1
+    regexes = [d["name"] for d in described[:-1] if "payload_regex" in d["match"]]
+    if regexes:
+        click.echo(f"note: payload_regex reads the first {REGEX_WINDOW} bytes of a payload "
+                   f"({', '.join(regexes)}); see docs/rules.md")
     click.echo(f"{file}: {n} rule{'s' if n != 1 else ''} ok{plugins_note(ruleset)}")
 
 

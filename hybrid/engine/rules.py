@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from hybrid.engine.packet import normalize_http_path
+from hybrid.engine.regexcheck import problem as regex_problem
 from hybrid.kernel.abi import ICMP_PROTOS, PROTO_NAMES, PROTO_NUMBERS
 from hybrid.plugin import Verdict
 from hybrid.tomlfile import TomlFileError, TomlFormat, TomlSource, close_match, suggest
@@ -264,14 +265,27 @@ def _parse_contains(key: str, value) -> str:
     return value
 
 
+# A payload_regex runs on at most the first REGEX_WINDOW bytes of a payload, as if they were all
+# of it (``$`` matches at the cut). 1500 holds a whole TCP or UDP payload at the usual Ethernet
+# MTU (1460/1472 bytes), so ordinary traffic is read whole and no padding trick opens; only
+# jumbo-MTU or loopback segments are cut. The bound is for what regexcheck misses and for what it
+# accepts: a search tries every start, so even an accepted pattern (`a.*b` on a payload of `a`)
+# costs up to the square of the bytes searched, about 1 ms here for 1500 bytes (64 KiB would be ~2 s).
+REGEX_WINDOW = 1500
+
+
 def _parse_regex(key: str, value) -> re.Pattern:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{key} {value!r}: write a regex in single quotes, e.g. '^\\x16\\x03'")
     try:
-        return re.compile(value.encode("utf-8"), re.DOTALL)
+        rx = re.compile(value.encode("utf-8"), re.DOTALL)
     except re.error as exc:
         raise ValueError(f"{key} {value!r} does not compile: {exc}; fix the pattern (use single quotes so "
                          f"backslashes stay as written)") from None
+    why = regex_problem(rx.pattern, rx.flags)
+    if why is not None:
+        raise ValueError(f"{key} {value!r} {why}")
+    return rx
 
 
 def _parse_hex(key: str, value) -> bytes:
@@ -425,7 +439,8 @@ def _m_contains(needle: bytes):
 
 
 def _m_regex(rx: re.Pattern):
-    return lambda pkt, _s=rx.search: _s(pkt.payload) is not None
+    # endpos bounds the search without copying the payload (see REGEX_WINDOW)
+    return lambda pkt, _s=rx.search, _w=REGEX_WINDOW: _s(pkt.payload, 0, _w) is not None
 
 
 def _name_test(exact: frozenset[str], suffixes: tuple[str, ...]):

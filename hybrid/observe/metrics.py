@@ -160,6 +160,7 @@ class InstanceCollector:
         yield from _flows(snap)
         yield from _queues(snap)
         yield from _engines(snap)
+        yield from _fail_open(snap)
 
 
 def _kernel(snap: dict) -> Iterator:
@@ -272,6 +273,50 @@ def _engines(snap: dict) -> Iterator:
             buckets = [(_le(bound), n) for bound, n in views.decision_buckets(slots)]
             hist.add_metric(q, buckets, e.get("decision_ns_sum", 0) / 1e9)
     yield from (up, packets, actions, flowv, rules, *misc.values(), hist)
+
+
+def _fail_open(snap: dict) -> Iterator:
+    """The ways a flagged packet can pass uninspected (views.FAIL_OPEN_WAYS), and the doubts, summed
+    over interfaces and engines, as ``hybridctl status`` shows them."""
+    fo = snap.get("fail_open") or {}
+    fam = CounterMetricFamily(
+        "hybrid_fail_open",
+        "Ways a flagged packet passed uninspected, each counted in its own unit: " + "; ".join(
+            f"{way}: {text}" for way, text in views.FAIL_OPEN_WAYS.items())
+        + ". A way that cannot be counted now is absent.", labels=["way"])
+    for way, n in (fo.get("ways") or {}).items():
+        if n is not None:
+            fam.add_metric([way], n)
+    yield fam
+    d = snap.get("doubts") or {}
+    doubts = CounterMetricFamily(
+        "hybrid_doubts",
+        "Packets the engines could not be sure about (what the server will see may differ from what "
+        "the engine read), by reason: the flow is never bypassed for them; the policy says what is done.",
+        labels=["reason"])
+    for reason, n in (d.get("reasons") or {}).items():
+        doubts.add_metric([reason], n)
+    yield doubts
+    actions = CounterMetricFamily(
+        "hybrid_doubt_actions",
+        "What was done with the doubts: inspect (the flow kept inspected), drop, reset (dropped and reset).",
+        labels=["action"])
+    for action, n in (d.get("actions") or {}).items():
+        actions.add_metric([action], n)
+    yield actions
+    policy = GaugeMetricFamily("hybrid_engine_doubt_policy",
+                               "1 for the doubt policy of each engine (inspect, drop or reset).",
+                               labels=["queue", "policy"])
+    for queue, name in sorted((d.get("policy") or {}).items()):
+        policy.add_metric([queue, name], 1)
+    yield policy
+    scoped = CounterMetricFamily(
+        "hybrid_scoped_verdicts",
+        "Flow verdicts narrowed to the side that spoke, by kind (responder-side, block-packet-only, ...).",
+        labels=["scope"])
+    for kind, n in (d.get("scoped") or {}).items():
+        scoped.add_metric([kind], n)
+    yield scoped
 
 
 def _le(bound: float) -> str:

@@ -9,6 +9,7 @@ from hybrid import instance as inst
 from hybrid.datapath import attach, queues
 from hybrid.errors import NotFoundError
 from hybrid.kernel import abi, netfilter
+from hybrid.observe import views
 
 
 def status() -> dict:
@@ -27,6 +28,7 @@ def status() -> dict:
     maps = attach.open_maps(state)
     try:
         stats = maps.stats() if maps else {}
+        kernel = [stats.get(0, {})]       # packets on interfaces hybrid did not register count too
         for name, ist in state.interfaces.items():
             entry: dict = {"ifindex": ist.ifindex, "xdp_mode": ist.xdp_mode}
             try:
@@ -34,6 +36,7 @@ def status() -> dict:
             except NotFoundError:
                 entry["missing"] = True
             entry["counters"] = stats.get(ist.ifindex, {})
+            kernel.append(entry["counters"])
             out["interfaces"][name] = entry
         if maps:
             out["flows"] = maps.flow_count()
@@ -54,7 +57,62 @@ def status() -> dict:
     o = state.options
     out["queue"] = queues.queue_report(o.get("queue_first", 0), o.get("queue_last", 0), o.get("fail_open", True),
                                     instance, rule_packets=sum(s["queued_packets"] for s in out["netfilter"]))
+    out["fail_open"] = views.fail_open(kernel, out["engines"], out["queue"])
+    out["doubts"] = views.doubts(out["engines"])
     return out
+
+
+TOP_REASONS = 5     # doubt reasons named on the status line; the rest are counted ("and 3 more")
+
+
+def summary_lines(st: dict) -> list[str]:
+    """The fail-open and doubt lines of ``hybridctl status`` for a :func:`status` result: one line
+    that says whether any way of passing uninspected moved since attach, one line per way that
+    did, the doubts by reason with the engines' policy, and the verdicts scoped to the side that
+    spoke. Only the ways and reasons in ``st`` are named, whatever they are."""
+    lines: list[str] = []
+    fo = st.get("fail_open")
+    if fo:
+        ways = fo.get("ways", {})
+        moved = [w for w in fo.get("moved", []) if ways.get(w)]
+        unknown = [w for w, n in ways.items() if n is None]
+        if moved:
+            lines.append(f"fail-open: {len(moved)} way{'s' if len(moved) > 1 else ''} moved since attach: "
+                         + ", ".join(f"{w} {ways[w]:,}" for w in moved))
+            for w in moved:
+                lines.append(f"  {w:<20}{ways[w]:>12,}  {views.FAIL_OPEN_WAYS.get(w, '')}".rstrip())
+            if fo.get("join_reasons") and "join-abandoned" in moved:
+                lines.append("  joins abandoned by reason: "
+                             + ", ".join(f"{k} {v:,}" for k, v in fo["join_reasons"].items()))
+        else:
+            lines.append("fail-open: none" + (" counted" if unknown or fo.get("unbound_queues") else ""))
+        if unknown:
+            lines.append(f"  not counted now: {', '.join(unknown)} (not every queue has an engine that "
+                         "recorded its start)")
+        for q in fo.get("unbound_queues", []):
+            lines.append(f"  queue {q} has no engine: its flagged packets pass uninspected and uncounted "
+                         "(--queue-bypass)")
+    d = st.get("doubts")
+    if d and (st.get("engines") or d.get("total")):
+        policies = sorted(set(d.get("policy", {}).values()))
+        if len(policies) == 1:
+            policy = f"policy {policies[0]}"
+        else:
+            policy = "policy " + ", ".join(f"{p} (queue {q})" for q, p in sorted(d["policy"].items()))
+        acted = [f"{a} {n:,}" for a, n in d.get("actions", {}).items() if n]
+        how = "; ".join(x for x in (policy if policies else "", ", ".join(acted)) if x)
+        reasons = [(r, n) for r, n in d.get("reasons", {}).items() if n]
+        if not d.get("total"):
+            lines.append("doubts: none" + (f" ({how})" if how else ""))
+        else:
+            shown = ", ".join(f"{r} {n:,}" for r, n in reasons[:TOP_REASONS])
+            more = len(reasons) - TOP_REASONS
+            lines.append(f"doubts: {d['total']:,}" + (f" ({how})" if how else "") + f": {shown}"
+                         + (f", and {more} more reason{'s' if more > 1 else ''}" if more > 0 else ""))
+    scoped = [(k, n) for k, n in (d or {}).get("scoped", {}).items() if n]
+    if scoped:
+        lines.append("flow verdicts scoped to the side that spoke: " + ", ".join(f"{k} {n:,}" for k, n in scoped))
+    return lines
 
 
 def _pinned_view(maps) -> dict:

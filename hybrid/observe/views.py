@@ -104,10 +104,15 @@ def snapshot(instance: str | None = None, *, top_flows: int = 0, flow_scan: bool
         # rule's counter and the queues' since the engines bound (None when it cannot).
         rep = queues.queue_report(first, last, state.options.get("fail_open", True), name)
         snap["overflow"] = {k: rep[k] for k in ("passed_overflow", "dropped_overflow", "user_dropped")}
+    else:
+        rep = None
     if state is not None:
         for e in inst.engine_stats(name):
             e["alive"] = pid_alive(e.get("pid"))
             snap["engines"].append(e)
+    counters = [*snap["interfaces"].values(), snap["unregistered"]]
+    snap["fail_open"] = fail_open(counters, snap["engines"], rep)
+    snap["doubts"] = doubts(snap["engines"])
     return snap
 
 
@@ -164,6 +169,119 @@ def rates(before: dict[str, int], after: dict[str, int], seconds: float) -> dict
         prev = before.get(name, 0)
         out[name] = ((value - prev) if value >= prev else value) / seconds
     return out
+
+
+# ---- fail-open and doubts ---------------------------------------------------------------------------
+# Every way a flagged packet can pass uninspected, with what one count of it is. Each has a
+# counter: the kernel's (summed over interfaces), the queues' own accounting (hybrid.datapath.
+# queues) or the engines' stats files (summed over engines; a stopped engine's last figures
+# count). Not in the list because nothing passes: a BLOCK evicted from the flow table and
+# restored from the pinned table (evicted_decided: its packets are dropped), an invalid IP
+# header (malformed_l3: the stack drops it), a reject whose RST could not be sent (dropped).
+FAIL_OPEN_WAYS: dict[str, str] = {
+    "queue-overflow": "flagged packets a full queue let through uninspected (fail-open), since the engines "
+                      "bound; derived from the queue rule's counter",
+    "over-budget": "flagged packets without payload over an admission budget, passed unflagged "
+                   "(--over-budget pass; kernel counter over_pass)",
+    "flow-table-full": "packets whose flow could not be entered in the flow table, so no flow verdict "
+                       "holds for them (kernel counter flow_full)",
+    "decode-error": "packets whose handling raised in the engine, accepted with no rule applied "
+                    "(the engines' errors)",
+    "join-abandoned": "split ClientHellos and HTTP request heads the engine gave up joining, decided "
+                      "on the bytes it had",
+    "flow-write-error": "flow verdicts the engine could not write to the kernel: the flow goes on "
+                        "without them",
+    "block-not-pinned": "BLOCK verdicts not pinned (pinned table full): an eviction from the flow "
+                        "table lifts them",
+}
+_KERNEL_WAYS = {"over-budget": "over_pass", "flow-table-full": "flow_full"}
+_ENGINE_WAYS = {"decode-error": "errors", "flow-write-error": "flow_write_errors",
+                "block-not-pinned": "pinned_write_errors"}
+# Stats files from before the engine counted ``doubts``: their per-protocol dicts, as reasons.
+_LEGACY_DOUBTS = (("hellos_unparsed", "tls"), ("http_unparsed", "http"), ("dns_unparsed", "dns"))
+
+
+def _num(value) -> int:
+    """A count from a stats file, 0 for anything that is not one (a key missing, or from another version)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _merge(into: dict[str, int], counts, prefix: str = "") -> dict[str, int]:
+    if isinstance(counts, dict):
+        for key, n in counts.items():
+            name = f"{prefix}{key}"
+            into[name] = into.get(name, 0) + _num(n)
+    return into
+
+
+def engine_doubts(engine: dict) -> dict[str, int]:
+    """One engine's doubts by reason (``"http:several-hosts"``, ...): its ``doubts``, or in a stats
+    file written before the engine had them, ``hellos_unparsed``, ``http_unparsed`` and
+    ``dns_unparsed`` as ``tls:``, ``http:`` and ``dns:`` reasons."""
+    if isinstance(engine.get("doubts"), dict):
+        return _merge({}, engine["doubts"])
+    out: dict[str, int] = {}
+    for key, proto in _LEGACY_DOUBTS:
+        _merge(out, engine.get(key), f"{proto}:")
+    return out
+
+
+def _joins_abandoned(engine: dict) -> tuple[int, dict[str, int]]:
+    """(total, by reason) of one engine's abandoned joins: ``joins_abandoned`` by reason when it
+    publishes that, else ``hellos_abandoned`` + ``http_heads_abandoned`` (the same joins: never both)."""
+    if isinstance(engine.get("joins_abandoned"), dict):
+        by = _merge({}, engine["joins_abandoned"])
+        return sum(by.values()), by
+    return _num(engine.get("hellos_abandoned")) + _num(engine.get("http_heads_abandoned")), {}
+
+
+def fail_open(counters: list[dict], engines: list[dict], queue_report: dict | None) -> dict:
+    """Every way of :data:`FAIL_OPEN_WAYS` with its count, from kernel ``counters`` (one dict per
+    interface), the ``engines``' stats and the queues' report (hybrid.datapath.queues; None when
+    not attached). ``ways``: way -> count, None when it cannot be counted now (queue-overflow
+    before every queue's engine recorded its start); ``moved``: the ways whose count is above 0;
+    ``unbound_queues``: fail-open queues with no engine, whose flagged packets pass uncounted
+    (--queue-bypass); ``join_reasons``: abandoned joins by reason, when the engines say."""
+    ways: dict[str, int | None] = dict.fromkeys(FAIL_OPEN_WAYS, 0)
+    rep = queue_report or {}
+    ways["queue-overflow"] = rep.get("passed_overflow") if queue_report is not None else None
+    if ways["queue-overflow"] is not None:
+        ways["queue-overflow"] = _num(ways["queue-overflow"])
+    for way, key in _KERNEL_WAYS.items():
+        ways[way] = sum(_num(c.get(key)) for c in counters)
+    for way, key in _ENGINE_WAYS.items():
+        ways[way] = sum(_num(e.get(key)) for e in engines)
+    reasons: dict[str, int] = {}
+    joins = 0
+    for e in engines:
+        n, by = _joins_abandoned(e)
+        joins += n
+        _merge(reasons, by)
+    ways["join-abandoned"] = joins
+    unbound = [q["queue"] for q in rep.get("queues", ()) if not q.get("bound")] if rep.get("fail_open") else []
+    return {"ways": ways, "moved": [w for w, n in ways.items() if n], "unbound_queues": unbound,
+            "join_reasons": {k: v for k, v in reasons.items() if v}}
+
+
+def doubts(engines: list[dict]) -> dict:
+    """The packets the engines could not be sure about, summed over engines: ``total``,
+    ``reasons`` (reason -> count, every reason an engine published, largest first),
+    ``policy`` (queue -> what the engine does with a doubt: inspect, drop or reset; engines that
+    do not say are left out), ``actions`` (action -> count) and ``scoped`` (flow verdicts
+    narrowed to the side that spoke, by kind)."""
+    reasons: dict[str, int] = {}
+    actions: dict[str, int] = {}
+    scoped: dict[str, int] = {}
+    policy: dict[str, str] = {}
+    for e in engines:
+        _merge(reasons, engine_doubts(e))
+        _merge(actions, e.get("doubt_actions"))
+        _merge(scoped, e.get("scoped"))
+        if isinstance(e.get("doubt_policy"), str):
+            policy[str(e.get("queue", ""))] = e["doubt_policy"]
+    ordered = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    return {"total": sum(reasons.values()), "reasons": ordered, "policy": policy, "actions": actions,
+            "scoped": scoped}
 
 
 # ---- the engine's decision-time histogram -------------------------------------------------------------

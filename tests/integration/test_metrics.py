@@ -5,12 +5,14 @@ give for the same moment."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import os
 import pathlib
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -20,17 +22,23 @@ import time
 
 import pytest
 from gwlab import (
+    IFACES,
     MetricsProcess,
     attached_with_engine,
     engine_stats,
+    hctl,
     nfqueue_counters,
     parse,
     sample,
+    start_engine,
+    stats_file,
     status,
+    wait_for,
 )
 from traffic import udp_send
 
 from hybrid.errors import ConfigError, HybridError
+from hybrid.kernel import nfq
 from hybrid.lab.topology import netns
 from hybrid.observe import metrics as hmetrics
 from hybrid.observe.metrics import serve_metrics, serve_metrics_unix
@@ -104,6 +112,11 @@ def test_scrape_agrees_with_status_engine_and_queue(lab, tmp_path):
         assert sample(m, "hybrid_nfqueue_waiting", queue="0") == 0
         # fail-open overflow, derived as status derives it (nothing overflowed here)
         assert sample(m, "hybrid_nfqueue_passed_overflow_total") == after["queue"]["passed_overflow"] == 0
+        # no way of passing uninspected moved, and both say so
+        assert after["fail_open"]["moved"] == [] and before["fail_open"]["moved"] == []
+        assert {dict(k)["way"]: v for (name, k), v in m.items() if name == "hybrid_fail_open_total"} == \
+            dict.fromkeys(after["fail_open"]["ways"], 0)
+        assert "fail-open: none" in hctl(lab, "status").stdout.splitlines()
 
         # the engine: exactly what it published (it is idle now)
         eng = engine_stats(lab)
@@ -132,6 +145,99 @@ def test_scrape_agrees_with_status_engine_and_queue(lab, tmp_path):
         assert udp_send(lab, [b"more"] * 7, dport=10010, sport=41000) == 7
         m2 = metrics.scrape()
         assert sample(m2, "hybrid_kernel_bypassed_total", interface="to-client") == m0 + 7
+
+
+# ---- fail-open made to move for real: status and the metrics say so -----------------------------------
+QUEUE_LEN = 4
+WATCHED = 10020          # every packet to this port is flagged (--watch-port)
+
+
+def _line(text: str, start: str) -> str:
+    return next((ln for ln in text.splitlines() if ln.startswith(start)), f"<no line {start!r} in:\n{text}>")
+
+
+def test_queue_overflow_is_fail_open_in_status_and_metrics(lab, tmp_path):
+    """The engine hung (SIGSTOP) on a 4-packet queue, fail-open: of 20 flagged datagrams the
+    queue holds 4 and lets 16 through uninspected. The server counts what arrived; status
+    (JSON and text) and the metrics must name that figure as the queue-overflow way."""
+    hctl(lab, "attach", *IFACES, "--fail-open", "--watch-port", str(WATCHED))
+    rules = tmp_path / "rules.toml"
+    rules.write_text('default = "accept"\ndefault_flow = "none"\n')
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stats_file(lab))
+    engine = start_engine(lab, rules, queue_len=QUEUE_LEN, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
+    child = None
+    try:
+        wait_for(lambda: os.path.exists(stats_file(lab)) or engine.poll() is not None, 30, "the engine's stats")
+        assert engine.poll() is None, engine.stderr.read()
+        child = engine_stats(lab)["pid"]                  # the process bound to the queue
+        with MetricsProcess(lab, cache_seconds=0) as metrics:
+            quiet = status(lab)
+            assert quiet["fail_open"]["ways"]["queue-overflow"] == 0 and quiet["fail_open"]["moved"] == []
+            os.kill(child, signal.SIGSTOP)
+            arrived = udp_send(lab, [b"x"] * 20, dport=WATCHED, sport=41100)
+            st = status(lab)
+            m = metrics.scrape()
+            text = hctl(lab, "status").stdout
+        assert arrived == 20 - QUEUE_LEN                 # the server is the oracle: 16 went past the engine
+        fo = st["fail_open"]
+        assert fo["ways"]["queue-overflow"] == st["queue"]["passed_overflow"] == arrived, (fo, st["queue"])
+        assert "queue-overflow" in fo["moved"]
+        assert sample(m, "hybrid_fail_open_total", way="queue-overflow") == arrived
+        assert sample(m, "hybrid_nfqueue_passed_overflow_total") == arrived
+        head = _line(text, "fail-open:")
+        assert "moved since attach" in head and f"queue-overflow {arrived:,}" in head, text
+        assert _line(text, "  queue-overflow").split()[1] == f"{arrived:,}", text
+    finally:
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGCONT)
+            # let it drain its queue first: a SIGTERM that lands while it handles a packet is
+            # swallowed (see test_overflow.py), and the stop below would wait for the timeout
+            with contextlib.suppress(OSError, KeyError, AssertionError):
+                wait_for(lambda: not nfq.counters(f"/proc/{child}/net/netfilter/nfnetlink_queue")[0].waiting,
+                         10, "the engine to drain its queue")
+            time.sleep(0.2)
+        if engine.poll() is None:
+            engine.send_signal(signal.SIGTERM)
+            try:
+                engine.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(engine.pid, signal.SIGKILL)
+                engine.wait()
+        engine.stderr.close()
+        hctl(lab, "detach", "--all")
+
+
+# a rule that decides on a SYN, so that SYNs are flagged (the engine has the kernel skip them otherwise)
+SYN_RULES = 'default = "accept"\n[[rule]]\nname = "drop-9"\nproto = "tcp"\ndport = 9\naction = "drop"\n'
+
+
+def test_over_budget_is_fail_open_in_status_and_metrics(lab, tmp_path):
+    """A source allowed one new flow per second opens five connections at once: the SYNs over its
+    budget pass unflagged (--over-budget pass), and status and the metrics count them as the
+    over-budget way, as many as the kernel's over_pass."""
+    with attached_with_engine(lab, tmp_path, SYN_RULES, "--source-rate", "1", "--source-burst", "1",
+                              "--over-budget", "pass"), MetricsProcess(lab, cache_seconds=0) as metrics:
+        refused = 0
+        with netns(lab.netns("client")):
+            for port in range(5):
+                with socket.socket() as s:
+                    s.settimeout(5)
+                    if s.connect_ex((lab.info.server.ipv4, 10030 + port)) != 0:   # nothing listens: RST
+                        refused += 1
+        assert refused == 5
+        before = status(lab)
+        m = metrics.scrape()
+        after = status(lab)
+        text = hctl(lab, "status").stdout
+    kernel = sum(e["counters"].get("over_pass", 0) for e in after["interfaces"].values())
+    assert kernel >= 4, after["interfaces"]          # one SYN within the budget, the others over it
+    assert after["fail_open"]["ways"]["over-budget"] == kernel and "over-budget" in after["fail_open"]["moved"]
+    assert before["fail_open"]["ways"]["over-budget"] <= sample(m, "hybrid_fail_open_total", way="over-budget") \
+        <= kernel
+    assert f"over-budget {kernel:,}" in _line(text, "fail-open:"), text
 
 
 def test_endpoint_without_attachment_and_paths(lab):

@@ -154,3 +154,30 @@ def test_config_check_does_not_import_plugins_and_uses_the_configured_mask(side_
     res = run("config", "check", str(conf))
     assert res.exit_code == 2
     assert res.output.startswith(f"{path}:4: mark '0x4/0xf': its mask 0xf overlaps hybrid's mark mask 0x2, ")
+
+
+def test_check_refuses_a_catastrophic_regex_in_one_line(tmp_path):
+    path = tmp_path / "rx.toml"
+    path.write_text('[[rule]]\nname = "rx"\naction = "drop"\npayload_regex = \'\\d*\\d*x\'\n')
+    res = run("rules", "check", str(path))
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [
+        f"{path}:4: payload_regex '\\\\d*\\\\d*x' can take polynomial time on a crafted payload: \\d* and \\d* "
+        f"can take the same bytes with nothing between them that the first cannot take, so every split is tried "
+        f"before a failure; make the first possessive (\\d*+), or put a byte neither can match between them"]
+
+
+def test_check_notes_the_regex_window(tmp_path):
+    from hybrid.engine.rules import REGEX_WINDOW
+    path = tmp_path / "rx.toml"
+    path.write_text('[[rule]]\nname = "tls"\naction = "drop"\npayload_regex = \'^\\x16\\x03\'\n'
+                    '[[rule]]\nname = "port"\ndport = 80\nproto = "tcp"\naction = "drop"\n'
+                    '[[rule]]\nname = "pw"\naction = "drop"\npayload_regex = \'(?i)password=\'\n')
+    res = run("rules", "check", str(path))
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[-2:] == [
+        f"note: payload_regex reads the first {REGEX_WINDOW} bytes of a payload (tls, pw); see docs/rules.md",
+        f"{path}: 3 rules ok"]
+    assert json.loads(run("rules", "check", str(path), "--json").output)["regex_window"] == REGEX_WINDOW
+    res = run("rules", "check", os.path.join(EXAMPLES, "rewrite.toml"))
+    assert "note:" not in res.output                             # no regex, no note

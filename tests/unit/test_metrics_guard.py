@@ -9,6 +9,9 @@ import threading
 import time
 
 import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
 from hybrid.errors import ConfigError
 from hybrid.observe import metrics
@@ -103,6 +106,41 @@ def test_collector_counts_refusals_and_reads(monkeypatch):
     assert {s.labels["reason"]: s.value for s in fams["hybrid_metrics_refused"].samples} == \
         {"unauthorized": 2, "busy": 1, "timeout": 0}
     assert fams["hybrid_metrics_snapshots"].samples[0].value == 1
+
+
+def test_fail_open_and_doubts_are_exported(monkeypatch):
+    """Every fail-open way, every doubt reason (old stats files' and new ones'), the actions, the
+    policy and the scoped verdicts reach the exposition, under the names the docs give."""
+    old = {"queue": 0, "errors": 3, "hellos_abandoned": 2, "http_unparsed": {"host_conflict": 4},
+           "hellos_unparsed": {"no-sni": 0}}
+    new = {"queue": 1, "doubts": {"tls:records-interleaved": 5}, "doubt_policy": "reset",
+           "doubt_actions": {"inspect": 0, "drop": 0, "reset": 5}, "scoped": {"responder-side": 2}}
+    rep = {"fail_open": True, "passed_overflow": 17, "queues": [{"queue": 0, "bound": True}]}
+    snap = {"attached": True, "interfaces": {"eth0": {"over_pass": 6}}, "unregistered": {}, "flows": None,
+            "queues": {}, "engines": [old, new]}
+    snap["fail_open"] = metrics.views.fail_open([snap["interfaces"]["eth0"]], snap["engines"], rep)
+    snap["doubts"] = metrics.views.doubts(snap["engines"])
+    monkeypatch.setattr(metrics.views, "snapshot", lambda instance: snap)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.InstanceCollector("lab-gw"))
+    text = generate_latest(registry).decode()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(text) for s in fam.samples}
+    ways = {dict(k[1])["way"]: v for k, v in got.items() if k[0] == "hybrid_fail_open_total"}
+    assert ways == {"queue-overflow": 17, "over-budget": 6, "flow-table-full": 0, "decode-error": 3,
+                    "join-abandoned": 2, "flow-write-error": 0, "block-not-pinned": 0}
+    reasons = {dict(k[1])["reason"]: v for k, v in got.items() if k[0] == "hybrid_doubts_total"}
+    assert reasons == {"http:host_conflict": 4, "tls:no-sni": 0, "tls:records-interleaved": 5}
+    assert got[("hybrid_doubt_actions_total", (("action", "reset"),))] == 5
+    assert got[("hybrid_engine_doubt_policy", (("policy", "reset"), ("queue", "1")))] == 1
+    assert got[("hybrid_scoped_verdicts_total", (("scope", "responder-side"),))] == 2
+    for way in metrics.views.FAIL_OPEN_WAYS:          # the help names every way
+        assert f"{way}: " in text.split("# HELP hybrid_fail_open_total", 1)[1].split("\n", 1)[0]
+    # a way that cannot be counted now is absent, not 0
+    snap["fail_open"] = metrics.views.fail_open([], [], {**rep, "passed_overflow": None})
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.InstanceCollector("lab-gw"))
+    assert 'way="queue-overflow"' not in generate_latest(registry).decode()
 
 
 # -- the bearer token --------------------------------------------------------------------------------

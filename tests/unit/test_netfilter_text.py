@@ -43,11 +43,32 @@ def test_install_on_empty_ruleset_inserts_one_jump_first():
     assert text.splitlines() == [
         "*filter",
         ":HYBRID - [0:0]",
-        '-A HYBRID -m mark --mark 0x100000/0x100000 -m comment --comment "hybrid: flagged by BPF" '
-        "-j NFQUEUE --queue-num 0 --queue-bypass",
+        ("-A HYBRID -m mark --mark 0x100000/0x100000 "
+         "-m conntrack --ctstate INVALID,NEW,RELATED,ESTABLISHED,UNTRACKED "
+         '-m comment --comment "hybrid: flagged by BPF" -j NFQUEUE --queue-num 0 --queue-bypass'),
         "-I FORWARD 1 -m comment --comment hybrid -j HYBRID",
         "COMMIT",
     ]
+
+
+def test_the_queue_rule_pulls_conntrack_in_with_a_match_no_packet_fails():
+    """The conntrack match exists to make the namespace reassemble fragments before the queue
+    rule; it must not narrow the rule: every state a packet can be in is listed, and it comes
+    after the mark match (evaluated for marked packets only)."""
+    for r in (rule(), rule(hooks=("input",), families=("ipv6",)), rule(queue_first=1, queue_last=3)):
+        queue = next(ln for ln in nf.install_text(r, EMPTY).splitlines() if "NFQUEUE" in ln)
+        states = queue.split("--ctstate ", 1)[1].split()[0].split(",")
+        assert sorted(states) == sorted(["INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED"])
+        assert queue.index("-m mark") < queue.index("-m conntrack") < queue.index("-j NFQUEUE")
+
+
+def test_status_says_whether_the_queue_rule_reassembles(monkeypatch):
+    saves = {"ipv4": INSTALLED.replace("-A HYBRID", "[5:300] -A HYBRID"),
+             "ipv6": nf.install_text(rule(), EMPTY).replace(":HYBRID - [0:0]\n-A HYBRID", ":HYBRID - [0:0]\n[7:420] -A HYBRID")}
+    monkeypatch.setattr(nf, "_save", lambda family, netns, counters=False: saves[family])
+    st = {s.family: s for s in nf.status()}
+    assert (st["ipv4"].queued_packets, st["ipv4"].reassembles) == (5, False)   # installed by an older hybrid
+    assert (st["ipv6"].queued_packets, st["ipv6"].reassembles) == (7, True)
 
 
 def test_reinstall_deletes_the_old_jump_in_the_same_transaction():

@@ -1,5 +1,6 @@
-"""Pure logic behind top, flows, block/bypass/unblock and the metrics endpoint: the FLOW/PREFIX
-syntax, totals and rates, the decision-time buckets, flow records from raw map entries."""
+"""Pure logic behind status, top, flows, block/bypass/unblock and the metrics endpoint: the
+FLOW/PREFIX syntax, totals and rates, the decision-time buckets, flow records from raw map
+entries, the fail-open ways and the doubts from crafted stats files (old and new keys)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import pytest
 from hybrid.datapath.maps import flow_info, flow_key
 from hybrid.errors import ConfigError
 from hybrid.kernel import abi
+from hybrid.observe.status import summary_lines
 from hybrid.observe.views import (
+    FAIL_OPEN_WAYS,
     decision_buckets,
+    doubts,
+    engine_doubts,
+    fail_open,
     merge_decisions,
     parse_target,
     quantile_ns,
@@ -125,3 +131,102 @@ def test_merge_decisions_of_several_engines():
     slots, total = merge_decisions([{"decision_ns_log2": [0, 1, 2], "decision_ns_sum": 10},
                                     {"decision_ns_log2": [1, 0, 0, 4], "decision_ns_sum": 5}, {}])
     assert slots == [1, 1, 2, 4] and total == 15
+
+
+# ---- fail-open and doubts ---------------------------------------------------------------------------
+# Stats files as engines write them: before the doubts (per-protocol dicts, the reasons pre-filled
+# with 0) and after (one dict by reason, the policy and what it did).
+OLD_ENGINE = {"queue": 0, "packets": 50, "errors": 2, "hellos_abandoned": 1, "http_heads_abandoned": 3,
+              "pinned_write_errors": 0, "flow_write_errors": 0, "reject_send_errors": 4,
+              "hellos_unparsed": {"records-interleaved": 2, "no-sni": 0},
+              "http_unparsed": {"host_conflict": 5}, "dns_unparsed": {"forward-pointer": 1, "loop": 0}}
+NEW_ENGINE = {"queue": 1, "packets": 70, "errors": 0, "pinned_write_errors": 1,
+              "joins_abandoned": {"gap": 2, "timeout": 1, "table-full": 0},
+              "hellos_abandoned": 3, "http_heads_abandoned": 0,      # the same joins: not counted twice
+              "doubts": {"http:several-hosts": 7, "tcp:bad-checksum": 4, "ip:low-ttl": 0},
+              "hellos_unparsed": {"records-interleaved": 100},       # superseded by doubts: ignored
+              "doubt_policy": "drop", "doubt_actions": {"inspect": 0, "drop": 11, "reset": 0},
+              "scoped": {"responder-side": 3, "block-packet-only": 0}}
+KERNEL = [{"over_pass": 5, "flow_full": 0, "evicted_decided": 9, "malformed_l3": 4},
+          {"over_pass": 1, "flow_full": 2}, {}]
+
+
+def _report(passed, *, fail_open=True, bound=(True,)):
+    return {"fail_open": fail_open, "passed_overflow": passed,
+            "queues": [{"queue": q, "bound": b} for q, b in enumerate(bound)]}
+
+
+def test_engine_doubts_from_old_and_new_stats_files():
+    assert engine_doubts(OLD_ENGINE) == {"tls:records-interleaved": 2, "tls:no-sni": 0, "http:host_conflict": 5,
+                                         "dns:forward-pointer": 1, "dns:loop": 0}
+    assert engine_doubts(NEW_ENGINE) == {"http:several-hosts": 7, "tcp:bad-checksum": 4, "ip:low-ttl": 0}
+    assert engine_doubts({}) == {} and engine_doubts({"doubts": None, "http_unparsed": "junk"}) == {}
+
+
+def test_fail_open_sums_every_way_over_interfaces_and_engines():
+    fo = fail_open(KERNEL, [OLD_ENGINE, NEW_ENGINE], _report(12))
+    assert fo["ways"] == {"queue-overflow": 12, "over-budget": 6, "flow-table-full": 2, "decode-error": 2,
+                          "join-abandoned": 4 + 3, "flow-write-error": 0, "block-not-pinned": 1}
+    assert set(fo["ways"]) == set(FAIL_OPEN_WAYS)
+    assert fo["moved"] == ["queue-overflow", "over-budget", "flow-table-full", "decode-error", "join-abandoned",
+                           "block-not-pinned"]
+    assert fo["join_reasons"] == {"gap": 2, "timeout": 1} and fo["unbound_queues"] == []
+
+
+def test_fail_open_none_unknown_and_unbound():
+    quiet = fail_open([{"evicted_decided": 3, "malformed_l3": 1}], [{"reject_send_errors": 2}], _report(0))
+    assert quiet["moved"] == [] and quiet["ways"]["queue-overflow"] == 0   # none of these passed anything
+    unbound = fail_open([], [], _report(None, bound=(True, False)))
+    assert unbound["ways"]["queue-overflow"] is None and unbound["moved"] == []
+    assert unbound["unbound_queues"] == [1]
+    # fail-closed: a queue without an engine drops, it does not pass
+    assert fail_open([], [], _report(None, fail_open=False, bound=(False,)))["unbound_queues"] == []
+    assert fail_open([], [], None)["ways"]["queue-overflow"] is None      # not attached
+    # junk and missing keys count as nothing, never raise
+    assert fail_open([{"over_pass": "x"}], [{"errors": None, "joins_abandoned": [1]}], {})["moved"] == []
+
+
+def test_doubts_merge_engines_sorted_with_policy_and_scope():
+    d = doubts([OLD_ENGINE, NEW_ENGINE, {"queue": 2, "doubts": {"http:several-hosts": 1}, "doubt_policy": "inspect",
+                                         "doubt_actions": {"inspect": 1}}])
+    assert d["total"] == 2 + 5 + 1 + 7 + 4 + 1
+    assert list(d["reasons"])[:3] == ["http:several-hosts", "http:host_conflict", "tcp:bad-checksum"]
+    assert d["reasons"]["http:several-hosts"] == 8
+    assert d["policy"] == {"1": "drop", "2": "inspect"}          # the old engine does not say
+    assert d["actions"] == {"inspect": 1, "drop": 11, "reset": 0}
+    assert d["scoped"] == {"responder-side": 3, "block-packet-only": 0}
+    assert doubts([]) == {"total": 0, "reasons": {}, "policy": {}, "actions": {}, "scoped": {}}
+
+
+def _status(kernel, engines, report):
+    return {"engines": engines, "fail_open": fail_open(kernel, engines, report), "doubts": doubts(engines)}
+
+
+def test_status_lines_say_which_ways_moved():
+    lines = summary_lines(_status(KERNEL, [OLD_ENGINE, NEW_ENGINE], _report(1234)))
+    assert lines[0] == ("fail-open: 6 ways moved since attach: queue-overflow 1,234, over-budget 6, "
+                        "flow-table-full 2, decode-error 2, join-abandoned 7, block-not-pinned 1")
+    assert lines[1].split()[:2] == ["queue-overflow", "1,234"] and "full queue" in lines[1]
+    assert not any("flow-write-error" in ln for ln in lines)             # did not move: not listed
+    assert "  joins abandoned by reason: gap 2, timeout 1" in lines
+    doubt = next(ln for ln in lines if ln.startswith("doubts:"))
+    assert doubt.startswith("doubts: 19 (policy drop; drop 11): http:several-hosts 7, http:host_conflict 5, ")
+    assert doubt.endswith("tls:records-interleaved 2, dns:forward-pointer 1")     # the zeros are not named
+    many = {"queue": 0, "doubts": {f"tcp:r{i}": 10 - i for i in range(7)}}
+    assert summary_lines(_status([], [many], _report(0)))[1].endswith("tcp:r4 6, and 2 more reasons")
+    assert lines[-1] == "flow verdicts scoped to the side that spoke: responder-side 3"
+    one = summary_lines(_status([{"over_pass": 1}], [], _report(0)))
+    assert one[0] == "fail-open: 1 way moved since attach: over-budget 1"
+
+
+def test_status_lines_when_nothing_moved():
+    assert summary_lines(_status([{}], [{"queue": 0, "doubt_policy": "inspect"}], _report(0))) == \
+        ["fail-open: none", "doubts: none (policy inspect)"]
+    assert summary_lines(_status([{}], [], _report(0))) == ["fail-open: none"]    # no engine: no doubt line
+    lines = summary_lines(_status([{}], [], _report(None, bound=(True, False))))
+    assert lines[0] == "fail-open: none counted"
+    assert "not counted now: queue-overflow" in lines[1] and lines[2].startswith("  queue 1 has no engine")
+    mixed = [{"queue": 0, "doubt_policy": "inspect"}, {"queue": 1, "doubt_policy": "reset"}]
+    assert summary_lines(_status([{}], mixed, _report(0)))[1] == \
+        "doubts: none (policy inspect (queue 0), reset (queue 1))"
+    assert summary_lines({"instance": "x", "attached": False}) == []     # not attached: nothing to say
