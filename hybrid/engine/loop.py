@@ -345,9 +345,11 @@ class Engine:
         """The decision as the engine may act on it, for every decision but ``inspect``:
 
         - scope: a BLOCK earned by a rule on client bytes is written for the flow only when the
-          kernel saw the flow's own handshake and the bytes came from the side that opened it,
-          else it covers this packet and the flow stays inspected (spoofed packets cannot block
-          someone else's connection); a bypass decided on the responder's bytes is not written
+          bytes came from the side that opened it and, for TCP, the kernel saw the flow's own
+          handshake; else it covers this packet and the flow stays inspected (spoofed packets
+          cannot block someone else's connection; UDP has no handshake: a packet spoofed from
+          the client's address and port can still earn a BLOCK on that one 5-tuple, which
+          reverse-path filtering on the gateway stops); a bypass decided on the responder's bytes is not written
           (the client's bytes are what the rules are about, and they are still to come);
         - doubt: a join the joiner could not be sure of (``pkt.doubt``), or a bypass on client
           bytes the server may not read as the engine did (:meth:`_parse_doubt`,
@@ -359,7 +361,7 @@ class Engine:
         if d.flow == "block":
             if d.rule is not None and d.rule in self.rules.content_rules and self.maps is not None:
                 facts = self._facts(pkt)
-                if facts is None or not facts.handshake or not facts.from_client:
+                if facts is None or not facts.from_client or (pkt.proto == 6 and not facts.handshake):
                     self.stats.scoped["block-packet-only"] += 1
                     return d._replace(flow="inspect")
             return d
@@ -373,7 +375,12 @@ class Engine:
         if soft:
             why = None
         if why is None and not bypass:
-            return d                        # a join in doubt keeps the flow inspected, whatever the verdict
+            # a join in doubt keeps the flow inspected whatever the verdict, and so does a DNS
+            # name a rule could not read (the next query on the 5-tuple must be seen too)
+            dns = pkt.dns_unparsed
+            if dns is None:
+                return d
+            why = "dns:" + dns
         if why is None:
             why = self._parse_doubt(pkt, joined)
         facts = self._facts(pkt) if self.maps is not None and pkt.payload_len else None
