@@ -67,7 +67,7 @@ def test_arbitrary_bytes_get_exactly_one_verdict(rules, data):
     e = engine(rules)
     p = FakePacket(data)
     e._handle(p)
-    assert len(p.verdicts) == 1
+    assert len(p.verdicts) == 1 and e.stats.errors == 0
 
 
 @settings(max_examples=300, deadline=None)
