@@ -142,7 +142,8 @@ _SHOWN = [("packets", "seen (tc)"), ("flagged", "flagged"), ("bypassed", "bypass
           ("over_pass", "over budget, passed"), ("over_drop", "over budget, dropped"),
           ("over_source", "  refused: source budget"), ("over_global", "  refused: global budget"),
           ("xdp_drop_source", "dropped at XDP, source"),
-          ("evicted_decided", "decided flows restored")]
+          ("evicted_decided", "decided flows restored"),
+          ("conn_restart", "connections restarted")]
 
 
 @click.command()
@@ -193,7 +194,9 @@ def status(as_json: bool) -> None:
     for nf in st["netfilter"]:
         if nf["installed"]:
             click.echo(f"netfilter {nf['family']}: chain HYBRID from {', '.join(nf['hooks']) or 'no hook'}, "
-                       f"{nf['queued_packets']:,} packets matched the queue rule")
+                       f"{nf['queued_packets']:,} packets matched the queue rule"
+                       + ("" if nf.get("reassembles", True) else
+                          "; WARNING: no conntrack match, fragments reach the engine one by one"))
     _print_queues(st.get("queue"))
     for e in st.get("engines", []):
         alive = pid_alive(e.get("pid"))

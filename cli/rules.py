@@ -82,6 +82,7 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
     described = ruleset.describe()
     if as_json:
         click.echo(json.dumps({"file": file, "rules": described[:-1], "default": described[-1],
+                               "on_doubt": ruleset.on_doubt,
                                "plugins_imported": ruleset.plugins_imported, "regex_window": REGEX_WINDOW},
                               indent=1))
         return
@@ -96,6 +97,8 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
                    f"{_action(d)}  flow={d['flow']}" + (f"/{d['ttl']}s" if d["flow"] != "none" else "")
                    + ("  log" if d["log"] else ""))
     n = len(described) - 1
+    click.echo(f"  on doubt: {ruleset.on_doubt} (what a packet the server may read otherwise gets; "
+               f"docs/rules.md)")
     regexes = [d["name"] for d in described[:-1] if "payload_regex" in d["match"]]
     if regexes:
         click.echo(f"note: payload_regex reads the first {REGEX_WINDOW} bytes of a payload "

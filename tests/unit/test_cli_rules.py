@@ -31,6 +31,7 @@ def test_check_ok():
         "  3 ping-32-accept   proto=icmp icmp_type=8 payload_len=32  -> accept  flow=none",
         "  4 ping-other-drop  proto=icmp icmp_type=8  -> drop  flow=none  log",
         "  - default          *  -> accept  flow=none",
+        "  on doubt: inspect (what a packet the server may read otherwise gets; docs/rules.md)",
         f"{path}: 4 rules ok",
     ]
 
