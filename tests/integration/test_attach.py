@@ -152,7 +152,10 @@ def test_bulk_transfer_queues_only_handshake_and_first_packets(attached):
     assert c["reason_first_n"] >= 3                      # every connection sent a payload
     q = queued(after) - queued(before)
     assert 3 <= q <= 3 + 9 + 9 + rtx["client"] + rtx["server"]
-    assert c["packets"] + s["packets"] > 1000 * q        # the bulk stayed in the kernel
+    # The bulk stayed in the kernel: 512 MiB is at least ~8,000 GSO packets plus their ACKs,
+    # against the few dozen queued above (more segments under load, never fewer: a ratio to
+    # the throughput of a loaded machine would measure the machine, not hybrid).
+    assert c["packets"] + s["packets"] > 100 * q
 
 
 @pytest.mark.parametrize("mode", ["generic", "native"])
