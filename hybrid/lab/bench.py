@@ -1,8 +1,9 @@
 """Benchmarks: ways of feeding a userspace engine, side by side on one lab, in one run.
 
 Every figure is a median over repetitions, and every mode's figure is also given as a ratio to
-the ``baseline`` (nothing attached) measured in the same run, with repetitions interleaved across
-modes so that drift of the machine hits every mode alike. Nothing here asserts a time: this is
+the ``baseline`` (nothing attached): each sample over a baseline sample of the same workload
+measured right before it, and the median of those paired ratios with their lowest and highest,
+so that the machine's drift between samples (±15% here) cancels within each pair. Nothing here asserts a time: this is
 measurement, reported; tests only check that the harness works.
 
 Every queued mode runs the project's engine with one rules file (``scripts/bench-rules.toml``),
@@ -106,6 +107,18 @@ class Result:
     unit: str
     samples: list[float] = field(default_factory=list)
     extra: dict[str, list[float]] = field(default_factory=dict)   # metric -> one value per sample
+    # Each sample over the baseline sample measured right before it (same workload, same
+    # repetition): the machine's drift between samples cancels in each pair. Empty for baseline.
+    paired: list[float] = field(default_factory=list)
+
+    @property
+    def paired_median(self) -> float:
+        return statistics.median(self.paired) if self.paired else float("nan")
+
+    @property
+    def paired_spread(self) -> tuple[float, float] | None:
+        """The lowest and highest paired ratio."""
+        return (min(self.paired), max(self.paired)) if self.paired else None
 
     @property
     def median(self) -> float:
@@ -132,10 +145,14 @@ class Report:
     results: list[Result]
 
     def ratio(self, mode: str, workload: str) -> float:
+        """The median of the paired ratios (each sample over the baseline measured right before
+        it); for a report without pairs, the ratio of the medians."""
         base = self.get("baseline", workload)
         r = self.get(mode, workload)
         if base is None or r is None or not base.median:
             return float("nan")
+        if mode != "baseline" and r.paired:
+            return r.paired_median
         return r.median / base.median
 
     def get(self, mode: str, workload: str) -> Result | None:
@@ -147,6 +164,7 @@ class Report:
             d["median"] = r.median
             d["extra_median"] = r.extra_median
             d["ratio_to_baseline"] = self.ratio(r.mode, r.workload)
+            d["paired_spread"] = r.paired_spread
         return out
 
 
@@ -607,7 +625,10 @@ def machine() -> dict:
 def run(modes: list[str], workloads: list[str], repetitions: int, seconds: float, *,
         lab_name: str = "hbench", progress: Callable[[str], None] = lambda _m: None,
         command: str = "") -> Report:
-    """Run every workload under every mode, ``repetitions`` times, interleaved."""
+    """Run every workload under every mode, ``repetitions`` times. Every sample of a mode is
+    paired with a baseline sample of the same workload measured right before it (a machine
+    whose speed drifts by 15% between samples would otherwise hide an 8% cost), and the modes
+    take turns going first from one repetition to the next."""
     sysutil.require_root("bench")
     for m in modes:
         if m not in MODES:
@@ -620,20 +641,31 @@ def run(modes: list[str], workloads: list[str], repetitions: int, seconds: float
     if "baseline" not in modes:
         modes = ["baseline", *modes]
     results = {(m, w): Result(m, w, WORKLOADS[w].unit) for m in modes for w in workloads}
-    total = repetitions * len(modes) * len(workloads)
+    others = [m for m in modes if m != "baseline"] or ["baseline"]
+    total = repetitions * len(others) * len(workloads) * (2 if others != ["baseline"] else 1)
     done = 0
+
+    def sample(lab: Lab, m: str, w: str, rep: int) -> float:
+        nonlocal done
+        with MODES[m].setup(lab) as probe:
+            value = results[(m, w)].add(WORKLOADS[w].run(lab, seconds, probe or Probe()))
+        if w in ("flood", "synflood"):
+            _forget_spoofed(lab)
+        done += 1
+        progress(f"[{done}/{total}] rep {rep + 1} {m:<15} {w:<18} {value:12.2f} {WORKLOADS[w].unit}")
+        time.sleep(0.2)
+        return value
+
     with Lab(lab_name) as lab:
         for rep in range(repetitions):
-            order = modes if rep % 2 == 0 else list(reversed(modes))   # no mode always runs first
+            order = others if rep % 2 == 0 else list(reversed(others))   # no mode always runs first
             for m in order:
-                with MODES[m].setup(lab) as probe:
-                    for w in workloads:
-                        value = results[(m, w)].add(WORKLOADS[w].run(lab, seconds, probe or Probe()))
-                        if w in ("flood", "synflood"):
-                            _forget_spoofed(lab)
-                        done += 1
-                        progress(f"[{done}/{total}] rep {rep + 1} {m:<15} {w:<18} {value:12.2f} {WORKLOADS[w].unit}")
-                time.sleep(0.2)
+                for w in workloads:
+                    base = sample(lab, "baseline", w, rep)
+                    if m == "baseline":
+                        continue
+                    value = sample(lab, m, w, rep)
+                    results[(m, w)].paired.append(value / base if base else float("nan"))
     return Report(command, machine(), repetitions, seconds, list(results.values()))
 
 
@@ -643,14 +675,16 @@ def table(report: Report) -> str:
     workloads = list(dict.fromkeys(r.workload for r in report.results))
     modes = list(dict.fromkeys(r.mode for r in report.results))
     titles = [f"{w} ({report.get(modes[0], w).unit})" for w in workloads]
-    widths = [max(26, len(t) + 2) for t in titles]
+    widths = [max(38, len(t) + 2) for t in titles]
     head = f"{'mode':<16}" + "".join(f"{t:>{n}}" for t, n in zip(titles, widths))
     lines = [head, "-" * len(head)]
     for m in modes:
         cells = []
         for w, n in zip(workloads, widths):
             r = report.get(m, w)
-            cells.append(f"{r.median:>10.2f} ({report.ratio(m, w):>5.3f} of base)".rjust(n))
+            spread = r.paired_spread
+            rng = f" {spread[0]:.2f}-{spread[1]:.2f}" if spread and m != "baseline" else ""
+            cells.append(f"{r.median:>10.2f} ({report.ratio(m, w):>5.3f} of base{rng})".rjust(n))
         lines.append(f"{m:<16}" + "".join(cells))
     return "\n".join(lines)
 

@@ -49,8 +49,10 @@ def test_bench_quick_smoke_run():
     by_mode = {r["mode"]: r for r in rep["results"]}
     assert set(by_mode) == {"baseline", "hybrid", "nfq-all"}
     assert by_mode["baseline"]["ratio_to_baseline"] == 1.0
-    for r in by_mode.values():
-        assert r["workload"] == "bulk-1" and len(r["samples"]) == 1 and r["median"] > 0
+    for r in by_mode.values():                           # each mode's sample paired with a baseline one
+        assert r["workload"] == "bulk-1" and r["median"] > 0
+        assert len(r["samples"]) == (2 if r["mode"] == "baseline" else 1)
+        assert (r["paired_spread"] is None) == (r["mode"] == "baseline")
     # Not a performance assertion: nfq-all queues every packet, so it must at least be the
     # slower one by a wide margin, or the mode is not doing what it claims.
     assert by_mode["nfq-all"]["median"] < by_mode["hybrid"]["median"] / 2
