@@ -35,11 +35,13 @@ QUICK_WORKLOADS = ["bulk-1"]
 def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, engine_rules, takeover) -> None:
     """Measure modes of feeding a userspace engine side by side, in one run, on a fresh lab.
 
-    Reports the median of the repetitions and its ratio to `baseline` (nothing attached)
-    measured in the same run. Repetitions are interleaved across modes. Every queued mode
+    Reports the median of the repetitions and its ratio to `baseline` (nothing attached): each
+    sample is paired with a baseline sample measured right before it, and the table gives the
+    median of the paired ratios and their lowest and highest. Every queued mode
     (all but baseline and nfq-all-bare) runs the engine with scripts/bench-rules.toml. The
     table shows each workload's main metric; --json has the extras too (newconn: p50/p99
-    latency; udp-small: packets sent and lost; payload-visibility: connections seen; flood: the
+    latency, packets queued per request; newconn-zipf: the same, each request's Host drawn from
+    10,000 names by a Zipf law (s = 1); udp-small: packets sent and lost; payload-visibility: connections seen; flood: the
     same mode's Gbit/s without the flood, the share kept, and where the flood's packets died;
     synflood: connections/s without the flood, the share kept and completed, packets queued).
 

@@ -373,20 +373,56 @@ def parse_wrk(out: str) -> tuple[float, dict[str, float]]:
     return float(rps.group(1)), extra
 
 
-def _newconn(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
+def _newconn(lab: Lab, seconds: float, probe: Probe | None = None, script: str | None = None) -> Sample:
     """New connections: wrk with ``Connection: close`` against nginx; requests/s, p50/p99, and
-    packets queued to userspace per request (each request is one connection)."""
+    packets queued to userspace per request (each request is one connection). ``script``: a
+    wrk Lua script that shapes the requests (the Zipf-named variant)."""
+    extra_args = ["-s", script] if script else []
     with Nginx(lab):
         queued0 = _queued_total(lab)
         proc = lab.run("client", ["taskset", "-c", "0", "wrk", "-t", "1", "-c", str(WRK_CONNECTIONS),
                                   "-d", f"{max(1, round(seconds))}s", "--latency", "-H", "Connection: close",
-                                  f"http://{lab.info.server.ipv4}/"],
+                                  *extra_args, f"http://{lab.info.server.ipv4}/"],
                        timeout=seconds + 30, check=False, what="wrk")
         queued = _queued_total(lab) - queued0
     rate, extra = parse_wrk(proc.stdout + proc.stderr)
     if extra.get("requests"):
         extra["queued_per_request"] = max(0, queued) / extra["requests"]
     return rate, extra
+
+
+ZIPF_NAMES = 10_000           # distinct Host names; the k-th most popular is asked with weight 1/k
+# wrk's Lua: each request (one connection, Connection: close) names a host drawn from a Zipf
+# distribution (s = 1) over ZIPF_NAMES names, n<k>.zipf.example; nginx's default server answers
+# every one. The cumulative weights are built once per thread, a draw is a binary search.
+ZIPF_WRK_SCRIPT = """
+local n = %(names)d
+local cdf, total = {}, 0
+for k = 1, n do total = total + 1 / k; cdf[k] = total end
+math.randomseed(%(seed)d)
+request = function()
+  local x, lo, hi = math.random() * total, 1, n
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if cdf[mid] < x then lo = mid + 1 else hi = mid end
+  end
+  return wrk.format("GET", "/", {["Host"] = "n" .. lo .. ".zipf.example", ["Connection"] = "close"})
+end
+"""
+
+
+def _newconn_zipf(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
+    """New connections as ``newconn``, each to a Host name drawn from a Zipf distribution
+    (s = 1) over 10,000 names: web-like traffic, where most connections go to names already
+    seen and a long tail does not."""
+    fd, path = tempfile.mkstemp(prefix="hybrid-zipf-", suffix=".lua")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(ZIPF_WRK_SCRIPT % {"names": ZIPF_NAMES, "seed": 1})
+        os.chmod(path, 0o644)
+        return _newconn(lab, seconds, probe, script=path)
+    finally:
+        os.unlink(path)
 
 
 def _queued_total(lab: Lab) -> int:
@@ -610,6 +646,7 @@ WORKLOADS: dict[str, Workload] = {
     "bulk-1": Workload("bulk-1", "Gbit/s", _bulk(1)),
     "bulk-4": Workload("bulk-4", "Gbit/s", _bulk(4)),
     "newconn": Workload("newconn", "req/s", _newconn),
+    "newconn-zipf": Workload("newconn-zipf", "req/s", _newconn_zipf),
     "udp-small": Workload("udp-small", "packets/s", _udp_small),
     "payload-visibility": Workload("payload-visibility", "share seen", _payload_visibility),
     "flood": Workload("flood", "Gbit/s", _flood),
