@@ -9,4 +9,4 @@ py="$repo/.venv/bin/python"
 [ "$(id -u)" = 0 ] || echo "test: not root: integration tests will be skipped (run with sudo)" >&2
 
 cd "$repo"
-exec "$py" -m pytest -W error -ra "$@"
+exec "$py" -m pytest -W error -ra --durations=15 "$@"
