@@ -313,7 +313,7 @@ class Engine:
                 d = self._settle(pkt, d, joined, joined_start)
             if ended_join and d.flow not in FLOW_VERDICTS:    # the decision replaces the INSPECT
                 self._flow_verdict(pkt, _NONE_AFTER_JOIN)
-            if d.flow in FLOW_VERDICTS:
+            if d.flow in FLOW_VERDICTS and self.maps is not None:
                 self._flow_verdict(pkt, d)
             if d.action == "accept":
                 nfpkt.set_mark(nfpkt.get_mark() & self._keep_bits)
