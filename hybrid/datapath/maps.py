@@ -35,6 +35,10 @@ IPV4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 _BATCH_UNSUPPORTED = {_errno.EINVAL, _errno.EOPNOTSUPP, 524, _errno.ENOSPC}  # 524: ENOTSUPP
 _BATCH_SIZE = 1024
 PRUNE_INTERVAL_NS = 1_000_000_000   # a full pinned table is swept for expired entries at most this often
+# write_verdict() starts from the entry get_flow() read under the same key object when that read
+# is younger than this: what tc records in between (counters, a TTL rise) is lost, as it is
+# between the read and the write of any read-modify-write; the bound keeps that window short.
+READ_REUSE_NS = 1_000_000
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -585,9 +589,21 @@ class Maps:
     def flow_count(self) -> int:
         return sum(1 for _ in self._keys(abi.MAP_FLOWS))
 
-    def get_flow(self, key: abi.FlowKey) -> abi.Flow | None:
-        flow = abi.Flow()
-        return flow if self._lookup(abi.MAP_FLOWS, key, flow) else None
+    # The entry get_flow() read last, for write_verdict(): the key object it was read under,
+    # when (CLOCK_MONOTONIC ns), and whether the flow was in the table. The entry is in _scratch.
+    _read_key = None
+    _read_ns = 0
+    _read_found = False
+
+    def get_flow(self, key: abi.FlowKey | bytes) -> abi.Flow | None:
+        """The flow's entry (a copy the caller owns), or None when the flow is not in the table.
+        A :meth:`write_verdict` under the same key object within READ_REUSE_NS starts from this
+        read instead of reading the entry again."""
+        flow = self._scratch
+        self._read_key = None
+        found = bpfsys.map_lookup(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS)
+        self._read_key, self._read_ns, self._read_found = key, time.monotonic_ns(), found
+        return abi.Flow.from_buffer_copy(flow) if found else None
 
     def delete_flow(self, key: abi.FlowKey) -> bool:
         return self._delete(abi.MAP_FLOWS, key)
@@ -620,8 +636,10 @@ class Maps:
                       origin: int = abi.PIN_ENGINE, conn_scoped: bool = False) -> None:
         """:meth:`set_verdict` for the verdict engine's per-packet path: arguments unchecked
         (``ttl_ns`` in nanoseconds, positive or None), the flow read into one reused buffer,
-        nothing returned. Two bpf() calls: a lookup and an update; a BLOCK takes a third, its
-        copy in the pinned table (hybrid_common.h, "Pinned verdicts"), written after the flow
+        nothing returned. Two bpf() calls: a lookup and an update, or only the update when
+        :meth:`get_flow` read the entry under the same key object less than READ_REUSE_NS
+        before (the engine's decision already read it for the connection's facts: one read per
+        decision, not two); a BLOCK takes one more, its copy in the pinned table (hybrid_common.h, "Pinned verdicts"), written after the flow
         table so that the datapath may take a flow missing from the table while pinned for an
         evicted one. Raises :class:`TableFullError` when the pinned table is full (after
         sweeping its expired entries, at most once per PRUNE_INTERVAL_NS): the flow table
@@ -633,7 +651,12 @@ class Maps:
         clears the flag. The datapath also takes every ENGINE pin as connection-scoped."""
         flow = self._scratch
         now = time.monotonic_ns()
-        if not bpfsys.map_lookup(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS):
+        if key is self._read_key and now - self._read_ns < READ_REUSE_NS:
+            found = self._read_found            # the entry get_flow() just read is in _scratch
+        else:
+            found = bpfsys.map_lookup(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS)
+        self._read_key = None                   # _scratch is about to change: that read is spent
+        if not found:
             ctypes.memset(ctypes.addressof(flow), 0, ctypes.sizeof(flow))
             flow.first_seen_ns = flow.last_seen_ns = now
         flow.verdict = verdict

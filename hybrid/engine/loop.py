@@ -172,6 +172,8 @@ class Engine:
         self._raw4: socket.socket | None = None
         self._raw6: socket.socket | None = None
         self._ifnames: dict[int, str | None] = {}
+        self._key_pkt: Packet | None = None      # _flow_key()'s packet and its key
+        self._key: tuple[bytes, int] | None = None
         self.joiner = SegmentJoiner(self.stats)   # split ClientHellos and request heads (join.py)
         self._stop = False
         self._dirty = False
@@ -311,7 +313,7 @@ class Engine:
                 d = self._settle(pkt, d, joined, joined_start)
             if ended_join and d.flow not in FLOW_VERDICTS:    # the decision replaces the INSPECT
                 self._flow_verdict(pkt, _NONE_AFTER_JOIN)
-            if d.flow in FLOW_VERDICTS:
+            if d.flow in FLOW_VERDICTS and self.maps is not None:
                 self._flow_verdict(pkt, d)
             if d.action == "accept":
                 nfpkt.set_mark(nfpkt.get_mark() & self._keep_bits)
@@ -458,16 +460,23 @@ class Engine:
     def _facts(self, pkt: Packet) -> _Facts | None:
         """What the kernel's flow entry knows about this packet's connection (None: no entry,
         or no key). One map lookup, made only for a decision that writes a flow verdict."""
-        key = pkt.flow_key()
+        key = self._flow_key(pkt)
         if key is None:
             return None
         try:
-            flow = self.maps.get_flow(abi.FlowKey.from_buffer_copy(key[0]))
+            flow = self.maps.get_flow(key[0])
         except HybridError:
             return None
         if flow is None:
             return None
         return _Facts.of(flow, key[1])
+
+    def _flow_key(self, pkt: Packet) -> tuple[bytes, int] | None:
+        """``pkt.flow_key()``, built once per packet: the same key object for the facts' read and
+        the verdict's write lets the write skip its own read (Maps.write_verdict)."""
+        if pkt is not self._key_pkt:
+            self._key_pkt, self._key = pkt, pkt.flow_key()
+        return self._key
 
     def _hold(self, pkt: Packet, nfpkt, step: Step) -> None:
         """A segment the joiner holds back: accepted without a decision; a new or grown join
@@ -526,7 +535,7 @@ class Engine:
     def _flow_verdict(self, pkt: Packet, d: Decision) -> None:
         if self.maps is None:
             return
-        key = pkt.flow_key()            # the key tc builds for it; None: tc keys no such packet
+        key = self._flow_key(pkt)       # the key tc builds for it; None: tc keys no such packet
         if key is None:
             return
         try:   # d.ttl: positive seconds (the rules compiler and _merge_verdict() check it)

@@ -244,17 +244,28 @@ def _ref(obj) -> int | bytes | None:
 
 
 # ---- maps ------------------------------------------------------------------------------------------
+# The verdict engine's per-packet path calls map_lookup and map_update (one or two per flow
+# verdict): they test the argument types inline rather than through _ref(), and reach libbpf's
+# function through _lib once it is loaded (lib() is only called the first time).
+_addressof = ctypes.addressof
+
+
 def map_update(fd: int, key, value, flags: int = BPF_ANY, *, name: str = "map") -> None:
     """Create or replace an element (flags: BPF_ANY, BPF_NOEXIST, BPF_EXIST)."""
-    _check(lib().bpf_map_update_elem(fd, _ref(key), _ref(value), flags), f"updating an element of {name}")
+    ret = (_lib or lib()).bpf_map_update_elem(fd, key if key.__class__ is bytes else _addressof(key),
+                                              value if value.__class__ is bytes else _addressof(value), flags)
+    if ret < 0:
+        raise _error(ret, f"updating an element of {name}")
 
 
 def map_lookup(fd: int, key, value, *, name: str = "map") -> bool:
-    """Fill ``value``; False when the key is absent."""
-    ret = lib().bpf_map_lookup_elem(fd, _ref(key), _ref(value))
-    if ret == -_errno.ENOENT:
-        return False
-    _check(ret, f"looking up an element of {name}")
+    """Fill ``value`` (a ctypes object); False when the key is absent."""
+    ret = (_lib or lib()).bpf_map_lookup_elem(fd, key if key.__class__ is bytes else _addressof(key),
+                                              _addressof(value))
+    if ret < 0:
+        if ret == -_errno.ENOENT:
+            return False
+        raise _error(ret, f"looking up an element of {name}")
     return True
 
 
