@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from hybrid.engine.rules import _MATCH_KEY, Decision, RuleSet
+from hybrid.engine.rules import MATCH_KEYS, Decision, RuleSet
 
 __all__ = ["KINDS", "NameKey", "cached_decision", "kernel_can_apply"]
 
 KINDS = ("dns", "sni", "host")
+_MATCH_KEY = {k.name: k for k in MATCH_KEYS}
 DNS_PORT = 53
 
 
@@ -103,7 +104,7 @@ def cached_decision(rules: RuleSet, key: NameKey) -> Decision | None:
     if key.kind not in KINDS:
         raise ValueError(f"name kind {key.kind!r}: one of {', '.join(KINDS)}")
     view = _View(key)
-    for rule in rules._rules:
+    for rule in rules.compiled:
         if rule.protos is not None and key.proto not in rule.protos:
             continue
         outcome: bool | None = True

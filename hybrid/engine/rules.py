@@ -717,6 +717,12 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self._rules)
 
+    @property
+    def compiled(self) -> tuple[_Rule, ...]:
+        """The compiled rules in order (``match``, ``protos``, ``decision``, ``decision_tcp``,
+        ``plugin``): for analyses of the rule set such as hybrid.engine.namecache."""
+        return tuple(self._rules)
+
     def decide(self, pkt) -> Decision:
         """The first matching rule's Decision, else the default one. Never raises for a plugin's
         sake: a plugin that fails counts as not matching."""
