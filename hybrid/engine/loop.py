@@ -386,6 +386,12 @@ class Engine:
         if why is None:
             why = self._parse_doubt(pkt, joined)
         facts = self._facts(pkt) if self.maps is not None and pkt.payload_len else None
+        if facts is not None and facts.verdict == abi.VERDICT_BYPASS:
+            # Queued before the flow's bypass was written (the first-N packets in flight behind
+            # the one that decided it): had they come a moment later, the kernel would have
+            # kept them. Their doubts (not the stream's start, a piece with nothing before it)
+            # must not take back a decision made on the start of the stream.
+            return d._replace(flow="none") if bypass else d
         if facts is not None and not facts.from_client and not facts.midstream:
             if bypass:
                 self.stats.scoped["responder-side"] += 1
@@ -675,6 +681,7 @@ class _Facts(NamedTuple):
     handshake: bool         # both the SYN and the SYN-ACK were seen
     ttl_max: int            # the highest TTL seen in the packet's direction
     isn: int | None         # the packet's direction's initial sequence number, when seen
+    verdict: int            # the flow's verdict now (abi.VERDICT_*)
 
     @classmethod
     def of(cls, flow, direction: int) -> _Facts:
@@ -683,7 +690,8 @@ class _Facts(NamedTuple):
         isn_bit = abi.FLOW_ISN1 if direction else abi.FLOW_ISN0
         return cls(direction == orig, bool(flags & abi.FLOW_MIDSTREAM),
                    flags & (abi.FLOW_ISN0 | abi.FLOW_ISN1) == abi.FLOW_ISN0 | abi.FLOW_ISN1,
-                   flow.ttl_max[direction], flow.isn[direction] if flags & isn_bit else None)
+                   flow.ttl_max[direction], flow.isn[direction] if flags & isn_bit else None,
+                   flow.verdict)
 _TCP_SYN, _TCP_RST, _TCP_ACK = 0x02, 0x04, 0x10
 
 
