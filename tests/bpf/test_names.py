@@ -246,3 +246,22 @@ def test_names_only_on_the_first_payload_of_the_opening_direction(datapath, maps
     c = run.counters()
     assert c["name_dns"] == 1 and sum(c[abi.COUNTER_NAMES[i]] for i in abi.NAME_COUNTERS) == 1, c
     run.check_invariant()
+
+
+@pytest.mark.parametrize("verdict", [abi.VERDICT_BYPASS, abi.VERDICT_BLOCK, abi.VERDICT_INSPECT])
+def test_decided_flows_are_not_read(datapath, maps, run, one_cpu, verdict):
+    """Bulk traffic does no extra work: the first payload of a flow in BYPASS (or BLOCK, or
+    INSPECT: the engine reads every packet anyway) is not parsed at all."""
+    from bpfkit import udp4
+    from reference import canonical_key, flow_key_of
+    q = bytes.fromhex("1234010000010000000000000377777707" + "6578616d706c65" + "0003636f6d0000010001")
+    maps.set_config(default_config(flags=abi.CFG_NAMES))
+    f = udp4(q, sport=6000)
+    maps.set_verdict(flow_key_of(canonical_key(parse(f))[0]), verdict, None)
+    before = maps.name_scratch(one_cpu).attempts
+    run.tc(f)
+    assert maps.name_scratch(one_cpu).attempts == before
+    assert sum(run.counters()[abi.COUNTER_NAMES[i]] for i in abi.NAME_COUNTERS) == 0
+    run.tc(udp4(q, sport=6001))                                  # a new flow: read
+    assert maps.name_scratch(one_cpu).attempts == before + 1
+    assert run.counters()["name_dns"] == 1
