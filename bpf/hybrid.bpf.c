@@ -9,7 +9,8 @@
  *
  * This file holds the maps, their accessors and the two entry points; each concern is a
  * header: packet.h (the packet summary), stats.h (counters, the one exit), flow_table.h,
- * classify.h (flag reasons, the mark), admission.h (budgets).
+ * classify.h (flag reasons, the mark), admission.h (budgets), names.h (the name a first
+ * payload asks for).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -56,6 +57,8 @@ HYBRID_TABLE("percpu_array", __u32, struct hybrid_stats, hybrid_stats, HYBRID_MA
 HYBRID_TABLE("lru_hash", struct hybrid_addr_key, struct hybrid_bucket, hybrid_sources,
 	     HYBRID_SOURCE_TABLE_SIZE, 0);
 HYBRID_TABLE("array", __u32, struct hybrid_bucket, hybrid_budget, 1, 0);
+/* Per-CPU: the name parsers' buffer and state (names.h); tc's alone. */
+HYBRID_TABLE("percpu_array", __u32, struct hybrid_name_scratch, hybrid_scratch, 1, 0);
 
 /* ---- Map accessors ---------------------------------------------------------------------------
  * bcc rewrites its method syntax (map.lookup(), map.insert()) into the helper calls with the
@@ -135,10 +138,18 @@ static __always_inline struct hybrid_bucket *budget_get(void)
 	return hybrid_budget.lookup(&zero);
 }
 
+static __always_inline struct hybrid_name_scratch *names_scratch_get(void)
+{
+	__u32 zero = 0;
+
+	return hybrid_scratch.lookup(&zero);
+}
+
 #include "stats.h"
 #include "flow_table.h"
 #include "classify.h"
 #include "admission.h"
+#include "names.h"
 
 /* ---- XDP --------------------------------------------------------------------------------------- */
 
@@ -189,6 +200,7 @@ struct tc_packet {
 	__u32 events;              /* STATS_EVENT() bits, counted at the exit */
 	__u32 reasons;             /* HYBRID_REASON_* found so far */
 	int status;                /* PKT_* */
+	int name_cnt;              /* HYBRID_CNT_NAME_* when a name was looked for, else 0 */
 };
 
 /* Step 1. What the stack would drop, or cannot route as IP, passes unflagged. */
@@ -215,11 +227,37 @@ static __always_inline int tc_check_prefixes(const struct hybrid_config *cfg, st
 	return OUTCOME_NONE;
 }
 
+/* Step 3b. The first payload of the direction that opened the flow: read its name (names.h). */
+static __always_inline void tc_read_name(struct __sk_buff *skb, const struct hybrid_config *cfg,
+					 struct tc_packet *t)
+{
+	struct hybrid_flow *flow = t->flow;
+	struct hybrid_name_scratch *s = names_scratch_get();
+
+	if (!s)
+		return;
+	/* The parsers are verified once per distinct state that reaches them, and the paths to
+	 * here differ (reasons, events, what the flag tests learnt of the packet's fields): pass
+	 * the packet's whole summary through map memory, so that the verifier meets one state
+	 * here, whose values it knows only as unknown scalars. Costs a 150-byte copy on the first
+	 * payload packets only. The flow pointer stays (a pointer through memory is a scalar). */
+	_Static_assert(sizeof(*t) <= sizeof(s->save), "struct tc_packet fits the scratch");
+	__builtin_memcpy(s->save, t, sizeof(*t));
+	asm volatile("" ::: "memory");
+	__builtin_memcpy(t, s->save, sizeof(*t));
+	t->flow = flow;
+	t->dir &= 1;
+	/* And back: one state after, whatever the parsers returned. */
+	s->result = names_read(skb, cfg, &t->pkt, s);
+	t->name_cnt = ((volatile struct hybrid_name_scratch *)s)->result;
+}
+
 /* Step 3. Find or create the flow, count the packet in it, keep its facts (TTL, isn), enforce
  * its verdict and add the reasons of a packet in a flow. Fragments and unparseable transports
  * have no flow entry: they are flagged for what they are and leave the table alone; a first
  * fragment that carries its ports is keyed only to drop it when its flow is blocked. */
-static __always_inline int tc_update_flow(const struct hybrid_config *cfg, struct tc_packet *t)
+static __always_inline int tc_update_flow(struct __sk_buff *skb, const struct hybrid_config *cfg,
+					  struct tc_packet *t)
 {
 	__u32 prev;
 	__u8 verdict = HYBRID_VERDICT_NONE;
@@ -248,6 +286,8 @@ static __always_inline int tc_update_flow(const struct hybrid_config *cfg, struc
 	if (verdict == HYBRID_VERDICT_BYPASS)
 		return HYBRID_CNT_BYPASSED;
 	t->reasons = reasons_of_flow_packet(cfg, &t->pkt, t->flow, t->dir, verdict, prev, t->reasons);
+	if (verdict == HYBRID_VERDICT_NONE && names_wanted(cfg, t->flow, &t->pkt, t->dir, prev))
+		tc_read_name(skb, cfg, t);
 	return OUTCOME_NONE;
 }
 
@@ -282,12 +322,12 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 	outcome = tc_check_prefixes(cfg, &t);
 	if (outcome != OUTCOME_NONE)
 		goto out;
-	outcome = tc_update_flow(cfg, &t);
+	outcome = tc_update_flow(skb, cfg, &t);
 	if (outcome != OUTCOME_NONE)
 		goto out;
 	outcome = tc_admit(cfg, &t);
 	if (outcome == HYBRID_CNT_FLAGGED)
 		mark_for_queue(skb, cfg, t.flow);
 out:
-	return stats_record_tc(skb->ifindex, outcome, t.events, t.reasons);
+	return stats_record_tc(skb->ifindex, outcome, t.events, t.reasons, t.name_cnt);
 }

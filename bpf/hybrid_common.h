@@ -99,6 +99,7 @@
 #define HYBRID_CFG_HAVE_PREFIXES (1U << 0)  /* the prefix trie is non-empty: skip lookups otherwise */
 #define HYBRID_CFG_HAVE_PORTS    (1U << 1)  /* some port is watched: skip the array lookup otherwise */
 #define HYBRID_CFG_OVER_DROP     (1U << 2)  /* over budget and no payload: drop (else pass unflagged) */
+#define HYBRID_CFG_NAMES         (1U << 3)  /* read the name of first payloads (bpf/names.h) */
 
 /* ---- Admission control ------------------------------------------------------------------------
  * Budgets on flagged packets, so that no traffic can flood the engine (and its queue, whose
@@ -144,6 +145,22 @@
  * starts over any entry but one in a live BLOCK, retransmitted or not. */
 #define HYBRID_FLOW_CONN_VERDICT (1U << 6)
 
+/* ---- Names (bpf/names.h) ---------------------------------------------------------------------
+ * On the first payload packet of a flow in the direction that opened it (and only with
+ * HYBRID_CFG_NAMES), tc copies up to HYBRID_NAME_SCAN payload bytes into a per-CPU scratch
+ * (hybrid_scratch) and reads the name the engine would read (hybrid/engine/packet.py),
+ * or gives up with a HYBRID_CNT_NAME_* reason: UDP to port 53 and TCP to port 53 (2-byte
+ * length, exactly one message): the DNS question name; other TCP: a TLS ClientHello alone in one
+ * handshake record (server_name), or an HTTP/1.x origin-form request whose head ends the
+ * packet (Host). Names are ASCII [a-z0-9._-] after lower-casing, 1..HYBRID_NAME_MAX long. */
+#define HYBRID_MAP_NAMES_SCRATCH "hybrid_scratch"  /* percpu_array[1] of struct hybrid_name_scratch */
+#define HYBRID_NAME_MAX   253   /* characters of a name tc reads (DNS: 255 wire bytes = 253 dotted) */
+#define HYBRID_NAME_LEN   256   /* bytes of hybrid_name_key.name */
+#define HYBRID_NAME_SCAN  2048  /* payload bytes tc copies and reads at most (a power of 2) */
+#define HYBRID_NAME_DNS   1     /* hybrid_name_key.kind: a DNS query name */
+#define HYBRID_NAME_SNI   2     /* a TLS ClientHello server_name */
+#define HYBRID_NAME_HOST  3     /* an HTTP/1.x Host */
+
 /* ---- hybrid_iface.flags ----------------------------------------------------------------------- */
 #define HYBRID_IFACE_XDP (1U << 0)  /* an XDP program is attached here too (informational) */
 
@@ -176,7 +193,25 @@
                                         * restored from hybrid_pinned */
 #define HYBRID_CNT_CONN_RESTART    28  /* event: a bare SYN with a new sequence number started over an
                                         * entry with a connection-scoped verdict (CONN_VERDICT) */
-#define HYBRID_CNT_MAX             29
+/* Names (bpf/names.h): one per first payload packet of a flow's opening direction that tc
+ * read a name in (DNS, SNI, HOST) or gave up on (the other NAME_* say why; the engine then
+ * reads the packet as before). Not events: counted through tc_packet.name_cnt. */
+#define HYBRID_CNT_NAME_DNS        29  /* a DNS query name read */
+#define HYBRID_CNT_NAME_SNI        30  /* a TLS ClientHello server_name read */
+#define HYBRID_CNT_NAME_HOST       31  /* an HTTP/1.x Host read */
+#define HYBRID_CNT_NAME_NONE       32  /* no name there: not DNS/TLS/HTTP, or a request without one */
+#define HYBRID_CNT_NAME_TRUNCATED  33  /* the packet does not hold the whole message/head/record */
+#define HYBRID_CNT_NAME_POINTER    34  /* a DNS name with a compression pointer */
+#define HYBRID_CNT_NAME_SEVERAL    35  /* several questions, Host lines, server_names, records or
+                                        * bytes after the message/head */
+#define HYBRID_CNT_NAME_ODD        36  /* a byte outside the name alphabet, odd whitespace or line
+                                        * ends, non-ASCII, NUL */
+#define HYBRID_CNT_NAME_FORM       37  /* a shape tc does not read: absolute-form or odd targets,
+                                        * leading empty lines, a response, another version,
+                                        * label types, too many extensions, a short UDP length */
+#define HYBRID_CNT_NAME_TOO_LONG   38  /* more than HYBRID_NAME_MAX characters, or than HYBRID_NAME_SCAN
+                                        * payload bytes */
+#define HYBRID_CNT_MAX             39
 
 /* ---- Structs ---------------------------------------------------------------------------------- */
 
@@ -194,7 +229,9 @@ struct hybrid_config {
 	__u64 source_tolerance_ns;  /* interval * (burst - 1) */
 	__u64 global_interval_ns;   /* global admission: 1 s / rate; 0 = off */
 	__u64 global_tolerance_ns;  /* interval * (burst - 1) */
-};                          /* 56 bytes */
+	__u32 name_generation;      /* the name cache's current generation (bpf/names.h) */
+	__u32 _pad0;
+};                          /* 64 bytes */
 
 /* Direction-independent flow key. Addresses are IPv6 or IPv4-mapped IPv6 (::ffff:a.b.c.d),
  * network byte order. The (address, port) pair that compares lower (memcmp of the address, then
@@ -283,6 +320,36 @@ struct hybrid_pinned_verdict {
 
 struct hybrid_stats {
 	__u64 c[HYBRID_CNT_MAX];
-};                          /* 232 bytes; per CPU: userspace sums over possible CPUs */
+};                          /* 312 bytes; per CPU: userspace sums over possible CPUs */
+
+/* A name as tc read it: the whole name (no hash: two names never share a key), what it names
+ * and where the flow goes. */
+struct hybrid_name_key {
+	__u32 generation;   /* host order: hybrid_config.name_generation */
+	__u16 port;         /* host order: the destination port of the packet that carried it */
+	__u8  proto;        /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8  kind;         /* HYBRID_NAME_* */
+	__u16 len;          /* host order: characters in name, 1..HYBRID_NAME_MAX */
+	__u8  _pad0[6];
+	__u8  name[HYBRID_NAME_LEN]; /* lower-case ASCII, zero bytes after len */
+};                          /* 272 bytes */
+
+/* The per-CPU scratch of the name parsers (bpf/names.h). The parsers keep their loop state
+ * here, in map memory, not in registers: the verifier then sees one state per loop iteration
+ * (what it loads back is an unknown scalar, masked before use) instead of one per path. */
+struct hybrid_name_scratch {
+	struct hybrid_name_key key; /* the last name read (len 0: none) */
+	__u64 attempts;     /* packets whose name this CPU looked for */
+	__u32 result;       /* HYBRID_CNT_NAME_* of the last attempt */
+	__u32 len;          /* payload bytes in buf */
+	__u32 st;           /* parser state */
+	__u32 pos;          /* parser position */
+	__u32 out;          /* characters written to key.name */
+	__u32 a;            /* parser scratch values */
+	__u32 b;
+	__u32 c;
+	__u8  save[192];    /* tc's packet summary, passed through here (hybrid.bpf.c, tc_read_name) */
+	__u8  buf[HYBRID_NAME_SCAN]; /* the payload's first bytes */
+};                          /* 2552 bytes */
 
 #endif /* HYBRID_COMMON_H */

@@ -34,6 +34,9 @@ struct hybrid_pkt {
 	__u8  ttl;          /* IPv4 TTL / IPv6 hop limit as received */
 	__u8  frag_keyed;   /* PKT_FRAGMENT at offset 0 whose TCP/UDP ports were read: sport, dport
 	                    * and proto (the transport's, after an IPv6 fragment header) key its flow */
+	__u8  udp_short;    /* UDP: the UDP length ends before the IP payload does (the engine reads
+	                    * the IP payload, tc payload_len the UDP length: names.h gives up) */
+	__u16 payload_off;  /* host order; TCP/UDP: offset of the payload from the frame's start */
 };
 
 /* The flag bits of byte 13 of the TCP header: the kernel's TCPHDR_* of net/tcp.h, which drags
@@ -161,6 +164,7 @@ static __always_inline int parse_packet(void *data, void *data_end, __u32 pkt_le
 		p->tcp_flags = ((__u8 *)tcph)[13];
 		p->seq = bpf_ntohl(tcph->seq);
 		p->payload_len = l4_len - len;
+		p->payload_off = nh.pos - data;
 		break;
 	case IPPROTO_UDP:
 		len = parse_udphdr(&nh, data_end, &udph);
@@ -169,6 +173,8 @@ static __always_inline int parse_packet(void *data, void *data_end, __u32 pkt_le
 		p->sport = udph->source;
 		p->dport = udph->dest;
 		p->payload_len = len - sizeof(*udph);
+		p->payload_off = nh.pos - data;
+		p->udp_short = (__u32)len != l4_len;
 		break;
 	case IPPROTO_ICMP:
 		if (eth_type != bpf_htons(ETH_P_IP) || parse_icmphdr(&nh, data_end, &icmph) < 0 ||

@@ -12,7 +12,7 @@
 #define HYBRID_STATS_H
 
 #define STATS_EVENT(cnt) (1U << (cnt))
-_Static_assert(HYBRID_CNT_MAX <= 32, "an event is a bit of a __u32");
+_Static_assert(HYBRID_CNT_CONN_RESTART < 32, "an event is a bit of a __u32");
 
 /* No outcome yet: a tc step lets the packet go on to the next one. At XDP's exit: a pass,
  * which has no counter of its own. */
@@ -46,6 +46,25 @@ static __always_inline void stats_count_event(struct hybrid_stats *st, __u32 eve
 		st->c[cnt]++;
 }
 
+/* The counter of a name attempt (names.h). name_cnt comes back from map memory (unknown to
+ * the verifier): one constant index per case, no computed one. */
+static __always_inline void stats_count_name(struct hybrid_stats *st, int name_cnt)
+{
+	switch (name_cnt) {
+	case HYBRID_CNT_NAME_DNS: st->c[HYBRID_CNT_NAME_DNS]++; break;
+	case HYBRID_CNT_NAME_SNI: st->c[HYBRID_CNT_NAME_SNI]++; break;
+	case HYBRID_CNT_NAME_HOST: st->c[HYBRID_CNT_NAME_HOST]++; break;
+	case HYBRID_CNT_NAME_NONE: st->c[HYBRID_CNT_NAME_NONE]++; break;
+	case HYBRID_CNT_NAME_TRUNCATED: st->c[HYBRID_CNT_NAME_TRUNCATED]++; break;
+	case HYBRID_CNT_NAME_POINTER: st->c[HYBRID_CNT_NAME_POINTER]++; break;
+	case HYBRID_CNT_NAME_SEVERAL: st->c[HYBRID_CNT_NAME_SEVERAL]++; break;
+	case HYBRID_CNT_NAME_ODD: st->c[HYBRID_CNT_NAME_ODD]++; break;
+	case HYBRID_CNT_NAME_FORM: st->c[HYBRID_CNT_NAME_FORM]++; break;
+	case HYBRID_CNT_NAME_TOO_LONG: st->c[HYBRID_CNT_NAME_TOO_LONG]++; break;
+	default: break;                                  /* 0: no name looked for */
+	}
+}
+
 /* Every XDP outcome is a drop (HYBRID_CNT_XDP_DROP_*); without one the packet goes on to tc. */
 static __always_inline int xdp_action(int outcome)
 {
@@ -75,9 +94,10 @@ static __always_inline int stats_record_xdp(__u32 ifindex, int outcome)
 	return xdp_action(outcome);
 }
 
-/* The one exit of hybrid_tc_ingress: the packet, its outcome, its events and, when it was
- * flagged, each of its reasons. */
-static __always_inline int stats_record_tc(__u32 ifindex, int outcome, __u32 events, __u32 reasons)
+/* The one exit of hybrid_tc_ingress: the packet, its outcome, its events, what reading its
+ * name gave (name_cnt, 0: not looked for) and, when it was flagged, each of its reasons. */
+static __always_inline int stats_record_tc(__u32 ifindex, int outcome, __u32 events, __u32 reasons,
+					   int name_cnt)
 {
 	struct hybrid_stats *st = stats_slot(ifindex);
 	int i;
@@ -92,6 +112,7 @@ static __always_inline int stats_record_tc(__u32 ifindex, int outcome, __u32 eve
 		stats_count_event(st, events, HYBRID_CNT_OVER_GLOBAL);
 		stats_count_event(st, events, HYBRID_CNT_EVICTED_DECIDED);
 		stats_count_event(st, events, HYBRID_CNT_CONN_RESTART);
+		stats_count_name(st, name_cnt);
 		if (outcome == HYBRID_CNT_FLAGGED) {
 #pragma unroll
 			for (i = 0; i < HYBRID_REASON_COUNT; i++)

@@ -507,6 +507,13 @@ class Maps:
                 totals[i] += cpu.c[i]
         return {abi.COUNTER_NAMES[i]: totals[i] for i in range(abi.CNT_MAX)}
 
+    def name_scratch(self, cpu: int) -> abi.NameScratch:
+        """The name parsers' per-CPU scratch as one CPU left it (bpf/names.h): the last name
+        tc read there (key.len 0: none), how many first payloads it looked at, the result."""
+        per_cpu = (abi.NameScratch * self.ncpu)()
+        self._lookup(abi.MAP_NAMES_SCRATCH, ctypes.c_uint32(0), per_cpu)
+        return per_cpu[cpu]
+
     def stats(self) -> dict[int, dict[str, int]]:
         """ifindex -> counter name -> value summed over CPUs; ifindex 0 is the slot of
         interfaces that are not registered."""

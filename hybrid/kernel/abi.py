@@ -30,8 +30,9 @@ MAP_STATS = "hybrid_stats"
 MAP_SOURCES = "hybrid_sources"
 MAP_BUDGET = "hybrid_budget"
 MAP_PINNED = "hybrid_pinned"
+MAP_NAMES_SCRATCH = "hybrid_scratch"
 MAP_NAMES = (MAP_CONFIG, MAP_FLOWS, MAP_PREFIXES, MAP_PORTS, MAP_IFACES, MAP_STATS, MAP_SOURCES, MAP_BUDGET,
-             MAP_PINNED)
+             MAP_PINNED, MAP_NAMES_SCRATCH)
 
 PROG_XDP = "hybrid_xdp"
 PROG_TC = "hybrid_tc_ingress"
@@ -98,6 +99,7 @@ ICMP_PROTOS = (IPPROTO_ICMP, IPPROTO_ICMPV6)
 CFG_HAVE_PREFIXES = 1 << 0
 CFG_HAVE_PORTS = 1 << 1
 CFG_OVER_DROP = 1 << 2
+CFG_NAMES = 1 << 3          # tc reads the name of first payloads (bpf/names.h)
 
 PORT_TCP = 1 << 0
 PORT_UDP = 1 << 1
@@ -139,7 +141,17 @@ CNT_OVER_GLOBAL = 25
 CNT_XDP_DROP_SOURCE = 26
 CNT_EVICTED_DECIDED = 27
 CNT_CONN_RESTART = 28
-CNT_MAX = 29
+CNT_NAME_DNS = 29
+CNT_NAME_SNI = 30
+CNT_NAME_HOST = 31
+CNT_NAME_NONE = 32
+CNT_NAME_TRUNCATED = 33
+CNT_NAME_POINTER = 34
+CNT_NAME_SEVERAL = 35
+CNT_NAME_ODD = 36
+CNT_NAME_FORM = 37
+CNT_NAME_TOO_LONG = 38
+CNT_MAX = 39
 
 # index -> snake_case name
 COUNTER_NAMES: dict[int, str] = {
@@ -165,6 +177,16 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_XDP_DROP_SOURCE: "xdp_drop_source",
     CNT_EVICTED_DECIDED: "evicted_decided",
     CNT_CONN_RESTART: "conn_restart",
+    CNT_NAME_DNS: "name_dns",
+    CNT_NAME_SNI: "name_sni",
+    CNT_NAME_HOST: "name_host",
+    CNT_NAME_NONE: "name_none",
+    CNT_NAME_TRUNCATED: "name_truncated",
+    CNT_NAME_POINTER: "name_pointer",
+    CNT_NAME_SEVERAL: "name_several",
+    CNT_NAME_ODD: "name_odd",
+    CNT_NAME_FORM: "name_form",
+    CNT_NAME_TOO_LONG: "name_too_long",
 }
 # The tc counters whose sum equals CNT_PACKETS (the invariant in the header).
 TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASSED,
@@ -194,6 +216,8 @@ class Config(ctypes.Structure):
         ("source_tolerance_ns", ctypes.c_uint64),
         ("global_interval_ns", ctypes.c_uint64),
         ("global_tolerance_ns", ctypes.c_uint64),
+        ("name_generation", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint32),
     ]
 
 
@@ -274,10 +298,52 @@ class Stats(ctypes.Structure):
     ]
 
 
+# ---- Names (bpf/names.h) ----------------------------------------------------------------------
+NAME_MAX = 253
+NAME_LEN = 256
+NAME_SCAN = 2048
+NAME_DNS = 1
+NAME_SNI = 2
+NAME_HOST = 3
+NAME_KINDS = {NAME_DNS: "dns", NAME_SNI: "sni", NAME_HOST: "host"}
+# The counters of one name attempt: a name read (by kind), or why not.
+NAME_READ = {NAME_DNS: CNT_NAME_DNS, NAME_SNI: CNT_NAME_SNI, NAME_HOST: CNT_NAME_HOST}
+NAME_COUNTERS = tuple(range(CNT_NAME_DNS, CNT_NAME_TOO_LONG + 1))
+
+
+class NameKey(ctypes.Structure):
+    _fields_ = [
+        ("generation", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),      # host order
+        ("proto", ctypes.c_uint8),
+        ("kind", ctypes.c_uint8),
+        ("len", ctypes.c_uint16),
+        ("_pad0", ctypes.c_uint8 * 6),
+        ("name", ctypes.c_uint8 * NAME_LEN),
+    ]
+
+
+class NameScratch(ctypes.Structure):
+    _fields_ = [
+        ("key", NameKey),
+        ("attempts", ctypes.c_uint64),
+        ("result", ctypes.c_uint32),
+        ("len", ctypes.c_uint32),
+        ("st", ctypes.c_uint32),
+        ("pos", ctypes.c_uint32),
+        ("out", ctypes.c_uint32),
+        ("a", ctypes.c_uint32),
+        ("b", ctypes.c_uint32),
+        ("c", ctypes.c_uint32),
+        ("save", ctypes.c_uint8 * 192),
+        ("buf", ctypes.c_uint8 * NAME_SCAN),
+    ]
+
+
 # Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
 # against bcc).
-SIZES = {Config: 56, FlowKey: 40, Flow: 88, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
-         PinnedVerdict: 16, Stats: 232}
+SIZES = {Config: 64, FlowKey: 40, Flow: 88, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
+         PinnedVerdict: 16, Stats: 312, NameKey: 272, NameScratch: 2552}
 
 # map name -> (key type, value type); value is per CPU for hybrid_stats.
 MAP_LAYOUTS: dict[str, tuple[type, type]] = {
@@ -290,5 +356,6 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     MAP_SOURCES: (AddrKey, Bucket),
     MAP_BUDGET: (ctypes.c_uint32, Bucket),
     MAP_PINNED: (FlowKey, PinnedVerdict),
+    MAP_NAMES_SCRATCH: (ctypes.c_uint32, NameScratch),
 }
-PERCPU_MAPS = frozenset({MAP_STATS})
+PERCPU_MAPS = frozenset({MAP_STATS, MAP_NAMES_SCRATCH})

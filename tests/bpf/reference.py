@@ -55,6 +55,8 @@ class Parsed:
     payload_len: int = 0
     ttl: int = 0             # IPv4 TTL / IPv6 hop limit
     frag_keyed: bool = False  # a fragment at offset 0 whose TCP/UDP ports were read (proto: the transport's)
+    payload_off: int = 0     # TCP/UDP: offset of the payload in the frame
+    udp_short: bool = False  # UDP: the UDP length ends before the IP payload
 
 
 def _be16(b: bytes, off: int) -> int:
@@ -164,6 +166,7 @@ def parse(frame: bytes) -> Parsed:
         p.tcp_flags = frame[cur + 13]
         p.seq = int.from_bytes(frame[cur + 4:cur + 8], "big")
         p.payload_len = l4_len - hl
+        p.payload_off = cur + hl
     elif p.proto == IPPROTO_UDP:
         if cur + 8 > n:
             return bad
@@ -172,6 +175,8 @@ def parse(frame: bytes) -> Parsed:
             return bad
         p.sport, p.dport = _be16(frame, cur), _be16(frame, cur + 2)
         p.payload_len = ulen - 8
+        p.payload_off = cur + 8
+        p.udp_short = ulen != l4_len
     elif p.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
         if (p.proto == IPPROTO_ICMP) == v6 or cur + 8 > n or l4_len < 8:
             return bad
@@ -476,6 +481,11 @@ class Reference:
                         reasons |= abi.REASON_PORT
             if p.proto == IPPROTO_TCP and suspicious(p.tcp_flags):
                 reasons |= abi.REASON_SUSPICIOUS
+            if (verdict == abi.VERDICT_NONE and cfg.flags & abi.CFG_NAMES and prev == 0
+                    and direction == (1 if flow.flags & abi.FLOW_ORIG_HI else 0)
+                    and p.proto in (IPPROTO_TCP, IPPROTO_UDP)):
+                payload = frame[p.payload_off:p.payload_off + p.payload_len]
+                events.append(kernel_name(p, payload)[0])
         reasons &= cfg.reasons & ~cfg.skip_reasons
         if not reasons:
             return TcResult(TC_ACT_PASS, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)
@@ -495,6 +505,163 @@ class Reference:
             flow.flagged += 1
         new_mark = (cfg.mark_value & cfg.mark_mask) | (mark & ~cfg.mark_mask & 0xFFFFFFFF)
         return TcResult(TC_ACT_PASS, new_mark, abi.CNT_FLAGGED, reasons, tuple(events), key, direction)
+
+
+# ---- names (bpf/names.h) --------------------------------------------------------------------------
+
+def _name_char(c: int, dot_ok: bool) -> int:
+    if 0x41 <= c <= 0x5A:
+        return c | 0x20
+    if 0x61 <= c <= 0x7A or 0x30 <= c <= 0x39 or c in (0x2D, 0x5F) or (dot_ok and c == 0x2E):
+        return c
+    return 0
+
+
+def kernel_name(p: Parsed, payload: bytes) -> tuple[int, int, str | None]:
+    """(abi.CNT_NAME_* counter, abi.NAME_* kind or 0, name or None): what names_read() makes
+    of a first payload (bpf/names.h), modelled step by step."""
+    none = (abi.CNT_NAME_NONE, 0, None)
+    if p.proto == IPPROTO_UDP:
+        if p.dport != 53:
+            return none
+        if p.udp_short:
+            return (abi.CNT_NAME_FORM, 0, None)
+    elif p.proto != IPPROTO_TCP:
+        return none
+    if not payload:
+        return none
+    if len(payload) > abi.NAME_SCAN:
+        return (abi.CNT_NAME_TOO_LONG, 0, None)
+    if p.dport == 53:
+        kind, r = abi.NAME_DNS, _kernel_dns(payload, 2 if p.proto == IPPROTO_TCP else 0)
+    elif payload[0] == 22:
+        kind, r = abi.NAME_SNI, _kernel_sni(payload)
+    else:
+        return none
+    if isinstance(r, int):
+        return (r, 0, None)
+    return (abi.NAME_READ[kind], kind, r)
+
+
+def _kernel_dns(d: bytes, base: int):
+    n = len(d)
+    if base:
+        if n < 2:
+            return abi.CNT_NAME_TRUNCATED
+        m = _be16(d, 0)
+        if m + 2 > n:
+            return abi.CNT_NAME_TRUNCATED
+        if m + 2 < n:
+            return abi.CNT_NAME_SEVERAL
+    if n < base + 12:
+        return abi.CNT_NAME_TRUNCATED
+    if d[base + 2] & 0x80:
+        return abi.CNT_NAME_FORM
+    qd = _be16(d, base + 4)
+    if qd == 0:
+        return abi.CNT_NAME_NONE
+    if qd != 1:
+        return abi.CNT_NAME_SEVERAL
+    out = bytearray()
+    left = 0
+    for k in range(abi.NAME_MAX + 2):
+        i = base + 12 + k
+        if i >= n:
+            return abi.CNT_NAME_TRUNCATED
+        c = d[i]
+        if left == 0:
+            if c == 0:
+                return out.decode() if out else abi.CNT_NAME_NONE
+            if c >= 0xC0:
+                return abi.CNT_NAME_POINTER
+            if c & 0xC0:
+                return abi.CNT_NAME_FORM
+            if out:
+                if len(out) >= abi.NAME_MAX:
+                    return abi.CNT_NAME_TOO_LONG
+                out.append(0x2E)
+            left = c
+            continue
+        ch = _name_char(c, False)
+        if not ch:
+            return abi.CNT_NAME_ODD
+        if len(out) >= abi.NAME_MAX:
+            return abi.CNT_NAME_TOO_LONG
+        out.append(ch)
+        left -= 1
+    return abi.CNT_NAME_TOO_LONG
+
+
+def _kernel_sni(d: bytes):
+    n = len(d)
+    if n < 9:
+        return abi.CNT_NAME_TRUNCATED
+    if d[1] != 3:
+        return abi.CNT_NAME_FORM
+    rlen = _be16(d, 3)
+    if rlen > 16384:
+        return abi.CNT_NAME_FORM
+    if rlen + 5 > n:
+        return abi.CNT_NAME_TRUNCATED
+    if rlen + 5 < n:
+        return abi.CNT_NAME_SEVERAL
+    if d[5] != 1:
+        return abi.CNT_NAME_NONE
+    hlen = int.from_bytes(d[6:9], "big")
+    if hlen + 4 > rlen:
+        return abi.CNT_NAME_TRUNCATED
+    if hlen + 4 < rlen:
+        return abi.CNT_NAME_SEVERAL
+    end = n
+    pos = 43
+    if pos + 1 > end:
+        return abi.CNT_NAME_FORM
+    pos += 1 + d[pos]
+    if pos + 2 > end:
+        return abi.CNT_NAME_FORM
+    pos += 2 + _be16(d, pos)
+    if pos + 1 > end:
+        return abi.CNT_NAME_FORM
+    pos += 1 + d[pos]
+    if pos == end:
+        return abi.CNT_NAME_NONE
+    if pos + 2 > end:
+        return abi.CNT_NAME_FORM
+    if pos + 2 + _be16(d, pos) != end:
+        return abi.CNT_NAME_FORM
+    pos += 2
+    at = length = 0
+    for _ in range(64):
+        if pos + 4 > end:
+            break
+        etype, elen = _be16(d, pos), _be16(d, pos + 2)
+        pos += 4
+        if pos + elen > end:
+            return abi.CNT_NAME_FORM
+        if etype == 0:
+            if length:
+                return abi.CNT_NAME_SEVERAL
+            if elen < 5 or _be16(d, pos) != elen - 2 or d[pos + 2] != 0:
+                return abi.CNT_NAME_FORM
+            if _be16(d, pos + 3) != elen - 5:
+                return abi.CNT_NAME_SEVERAL
+            if elen == 5:
+                return abi.CNT_NAME_FORM
+            if elen - 5 > abi.NAME_MAX:
+                return abi.CNT_NAME_TOO_LONG
+            at, length = pos + 5, elen - 5
+        pos += elen
+    if pos != end:
+        return abi.CNT_NAME_FORM
+    if not length:
+        return abi.CNT_NAME_NONE
+    out = bytearray()
+    for c in d[at:at + length]:
+        ch = _name_char(c, True)
+        if not ch:
+            return abi.CNT_NAME_ODD
+        out.append(ch)
+    return out.decode()
 
 
 def _bare_syn(p: Parsed) -> bool:

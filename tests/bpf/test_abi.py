@@ -58,6 +58,7 @@ EXPECTED_MAPS = {
     abi.MAP_SOURCES: (bpfsys.BPF_MAP_TYPE_LRU_HASH, abi.SOURCE_TABLE_SIZE, 0),
     abi.MAP_BUDGET: (bpfsys.BPF_MAP_TYPE_ARRAY, 1, 0),
     abi.MAP_PINNED: (bpfsys.BPF_MAP_TYPE_HASH, abi.PINNED_TABLE_SIZE, 1),          # BPF_F_NO_PREALLOC
+    abi.MAP_NAMES_SCRATCH: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 1, 0),
 }
 
 
@@ -76,7 +77,7 @@ def test_programs_and_from_prog_id(datapath):
         mine.set_config(abi.Config(mark_value=0x77, mark_mask=0xFF, first_n=9))
         assert (found.get_config().mark_value, found.get_config().first_n) == (0x77, 9)
         assert {bpfsys.map_info(fd).id for fd in found.fds().values()} == set(tc.map_ids)
-    with pytest.raises(NotFoundError, match="hybrid_ports, hybrid_budget, hybrid_pinned: pass the id of the tc program"):
+    with pytest.raises(NotFoundError, match="hybrid_ports, hybrid_budget, hybrid_pinned, hybrid_scratch: pass the id of the tc program"):
         Maps.from_prog_id(xdp.id)                                     # XDP never reads the ports
 
 

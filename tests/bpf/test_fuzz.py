@@ -19,6 +19,7 @@ import time
 import pytest
 from bpfkit import IP, TCP, UDP, IPv6, Raw, frame, icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
 from reference import PKT_OK, Reference, canonical_key, flow_key_of, key_tuple, parse
+from test_names import dns_query, tls_hello
 from scapy.all import (
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -55,6 +56,9 @@ def _bases() -> list[bytes]:
         tcp4("S", vlans=(1, 2, 3)),
         tcp4("S", dst="198.18.99.7"), udp4(b"z", src="198.18.99.8"),          # the blocked prefix
         tcp6("S", dst="2001:db8:2::9"),                                       # the watched prefix
+        # first payloads whose names tc reads (with HYBRID_CFG_NAMES, bpf/names.h)
+        *(udp4(dns_query(random.Random(k)), sport=41000 + k) for k in range(3)),
+        *(tcp4("PA", tls_hello(random.Random(k)), sport=42000 + k, dport=443) for k in range(3)),
     ]
 
 
@@ -188,7 +192,7 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
     cfg_prefixes = {"198.18.99.0/24": R.PREFIX_BLOCK, "2001:db8:2::/48": R.PREFIX_WATCH}
     seen_outcomes: set[int] = set()
     base_keys = sorted({canonical_key(p)[0] for p in map(parse, bases + facts) if p.status == PKT_OK})
-    restored = 0
+    restored = names_read = 0
     fragments_dropped = restarts = 0
     tc_runs = xdp_runs = short = 0
     start = time.monotonic()
@@ -205,6 +209,8 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
             maps.update_config(source_interval_ns=10**12, source_tolerance_ns=10**12 * 7,
                                global_interval_ns=10**12, global_tolerance_ns=10**12 * 400,
                                flags=maps.get_config().flags | R.CFG_OVER_DROP, skip_reasons=R.REASON_SYN)
+        if (chunk_start // CHUNK) % 3 != 2:
+            maps.update_config(flags=maps.get_config().flags | R.CFG_NAMES)    # tc reads names
         ref = Reference(maps.get_config(), ports=cfg_ports, prefixes=cfg_prefixes)
         # The model's clock stands still at the chunk's start; the kernel's runs on. Expiries
         # are chosen far from both (0, 1 or 10^15 ns ahead), and budgets are 1000 s per token.
@@ -244,6 +250,7 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
         pinned = {key_tuple(k): (p.verdict, p.expires_ns, p.origin) for k, p in maps.pinned()}
         assert pinned == ref.pinned, f"pinned verdicts, chunk at {chunk_start}"
         restored += totals.get("evicted_decided", 0)
+        names_read += totals.get("name_dns", 0) + totals.get("name_sni", 0)
         restarts += totals.get("conn_restart", 0)
         run.check_invariant()
     # The generator reached every kind of outcome, not just the easy ones.
@@ -252,6 +259,7 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
     assert restored > 0, "no evicted decided flow was ever restored"
     assert restarts > 0, "no new connection ever started a connection-scoped verdict over"
     assert fragments_dropped > 0, "no first fragment of a blocked flow was ever dropped at tc"
+    assert names_read > 0, "tc never read a name"
     assert tc_runs >= FRAMES * 0.6 and xdp_runs + short == FRAMES and short < FRAMES * 0.05
     print(f"\nfuzz: {FRAMES} frames ({tc_runs} through tc, {xdp_runs} through XDP, {restored} evicted decided "
           f"flows restored, {restarts} connection restarts, {fragments_dropped} first fragments dropped) in "

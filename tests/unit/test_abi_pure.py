@@ -64,7 +64,7 @@ def test_struct_sizes_match_header_comments():
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
                  "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
                  "pinned_verdict": abi.PinnedVerdict,
-                 "stats": abi.Stats}
+                 "stats": abi.Stats, "name_key": abi.NameKey, "name_scratch": abi.NameScratch}
     assert set(stated) == set(by_c_name)
     for cname, size in stated.items():
         assert ctypes.sizeof(by_c_name[cname]) == int(size) == abi.SIZES[by_c_name[cname]], cname
@@ -77,9 +77,9 @@ def test_struct_fields_match_header():
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
                  "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
                  "pinned_verdict": abi.PinnedVerdict,
-                 "stats": abi.Stats}
+                 "stats": abi.Stats, "name_key": abi.NameKey, "name_scratch": abi.NameScratch}
     for cname, body in structs.items():
-        fields = re.findall(r"__[us]\d+\s+(\w+)", re.sub(r"/\*.*?\*/", "", body, flags=re.S))
+        fields = re.findall(r"(?:__[us]\d+|struct hybrid_\w+)\s+(\w+)", re.sub(r"/\*.*?\*/", "", body, flags=re.S))
         assert fields == [f[0] for f in by_c_name[cname]._fields_], cname
 
 
@@ -210,7 +210,8 @@ def test_flow_flags_fit_the_u8_and_do_not_overlap():
     bits = [abi.FLOW_ORIG_HI, abi.FLOW_MIDSTREAM, abi.FLOW_SEQ0, abi.FLOW_SEQ1, abi.FLOW_ISN0, abi.FLOW_ISN1,
             abi.FLOW_CONN_VERDICT]
     assert sum(bits) < 0x100 and len(set(bits)) == len(bits) and all(b & (b - 1) == 0 for b in bits)
-    assert abi.CNT_MAX <= 32                    # an event is a bit of a __u32 (stats.h)
+    assert abi.CNT_CONN_RESTART < 32            # an event is a bit of a __u32 (stats.h); the
+    assert min(abi.NAME_COUNTERS) > abi.CNT_CONN_RESTART   # name counters are not events
 
 
 # ---- CIDRs ------------------------------------------------------------------------------------------
