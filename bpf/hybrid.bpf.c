@@ -57,8 +57,36 @@ HYBRID_TABLE("percpu_array", __u32, struct hybrid_stats, hybrid_stats, HYBRID_MA
 HYBRID_TABLE("lru_hash", struct hybrid_addr_key, struct hybrid_bucket, hybrid_sources,
 	     HYBRID_SOURCE_TABLE_SIZE, 0);
 HYBRID_TABLE("array", __u32, struct hybrid_bucket, hybrid_budget, 1, 0);
-/* Per-CPU: the name parsers' buffer and state (names.h); tc's alone. */
+#ifdef HYBRID_NAMES
+/* Per-CPU: the name parsers' buffer and state (names.h), and the packet summary tc passes to
+ * the parser programs; tc's alone. */
 HYBRID_TABLE("percpu_array", __u32, struct hybrid_name_scratch, hybrid_scratch, 1, 0);
+/* The name-verdict cache (namecache.h): only the engine inserts; tc looks up, counts hits and
+ * deletes an expired entry. LRU: a full cache forgets the least used names. */
+HYBRID_TABLE("lru_hash", struct hybrid_name_key, struct hybrid_name_verdict, hybrid_names,
+	     HYBRID_NAME_CACHE_SIZE, 0);
+HYBRID_TABLE("array", __u32, struct hybrid_name_gen, hybrid_name_gen, 1, 0);
+/* bcc's BPF_RINGBUF_OUTPUT, with a pin path when there is a pin directory: the engine opens the
+ * ring by its pin (hybrid/kernel/ringbuf.py). */
+struct hybrid_name_ev_table_t {
+	int key;
+	__u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	__u32 max_entries;
+};
+#ifdef HYBRID_PIN_DIR
+__attribute__((section("maps/ringbuf:" HYBRID_PIN_DIR "/hybrid_name_ev")))
+#else
+__attribute__((section("maps/ringbuf")))
+#endif
+struct hybrid_name_ev_table_t hybrid_name_ev = { .max_entries = HYBRID_NAME_EVENTS_SIZE };
+/* The parser programs, one per index (HYBRID_NAME_PROG_*), filled by the loader. Never pinned:
+ * a pinned program array would keep the programs alive after a detach. */
+BPF_PROG_ARRAY(hybrid_name_prg, HYBRID_NAME_PROGS);
+#endif /* HYBRID_NAMES */
 
 /* ---- Map accessors ---------------------------------------------------------------------------
  * bcc rewrites its method syntax (map.lookup(), map.insert()) into the helper calls with the
@@ -138,6 +166,12 @@ static __always_inline struct hybrid_bucket *budget_get(void)
 	return hybrid_budget.lookup(&zero);
 }
 
+static __always_inline void pinned_put(struct hybrid_flow_key *key, struct hybrid_pinned_verdict *pin)
+{
+	hybrid_pinned.update(key, pin);
+}
+
+#ifdef HYBRID_NAMES
 static __always_inline struct hybrid_name_scratch *names_scratch_get(void)
 {
 	__u32 zero = 0;
@@ -145,11 +179,47 @@ static __always_inline struct hybrid_name_scratch *names_scratch_get(void)
 	return hybrid_scratch.lookup(&zero);
 }
 
+static __always_inline struct hybrid_name_gen *name_state_get(void)
+{
+	__u32 zero = 0;
+
+	return hybrid_name_gen.lookup(&zero);
+}
+
+static __always_inline struct hybrid_name_verdict *name_cache_find(struct hybrid_name_key *key)
+{
+	return hybrid_names.lookup(key);
+}
+
+static __always_inline void name_cache_delete(struct hybrid_name_key *key)
+{
+	hybrid_names.delete(key);
+}
+
+static __always_inline struct hybrid_name_event *name_event_reserve(void)
+{
+	return hybrid_name_ev.ringbuf_reserve(sizeof(struct hybrid_name_event));
+}
+
+static __always_inline void name_event_submit(struct hybrid_name_event *ev)
+{
+	hybrid_name_ev.ringbuf_submit(ev, 0);
+}
+
+/* Returns only when the program at idx is missing. */
+static __always_inline void names_tail_call(struct __sk_buff *skb, int idx)
+{
+	hybrid_name_prg.call(skb, idx);
+}
+#endif /* HYBRID_NAMES */
+
 #include "stats.h"
 #include "flow_table.h"
 #include "classify.h"
 #include "admission.h"
+#ifdef HYBRID_NAMES
 #include "names.h"
+#endif
 
 /* ---- XDP --------------------------------------------------------------------------------------- */
 
@@ -201,7 +271,13 @@ struct tc_packet {
 	__u32 reasons;             /* HYBRID_REASON_* found so far */
 	int status;                /* PKT_* */
 	int name_cnt;              /* HYBRID_CNT_NAME_* when a name was looked for, else 0 */
+	int cache_cnt;             /* HYBRID_CNT_CACHE_* / NAMES_NO_PROG when the cache was asked, else 0 */
+	int want_name;             /* the first payload of the opening direction (names_wanted()) */
 };
+
+#ifdef HYBRID_NAMES
+#include "namecache.h"
+#endif
 
 /* Step 1. What the stack would drop, or cannot route as IP, passes unflagged. */
 static __always_inline int tc_parse(struct __sk_buff *skb, struct tc_packet *t)
@@ -227,37 +303,11 @@ static __always_inline int tc_check_prefixes(const struct hybrid_config *cfg, st
 	return OUTCOME_NONE;
 }
 
-/* Step 3b. The first payload of the direction that opened the flow: read its name (names.h). */
-static __always_inline void tc_read_name(struct __sk_buff *skb, const struct hybrid_config *cfg,
-					 struct tc_packet *t)
-{
-	struct hybrid_flow *flow = t->flow;
-	struct hybrid_name_scratch *s = names_scratch_get();
-
-	if (!s)
-		return;
-	/* The parsers are verified once per distinct state that reaches them, and the paths to
-	 * here differ (reasons, events, what the flag tests learnt of the packet's fields): pass
-	 * the packet's whole summary through map memory, so that the verifier meets one state
-	 * here, whose values it knows only as unknown scalars. Costs a 150-byte copy on the first
-	 * payload packets only. The flow pointer stays (a pointer through memory is a scalar). */
-	_Static_assert(sizeof(*t) <= sizeof(s->save), "struct tc_packet fits the scratch");
-	__builtin_memcpy(s->save, t, sizeof(*t));
-	asm volatile("" ::: "memory");
-	__builtin_memcpy(t, s->save, sizeof(*t));
-	t->flow = flow;
-	t->dir &= 1;
-	/* And back: one state after, whatever the parsers returned. */
-	s->result = names_read(skb, cfg, &t->pkt, s);
-	t->name_cnt = ((volatile struct hybrid_name_scratch *)s)->result;
-}
-
 /* Step 3. Find or create the flow, count the packet in it, keep its facts (TTL, isn), enforce
  * its verdict and add the reasons of a packet in a flow. Fragments and unparseable transports
  * have no flow entry: they are flagged for what they are and leave the table alone; a first
  * fragment that carries its ports is keyed only to drop it when its flow is blocked. */
-static __always_inline int tc_update_flow(struct __sk_buff *skb, const struct hybrid_config *cfg,
-					  struct tc_packet *t)
+static __always_inline int tc_update_flow(const struct hybrid_config *cfg, struct tc_packet *t)
 {
 	__u32 prev;
 	__u8 verdict = HYBRID_VERDICT_NONE;
@@ -286,8 +336,9 @@ static __always_inline int tc_update_flow(struct __sk_buff *skb, const struct hy
 	if (verdict == HYBRID_VERDICT_BYPASS)
 		return HYBRID_CNT_BYPASSED;
 	t->reasons = reasons_of_flow_packet(cfg, &t->pkt, t->flow, t->dir, verdict, prev, t->reasons);
-	if (verdict == HYBRID_VERDICT_NONE && names_wanted(cfg, t->flow, &t->pkt, t->dir, prev))
-		tc_read_name(skb, cfg, t);
+#ifdef HYBRID_NAMES
+	t->want_name = verdict == HYBRID_VERDICT_NONE && names_wanted(cfg, t->flow, &t->pkt, t->dir, prev);
+#endif
 	return OUTCOME_NONE;
 }
 
@@ -307,6 +358,27 @@ static __always_inline int tc_admit(const struct hybrid_config *cfg, struct tc_p
 	return outcome;
 }
 
+#ifdef HYBRID_NAMES
+/* Step 3b. The first payload of the direction that opened the flow goes to its parser program
+ * (namecache.h), which reads the name, asks the cache and finishes the packet; this returns
+ * only when there is nothing to read or no program (the packet then goes on as before). */
+static __always_inline void tc_names_dispatch(struct __sk_buff *skb, struct tc_packet *t)
+{
+	struct hybrid_name_scratch *s = names_scratch_get();
+	int which = names_which(skb, &t->pkt);
+
+	if (which < 0) {
+		t->name_cnt = HYBRID_CNT_NAME_NONE;
+		return;
+	}
+	if (!s)
+		return;
+	__builtin_memcpy(s->save, t, sizeof(*t));
+	names_tail_call(skb, which);
+	t->cache_cnt = HYBRID_CNT_NAMES_NO_PROG;
+}
+#endif /* HYBRID_NAMES */
+
 int hybrid_tc_ingress(struct __sk_buff *skb)
 {
 	struct tc_packet t = {};
@@ -322,12 +394,62 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 	outcome = tc_check_prefixes(cfg, &t);
 	if (outcome != OUTCOME_NONE)
 		goto out;
-	outcome = tc_update_flow(skb, cfg, &t);
+	outcome = tc_update_flow(cfg, &t);
 	if (outcome != OUTCOME_NONE)
 		goto out;
+#ifdef HYBRID_NAMES
+	if (t.want_name)
+		tc_names_dispatch(skb, &t);
+#endif
 	outcome = tc_admit(cfg, &t);
 	if (outcome == HYBRID_CNT_FLAGGED)
 		mark_for_queue(skb, cfg, t.flow);
 out:
-	return stats_record_tc(skb->ifindex, outcome, t.events, t.reasons, t.name_cnt);
+	return stats_record_tc(skb->ifindex, outcome, t.events, t.reasons, t.name_cnt, t.cache_cnt);
 }
+
+#ifdef HYBRID_NAMES
+/* ---- The parser programs (names.h, namecache.h) --------------------------------------------------
+ * Tail-called by hybrid_tc_ingress with the packet's summary in the per-CPU scratch; each reads
+ * its names, asks the cache, and finishes the packet as hybrid_tc_ingress would have. Each is
+ * verified alone: the parsers' states do not add to the main program's. */
+static __always_inline int tc_names(struct __sk_buff *skb, const int which)
+{
+	struct hybrid_name_scratch *s = names_scratch_get();
+	struct hybrid_config *cfg = config_get();
+	struct tc_packet t = {};
+	int outcome = HYBRID_CNT_PASSED;
+
+	if (!s || !cfg)
+		goto out;
+	/* What hybrid_tc_ingress knew, loaded back from map memory: the verifier knows its
+	 * values only as unknown scalars (every index below is bounded where it is used). */
+	_Static_assert(sizeof(t) <= sizeof(s->save), "struct tc_packet fits the scratch");
+	__builtin_memcpy(&t, s->save, sizeof(t));
+	t.dir &= 1;
+	t.flow = flow_find(&t.key);
+	s->result = names_read(skb, &t.pkt, s, which);
+	t.name_cnt = ((volatile struct hybrid_name_scratch *)s)->result;
+	if (t.name_cnt == HYBRID_CNT_NAME_DNS || t.name_cnt == HYBRID_CNT_NAME_SNI ||
+	    t.name_cnt == HYBRID_CNT_NAME_HOST) {
+		outcome = names_cache(skb, &t, s);
+		if (outcome != OUTCOME_NONE)
+			goto out;
+	}
+	outcome = tc_admit(cfg, &t);
+	if (outcome == HYBRID_CNT_FLAGGED)
+		mark_for_queue(skb, cfg, t.flow);
+out:
+	return stats_record_tc(skb->ifindex, outcome, t.events, t.reasons, t.name_cnt, t.cache_cnt);
+}
+
+int hybrid_tc_names(struct __sk_buff *skb)
+{
+	return tc_names(skb, HYBRID_NAME_PROG_DNS_TLS);
+}
+
+int hybrid_tc_names_http(struct __sk_buff *skb)
+{
+	return tc_names(skb, HYBRID_NAME_PROG_HTTP);
+}
+#endif /* HYBRID_NAMES */

@@ -144,6 +144,9 @@
  * same sequence number) changes nothing. Without the flag (an operator's verdict), a bare SYN
  * starts over any entry but one in a live BLOCK, retransmitted or not. */
 #define HYBRID_FLOW_CONN_VERDICT (1U << 6)
+/* The verdict was taken from the name-verdict cache (namecache.h), not written by the engine
+ * (which clears it when it writes one). */
+#define HYBRID_FLOW_BY_CACHE (1U << 7)
 
 /* ---- Names (bpf/names.h) ---------------------------------------------------------------------
  * On the first payload packet of a flow in the direction that opened it (and only with
@@ -161,13 +164,38 @@
 #define HYBRID_NAME_SNI   2     /* a TLS ClientHello server_name */
 #define HYBRID_NAME_HOST  3     /* an HTTP/1.x Host */
 
+/* ---- The name-verdict cache (bpf/namecache.h) -------------------------------------------------
+ * Compiled in only with -DHYBRID_NAMES (the attach option name_cache). The names parsers run
+ * in their own programs, tail-called from hybrid_tc_ingress on a flow's first payload packet
+ * (each program is verified alone: the parsers do not weigh on the main program's budget).
+ * After a name is read, its key (hybrid_name_key, under the current generation) is looked up in
+ * hybrid_names, which ONLY the engine writes (hybrid/engine/namecache.py works out which
+ * decisions a name alone decides; the kernel never caches anything itself). A live entry
+ * decides the packet in the kernel, unless the engine would doubt it (the packet's transport
+ * checksum unverified, a TTL below its direction's highest, TCP bytes that do not start the
+ * stream, no handshake seen): then the packet goes to the engine as before. Every decision
+ * taken from the cache is reported to the engine through hybrid_name_ev (a ring buffer; a
+ * full ring is counted in HYBRID_CNT_CACHE_LOST). A rules reload bumps the generation in
+ * hybrid_name_gen: every older entry stops matching at once. */
+#define HYBRID_MAP_NAME_CACHE  "hybrid_names"       /* lru_hash: hybrid_name_key -> hybrid_name_verdict */
+#define HYBRID_MAP_NAME_STATE  "hybrid_name_gen"  /* array[1] of struct hybrid_name_gen */
+#define HYBRID_MAP_NAME_EVENTS "hybrid_name_ev" /* ringbuf of struct hybrid_name_event */
+#define HYBRID_MAP_NAME_PROGS  "hybrid_name_prg"  /* prog_array: the parser programs (not pinned) */
+#define HYBRID_NAME_CACHE_SIZE 16384  /* entries in hybrid_names (LRU: the least used is evicted) */
+#define HYBRID_NAME_EVENTS_SIZE (256 * 1024)  /* bytes of the event ring (a power of 2 of pages) */
+#define HYBRID_NAME_PROG_DNS_TLS 0   /* hybrid_name_prg index: DNS and TLS (hybrid_tc_names) */
+#define HYBRID_NAME_PROG_HTTP    1   /* HTTP Host (hybrid_tc_names_http) */
+#define HYBRID_NAME_PROGS        2
+#define HYBRID_NAME_ACT_ACCEPT 1     /* hybrid_name_verdict.action: pass the packet */
+#define HYBRID_NAME_ACT_DROP   2     /* drop it */
+
 /* ---- hybrid_iface.flags ----------------------------------------------------------------------- */
 #define HYBRID_IFACE_XDP (1U << 0)  /* an XDP program is attached here too (informational) */
 
 /* ---- Counters: index into struct hybrid_stats.c ----------------------------------------------
  * XDP counts XDP_*; tc counts the rest. Invariant at tc, per interface:
  *   PACKETS = NOT_IP + MALFORMED_L3 + FLAGGED + BYPASSED + PASSED + DROP_TC_FLOW + DROP_TC_PREFIX
- *           + OVER_DROP + OVER_PASS
+ *           + OVER_DROP + OVER_PASS + CACHE_PASSED + CACHE_DROPPED
  * and FLAGGED <= sum(REASON_*) (a packet may have several reasons; each is counted). */
 #define HYBRID_CNT_XDP_PACKETS     0   /* packets seen by hybrid_xdp */
 #define HYBRID_CNT_XDP_DROP_FLOW   1   /* dropped at XDP: flow verdict BLOCK */
@@ -211,7 +239,16 @@
                                         * label types, too many extensions, a short UDP length */
 #define HYBRID_CNT_NAME_TOO_LONG   38  /* more than HYBRID_NAME_MAX characters, or than HYBRID_NAME_SCAN
                                         * payload bytes */
-#define HYBRID_CNT_MAX             39
+/* The name-verdict cache. Outcomes (one per packet, in the tc invariant): */
+#define HYBRID_CNT_CACHE_PASSED    39  /* outcome: passed unflagged on a cached decision */
+#define HYBRID_CNT_CACHE_DROPPED   40  /* outcome: dropped on a cached decision */
+/* ... and, per name read, what the cache gave (counted through tc_packet.cache_cnt): */
+#define HYBRID_CNT_CACHE_MISS      41  /* no entry under the current generation: to the engine */
+#define HYBRID_CNT_CACHE_EXPIRED   42  /* an entry past its expiry (deleted): to the engine */
+#define HYBRID_CNT_CACHE_REFUSED   43  /* an entry, but a packet the engine would doubt: to the engine */
+#define HYBRID_CNT_CACHE_LOST      44  /* a cached decision whose event found the ring full */
+#define HYBRID_CNT_NAMES_NO_PROG   45  /* a name wanted, but the parser program was not there */
+#define HYBRID_CNT_MAX             46
 
 /* ---- Structs ---------------------------------------------------------------------------------- */
 
@@ -229,9 +266,7 @@ struct hybrid_config {
 	__u64 source_tolerance_ns;  /* interval * (burst - 1) */
 	__u64 global_interval_ns;   /* global admission: 1 s / rate; 0 = off */
 	__u64 global_tolerance_ns;  /* interval * (burst - 1) */
-	__u32 name_generation;      /* the name cache's current generation (bpf/names.h) */
-	__u32 _pad0;
-};                          /* 64 bytes */
+};                          /* 56 bytes */
 
 /* Direction-independent flow key. Addresses are IPv6 or IPv4-mapped IPv6 (::ffff:a.b.c.d),
  * network byte order. The (address, port) pair that compares lower (memcmp of the address, then
@@ -320,12 +355,12 @@ struct hybrid_pinned_verdict {
 
 struct hybrid_stats {
 	__u64 c[HYBRID_CNT_MAX];
-};                          /* 312 bytes; per CPU: userspace sums over possible CPUs */
+};                          /* 368 bytes; per CPU: userspace sums over possible CPUs */
 
 /* A name as tc read it: the whole name (no hash: two names never share a key), what it names
  * and where the flow goes. */
 struct hybrid_name_key {
-	__u32 generation;   /* host order: hybrid_config.name_generation */
+	__u32 generation;   /* host order: hybrid_name_gen.generation (0 in the parsers' scratch) */
 	__u16 port;         /* host order: the destination port of the packet that carried it */
 	__u8  proto;        /* IPPROTO_TCP / IPPROTO_UDP */
 	__u8  kind;         /* HYBRID_NAME_* */
@@ -333,6 +368,40 @@ struct hybrid_name_key {
 	__u8  _pad0[6];
 	__u8  name[HYBRID_NAME_LEN]; /* lower-case ASCII, zero bytes after len */
 };                          /* 272 bytes */
+
+/* What the engine decided for every packet carrying one name key (bpf/namecache.h). */
+struct hybrid_name_verdict {
+	__u64 expires_ns;   /* CLOCK_MONOTONIC: the entry is dead from then on (deleted when met) */
+	__u64 flow_ttl_ns;  /* the flow verdict's lifetime (0: no expiry), as the rule's ttl */
+	__u64 hits;         /* packets decided from this entry (not atomic: a lower bound) */
+	__u32 rule;         /* the deciding rule's index + 1 in the engine's rules; 0: the default */
+	__u8  action;       /* HYBRID_NAME_ACT_* */
+	__u8  verdict;      /* the flow verdict: HYBRID_VERDICT_NONE, _BYPASS or _BLOCK */
+	__u8  _pad0[2];
+};                          /* 32 bytes */
+
+struct hybrid_name_gen {
+	__u32 generation;   /* the engine's current rules; entries of another generation never match */
+	__u32 rules_digest; /* which rules (hybrid/engine/kernelcache.py): engines loading the same
+	                     * rules share the generation; tc does not read it */
+};                          /* 8 bytes */
+
+/* One decision the kernel took from the cache, for the engine's log, counters and flow views. */
+struct hybrid_name_event {
+	__u64 ts_ns;        /* CLOCK_MONOTONIC */
+	struct hybrid_flow_key flow;
+	__u32 ifindex;
+	__u32 rule;         /* as hybrid_name_verdict.rule */
+	__u32 generation;
+	__u32 payload_len;
+	__u8  action;       /* HYBRID_NAME_ACT_* */
+	__u8  verdict;      /* HYBRID_VERDICT_* written for the flow */
+	__u8  dir;          /* the packet's direction in its flow */
+	__u8  kind;         /* HYBRID_NAME_* */
+	__u16 port;         /* host order: destination port */
+	__u16 len;          /* characters in name */
+	__u8  name[HYBRID_NAME_LEN];
+};                          /* 328 bytes */
 
 /* The per-CPU scratch of the name parsers (bpf/names.h). The parsers keep their loop state
  * here, in map memory, not in registers: the verifier then sees one state per loop iteration
@@ -348,8 +417,10 @@ struct hybrid_name_scratch {
 	__u32 a;            /* parser scratch values */
 	__u32 b;
 	__u32 c;
-	__u8  save[192];    /* tc's packet summary, passed through here (hybrid.bpf.c, tc_read_name) */
+	__u8  save[192];    /* tc's packet summary, passed to the parser programs (hybrid.bpf.c) */
+	__u8  csum[104];    /* the pseudo-header (40) and transport header (<= 60) whose checksum
+	                     * namecache.h verifies */
 	__u8  buf[HYBRID_NAME_SCAN]; /* the payload's first bytes */
-};                          /* 2552 bytes */
+};                          /* 2656 bytes */
 
 #endif /* HYBRID_COMMON_H */

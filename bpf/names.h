@@ -358,8 +358,8 @@ static __always_inline int names_http(volatile struct hybrid_name_scratch *s)
 
 /* Read the name of a first payload packet into s->key (len 0 when none). Returns the
  * HYBRID_CNT_NAME_* counter of what happened. */
-static __always_inline int names_read(struct __sk_buff *skb, const struct hybrid_config *cfg,
-				      const struct hybrid_pkt *p, struct hybrid_name_scratch *s)
+static __always_inline int names_read(struct __sk_buff *skb, const struct hybrid_pkt *p,
+				      struct hybrid_name_scratch *s, const int which)
 {
 	__u32 len = p->payload_len;
 	__u16 dport = bpf_ntohs(p->dport);
@@ -390,14 +390,14 @@ static __always_inline int names_read(struct __sk_buff *skb, const struct hybrid
 	if (bpf_skb_load_bytes(skb, p->payload_off, s->buf, len) < 0)
 		return HYBRID_CNT_NAME_TRUNCATED;
 	s->len = len;
-	if (dport == 53) {
+	if (dport == 53 && which == HYBRID_NAME_PROG_DNS_TLS) {
 		kind = HYBRID_NAME_DNS;
 		r = names_dns(s, p->proto == IPPROTO_TCP ? 2 : 0);
-	} else if (s->buf[0] == 22) {
+	} else if (s->buf[0] == 22 && which == HYBRID_NAME_PROG_DNS_TLS) {
 		kind = HYBRID_NAME_SNI;
 		r = names_sni(s);
 #ifdef HYBRID_NAMES_HTTP
-	} else if (s->buf[0] >= 'A' && s->buf[0] <= 'Z') {
+	} else if (s->buf[0] >= 'A' && s->buf[0] <= 'Z' && which == HYBRID_NAME_PROG_HTTP) {
 		kind = HYBRID_NAME_HOST;
 		r = names_http(s);
 #endif /* HYBRID_NAMES_HTTP */
@@ -408,7 +408,6 @@ static __always_inline int names_read(struct __sk_buff *skb, const struct hybrid
 		__builtin_memset(&s->key, 0, sizeof(s->key));
 		return r;
 	}
-	s->key.generation = cfg->name_generation;
 	s->key.port = dport;
 	s->key.proto = p->proto;
 	s->key.kind = kind;

@@ -37,6 +37,9 @@ struct hybrid_pkt {
 	__u8  udp_short;    /* UDP: the UDP length ends before the IP payload does (the engine reads
 	                    * the IP payload, tc payload_len the UDP length: names.h gives up) */
 	__u16 payload_off;  /* host order; TCP/UDP: offset of the payload from the frame's start */
+	__u16 l4_off;       /* host order; TCP/UDP: offset of the transport header */
+	__u8  ipv6;         /* an IPv6 packet (addresses of IPv4 ones are IPv4-mapped) */
+	__u8  l3_plain;     /* no IPv4 options, no IPv6 extension headers */
 };
 
 /* The flag bits of byte 13 of the TCP header: the kernel's TCPHDR_* of net/tcp.h, which drags
@@ -154,6 +157,9 @@ static __always_inline int parse_packet(void *data, void *data_end, __u32 pkt_le
 	/* l4_len cannot underflow: IPv4 checked tot_len >= IHL*4, IPv6 checked every extension
 	 * header against l3_end. */
 	l4_len = p->l3_len - (__u32)(nh.pos - l3);
+	p->l4_off = nh.pos - data;
+	p->ipv6 = eth_type == bpf_htons(ETH_P_IPV6);
+	p->l3_plain = (__u32)(nh.pos - l3) == (p->ipv6 ? 40 : 20);
 	switch (p->proto) {
 	case IPPROTO_TCP:
 		len = parse_tcphdr(&nh, data_end, &tcph);

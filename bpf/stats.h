@@ -46,8 +46,9 @@ static __always_inline void stats_count_event(struct hybrid_stats *st, __u32 eve
 		st->c[cnt]++;
 }
 
-/* The counter of a name attempt (names.h). name_cnt comes back from map memory (unknown to
- * the verifier): one constant index per case, no computed one. */
+/* The counter of a name attempt (names.h) or of what the cache gave (namecache.h). The value
+ * may come back from map memory (unknown to the verifier): one constant index per case, no
+ * computed one. */
 static __always_inline void stats_count_name(struct hybrid_stats *st, int name_cnt)
 {
 	switch (name_cnt) {
@@ -61,6 +62,11 @@ static __always_inline void stats_count_name(struct hybrid_stats *st, int name_c
 	case HYBRID_CNT_NAME_ODD: st->c[HYBRID_CNT_NAME_ODD]++; break;
 	case HYBRID_CNT_NAME_FORM: st->c[HYBRID_CNT_NAME_FORM]++; break;
 	case HYBRID_CNT_NAME_TOO_LONG: st->c[HYBRID_CNT_NAME_TOO_LONG]++; break;
+	case HYBRID_CNT_CACHE_MISS: st->c[HYBRID_CNT_CACHE_MISS]++; break;
+	case HYBRID_CNT_CACHE_EXPIRED: st->c[HYBRID_CNT_CACHE_EXPIRED]++; break;
+	case HYBRID_CNT_CACHE_REFUSED: st->c[HYBRID_CNT_CACHE_REFUSED]++; break;
+	case HYBRID_CNT_CACHE_LOST: st->c[HYBRID_CNT_CACHE_LOST]++; break;
+	case HYBRID_CNT_NAMES_NO_PROG: st->c[HYBRID_CNT_NAMES_NO_PROG]++; break;
 	default: break;                                  /* 0: no name looked for */
 	}
 }
@@ -77,7 +83,7 @@ static __always_inline int xdp_action(int outcome)
 static __always_inline int tc_action(int outcome)
 {
 	if (outcome == HYBRID_CNT_DROP_TC_PREFIX || outcome == HYBRID_CNT_DROP_TC_FLOW ||
-	    outcome == HYBRID_CNT_OVER_DROP)
+	    outcome == HYBRID_CNT_OVER_DROP || outcome == HYBRID_CNT_CACHE_DROPPED)
 		return TC_ACT_SHOT;
 	return TC_ACT_UNSPEC;
 }
@@ -94,10 +100,11 @@ static __always_inline int stats_record_xdp(__u32 ifindex, int outcome)
 	return xdp_action(outcome);
 }
 
-/* The one exit of hybrid_tc_ingress: the packet, its outcome, its events, what reading its
- * name gave (name_cnt, 0: not looked for) and, when it was flagged, each of its reasons. */
+/* The one exit of hybrid_tc_ingress and of the parser programs: the packet, its outcome, its
+ * events, what reading its name gave (name_cnt, 0: not looked for), what the name cache gave
+ * (cache_cnt, 0: not asked) and, when it was flagged, each of its reasons. */
 static __always_inline int stats_record_tc(__u32 ifindex, int outcome, __u32 events, __u32 reasons,
-					   int name_cnt)
+					   int name_cnt, int cache_cnt)
 {
 	struct hybrid_stats *st = stats_slot(ifindex);
 	int i;
@@ -113,6 +120,7 @@ static __always_inline int stats_record_tc(__u32 ifindex, int outcome, __u32 eve
 		stats_count_event(st, events, HYBRID_CNT_EVICTED_DECIDED);
 		stats_count_event(st, events, HYBRID_CNT_CONN_RESTART);
 		stats_count_name(st, name_cnt);
+		stats_count_name(st, cache_cnt);
 		if (outcome == HYBRID_CNT_FLAGGED) {
 #pragma unroll
 			for (i = 0; i < HYBRID_REASON_COUNT; i++)

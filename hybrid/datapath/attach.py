@@ -148,7 +148,7 @@ def attach(opts: AttachOptions) -> AttachResult:
         if old is None:
             undo.callback(state.remove)
 
-        dp = loader.compile_datapath(pin_dir, flow_table_size=opts.flow_table_size)
+        dp = loader.compile_datapath(pin_dir, flow_table_size=opts.flow_table_size, names=opts.name_cache)
         undo.callback(dp.close)
         maps = dp.maps()
         undo.callback(maps.close)

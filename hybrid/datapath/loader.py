@@ -16,6 +16,7 @@ layer's job.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import platform
@@ -77,8 +78,9 @@ class Datapath:
     ``bpf`` is the bcc.BPF object (kept alive: closing it closes the program and map fds).
     """
 
-    def __init__(self, bpf, xdp_fd: int, tc_fd: int, pin_dir: str | None):
+    def __init__(self, bpf, xdp_fd: int, tc_fd: int, pin_dir: str | None, names: bool = False):
         self.bpf = bpf
+        self.names = names              # built with the name cache (its maps and parser programs)
         self.xdp_fd = xdp_fd
         self.tc_fd = tc_fd
         self.pin_dir = pin_dir
@@ -87,7 +89,10 @@ class Datapath:
         """map name -> fd (owned by bcc; valid until close())."""
         if self.bpf is None:
             raise HybridError("datapath is closed")
-        return {name: self.bpf.get_table(name.encode()).get_fd() for name in abi.MAP_NAMES}
+        fds = {name: self.bpf.get_table(name.encode()).get_fd() for name in abi.MAP_NAMES}
+        if self.names:
+            fds.update({name: self.bpf.get_table(name.encode()).get_fd() for name in abi.NAME_CACHE_MAPS})
+        return fds
 
     def maps(self) -> Maps:
         """A Maps on duplicated fds: it stays usable after this Datapath is closed."""
@@ -111,15 +116,19 @@ class Datapath:
 
 def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TABLE_SIZE,
                      prefix_table_size: int = abi.PREFIX_TABLE_SIZE,
-                     extra_cflags: Sequence[str] = ()) -> Datapath:
+                     extra_cflags: Sequence[str] = (), names: bool = False) -> Datapath:
     """Compile bpf/hybrid.bpf.c with bcc and load both programs (not attached anywhere).
 
     ``pin_dir``: a directory on a bpffs where every map is pinned (or reopened), or None for
-    private maps that die with the returned Datapath.
+    private maps that die with the returned Datapath. ``names``: compile in the name parsers
+    and the name-verdict cache (-DHYBRID_NAMES) and load the parser programs into the program
+    array tc tail-calls (bpf/namecache.h); they cost verifier time at every load.
     """
     src_dir = bpf_dir()
     flags = cflags(pin_dir, flow_table_size=flow_table_size, prefix_table_size=prefix_table_size,
                    extra_cflags=extra_cflags, include_dir=src_dir)
+    if names:
+        flags.append("-DHYBRID_NAMES")
     if pin_dir is not None and not os.path.isdir(pin_dir):
         raise NotFoundError(f"pin directory {pin_dir} does not exist (it must be on a mounted bpffs)")
     try:
@@ -139,10 +148,15 @@ def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TAB
     try:
         xdp = _load(bpf, abi.PROG_XDP, BPF.XDP, "XDP program", "XDP")
         tc = _load(bpf, abi.PROG_TC, BPF.SCHED_CLS, "tc program", "cls_bpf")
+        if names:
+            progs = bpf[abi.MAP_NAME_PROGS.encode()]
+            for idx, name in abi.NAME_PROG_FUNCS.items():
+                fn = _load(bpf, name, BPF.SCHED_CLS, "name parser program", "cls_bpf")
+                progs[ctypes.c_int(idx)] = ctypes.c_int(fn.fd)
     except BaseException:
         bpf.cleanup()
         raise
-    return Datapath(bpf, xdp.fd, tc.fd, pin_dir)
+    return Datapath(bpf, xdp.fd, tc.fd, pin_dir, names)
 
 
 def _load(bpf, name: str, prog_type: int, what: str, feature: str):

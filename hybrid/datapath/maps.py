@@ -220,6 +220,7 @@ def flow_info(key: abi.FlowKey, flow: abi.Flow, now_ns: int | None = None,
         "isn": [isn[orig], isn[1 - orig]],
         "handshake": None not in isn,
         "conn_verdict": bool(flow.flags & abi.FLOW_CONN_VERDICT),
+        "by_cache": bool(flow.flags & abi.FLOW_BY_CACHE),
         "pinned": abi.PIN_ORIGIN_NAMES.get(pinned.origin, str(pinned.origin)) if pinned is not None else None,
     }
 
@@ -278,12 +279,13 @@ class Maps:
         fds: dict[str, int] = {}
         missing = []
         try:
-            for name in abi.MAP_NAMES:
+            for name in abi.MAP_NAMES + abi.NAME_CACHE_MAPS:
                 path = os.path.join(pin_dir, name)
                 try:
                     fds[name] = bpfsys.obj_get(path)
                 except NotFoundError:
-                    missing.append(name)
+                    if name in abi.MAP_NAMES:
+                        missing.append(name)
         except BaseException:
             _close_all(fds)
             raise
@@ -302,8 +304,9 @@ class Maps:
             raise NotFoundError(f"map fds missing for: {', '.join(missing)}")
         dup: dict[str, int] = {}
         try:
-            for name in abi.MAP_NAMES:
-                dup[name] = os.dup(fds[name])
+            for name in abi.MAP_NAMES + abi.NAME_CACHE_MAPS:
+                if name in fds:
+                    dup[name] = os.dup(fds[name])
         except OSError as exc:
             _close_all(dup)
             raise HybridError(f"duplicating map fds: {exc.strerror}", exc.errno) from exc
@@ -320,7 +323,7 @@ class Maps:
             for map_id in info.map_ids:
                 fd = bpfsys.map_get_fd_by_id(map_id)
                 name = bpfsys.map_info(fd).name
-                if name in abi.MAP_NAMES and name not in fds:
+                if name in abi.MAP_NAMES + abi.NAME_CACHE_MAPS and name not in fds:
                     fds[name] = fd
                 else:
                     os.close(fd)
@@ -341,6 +344,8 @@ class Maps:
     def _check_layouts(self) -> None:
         """Refuse maps whose key/value sizes differ from abi (built from another header)."""
         for name, (ktype, vtype) in abi.MAP_LAYOUTS.items():
+            if name not in self._fds:
+                continue                        # a name-cache map of a datapath built without it
             info = bpfsys.map_info(self._fds[name])
             if (info.key_size, info.value_size) != (ctypes.sizeof(ktype), ctypes.sizeof(vtype)):
                 raise HybridError(
@@ -669,9 +674,9 @@ class Maps:
         flow.verdict = verdict
         flow.verdict_expires_ns = 0 if ttl_ns is None or verdict == abi.VERDICT_NONE else now + ttl_ns
         if conn_scoped:
-            flow.flags |= abi.FLOW_CONN_VERDICT
+            flow.flags = (flow.flags | abi.FLOW_CONN_VERDICT) & ~abi.FLOW_BY_CACHE & 0xFF
         else:
-            flow.flags &= ~abi.FLOW_CONN_VERDICT & 0xFF
+            flow.flags &= ~(abi.FLOW_CONN_VERDICT | abi.FLOW_BY_CACHE) & 0xFF
         bpfsys.map_update(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS)
         if verdict == abi.VERDICT_BLOCK:
             pin = self._pin_scratch
@@ -696,6 +701,51 @@ class Maps:
             f"{abi.MAP_PINNED} is full ({self.pinned_capacity()} entries): the verdict is in the flow table "
             "but a flood of new flows can evict it; unblock flows that need no block "
             "(hybridctl status counts them)", _errno.E2BIG)
+
+    # -- the name-verdict cache (bpf/namecache.h) -------------------------------------------------
+    @property
+    def has_name_cache(self) -> bool:
+        """Whether the datapath was built with the name cache (attach option name_cache)."""
+        return abi.MAP_NAME_CACHE in self._fds and abi.MAP_NAME_STATE in self._fds
+
+    def name_state(self) -> abi.NameState:
+        """The cache's current generation and the digest of the rules it belongs to."""
+        state = abi.NameState()
+        self._lookup(abi.MAP_NAME_STATE, ctypes.c_uint32(0), state)
+        return state
+
+    def set_name_state(self, generation: int, rules_digest: int) -> None:
+        """Make ``generation`` the current one: from this update on, no entry written under
+        another matches (one map update, atomic for the datapath). Only the engine calls this,
+        when it loads rules (hybrid/engine/kernelcache.py)."""
+        bpfsys.map_update(self.fd(abi.MAP_NAME_STATE), ctypes.c_uint32(0),
+                          abi.NameState(generation=generation, rules_digest=rules_digest),
+                          name=abi.MAP_NAME_STATE)
+
+    @staticmethod
+    def name_key(generation: int, kind: int, name: str, proto: int, port: int) -> abi.NameKey:
+        raw = name.encode("ascii")
+        if not 1 <= len(raw) <= abi.NAME_MAX:
+            raise ValueError(f"a cached name has 1 to {abi.NAME_MAX} characters, not {len(raw)}")
+        key = abi.NameKey(generation=generation, port=port, proto=proto, kind=kind, len=len(raw))
+        ctypes.memmove(key.name, raw, len(raw))
+        return key
+
+    def put_name_verdict(self, key: abi.NameKey, value: abi.NameVerdict) -> None:
+        bpfsys.map_update(self.fd(abi.MAP_NAME_CACHE), key, value, name=abi.MAP_NAME_CACHE)
+
+    def name_verdicts(self) -> Iterator[tuple[abi.NameKey, abi.NameVerdict]]:
+        """Every (key, entry) of the cache, any generation."""
+        return self._items(abi.MAP_NAME_CACHE)
+
+    def flush_names(self) -> int:
+        """Delete every cached name verdict (the engine fills the cache again as names come);
+        the number deleted."""
+        fd = self.fd(abi.MAP_NAME_CACHE)
+        n = 0
+        for key, _ in list(self.name_verdicts()):
+            n += bpfsys.map_delete(fd, key, name=abi.MAP_NAME_CACHE)
+        return n
 
     def pinned(self) -> Iterator[tuple[abi.FlowKey, abi.PinnedVerdict]]:
         """Every (key, pinned verdict): the BLOCKs that survive eviction from the flow table."""

@@ -251,6 +251,10 @@ ATTACH: tuple[Option, ...] = (
            "(0: off)."),
     Option("global_burst", "--global-burst", Int(0, 100_000_000, 100000), 0,
            "Admission: burst allowed above the global rate (0: one second's worth)."),
+    Option("name_cache", "--name-cache/--no-name-cache", boolean, False,
+           "Read the DNS name, TLS SNI or HTTP Host of each new flow's first payload in the kernel and "
+           "decide names the engine has already decided there (the name-verdict cache; docs/design.md).",
+           "flag"),
     Option("over_budget", "--over-budget", Choice(OVER_BUDGET), "pass",
            "An over-budget flagged packet without payload: pass it unflagged, or drop it. One with payload "
            "is always dropped (never passed uninspected)."),
@@ -309,6 +313,7 @@ class AttachOptions:
     global_rate: int = _DEFAULTS["global_rate"]
     global_burst: int = _DEFAULTS["global_burst"]
     over_budget: str = _DEFAULTS["over_budget"]
+    name_cache: bool = _DEFAULTS["name_cache"]
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> AttachOptions:
@@ -357,6 +362,8 @@ class AttachOptions:
         cfg.first_n = self.first_n
         if self.over_budget == "drop":
             cfg.flags |= abi.CFG_OVER_DROP
+        if self.name_cache:
+            cfg.flags |= abi.CFG_NAMES
         if self.source_rate:
             cfg.source_interval_ns, cfg.source_tolerance_ns = gcra_params(self.source_rate, self.source_burst)
         if self.global_rate:

@@ -45,8 +45,9 @@ from typing import NamedTuple
 
 from hybrid import instance as inst
 from hybrid.datapath import queues
-from hybrid.engine import rewrite
+from hybrid.engine import kernelcache, rewrite
 from hybrid.engine.join import ABANDON_REASONS, DECIDE, JOIN_TTL, SegmentJoiner, Step, stricter
+from hybrid.engine.kernelcache import KernelNameCache, rules_digest
 from hybrid.engine.packet import Packet, client_hello_problem, decode, http_unparsed
 from hybrid.engine.rules import ON_DOUBT, Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError, TableFullError
@@ -91,19 +92,30 @@ class VerdictLog:
     def __init__(self, stream, rate: float = 50.0, burst: int = 200):
         self.stream = stream
         self.limit = RateLimiter(rate, burst)
+        self._lock = threading.Lock()      # the engine's thread and the name-cache reader
 
     def write(self, queue: int, pkt: Packet, d: Decision) -> None:
-        if not self.limit.allow():
-            return
-        rec = {"time": round(time.time(), 6), "queue": queue, "rule": d.rule, "action": d.action,
-               "flow": d.flow, "proto": pkt.proto,
-               "src": str(pkt.src) if pkt.version else None, "sport": pkt.sport,
-               "dst": str(pkt.dst) if pkt.version else None, "dport": pkt.dport}
-        if self.limit.suppressed:
-            rec["suppressed_before"] = self.limit.suppressed
-            self.limit.suppressed = 0
-        self.stream.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        self.stream.flush()
+        self._emit({"time": round(time.time(), 6), "queue": queue, "rule": d.rule, "action": d.action,
+                    "flow": d.flow, "proto": pkt.proto,
+                    "src": str(pkt.src) if pkt.version else None, "sport": pkt.sport,
+                    "dst": str(pkt.dst) if pkt.version else None, "dport": pkt.dport})
+
+    def write_cache(self, queue: int, ev, rec: dict) -> None:
+        """A decision the kernel took from the name cache (``"by": "cache"``)."""
+        src, sport, dst, dport = kernelcache.event_endpoints(ev)
+        self._emit({"time": round(time.time(), 6), "queue": queue, "rule": rec["rule"], "action": rec["action"],
+                    "flow": rec["flow"], "proto": ev.flow.proto, "src": src, "sport": sport, "dst": dst,
+                    "dport": dport, "by": "cache", "name": rec["name"]})
+
+    def _emit(self, rec: dict) -> None:
+        with self._lock:
+            if not self.limit.allow():
+                return
+            if self.limit.suppressed:
+                rec["suppressed_before"] = self.limit.suppressed
+                self.limit.suppressed = 0
+            self.stream.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            self.stream.flush()
 
 
 @dataclass
@@ -180,6 +192,9 @@ class Engine:
         self._publisher: threading.Thread | None = None
         self._publisher_stop = threading.Event()
         self.setup: nfq.QueueSetup | None = None
+        # The kernel's name-verdict cache (kernelcache.py), when the datapath has one: set up
+        # at bind, its generation renewed by every reload.
+        self.names: KernelNameCache | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -196,6 +211,19 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a missing figure in status must not stop an engine
             log.warning("queue %d: counters at bind not recorded: %s", self.queue, exc)
         self._declare_needs()
+        self._link_name_cache()
+
+    def _link_name_cache(self) -> None:
+        if self.maps is None or not getattr(self.maps, "has_name_cache", False):
+            return
+        try:
+            names = KernelNameCache(self.maps, self.queue)
+            names.start(self.rules, rules_digest(self.rules_path, self.flow_ttl))
+            names.start_reader(self.vlog)
+        except HybridError as exc:
+            log.warning("queue %d: the kernel's name cache is not used: %s", self.queue, exc)
+            return
+        self.names = names
 
     def _declare_needs(self, bound: bool = True) -> None:
         """Tell the kernel which flag reasons these rules need no packets for (bare SYNs, when
@@ -239,6 +267,8 @@ class Engine:
             self._nfq.unbind()
             self._nfq = None
             self._declare_needs(bound=False)
+        if self.names is not None:
+            self.names.stop()
         for s in (self._raw4, self._raw6):
             if s is not None:
                 s.close()
@@ -269,6 +299,14 @@ class Engine:
             self._write_stats(force=True)
             return False
         self.rules = new
+        if self.names is not None:
+            # before the next packet: no entry of the old rules may decide for the new ones
+            try:
+                self.names.start(new, rules_digest(self.rules_path, self.flow_ttl))
+            except HybridError as exc:
+                log.error("queue %d: the name cache could not start a new generation (%s): "
+                          "it is no longer taught", self.queue, exc)
+                self.names = None
         if self._nfq is not None:
             self._declare_needs()
         self.stats.reloads += 1
@@ -323,6 +361,8 @@ class Engine:
                 self._verdict(nfpkt, pkt, d)
             if d.log and self.vlog is not None:
                 self.vlog.write(self.queue, pkt, d)
+            if self.names is not None and pkt.payload_len:
+                self.names.teach(pkt)
             self._dirty = True
         except _Stop:
             # SIGTERM arrived mid-packet: this packet still gets its verdict (an unbound queue
@@ -614,7 +654,8 @@ class Engine:
     # -- stats -----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         st = self.stats
-        return {"pid": os.getpid(), "started": st.started, "packets": st.packets,
+        names = self.names.snapshot() if self.names is not None else None
+        return {"pid": os.getpid(), "started": st.started, "packets": st.packets, "name_cache": names,
                 "actions": dict(st.actions), "flow_verdicts": dict(st.flow_verdicts), "errors": st.errors,
                 "flow_write_errors": st.flow_write_errors,
                 "pinned_write_errors": st.pinned_write_errors, "reloads": st.reloads,

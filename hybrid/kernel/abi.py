@@ -31,11 +31,23 @@ MAP_SOURCES = "hybrid_sources"
 MAP_BUDGET = "hybrid_budget"
 MAP_PINNED = "hybrid_pinned"
 MAP_NAMES_SCRATCH = "hybrid_scratch"
+MAP_NAME_CACHE = "hybrid_names"
+MAP_NAME_STATE = "hybrid_name_gen"
+MAP_NAME_EVENTS = "hybrid_name_ev"
+MAP_NAME_PROGS = "hybrid_name_prg"      # a program array: never pinned, not in MAP_NAMES
+# Every datapath has these.
 MAP_NAMES = (MAP_CONFIG, MAP_FLOWS, MAP_PREFIXES, MAP_PORTS, MAP_IFACES, MAP_STATS, MAP_SOURCES, MAP_BUDGET,
-             MAP_PINNED, MAP_NAMES_SCRATCH)
+             MAP_PINNED)
+# Only a datapath built with the name cache (-DHYBRID_NAMES, attach option name_cache) has these.
+NAME_CACHE_MAPS = (MAP_NAMES_SCRATCH, MAP_NAME_CACHE, MAP_NAME_STATE, MAP_NAME_EVENTS)
 
 PROG_XDP = "hybrid_xdp"
 PROG_TC = "hybrid_tc_ingress"
+NAME_PROG_DNS_TLS = 0
+NAME_PROG_HTTP = 1
+NAME_PROGS = 2
+# hybrid_name_prg index -> the parser program tc tail-calls there (bpf/namecache.h)
+NAME_PROG_FUNCS = {NAME_PROG_DNS_TLS: "hybrid_tc_names", NAME_PROG_HTTP: "hybrid_tc_names_http"}
 
 PORTS_SIZE = 65536  # hybrid_ports: one entry per port
 
@@ -114,6 +126,7 @@ FLOW_SEQ1 = 1 << 3
 FLOW_ISN0 = 1 << 4
 FLOW_ISN1 = 1 << 5
 FLOW_CONN_VERDICT = 1 << 6   # the engine wrote the verdict for this connection, not the 5-tuple
+FLOW_BY_CACHE = 1 << 7      # the verdict came from the name-verdict cache
 RETRANS_WINDOW = 1 << 22   # a segment starting up to this far before seq_end is a retransmission
 
 IFACE_XDP = 1 << 0
@@ -151,7 +164,14 @@ CNT_NAME_SEVERAL = 35
 CNT_NAME_ODD = 36
 CNT_NAME_FORM = 37
 CNT_NAME_TOO_LONG = 38
-CNT_MAX = 39
+CNT_CACHE_PASSED = 39
+CNT_CACHE_DROPPED = 40
+CNT_CACHE_MISS = 41
+CNT_CACHE_EXPIRED = 42
+CNT_CACHE_REFUSED = 43
+CNT_CACHE_LOST = 44
+CNT_NAMES_NO_PROG = 45
+CNT_MAX = 46
 
 # index -> snake_case name
 COUNTER_NAMES: dict[int, str] = {
@@ -187,6 +207,13 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_NAME_ODD: "name_odd",
     CNT_NAME_FORM: "name_form",
     CNT_NAME_TOO_LONG: "name_too_long",
+    CNT_CACHE_PASSED: "cache_passed",
+    CNT_CACHE_DROPPED: "cache_dropped",
+    CNT_CACHE_MISS: "cache_miss",
+    CNT_CACHE_EXPIRED: "cache_expired",
+    CNT_CACHE_REFUSED: "cache_refused",
+    CNT_CACHE_LOST: "cache_lost",
+    CNT_NAMES_NO_PROG: "names_no_prog",
 }
 # The tc counters whose sum equals CNT_PACKETS (the invariant in the header).
 TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASSED,
@@ -216,8 +243,6 @@ class Config(ctypes.Structure):
         ("source_tolerance_ns", ctypes.c_uint64),
         ("global_interval_ns", ctypes.c_uint64),
         ("global_tolerance_ns", ctypes.c_uint64),
-        ("name_generation", ctypes.c_uint32),
-        ("_pad0", ctypes.c_uint32),
     ]
 
 
@@ -336,14 +361,61 @@ class NameScratch(ctypes.Structure):
         ("b", ctypes.c_uint32),
         ("c", ctypes.c_uint32),
         ("save", ctypes.c_uint8 * 192),
+        ("csum", ctypes.c_uint8 * 104),
         ("buf", ctypes.c_uint8 * NAME_SCAN),
+    ]
+
+
+# ---- The name-verdict cache (bpf/namecache.h) -------------------------------------------------
+NAME_CACHE_SIZE = 16384
+NAME_EVENTS_SIZE = 256 * 1024
+NAME_ACT_ACCEPT = 1
+NAME_ACT_DROP = 2
+NAME_ACTIONS = {NAME_ACT_ACCEPT: "accept", NAME_ACT_DROP: "drop"}
+
+
+class NameVerdict(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("flow_ttl_ns", ctypes.c_uint64),
+        ("hits", ctypes.c_uint64),
+        ("rule", ctypes.c_uint32),
+        ("action", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8 * 2),
+    ]
+
+
+class NameState(ctypes.Structure):
+    _fields_ = [
+        ("generation", ctypes.c_uint32),
+        ("rules_digest", ctypes.c_uint32),
+    ]
+
+
+class NameEvent(ctypes.Structure):
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("flow", FlowKey),
+        ("ifindex", ctypes.c_uint32),
+        ("rule", ctypes.c_uint32),
+        ("generation", ctypes.c_uint32),
+        ("payload_len", ctypes.c_uint32),
+        ("action", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("kind", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("len", ctypes.c_uint16),
+        ("name", ctypes.c_uint8 * NAME_LEN),
     ]
 
 
 # Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
 # against bcc).
-SIZES = {Config: 64, FlowKey: 40, Flow: 88, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
-         PinnedVerdict: 16, Stats: 312, NameKey: 272, NameScratch: 2552}
+SIZES = {Config: 56, FlowKey: 40, Flow: 88, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
+         PinnedVerdict: 16, Stats: 368, NameKey: 272, NameScratch: 2656, NameVerdict: 32, NameState: 8,
+         NameEvent: 328}
 
 # map name -> (key type, value type); value is per CPU for hybrid_stats.
 MAP_LAYOUTS: dict[str, tuple[type, type]] = {
@@ -357,5 +429,7 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     MAP_BUDGET: (ctypes.c_uint32, Bucket),
     MAP_PINNED: (FlowKey, PinnedVerdict),
     MAP_NAMES_SCRATCH: (ctypes.c_uint32, NameScratch),
+    MAP_NAME_CACHE: (NameKey, NameVerdict),
+    MAP_NAME_STATE: (ctypes.c_uint32, NameState),
 }
 PERCPU_MAPS = frozenset({MAP_STATS, MAP_NAMES_SCRATCH})

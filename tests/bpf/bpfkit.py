@@ -41,6 +41,9 @@ def reset(maps: Maps) -> None:
     for slot in range(abi.MAX_IFACES):
         maps._zero_slot(slot)
     maps.clear_admission()
+    if maps.has_name_cache:
+        maps.flush_names()
+        maps.set_name_state(0, 0)
     maps.set_config(default_config())
     assert maps.register_iface(LO) == 1
 

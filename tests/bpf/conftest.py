@@ -1,5 +1,7 @@
 """Fixtures for BPF_PROG_TEST_RUN tests: one compiled datapath per module (private maps, nothing
-attached, nothing pinned) and maps reset before every test. Helpers live in bpfkit.py."""
+attached, nothing pinned), built with the name cache (the superset: with HYBRID_CFG_NAMES off
+its main program does what the default build does), and maps reset before every test. Helpers
+live in bpfkit.py."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ def datapath():
     if os.geteuid() != 0:
         pytest.skip("needs root: BPF_PROG_TEST_RUN (run sudo ./scripts/test.sh)")
     from hybrid.datapath import loader
-    dp = loader.compile_datapath(None)
+    dp = loader.compile_datapath(None, names=True)
     try:
         yield dp
     finally:

@@ -32,7 +32,7 @@ def _layout(ctype) -> list[tuple[str, int, int]]:
     return out
 
 
-@pytest.mark.parametrize("name", abi.MAP_NAMES)
+@pytest.mark.parametrize("name", [n for n in abi.MAP_NAMES + abi.NAME_CACHE_MAPS if n in abi.MAP_LAYOUTS])
 def test_python_mirror_matches_bcc(datapath, name):
     table = datapath.bpf.get_table(name.encode())
     ktype, vtype = abi.MAP_LAYOUTS[name]
@@ -59,6 +59,9 @@ EXPECTED_MAPS = {
     abi.MAP_BUDGET: (bpfsys.BPF_MAP_TYPE_ARRAY, 1, 0),
     abi.MAP_PINNED: (bpfsys.BPF_MAP_TYPE_HASH, abi.PINNED_TABLE_SIZE, 1),          # BPF_F_NO_PREALLOC
     abi.MAP_NAMES_SCRATCH: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 1, 0),
+    abi.MAP_NAME_CACHE: (bpfsys.BPF_MAP_TYPE_LRU_HASH, abi.NAME_CACHE_SIZE, 0),
+    abi.MAP_NAME_STATE: (bpfsys.BPF_MAP_TYPE_ARRAY, 1, 0),
+    abi.MAP_NAME_EVENTS: (bpfsys.BPF_MAP_TYPE_RINGBUF, abi.NAME_EVENTS_SIZE, 0),
 }
 
 
@@ -69,6 +72,14 @@ def test_kernel_maps(datapath):
         assert (info.type, info.max_entries, info.map_flags) == EXPECTED_MAPS[name], name
 
 
+def _map_type(map_id: int) -> int:
+    fd = bpfsys.map_get_fd_by_id(map_id)
+    try:
+        return bpfsys.map_info(fd).type
+    finally:
+        os.close(fd)
+
+
 def test_programs_and_from_prog_id(datapath):
     xdp, tc = bpfsys.prog_info(datapath.xdp_fd), bpfsys.prog_info(datapath.tc_fd)
     assert xdp.name == abi.PROG_XDP and tc.name == abi.PROG_TC[:15]  # kernel names: 15 characters
@@ -76,8 +87,10 @@ def test_programs_and_from_prog_id(datapath):
     with datapath.maps() as mine, Maps.from_prog_id(tc.id) as found:
         mine.set_config(abi.Config(mark_value=0x77, mark_mask=0xFF, first_n=9))
         assert (found.get_config().mark_value, found.get_config().first_n) == (0x77, 9)
-        assert {bpfsys.map_info(fd).id for fd in found.fds().values()} == set(tc.map_ids)
-    with pytest.raises(NotFoundError, match="hybrid_ports, hybrid_budget, hybrid_pinned, hybrid_scratch: pass the id of the tc program"):
+        prog_arrays = {i for i in tc.map_ids if _map_type(i) == bpfsys.BPF_MAP_TYPE_PROG_ARRAY}
+        assert len(prog_arrays) == 1                                  # the parser programs'
+        assert {bpfsys.map_info(fd).id for fd in found.fds().values()} == set(tc.map_ids) - prog_arrays
+    with pytest.raises(NotFoundError, match="hybrid_ports, hybrid_budget, hybrid_pinned: pass the id of the tc program"):
         Maps.from_prog_id(xdp.id)                                     # XDP never reads the ports
 
 

@@ -190,7 +190,7 @@ def one_cpu():
 
 def test_names_differential(datapath, maps, one_cpu):
     rng = random.Random(SEED)
-    maps.set_config(default_config(flags=abi.CFG_NAMES, name_generation=7))
+    maps.set_config(default_config(flags=abi.CFG_NAMES))
     ctx = bpfsys.SkBuff(ifindex=1)
     read = {abi.NAME_DNS: 0, abi.NAME_SNI: 0}
     results: dict[int, int] = {}
@@ -199,7 +199,7 @@ def test_names_differential(datapath, maps, one_cpu):
     for n in range(CASES):
         if n and n % CHUNK == 0:
             reset(maps)
-            maps.set_config(default_config(flags=abi.CFG_NAMES, name_generation=7))
+            maps.set_config(default_config(flags=abi.CFG_NAMES))
         proto, dport, payload = payload_of(rng)
         payload = mutate(rng, payload)
         sport = 1024 + n % 60000
@@ -221,7 +221,7 @@ def test_names_differential(datapath, maps, one_cpu):
         if got is None:
             continue
         assert bytes(s.key.name[s.key.len:]) == bytes(abi.NAME_LEN - s.key.len), where
-        assert (s.key.generation, s.key.port, s.key.proto) == (7, dport, proto), where
+        assert (s.key.generation, s.key.port, s.key.proto) == (0, dport, proto), where
         assert engine_view(frame[14:], proto, dport, s.key.kind) == got, where
         read[s.key.kind] += 1
     took = time.monotonic() - t0

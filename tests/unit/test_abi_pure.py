@@ -64,7 +64,8 @@ def test_struct_sizes_match_header_comments():
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
                  "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
                  "pinned_verdict": abi.PinnedVerdict,
-                 "stats": abi.Stats, "name_key": abi.NameKey, "name_scratch": abi.NameScratch}
+                 "stats": abi.Stats, "name_key": abi.NameKey, "name_scratch": abi.NameScratch,
+                 "name_verdict": abi.NameVerdict, "name_gen": abi.NameState, "name_event": abi.NameEvent}
     assert set(stated) == set(by_c_name)
     for cname, size in stated.items():
         assert ctypes.sizeof(by_c_name[cname]) == int(size) == abi.SIZES[by_c_name[cname]], cname
@@ -77,7 +78,8 @@ def test_struct_fields_match_header():
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
                  "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
                  "pinned_verdict": abi.PinnedVerdict,
-                 "stats": abi.Stats, "name_key": abi.NameKey, "name_scratch": abi.NameScratch}
+                 "stats": abi.Stats, "name_key": abi.NameKey, "name_scratch": abi.NameScratch,
+                 "name_verdict": abi.NameVerdict, "name_gen": abi.NameState, "name_event": abi.NameEvent}
     for cname, body in structs.items():
         fields = re.findall(r"(?:__[us]\d+|struct hybrid_\w+)\s+(\w+)", re.sub(r"/\*.*?\*/", "", body, flags=re.S))
         assert fields == [f[0] for f in by_c_name[cname]._fields_], cname

@@ -1,0 +1,231 @@
+"""The engine's side of the name-verdict cache (bpf/namecache.h): it teaches the kernel the
+decisions a name alone decides, and hears back which connections the kernel decided from them.
+
+- **Generation.** The kernel matches only entries of the generation in ``hybrid_name_gen``.
+  An engine that loads rules whose digest differs from the one recorded there starts a new
+  generation (one map update): from that update on, no entry written under older rules matches,
+  not even for one packet. Engines on a queue range that load the same rules share one.
+- **Teaching.** After the engine decided a packet that carries a name the kernel reads (a DNS
+  question to port 53, a TLS server_name, an HTTP Host), :func:`hybrid.engine.namecache.
+  cached_decision` says whether the name's key alone decides; if so the decision is written
+  under the current generation, with the rule's TTL as the entry's lifetime and the flow
+  verdict's. Only decisions the kernel can carry out (accept or drop, the flow bypassed, blocked
+  or left alone) are written. The kernel repeats the engine's doubts itself (namecache.h).
+- **Hearing back.** Each decision the kernel takes from the cache comes as an event on the
+  ``hybrid_name_ev`` ring buffer; a thread reads them without ever holding a packet and
+  counts them per rule and action, writes them to the verdict log (``"by": "cache"``), and
+  keeps the last ones for ``hybridctl status``. Events lost to a full ring are counted by the
+  kernel (``cache_lost``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+from hybrid.datapath.maps import addr_from16, key_ports
+from hybrid.engine.namecache import NameKey, cached_decision
+from hybrid.engine.packet import Packet
+from hybrid.engine.rules import Decision, RuleSet
+from hybrid.errors import HybridError
+from hybrid.kernel import abi
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KernelNameCache", "event_endpoints", "name_key_of", "rules_digest"]
+
+_KIND_CODES = {"dns": abi.NAME_DNS, "sni": abi.NAME_SNI, "host": abi.NAME_HOST}
+_KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
+_VERDICTS = {"bypass": abi.VERDICT_BYPASS, "block": abi.VERDICT_BLOCK, "none": abi.VERDICT_NONE}
+_VERDICT_NAMES = {v: k for k, v in _VERDICTS.items()}
+# A name is taught again (its entry rewritten) no sooner than this after the last time: the LRU
+# may have evicted it, and its lifetime may have run out.
+RETEACH_NS = 30 * 1_000_000_000
+_TAUGHT_MAX = 65536          # names remembered as taught (or as not cacheable) per generation
+
+
+def rules_digest(rules_path: str, flow_ttl: int | None) -> int:
+    """32 bits of the rules file's SHA-256 (and of the flow TTL override): engines loading the
+    same rules share a generation, different rules never do (but by a 2**-32 chance)."""
+    h = hashlib.sha256()
+    try:
+        with open(rules_path, "rb") as f:
+            h.update(f.read())
+    except OSError:
+        h.update(rules_path.encode())
+    h.update(repr(flow_ttl).encode())
+    return int.from_bytes(h.digest()[:4], "little") or 1
+
+
+def event_endpoints(ev) -> tuple[str, int, str, int]:
+    """(src, sport, dst, dport) of the packet an event reports (its flow key and direction)."""
+    lo, hi = addr_from16(bytes(ev.flow.addr_lo)), addr_from16(bytes(ev.flow.addr_hi))
+    plo, phi = key_ports(ev.flow)
+    if ev.dir:
+        return str(hi), phi, str(lo), plo
+    return str(lo), plo, str(hi), phi
+
+
+def name_key_of(pkt: Packet) -> NameKey | None:
+    """The key the kernel would look this packet's name up under, when it carries one the
+    kernel reads: a DNS question to port 53, a TLS server_name or an HTTP Host over TCP."""
+    if not pkt.payload_len or pkt.fragment:
+        return None
+    proto = pkt.proto
+    if pkt.dport == 53:
+        name = pkt.dns_qname
+        kind = "dns"
+    elif proto != 6:
+        return None
+    elif pkt.payload[0] == 0x16:
+        name = pkt.tls_sni
+        kind = "sni"
+    else:
+        http = pkt.http
+        name = http.host if http is not None else None
+        kind = "host"
+    if not name or len(name) > abi.NAME_MAX or not name.isascii():
+        return None
+    return NameKey(kind, name, proto, pkt.dport)
+
+
+class KernelNameCache:
+    """One engine's link to the kernel's name cache (``maps.has_name_cache`` must be true)."""
+
+    def __init__(self, maps, queue: int):
+        self.maps = maps
+        self.queue = queue
+        self.generation = 0
+        self.digest = 0
+        self._rules: RuleSet | None = None
+        self._rule_ids: dict[str | None, int] = {}
+        self._rule_names: list[str | None] = [None]
+        self._taught: OrderedDict[NameKey, int] = OrderedDict()
+        self.taught = 0              # entries written
+        self.not_cacheable = 0       # names whose key alone does not decide
+        self.write_errors = 0
+        # What the kernel decided from the cache, as its events say (written by the reader
+        # thread only; read by snapshots).
+        self.kernel_decisions = 0
+        self.kernel_rules: dict[str, int] = {}
+        self.kernel_actions: dict[str, int] = {"accept": 0, "drop": 0}
+        self.kernel_flow_verdicts: dict[str, int] = {"bypass": 0, "block": 0, "none": 0}
+        self.kernel_stale = 0        # events of an older generation (a reload raced them)
+        self.recent: list[dict] = []
+        self._reader: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.vlog = None
+
+    # -- generation --------------------------------------------------------------------------------
+    def start(self, rules: RuleSet, digest: int) -> None:
+        """Adopt ``rules``: a new generation unless the kernel's already is these rules'."""
+        state = self.maps.name_state()
+        if state.generation and state.rules_digest == digest:
+            gen = state.generation
+        else:
+            gen = state.generation % 0xFFFFFFFF + 1            # never 0: "no engine yet"
+            self.maps.set_name_state(gen, digest)
+        self.generation, self.digest, self._rules = gen, digest, rules
+        self._rule_ids = {}
+        self._rule_names = [None]
+        self._taught.clear()
+        log.info("queue %d: name cache generation %d", self.queue, gen)
+
+    # -- teaching --------------------------------------------------------------------------------
+    def teach(self, pkt: Packet) -> None:
+        """Write the decision ``pkt``'s name alone decides, if it does (see the module)."""
+        key = name_key_of(pkt)
+        if key is None:
+            return
+        now = time.monotonic_ns()
+        taught = self._taught
+        until = taught.get(key)
+        if until is not None and until > now:
+            return
+        if len(taught) >= _TAUGHT_MAX:
+            taught.popitem(last=False)
+        taught[key] = now + RETEACH_NS
+        d = cached_decision(self._rules, key)
+        if d is None or d.flow not in _VERDICTS:
+            self.not_cacheable += 1
+            return
+        self._write(key, d, now)
+
+    def _write(self, key: NameKey, d: Decision, now: int) -> None:
+        rid = self._rule_ids.get(d.rule)
+        if rid is None:
+            rid = self._rule_ids[d.rule] = len(self._rule_names)
+            self._rule_names.append(d.rule)
+        ttl_ns = max(1, int(d.ttl * 1e9))
+        value = abi.NameVerdict(expires_ns=now + ttl_ns,
+                                flow_ttl_ns=ttl_ns if d.flow != "none" else 0,
+                                rule=rid,
+                                action=abi.NAME_ACT_ACCEPT if d.action == "accept" else abi.NAME_ACT_DROP,
+                                verdict=_VERDICTS[d.flow])
+        try:
+            self.maps.put_name_verdict(
+                self.maps.name_key(self.generation, _KIND_CODES[key.kind], key.name, key.proto, key.dport), value)
+            self.taught += 1
+        except (HybridError, ValueError) as exc:
+            self.write_errors += 1
+            if self.write_errors <= 10:
+                log.error("queue %d: writing a name verdict failed: %s", self.queue, exc)
+
+    # -- hearing back ----------------------------------------------------------------------------
+    def start_reader(self, vlog=None) -> None:
+        from hybrid.kernel.ringbuf import RingBuffer
+        self.vlog = vlog
+        ring = RingBuffer.open(self.maps.fd(abi.MAP_NAME_EVENTS))
+        self._reader = threading.Thread(target=self._read, args=(ring,), name=f"names-q{self.queue}",
+                                        daemon=True)
+        self._reader.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+            self._reader = None
+
+    def _read(self, ring) -> None:
+        try:
+            while not self._stop.is_set():
+                ring.poll(0.2)
+                ring.drain(self._event)
+        except Exception:  # noqa: BLE001 - the reader must never take the engine down
+            log.exception("queue %d: the name-cache event reader stopped", self.queue)
+        finally:
+            ring.close()
+
+    def _event(self, data) -> None:
+        ev = abi.NameEvent.from_buffer_copy(bytes(data[:ctypes.sizeof(abi.NameEvent)]))
+        if ev.generation != self.generation:
+            self.kernel_stale += 1
+            rule = "(earlier rules)"
+        else:
+            names = self._rule_names
+            rule = names[ev.rule] if 0 < ev.rule < len(names) else None
+        action = abi.NAME_ACTIONS.get(ev.action, "?")
+        flow = _VERDICT_NAMES.get(ev.verdict, "?")
+        self.kernel_decisions += 1
+        label = rule if rule is not None else "(default)"
+        self.kernel_rules[label] = self.kernel_rules.get(label, 0) + 1
+        self.kernel_actions[action] = self.kernel_actions.get(action, 0) + 1
+        self.kernel_flow_verdicts[flow] = self.kernel_flow_verdicts.get(flow, 0) + 1
+        rec = {"rule": rule, "action": action, "flow": flow, "kind": _KIND_NAMES.get(ev.kind, "?"),
+               "name": bytes(ev.name[:ev.len]).decode("ascii", "replace"), "port": ev.port,
+               "ifindex": ev.ifindex}
+        self.recent.append(rec)
+        if len(self.recent) > 20:
+            del self.recent[:-20]
+        if self.vlog is not None:
+            self.vlog.write_cache(self.queue, ev, rec)
+
+    def snapshot(self) -> dict:
+        return {"generation": self.generation, "taught": self.taught, "not_cacheable": self.not_cacheable,
+                "write_errors": self.write_errors, "kernel_decisions": self.kernel_decisions,
+                "kernel_rules": dict(self.kernel_rules), "kernel_actions": dict(self.kernel_actions),
+                "kernel_flow_verdicts": dict(self.kernel_flow_verdicts), "kernel_stale": self.kernel_stale}
