@@ -48,6 +48,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -331,9 +332,12 @@ class SegmentJoiner:
         return len(self.flows)
 
     # -- the entry point ---------------------------------------------------------------------------
-    def offer(self, pkt: Packet, rules: RuleSet) -> JoinResult:
+    def offer(self, pkt: Packet, rules: RuleSet, at_start: Callable[[], bool] | None = None) -> JoinResult:
         """Offer a TCP segment with payload (``pkt.payload_len > 0``); only ClientHellos when
-        ``rules.needs_sni``, only request heads when ``rules.needs_http``."""
+        ``rules.needs_sni``, only request heads when ``rules.needs_http``. ``at_start``, asked
+        only for a piece that would be kept as an orphan: whether it provably begins its stream
+        (the kernel saw the SYN): then nothing comes before it and it is decided on its own bytes
+        (a DNS-over-TCP message, an SSH banner, ...), with no join state for it."""
         key = (pkt.src_bytes, pkt.sport, pkt.dst_bytes, pkt.dport)
         held = self.flows.get(key) if self.flows else None
         if held is not None:
@@ -357,6 +361,8 @@ class SegmentJoiner:
             kind = (False if first == 0x16 and rules.needs_sni else
                     True if first != 0x16 and first in _MAY_START and rules.needs_http else _ORPHAN)
         if kind is _ORPHAN:
+            if held is None and at_start is not None and at_start():
+                return DECIDE
             return self._orphan(pkt, key, held)
         return self._begin(pkt, key, kind, held)
 

@@ -42,6 +42,10 @@ _KIND_CODES = {"dns": abi.NAME_DNS, "sni": abi.NAME_SNI, "host": abi.NAME_HOST}
 _KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
 _VERDICTS = {"bypass": abi.VERDICT_BYPASS, "block": abi.VERDICT_BLOCK, "none": abi.VERDICT_NONE}
 _VERDICT_NAMES = {v: k for k, v in _VERDICTS.items()}
+# What the kernel carries out: a pass that bypasses the flow or leaves it alone, a drop that
+# blocks it or leaves it alone. An "inspect" needs the engine to see the flow's next packets from
+# this one on (its joins start here), and a pass that blocks is no decision a rule means.
+_KERNEL_PAIRS = frozenset({("accept", "bypass"), ("accept", "none"), ("drop", "block"), ("drop", "none")})
 # A name is taught again (its entry rewritten) no sooner than this after the last time: the LRU
 # may have evicted it, and its lifetime may have run out.
 RETEACH_NS = 30 * 1_000_000_000
@@ -150,7 +154,7 @@ class KernelNameCache:
             taught.popitem(last=False)
         taught[key] = now + RETEACH_NS
         d = cached_decision(self._rules, key)
-        if d is None or d.flow not in _VERDICTS:
+        if d is None or (d.action, d.flow) not in _KERNEL_PAIRS:
             self.not_cacheable += 1
             return
         self._write(key, d, now)

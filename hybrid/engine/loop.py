@@ -331,7 +331,7 @@ class Engine:
             ended_join = False
             d_alt = joined = joined_start = None
             if rules.needs_join and pkt.proto == 6 and pkt.payload_len:
-                j = self.joiner.offer(pkt, rules)
+                j = self.joiner.offer(pkt, rules, self._at_stream_start_fn(pkt))
                 if j is not DECIDE:
                     if j.held:
                         self._hold(pkt, nfpkt, j.step)
@@ -502,6 +502,20 @@ class Engine:
             return d._replace(action="reject", flow="inspect", mark=None, rewrite=None,
                               reject_with="tcp-reset" if pkt.proto == 6 else None)
         return d._replace(flow="inspect")
+
+    def _at_stream_start_fn(self, pkt: Packet) -> Callable[[], bool] | None:
+        """For the joiner: whether ``pkt``'s bytes begin its stream, as the kernel's flow entry
+        tells (one map lookup, reused by the verdict's write)."""
+        if self.maps is None:
+            return None
+
+        def at_start() -> bool:
+            facts = self._facts(pkt)
+            if facts is None or facts.isn is None:
+                return False
+            start = pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
+            return not (start - facts.isn - 1) & _SEQ_MASK
+        return at_start
 
     def _facts(self, pkt: Packet) -> _Facts | None:
         """What the kernel's flow entry knows about this packet's connection (None: no entry,

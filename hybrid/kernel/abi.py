@@ -217,7 +217,8 @@ COUNTER_NAMES: dict[int, str] = {
 }
 # The tc counters whose sum equals CNT_PACKETS (the invariant in the header).
 TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASSED,
-               CNT_DROP_TC_FLOW, CNT_DROP_TC_PREFIX, CNT_OVER_DROP, CNT_OVER_PASS)
+               CNT_DROP_TC_FLOW, CNT_DROP_TC_PREFIX, CNT_OVER_DROP, CNT_OVER_PASS, CNT_CACHE_PASSED,
+               CNT_CACHE_DROPPED)
 
 
 def reason_counter(bit: int) -> int:

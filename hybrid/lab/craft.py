@@ -13,6 +13,7 @@ and must be multiples of 8, as on the wire.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import socket
@@ -29,10 +30,12 @@ UDP, TCP, FRAGMENT6 = socket.IPPROTO_UDP, socket.IPPROTO_TCP, 44
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
 
+@functools.lru_cache(maxsize=4096)
 def _addr(a: str) -> bytes:
     return ipaddress.ip_address(a).packed
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_v6(a: str) -> bool:
     return ipaddress.ip_address(a).version == 6
 

@@ -3,9 +3,19 @@ from the rules, and proved against the engine's own RuleSet.decide over random r
 random packets, the key taken from the engine's own parse of each packet."""
 
 import random
-import ssl
 
 import pytest
+from namegen import (
+    HEAD,
+    NAMES,
+    PORTS,
+    SERVER,
+    SOURCES,
+    dns_query,
+    hellos,
+    random_ruleset,
+    rule,
+)
 
 from hybrid.engine.namecache import NameKey, cached_decision
 from hybrid.engine.packet import decode
@@ -14,18 +24,11 @@ from hybrid.lab import craft
 
 pytestmark = pytest.mark.unit
 
-HEAD = 'default = "accept"\ndefault_flow = "bypass"\n'
-
 
 def ruleset(tmp_path, text: str, name: str = "r.toml"):
     path = tmp_path / name
     path.write_text(text)
     return load_rules(str(path))
-
-
-def rule(name: str, action: str = "drop", flow: str = "block", **match) -> str:
-    keys = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in match.items())
-    return f'[[rule]]\nname = "{name}"\n{keys}action = "{action}"\nflow = "{flow}"\n'
 
 
 @pytest.mark.parametrize("rules, key, want", [
@@ -67,66 +70,6 @@ def test_a_default_the_kernel_cannot_apply_is_not_cached(tmp_path):
 
 
 # -- the differential test ------------------------------------------------------------------------
-
-NAMES = ["a.example", "b.example", "x.b.example", "c.test", "x.ads.example", "ads.example"]
-PATTERNS = ["a.example", ".b.example", "*.b.example", "c.test", ".ads.example", ".example"]
-PORTS = [53, 80, 443, 8080]
-SOURCES = ["198.18.1.2", "198.18.9.2"]
-SERVER = "198.18.2.2"
-
-
-def random_rule(r: random.Random, i: int) -> str:
-    match: dict = {}
-    proto = r.choice(["tcp", "udp", None])
-    if proto:
-        match["proto"] = proto
-    for key, values in (("dport", PORTS), ("sport", [40000, 53]), ("port", PORTS)):
-        if r.random() < 0.25:
-            match[key] = r.choice(values)
-    if r.random() < 0.15:
-        match["src"] = "198.18.9.0/24"
-    if r.random() < 0.1:
-        match["payload_len"] = r.choice(["1-100", "101-2000"])
-    if r.random() < 0.1:
-        match["payload_contains"] = "evil"
-    tcp_ok = proto in ("tcp", None)
-    if tcp_ok and r.random() < 0.3:
-        match["http_host"] = r.choice(PATTERNS)
-    elif tcp_ok and r.random() < 0.3:
-        match["tls_sni"] = r.choice(PATTERNS)
-    elif r.random() < 0.3:
-        match["dns_qname"] = r.choice(PATTERNS)
-    if tcp_ok and "tls_sni" not in match and r.random() < 0.1:
-        match[r.choice(["http_path", "http_method"])] = r.choice(["/admin", "POST"])
-    if "http_host" in match or "tls_sni" in match or "http_path" in match or "http_method" in match:
-        if proto is None:
-            match["proto"] = "tcp"
-        elif proto == "udp":
-            del match["proto"]
-            match["proto"] = "tcp"
-    action = r.choice(["accept", "drop", "reject", "accept"])
-    flow = r.choice(["none", "bypass", "block", "inspect"])
-    return rule(f"r{i}", action, flow, **match)
-
-
-def hellos() -> dict[str, bytes]:
-    out = {}
-    for name in NAMES + ["A.Example"]:
-        ctx = ssl.create_default_context()
-        o = ssl.MemoryBIO()
-        conn = ctx.wrap_bio(ssl.MemoryBIO(), o, server_hostname=name)
-        try:
-            conn.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
-        out[name] = o.read()
-    return out
-
-
-def dns_query(name: str) -> bytes:
-    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
-    return b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\x00\x00\x01\x00\x01"
-
 
 def random_packet(r: random.Random, tls: dict[str, bytes]) -> bytes:
     src, sport, dport = r.choice(SOURCES), r.choice([40000, 53, 41000]), r.choice(PORTS)
@@ -170,8 +113,7 @@ def test_a_cached_decision_is_always_the_engines(tmp_path):
     tls = hellos()
     cases = cacheable = 0
     for n in range(200):
-        text = HEAD.replace('"bypass"', f'"{r.choice(["bypass", "none"])}"') + "".join(
-            random_rule(r, i) for i in range(r.randint(1, 6)))
+        text = random_ruleset(r)
         rs = ruleset(tmp_path, text, f"r{n}.toml")
         memo: dict[NameKey, object] = {}
         for _ in range(700):
