@@ -89,6 +89,9 @@ for _cmd in (flows, block, bypass, unblock):
 from .top import top  # noqa: E402
 
 main.add_command(top)
+from .namecache import name_cache  # noqa: E402
+
+main.add_command(name_cache)
 from .service import install_service  # noqa: E402
 
 main.add_command(install_service)

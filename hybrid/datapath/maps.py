@@ -731,8 +731,18 @@ class Maps:
         ctypes.memmove(key.name, raw, len(raw))
         return key
 
-    def put_name_verdict(self, key: abi.NameKey, value: abi.NameVerdict) -> None:
-        bpfsys.map_update(self.fd(abi.MAP_NAME_CACHE), key, value, name=abi.MAP_NAME_CACHE)
+    def put_name_verdict(self, key: abi.NameKey, value: abi.NameVerdict) -> bool:
+        """Write one entry; True when the key was not there (an insertion, which a full LRU map
+        makes room for by evicting its least recently used entry)."""
+        fd = self.fd(abi.MAP_NAME_CACHE)
+        try:
+            bpfsys.map_update(fd, key, value, bpfsys.BPF_NOEXIST, name=abi.MAP_NAME_CACHE)
+            return True
+        except HybridError as exc:
+            if exc.errno != _errno.EEXIST:
+                raise
+        bpfsys.map_update(fd, key, value, name=abi.MAP_NAME_CACHE)
+        return False
 
     def name_verdicts(self) -> Iterator[tuple[abi.NameKey, abi.NameVerdict]]:
         """Every (key, entry) of the cache, any generation."""

@@ -110,6 +110,7 @@ class KernelNameCache:
         self._rule_names: list[str | None] = [None]
         self._taught: OrderedDict[NameKey, int] = OrderedDict()
         self.taught = 0              # entries written
+        self.inserted = 0            # ... of which new keys (the rest rewrote one still there)
         self.not_cacheable = 0       # names whose key alone does not decide
         self.write_errors = 0
         # What the kernel decided from the cache, as its events say (written by the reader
@@ -171,8 +172,9 @@ class KernelNameCache:
                                 action=abi.NAME_ACT_ACCEPT if d.action == "accept" else abi.NAME_ACT_DROP,
                                 verdict=_VERDICTS[d.flow])
         try:
-            self.maps.put_name_verdict(
-                self.maps.name_key(self.generation, _KIND_CODES[key.kind], key.name, key.proto, key.dport), value)
+            if self.maps.put_name_verdict(
+                    self.maps.name_key(self.generation, _KIND_CODES[key.kind], key.name, key.proto, key.dport), value):
+                self.inserted += 1
             self.taught += 1
         except (HybridError, ValueError) as exc:
             self.write_errors += 1
@@ -197,8 +199,7 @@ class KernelNameCache:
     def _read(self, ring) -> None:
         try:
             while not self._stop.is_set():
-                ring.poll(0.2)
-                ring.drain(self._event)
+                ring.poll(self._event, 0.2)
         except Exception:  # noqa: BLE001 - the reader must never take the engine down
             log.exception("queue %d: the name-cache event reader stopped", self.queue)
         finally:
@@ -229,7 +230,7 @@ class KernelNameCache:
             self.vlog.write_cache(self.queue, ev, rec)
 
     def snapshot(self) -> dict:
-        return {"generation": self.generation, "taught": self.taught, "not_cacheable": self.not_cacheable,
+        return {"generation": self.generation, "taught": self.taught, "inserted": self.inserted, "not_cacheable": self.not_cacheable,
                 "write_errors": self.write_errors, "kernel_decisions": self.kernel_decisions,
                 "kernel_rules": dict(self.kernel_rules), "kernel_actions": dict(self.kernel_actions),
                 "kernel_flow_verdicts": dict(self.kernel_flow_verdicts), "kernel_stale": self.kernel_stale}

@@ -286,13 +286,16 @@ CONNBYTES = [["-m", "connbytes", "--connbytes", "0:4096", "--connbytes-dir", "bo
 
 
 @contextlib.contextmanager
-def hybrid_attached(lab: Lab, xdp_mode: str = "auto", rules: str | None = "") -> Iterator[Probe]:
+def hybrid_attached(lab: Lab, xdp_mode: str = "auto", rules: str | None = "",
+                    name_cache: bool = False) -> Iterator[Probe]:
     """hybrid attached on the gateway links, and the real engine (``hybridctl engine``) with
     ``rules`` (default: BENCH_RULES) against the attachment, so that its bypass and block
-    verdicts reach the kernel's flow table; ``rules=None``: a bare accept-all consumer instead."""
+    verdicts reach the kernel's flow table; ``rules=None``: a bare accept-all consumer instead.
+    ``name_cache``: attached with --name-cache (the engine teaches the kernel names)."""
     gw = lab.netns("gw")
     with contextlib.ExitStack() as undo:
-        sysutil.run([*hybridctl_argv(), "attach", "to-client", "to-server", "--xdp-mode", xdp_mode], netns=gw,
+        sysutil.run([*hybridctl_argv(), "attach", "to-client", "to-server", "--xdp-mode", xdp_mode,
+                     *(["--name-cache"] if name_cache else [])], netns=gw,
                     timeout=120, what="hybridctl attach")
         undo.callback(sysutil.run, [*hybridctl_argv(), "detach", "--all"], netns=gw, timeout=60,
                       what="hybridctl detach")
@@ -323,6 +326,9 @@ MODES: dict[str, Mode] = {
                       lambda lab: engine_queue(lab, CONNBYTES)),
     "hybrid": Mode("hybrid", "hybrid attached (xdp auto), flagged packets to the engine with flow verdicts",
                    lambda lab: hybrid_attached(lab, "auto")),
+    "hybrid-cache": Mode("hybrid-cache", "as hybrid, with the name-verdict cache (--name-cache): new "
+                         "connections to names the engine decided are decided in the kernel",
+                         lambda lab: hybrid_attached(lab, "auto", name_cache=True)),
     "hybrid-generic": Mode("hybrid-generic", "as hybrid, with generic XDP on both gateway links",
                            lambda lab: hybrid_attached(lab, "generic")),
     "hybrid-native": Mode("hybrid-native", "as hybrid, with native XDP on both gateway links",
@@ -379,16 +385,40 @@ def _newconn(lab: Lab, seconds: float, probe: Probe | None = None, script: str |
     wrk Lua script that shapes the requests (the Zipf-named variant)."""
     extra_args = ["-s", script] if script else []
     with Nginx(lab):
+        cache0 = _cache_counters(lab) if probe is not None and probe.hybrid else None
         queued0 = _queued_total(lab)
         proc = lab.run("client", ["taskset", "-c", "0", "wrk", "-t", "1", "-c", str(WRK_CONNECTIONS),
                                   "-d", f"{max(1, round(seconds))}s", "--latency", "-H", "Connection: close",
                                   *extra_args, f"http://{lab.info.server.ipv4}/"],
                        timeout=seconds + 30, check=False, what="wrk")
         queued = _queued_total(lab) - queued0
+        cache1 = _cache_counters(lab) if cache0 is not None else None
     rate, extra = parse_wrk(proc.stdout + proc.stderr)
     if extra.get("requests"):
         extra["queued_per_request"] = max(0, queued) / extra["requests"]
+    if cache0 is not None and cache1 is not None:
+        hits, asked = cache1[0] - cache0[0], cache1[1] - cache0[1]
+        if asked > 0:
+            extra["cache_hit_ratio"] = hits / asked
     return rate, extra
+
+
+def _cache_counters(lab: Lab) -> tuple[int, int] | None:
+    """(first payloads decided from the name cache, first payloads whose name was looked up)
+    on the gateway so far, or None without a cache."""
+    try:
+        maps = Maps.open_pinned(os.path.join(bpffs.locate() or "", lab.netns("gw")))
+    except HybridError:
+        return None
+    with maps:
+        if not maps.has_name_cache:
+            return None
+        totals: dict[str, int] = {}
+        for counters in maps.stats().values():
+            for k, v in counters.items():
+                totals[k] = totals.get(k, 0) + v
+    hits = totals["cache_passed"] + totals["cache_dropped"]
+    return hits, hits + totals["cache_miss"] + totals["cache_expired"] + totals["cache_refused"]
 
 
 ZIPF_NAMES = 10_000           # distinct Host names; the k-th most popular is asked with weight 1/k

@@ -40,6 +40,7 @@ def status() -> dict:
             out["interfaces"][name] = entry
         if maps:
             out["flows"] = maps.flow_count()
+            out["name_cache"] = views.name_cache(maps, kernel, inst.engine_stats(instance))
             out["pinned"] = _pinned_view(maps)
             cfg = maps.get_config()
             out["config"] = {"mark": f"0x{cfg.mark_value:x}/0x{cfg.mark_mask:x}", "first_n": cfg.first_n,
@@ -109,6 +110,15 @@ def summary_lines(st: dict) -> list[str]:
             more = len(reasons) - TOP_REASONS
             lines.append(f"doubts: {d['total']:,}" + (f" ({how})" if how else "") + f": {shown}"
                          + (f", and {more} more reason{'s' if more > 1 else ''}" if more > 0 else ""))
+    nc = st.get("name_cache")
+    if nc:
+        rate = f"{nc['hit_rate']:.1%}" if nc["hit_rate"] is not None else "-"
+        lines.append(f"name cache: {nc['current']:,} names of the current rules ({nc['entries']:,} of "
+                     f"{nc['capacity']:,} entries); decided in the kernel {nc['hits']:,} (passed {nc['passed']:,}, "
+                     f"dropped {nc['dropped']:,}), hit rate {rate}; to the engine: missed {nc['misses']:,}, "
+                     f"expired {nc['expired']:,}, in doubt {nc['refused']:,}; evicted ~{nc['evicted']:,}"
+                     + (f"; EVENTS LOST {nc['events_lost']:,} (the engines' logs and counters miss them)"
+                        if nc["events_lost"] else ""))
     scoped = [(k, n) for k, n in (d or {}).get("scoped", {}).items() if n]
     if scoped:
         lines.append("flow verdicts scoped to the side that spoke: " + ", ".join(f"{k} {n:,}" for k, n in scoped))

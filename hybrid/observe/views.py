@@ -433,3 +433,35 @@ def check_ttl(ttl: float | None) -> float | None:
     if ttl < 0:
         raise ConfigError(f"--ttl {ttl:g}: give seconds > 0, or 0 for no expiry")
     return float(ttl)
+
+
+def name_cache(maps, counters: list[dict], engines: list[dict]) -> dict | None:
+    """The name-verdict cache (bpf/namecache.h) for ``hybridctl status``: its entries (those of
+    the current generation are the ones that can decide), what the kernel did with the names it
+    read (``counters``: the tc counters of every interface), and what the engines taught it.
+    ``evicted`` is an estimate: entries the engines inserted that are neither present nor
+    deleted as expired (the LRU map does not count its evictions). None without a cache."""
+    if maps is None or not maps.has_name_cache:
+        return None
+    state = maps.name_state()
+    present = current = hits_in_entries = 0
+    for key, entry in maps.name_verdicts():
+        present += 1
+        if key.generation == state.generation:
+            current += 1
+            hits_in_entries += entry.hits
+    got = {k: sum(_num(c.get(k)) for c in counters)
+           for k in ("cache_passed", "cache_dropped", "cache_miss", "cache_expired", "cache_refused",
+                     "cache_lost", "names_no_prog")}
+    hits = got["cache_passed"] + got["cache_dropped"]
+    asked = hits + got["cache_miss"] + got["cache_expired"] + got["cache_refused"]
+    taught = [e.get("name_cache") or {} for e in engines]
+    inserted = sum(_num(t.get("inserted")) for t in taught)
+    return {"generation": state.generation, "entries": present, "current": current,
+            "capacity": abi.NAME_CACHE_SIZE, "hits": hits, "passed": got["cache_passed"],
+            "dropped": got["cache_dropped"], "misses": got["cache_miss"], "expired": got["cache_expired"],
+            "refused": got["cache_refused"], "events_lost": got["cache_lost"],
+            "hit_rate": round(hits / asked, 4) if asked else None,
+            "inserted": inserted, "evicted": max(0, inserted - present - got["cache_expired"]),
+            "not_cacheable": sum(_num(t.get("not_cacheable")) for t in taught),
+            "reported": sum(_num(t.get("kernel_decisions")) for t in taught)}
