@@ -64,6 +64,13 @@ UNREGISTERED = "(unregistered)"   # interface label of packets on interfaces hyb
 
 # kernel counter -> help text; counters not listed (new ones) still appear, with a generic help.
 _KERNEL_HELP = {
+    "cache_passed": "First payloads passed on a decision of the name cache (no engine round trip).",
+    "cache_dropped": "First payloads dropped on a decision of the name cache.",
+    "cache_miss": "Names read with no entry of the current rules in the name cache (to the engine).",
+    "cache_expired": "Names whose cache entry had expired (deleted; to the engine).",
+    "cache_refused": "Names with an entry, in packets the engine would doubt (to the engine).",
+    "cache_lost": "Name-cache decisions whose report found the ring buffer full.",
+    "names_no_prog": "First payloads whose parser program was missing (to the engine).",
     "xdp_packets": "Packets seen by the XDP program.",
     "xdp_drop_flow": "Packets dropped at XDP: their flow is in BLOCK.",
     "xdp_drop_prefix": "Packets dropped at XDP: a blocked prefix.",
@@ -252,6 +259,10 @@ def _engines(snap: dict) -> Iterator:
         ("reject_send_errors", "Reject messages (TCP RSTs, ICMP errors) not built or not sent; "
                                "the packets were dropped all the same."),
     )}
+    cached = CounterMetricFamily("hybrid_engine_cache_rule_verdicts",
+                                 "First payloads the kernel decided from the name cache, by the rule that "
+                                 "taught the decision, as the engine heard of them (its ring buffer).",
+                                 labels=["queue", "rule"])
     hist = HistogramMetricFamily("hybrid_engine_decision_seconds",
                                  "Time in the engine's packet handler, from the packet handed over to its "
                                  "verdict sent (log2 buckets).", labels=["queue"])
@@ -266,13 +277,15 @@ def _engines(snap: dict) -> Iterator:
         for rule, n in e.get("rules", {}).items():
             rules.add_metric(q + [rule], n)
         rules.add_metric(q + ["(default)"], e.get("default", 0))
+        for rule, n in ((e.get("name_cache") or {}).get("kernel_rules") or {}).items():
+            cached.add_metric(q + [rule], n)
         for key, fam in misc.items():
             fam.add_metric(q, e.get(key, 0))
         slots = e.get("decision_ns_log2")
         if slots:
             buckets = [(_le(bound), n) for bound, n in views.decision_buckets(slots)]
             hist.add_metric(q, buckets, e.get("decision_ns_sum", 0) / 1e9)
-    yield from (up, packets, actions, flowv, rules, *misc.values(), hist)
+    yield from (up, packets, actions, flowv, rules, cached, *misc.values(), hist)
 
 
 def _fail_open(snap: dict) -> Iterator:

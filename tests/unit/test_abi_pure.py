@@ -104,7 +104,8 @@ def test_counter_names_table():
     assert abi.reason_names(abi.REASON_SYN | abi.REASON_PORT) == ["syn", "port"]
     assert set(abi.TC_OUTCOMES) | {abi.CNT_PACKETS} == {
         abi.CNT_PACKETS, abi.CNT_NOT_IP, abi.CNT_MALFORMED_L3, abi.CNT_FLAGGED, abi.CNT_BYPASSED,
-        abi.CNT_PASSED, abi.CNT_DROP_TC_FLOW, abi.CNT_DROP_TC_PREFIX, abi.CNT_OVER_DROP, abi.CNT_OVER_PASS}
+        abi.CNT_PASSED, abi.CNT_DROP_TC_FLOW, abi.CNT_DROP_TC_PREFIX, abi.CNT_OVER_DROP, abi.CNT_OVER_PASS,
+        abi.CNT_CACHE_PASSED, abi.CNT_CACHE_DROPPED}
 
 
 def test_verdict_names():
