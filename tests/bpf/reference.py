@@ -59,6 +59,15 @@ class Parsed:
     udp_short: bool = False  # UDP: the UDP length ends before the IP payload
 
 
+def _l3_offset(frame: bytes) -> int:
+    """Where the IP header starts: after the Ethernet header and up to two VLAN tags."""
+    off, ethertype = 14, _be16(frame, 12)
+    while ethertype in (ETH_P_8021Q, ETH_P_8021AD) and off + 4 <= len(frame):
+        ethertype = _be16(frame, off + 2)
+        off += 4
+    return off
+
+
 def _be16(b: bytes, off: int) -> int:
     return int.from_bytes(b[off:off + 2], "big")
 
@@ -259,6 +268,15 @@ class TcResult:
 
 
 @dataclass
+class RefNameVerdict:
+    expires_ns: int
+    flow_ttl_ns: int
+    action: int                 # abi.NAME_ACT_*
+    verdict: int                # abi.VERDICT_NONE, _BYPASS or _BLOCK
+    hits: int = 0
+
+
+@dataclass
 class XdpResult:
     action: int
     counter: int | None
@@ -276,6 +294,10 @@ class Reference:
         self.pinned: dict[tuple, tuple[int, int, int]] = {}   # hybrid_pinned: key -> (verdict, expires_ns, origin)
         self.sources: dict[bytes, int] = {}     # admission: source address -> tat (GCRA)
         self.global_tat = 0                     # the global bucket
+        # The name-verdict cache (bpf/namecache.h): its generation, and its entries as
+        # (generation, kind, name, proto, dport) -> RefNameVerdict.
+        self.name_generation = 0
+        self.name_cache: dict[tuple, RefNameVerdict] = {}
 
     @staticmethod
     def _gcra(tat: int, now: int, interval: int, tolerance: int) -> int:
@@ -374,6 +396,52 @@ class Reference:
             return self._blocked(flow, now_ns)
         pin = self.pinned.get(key)
         return pin is not None and pin[0] == abi.VERDICT_BLOCK and self._live(pin[1], now_ns)
+
+    def _names_cache(self, frame: bytes, p: Parsed, key: tuple, flow: RefFlow, direction: int, kind: int,
+                     name: str, now_ns: int, events: list[int]) -> int | None:
+        """names_cache(): CNT_CACHE_PASSED/_DROPPED when a live entry decides the packet (its
+        verdict carried out), else None with the reason in events."""
+        if not self.name_generation:
+            return None
+        k = (self.name_generation, kind, name, p.proto, p.dport)
+        entry = self.name_cache.get(k)
+        if entry is None:
+            events.append(abi.CNT_CACHE_MISS)
+            return None
+        if entry.expires_ns <= now_ns:
+            del self.name_cache[k]
+            events.append(abi.CNT_CACHE_EXPIRED)
+            return None
+        if self._name_doubt(frame, p, flow, direction):
+            events.append(abi.CNT_CACHE_REFUSED)
+            return None
+        entry.hits += 1
+        if entry.verdict in (abi.VERDICT_BYPASS, abi.VERDICT_BLOCK):
+            flow.verdict = entry.verdict
+            flow.verdict_expires_ns = now_ns + entry.flow_ttl_ns if entry.flow_ttl_ns else 0
+            flow.flags |= abi.FLOW_CONN_VERDICT | abi.FLOW_BY_CACHE
+            if entry.verdict == abi.VERDICT_BLOCK:
+                self.pinned[key] = (abi.VERDICT_BLOCK, flow.verdict_expires_ns, abi.PIN_ENGINE)
+        return abi.CNT_CACHE_DROPPED if entry.action == abi.NAME_ACT_DROP else abi.CNT_CACHE_PASSED
+
+    @staticmethod
+    def _name_doubt(frame: bytes, p: Parsed, flow: RefFlow, direction: int) -> bool:
+        """names_doubt(): the engine's doubts, as tc repeats them (BPF_PROG_TEST_RUN's packets
+        carry CHECKSUM_NONE: their checksum is verified)."""
+        from hybrid.engine.packet import decode
+        from hybrid.engine.rewrite import transport_checksum_ok
+        if p.ttl < flow.ttl_max[direction]:
+            return True
+        if p.proto == IPPROTO_TCP:
+            if flow.isn[0] is None or flow.isn[1] is None:
+                return True
+            if p.tcp_flags & SYN or p.seq != (flow.isn[direction] + 1) & 0xFFFFFFFF:
+                return True
+        ip = frame[_l3_offset(frame):]
+        pkt = decode(ip)
+        if pkt.l4_off != (40 if pkt.version == 6 else 20):
+            return True                                          # options / extension headers
+        return not transport_checksum_ok(pkt)
 
     def xdp(self, frame: bytes, now_ns: int) -> XdpResult:
         p = parse(frame)
@@ -485,7 +553,13 @@ class Reference:
                     and direction == (1 if flow.flags & abi.FLOW_ORIG_HI else 0)
                     and p.proto in (IPPROTO_TCP, IPPROTO_UDP)):
                 payload = frame[p.payload_off:p.payload_off + p.payload_len]
-                events.append(kernel_name(p, payload)[0])
+                cnt, kind, name = kernel_name(p, payload)
+                events.append(cnt)
+                if name is not None:
+                    outcome = self._names_cache(frame, p, key, flow, direction, kind, name, now_ns, events)
+                    if outcome is not None:
+                        action = TC_ACT_SHOT if outcome == abi.CNT_CACHE_DROPPED else TC_ACT_PASS
+                        return TcResult(action, mark, outcome, 0, tuple(events), key, direction)
         reasons &= cfg.reasons & ~cfg.skip_reasons
         if not reasons:
             return TcResult(TC_ACT_PASS, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)
