@@ -136,6 +136,7 @@ def detach(interfaces, all_, as_json) -> None:
 
 
 _SHOWN = [("packets", "seen (tc)"), ("flagged", "flagged"), ("bypassed", "bypassed"), ("passed", "passed"),
+          ("cache_passed", "passed by name cache"), ("cache_dropped", "dropped by name cache"),
           ("xdp_drop_flow", "dropped at XDP, flow"), ("xdp_drop_prefix", "dropped at XDP, prefix"),
           ("drop_tc_flow", "dropped at tc, flow"), ("drop_tc_prefix", "dropped at tc, prefix"),
           ("not_ip", "not IP"), ("malformed_l3", "malformed IP"),
@@ -207,9 +208,13 @@ def status(as_json: bool) -> None:
                       if e.get("reject_send_errors") else "")
                    + (f", {e['pinned_write_errors']} blocks not pinned (pinned table full)"
                       if e.get("pinned_write_errors") else ""))
+        in_kernel = (e.get("name_cache") or {}).get("kernel_rules") or {}
         for rule, n in e.get("rules", {}).items():
-            click.echo(f"  rule {rule:<28}{n:>12,}")
-        click.echo(f"  {'(default)':<33}{e.get('default', 0):>12,}")
+            k = in_kernel.get(rule, 0)
+            click.echo(f"  rule {rule:<28}{n:>12,}" + (f"  and {k:,} in the kernel (name cache)" if k else ""))
+        k = in_kernel.get("(default)", 0)
+        click.echo(f"  {'(default)':<33}{e.get('default', 0):>12,}"
+                   + (f"  and {k:,} in the kernel (name cache)" if k else ""))
         if e.get("last_reload_error"):
             click.echo(f"  last reload refused: {e['last_reload_error']}")
     for queue, pid in sorted(st.get("spares", {}).items(), key=lambda kv: int(kv[0])):

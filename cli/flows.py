@@ -59,7 +59,8 @@ def _duration(s: float | None) -> str:
 def _verdict_text(f: dict) -> str:
     if f["verdict"] == "none":
         return "none" + (f" ({f['expired_verdict']} expired)" if f.get("expired_verdict") else "")
-    return f["verdict"] + (f" {_duration(f['ttl'])}" if f["ttl"] is not None else " (no expiry)")
+    return (f["verdict"] + (f" {_duration(f['ttl'])}" if f["ttl"] is not None else " (no expiry)")
+            + (" by name cache" if f.get("by_cache") else ""))
 
 
 @click.command()

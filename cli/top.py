@@ -25,6 +25,8 @@ ROWS = [
     ("dropped_xdp", "dropped at XDP"),
     ("dropped_tc", "dropped at tc"),
     ("bypassed", "bypassed (kept in kernel)"),
+    ("cache_passed", "passed by the name cache"),
+    ("cache_dropped", "dropped by the name cache"),
     ("passed", "passed unflagged"),
     ("queue_overflow", "queue overflow"),
     ("flows_new", "new flows"),

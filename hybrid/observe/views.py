@@ -127,6 +127,8 @@ _KERNEL_TOTALS = {
     "dropped_xdp": ("xdp_drop_flow", "xdp_drop_prefix"),
     "dropped_tc": ("drop_tc_flow", "drop_tc_prefix"),
     "flows_new": ("flow_new",),
+    "cache_passed": ("cache_passed",),
+    "cache_dropped": ("cache_dropped",),
 }
 USERSPACE_DROPS = ("drop", "reject")
 
