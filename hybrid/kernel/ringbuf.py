@@ -46,8 +46,8 @@ import platform
 import select
 from collections.abc import Callable
 
-from hybrid.errors import HybridError, KernelFeatureError
-from hybrid.kernel import bpfsys
+from hybrid.errors import HybridError, KernelFeatureError, PrivilegeError
+from hybrid.kernel import bpffs, bpfsys
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,15 @@ class RingBuffer:
                 raise HybridError(f"ring buffer {what}: {os.strerror(exc.errno or 0)}", exc.errno) from exc
         else:
             what = os.fspath(source)
-            fd = bpfsys.obj_get(what)
+            try:
+                fd = bpfsys.obj_get(what)
+            except PrivilegeError:      # EACCES also means "not a BPF object": say which
+                if os.path.isdir(what):
+                    raise HybridError(f"{what} is a directory: name the ring buffer's pin in it") from None
+                if not _on_bpffs(what):
+                    raise HybridError(f"{what} is not on a bpffs: a ring buffer is opened by its "
+                                      "pin") from None
+                raise
         try:
             return cls(fd, _ringbuf_info(fd, what), what)
         except BaseException:
@@ -229,15 +237,26 @@ class RingBuffer:
         return f"<RingBuffer {self._what} {self.size} bytes{' closed' if self._fd < 0 else ''}>"
 
 
+def _on_bpffs(path: str) -> bool:
+    """Whether ``path`` may lie under a mounted bpffs (bpf_obj_get answers EACCES for any other
+    file, which would read as a missing privilege). Paths through /proc (another mount
+    namespace's root, see hybrid.kernel.bpffs) are given the benefit of the doubt."""
+    real = os.path.realpath(path)
+    if real.startswith("/proc/"):
+        return True
+    return any(real == m or real.startswith(m.rstrip("/") + "/") for m in bpffs.mounted_bpffs())
+
+
 def _ringbuf_info(fd: int, what: str) -> bpfsys.MapInfo:
     """The map's info, once the fd is known to be a ring buffer map (else a one-line error)."""
     try:
         kind = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         kind = ""
+    if kind == "anon_inode:bpf-prog":
+        raise HybridError(f"{what} is a BPF program, not a ring buffer: check the path")
     if kind != "anon_inode:bpf-map":
-        found = "a BPF program" if kind == "anon_inode:bpf-prog" else "not a BPF map"
-        raise HybridError(f"{what} is {found}, not a ring buffer: check the path")
+        raise HybridError(f"{what} is not a BPF map, so not a ring buffer: check the path")
     info = bpfsys.map_info(fd)
     if info.type != BPF_MAP_TYPE_RINGBUF:
         raise HybridError(f"{what} is a BPF map of type {info.type} ({info.name}), not a ring buffer "

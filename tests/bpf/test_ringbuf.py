@@ -431,7 +431,8 @@ def test_wrong_objects_get_one_line(prog, bpffs, tmp_path):
         (os.path.join(bpffs, "test_failed"), r"is a BPF map of type 2 \(test_failed\), not a ring buffer"),
         (prog_pin, "is a BPF program, not a ring buffer"),
         (os.path.join(bpffs, "missing"), "No such file"),
-        (str(regular), str(regular)),
+        (str(regular), f"{regular} is not on a bpffs"),
+        (bpffs, f"{bpffs} is a directory"),
     ]
     try:
         for path, message in cases:
@@ -440,8 +441,9 @@ def test_wrong_objects_get_one_line(prog, bpffs, tmp_path):
             assert "\n" not in str(err.value), str(err.value)
         with pytest.raises(NotFoundError):
             RingBuffer.open(os.path.join(bpffs, "missing"))
-        with open(regular) as f, pytest.raises(HybridError, match=f"fd {f.fileno()} is not a BPF map"):
-            RingBuffer.open(f.fileno())
+        with open(regular) as f:
+            with pytest.raises(HybridError, match=f"fd {f.fileno()} is not a BPF map, so not a ring buffer"):
+                RingBuffer.open(f.fileno())
     finally:
         os.unlink(prog_pin)
 
