@@ -83,9 +83,11 @@ __attribute__((section("maps/ringbuf:" HYBRID_PIN_DIR "/hybrid_name_ev")))
 __attribute__((section("maps/ringbuf")))
 #endif
 struct hybrid_name_ev_table_t hybrid_name_ev = { .max_entries = HYBRID_NAME_EVENTS_SIZE };
-/* The parser programs, one per index (HYBRID_NAME_PROG_*), filled by the loader. Never pinned:
- * a pinned program array would keep the programs alive after a detach. */
-BPF_PROG_ARRAY(hybrid_name_prg, HYBRID_NAME_PROGS);
+/* The parser programs, one per index (HYBRID_NAME_PROG_*), filled by the loader. Pinned like
+ * the maps: the kernel empties a program array when its last user reference goes (a pin is
+ * one; the tc program's is not), which would leave tc with nothing to call once the attaching
+ * process exits. Detach removes the pin, and with it the programs. */
+HYBRID_TABLE("prog", __u32, __u32, hybrid_name_prg, HYBRID_NAME_PROGS, 0);
 #endif /* HYBRID_NAMES */
 
 /* ---- Map accessors ---------------------------------------------------------------------------

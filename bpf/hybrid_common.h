@@ -180,7 +180,7 @@
 #define HYBRID_MAP_NAME_CACHE  "hybrid_names"       /* lru_hash: hybrid_name_key -> hybrid_name_verdict */
 #define HYBRID_MAP_NAME_STATE  "hybrid_name_gen"  /* array[1] of struct hybrid_name_gen */
 #define HYBRID_MAP_NAME_EVENTS "hybrid_name_ev" /* ringbuf of struct hybrid_name_event */
-#define HYBRID_MAP_NAME_PROGS  "hybrid_name_prg"  /* prog_array: the parser programs (not pinned) */
+#define HYBRID_MAP_NAME_PROGS  "hybrid_name_prg"  /* prog_array: the parser programs (pinned) */
 #define HYBRID_NAME_CACHE_SIZE 16384  /* entries in hybrid_names (LRU: the least used is evicted) */
 #define HYBRID_NAME_EVENTS_SIZE (256 * 1024)  /* bytes of the event ring (a power of 2 of pages) */
 #define HYBRID_NAME_PROG_DNS_TLS 0   /* hybrid_name_prg index: DNS and TLS (hybrid_tc_names) */

@@ -21,8 +21,10 @@ decisions a name alone decides, and hears back which connections the kernel deci
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -124,6 +126,7 @@ class KernelNameCache:
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
         self.vlog = None
+        self._changed = None
 
     # -- generation --------------------------------------------------------------------------------
     def start(self, rules: RuleSet, digest: int) -> None:
@@ -135,8 +138,12 @@ class KernelNameCache:
             gen = state.generation % 0xFFFFFFFF + 1            # never 0: "no engine yet"
             self.maps.set_name_state(gen, digest)
         self.generation, self.digest, self._rules = gen, digest, rules
+        # Rule ids in the entries are positions in the rules (0: the default): the same for
+        # every engine that loaded these rules, whichever of them reads the events.
+        self._rule_names = [None] + [r.name for r in rules.compiled]
         self._rule_ids = {}
-        self._rule_names = [None]
+        for i, name in enumerate(self._rule_names):
+            self._rule_ids.setdefault(name, i)
         self._taught.clear()
         log.info("queue %d: name cache generation %d", self.queue, gen)
 
@@ -161,10 +168,7 @@ class KernelNameCache:
         self._write(key, d, now)
 
     def _write(self, key: NameKey, d: Decision, now: int) -> None:
-        rid = self._rule_ids.get(d.rule)
-        if rid is None:
-            rid = self._rule_ids[d.rule] = len(self._rule_names)
-            self._rule_names.append(d.rule)
+        rid = self._rule_ids.get(d.rule, 0)
         ttl_ns = max(1, int(d.ttl * 1e9))
         value = abi.NameVerdict(expires_ns=now + ttl_ns,
                                 flow_ttl_ns=ttl_ns if d.flow != "none" else 0,
@@ -182,11 +186,15 @@ class KernelNameCache:
                 log.error("queue %d: writing a name verdict failed: %s", self.queue, exc)
 
     # -- hearing back ----------------------------------------------------------------------------
-    def start_reader(self, vlog=None) -> None:
+    def start_reader(self, lock_path: str, vlog=None, changed=None) -> None:
+        """Read the kernel's events in a thread, while this engine holds ``lock_path`` (a ring
+        buffer has one reader: the engines of a queue range take turns, the next one taking
+        over within a second when the reader stops)."""
         from hybrid.kernel.ringbuf import RingBuffer
         self.vlog = vlog
+        self._changed = changed          # called after each event (the engine republishes its stats)
         ring = RingBuffer.open(self.maps.fd(abi.MAP_NAME_EVENTS))
-        self._reader = threading.Thread(target=self._read, args=(ring,), name=f"names-q{self.queue}",
+        self._reader = threading.Thread(target=self._read, args=(ring, lock_path), name=f"names-q{self.queue}",
                                         daemon=True)
         self._reader.start()
 
@@ -196,14 +204,24 @@ class KernelNameCache:
             self._reader.join(timeout=2)
             self._reader = None
 
-    def _read(self, ring) -> None:
+    def _read(self, ring, lock_path: str) -> None:
+        lock = None
         try:
+            lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            while not self._stop.is_set():
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    self._stop.wait(1.0)            # another engine reads them
             while not self._stop.is_set():
                 ring.poll(self._event, 0.2)
         except Exception:  # noqa: BLE001 - the reader must never take the engine down
             log.exception("queue %d: the name-cache event reader stopped", self.queue)
         finally:
             ring.close()
+            if lock is not None:
+                os.close(lock)                     # and with it the lock
 
     def _event(self, data) -> None:
         ev = abi.NameEvent.from_buffer_copy(bytes(data[:ctypes.sizeof(abi.NameEvent)]))
@@ -228,6 +246,8 @@ class KernelNameCache:
             del self.recent[:-20]
         if self.vlog is not None:
             self.vlog.write_cache(self.queue, ev, rec)
+        if self._changed is not None:
+            self._changed()
 
     def snapshot(self) -> dict:
         return {"generation": self.generation, "taught": self.taught, "inserted": self.inserted, "not_cacheable": self.not_cacheable,

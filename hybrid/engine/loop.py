@@ -219,11 +219,16 @@ class Engine:
         try:
             names = KernelNameCache(self.maps, self.queue)
             names.start(self.rules, rules_digest(self.rules_path, self.flow_ttl))
-            names.start_reader(self.vlog)
+            if self.stats_path:     # the instance's directory: where the engines agree on a reader
+                names.start_reader(os.path.join(os.path.dirname(self.stats_path), "name-events.lock"), self.vlog,
+                                   changed=self._mark_dirty)
         except HybridError as exc:
             log.warning("queue %d: the kernel's name cache is not used: %s", self.queue, exc)
             return
         self.names = names
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
 
     def _declare_needs(self, bound: bool = True) -> None:
         """Tell the kernel which flag reasons these rules need no packets for (bare SYNs, when

@@ -34,7 +34,7 @@ MAP_NAMES_SCRATCH = "hybrid_scratch"
 MAP_NAME_CACHE = "hybrid_names"
 MAP_NAME_STATE = "hybrid_name_gen"
 MAP_NAME_EVENTS = "hybrid_name_ev"
-MAP_NAME_PROGS = "hybrid_name_prg"      # a program array: never pinned, not in MAP_NAMES
+MAP_NAME_PROGS = "hybrid_name_prg"      # a program array (pinned; no typed access: not in MAP_NAMES)
 # Every datapath has these.
 MAP_NAMES = (MAP_CONFIG, MAP_FLOWS, MAP_PREFIXES, MAP_PORTS, MAP_IFACES, MAP_STATS, MAP_SOURCES, MAP_BUDGET,
              MAP_PINNED)
