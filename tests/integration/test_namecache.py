@@ -91,7 +91,7 @@ out = []
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:   # a new flow each time
-        s.settimeout(0.05)
+        s.settimeout(0.02)
         t = time.monotonic_ns()
         s.sendto(q, (srv, 53))
         port = s.getsockname()[1]
@@ -133,7 +133,7 @@ def test_a_reload_under_load_never_applies_an_old_verdict(lab, dns, tmp_path):
         old_ports = {port for t, port, _ in sent if t <= acked}
         after = [ok for t, port, ok in sent if t > acked and port not in old_ports]
         before = [ok for t, _, ok in sent if t <= acked]
-        assert sum(before) >= 20 and len(after) >= 50, (len(before), len(after))
+        assert sum(before) >= 20 and len(after) >= 30, (len(before), len(after))
         answered = [t for t, port, ok in sent if t > acked and ok and port not in old_ports]
         assert sum(after) == 0, (f"{sum(after)} of {len(after)} queries answered after the reload: "
                                  f"{[(t - acked) / 1e6 for t in answered]} ms after; engine {engine_stats(lab)}; "
