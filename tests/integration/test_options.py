@@ -55,6 +55,7 @@ DEFAULTS = {
     "target": {"ipv4": "NFQUEUE --queue-num 0 --queue-bypass", "ipv6": "NFQUEUE --queue-num 0 --queue-bypass"},
     "hooks": {"ipv4": ["FORWARD"], "ipv6": ["FORWARD"]},
     "xdp": {"to-client": None, "to-server": None},   # auto: no XDP on veth
+    "name_cache": False,                          # the cache's maps and parser programs
 }
 
 # (attach options, the parts of the kernel they are about and what those must hold)
@@ -97,6 +98,7 @@ ROWS = [
     (["--flow-table-size", "4096"], {"flow_table": 4096}),
     (["--xdp-mode", "generic"], {"xdp": dict.fromkeys(IFACES, "xdpgeneric")}),
     (["--xdp-mode", "off"], {"xdp": dict.fromkeys(IFACES, None)}),
+    (["--name-cache"], {"flags": C["CFG_NAMES"], "name_cache": True}),
 ]
 
 
@@ -135,6 +137,7 @@ def kernel_view(lab) -> dict:
             "ports": dict(maps.watched_ports()),
             "prefixes": dict(maps.prefixes()),
             "flow_table": bpfsys.map_info(maps.fd(abi.MAP_FLOWS)).max_entries,
+            "name_cache": maps.has_name_cache,
         }
     view["target"], view["rule_mark"], view["hooks"] = {}, {}, {}
     for family, save in (("ipv4", "iptables-save"), ("ipv6", "ip6tables-save")):
