@@ -274,7 +274,7 @@ struct tc_packet {
 	int status;                /* PKT_* */
 	int name_cnt;              /* HYBRID_CNT_NAME_* when a name was looked for, else 0 */
 	int cache_cnt;             /* HYBRID_CNT_CACHE_* / NAMES_NO_PROG when the cache was asked, else 0 */
-	int want_name;             /* the first payload of the opening direction (names_wanted()) */
+	__u32 old_mark;            /* skb->mark before mark_for_queue() (a cached decision restores it) */
 };
 
 #ifdef HYBRID_NAMES
@@ -338,9 +338,6 @@ static __always_inline int tc_update_flow(const struct hybrid_config *cfg, struc
 	if (verdict == HYBRID_VERDICT_BYPASS)
 		return HYBRID_CNT_BYPASSED;
 	t->reasons = reasons_of_flow_packet(cfg, &t->pkt, t->flow, t->dir, verdict, prev, t->reasons);
-#ifdef HYBRID_NAMES
-	t->want_name = verdict == HYBRID_VERDICT_NONE && names_wanted(cfg, t->flow, &t->pkt, t->dir, prev);
-#endif
 	return OUTCOME_NONE;
 }
 
@@ -361,23 +358,34 @@ static __always_inline int tc_admit(const struct hybrid_config *cfg, struct tc_p
 }
 
 #ifdef HYBRID_NAMES
-/* Step 3b. The first payload of the direction that opened the flow goes to its parser program
- * (namecache.h), which reads the name, asks the cache and finishes the packet; this returns
- * only when there is nothing to read or no program (the packet then goes on as before). */
+/* Step 5. A flagged first payload of the direction that opened the flow goes to its parser
+ * program (namecache.h), which reads the name and asks the cache: a decision found there
+ * takes the packet back from the queue (its mark undone) and is carried out; otherwise the
+ * packet leaves flagged, as it came. Last of the steps, so that the verifier meets one state
+ * after it; this returns only when there is nothing to read or no program. Only a packet that
+ * would reach the engine asks the cache: it replaces a round trip, nothing else (admission
+ * budgets are spent as before). */
 static __always_inline void tc_names_dispatch(struct __sk_buff *skb, struct tc_packet *t)
 {
-	struct hybrid_name_scratch *s = names_scratch_get();
+	struct hybrid_name_scratch *s;
+	struct hybrid_stats *st;
 	int which = names_which(skb, &t->pkt);
 
-	if (which < 0) {
-		t->name_cnt = HYBRID_CNT_NAME_NONE;
-		return;
+	if (which >= 0) {
+		s = names_scratch_get();
+		if (s) {
+			__builtin_memcpy(s->save, t, sizeof(*t));
+			names_tail_call(skb, which);
+		}
 	}
-	if (!s)
+	/* Counted here, not through t: the verifier meets one state after this step. */
+	st = stats_slot(skb->ifindex);
+	if (!st)
 		return;
-	__builtin_memcpy(s->save, t, sizeof(*t));
-	names_tail_call(skb, which);
-	t->cache_cnt = HYBRID_CNT_NAMES_NO_PROG;
+	if (which < 0)
+		st->c[HYBRID_CNT_NAME_NONE]++;
+	else
+		st->c[HYBRID_CNT_NAMES_NO_PROG]++;
 }
 #endif /* HYBRID_NAMES */
 
@@ -399,13 +407,15 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 	outcome = tc_update_flow(cfg, &t);
 	if (outcome != OUTCOME_NONE)
 		goto out;
-#ifdef HYBRID_NAMES
-	if (t.want_name)
-		tc_names_dispatch(skb, &t);
-#endif
 	outcome = tc_admit(cfg, &t);
-	if (outcome == HYBRID_CNT_FLAGGED)
+	if (outcome == HYBRID_CNT_FLAGGED) {
+		t.old_mark = skb->mark;
 		mark_for_queue(skb, cfg, t.flow);
+#ifdef HYBRID_NAMES
+		if (names_wanted(cfg, t.flow, &t.pkt, t.dir, t.reasons))
+			tc_names_dispatch(skb, &t);
+#endif
+	}
 out:
 	return stats_record_tc(skb->ifindex, outcome, t.events, t.reasons, t.name_cnt, t.cache_cnt);
 }
@@ -418,30 +428,32 @@ out:
 static __always_inline int tc_names(struct __sk_buff *skb, const int which)
 {
 	struct hybrid_name_scratch *s = names_scratch_get();
-	struct hybrid_config *cfg = config_get();
 	struct tc_packet t = {};
-	int outcome = HYBRID_CNT_PASSED;
+	int outcome;
 
-	if (!s || !cfg)
-		goto out;
-	/* What hybrid_tc_ingress knew, loaded back from map memory: the verifier knows its
-	 * values only as unknown scalars (every index below is bounded where it is used). */
+	if (!s)
+		return TC_ACT_UNSPEC;               /* cannot happen: the array has its one entry */
+	/* What hybrid_tc_ingress knew and did, loaded back from map memory: the verifier knows
+	 * its values only as unknown scalars (every index below is bounded where it is used). */
 	_Static_assert(sizeof(t) <= sizeof(s->save), "struct tc_packet fits the scratch");
 	__builtin_memcpy(&t, s->save, sizeof(t));
 	t.dir &= 1;
 	t.flow = flow_find(&t.key);
+	outcome = HYBRID_CNT_FLAGGED;
 	s->result = names_read(skb, &t.pkt, s, which);
 	t.name_cnt = ((volatile struct hybrid_name_scratch *)s)->result;
 	if (t.name_cnt == HYBRID_CNT_NAME_DNS || t.name_cnt == HYBRID_CNT_NAME_SNI ||
 	    t.name_cnt == HYBRID_CNT_NAME_HOST) {
 		outcome = names_cache(skb, &t, s);
-		if (outcome != OUTCOME_NONE)
-			goto out;
+		if (outcome == OUTCOME_NONE) {
+			outcome = HYBRID_CNT_FLAGGED;   /* to the engine, as marked */
+		} else {
+			/* Decided here: not queued after all. */
+			skb->mark = t.old_mark;
+			if (t.flow && t.flow->flagged)
+				t.flow->flagged--;
+		}
 	}
-	outcome = tc_admit(cfg, &t);
-	if (outcome == HYBRID_CNT_FLAGGED)
-		mark_for_queue(skb, cfg, t.flow);
-out:
 	return stats_record_tc(skb->ifindex, outcome, t.events, t.reasons, t.name_cnt, t.cache_cnt);
 }
 

@@ -16,6 +16,12 @@
  * verifier loads back from map memory is an unknown scalar, so every iteration of a loop is one
  * verifier state (not one per path through the parser), and every index is masked into the
  * buffer before use. Nothing here writes a map the engine reads: only the scratch.
+ *
+ * The verifier's budget (1,000,000 processed instructions per program): -DHYBRID_NAMES_ONLY=k
+ * (a HYBRID_NAME_* kind) compiles names_read() with that one parser, the others' payloads
+ * reading as HYBRID_CNT_NAME_NONE; any other nonzero k, with none; 0 (the default), all three.
+ * Measured on 6.18 (bcc 0.26, processed instructions of the tc program): no parser 487,360;
+ * DNS 562,793; SNI 534,042; HTTP 597,167; all three 731,773.
  */
 #ifndef HYBRID_NAMES_H
 #define HYBRID_NAMES_H
@@ -25,6 +31,10 @@
 #define NAME_BE16(s, i) ((NAME_B(s, i) << 8) | NAME_B(s, (i) + 1))
 /* Within the parsers: "not read, this reason". */
 #define NAME_DONE 1
+#ifndef HYBRID_NAMES_ONLY
+#define HYBRID_NAMES_ONLY 0      /* see above: which parsers names_read() dispatches to */
+#endif
+#define NAMES_WITH(kind) (HYBRID_NAMES_ONLY == 0 || HYBRID_NAMES_ONLY == (kind))
 
 _Static_assert((HYBRID_NAME_SCAN & NAME_MASK) == 0, "HYBRID_NAME_SCAN is a power of 2");
 _Static_assert(HYBRID_NAME_LEN == 256, "key.name is indexed & 255");
@@ -201,160 +211,348 @@ static __always_inline int names_sni(volatile struct hybrid_name_scratch *s)
 	return NAME_DONE;
 }
 
-#ifdef HYBRID_NAMES_HTTP
-/* Not compiled by default: with it the tc program exceeds the verifier's budget of 1,000,000
- * processed instructions (the DNS and SNI parsers take ~300,000 of it, this one more than
- * 700,000 as written); until it is cheaper, the Host is the engine's (HYBRID_CNT_NAME_NONE). */
-/* ---- HTTP/1.x: the Host of a request head that is the whole payload, read as _read_http and
- * _http_host read it, on the shape clients send: METHOD SP /origin-target SP HTTP/1.x CRLF,
- * lines ending in CRLF, one "Host:" line, the empty line last. Anything else (leading empty
- * lines, a bare LF, several spaces, absolute or "*" targets, '%' or "/.." in the target, a body
- * or another request after the head, several Host lines) is the engine's.
+/* ---- HTTP/1.x: the Host of a request head that the payload holds whole, as _read_http and
+ * _http_host read it (they follow nginx), on the shape clients send:
  *
- * Shaped for the verifier, which walks a bounded loop iteration by iteration and keeps the
- * branches it has not taken yet on a stack of at most 8192: one flat pass over the head whose
- * common byte (not a separator) costs three comparisons, the rare ones (CR, LF, space, '%',
- * control bytes, '.') handled off that path; then the request line's parts and the Host value
- * in short loops. HTTP heads longer than NAME_HTTP_SCAN are the engine's. */
-#define NAME_HTTP_SCAN   1024
-#define H_VERSION_PREFIX 0x2e312f50545448ULL     /* "HTTP/1." little-endian */
+ *   METHOD SP /target SP HTTP/1.1 CRLF   (or HTTP/1.0; METHOD: 1 to 16 of [A-Z])
+ *   name: value CRLF                     (header lines, up to 63; bytes 0x20-0x7e)
+ *   Host: SP* name [":" port] SP* CRLF   (exactly one; up to 8 spaces on either side)
+ *   CRLF                                 (the empty line: the end of the head)
+ *
+ * then nothing, or a body that the one Content-Length line covers to the end of the packet at
+ * least (the engine reads what follows the body as another request). The name: labels of
+ * [A-Za-z0-9_-] between single dots, lower-cased, one final dot and the port (1 to 5 digits)
+ * dropped, as _http_host drops them. Given up (the engine reads the packet as before):
+ * a head byte that is not printable ASCII or a space (NUL, tab, a bare CR or LF, non-ASCII),
+ * a line that starts with a space (obs-fold), "Host" then a space, leading empty lines, a
+ * method with other characters, an absolute-form, authority-form or "*" target, '%' or "/.."
+ * in the target's path (not in its query), several spaces, another version, several Host or
+ * Content-Length lines, a body with Transfer-Encoding or without Content-Length, bytes after
+ * the body (pipelined requests), an empty Host, an IPv6 literal, empty labels, a name of more
+ * than 253 characters, more than 63 header lines, a payload of 2048 bytes (no room for the NUL
+ * written after it), more than 320 iterations of either byte loop.
+ *
+ * Shaped for the verifier (measured on 6.18: about 110,000 processed instructions, see the
+ * top of this file):
+ * - Two loops walk the bytes, the target's and the head's. Each iteration takes the bytes
+ *   up to the end of their aligned 8 that need no look (tested 8 at a time: NAME_*8), then
+ *   one byte (a CR LF in the head). 320 iterations read any 2 KB head of ordinary lines.
+ * - Their bodies hold one branch: when to stop. The tests are 0/1 values (NAME_LT, NAME_EQ):
+ *   every branch the verifier cannot decide is one more path per iteration, and leaves one
+ *   more state per iteration on its stack of 8192 pending ones. Why a loop stopped is worked
+ *   out after it, once; that it ran out is a flag in the scratch.
+ * - Positions live in the scratch, never in a loop counter: a constant position compared
+ *   with the payload's length makes the verifier track that length precisely, and verify
+ *   everything after the loop once per value.
+ * - The head's line starts go to a table in key.name (zeroed before the name is written);
+ *   short loops then read the table (Host, Content-Length, Transfer-Encoding: compared at
+ *   fixed offsets) and the Content-Length and Host values.
+ * The NUL written after the payload stops the byte loops where it ends. */
+#define NAME_HTTP_METHOD 16      /* method characters at most */
+#define NAME_HTTP_LINES  64      /* line starts in the table: header lines and the empty line */
+#define NAME_HTTP_OWS    8       /* spaces on either side of the Host value at most */
+#define NAME_HTTP_CL     24      /* bytes of a Content-Length value at most */
+#define NAME_HTTP_TARGET_ITER 320 /* iterations of the target's byte loop */
+#define NAME_HTTP_HEAD_ITER   320 /* iterations of the head's */
+#define NAME_HTTP_LINE(k) line[(k) & (2 * NAME_HTTP_LINES - 1)]
 
-/* A byte at or below '%' (CR, LF, space, tab, NUL, '%', ...) at i; s->b: 0 on the request
- * line, 1 after it; s->st: spaces on the request line; s->a: the request line's LF;
- * s->c: Host lines; s->pos: where the Host value starts. 0 to go on, NAME_DONE at the end of
- * the head, else a reason. */
-static __always_inline int http_rare(volatile struct hybrid_name_scratch *s, __u32 i, __u32 c)
+_Static_assert(4 * NAME_HTTP_LINES <= HYBRID_NAME_LEN, "the line table, twice over, fits key.name");
+
+/* 0/1 values of comparisons, computed without a branch (BPF has no set-on-condition: clang
+ * turns a comparison used as a value into a branch). The empty asm hides the arithmetic from
+ * clang, which would turn it back into a comparison. Operands below 2^63 (a borrow into bit
+ * 63 is the answer). */
+static __always_inline __u64 name_opaque(__u64 x)
 {
-	__u32 n = s->len, line = s->b;
+	asm volatile("" : "+r"(x));
+	return x;
+}
+#define NAME_LT(a, b) (name_opaque((__u64)(a) - (__u64)(b)) >> 63)
+#define NAME_EQ(a, b) ((name_opaque((__u64)(a) ^ (__u64)(b)) - 1) >> 63)
 
-	if (c == '\n') {
-		if (i == 0 || NAME_B(s, i - 1) != '\r')
-			return HYBRID_CNT_NAME_ODD;          /* a bare LF */
-		if (!line) {
-			s->a = i;
-			s->b = 1;
-		}
-		if (i + 2 < n && NAME_B(s, i + 1) == '\r' && NAME_B(s, i + 2) == '\n')
-			return i + 3 == n ? NAME_DONE : HYBRID_CNT_NAME_SEVERAL;  /* body, pipelining */
-		if (i + 5 < n && (NAME_B(s, i + 1) | 0x20) == 'h' && (NAME_B(s, i + 2) | 0x20) == 'o' &&
-		    (NAME_B(s, i + 3) | 0x20) == 's' && (NAME_B(s, i + 4) | 0x20) == 't' &&
-		    NAME_B(s, i + 5) == ':') {
-			if (s->c)
-				return HYBRID_CNT_NAME_SEVERAL;  /* duplicate Host */
-			s->c = 1;
-			s->pos = i + 6;
-		}
-		return 0;
+/* The same on 8 bytes at once, bytes as lanes: bit 7 of a lane set when some lane of w is
+ * below n (n <= 128), above n (n < 128), equal to c (c < 128); 0 when none is. A lane above
+ * a set one may be set wrongly (a borrow or a carry), never one below it. */
+#define NAME_ONES  0x0101010101010101ULL
+#define NAME_HIGHS 0x8080808080808080ULL
+#define NAME_BELOW8(w, n) (((w) - NAME_ONES * (n)) & ~(w) & NAME_HIGHS)
+#define NAME_ABOVE8(w, n) ((((w) + NAME_ONES * (127 - (n))) | (w)) & NAME_HIGHS)
+#define NAME_HAS8(w, c)   NAME_BELOW8((w) ^ (NAME_ONES * (c)), 1)
+
+/* The bytes from i to the end of its aligned 8 (buf is 8-aligned in the scratch) as lanes
+ * of a u64, i's the lowest; the lanes past them 'A', a byte no loop stops at. */
+static __always_inline __u64 name_word(volatile struct hybrid_name_scratch *s, __u32 i)
+{
+	__u64 w = *(volatile __u64 *)__builtin_assume_aligned((void *)&s->buf[i & (NAME_MASK & ~7)], 8);
+	__u32 sh = (i & 7) << 3;
+
+	return (w >> sh) | (((~0ULL << (63 - sh)) << 1) & (NAME_ONES * 'A'));
+}
+
+/* How many of those bytes come before the first one that m (NAME_*8 tests of name_word(s,
+ * i)) flags: the lowest set lane is exact. All of them when none is. */
+static __always_inline __u32 name_plain_run(__u64 m, __u32 i)
+{
+	__u64 low = m & (0 - m);                         /* the lowest set lane's bit 7 */
+
+	/* (1 << 8j) * 0x0001020304050607 has j in its top byte */
+	return (((low >> 7) * 0x0001020304050607ULL) >> 56) + ((0 - NAME_EQ(m >> 7, 0)) & (8 - (i & 7)));
+}
+
+/* Whether the n bytes at p differ from str (0: equal); fold: letters compared case-blind (a
+ * byte that is not a letter never matches one: c | 0x20 is a lower-case letter only for that
+ * letter's two cases). All n bytes are read, no early exit: straight code for the verifier;
+ * str is a literal, each of its bytes a constant once inlined and unrolled. */
+static __always_inline __u32 http_differ(volatile struct hybrid_name_scratch *s, __u32 p,
+					 const char *str, int n, int fold)
+{
+	__u32 d = 0, c;
+	int j;
+
+	#pragma unroll
+	for (j = 0; j < n; j++) {
+		c = NAME_B(s, p + j);
+		if (fold && str[j] >= 'a' && str[j] <= 'z')
+			c |= 0x20;
+		d |= c ^ (__u8)str[j];
 	}
-	if (line)
-		return 0;                                /* header bytes: the engine does not mind */
-	if (c == '\r')
-		return i + 1 < n && NAME_B(s, i + 1) == '\n' ? 0 : HYBRID_CNT_NAME_ODD;
-	if (c == ' ') {
-		s->st = s->st + 1;
-		return s->st > 2 ? HYBRID_CNT_NAME_FORM : 0;
-	}
-	if (c == '%')
-		return HYBRID_CNT_NAME_FORM;             /* percent-decoding: the engine's */
-	return c < 0x20 ? HYBRID_CNT_NAME_ODD : 0;
+	return d;
 }
 
 static __always_inline int names_http(volatile struct hybrid_name_scratch *s)
 {
-	__u32 i, k, c, pos, eol;
-	int r = HYBRID_CNT_NAME_TRUNCATED;
+	volatile __u16 *line = (volatile __u16 *)s->key.name;
+	__u32 i, k, c, p, e, v;
+	__u64 st, plain, crlf, stop, w;
 	__u8 ch;
 
-	if (s->len > NAME_HTTP_SCAN)
-		return HYBRID_CNT_NAME_TOO_LONG;
+	/* The request line. The method: [A-Z]{1,16} (names_read saw the first letter), a space. */
+	if (s->len >= HYBRID_NAME_SCAN)
+		return HYBRID_CNT_NAME_TOO_LONG;         /* no room for the NUL after it */
+	s->buf[s->len & NAME_MASK] = 0;
+	s->pos = 1;
 	#pragma clang loop unroll(disable)
-	for (i = 0; i < NAME_HTTP_SCAN; i++) {
-		if (i >= s->len)
-			return HYBRID_CNT_NAME_TRUNCATED;
+	for (k = 0; k < NAME_HTTP_METHOD - 1; k++) {
+		i = s->pos;
 		c = NAME_B(s, i);
-		if (c <= '%') {
-			r = http_rare(s, i, c);
-			if (r)
-				break;
-		} else if (c == '.' && !s->b && NAME_B(s, i - 1) == '.' && NAME_B(s, i - 2) == '/') {
-			return HYBRID_CNT_NAME_FORM;         /* "/..": may climb above the root */
+		if (i >= s->len || c < 'A' || c > 'Z')
+			break;
+		s->pos = i + 1;
+	}
+	i = s->pos;
+	if (i >= s->len)
+		return HYBRID_CNT_NAME_TRUNCATED;
+	if (NAME_B(s, i) != ' ')
+		return HYBRID_CNT_NAME_FORM;             /* not a method of [A-Z], or longer */
+	if (i + 1 >= s->len)
+		return HYBRID_CNT_NAME_TRUNCATED;
+	if (NAME_B(s, i + 1) != '/')
+		return HYBRID_CNT_NAME_FORM;             /* absolute-form, "*", authority-form, 2 spaces */
+	/* The origin-form target, up to the next space: printable ASCII; in its path (before '?')
+	 * no '%' (percent-decoding, or nginx's 400) and no "/.." (it may climb above the root). */
+	s->pos = i + 1;
+	s->st = 0;                                       /* 1: in the query */
+	s->a = 0;                                        /* 1: stopped (else: ran out) */
+	#pragma clang loop unroll(disable)
+	for (k = 0; k < NAME_HTTP_TARGET_ITER; k++) {
+		i = s->pos;
+		st = s->st;
+		w = name_word(s, i);
+		i += name_plain_run(NAME_BELOW8(w, 0x21) | NAME_ABOVE8(w, 0x7e) |
+				    ((st - 1) & (NAME_HAS8(w, '%') | NAME_HAS8(w, '.') | NAME_HAS8(w, '?'))), i);
+		c = NAME_B(s, i);
+		stop = (NAME_LT((__u32)(c - 0x21), 0x5e) ^ 1) |
+		       ((st ^ 1) & (NAME_EQ(c, '%') | (NAME_EQ(c, '.') & NAME_EQ(NAME_B(s, i - 1), '.') &
+							NAME_EQ(NAME_B(s, i - 2), '/'))));
+		s->st = st | NAME_EQ(c, '?');
+		s->a = stop;
+		s->pos = i + (stop ^ 1);
+		if (stop)
+			break;
+	}
+	if (!s->a)
+		return HYBRID_CNT_NAME_TOO_LONG;         /* ran out: a long target of odd bytes */
+	i = s->pos;
+	if (i >= s->len)
+		return HYBRID_CNT_NAME_TRUNCATED;
+	c = NAME_B(s, i);
+	if (c != ' ')
+		return c < 0x21 || c > 0x7e ? HYBRID_CNT_NAME_ODD : HYBRID_CNT_NAME_FORM;
+	/* HTTP/1.1 or HTTP/1.0, then CR LF. */
+	i++;
+	if (i + 10 > s->len)
+		return HYBRID_CNT_NAME_TRUNCATED;
+	c = NAME_B(s, i + 7);
+	if (http_differ(s, i, "HTTP/1.", 7, 0) || (c != '0' && c != '1') || NAME_B(s, i + 8) != '\r')
+		return HYBRID_CNT_NAME_FORM;
+	/* The head, from the request line's CR to the empty line: printable ASCII and spaces,
+	 * lines ending in CR LF, each line's start into the table. It stops at any other byte, at
+	 * the empty line and at a line that starts with a space. */
+	s->pos = i + 8;
+	s->a = 0;                                        /* lines in the table */
+	s->st = 0;                                       /* 1: stopped (else: ran out) */
+	#pragma clang loop unroll(disable)
+	for (k = 0; k < NAME_HTTP_HEAD_ITER; k++) {
+		i = s->pos;
+		v = s->a;
+		w = name_word(s, i);
+		i += name_plain_run(NAME_BELOW8(w, 0x20) | NAME_ABOVE8(w, 0x7e), i);
+		c = NAME_B(s, i);
+		plain = NAME_LT((__u32)(c - 0x20), 0x5f);
+		crlf = NAME_EQ(c, '\r') & NAME_EQ(NAME_B(s, i + 1), '\n');
+		c = NAME_B(s, i + 2);
+		stop = ((plain | crlf) ^ 1) | (crlf & (NAME_EQ(c, '\r') | NAME_EQ(c, ' ')));
+		NAME_HTTP_LINE(v) = i + 2;                   /* kept if crlf */
+		s->a = v + crlf;
+		s->st = stop;
+		s->pos = i + plain + (crlf << 1);
+		if (stop)
+			break;
+	}
+	if (!s->st)
+		return HYBRID_CNT_NAME_TOO_LONG;         /* ran out: a long head of short lines */
+	i = s->pos;
+	v = s->a;
+	if (i >= s->len)
+		return HYBRID_CNT_NAME_TRUNCATED;
+	if (v > NAME_HTTP_LINES)
+		return HYBRID_CNT_NAME_FORM;             /* too many header lines */
+	c = NAME_B(s, i);
+	if (v && NAME_HTTP_LINE(v - 1) == i && (c == '\r' || c == ' ')) {
+		/* Stopped at a line's start: the empty line, or obs-fold. */
+		if (c == ' ')
+			return HYBRID_CNT_NAME_ODD;
+		if (i + 1 >= s->len)
+			return HYBRID_CNT_NAME_TRUNCATED;
+		if (NAME_B(s, i + 1) != '\n')
+			return HYBRID_CNT_NAME_ODD;
+	} else {
+		/* Stopped at a byte: not printable (a tab, a bare LF, NUL, non-ASCII), a bare CR. */
+		if (c == '\r' && i + 1 >= s->len)
+			return HYBRID_CNT_NAME_TRUNCATED;
+		return HYBRID_CNT_NAME_ODD;
+	}
+	/* Which lines are Host, Content-Length, Transfer-Encoding (the name, case-blind, and the
+	 * colon right after it: "Host :" is no Host to nginx, nor to the engine, and given up). */
+	s->b = 0;                                        /* the Host line's index + 1 */
+	s->c = 0;                                        /* the Content-Length line's index + 1 */
+	s->st = 0;                                       /* a Transfer-Encoding line */
+	s->pos = 0;                                      /* the line */
+	#pragma clang loop unroll(disable)
+	for (k = 0; k < NAME_HTTP_LINES - 1; k++) {
+		v = s->pos;
+		if (v + 1 >= s->a)
+			break;
+		s->pos = v + 1;
+		p = NAME_HTTP_LINE(v);
+		if (!http_differ(s, p, "host", 4, 1)) {
+			c = NAME_B(s, p + 4);
+			if (c == ':') {
+				if (s->b)
+					return HYBRID_CNT_NAME_SEVERAL;
+				s->b = v + 1;
+			} else if (c == ' ') {
+				return HYBRID_CNT_NAME_ODD;      /* "Host :" */
+			}
+		} else if (!http_differ(s, p, "content-length:", 15, 1)) {
+			if (s->c)
+				return HYBRID_CNT_NAME_SEVERAL;
+			s->c = v + 1;
+		} else if (!http_differ(s, p, "transfer-encoding:", 18, 1)) {
+			s->st = 1;
 		}
 	}
-	if (r != NAME_DONE)
-		return r;
-	/* The request line [0, eol): METHOD SP target SP HTTP/1.x CR, two spaces exactly. */
-	eol = s->a;
-	if (s->st != 2 || eol < 13)
-		return HYBRID_CNT_NAME_FORM;
-	#pragma clang loop unroll(disable)
-	for (k = 0; k < 17; k++) {
-		c = NAME_B(s, k);
-		if (c == ' ')
-			break;
-		if (c < 'A' || c > 'Z' || k == 16)
-			return HYBRID_CNT_NAME_FORM;
-	}
-	if (k == 0 || NAME_B(s, k + 1) != '/' || k + 1 >= eol - 10)
-		return HYBRID_CNT_NAME_FORM;             /* absolute-form, "*", authority-form */
-	if (NAME_B(s, eol - 10) != ' ')
-		return HYBRID_CNT_NAME_FORM;
-	#pragma clang loop unroll(disable)
-	for (k = 0; k < 7; k++)
-		if (NAME_B(s, eol - 9 + k) != ((H_VERSION_PREFIX >> (k * 8)) & 0xff))
-			return HYBRID_CNT_NAME_FORM;
-	c = NAME_B(s, eol - 2);
-	if (c != '0' && c != '1')
-		return HYBRID_CNT_NAME_FORM;
-	if (!s->c)
+	if (!s->b)
 		return HYBRID_CNT_NAME_NONE;
-	/* The Host value: [SP/HT]* name [":" digits] [SP/HT]* CR LF, as _http_host reads it (the
-	 * port and one final dot dropped). */
-	pos = s->pos;
-	#pragma clang loop unroll(disable)
-	for (k = 0; k < 64; k++) {
-		c = NAME_B(s, pos);
-		if (c != ' ' && c != '\t')
-			break;
-		pos++;
+	/* Bytes after the head: a body that Content-Length covers to the packet's end (the engine
+	 * reads what follows it as another request), else given up. */
+	if (NAME_HTTP_LINE(s->a - 1) + 2 < s->len) {
+		if (s->st || !s->c)
+			return HYBRID_CNT_NAME_SEVERAL;
+		p = NAME_HTTP_LINE(s->c - 1) + 15;
+		e = NAME_HTTP_LINE(s->c) - 2;
+		s->pos = 0;                              /* the value */
+		s->out = 0;                              /* its digits */
+		s->st = 0;                               /* 1: after them */
+		#pragma clang loop unroll(disable)
+		for (k = 0; k < NAME_HTTP_CL; k++) {
+			if (p + k >= e)
+				break;
+			c = NAME_B(s, p + k);
+			if (c == ' ') {
+				if (s->out)
+					s->st = 1;
+			} else if (c >= '0' && c <= '9' && !s->st && s->out < 9) {
+				s->pos = s->pos * 10 + c - '0';
+				s->out = s->out + 1;
+			} else {
+				return HYBRID_CNT_NAME_FORM;
+			}
+		}
+		if (p + k != e || !s->out)
+			return HYBRID_CNT_NAME_FORM;
+		if (NAME_HTTP_LINE(s->a - 1) + 2 + s->pos < s->len)
+			return HYBRID_CNT_NAME_SEVERAL;  /* another request after the body */
+		s->out = 0;
 	}
+	/* The Host value [p, e), e its line's CR; the table is done with: key.name back to zeros. */
+	p = NAME_HTTP_LINE(s->b - 1) + 5;
+	e = NAME_HTTP_LINE(s->b) - 2;
+	__builtin_memset((void *)s->key.name, 0, HYBRID_NAME_LEN);
+	#pragma clang loop unroll(disable)
+	for (k = 0; k < NAME_HTTP_OWS; k++) {
+		if (NAME_B(s, p) != ' ')
+			break;
+		p++;
+	}
+	s->pos = p;
+	s->a = 1;                                        /* 1: at a label's start */
 	#pragma clang loop unroll(disable)
 	for (k = 0; k < HYBRID_NAME_MAX + 1; k++) {
-		ch = name_char(NAME_B(s, pos), 1);
+		i = s->pos;
+		ch = name_char(NAME_B(s, i), 1);
 		if (!ch)
 			break;
+		if (ch == '.') {
+			if (s->a)
+				return HYBRID_CNT_NAME_FORM;     /* an empty label */
+			s->a = 1;
+		} else {
+			s->a = 0;
+		}
 		if (name_put(s, ch))
 			return HYBRID_CNT_NAME_TOO_LONG;
-		pos++;
+		s->pos = i + 1;
 	}
-	if (NAME_B(s, pos) == ':') {
-		pos++;
+	p = s->pos;
+	if (NAME_B(s, p) == ':') {
+		p++;
 		#pragma clang loop unroll(disable)
 		for (k = 0; k < 6; k++) {
-			c = NAME_B(s, pos);
+			c = NAME_B(s, p);
 			if (c < '0' || c > '9')
 				break;
-			pos++;
+			p++;
 		}
+		if (k == 0 || k > 5)
+			return HYBRID_CNT_NAME_FORM;     /* no port, or more than 5 digits */
 	}
 	#pragma clang loop unroll(disable)
-	for (k = 0; k < 64; k++) {
-		c = NAME_B(s, pos);
-		if (c != ' ' && c != '\t')
+	for (k = 0; k < NAME_HTTP_OWS; k++) {
+		if (NAME_B(s, p) != ' ')
 			break;
-		pos++;
+		p++;
 	}
-	if (NAME_B(s, pos) != '\r' || NAME_B(s, pos + 1) != '\n' || pos + 1 >= s->len)
-		return HYBRID_CNT_NAME_ODD;
-	pos = s->out;
-	if (pos && s->key.name[(pos - 1) & (HYBRID_NAME_LEN - 1)] == '.') {  /* one final dot */
-		pos--;
-		s->key.name[pos & (HYBRID_NAME_LEN - 1)] = 0;
-		s->out = pos;
+	if (p != e)
+		return HYBRID_CNT_NAME_ODD;              /* another byte, or more spaces */
+	v = s->out;
+	if (v && s->a) {                                 /* one final dot: dropped */
+		v--;
+		s->key.name[v & (HYBRID_NAME_LEN - 1)] = 0;
+		s->out = v;
 	}
-	return pos ? NAME_DONE : HYBRID_CNT_NAME_FORM;
+	return v ? NAME_DONE : HYBRID_CNT_NAME_FORM;     /* an empty Host */
 }
-
-#endif /* HYBRID_NAMES_HTTP */
 
 /* Read the name of a first payload packet into s->key (len 0 when none). Returns the
  * HYBRID_CNT_NAME_* counter of what happened. */
@@ -392,15 +590,19 @@ static __always_inline int names_read(struct __sk_buff *skb, const struct hybrid
 	s->len = len;
 	if (dport == 53 && which == HYBRID_NAME_PROG_DNS_TLS) {
 		kind = HYBRID_NAME_DNS;
+		if (!NAMES_WITH(HYBRID_NAME_DNS))
+			return HYBRID_CNT_NAME_NONE;
 		r = names_dns(s, p->proto == IPPROTO_TCP ? 2 : 0);
 	} else if (s->buf[0] == 22 && which == HYBRID_NAME_PROG_DNS_TLS) {
 		kind = HYBRID_NAME_SNI;
+		if (!NAMES_WITH(HYBRID_NAME_SNI))
+			return HYBRID_CNT_NAME_NONE;
 		r = names_sni(s);
-#ifdef HYBRID_NAMES_HTTP
 	} else if (s->buf[0] >= 'A' && s->buf[0] <= 'Z' && which == HYBRID_NAME_PROG_HTTP) {
 		kind = HYBRID_NAME_HOST;
+		if (!NAMES_WITH(HYBRID_NAME_HOST))
+			return HYBRID_CNT_NAME_NONE;
 		r = names_http(s);
-#endif /* HYBRID_NAMES_HTTP */
 	} else {
 		return HYBRID_CNT_NAME_NONE;
 	}
@@ -416,13 +618,19 @@ static __always_inline int names_read(struct __sk_buff *skb, const struct hybrid
 	       kind == HYBRID_NAME_SNI ? HYBRID_CNT_NAME_SNI : HYBRID_CNT_NAME_HOST;
 }
 
-/* The first payload packet of the direction that opened the flow: the one that carries the
- * name a client asks for. */
+/* A flagged packet that is the first payload of the direction that opened the flow (its
+ * first-N spend took payload_packets from 0 to 1), in a flow without a verdict (flagged for
+ * INSPECT: the engine reads every packet anyway): the one that carries the name a client asks
+ * for. Asked at the end of tc's steps, from the flow entry, so that no flag of it travels
+ * through the steps before (a value that differs between paths doubles the verifier's work
+ * after it). A packet of the same flow on another CPU in between can only make it say no. */
 static __always_inline int names_wanted(const struct hybrid_config *cfg, const struct hybrid_flow *flow,
-					const struct hybrid_pkt *p, __u32 dir, __u32 prev)
+					const struct hybrid_pkt *p, __u32 dir, __u32 reasons)
 {
-	return (cfg->flags & HYBRID_CFG_NAMES) && flow && prev == 0 &&
-	       dir == ((flow->flags & HYBRID_FLOW_ORIG_HI) ? 1 : 0) &&
+	return (cfg->flags & HYBRID_CFG_NAMES) && flow && p->payload_len &&
+	       !(reasons & HYBRID_REASON_INSPECT) && flow->verdict == HYBRID_VERDICT_NONE &&
+	       flow->payload_packets[dir & 1] == 1 &&
+	       (dir & 1) == ((flow->flags & HYBRID_FLOW_ORIG_HI) ? 1 : 0) &&
 	       (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP);
 }
 

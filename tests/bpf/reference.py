@@ -17,6 +17,7 @@ survive them (:meth:`Reference.pin`, hybrid_pinned).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from hybrid.datapath.maps import canonical_order, parse_cidr
@@ -476,7 +477,7 @@ class Reference:
             return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_PREFIX)
         if act & abi.PREFIX_WATCH:
             reasons |= abi.REASON_PREFIX
-        key = direction = flow = None
+        key = direction = flow = prev = None
         events: list[int] = []
         if p.status == PKT_FRAGMENT and p.frag_keyed and self._fragment_blocked(canonical_key(p)[0], now_ns):
             return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_FLOW)   # a first fragment of a blocked flow
@@ -549,17 +550,6 @@ class Reference:
                         reasons |= abi.REASON_PORT
             if p.proto == IPPROTO_TCP and suspicious(p.tcp_flags):
                 reasons |= abi.REASON_SUSPICIOUS
-            if (verdict == abi.VERDICT_NONE and cfg.flags & abi.CFG_NAMES and prev == 0
-                    and direction == (1 if flow.flags & abi.FLOW_ORIG_HI else 0)
-                    and p.proto in (IPPROTO_TCP, IPPROTO_UDP)):
-                payload = frame[p.payload_off:p.payload_off + p.payload_len]
-                cnt, kind, name = kernel_name(p, payload)
-                events.append(cnt)
-                if name is not None:
-                    outcome = self._names_cache(frame, p, key, flow, direction, kind, name, now_ns, events)
-                    if outcome is not None:
-                        action = TC_ACT_SHOT if outcome == abi.CNT_CACHE_DROPPED else TC_ACT_PASS
-                        return TcResult(action, mark, outcome, 0, tuple(events), key, direction)
         reasons &= cfg.reasons & ~cfg.skip_reasons
         if not reasons:
             return TcResult(TC_ACT_PASS, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)
@@ -575,6 +565,20 @@ class Reference:
                         flow.payload_packets[direction] -= 1    # a dropped packet spends no first-N
                     return TcResult(TC_ACT_SHOT, mark, abi.CNT_OVER_DROP, 0, tuple(events), key, direction)
                 return TcResult(TC_ACT_PASS, mark, abi.CNT_OVER_PASS, 0, tuple(events), key, direction)
+        # names_wanted(), at the end of tc's steps: a flagged first payload of the opening
+        # direction, in a flow without a verdict, goes to its parser program and the cache.
+        if (flow is not None and cfg.flags & abi.CFG_NAMES and p.payload_len > 0 and prev == 0
+                and flow.verdict == abi.VERDICT_NONE and not reasons & abi.REASON_INSPECT
+                and direction == (1 if flow.flags & abi.FLOW_ORIG_HI else 0)
+                and p.proto in (IPPROTO_TCP, IPPROTO_UDP)):
+            payload = frame[p.payload_off:p.payload_off + p.payload_len]
+            cnt, kind, name = kernel_name(p, payload)
+            events.append(cnt)
+            if name is not None:
+                outcome = self._names_cache(frame, p, key, flow, direction, kind, name, now_ns, events)
+                if outcome is not None:     # decided there: not queued after all
+                    action = TC_ACT_SHOT if outcome == abi.CNT_CACHE_DROPPED else TC_ACT_PASS
+                    return TcResult(action, mark, outcome, 0, tuple(events), key, direction)
         if flow is not None:
             flow.flagged += 1
         new_mark = (cfg.mark_value & cfg.mark_mask) | (mark & ~cfg.mark_mask & 0xFFFFFFFF)
@@ -610,6 +614,8 @@ def kernel_name(p: Parsed, payload: bytes) -> tuple[int, int, str | None]:
         kind, r = abi.NAME_DNS, _kernel_dns(payload, 2 if p.proto == IPPROTO_TCP else 0)
     elif payload[0] == 22:
         kind, r = abi.NAME_SNI, _kernel_sni(payload)
+    elif 0x41 <= payload[0] <= 0x5A:
+        kind, r = abi.NAME_HOST, _kernel_http(payload)
     else:
         return none
     if isinstance(r, int):
@@ -736,6 +742,193 @@ def _kernel_sni(d: bytes):
             return abi.CNT_NAME_ODD
         out.append(ch)
     return out.decode()
+
+
+# names_http() (bpf/names.h): its limits, and the iterations of its two byte loops.
+HTTP_METHOD, HTTP_LINES, HTTP_OWS, HTTP_CL = 16, 64, 8, 24
+HTTP_TARGET_ITER, HTTP_HEAD_ITER = 320, 320
+
+
+def _fold_differs(b: bytes, p: int, name: bytes) -> bool:
+    """http_differ(fold=1): letters case-blind (c | 0x20), other bytes exact."""
+    for j, want in enumerate(name):
+        c = b[p + j]
+        if 0x61 <= want <= 0x7A:
+            c |= 0x20
+        if c != want:
+            return True
+    return False
+
+
+# name_plain_run(): the bytes from pos to the end of its aligned 8 before the first special
+# one: printable ASCII in the head; in the target, not '%', '.', '?' either until the query.
+_HEAD_RUN = re.compile(rb"[\x20-\x7e]*")
+_PATH_RUN = re.compile(rb"[\x21-\x24\x26-\x2d\x2f-\x3e\x40-\x7e]*")
+_QUERY_RUN = re.compile(rb"[\x21-\x7e]*")
+
+
+def _plain_run(b: bytes, pos: int, run: re.Pattern) -> int:
+    return run.match(b, pos, pos + 8 - (pos & 7)).end() - pos
+
+
+def _kernel_http(d: bytes):
+    """names_http(): the Host, or the counter of why not. Its byte loops are modelled with
+    their iterations (a plain run up to the end of an aligned 8, then one byte), since running
+    out of them is a reason of its own."""
+    n = len(d)
+    if n >= abi.NAME_SCAN:
+        return abi.CNT_NAME_TOO_LONG
+    b = d + bytes(24)                    # the NUL tc writes after the payload (what follows never decides)
+    i = 1
+    for _ in range(HTTP_METHOD - 1):
+        if i >= n or not 0x41 <= b[i] <= 0x5A:
+            break
+        i += 1
+    if i >= n:
+        return abi.CNT_NAME_TRUNCATED
+    if b[i] != 0x20:
+        return abi.CNT_NAME_FORM
+    if i + 1 >= n:
+        return abi.CNT_NAME_TRUNCATED
+    if b[i + 1] != 0x2F:
+        return abi.CNT_NAME_FORM
+    # The target: one plain run and one byte an iteration.
+    pos, query, stopped = i + 1, False, False
+    for _ in range(HTTP_TARGET_ITER):
+        i = pos + _plain_run(b, pos, _QUERY_RUN if query else _PATH_RUN)
+        c = b[i]
+        stop = not 0x21 <= c <= 0x7E or (not query and (c == 0x25 or (c == 0x2E and b[i - 1] == 0x2E
+                                                                        and b[i - 2] == 0x2F)))
+        query = query or c == 0x3F
+        if stop:
+            pos, stopped = i, True
+            break
+        pos = i + 1
+    if not stopped:
+        return abi.CNT_NAME_TOO_LONG
+    i = pos
+    if i >= n:
+        return abi.CNT_NAME_TRUNCATED
+    c = b[i]
+    if c != 0x20:
+        return abi.CNT_NAME_ODD if not 0x21 <= c <= 0x7E else abi.CNT_NAME_FORM
+    i += 1
+    if i + 10 > n:
+        return abi.CNT_NAME_TRUNCATED
+    if b[i:i + 7] != b"HTTP/1." or b[i + 7] not in b"01" or b[i + 8] != 0x0D:
+        return abi.CNT_NAME_FORM
+    # The head: one plain run and one byte (or a CR LF) an iteration; line starts to the table.
+    pos, a, stopped, line = i + 8, 0, False, {}
+    for _ in range(HTTP_HEAD_ITER):
+        i = pos + _plain_run(b, pos, _HEAD_RUN)
+        c = b[i]
+        plain = 0x20 <= c <= 0x7E
+        crlf = c == 0x0D and b[i + 1] == 0x0A
+        stop = not (plain or crlf) or (crlf and b[i + 2] in (0x0D, 0x20))
+        line[a & (2 * HTTP_LINES - 1)] = i + 2
+        a += crlf
+        pos = i + plain + 2 * crlf
+        if stop:
+            stopped = True
+            break
+    if not stopped:
+        return abi.CNT_NAME_TOO_LONG
+    i = pos
+    if i >= n:
+        return abi.CNT_NAME_TRUNCATED
+    if a > HTTP_LINES:
+        return abi.CNT_NAME_FORM
+    c = b[i]
+    if a and line[a - 1] == i and c in (0x0D, 0x20):
+        if c == 0x20:
+            return abi.CNT_NAME_ODD
+        if i + 1 >= n:
+            return abi.CNT_NAME_TRUNCATED
+        if b[i + 1] != 0x0A:
+            return abi.CNT_NAME_ODD
+    else:
+        if c == 0x0D and i + 1 >= n:
+            return abi.CNT_NAME_TRUNCATED
+        return abi.CNT_NAME_ODD
+    # Host, Content-Length, Transfer-Encoding lines.
+    host = cl = 0
+    te = False
+    for v in range(HTTP_LINES - 1):
+        if v + 1 >= a:
+            break
+        p = line[v]
+        if not _fold_differs(b, p, b"host"):
+            if b[p + 4] == 0x3A:
+                if host:
+                    return abi.CNT_NAME_SEVERAL
+                host = v + 1
+            elif b[p + 4] == 0x20:
+                return abi.CNT_NAME_ODD
+        elif not _fold_differs(b, p, b"content-length:"):
+            if cl:
+                return abi.CNT_NAME_SEVERAL
+            cl = v + 1
+        elif not _fold_differs(b, p, b"transfer-encoding:"):
+            te = True
+    if not host:
+        return abi.CNT_NAME_NONE
+    hend = line[a - 1] + 2
+    if hend < n:
+        if te or not cl:
+            return abi.CNT_NAME_SEVERAL
+        p, e = line[cl - 1] + 15, line[cl] - 2
+        value = digits = 0
+        after = False
+        k = 0
+        while k < HTTP_CL and p + k < e:
+            c = b[p + k]
+            if c == 0x20:
+                after = after or digits > 0
+            elif 0x30 <= c <= 0x39 and not after and digits < 9:
+                value, digits = value * 10 + c - 0x30, digits + 1
+            else:
+                return abi.CNT_NAME_FORM
+            k += 1
+        if p + k != e or not digits:
+            return abi.CNT_NAME_FORM
+        if hend + value < n:
+            return abi.CNT_NAME_SEVERAL
+    # The Host value.
+    p, e = line[host - 1] + 5, line[host] - 2
+    k = 0
+    while k < HTTP_OWS and b[p] == 0x20:
+        p, k = p + 1, k + 1
+    out = bytearray()
+    label_start = True
+    for _ in range(abi.NAME_MAX + 1):
+        ch = _name_char(b[p], True)
+        if not ch:
+            break
+        if ch == 0x2E:
+            if label_start:
+                return abi.CNT_NAME_FORM
+            label_start = True
+        else:
+            label_start = False
+        if len(out) >= abi.NAME_MAX:
+            return abi.CNT_NAME_TOO_LONG
+        out.append(ch)
+        p += 1
+    if b[p] == 0x3A:
+        p += 1
+        k = 0
+        while k < 6 and 0x30 <= b[p] <= 0x39:
+            p, k = p + 1, k + 1
+        if k == 0 or k > 5:
+            return abi.CNT_NAME_FORM
+    k = 0
+    while k < HTTP_OWS and b[p] == 0x20:
+        p, k = p + 1, k + 1
+    if p != e:
+        return abi.CNT_NAME_ODD
+    if out and label_start:
+        out.pop()
+    return out.decode() if out else abi.CNT_NAME_FORM
 
 
 def _bare_syn(p: Parsed) -> bool:
