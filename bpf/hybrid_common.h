@@ -149,13 +149,14 @@
 #define HYBRID_FLOW_BY_CACHE (1U << 7)
 
 /* ---- Names (bpf/names.h) ---------------------------------------------------------------------
- * On the first payload packet of a flow in the direction that opened it (and only with
- * HYBRID_CFG_NAMES), tc copies up to HYBRID_NAME_SCAN payload bytes into a per-CPU scratch
- * (hybrid_scratch) and reads the name the engine would read (hybrid/engine/packet.py),
- * or gives up with a HYBRID_CNT_NAME_* reason: UDP to port 53 and TCP to port 53 (2-byte
- * length, exactly one message): the DNS question name; other TCP: a TLS ClientHello alone in one
- * handshake record (server_name), or an HTTP/1.x origin-form request whose head ends the
- * packet (Host). Names are ASCII [a-z0-9._-] after lower-casing, 1..HYBRID_NAME_MAX long. */
+ * On a flagged first payload packet of a flow in the direction that opened it (built with
+ * -DHYBRID_NAMES and HYBRID_CFG_NAMES set), a parser program copies up to HYBRID_NAME_SCAN
+ * payload bytes into a per-CPU scratch (hybrid_scratch) and reads the name the engine would read
+ * (hybrid/engine/packet.py), or gives up with a HYBRID_CNT_NAME_* reason: UDP to port 53 and TCP
+ * to port 53 (2-byte length, exactly one message): the DNS question name; other TCP: a TLS
+ * ClientHello alone in one handshake record (server_name), or an HTTP/1.x origin-form request
+ * whose head ends in the packet, with nothing after it or a body one Content-Length covers
+ * (Host). Names are ASCII [a-z0-9._-] after lower-casing, 1..HYBRID_NAME_MAX long. */
 #define HYBRID_MAP_NAMES_SCRATCH "hybrid_scratch"  /* percpu_array[1] of struct hybrid_name_scratch */
 #define HYBRID_NAME_MAX   253   /* characters of a name tc reads (DNS: 255 wire bytes = 253 dotted) */
 #define HYBRID_NAME_LEN   256   /* bytes of hybrid_name_key.name */
