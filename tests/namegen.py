@@ -33,7 +33,7 @@ def random_rule(r: random.Random, i: int) -> str:
     if r.random() < 0.15:
         match["src"] = "198.18.9.0/24"
     if r.random() < 0.1:
-        match["payload_len"] = r.choice(["1-100", "101-2000"])
+        match["payload_len"] = r.choice(["1-100", "101-2000", "0", "0"])
     if r.random() < 0.1:
         match["payload_contains"] = "evil"
     tcp_ok = proto in ("tcp", None)

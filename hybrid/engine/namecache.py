@@ -12,12 +12,14 @@ from the compiled rules, whether the key alone decides:
   key: the protocol, the destination port, the name of the key's kind, the views a packet of
   that kind can never have) or *open* (the source port, addresses, the path, the method, sizes,
   payload bytes, TCP flags, interfaces, a plugin: they may differ between packets with the same
-  key);
+  key), except a payload length of 0 only ("wait for the payload"), which no packet that
+  carries a name has;
 - a rule with a determined false key cannot match: the walk goes on; a rule whose keys are all
   determined true decides; a rule that may or may not match ends the walk: the key does not
   decide (None), and the engine keeps deciding such packets itself.
 
-Only decisions the kernel can carry out are cacheable: accept or drop, with any flow verdict.
+Only decisions the kernel can carry out are cacheable: accept or drop (the engine's side,
+kernelcache.py, writes only pass+bypass, pass, drop+block and drop).
 A reject (it sends a RST or an ICMP error from userspace), a rewrite and a mark stay with the
 engine. Proved against :meth:`RuleSet.decide` by tests/unit/test_namecache.py (random rule sets
 x random packets, the engine's own parse giving the key)."""
@@ -88,6 +90,8 @@ def _determined(key_name: str, value: Any, key: NameKey, view: _View) -> bool | 
         return bool(_MATCH_KEY[key_name].build(key_name, value)(view))
     if key_name == "port":                    # either port: the destination decides only a match
         return True if _MATCH_KEY["port"].build("dport", value)(view) else None
+    if key_name == "payload_len" and value[1] < 1:
+        return False                          # a packet with a name has payload ("wait for payload")
     return None
 
 

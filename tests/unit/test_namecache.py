@@ -35,6 +35,10 @@ def ruleset(tmp_path, text: str, name: str = "r.toml"):
     # a Host rule decides its names; other names fall to the default
     (rule("h", proto="tcp", http_host=".blocked.example"), NameKey("host", "x.blocked.example", 6, 80), "h"),
     (rule("h", proto="tcp", http_host=".blocked.example"), NameKey("host", "www.example", 6, 80), "default"),
+    # "wait for payload" (payload_len 0) never matches a packet that carries a name
+    (rule("w", "accept", "none", proto="tcp", payload_len="0") + rule("h", proto="tcp", http_host=".blocked.example"),
+     NameKey("host", "x.blocked.example", 6, 80), "h"),
+    (rule("w", "accept", "none", proto="tcp", payload_len="0-10"), NameKey("host", "a.example", 6, 80), None),
     # a reject is sent from userspace: not cacheable
     (rule("h", "reject", proto="tcp", http_host=".blocked.example"), NameKey("host", "x.blocked.example", 6, 80),
      None),
