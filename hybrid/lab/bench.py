@@ -455,6 +455,30 @@ def _newconn_zipf(lab: Lab, seconds: float, probe: Probe | None = None) -> Sampl
         os.unlink(path)
 
 
+# The worst case for the name cache: every request names a host never seen before
+# (u<k>.unique.example, k counting up), so every connection's first payload goes to the engine.
+UNIQUE_WRK_SCRIPT = """
+local k = 0
+request = function()
+  k = k + 1
+  return wrk.format("GET", "/", {["Host"] = "u" .. k .. ".unique.example", ["Connection"] = "close"})
+end
+"""
+
+
+def _newconn_unique(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
+    """New connections as ``newconn``, each to a Host name not seen before: the name cache's
+    worst case (it should cost what hybrid without it costs, not more)."""
+    fd, path = tempfile.mkstemp(prefix="hybrid-unique-", suffix=".lua")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(UNIQUE_WRK_SCRIPT)
+        os.chmod(path, 0o644)
+        return _newconn(lab, seconds, probe, script=path)
+    finally:
+        os.unlink(path)
+
+
 def _queued_total(lab: Lab) -> int:
     """Packets the gateway's kernel has queued so far, over all its queues (id_sequence)."""
     out = lab.run("gw", ["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False).stdout
@@ -677,6 +701,7 @@ WORKLOADS: dict[str, Workload] = {
     "bulk-4": Workload("bulk-4", "Gbit/s", _bulk(4)),
     "newconn": Workload("newconn", "req/s", _newconn),
     "newconn-zipf": Workload("newconn-zipf", "req/s", _newconn_zipf),
+    "newconn-unique": Workload("newconn-unique", "req/s", _newconn_unique),
     "udp-small": Workload("udp-small", "packets/s", _udp_small),
     "payload-visibility": Workload("payload-visibility", "share seen", _payload_visibility),
     "flood": Workload("flood", "Gbit/s", _flood),
