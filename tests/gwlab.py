@@ -150,6 +150,20 @@ def attached_with_engine(lab, tmp_path, rules: str, *attach_args):
         assert "Traceback" not in err, err
 
 
+@contextlib.contextmanager
+def engine_running(lab, tmp_path, rules: str):
+    """An engine running ``rules`` against the gateway's attachment (made by the caller),
+    stopped afterwards, also when the body fails; it must not have printed a traceback."""
+    rules_path = tmp_path / "rules.toml"
+    rules_path.write_text(rules)
+    eng = Engine(lab, rules_path)
+    try:
+        yield eng
+    finally:
+        err = eng.stop()
+        assert "Traceback" not in err, err
+
+
 _SERVE = """\
 import json, sys
 from hybrid.observe import metrics
