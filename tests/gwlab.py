@@ -153,7 +153,9 @@ def attached_with_engine(lab, tmp_path, rules: str, *attach_args):
 @contextlib.contextmanager
 def engine_running(lab, tmp_path, rules: str):
     """An engine running ``rules`` against the gateway's attachment (made by the caller),
-    stopped afterwards, also when the body fails; it must not have printed a traceback."""
+    stopped afterwards, also when the body fails; it must not have printed a traceback. Its
+    rules file is written in ``tmp_path`` (made if missing)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rules_path = tmp_path / "rules.toml"
     rules_path.write_text(rules)
     eng = Engine(lab, rules_path)
