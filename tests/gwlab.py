@@ -68,6 +68,39 @@ def wait_for(cond, timeout=10.0, what="condition"):
         time.sleep(0.05)
 
 
+def pin_dir(lab) -> str:
+    """The bpffs directory of the lab gateway's attachment."""
+    from hybrid.kernel import bpffs
+    return os.path.join(bpffs.locate(), lab.netns("gw"))
+
+
+def clear_flows(lab) -> None:
+    """Empty the flow table and the pinned verdicts of the gateway's attachment: the flow state
+    of a fresh attach (configuration, prefixes, ports and counters are kept). For tests that
+    share one attachment, so that no verdict one of them left (a UDP tuple bypassed or blocked
+    for a minute) decides a flow of the next."""
+    from hybrid.datapath.maps import Maps
+    with Maps.open_pinned(pin_dir(lab)) as maps:
+        for key, _ in list(maps.pinned()):
+            maps.unpin_verdict(key)
+        for key, _ in list(maps.flows()):
+            maps.delete_flow(key)
+        assert maps.flow_count() == 0 and maps.pinned_count() == 0
+
+
+@contextlib.contextmanager
+def attachment(lab, *attach_args):
+    """hybrid attached to the gateway's two veths with ``attach_args``, detached afterwards (also
+    when the body fails), nothing of it left in the gateway's netfilter tables."""
+    from hybrid.kernel import netfilter as nf
+    hctl(lab, "attach", *IFACES, *attach_args)
+    try:
+        yield lab
+    finally:
+        hctl(lab, "detach", "--all")
+    assert nf.leftovers(lab.netns("gw")) == []
+
+
 def nfqueue_counters(lab) -> dict[int, list[int]]:
     """/proc/net/netfilter/nfnetlink_queue of the gateway: queue -> its columns."""
     out = lab.run("gw", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
@@ -114,6 +147,22 @@ def attached_with_engine(lab, tmp_path, rules: str, *attach_args):
     finally:
         err = eng.stop() if eng is not None else ""
         hctl(lab, "detach", "--all")
+        assert "Traceback" not in err, err
+
+
+@contextlib.contextmanager
+def engine_running(lab, tmp_path, rules: str):
+    """An engine running ``rules`` against the gateway's attachment (made by the caller),
+    stopped afterwards, also when the body fails; it must not have printed a traceback. Its
+    rules file is written in ``tmp_path`` (made if missing)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rules_path = tmp_path / "rules.toml"
+    rules_path.write_text(rules)
+    eng = Engine(lab, rules_path)
+    try:
+        yield eng
+    finally:
+        err = eng.stop()
         assert "Traceback" not in err, err
 
 

@@ -1,7 +1,13 @@
-"""Fixtures for BPF_PROG_TEST_RUN tests: one compiled datapath per module (private maps, nothing
-attached, nothing pinned), built with the name cache (the superset: with HYBRID_CFG_NAMES off
-its main program does what the default build does), and maps reset before every test. Helpers
-live in bpfkit.py."""
+"""Fixtures for BPF_PROG_TEST_RUN tests: one compiled datapath for the whole session (private
+maps, nothing attached, nothing pinned), built with the name cache (the superset: with
+HYBRID_CFG_NAMES off its main program does what the default build does), and every map reset
+before every test. Helpers live in bpfkit.py.
+
+One compile, not one per module: a bcc compile and load takes 6-10 s on the CI machine, and the
+modules share nothing through it but map contents, which ``maps`` resets (bpfkit.reset empties
+every map but the names scratch, and refuses to run if the datapath has a map it does not know). A
+test that needs other compile flags compiles its own (test_pinned's small tables, test_abi's
+pinned pair)."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import pytest
 from bpfkit import Runner, reset
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def datapath():
     if os.geteuid() != 0:
         pytest.skip("needs root: BPF_PROG_TEST_RUN (run sudo ./scripts/test.sh)")
@@ -23,7 +29,7 @@ def datapath():
         dp.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def module_maps(datapath):
     with datapath.maps() as maps:
         yield maps

@@ -78,17 +78,6 @@ def nothing_of_hybrid_left(lab) -> list[str]:
     return left
 
 
-@pytest.fixture
-def attached(lab):
-    """hybrid attached on both gateway links (xdp auto = off on veth), detached afterwards."""
-    hctl(lab, "attach", *IFACES)
-    try:
-        yield lab
-    finally:
-        hctl(lab, "detach", "--all", check=False)
-    assert nothing_of_hybrid_left(lab) == []
-
-
 def tcp_transfer(lab, nbytes: int, port: int = 7000) -> tuple[str, str]:
     """Send nbytes of pseudo-random data client -> server over one TCP connection; return the
     SHA-256 of what was sent and of what arrived."""
@@ -125,37 +114,108 @@ def tcp_transfer(lab, nbytes: int, port: int = 7000) -> tuple[str, str]:
     return sent.hexdigest(), got.get("digest", "")
 
 
-def test_bulk_transfer_queues_only_handshake_and_first_packets(attached):
-    lab = attached
-    with bare_consumer(lab):            # a real NFQUEUE consumer: queued packets really go to userspace
-        before = status(lab)
-        rtx0 = {h: retransmitted(lab, h) for h in ("client", "server")}
-        sent, received = tcp_transfer(lab, 512 << 20)   # 512 MiB, one connection
-        res = iperf3(lab, seconds=1)                     # and a second client, two connections
-        after = status(lab)
-        rtx = {h: retransmitted(lab, h) - rtx0[h] for h in ("client", "server")}
-    assert sent == received                              # every byte arrived, in order
-    assert res["end"]["sum_received"]["bytes"] > 10_000_000
-    c = {k: counters(after, "to-client")[k] - counters(before, "to-client").get(k, 0)
-         for k in counters(after, "to-client")}
-    # our transfer opens one connection, iperf3 two (control and data): exactly three SYNs.
-    assert c["reason_syn"] == 3
-    # At most the first 3 payload packets per direction of each of the three connections, plus
-    # retransmissions of those bytes, which are flagged again (a retransmitted copy must not reach
-    # the server uninspected). They happen: the queued first packets arrive after the unqueued
-    # fourth, the receiver's SACKs report a hole, and the sender repeats them. The host's own
-    # retransmission counter bounds them (it counts segments, so it can only over-count).
-    s = {k: counters(after, "to-server")[k] - counters(before, "to-server").get(k, 0)
-         for k in counters(after, "to-server")}
-    assert c["reason_first_n"] <= 9 + rtx["client"], (c["reason_first_n"], rtx)
-    assert s["reason_first_n"] <= 9 + rtx["server"], (s["reason_first_n"], rtx)
-    assert c["reason_first_n"] >= 3                      # every connection sent a payload
-    q = queued(after) - queued(before)
-    assert 3 <= q <= 3 + 9 + 9 + rtx["client"] + rtx["server"]
-    # The bulk stayed in the kernel: 512 MiB is at least ~8,000 GSO packets plus their ACKs,
-    # against the few dozen queued above (more segments under load, never fewer: a ratio to
-    # the throughput of a loaded machine would measure the machine, not hybrid).
-    assert c["packets"] + s["packets"] > 100 * q
+@pytest.fixture(scope="class")
+def attached_once(lab):
+    """One attachment for a class: hybrid on both gateway links (xdp auto = off on veth),
+    detached when the class is done (also when a test failed)."""
+    hctl(lab, "attach", *IFACES)
+    try:
+        yield lab
+    finally:
+        hctl(lab, "detach", "--all", check=False)
+    assert nothing_of_hybrid_left(lab) == []
+
+
+@pytest.fixture
+def attached(attached_once):
+    """The class's attachment, still in place (no test before detached it)."""
+    lab = attached_once
+    assert os.path.exists(f"/run/hybrid/instances/{lab.netns('gw')}/state.json") and os.path.isdir(pins_of(lab))
+    return lab
+
+
+class TestOneAttachment:
+    """The tests that only use an attachment share one (class-scoped: detached before the tests
+    that attach for themselves): hybrid attached on both gateway links (xdp auto = off on veth),
+    each test on flows and ports of its own, counting deltas. An attach compiles the datapath
+    (6-10 s on the CI machine); what attaching itself does is tested below, one attach each."""
+
+    def test_bulk_transfer_queues_only_handshake_and_first_packets(self, attached):
+        lab = attached
+        with bare_consumer(lab):            # a real NFQUEUE consumer: queued packets really go to userspace
+            before = status(lab)
+            rtx0 = {h: retransmitted(lab, h) for h in ("client", "server")}
+            sent, received = tcp_transfer(lab, 512 << 20)   # 512 MiB, one connection
+            res = iperf3(lab, seconds=1)                     # and a second client, two connections
+            after = status(lab)
+            rtx = {h: retransmitted(lab, h) - rtx0[h] for h in ("client", "server")}
+        assert sent == received                              # every byte arrived, in order
+        assert res["end"]["sum_received"]["bytes"] > 10_000_000
+        c = {k: counters(after, "to-client")[k] - counters(before, "to-client").get(k, 0)
+             for k in counters(after, "to-client")}
+        # our transfer opens one connection, iperf3 two (control and data): exactly three SYNs.
+        assert c["reason_syn"] == 3
+        # At most the first 3 payload packets per direction of each of the three connections, plus
+        # retransmissions of those bytes, which are flagged again (a retransmitted copy must not reach
+        # the server uninspected). They happen: the queued first packets arrive after the unqueued
+        # fourth, the receiver's SACKs report a hole, and the sender repeats them. The host's own
+        # retransmission counter bounds them (it counts segments, so it can only over-count).
+        s = {k: counters(after, "to-server")[k] - counters(before, "to-server").get(k, 0)
+             for k in counters(after, "to-server")}
+        assert c["reason_first_n"] <= 9 + rtx["client"], (c["reason_first_n"], rtx)
+        assert s["reason_first_n"] <= 9 + rtx["server"], (s["reason_first_n"], rtx)
+        assert c["reason_first_n"] >= 3                      # every connection sent a payload
+        q = queued(after) - queued(before)
+        assert 3 <= q <= 3 + 9 + 9 + rtx["client"] + rtx["server"]
+        # The bulk stayed in the kernel: 512 MiB is at least ~8,000 GSO packets plus their ACKs,
+        # against the few dozen queued above (more segments under load, never fewer: a ratio to
+        # the throughput of a loaded machine would measure the machine, not hybrid).
+        assert c["packets"] + s["packets"] > 100 * q
+
+    def test_ipv6_connections_are_flagged_and_queued(self, attached):
+        lab = attached
+        from hybrid.lab.demo import Nginx
+        with bare_consumer(lab) as consumer, Nginx(lab):
+            before = status(lab)
+            for _ in range(3):
+                out = lab.run("client", ["curl", "-s", "-m", "5", f"http://[{lab.info.server.ipv6}]/"]).stdout
+                assert out == "hello from the hybrid lab\n"
+            after = status(lab)
+        syn = counters(after, "to-client")["reason_syn"] - counters(before, "to-client").get("reason_syn", 0)
+        assert syn == 3
+        q6 = queued(after, "ipv6") - queued(before, "ipv6")
+        assert 3 <= q6 <= 3 * (1 + 3 + 3)       # SYN + first 3 payload packets each way, per connection
+        assert consumer.seen >= q6
+
+    def test_block_verdict_expires(self, attached):
+        lab = attached
+        assert udp_send(lab, [b"x"], dport=9003, sport=40003) == 1
+        c0 = counters(status(lab), "to-client")
+        with Maps.open_pinned(pins_of(lab)) as maps:
+            key, _ = maps.flow_key(lab.info.client.ipv4, lab.info.server.ipv4, 40003, 9003, socket.IPPROTO_UDP)
+            maps.set_verdict(key, abi.VERDICT_BLOCK, ttl=0.5)
+        assert udp_send(lab, [b"x"] * 2, dport=9003, sport=40003) == 0     # xdp off on veth: dropped at tc
+        assert counters(status(lab), "to-client")["drop_tc_flow"] - c0.get("drop_tc_flow", 0) == 2
+        time.sleep(0.6)
+        assert udp_send(lab, [b"x"] * 2, dport=9003, sport=40003) == 2     # the block expired by itself
+        assert counters(status(lab), "to-client")["verdict_expired"] - c0.get("verdict_expired", 0) >= 1
+
+    def test_reattach_replaces_in_place_and_keeps_state(self, attached):
+        lab = attached
+        assert udp_send(lab, [b"x"] * 4, dport=9004, sport=40004) == 4
+        first = status(lab)
+        res = json.loads(hctl(lab, "attach", *IFACES, "--json").stdout)
+        assert res["reused_pins"] is True
+        second = status(lab)
+        with Maps.open_pinned(pins_of(lab)) as maps:                      # the same flow, same counts
+            key, _ = maps.flow_key(lab.info.client.ipv4, lab.info.server.ipv4, 40004, 9004, socket.IPPROTO_UDP)
+            assert maps.get_flow(key).packets[0] == 4
+        assert counters(second, "to-client")["packets"] >= counters(first, "to-client")["packets"]
+        for ifname in IFACES:
+            out = lab.run("gw", ["tc", "filter", "show", "dev", ifname, "ingress"]).stdout
+            assert out.count("hybrid_tc_ingress") == 1
+        save = lab.run("gw", ["iptables-save"]).stdout
+        assert save.count("-j HYBRID") == 1 and save.count("NFQUEUE") == 1
 
 
 @pytest.mark.parametrize("mode", ["generic", "native"])
@@ -181,35 +241,6 @@ def test_blocked_flow_dies_at_xdp(lab, mode):
     finally:
         hctl(lab, "detach", "--all")
     assert nothing_of_hybrid_left(lab) == []
-
-
-def test_ipv6_connections_are_flagged_and_queued(attached):
-    lab = attached
-    from hybrid.lab.demo import Nginx
-    with bare_consumer(lab) as consumer, Nginx(lab):
-        before = status(lab)
-        for _ in range(3):
-            out = lab.run("client", ["curl", "-s", "-m", "5", f"http://[{lab.info.server.ipv6}]/"]).stdout
-            assert out == "hello from the hybrid lab\n"
-        after = status(lab)
-    syn = counters(after, "to-client")["reason_syn"] - counters(before, "to-client").get("reason_syn", 0)
-    assert syn == 3
-    q6 = queued(after, "ipv6") - queued(before, "ipv6")
-    assert 3 <= q6 <= 3 * (1 + 3 + 3)       # SYN + first 3 payload packets each way, per connection
-    assert consumer.seen >= q6
-
-
-def test_block_verdict_expires(attached):
-    lab = attached
-    assert udp_send(lab, [b"x"], dport=9003, sport=40003) == 1
-    with Maps.open_pinned(pins_of(lab)) as maps:
-        key, _ = maps.flow_key(lab.info.client.ipv4, lab.info.server.ipv4, 40003, 9003, socket.IPPROTO_UDP)
-        maps.set_verdict(key, abi.VERDICT_BLOCK, ttl=0.5)
-    assert udp_send(lab, [b"x"] * 2, dport=9003, sport=40003) == 0     # xdp off on veth: dropped at tc
-    assert counters(status(lab), "to-client")["drop_tc_flow"] == 2
-    time.sleep(0.6)
-    assert udp_send(lab, [b"x"] * 2, dport=9003, sport=40003) == 2     # the block expired by itself
-    assert counters(status(lab), "to-client")["verdict_expired"] >= 1
 
 
 def test_block_prefix_option_drops_in_kernel(lab):
@@ -245,24 +276,6 @@ def test_failure_at_the_last_step_rolls_everything_back(lab, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "Error: installing the ipv6 netfilter rules (ip6tables-restore): ip6tables-restore: injected failure"]
     assert nothing_of_hybrid_left(lab) == []
-
-
-def test_reattach_replaces_in_place_and_keeps_state(attached):
-    lab = attached
-    assert udp_send(lab, [b"x"] * 4, dport=9004, sport=40004) == 4
-    first = status(lab)
-    res = json.loads(hctl(lab, "attach", *IFACES, "--json").stdout)
-    assert res["reused_pins"] is True
-    second = status(lab)
-    with Maps.open_pinned(pins_of(lab)) as maps:                      # the same flow, same counts
-        key, _ = maps.flow_key(lab.info.client.ipv4, lab.info.server.ipv4, 40004, 9004, socket.IPPROTO_UDP)
-        assert maps.get_flow(key).packets[0] == 4
-    assert counters(second, "to-client")["packets"] >= counters(first, "to-client")["packets"]
-    for ifname in IFACES:
-        out = lab.run("gw", ["tc", "filter", "show", "dev", ifname, "ingress"]).stdout
-        assert out.count("hybrid_tc_ingress") == 1
-    save = lab.run("gw", ["iptables-save"]).stdout
-    assert save.count("-j HYBRID") == 1 and save.count("NFQUEUE") == 1
 
 
 def test_reattach_options_replace_the_previous_ones(lab):

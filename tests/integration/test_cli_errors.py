@@ -1,12 +1,17 @@
 """Every hybridctl subcommand given wrong input, run as an operator would (the installed entry
 point, in a lab's gateway namespace so that nothing could touch the machine): a usage error exits
 2, a failed operation 1, and either way stderr is exactly one line that says what to fix, with no
-traceback anywhere. As a non-root user, a missing privilege is one line too."""
+traceback anywhere. As a non-root user, a missing privilege is one line too.
+
+Every case is a fresh hybridctl process (most of its time is Python starting and importing), and
+none of them changes anything (each fails before acting): they all start at once, a few at a
+time, when the module begins, and each test checks its own case's result."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 from gwlab import HYBRIDCTL
@@ -128,19 +133,32 @@ def _check(proc, argv, rc: int, text: str) -> None:
     assert text in lines[0], where
 
 
+@pytest.fixture(scope="module")
+def ran(lab, files):
+    """(user, argv) -> the Future of its run, for every case of the module, all started at once
+    (a pool as wide as the machine has CPUs, and one more)."""
+    cases = [(None, args) for args, _, _ in CASES] + [("nobody", args) for args, _, _ in AS_NOBODY]
+    with ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) + 1) as pool:
+        futures: dict[tuple, Future] = {}
+        for user, args in cases:
+            argv = [a.format(**files) for a in args]
+            futures[(user, tuple(argv))] = pool.submit(run_in_gw, lab, argv, user)
+        yield futures
+
+
 @pytest.mark.parametrize("args,rc,text", CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_bad_input_is_one_line(lab, files, args, rc, text):
+def test_bad_input_is_one_line(ran, files, args, rc, text):
     argv = [a.format(**files) for a in args]
-    _check(run_in_gw(lab, argv), argv, rc, text)
+    _check(ran[(None, tuple(argv))].result(), argv, rc, text)
 
 
 @pytest.mark.parametrize("args,rc,text", AS_NOBODY, ids=[" ".join(c[0]) for c in AS_NOBODY])
-def test_missing_privilege_is_one_line(lab, files, args, rc, text):
+def test_missing_privilege_is_one_line(ran, files, args, rc, text):
     argv = [a.format(**files) for a in args]
-    _check(run_in_gw(lab, argv, user="nobody"), argv, rc, text)
+    _check(ran[("nobody", tuple(argv))].result(), argv, rc, text)
 
 
-def test_nothing_was_left_behind(lab):
+def test_nothing_was_left_behind(lab, ran):
     """None of the above changed anything in the gateway namespace."""
     for save in ("iptables-save", "ip6tables-save"):
         assert "HYBRID" not in lab.run("gw", [save]).stdout

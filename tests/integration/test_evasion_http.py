@@ -164,8 +164,10 @@ def test_hybrid_decides_on_what_nginx_serves(lab, tmp_path):
         direct = send_all(lab)                     # nginx's own reading, no hybrid
         with attached_with_engine(lab, tmp_path, BLOCK, "--xdp-mode", "generic"):
             through = send_all(lab)
+            # The counters are published every 0.5 s: wait for the ones asserted below.
             st = engine_stats(lab, until=lambda st: st["doubts"].get("http:host_conflict")
-                              and st["doubts"].get("http:duplicate_host"))
+                              and st["doubts"].get("http:duplicate_host")
+                              and st["rules"].get("block-host", 0) >= 10 and st["rules"].get("block-admin", 0) >= 5)
     table = []
     wrong = []
     for name, _ in VARIANTS:

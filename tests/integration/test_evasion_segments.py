@@ -16,7 +16,7 @@ import json
 import sys
 
 import pytest
-from gwlab import attached_with_engine, engine_stats
+from gwlab import attachment, clear_flows, engine_running, engine_stats
 
 from hybrid.lab.demo import Nginx
 
@@ -186,8 +186,15 @@ def send_all(lab, v6: bool, seed: int) -> dict[str, str]:
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_hybrid_decides_segments_as_nginx_joins_them(lab, tmp_path, v6):
+FAMILIES = {"ipv4": False, "ipv6": True}
+
+
+@pytest.fixture(scope="module")
+def runs(lab, tmp_path_factory) -> dict[str, tuple[dict, dict, dict]]:
+    """family -> (nginx's own reading with no hybrid, what came back through hybrid, the
+    blocking engine's counters). Both families' oracles first, then one attach (a compile takes
+    6-10 s on CI) and an engine per family, each on an emptied flow table."""
+    tmp_path = tmp_path_factory.mktemp("segments")
     www = tmp_path / "www"
     www.mkdir()
     www.chmod(0o755)
@@ -199,11 +206,22 @@ def test_hybrid_decides_segments_as_nginx_joins_them(lab, tmp_path, v6):
   server {{ listen 80; listen [::]:80; server_name {A};
     root {www}; default_type text/plain; }}
 """
+    out = {}
     with Nginx(lab, root=str(www), extra_servers=extra):
-        direct = send_all(lab, v6, 1)                       # nginx's own reading, no hybrid
-        with attached_with_engine(lab, tmp_path, BLOCK, "--xdp-mode", "generic"):
-            through = send_all(lab, v6, 2)
-            st = engine_stats(lab, until=lambda st: st.get("http_heads_joined", 0) >= 10)
+        direct = {fam: send_all(lab, v6, 1) for fam, v6 in FAMILIES.items()}   # nginx's own reading
+        with attachment(lab, "--xdp-mode", "generic"):
+            for fam, v6 in FAMILIES.items():
+                clear_flows(lab)
+                with engine_running(lab, tmp_path / fam, BLOCK):
+                    through = send_all(lab, v6, 2)
+                    st = engine_stats(lab, until=lambda st: st.get("http_heads_joined", 0) >= 10)
+                out[fam] = (direct[fam], through, st)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hybrid_decides_segments_as_nginx_joins_them(runs, family):
+    direct, through, st = runs[family]
     table, wrong = [], []
     for name, (_, clear) in VARIANTS.items():
         want, got = served(direct[name]), served(through[name])

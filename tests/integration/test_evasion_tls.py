@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
+import socket
 import ssl
 import struct
 import subprocess
-import sys
 import time
 
 import pytest
-from gwlab import attached_with_engine, engine_stats
+from gwlab import attachment, clear_flows, engine_running, engine_stats
+
+from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
 PORT = 4433
@@ -38,27 +39,6 @@ ACCEPT_ALL = ('default = "accept"\ndefault_flow = "bypass"\n[[rule]]\nname = "wa
 BLOCK_SNI = ACCEPT_ALL + ('[[rule]]\nname = "block-sni"\nproto = "tcp"\ntls_sni = "x.blocked.example"\n'
                           'action = "reject"\nflow = "block"\n')
 
-# Runs in the client namespace: connect, send the pieces (one send each, TCP_NODELAY, a pause
-# between them), read the server's first bytes. Prints {"got": hex} or {"error": name}.
-CLIENT = r"""
-import json, socket, sys, time
-a = json.loads(sys.argv[1])
-s = socket.create_connection((a["host"], a["port"]), timeout=5)
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-out = {}
-try:
-    for i, piece in enumerate(a["pieces"]):
-        if i:
-            time.sleep(a["pause"])
-        s.sendall(bytes.fromhex(piece))
-    s.settimeout(3)
-    out["got"] = s.recv(7).hex()
-except OSError as exc:
-    out["error"] = type(exc).__name__
-finally:
-    s.close()
-print(json.dumps(out))
-"""
 
 
 
@@ -139,10 +119,24 @@ UNPARSED = {"alert-interleaved": "interleaved", "ccs-interleaved": "interleaved"
             "two-names": "sni_malformed", "33-empty-records": "empty_records"}
 
 
+class Log(str):
+    """s_server's log so far."""
+
+    @property
+    def selected(self) -> int:
+        """How many times its servername callback has selected BLOCKED."""
+        return self.count("Switching server context.")
+
+    @property
+    def closed(self) -> int:
+        """How many connections it has finished with (it logs this after all else about one)."""
+        return self.count("CONNECTION CLOSED")
+
+
 @contextlib.contextmanager
 def s_server(lab, tmp_path):
-    """s_server with a second certificate for BLOCKED; yields a function that counts how many
-    times its servername callback has selected BLOCKED so far."""
+    """s_server with a second certificate for BLOCKED; yields a function that returns its
+    log so far (a Log)."""
     paths = {}
     for n in ("main", "blocked"):
         cert, key = str(tmp_path / f"{n}.pem"), str(tmp_path / f"{n}.key")
@@ -163,7 +157,7 @@ def s_server(lab, tmp_path):
         while not lab.run("server", ["ss", "-Hltn", f"sport = :{PORT}"]).stdout.strip():
             assert proc.poll() is None and time.monotonic() < deadline, logpath.read_text()
             time.sleep(0.05)
-        yield lambda: logpath.read_text(errors="replace").count("Switching server context.")
+        yield lambda: Log(logpath.read_text(errors="replace"))
     finally:
         proc.terminate()
         try:
@@ -176,37 +170,55 @@ def s_server(lab, tmp_path):
 
 
 def send(lab, pieces: list[bytes]) -> dict:
-    arg = json.dumps({"host": lab.info.server.ipv4, "port": PORT, "pause": 0.15,
-                      "pieces": [p.hex() for p in pieces]})
-    out = lab.run("client", [sys.executable, "-c", CLIENT, arg], timeout=30).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """From the client namespace: connect, send the pieces (one send each, TCP_NODELAY, a pause
+    between them), read the server's first bytes. {"got": hex} or {"error": name}."""
+    with netns(lab.netns("client")):
+        s = socket.create_connection((lab.info.server.ipv4, PORT), timeout=5)
+    out = {}
+    with s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for i, piece in enumerate(pieces):
+                if i:
+                    time.sleep(0.15)
+                s.sendall(piece)
+            s.settimeout(3)
+            out["got"] = s.recv(7).hex()
+        except OSError as exc:
+            out["error"] = type(exc).__name__
+    return out
 
 
-def outcome(lab, selected, pieces) -> tuple[str, bool]:
+def outcome(lab, log, pieces) -> tuple[str, bool]:
     """(what the client saw: "hello", "alert", "closed", "reset" or "timeout"; whether the
     server selected BLOCKED for this connection)."""
-    before = selected()
+    before = log()
     res = send(lab, pieces)
-    time.sleep(0.2)                          # s_server logs after the callback; let it
+    # s_server logs the name it selected before it answers, and "CONNECTION CLOSED" after all
+    # else about a connection: wait for that (it serves one connection at a time).
+    deadline = time.monotonic() + 10
+    while (now := log()).closed <= before.closed and time.monotonic() < deadline:
+        time.sleep(0.02)
     if "error" in res:
         seen = {"ConnectionResetError": "reset", "TimeoutError": "timeout"}.get(res["error"], res["error"])
     else:
         got = bytes.fromhex(res["got"])
         seen = {0x16: "hello", 0x15: "alert"}.get(got[0], "other") if got else "closed"
-    return seen, selected() > before
+    return seen, now.selected > before.selected
 
 
 def test_the_server_decides_what_hybrid_blocks(lab, tmp_path):
     cases = [(v, name, pieces) for name in (BLOCKED, ALLOWED) for v, pieces in variants(name).items()]
     cases.append(("final-dot", BLOCKED + ".", [client_hello(BLOCKED + ".")]))
     blocks = sum(1 for v, name, _ in cases if name != ALLOWED and v not in UNPARSED)
-    with s_server(lab, tmp_path) as selected:
-        oracle = {}
-        with attached_with_engine(lab, tmp_path, ACCEPT_ALL, "--xdp-mode", "generic"):
-            for v, name, pieces in cases:
-                oracle[v, name] = outcome(lab, selected, pieces)
-        with attached_with_engine(lab, tmp_path, BLOCK_SNI, "--xdp-mode", "generic"):
-            got = {(v, name): outcome(lab, selected, pieces) for v, name, pieces in cases}
+    # One attach for both runs (a compile takes 6-10 s on CI), an engine for each; the second
+    # starts from an emptied flow table, as after a fresh attach.
+    with s_server(lab, tmp_path) as log, attachment(lab, "--xdp-mode", "generic"):
+        with engine_running(lab, tmp_path / "accept", ACCEPT_ALL):
+            oracle = {(v, name): outcome(lab, log, pieces) for v, name, pieces in cases}
+        clear_flows(lab)
+        with engine_running(lab, tmp_path / "block", BLOCK_SNI):
+            got = {(v, name): outcome(lab, log, pieces) for v, name, pieces in cases}
             st = engine_stats(lab, until=lambda s: sum(tls_doubts(s).values()) >= 2 * len(UNPARSED)
                               and s["rules"]["block-sni"] >= blocks)
     table = "\n".join(f"{v:40} {name:22} server: {oracle[v, name]}  hybrid: {got[v, name]}"

@@ -25,6 +25,9 @@ from gwlab import (
     IFACES,
     MetricsProcess,
     attached_with_engine,
+    attachment,
+    clear_flows,
+    engine_running,
     engine_stats,
     hctl,
     nfqueue_counters,
@@ -70,81 +73,136 @@ def _between(low: float, value: float, high: float) -> bool:
     return low <= value <= high
 
 
-def test_scrape_agrees_with_status_engine_and_queue(lab, tmp_path):
-    # cache_seconds=0: every scrape reads the instance, so that it falls between the status reads
-    # around it and sees traffic sent a moment before (the shared snapshot is tested below).
-    with attached_with_engine(lab, tmp_path, RULES, "--xdp-mode", "generic"), \
-            MetricsProcess(lab, cache_seconds=0) as metrics:
-        assert udp_send(lab, [b"first"], dport=10010, sport=41000) == 1          # decided: bypass
-        assert udp_send(lab, [b"pass"] * 4, dport=10010, sport=41000) == 4       # kept in the kernel
-        assert udp_send(lab, [b"drop"] * 3, dport=10086, sport=41001) == 0
-        eng = engine_stats(lab, until=lambda st: st["rules"].get("drop-10086") == 3)
-        assert eng["rules"]["drop-10086"] == 3
+@pytest.fixture(scope="class")
+def attached(lab):
+    """One attachment (xdp generic) for a class of tests, detached afterwards."""
+    with attachment(lab, "--xdp-mode", "generic"):
+        yield lab
 
-        before, q_before = status(lab), nfqueue_counters(lab)
-        m = metrics.scrape()
-        after, q_after = status(lab), nfqueue_counters(lab)
 
-        assert sample(m, "hybrid_attached", instance=lab.netns("gw")) == 1
-        # kernel counters: every counter of every interface, between two status reads
-        for ifname in ("to-client", "to-server"):
-            c0, c1 = before["interfaces"][ifname]["counters"], after["interfaces"][ifname]["counters"]
-            for name, value in c1.items():
-                if name.startswith("reason_"):
-                    got = sample(m, "hybrid_kernel_flagged_by_reason_total", interface=ifname,
-                                 reason=name[len("reason_"):])
-                else:
-                    got = sample(m, f"hybrid_kernel_{name}_total", interface=ifname)
-                assert _between(c0[name], got, value), (ifname, name, c0[name], got, value)
-        client = after["interfaces"]["to-client"]["counters"]
-        assert client["xdp_packets"] > 0 and client["flagged"] >= 4 and client["bypassed"] >= 4
+@pytest.fixture
+def engine(attached, tmp_path):
+    """An engine running RULES against the class's attachment, on an emptied flow table (the
+    flow state of a fresh attach), stopped after the test."""
+    clear_flows(attached)
+    with engine_running(attached, tmp_path, RULES) as eng:
+        yield eng
 
-        # flows: the total between two reads; the UDP flow to 10010 is in BYPASS
-        flows = sum(v for (name, _), v in m.items() if name == "hybrid_flows")
-        assert _between(before["flows"], flows, after["flows"])
-        assert sample(m, "hybrid_flows", verdict="bypass") == 1
 
-        # the netfilter queue's own counters
-        assert sample(m, "hybrid_nfqueue_queued_total", queue="0") == q_before[0][7] == q_after[0][7]
-        assert sample(m, "hybrid_nfqueue_queued_total", queue="0") >= 4
-        assert sample(m, "hybrid_nfqueue_dropped_total", queue="0") == q_after[0][5]
-        assert sample(m, "hybrid_nfqueue_user_dropped_total", queue="0") == q_after[0][6]
-        assert sample(m, "hybrid_nfqueue_waiting", queue="0") == 0
-        # fail-open overflow, derived as status derives it (nothing overflowed here)
-        assert sample(m, "hybrid_nfqueue_passed_overflow_total") == after["queue"]["passed_overflow"] == 0
-        # no way of passing uninspected moved, and both say so
-        assert after["fail_open"]["moved"] == [] and before["fail_open"]["moved"] == []
-        assert {dict(k)["way"]: v for (name, k), v in m.items() if name == "hybrid_fail_open_total"} == \
-            dict.fromkeys(after["fail_open"]["ways"], 0)
-        assert "fail-open: none" in hctl(lab, "status").stdout.splitlines()
+class TestOneAttachment:
+    """The tests that need an attachment with nothing special share one (an attach compiles the
+    datapath, 6-10 s on CI); each has an engine of its own."""
 
-        # the engine: exactly what it published (it is idle now)
-        eng = engine_stats(lab)
-        assert sample(m, "hybrid_engine_up", queue="0") == 1
-        assert sample(m, "hybrid_engine_packets_total", queue="0") == eng["packets"]
-        assert sample(m, "hybrid_engine_actions_total", queue="0", action="drop") == 3
-        assert sample(m, "hybrid_engine_actions_total", queue="0", action="accept") == eng["actions"]["accept"] >= 1
-        assert sample(m, "hybrid_engine_rule_verdicts_total", queue="0", rule="drop-10086") == 3
-        assert sample(m, "hybrid_engine_rule_verdicts_total", queue="0", rule="bypass-10010") == \
-            eng["rules"]["bypass-10010"] >= 1
-        assert sample(m, "hybrid_engine_flow_verdicts_total", queue="0", verdict="bypass") == \
-            eng["flow_verdicts"]["bypass"] >= 1
-        # every packet the engine handled is in the decision-time histogram, once
-        assert sample(m, "hybrid_engine_decision_seconds_count", queue="0") == eng["packets"]
-        assert sample(m, "hybrid_engine_decision_seconds_bucket", queue="0", le="+Inf") == eng["packets"]
-        assert 0 < sample(m, "hybrid_engine_decision_seconds_sum", queue="0") == eng["decision_ns_sum"] / 1e9
-        buckets = sorted((float(dict(labels)["le"]), v) for (name, labels), v in m.items()
-                         if name == "hybrid_engine_decision_seconds_bucket")
-        assert [v for _, v in buckets] == sorted(v for _, v in buckets)      # cumulative
-        # a packet handled in Python takes more than half a microsecond and less than a second
-        assert buckets[0][1] < eng["packets"] and sample(
-            m, "hybrid_engine_decision_seconds_bucket", queue="0", le="1.073741824") == eng["packets"]
+    def test_scrape_agrees_with_status_engine_and_queue(self, lab, engine):
+        # cache_seconds=0: every scrape reads the instance, so that it falls between the status reads
+        # around it and sees traffic sent a moment before (the shared snapshot is tested below).
+        with MetricsProcess(lab, cache_seconds=0) as metrics:
+            assert udp_send(lab, [b"first"], dport=10010, sport=41000) == 1          # decided: bypass
+            assert udp_send(lab, [b"pass"] * 4, dport=10010, sport=41000) == 4       # kept in the kernel
+            assert udp_send(lab, [b"drop"] * 3, dport=10086, sport=41001) == 0
+            eng = engine_stats(lab, until=lambda st: st["rules"].get("drop-10086") == 3)
+            assert eng["rules"]["drop-10086"] == 3
 
-        # more traffic moves the counters by what was sent
-        m0 = sample(m, "hybrid_kernel_bypassed_total", interface="to-client")
-        assert udp_send(lab, [b"more"] * 7, dport=10010, sport=41000) == 7
-        m2 = metrics.scrape()
-        assert sample(m2, "hybrid_kernel_bypassed_total", interface="to-client") == m0 + 7
+            before, q_before = status(lab), nfqueue_counters(lab)
+            m = metrics.scrape()
+            after, q_after = status(lab), nfqueue_counters(lab)
+
+            assert sample(m, "hybrid_attached", instance=lab.netns("gw")) == 1
+            # kernel counters: every counter of every interface, between two status reads
+            for ifname in ("to-client", "to-server"):
+                c0, c1 = before["interfaces"][ifname]["counters"], after["interfaces"][ifname]["counters"]
+                for name, value in c1.items():
+                    if name.startswith("reason_"):
+                        got = sample(m, "hybrid_kernel_flagged_by_reason_total", interface=ifname,
+                                     reason=name[len("reason_"):])
+                    else:
+                        got = sample(m, f"hybrid_kernel_{name}_total", interface=ifname)
+                    assert _between(c0[name], got, value), (ifname, name, c0[name], got, value)
+            client = after["interfaces"]["to-client"]["counters"]
+            assert client["xdp_packets"] > 0 and client["flagged"] >= 4 and client["bypassed"] >= 4
+
+            # flows: the total between two reads; the UDP flow to 10010 is in BYPASS
+            flows = sum(v for (name, _), v in m.items() if name == "hybrid_flows")
+            assert _between(before["flows"], flows, after["flows"])
+            assert sample(m, "hybrid_flows", verdict="bypass") == 1
+
+            # the netfilter queue's own counters
+            assert sample(m, "hybrid_nfqueue_queued_total", queue="0") == q_before[0][7] == q_after[0][7]
+            assert sample(m, "hybrid_nfqueue_queued_total", queue="0") >= 4
+            assert sample(m, "hybrid_nfqueue_dropped_total", queue="0") == q_after[0][5]
+            assert sample(m, "hybrid_nfqueue_user_dropped_total", queue="0") == q_after[0][6]
+            assert sample(m, "hybrid_nfqueue_waiting", queue="0") == 0
+            # fail-open overflow, derived as status derives it (nothing overflowed here)
+            assert sample(m, "hybrid_nfqueue_passed_overflow_total") == after["queue"]["passed_overflow"] == 0
+            # no way of passing uninspected moved, and both say so
+            assert after["fail_open"]["moved"] == [] and before["fail_open"]["moved"] == []
+            assert {dict(k)["way"]: v for (name, k), v in m.items() if name == "hybrid_fail_open_total"} == \
+                dict.fromkeys(after["fail_open"]["ways"], 0)
+            assert "fail-open: none" in hctl(lab, "status").stdout.splitlines()
+
+            # the engine: exactly what it published (it is idle now)
+            eng = engine_stats(lab)
+            assert sample(m, "hybrid_engine_up", queue="0") == 1
+            assert sample(m, "hybrid_engine_packets_total", queue="0") == eng["packets"]
+            assert sample(m, "hybrid_engine_actions_total", queue="0", action="drop") == 3
+            assert sample(m, "hybrid_engine_actions_total", queue="0", action="accept") == eng["actions"]["accept"] >= 1
+            assert sample(m, "hybrid_engine_rule_verdicts_total", queue="0", rule="drop-10086") == 3
+            assert sample(m, "hybrid_engine_rule_verdicts_total", queue="0", rule="bypass-10010") == \
+                eng["rules"]["bypass-10010"] >= 1
+            assert sample(m, "hybrid_engine_flow_verdicts_total", queue="0", verdict="bypass") == \
+                eng["flow_verdicts"]["bypass"] >= 1
+            # every packet the engine handled is in the decision-time histogram, once
+            assert sample(m, "hybrid_engine_decision_seconds_count", queue="0") == eng["packets"]
+            assert sample(m, "hybrid_engine_decision_seconds_bucket", queue="0", le="+Inf") == eng["packets"]
+            assert 0 < sample(m, "hybrid_engine_decision_seconds_sum", queue="0") == eng["decision_ns_sum"] / 1e9
+            buckets = sorted((float(dict(labels)["le"]), v) for (name, labels), v in m.items()
+                             if name == "hybrid_engine_decision_seconds_bucket")
+            assert [v for _, v in buckets] == sorted(v for _, v in buckets)      # cumulative
+            # a packet handled in Python takes more than half a microsecond and less than a second
+            assert buckets[0][1] < eng["packets"] and sample(
+                m, "hybrid_engine_decision_seconds_bucket", queue="0", le="1.073741824") == eng["packets"]
+
+            # more traffic moves the counters by what was sent
+            m0 = sample(m, "hybrid_kernel_bypassed_total", interface="to-client")
+            assert udp_send(lab, [b"more"] * 7, dport=10010, sport=41000) == 7
+            m2 = metrics.scrape()
+            assert sample(m2, "hybrid_kernel_bypassed_total", interface="to-client") == m0 + 7
+
+
+    def test_a_burst_of_scrapes_reads_the_instance_once_a_second(self, lab, engine, socket_dir):
+        sock = socket_dir / "metrics.sock"
+        with MetricsProcess(lab, path=sock) as metrics:
+            assert udp_send(lab, [b"first"], dport=10010, sport=41000) == 1
+            first = metrics.scrape()
+            assert sample(first, "hybrid_attached", instance=lab.netns("gw")) == 1
+            codes: list[int] = []
+            snapshots: list[float] = []
+            deadline = time.monotonic() + 3.0
+
+            def scraper():
+                while time.monotonic() < deadline:
+                    try:
+                        code, text = metrics.get()
+                    except (BrokenPipeError, ConnectionResetError):
+                        code = 0        # refused before this client had sent its request (a slow thread)
+                    codes.append(code)
+                    if code == 200:
+                        snapshots.append(sample(parse(text), "hybrid_metrics_snapshots_total"))
+            start = time.monotonic()
+            threads = [threading.Thread(target=scraper) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.monotonic() - start
+            reads = max(snapshots) - sample(first, "hybrid_metrics_snapshots_total")
+            assert set(codes) <= {200, 503, 0}
+            assert codes.count(200) >= 20, codes.count(200)
+            assert 1 <= reads <= elapsed + 1, (reads, elapsed, len(codes))
+            # every refusal is counted, and nearly every refused client got its 503
+            last = metrics.scrape()
+            assert sample(last, "hybrid_metrics_refused_total", reason="busy") == codes.count(503) + codes.count(0)
+            assert codes.count(0) <= codes.count(503) // 10 + 1, (codes.count(0), codes.count(503))
 
 
 # ---- fail-open made to move for real: status and the metrics say so -----------------------------------
@@ -448,43 +506,6 @@ def test_silent_and_trickling_clients_are_dropped(lab):
         timeout = hmetrics.REQUEST_TIMEOUT
         assert timeout - 0.5 < silent_s < timeout + 1.5 and timeout - 0.5 < trickle_s < timeout + 1.5
         assert sample(metrics.scrape(), "hybrid_metrics_refused_total", reason="timeout") == 2
-
-
-def test_a_burst_of_scrapes_reads_the_instance_once_a_second(lab, tmp_path, socket_dir):
-    sock = socket_dir / "metrics.sock"
-    with attached_with_engine(lab, tmp_path, RULES, "--xdp-mode", "generic"), \
-            MetricsProcess(lab, path=sock) as metrics:
-        assert udp_send(lab, [b"first"], dport=10010, sport=41000) == 1
-        first = metrics.scrape()
-        assert sample(first, "hybrid_attached", instance=lab.netns("gw")) == 1
-        codes: list[int] = []
-        snapshots: list[float] = []
-        deadline = time.monotonic() + 3.0
-
-        def scraper():
-            while time.monotonic() < deadline:
-                try:
-                    code, text = metrics.get()
-                except (BrokenPipeError, ConnectionResetError):
-                    code = 0        # refused before this client had sent its request (a slow thread)
-                codes.append(code)
-                if code == 200:
-                    snapshots.append(sample(parse(text), "hybrid_metrics_snapshots_total"))
-        start = time.monotonic()
-        threads = [threading.Thread(target=scraper) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - start
-        reads = max(snapshots) - sample(first, "hybrid_metrics_snapshots_total")
-        assert set(codes) <= {200, 503, 0}
-        assert codes.count(200) >= 20, codes.count(200)
-        assert 1 <= reads <= elapsed + 1, (reads, elapsed, len(codes))
-        # every refusal is counted, and nearly every refused client got its 503
-        last = metrics.scrape()
-        assert sample(last, "hybrid_metrics_refused_total", reason="busy") == codes.count(503) + codes.count(0)
-        assert codes.count(0) <= codes.count(503) // 10 + 1, (codes.count(0), codes.count(503))
 
 
 def test_run_serves_the_configured_endpoint(lab, socket_dir, token_file, caplog):

@@ -26,11 +26,15 @@ def in_gw(lab, *argv, nobody=False):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def attached(lab, tmp_path):
+@pytest.fixture(scope="module")
+def attached(lab):
+    """One attachment for the module (a compile takes 6-10 s on CI): no test here may change it,
+    and each checks that it did not."""
     assert in_gw(lab, *HYBRIDCTL, "attach", *IFACES, "--watch-port", "53").returncode == 0
-    yield lab
-    assert in_gw(lab, *HYBRIDCTL, "detach", "--all").returncode == 0
+    try:
+        yield lab
+    finally:
+        assert in_gw(lab, *HYBRIDCTL, "detach", "--all").returncode == 0
 
 
 def mode(path) -> int:
