@@ -263,7 +263,9 @@ class TestOneAttachment:
                 assert curl(f"http://{srv}/", "-H", "Host: www.example.test").stdout == web.INDEX
             per_conn = (queued(lab) - before) / 3
             assert per_conn <= 3                                          # SYN, the request, maybe one ACK
-        st = engine_stats(lab, until=lambda st: st["rules"]["block-dns-name"] >= 1)
+        # wait for the counters asserted below: they are published every 0.5 s
+        st = engine_stats(lab, until=lambda st: st["rules"]["block-dns-name"] >= 1
+                          and st["flow_verdicts"]["bypass"] >= 6)
         assert st["rules"]["block-http-host"] == 1 and st["rules"]["block-tls-sni"] == 1
         assert st["rules"]["block-dns-name"] == 1
         assert st["flow_verdicts"]["block"] == 3 and st["flow_verdicts"]["bypass"] >= 6
