@@ -11,9 +11,6 @@ from hybrid.errors import NotFoundError
 from hybrid.kernel import abi
 from hybrid.observe import views
 
-_KINDS = {abi.NAME_DNS: "dns", abi.NAME_SNI: "sni", abi.NAME_HOST: "host"}
-
-
 @click.group("name-cache")
 def name_cache() -> None:
     """The names the engine taught the kernel to decide (attach option --name-cache)."""
@@ -34,7 +31,7 @@ def show(as_json: bool, limit: int) -> None:
         for key, v in maps.name_verdicts():
             if key.generation != gen or v.expires_ns <= now:
                 continue
-            rows.append({"kind": _KINDS.get(key.kind, str(key.kind)), "name": bytes(key.name[:key.len]).decode("ascii", "replace"),
+            rows.append({"kind": abi.NAME_KINDS.get(key.kind, str(key.kind)), "name": bytes(key.name[:key.len]).decode("ascii", "replace"),
                          "proto": abi.PROTO_NAMES.get(key.proto, str(key.proto)), "port": key.port,
                          "action": abi.NAME_ACTIONS.get(v.action, "?"),
                          "flow": abi.VERDICT_NAMES.get(v.verdict, "?"), "hits": v.hits,

@@ -13,8 +13,7 @@ decisions a name alone decides, and hears back which connections the kernel deci
   or left alone) are written. The kernel repeats the engine's doubts itself (namecache.h).
 - **Hearing back.** Each decision the kernel takes from the cache comes as an event on the
   ``hybrid_name_ev`` ring buffer; a thread reads them without ever holding a packet and
-  counts them per rule and action, writes them to the verdict log (``"by": "cache"``), and
-  keeps the last ones for ``hybridctl status``. Events lost to a full ring are counted by the
+  counts them per rule and action and writes them to the verdict log (``"by": "cache"``). Events lost to a full ring are counted by the
   kernel (``cache_lost``).
 """
 
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import hashlib
 import logging
 import os
 import threading
@@ -38,12 +36,10 @@ from hybrid.kernel import abi
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KernelNameCache", "event_endpoints", "name_key_of", "rules_digest"]
+__all__ = ["KernelNameCache", "event_endpoints", "name_key_of"]
 
-_KIND_CODES = {"dns": abi.NAME_DNS, "sni": abi.NAME_SNI, "host": abi.NAME_HOST}
-_KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
+_KIND_CODES = {name: code for code, name in abi.NAME_KINDS.items()}
 _VERDICTS = {"bypass": abi.VERDICT_BYPASS, "block": abi.VERDICT_BLOCK, "none": abi.VERDICT_NONE}
-_VERDICT_NAMES = {v: k for k, v in _VERDICTS.items()}
 # What the kernel carries out: a pass that bypasses the flow or leaves it alone, a drop that
 # blocks it or leaves it alone. An "inspect" needs the engine to see the flow's next packets from
 # this one on (its joins start here), and a pass that blocks is no decision a rule means.
@@ -52,19 +48,6 @@ _KERNEL_PAIRS = frozenset({("accept", "bypass"), ("accept", "none"), ("drop", "b
 # may have evicted it, and its lifetime may have run out.
 RETEACH_NS = 30 * 1_000_000_000
 _TAUGHT_MAX = 65536          # names remembered as taught (or as not cacheable) per generation
-
-
-def rules_digest(rules_path: str, flow_ttl: int | None) -> int:
-    """32 bits of the rules file's SHA-256 (and of the flow TTL override): engines loading the
-    same rules share a generation, different rules never do (but by a 2**-32 chance)."""
-    h = hashlib.sha256()
-    try:
-        with open(rules_path, "rb") as f:
-            h.update(f.read())
-    except OSError:
-        h.update(rules_path.encode())
-    h.update(repr(flow_ttl).encode())
-    return int.from_bytes(h.digest()[:4], "little") or 1
 
 
 def event_endpoints(ev) -> tuple[str, int, str, int]:
@@ -122,15 +105,15 @@ class KernelNameCache:
         self.kernel_actions: dict[str, int] = {"accept": 0, "drop": 0}
         self.kernel_flow_verdicts: dict[str, int] = {"bypass": 0, "block": 0, "none": 0}
         self.kernel_stale = 0        # events of an older generation (a reload raced them)
-        self.recent: list[dict] = []
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
         self.vlog = None
         self._changed = None
 
     # -- generation --------------------------------------------------------------------------------
-    def start(self, rules: RuleSet, digest: int) -> None:
+    def start(self, rules: RuleSet) -> None:
         """Adopt ``rules``: a new generation unless the kernel's already is these rules'."""
+        digest = rules.digest
         state = self.maps.name_state()
         if state.generation and state.rules_digest == digest:
             gen = state.generation
@@ -232,18 +215,15 @@ class KernelNameCache:
             names = self._rule_names
             rule = names[ev.rule] if 0 < ev.rule < len(names) else None
         action = abi.NAME_ACTIONS.get(ev.action, "?")
-        flow = _VERDICT_NAMES.get(ev.verdict, "?")
+        flow = abi.VERDICT_NAMES.get(ev.verdict, "?")
         self.kernel_decisions += 1
         label = rule if rule is not None else "(default)"
         self.kernel_rules[label] = self.kernel_rules.get(label, 0) + 1
         self.kernel_actions[action] = self.kernel_actions.get(action, 0) + 1
         self.kernel_flow_verdicts[flow] = self.kernel_flow_verdicts.get(flow, 0) + 1
-        rec = {"rule": rule, "action": action, "flow": flow, "kind": _KIND_NAMES.get(ev.kind, "?"),
+        rec = {"rule": rule, "action": action, "flow": flow, "kind": abi.NAME_KINDS.get(ev.kind, "?"),
                "name": bytes(ev.name[:ev.len]).decode("ascii", "replace"), "port": ev.port,
                "ifindex": ev.ifindex}
-        self.recent.append(rec)
-        if len(self.recent) > 20:
-            del self.recent[:-20]
         if self.vlog is not None:
             self.vlog.write_cache(self.queue, ev, rec)
         if self._changed is not None:

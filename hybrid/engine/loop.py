@@ -47,7 +47,7 @@ from hybrid import instance as inst
 from hybrid.datapath import queues
 from hybrid.engine import kernelcache, rewrite
 from hybrid.engine.join import ABANDON_REASONS, DECIDE, JOIN_TTL, SegmentJoiner, Step, stricter
-from hybrid.engine.kernelcache import KernelNameCache, rules_digest
+from hybrid.engine.kernelcache import KernelNameCache
 from hybrid.engine.packet import Packet, client_hello_problem, decode, http_unparsed
 from hybrid.engine.rules import ON_DOUBT, Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError, TableFullError
@@ -218,7 +218,7 @@ class Engine:
             return
         try:
             names = KernelNameCache(self.maps, self.queue)
-            names.start(self.rules, rules_digest(self.rules_path, self.flow_ttl))
+            names.start(self.rules)
             if self.stats_path:     # the instance's directory: where the engines agree on a reader
                 names.start_reader(os.path.join(os.path.dirname(self.stats_path), "name-events.lock"), self.vlog,
                                    changed=self._mark_dirty)
@@ -307,7 +307,7 @@ class Engine:
         if self.names is not None:
             # before the next packet: no entry of the old rules may decide for the new ones
             try:
-                self.names.start(new, rules_digest(self.rules_path, self.flow_ttl))
+                self.names.start(new)
             except HybridError as exc:
                 log.error("queue %d: the name cache could not start a new generation (%s): "
                           "it is no longer taught", self.queue, exc)

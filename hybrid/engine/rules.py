@@ -41,6 +41,7 @@ Packets are read through a fixed set of attributes (``version``, ``proto``, ``sr
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import ipaddress
 import logging
@@ -679,6 +680,7 @@ class RuleSet:
 
     def __init__(self, filename: str, rules: list[_Rule], default: Decision, plugin_paths: list[str], *,
                  mark_mask: int = 0, plugins_imported: bool = True, on_doubt: str = "inspect"):
+        self.digest = 1     # set by the compiler: which rules these are (kernelcache.py)
         self.filename = filename
         self.on_doubt = on_doubt                    # ON_DOUBT: what a doubtful packet gets
         self.mark_mask = mark_mask                  # hybrid's bits: a plugin's mark may not touch them
@@ -929,8 +931,13 @@ def _compile(src: TomlSource, flow_ttl: int | None, mark_mask: int, import_plugi
                                                      f"{seen[rule.name]}); give every rule a unique name")
         seen[rule.name] = rule.line or 0
         rules.append(rule)
-    return RuleSet(filename, rules, default, plugin_paths, mark_mask=mark_mask, plugins_imported=import_plugins,
-                   on_doubt=on_doubt)
+    rs = RuleSet(filename, rules, default, plugin_paths, mark_mask=mark_mask, plugins_imported=import_plugins,
+                 on_doubt=on_doubt)
+    # Which rules these are, for the kernel's name cache (hybrid/engine/kernelcache.py): 32 bits of
+    # the SHA-256 of the very text compiled and the TTL override, never 0.
+    h = hashlib.sha256(src.text.encode() + repr(flow_ttl).encode())
+    rs.digest = int.from_bytes(h.digest()[:4], "little") or 1
+    return rs
 
 
 def _compile_rule(src: TomlSource, index: int, raw, flow_ttl: int, loader: _PluginLoader, mark_mask: int) -> _Rule:

@@ -23,7 +23,7 @@ from bpfkit import LO, MARK_MASK, default_config, reset
 from namegen import NAMES, PORTS, SERVER, SOURCES, dns_query, hellos, random_ruleset
 from reference import Reference, RefNameVerdict, canonical_key, flow_key_of, kernel_name, parse
 
-from hybrid.engine.kernelcache import KernelNameCache, name_key_of, rules_digest
+from hybrid.engine.kernelcache import KernelNameCache, name_key_of
 from hybrid.engine.loop import Engine
 from hybrid.engine.packet import decode
 from hybrid.kernel import abi, bpfsys
@@ -177,7 +177,7 @@ def test_cached_decisions_are_the_engines(datapath, maps, tmp_path):
             engine = Engine(0, str(path), maps=maps, mark_mask=MARK_MASK)
             engine._send_raw = lambda *a: None      # a reject's RST would leave this machine
             engine.names = KernelNameCache(maps, 0)
-            engine.names.start(engine.rules, rules_digest(str(path), None))
+            engine.names.start(engine.rules)
             ref.name_generation = engine.names.generation
         case = Case(r, tls, n)
         before, ip = case.frames()
