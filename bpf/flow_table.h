@@ -302,18 +302,40 @@ static __always_inline void flow_note_inspected(struct hybrid_flow *flow, const 
 	__u8 bit = flow_seq_bit(dir);
 	__u32 end = p->seq + p->payload_len;
 
-	if (!(flow->flags & bit) || (__s32)(end - flow->seq_end[dir & 1]) > 0)
+	if (!(flow->flags & bit) || (__s32)(end - flow->seq_end[dir & 1]) > 0) {
 		flow->seq_end[dir & 1] = end;
+		flow->seq_bytes[dir & 1] = (__u32)flow->bytes[dir & 1];
+	}
 	flow->flags |= bit;
 }
 
 /* Does a TCP payload packet past the budget start within HYBRID_RETRANS_WINDOW before the
- * direction's seq_end, i.e. retransmit bytes that were inspected under the budget? */
-static __always_inline int flow_is_retransmission(const struct hybrid_flow *flow,
-						  const struct hybrid_pkt *p, __u32 dir)
+ * direction's seq_end, i.e. retransmit bytes that were inspected under the budget? Once the
+ * direction has carried HYBRID_SEQ_FORGET bytes since seq_end moved, seq_end is forgotten
+ * (struct hybrid_flow, seq_bytes): the flag is cleared once, by the first packet to see it. */
+static __always_inline int flow_is_retransmission(struct hybrid_flow *flow, const struct hybrid_pkt *p,
+						  __u32 dir)
 {
-	return p->proto == IPPROTO_TCP && p->payload_len > 0 && (flow->flags & flow_seq_bit(dir)) &&
-	       flow->seq_end[dir & 1] - p->seq - 1 < HYBRID_RETRANS_WINDOW;
+	__u8 bit = flow_seq_bit(dir);
+
+	if (p->proto != IPPROTO_TCP || p->payload_len == 0 || !(flow->flags & bit))
+		return 0;
+	if ((__u32)flow->bytes[dir & 1] - flow->seq_bytes[dir & 1] >= HYBRID_SEQ_FORGET) {
+		flow->flags &= ~bit;
+		return 0;
+	}
+	return flow->seq_end[dir & 1] - p->seq - 1 < HYBRID_RETRANS_WINDOW;
+}
+
+/* Does the engine follow this direction's messages (struct hybrid_flow, follow), and does the
+ * packet carry payload that reaches the next one? */
+static __always_inline int flow_followed(const struct hybrid_flow *flow, const struct hybrid_pkt *p, __u32 dir)
+{
+	if (!(flow->follow & HYBRID_FOLLOW_ON(dir & 1)) || p->payload_len == 0)
+		return 0;
+	if (p->proto != IPPROTO_TCP)
+		return 1;
+	return (__s32)(p->seq + p->payload_len - flow->follow_seq[dir & 1]) > 0;
 }
 
 /* The packet was admitted to the queue: the flow has flagged one more (the per-source budget

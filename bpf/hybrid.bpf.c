@@ -313,6 +313,7 @@ static __always_inline int tc_update_flow(const struct hybrid_config *cfg, struc
 {
 	__u32 prev;
 	__u8 verdict = HYBRID_VERDICT_NONE;
+	int followed;
 
 	if (t->status != PKT_OK && !t->pkt.frag_keyed) {
 		t->reasons |= reasons_of_status(t->status);
@@ -335,9 +336,17 @@ static __always_inline int tc_update_flow(const struct hybrid_config *cfg, struc
 	prev = flow_spend_first_n(t->flow, &t->pkt, t->dir);
 	if (verdict == HYBRID_VERDICT_BLOCK)
 		return HYBRID_CNT_DROP_TC_FLOW;
-	if (verdict == HYBRID_VERDICT_BYPASS)
-		return HYBRID_CNT_BYPASSED;
+	followed = verdict != HYBRID_VERDICT_INSPECT && t->flow && flow_followed(t->flow, &t->pkt, t->dir);
+	if (verdict == HYBRID_VERDICT_BYPASS) {
+		if (!followed)
+			return HYBRID_CNT_BYPASSED;
+		/* The next message of a bypassed flow: only it is queued (a prefix may watch too). */
+		t->reasons |= HYBRID_REASON_FOLLOW;
+		return OUTCOME_NONE;
+	}
 	t->reasons = reasons_of_flow_packet(cfg, &t->pkt, t->flow, t->dir, verdict, prev, t->reasons);
+	if (followed)
+		t->reasons |= HYBRID_REASON_FOLLOW;
 	return OUTCOME_NONE;
 }
 

@@ -89,8 +89,13 @@
 #define HYBRID_REASON_FRAGMENT   (1U << 5)  /* IP fragment: ports unknown, netfilter reassembles it */
 #define HYBRID_REASON_INSPECT    (1U << 6)  /* flow in INSPECT state */
 #define HYBRID_REASON_MALFORMED  (1U << 7)  /* valid IP header, unparseable transport header */
-#define HYBRID_REASON_COUNT      8
+#define HYBRID_REASON_FOLLOW     (1U << 8)  /* the engine follows the flow's messages (struct hybrid_flow,
+                                             * follow): the packet reaches its direction's next one */
+#define HYBRID_REASON_COUNT      9
 #define HYBRID_REASONS_ALL       ((1U << HYBRID_REASON_COUNT) - 1)
+/* Counters: HYBRID_CNT_REASON_BASE + bit index for the first HYBRID_REASON_COUNTED_LOW reasons;
+ * HYBRID_REASON_FOLLOW, added later, has its own index (HYBRID_CNT_REASON_FOLLOW). */
+#define HYBRID_REASON_COUNTED_LOW 8
 
 /* Suspicious TCP flags (HYBRID_REASON_SUSPICIOUS), tested on the 8 flag bits:
  *   none set (NULL scan); SYN+FIN; SYN+RST; FIN+RST; FIN+PSH+URG (Xmas); FIN without ACK. */
@@ -249,7 +254,8 @@
 #define HYBRID_CNT_CACHE_REFUSED   43  /* an entry, but a packet the engine would doubt: to the engine */
 #define HYBRID_CNT_CACHE_LOST      44  /* a cached decision whose event found the ring full */
 #define HYBRID_CNT_NAMES_NO_PROG   45  /* a name wanted, but the parser program was not there */
-#define HYBRID_CNT_MAX             46
+#define HYBRID_CNT_REASON_FOLLOW   46  /* flagged packets with HYBRID_REASON_FOLLOW */
+#define HYBRID_CNT_MAX             47
 
 /* ---- Structs ---------------------------------------------------------------------------------- */
 
@@ -312,7 +318,33 @@ struct hybrid_flow {
 	 * BLOCK), and a later, spoofed SYN-ACK cannot move the server's stream start.
 	 * What was seen at the gateway, not what the endpoints agreed on: a sender can forge both. */
 	__u32 isn[2];
-};                                 /* 88 bytes */
+	/* TCP, per direction: the low 32 bits of bytes[dir] when seq_end[dir] was last moved. Once
+	 * the direction has carried HYBRID_SEQ_FORGET bytes more, seq_end is forgotten (its flag
+	 * cleared): a retransmission cannot come that late (no TCP window is larger), and a
+	 * stream that wraps its sequence numbers would otherwise pass through the window before
+	 * seq_end again every 4 GiB. Bytes, not sequence numbers: a sender cannot move this clock
+	 * with one far-ahead segment, only by sending that many bytes through the gateway. */
+	__u32 seq_bytes[2];
+	/* The engine's follow-up (hybrid/engine/follow.py), per direction: with
+	 * HYBRID_FOLLOW_ON(dir) in follow, the engine wants the packet that carries the
+	 * direction's next message: for TCP, any payload packet that reaches follow_seq[dir] (host
+	 * order: where the next HTTP request head or DNS message starts, or a point in a long body
+	 * the engine marked), i.e. (s32)(seq + payload_len - follow_seq) > 0; for UDP, every
+	 * payload packet (each datagram is a message). Packets before it keep the flow's verdict
+	 * (BYPASS: not queued). Applies with the verdicts NONE and BYPASS; only the engine writes
+	 * it (tc reads it), within 1 GiB of the bytes it decided, so the signed comparison holds. */
+	__u32 follow_seq[2];
+	__u8  follow;       /* HYBRID_FOLLOW_ON(dir) bits, and per direction what starts at follow_seq
+	                     * (HYBRID_FOLLOW_MODE(dir, m), for the engine; tc reads only the ON bits) */
+	__u8  _pad0[7];
+};                                 /* 112 bytes */
+
+#define HYBRID_SEQ_FORGET (1U << 30)
+#define HYBRID_FOLLOW_ON(dir) ((dir) ? 0x10U : 0x01U)
+#define HYBRID_FOLLOW_MODE_SHIFT(dir) ((dir) ? 5 : 1)  /* 2 bits: HYBRID_FOLLOW_M_* */
+#define HYBRID_FOLLOW_M_MESSAGE 0  /* an HTTP request head or a DNS message starts at follow_seq */
+#define HYBRID_FOLLOW_M_CHUNK   1  /* an HTTP chunk-size line starts there (a chunked body) */
+#define HYBRID_FOLLOW_M_BODY    2  /* a point inside a body longer than 1 GiB (the engine knows the rest) */
 
 /* How far before seq_end a segment may start and still count as a retransmission of inspected
  * bytes: the flagged range is at most N GSO packets (3 x 64 KiB by default). Sequence numbers
@@ -356,7 +388,7 @@ struct hybrid_pinned_verdict {
 
 struct hybrid_stats {
 	__u64 c[HYBRID_CNT_MAX];
-};                          /* 368 bytes; per CPU: userspace sums over possible CPUs */
+};                          /* 376 bytes; per CPU: userspace sums over possible CPUs */
 
 /* A name as tc read it: the whole name (no hash: two names never share a key), what it names
  * and where the flow goes. */

@@ -123,9 +123,11 @@ static __always_inline int stats_record_tc(__u32 ifindex, int outcome, __u32 eve
 		stats_count_name(st, cache_cnt);
 		if (outcome == HYBRID_CNT_FLAGGED) {
 #pragma unroll
-			for (i = 0; i < HYBRID_REASON_COUNT; i++)
+			for (i = 0; i < HYBRID_REASON_COUNTED_LOW; i++)
 				if (reasons & (1U << i))
 					st->c[HYBRID_CNT_REASON_BASE + i]++;
+			if (reasons & HYBRID_REASON_FOLLOW)
+				st->c[HYBRID_CNT_REASON_FOLLOW]++;
 		}
 	}
 	return tc_action(outcome);

@@ -644,8 +644,9 @@ class Maps:
                            origin=abi.PIN_MANUAL if manual else abi.PIN_ENGINE)
         return abi.Flow.from_buffer_copy(self._scratch)
 
-    def write_verdict(self, key: abi.FlowKey | bytes, verdict: int, ttl_ns: int | None,
-                      origin: int = abi.PIN_ENGINE, conn_scoped: bool = False) -> None:
+    def write_verdict(self, key: abi.FlowKey | bytes, verdict: int | None, ttl_ns: int | None,
+                      origin: int = abi.PIN_ENGINE, conn_scoped: bool = False,
+                      follow: tuple | list | None = None) -> None:
         """:meth:`set_verdict` for the verdict engine's per-packet path: arguments unchecked
         (``ttl_ns`` in nanoseconds, positive or None), the flow read into one reused buffer,
         nothing returned. Two bpf() calls: a lookup and an update, or only the update when
@@ -660,7 +661,13 @@ class Maps:
         ``conn_scoped``: the verdict is for the connection the entry holds now
         (abi.FLOW_CONN_VERDICT): the SYN of a new connection on the same 5-tuple starts the
         entry over, BLOCK or not, and deletes an ENGINE pin; False (an operator's verdict)
-        clears the flag. The datapath also takes every ENGINE pin as connection-scoped."""
+        clears the flag. The datapath also takes every ENGINE pin as connection-scoped.
+
+        ``follow``: ``(direction, seq, mode)`` (or a list of them): the engine follows that direction's messages, the
+        next one at ``seq`` (TCP; any value for UDP) with ``mode`` (abi.FOLLOW_M_*), or stops
+        following it with ``seq`` None (struct hybrid_flow, follow). ``verdict`` None keeps the
+        entry's verdict, its expiry and its flags (only the follow-up changes; an entry that
+        is not there is created with verdict NONE)."""
         flow = self._scratch
         now = time.monotonic_ns()
         if key is self._read_key and now - self._read_ns < READ_REUSE_NS:
@@ -671,12 +678,21 @@ class Maps:
         if not found:
             ctypes.memset(ctypes.addressof(flow), 0, ctypes.sizeof(flow))
             flow.first_seen_ns = flow.last_seen_ns = now
-        flow.verdict = verdict
-        flow.verdict_expires_ns = 0 if ttl_ns is None or verdict == abi.VERDICT_NONE else now + ttl_ns
-        if conn_scoped:
-            flow.flags = (flow.flags | abi.FLOW_CONN_VERDICT) & ~abi.FLOW_BY_CACHE & 0xFF
-        else:
-            flow.flags &= ~(abi.FLOW_CONN_VERDICT | abi.FLOW_BY_CACHE) & 0xFF
+        if verdict is not None:
+            flow.verdict = verdict
+            flow.verdict_expires_ns = 0 if ttl_ns is None or verdict == abi.VERDICT_NONE else now + ttl_ns
+            if conn_scoped:
+                flow.flags = (flow.flags | abi.FLOW_CONN_VERDICT) & ~abi.FLOW_BY_CACHE & 0xFF
+            else:
+                flow.flags &= ~(abi.FLOW_CONN_VERDICT | abi.FLOW_BY_CACHE) & 0xFF
+        if follow is not None:
+            for direction, seq, mode in (follow if isinstance(follow, list) else (follow,)):
+                on, shift = abi.FOLLOW_ON(direction), abi.FOLLOW_MODE_SHIFT(direction)
+                bits = flow.follow & ~(on | 3 << shift) & 0xFF
+                if seq is not None:
+                    bits |= on | (mode & 3) << shift
+                    flow.follow_seq[1 if direction else 0] = seq & 0xFFFFFFFF
+                flow.follow = bits
         bpfsys.map_update(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS)
         if verdict == abi.VERDICT_BLOCK:
             pin = self._pin_scratch

@@ -77,8 +77,10 @@ REASON_SUSPICIOUS = 1 << 4
 REASON_FRAGMENT = 1 << 5
 REASON_INSPECT = 1 << 6
 REASON_MALFORMED = 1 << 7
-REASON_COUNT = 8
+REASON_FOLLOW = 1 << 8     # the packet reaches the next message of a direction the engine follows
+REASON_COUNT = 9
 REASONS_ALL = (1 << REASON_COUNT) - 1
+REASON_COUNTED_LOW = 8     # reasons counted at CNT_REASON_BASE + bit index; FOLLOW at CNT_REASON_FOLLOW
 # bit -> name, in bit order: the one table of reason names. Counters and JSON keys use the name as
 # is (reason_first_n); what people read and write (--flag, the configuration's flag list, status
 # text) spells it with dashes (first-n), derived here and nowhere else.
@@ -91,6 +93,7 @@ REASON_NAMES = {
     REASON_FRAGMENT: "fragment",
     REASON_INSPECT: "inspect",
     REASON_MALFORMED: "malformed",
+    REASON_FOLLOW: "follow",
 }
 
 REASON_BITS = {name.replace("_", "-"): bit for bit, name in REASON_NAMES.items()}   # written name -> bit
@@ -127,6 +130,19 @@ FLOW_ISN0 = 1 << 4
 FLOW_ISN1 = 1 << 5
 FLOW_CONN_VERDICT = 1 << 6   # the engine wrote the verdict for this connection, not the 5-tuple
 FLOW_BY_CACHE = 1 << 7      # the verdict came from the name-verdict cache
+# The engine's follow-up (struct hybrid_flow, follow): per direction an ON bit and a 2-bit mode.
+def FOLLOW_ON(direction: int) -> int:          # noqa: N802 - the C macro's name
+    return 0x10 if direction else 0x01
+
+
+def FOLLOW_MODE_SHIFT(direction: int) -> int:  # noqa: N802
+    return 5 if direction else 1
+
+
+FOLLOW_M_MESSAGE = 0       # an HTTP request head or a DNS message starts at follow_seq
+FOLLOW_M_CHUNK = 1         # an HTTP chunk-size line starts there
+FOLLOW_M_BODY = 2          # a point inside a body longer than 1 GiB
+SEQ_FORGET = 1 << 30       # bytes a direction carries after seq_end moved before seq_end is forgotten
 RETRANS_WINDOW = 1 << 22   # a segment starting up to this far before seq_end is a retransmission
 
 IFACE_XDP = 1 << 0
@@ -171,7 +187,8 @@ CNT_CACHE_EXPIRED = 42
 CNT_CACHE_REFUSED = 43
 CNT_CACHE_LOST = 44
 CNT_NAMES_NO_PROG = 45
-CNT_MAX = 46
+CNT_REASON_FOLLOW = 46
+CNT_MAX = 47
 
 # index -> snake_case name
 COUNTER_NAMES: dict[int, str] = {
@@ -189,7 +206,8 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_FLOW_NEW: "flow_new",
     CNT_FLOW_FULL: "flow_full",
     CNT_VERDICT_EXPIRED: "verdict_expired",
-    **{CNT_REASON_BASE + bit.bit_length() - 1: f"reason_{name}" for bit, name in REASON_NAMES.items()},
+    **{CNT_REASON_BASE + bit.bit_length() - 1: f"reason_{name}" for bit, name in REASON_NAMES.items()
+       if bit < 1 << REASON_COUNTED_LOW},
     CNT_OVER_DROP: "over_drop",
     CNT_OVER_PASS: "over_pass",
     CNT_OVER_SOURCE: "over_source",
@@ -214,6 +232,7 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_CACHE_REFUSED: "cache_refused",
     CNT_CACHE_LOST: "cache_lost",
     CNT_NAMES_NO_PROG: "names_no_prog",
+    CNT_REASON_FOLLOW: "reason_follow",
 }
 # The tc counters whose sum equals CNT_PACKETS (the invariant in the header).
 TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASSED,
@@ -223,6 +242,8 @@ TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASS
 
 def reason_counter(bit: int) -> int:
     """Counter index of a HYBRID_REASON_* bit."""
+    if bit == REASON_FOLLOW:
+        return CNT_REASON_FOLLOW
     return CNT_REASON_BASE + bit.bit_length() - 1
 
 
@@ -273,6 +294,10 @@ class Flow(ctypes.Structure):
         ("ttl_max", ctypes.c_uint8 * 2),    # per direction: the highest IPv4 TTL / IPv6 hop limit
         ("seq_end", ctypes.c_uint32 * 2),
         ("isn", ctypes.c_uint32 * 2),       # per direction, with FLOW_ISN0/1: the SYN's, the SYN-ACK's
+        ("seq_bytes", ctypes.c_uint32 * 2),  # per direction: bytes[dir] (low 32 bits) when seq_end moved
+        ("follow_seq", ctypes.c_uint32 * 2),  # per direction: where the next message starts (FOLLOW_ON)
+        ("follow", ctypes.c_uint8),         # FOLLOW_ON(dir) bits and the FOLLOW_M_* modes
+        ("_pad0", ctypes.c_uint8 * 7),
     ]
 
 
@@ -414,8 +439,8 @@ class NameEvent(ctypes.Structure):
 
 # Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
 # against bcc).
-SIZES = {Config: 56, FlowKey: 40, Flow: 88, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
-         PinnedVerdict: 16, Stats: 368, NameKey: 272, NameScratch: 2656, NameVerdict: 32, NameState: 8,
+SIZES = {Config: 56, FlowKey: 40, Flow: 112, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
+         PinnedVerdict: 16, Stats: 376, NameKey: 272, NameScratch: 2656, NameVerdict: 32, NameState: 8,
          NameEvent: 328}
 
 # map name -> (key type, value type); value is per CPU for hybrid_stats.

@@ -96,7 +96,7 @@ class Runner:
         c = self.counters(ifindex)
         outcomes = sum(c[abi.COUNTER_NAMES[i]] for i in abi.TC_OUTCOMES)
         assert c["packets"] == outcomes, c
-        reasons = sum(c[abi.COUNTER_NAMES[abi.CNT_REASON_BASE + i]] for i in range(abi.REASON_COUNT))
+        reasons = sum(c[abi.COUNTER_NAMES[abi.reason_counter(bit)]] for bit in abi.REASON_NAMES)
         assert c["flagged"] <= reasons, c
 
 

@@ -245,6 +245,9 @@ class RefFlow:
     seq_end: list = field(default_factory=lambda: [None, None])   # None: not set
     ttl_max: list = field(default_factory=lambda: [0, 0])
     isn: list = field(default_factory=lambda: [None, None])       # None: not set (FLOW_ISN0/1 clear)
+    seq_bytes: list = field(default_factory=lambda: [0, 0])       # bytes[dir] & 0xffffffff when seq_end moved
+    follow_seq: list = field(default_factory=lambda: [0, 0])      # the engine's follow-up (written by it)
+    follow: int = 0
 
 
 @dataclass
@@ -368,6 +371,25 @@ class Reference:
 
     def _blocked(self, flow: RefFlow, now_ns: int) -> bool:
         return flow.verdict == abi.VERDICT_BLOCK and self._live(flow.verdict_expires_ns, now_ns)
+
+    @staticmethod
+    def _followed(flow: RefFlow, p: Parsed, direction: int) -> bool:
+        """flow_followed(): the engine follows the direction and the packet reaches its next message."""
+        if not flow.follow & abi.FOLLOW_ON(direction) or p.payload_len == 0:
+            return False
+        if p.proto != IPPROTO_TCP:
+            return True
+        return _s32(p.seq + p.payload_len - flow.follow_seq[direction]) > 0
+
+    def set_follow(self, key: tuple, direction: int, seq: int | None, mode: int = abi.FOLLOW_M_MESSAGE) -> None:
+        """What the engine writes (Maps.write_verdict(follow=...)): follow direction's next
+        message at ``seq`` (None: stop following it)."""
+        flow = self.flows[key]
+        on, shift = abi.FOLLOW_ON(direction), abi.FOLLOW_MODE_SHIFT(direction)
+        flow.follow &= ~(on | 3 << shift)
+        if seq is not None:
+            flow.follow |= on | mode << shift
+            flow.follow_seq[direction] = seq & 0xFFFFFFFF
 
     @staticmethod
     def _new_connection(flow: RefFlow, p: Parsed, direction: int) -> bool:
@@ -526,9 +548,12 @@ class Reference:
                 flow.payload_packets[direction] += 1
             if verdict == abi.VERDICT_BLOCK:
                 return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_FLOW, 0, tuple(events), key, direction)
-            if verdict == abi.VERDICT_BYPASS:
+            followed = verdict != abi.VERDICT_INSPECT and self._followed(flow, p, direction)
+            if verdict == abi.VERDICT_BYPASS and not followed:
                 return TcResult(TC_ACT_PASS, mark, abi.CNT_BYPASSED, 0, tuple(events), key, direction)
-            if verdict == abi.VERDICT_INSPECT:
+            if verdict == abi.VERDICT_BYPASS:
+                reasons |= abi.REASON_FOLLOW        # only the next message of a bypassed flow
+            elif verdict == abi.VERDICT_INSPECT:
                 reasons = abi.REASON_INSPECT
             else:
                 if p.proto == IPPROTO_TCP and p.tcp_flags & (SYN | ACK) == SYN:
@@ -540,16 +565,24 @@ class Reference:
                         old = flow.seq_end[direction]
                         if old is None or _s32(end - old) > 0:
                             flow.seq_end[direction] = end
+                            flow.seq_bytes[direction] = flow.bytes[direction] & 0xFFFFFFFF
                         flow.flags |= abi.FLOW_SEQ1 if direction else abi.FLOW_SEQ0
-                elif (prev is not None and p.proto == IPPROTO_TCP and flow.seq_end[direction] is not None
-                      and 0 < (flow.seq_end[direction] - p.seq) % (1 << 32) <= abi.RETRANS_WINDOW):
-                    reasons |= abi.REASON_FIRST_N      # a retransmission of inspected bytes
+                elif prev is not None and p.proto == IPPROTO_TCP and flow.seq_end[direction] is not None:
+                    if ((flow.bytes[direction] - flow.seq_bytes[direction]) & 0xFFFFFFFF) >= abi.SEQ_FORGET:
+                        # the direction moved on by more than any window: seq_end is forgotten
+                        flow.seq_end[direction] = None
+                        flow.flags &= ~(abi.FLOW_SEQ1 if direction else abi.FLOW_SEQ0)
+                    elif 0 < (flow.seq_end[direction] - p.seq) % (1 << 32) <= abi.RETRANS_WINDOW:
+                        reasons |= abi.REASON_FIRST_N      # a retransmission of inspected bytes
                 if cfg.flags & abi.CFG_HAVE_PORTS and p.proto in (IPPROTO_TCP, IPPROTO_UDP):
                     bit = abi.PORT_TCP if p.proto == IPPROTO_TCP else abi.PORT_UDP
                     if self.ports.get(p.sport, 0) & bit or self.ports.get(p.dport, 0) & bit:
                         reasons |= abi.REASON_PORT
-            if p.proto == IPPROTO_TCP and suspicious(p.tcp_flags):
-                reasons |= abi.REASON_SUSPICIOUS
+            if verdict != abi.VERDICT_BYPASS:
+                if p.proto == IPPROTO_TCP and suspicious(p.tcp_flags):
+                    reasons |= abi.REASON_SUSPICIOUS
+                if followed:
+                    reasons |= abi.REASON_FOLLOW
         reasons &= cfg.reasons & ~cfg.skip_reasons
         if not reasons:
             return TcResult(TC_ACT_PASS, mark, abi.CNT_PASSED, 0, tuple(events), key, direction)

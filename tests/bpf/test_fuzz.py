@@ -5,7 +5,9 @@ mark, and the same counters, flow table (with each entry's facts: TTLs, isn, fla
 and pinned table per chunk. Between frames, verdicts are written as the engine and the operator
 write them (connection-scoped or not) and entries are evicted; the frames include SYNs and
 SYN-ACKs whose sequence numbers repeat (retransmissions) or not (new connections), varying
-TTLs, and first fragments with and without their ports.
+TTLs, and first fragments with and without their ports; the engine's follow-up is written on
+random flows and directions (boundaries on both sides of a sequence wrap), and byte counters
+jump by a gigabyte or more (a stream that wrapped its sequence numbers: seq_end forgotten).
 
 The generator is seeded (HYBRID_FUZZ_SEED overrides, HYBRID_FUZZ_FRAMES the count) so a failure
 names the seed and frame that reproduce it."""
@@ -107,13 +109,47 @@ def _write_verdict_random(rng: random.Random, maps, ref: Reference, keys: list[t
         ref.pin(key, verdict, expires, origin)
 
 
+def _follow_random(rng: random.Random, maps, ref: Reference) -> None:
+    """The engine's follow-up on a flow (Maps.write_verdict(follow=...)): a direction followed
+    from a sequence number near the frames' own (0, 1, 2**32 - 1, so that boundaries sit on both
+    sides of a wrap) or anywhere, or no longer followed; the verdict kept or written with it."""
+    if not ref.flows:
+        return
+    key = rng.choice(list(ref.flows))
+    direction = rng.randrange(2)
+    seq = rng.choice([None, 0, 1, 2, 0xFFFFFFFF, 0xFFFFFFF0, 0x7FFFFFFF, rng.randrange(1 << 32)])
+    mode = rng.randrange(3)
+    verdict = rng.choice([None, None, R.VERDICT_BYPASS, R.VERDICT_NONE])
+    maps.write_verdict(flow_key_of(key), verdict, None, conn_scoped=True, follow=(direction, seq, mode))
+    if verdict is not None:
+        ref.set_verdict(key, verdict, 0, 0, conn_scoped=True)
+    ref.set_follow(key, direction, seq, mode)
+
+
+def _bytes_jump(rng: random.Random, maps, ref: Reference) -> None:
+    """A direction that carried a gigabyte or more since its last inspected payload (a long bulk
+    transfer, compressed in time): written into the entry's byte counter, as tc would have
+    counted it, so that seq_end is forgotten (or not, below HYBRID_SEQ_FORGET)."""
+    if not ref.flows:
+        return
+    key = rng.choice(list(ref.flows))
+    direction = rng.randrange(2)
+    jump = rng.choice([R.SEQ_FORGET - 1, R.SEQ_FORGET, 3 * R.SEQ_FORGET, 1 << 32])
+    fl = maps.get_flow(flow_key_of(key))
+    fl.bytes[direction] += jump
+    maps._update(R.MAP_FLOWS, flow_key_of(key), fl)
+    ref.flows[key].bytes[direction] += jump
+
+
 def _flow_state(fl) -> tuple:
     """What the fuzz compares of one flow entry (a kernel abi.Flow or a reference RefFlow)."""
     if isinstance(fl, R.Flow):
         isn = [fl.isn[d] if fl.flags & (R.FLOW_ISN0, R.FLOW_ISN1)[d] else None for d in (0, 1)]
+        seq_end = [fl.seq_end[d] if fl.flags & (R.FLOW_SEQ0, R.FLOW_SEQ1)[d] else None for d in (0, 1)]
         return (list(fl.packets), list(fl.payload_packets), fl.flags, fl.verdict, fl.verdict_expires_ns,
-                list(fl.ttl_max), isn)
-    return (fl.packets, fl.payload_packets, fl.flags, fl.verdict, fl.verdict_expires_ns, fl.ttl_max, fl.isn)
+                list(fl.ttl_max), isn, seq_end, fl.follow, list(fl.follow_seq))
+    return (fl.packets, fl.payload_packets, fl.flags, fl.verdict, fl.verdict_expires_ns, fl.ttl_max, fl.isn,
+            fl.seq_end, fl.follow, fl.follow_seq)
 
 
 def _mutate(rng: random.Random, bases: list[bytes], facts: list[bytes]) -> bytes:
@@ -192,7 +228,7 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
     cfg_prefixes = {"198.18.99.0/24": R.PREFIX_BLOCK, "2001:db8:2::/48": R.PREFIX_WATCH}
     seen_outcomes: set[int] = set()
     base_keys = sorted({canonical_key(p)[0] for p in map(parse, bases + facts) if p.status == PKT_OK})
-    restored = names_read = 0
+    restored = names_read = followed = 0
     fragments_dropped = restarts = 0
     tc_runs = xdp_runs = short = 0
     start = time.monotonic()
@@ -227,6 +263,10 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
                 _evict_random(rng, maps, ref)
             if rng.random() < 1 / 25:
                 _write_verdict_random(rng, maps, ref, base_keys, now)
+            if rng.random() < 1 / 20:
+                _follow_random(rng, maps, ref)
+            if rng.random() < 1 / 40:
+                _bytes_jump(rng, maps, ref)
             want_x = ref.xdp(f, now_ns=now)
             got_x = run.xdp(f)
             xdp_runs += 1
@@ -252,6 +292,7 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
         restored += totals.get("evicted_decided", 0)
         names_read += totals.get("name_dns", 0) + totals.get("name_sni", 0)
         restarts += totals.get("conn_restart", 0)
+        followed += totals.get("reason_follow", 0)
         run.check_invariant()
     # The generator reached every kind of outcome, not just the easy ones.
     assert {R.CNT_FLAGGED, R.CNT_PASSED, R.CNT_NOT_IP, R.CNT_MALFORMED_L3, R.CNT_DROP_TC_PREFIX,
@@ -260,6 +301,7 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
     assert restarts > 0, "no new connection ever started a connection-scoped verdict over"
     assert fragments_dropped > 0, "no first fragment of a blocked flow was ever dropped at tc"
     assert names_read > 0, "tc never read a name"
+    assert followed > 0, "no packet ever reached a followed direction's next message"
     assert tc_runs >= FRAMES * 0.6 and xdp_runs + short == FRAMES and short < FRAMES * 0.05
     print(f"\nfuzz: {FRAMES} frames ({tc_runs} through tc, {xdp_runs} through XDP, {restored} evicted decided "
           f"flows restored, {restarts} connection restarts, {fragments_dropped} first fragments dropped) in "

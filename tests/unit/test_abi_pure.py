@@ -92,7 +92,7 @@ def test_counter_names_table():
     assert all(re.fullmatch(r"[a-z0-9_]+", n) for n in names)
     assert abi.COUNTER_NAMES[abi.CNT_XDP_DROP_FLOW] == "xdp_drop_flow"
     assert abi.COUNTER_NAMES[abi.CNT_REASON_BASE] == "reason_syn"
-    assert abi.COUNTER_NAMES[abi.CNT_REASON_BASE + abi.REASON_COUNT - 1] == "reason_malformed"
+    assert abi.COUNTER_NAMES[abi.CNT_REASON_BASE + abi.REASON_COUNTED_LOW - 1] == "reason_malformed"
     # Every CNT_* constant's name is its table entry.
     for attr in dir(abi):
         if attr.startswith("CNT_") and attr not in ("CNT_MAX", "CNT_REASON_BASE"):

@@ -32,7 +32,7 @@ def test_version():
     (["attach", "eth0", "--mark", "zz"], "Error: --mark 'zz': expected a number like 1048576 or 0x100000"),
     (["attach", "eth0", "--flag", "syn,bogus"],
      "Error: --flag 'bogus': use a comma-separated list of syn, first-n, port, prefix, suspicious, fragment, "
-     "inspect, malformed"),
+     "inspect, malformed, follow"),
     (["attach", "eth0", "--mark", "0x3", "--mark-mask", "0x1"],
      "Error: mark 0x3/0x1: the mask must be non-zero and contain every bit of the mark"),
     (["detach"], "Error: name the interfaces to detach, or give --all (not both)"),

@@ -154,7 +154,7 @@ def test_flow_ttl_overrides_the_rules_file_default():
     ('[attach]\ninterfaces = ["eth0"]\nfail_open = "yes"\n[engine]\nrules = "r"\n', 3,
      "fail_open 'yes': write true or false (no quotes)"),
     ('[attach]\ninterfaces = ["eth0"]\n\nflag = ["syn", "firstn"]\n[engine]\nrules = "r"\n', 4,
-     "flag 'firstn': write one of syn, first-n, port, prefix, suspicious, fragment, inspect, malformed"),
+     "flag 'firstn': write one of syn, first-n, port, prefix, suspicious, fragment, inspect, malformed, follow"),
     ('[attach]\ninterfaces = ["eth0"]\nwatch_port = [53, 70000]\n[engine]\nrules = "r"\n', 3,
      "watch_port 70000: use 1 to 65535"),
     ('[attach]\ninterfaces = ["eth0"]\nblock_prefix = ["10.0.0.300/8"]\n[engine]\nrules = "r"\n', 3,
