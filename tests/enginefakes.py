@@ -10,17 +10,24 @@ from hybrid.kernel import abi
 
 
 class FlowTableFake:
-    """``writes``: (verdict, ttl_ns) in order; ``conn_scoped``: the flag of each write."""
+    """``writes``: (verdict, ttl_ns) in order; ``conn_scoped``: the flag of each write; ``follows``:
+    the follow-ups written (hybrid.engine.follow)."""
 
     def __init__(self):
         self.writes: list[tuple[int, int | None]] = []
         self.conn_scoped: list[bool] = []
+        self.follows: list = []
         self.flows: dict[bytes, abi.Flow] = {}
 
     def get_flow(self, key: abi.FlowKey) -> abi.Flow | None:
         return self.flows.get(bytes(key))
 
-    def write_verdict(self, key: bytes, verdict: int, ttl_ns: int | None, conn_scoped: bool = False) -> None:
+    def write_verdict(self, key: bytes, verdict: int | None, ttl_ns: int | None, conn_scoped: bool = False,
+                      follow=None) -> None:
+        if follow is not None:          # the follow-up (hybrid.engine.follow): kept apart
+            self.follows.append(follow)
+        if verdict is None:             # only the follow-up was written
+            return
         self.writes.append((verdict, ttl_ns))
         self.conn_scoped.append(conn_scoped)
 

@@ -48,6 +48,15 @@ def stats_file(lab, queue=0) -> str:
     return f"/run/hybrid/instances/{lab.netns('gw')}/engine-{queue}.json"
 
 
+def kernel_counters(lab) -> dict:
+    """The tc/XDP counters of every attached interface, summed (hybridctl status --json)."""
+    out: dict[str, int] = {}
+    for e in status(lab)["interfaces"].values():
+        for k, v in e["counters"].items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def engine_stats(lab, queue=0, until=None, timeout=5.0) -> dict:
     """The engine's published counters; with ``until``, wait until ``until(stats)`` holds (they
     are published every 0.5 s) and return them either way for the assertions to judge."""

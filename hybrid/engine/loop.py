@@ -45,8 +45,15 @@ from typing import NamedTuple
 
 from hybrid import instance as inst
 from hybrid.datapath import queues
-from hybrid.engine import kernelcache, rewrite
-from hybrid.engine.join import ABANDON_REASONS, DECIDE, JOIN_TTL, SegmentJoiner, Step, stricter
+from hybrid.engine import follow, kernelcache, rewrite
+from hybrid.engine.join import (
+    ABANDON_REASONS,
+    DECIDE,
+    JOIN_TTL,
+    SegmentJoiner,
+    Step,
+    stricter,
+)
 from hybrid.engine.kernelcache import KernelNameCache
 from hybrid.engine.packet import Packet, client_hello_problem, decode, http_unparsed
 from hybrid.engine.rules import ON_DOUBT, Decision, RulesError, RuleSet, load_rules
@@ -156,6 +163,11 @@ class EngineStats:
     # (the flow is left as it was), a BLOCK earned on client bytes without the flow's own
     # handshake or from the responder side (the packet is dropped, the flow kept inspected).
     scoped: dict[str, int] = field(default_factory=lambda: {"responder-side": 0, "block-packet-only": 0})
+    # Following a flow's messages after its first decision (hybrid.engine.follow): request heads
+    # and DNS messages decided at a boundary, directions whose following started or stopped (the
+    # stream is no longer HTTP), packets that held a cut message, states the bound forgot.
+    follow: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("started", "http_requests", "dns_messages", "held", "stopped"), 0))
     decision_ns_log2: list[int] = field(default_factory=lambda: [0] * DECISION_SLOTS)
     decision_ns_sum: int = 0
 
@@ -187,6 +199,7 @@ class Engine:
         self._key_pkt: Packet | None = None      # _flow_key()'s packet and its key
         self._key: tuple[bytes, int] | None = None
         self.joiner = SegmentJoiner(self.stats)   # split ClientHellos and request heads (join.py)
+        self.streams = follow.Streams()            # followed directions' carries (follow.py)
         self._stop = False
         self._dirty = False
         self._publisher: threading.Thread | None = None
@@ -333,6 +346,9 @@ class Engine:
             rules = self.rules
             if rules.needs_indev:
                 pkt.indev = self._ifname(nfpkt.indev)
+            if (pkt.proto == 6 and pkt.payload_len and self.maps is not None
+                    and (rules.needs_http or rules.needs_dns) and self._follow_packet(nfpkt, pkt)):
+                return
             ended_join = False
             d_alt = joined = joined_start = None
             if rules.needs_join and pkt.proto == 6 and pkt.payload_len:
@@ -349,15 +365,32 @@ class Engine:
                         d_alt = rules.decide(pkt)
                     pkt.set_joined(j.data, http=j.http)
                     joined, joined_start = j.data, j.start_seq
+            pre = None
+            if pkt.proto == 6 and rules.needs_http and self.maps is not None and pkt.payload_len:
+                http = pkt.http
+                if http is not None and http.doubt in _PIPELINED and d_alt is None:
+                    # Several messages in these bytes: each is decided on its own head when the
+                    # stream can be followed from its start (else the doubt stands).
+                    pre = self._walk_at_start(pkt, joined, joined_start)
+                    if pre is not None:
+                        pkt._http = pre.messages[0][2]
             d = rules.decide(pkt)
             if d_alt is not None:
                 d = stricter(d, d_alt)
+            if pre is not None:
+                data = joined if joined is not None else pkt.payload
+                for a, b, req in pre.messages[1:]:
+                    d = stricter(d, self._decide_message(pkt, data[a:b], req, "http"))
             if d.flow != "inspect":
                 d = self._settle(pkt, d, joined, joined_start)
             if ended_join and d.flow not in FLOW_VERDICTS:    # the decision replaces the INSPECT
                 self._flow_verdict(pkt, _NONE_AFTER_JOIN)
-            if d.flow in FLOW_VERDICTS and self.maps is not None:
-                self._flow_verdict(pkt, d)
+            fol = None
+            if (self.maps is not None and pkt.payload_len and d.flow in ("bypass", "none", "inspect")
+                    and d.action not in ("drop", "reject") and (rules.needs_http or rules.needs_dns)):
+                fol, d = self._follow_start(pkt, d, joined, joined_start, pre)
+            if self.maps is not None and (d.flow in FLOW_VERDICTS or fol is not None):
+                self._flow_verdict(pkt, d, fol)
             if d.action == "accept":
                 nfpkt.set_mark(nfpkt.get_mark() & self._keep_bits)
                 nfpkt.repeat()
@@ -375,7 +408,7 @@ class Engine:
             with contextlib.suppress(Exception):
                 self._accept(nfpkt)
             raise
-        except Exception:   # noqa: BLE001 - nothing a packet carries may stop the engine
+        except Exception:
             stats.errors += 1
             if stats.errors <= 10:      # the first few with their traceback, then counted only
                 log.exception("queue %d: packet handling failed; accepted", self.queue)
@@ -449,6 +482,176 @@ class Engine:
         if why is not None:
             return self._on_doubt(pkt, d, why)
         return d
+
+    # -- following a flow's messages (hybrid.engine.follow) --------------------------------------
+    def _follows(self, pkt: Packet) -> str | None:
+        """Which messages the rules need followed on the packet's flow: "dns" (DNS to or from
+        port 53, when a rule reads the question), "http" (other TCP, when a rule reads the
+        request), or None."""
+        rules = self.rules
+        if pkt.sport == 53 or pkt.dport == 53:
+            return "dns" if rules.needs_dns else None
+        return "http" if rules.needs_http and pkt.proto == 6 else None
+
+    def _walk_at_start(self, pkt: Packet, joined: bytes | None, joined_start: int | None) -> follow.Walk | None:
+        """The HTTP messages in a client's first bytes, when they begin its stream and read
+        without doubt; else None."""
+        facts = self._facts(pkt)
+        if facts is None or not facts.from_client or facts.isn is None:
+            return None
+        start = joined_start if joined_start is not None else pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
+        if (start - facts.isn - 1) & _SEQ_MASK:
+            return None
+        walk = follow.walk_http(joined if joined is not None else pkt.payload)
+        if walk.doubt is not None or walk.stop or not walk.messages:
+            return None
+        return walk
+
+    def _follow_start(self, pkt: Packet, d: Decision, joined: bytes | None,
+                      joined_start: int | None, pre: follow.Walk | None = None) -> tuple[list | None, Decision]:
+        """After the first decision on a flow's client bytes (accepted, flow bypassed or left
+        alone): the follow-up to write with the flow verdict, so that the kernel queues the
+        direction's next message; ``(None, d)`` when there is nothing to follow (not HTTP or DNS,
+        not the start of the client's stream, a UDP flow already followed). A TCP segment's
+        further whole messages (a pipelined request) are decided too, the strictest winning."""
+        kind = self._follows(pkt)
+        if kind is None:
+            return None, d
+        facts = self._facts(pkt)
+        if facts is None:
+            return None, d
+        direction = self._flow_key(pkt)[1]
+        if pkt.proto == 17:
+            if kind != "dns" or facts.follow_bits & (abi.FOLLOW_ON(0) | abi.FOLLOW_ON(1)) == \
+                    abi.FOLLOW_ON(0) | abi.FOLLOW_ON(1):
+                return None, d
+            self.stats.follow["started"] += 1
+            return [(0, 0, follow.MESSAGE), (1, 0, follow.MESSAGE)], d
+        if not facts.from_client or facts.isn is None or facts.follow_on:
+            return None, d
+        start = joined_start if joined_start is not None else pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
+        if (start - facts.isn - 1) & _SEQ_MASK:
+            return None, d                      # not the stream's start: where messages begin is unknown
+        data = joined if joined is not None else pkt.payload
+        if pre is not None:
+            walk = pre                          # its further messages were decided with the first
+        else:
+            walk = follow.walk_http(data) if kind == "http" else follow.walk_dns(data)
+            if walk.doubt is not None or walk.stop or not walk.messages:
+                return None, d                  # decided as it is; nothing to follow
+            for a, b, req in walk.messages[1:]:
+                d = stricter(d, self._decide_message(pkt, data[a:b], req, kind))
+        if d.action in ("drop", "reject") or d.flow not in ("bypass", "none", "inspect"):
+            return None, d
+        self.stats.follow["started"] += 1
+        return [self._boundary(pkt, direction, start, walk, data, pkt.tcp_seq + pkt.payload_len - start)], d
+
+    def _boundary(self, pkt: Packet, direction: int, base: int, walk: follow.Walk, data: bytes,
+                  reach: int) -> tuple[int, int, int]:
+        """The follow-up after ``walk`` over ``data`` (which starts at sequence number ``base``):
+        the next boundary, a checkpoint AHEAD_MAX past the packet's end (``reach`` bytes past
+        base) when a body goes on further, and the carry kept for a cut message."""
+        key = self._flow_key(pkt)
+        nxt, mode, left, after = walk.next, walk.mode, 0, walk.mode
+        if nxt - reach > follow.AHEAD_MAX:
+            left, after = nxt - (reach + follow.AHEAD_MAX), walk.mode
+            nxt, mode = reach + follow.AHEAD_MAX, follow.BODY
+        seq = (base + nxt) & _SEQ_MASK
+        carry = data[nxt:] if walk.carry else b""
+        self.streams.put(key, seq, carry, left, after)
+        if carry:
+            self.stats.follow["held"] += 1
+        return (direction, seq, mode)
+
+    def _decide_message(self, pkt: Packet, data: bytes, req, kind: str) -> Decision:
+        """One whole message of several a packet carries, decided on its own bytes: the rules'
+        decision, or on_doubt when the server may read it otherwise."""
+        mp = pkt.message(data)
+        if req is not None:
+            mp._http = req
+        self.stats.follow["http_requests" if kind == "http" else "dns_messages"] += 1
+        d = self.rules.decide(mp)
+        why = mp.dns_unparsed if kind == "dns" else None
+        if why is not None:
+            return self._on_doubt(pkt, d, "dns:" + why)
+        return d
+
+    def _follow_packet(self, nfpkt, pkt: Packet) -> bool:
+        """A TCP payload packet of a followed direction that reaches its next message: decide
+        every whole message from the boundary on (with the bytes carried from the packet before
+        when a message was cut), write the next boundary with the flow verdict, then the packet's
+        verdict. Returns False when the packet is not one (the usual path decides it)."""
+        facts = self._facts(pkt)
+        if facts is None or not facts.follow_on:
+            return False
+        kind = self._follows(pkt)
+        if kind is None:
+            return False
+        boundary = facts.follow_seq
+        rel = ((pkt.tcp_seq - boundary + _HALF) & _SEQ_MASK) - _HALF     # where the packet starts
+        payload = pkt.payload
+        if rel + len(payload) <= 0:
+            return False                        # bytes before the boundary: decided as they are
+        key = self._flow_key(pkt)
+        direction = key[1]
+        st = self.streams.get(key, boundary)
+        carry = st.carry if st is not None else b""
+        mode = facts.follow_mode
+        why = None
+        if mode == follow.BODY and st is None:
+            why = "follow:state-lost"
+        elif rel > len(carry):
+            why = "follow:hole"                 # bytes between the boundary and this packet unseen
+        elif rel < len(carry) and carry[max(rel, 0):rel + len(payload)] != payload[max(-rel, 0):len(carry) - rel]:
+            why = "follow:overlap-differs"
+        if why is None and rel + len(payload) <= len(carry):
+            self._accept(nfpkt)                 # a retransmission of carried bytes
+            self._dirty = True
+            return True
+        d = None
+        walk = None
+        if why is None:
+            data = carry + payload[len(carry) - rel:]
+            if kind == "http":
+                walk = follow.walk_http(data, mode, st.left if st else 0, st.after if st else follow.MESSAGE)
+            else:
+                walk = follow.walk_dns(data)
+            for a, b, req in walk.messages:
+                d_i = self._decide_message(pkt, data[a:b], req, kind)
+                d = d_i if d is None else stricter(d, d_i)
+            why = walk.doubt
+            if why is None and not rewrite.transport_checksum_ok(pkt):
+                why = "tcp:bad-checksum"
+            if why is None and pkt.ttl + _FORWARD_HOPS < facts.ttl_max:
+                why = "ip:low-ttl"
+        fol = None
+        if walk is not None and walk.stop and why is None:
+            # Not HTTP (or DNS) any more at the boundary: a tunnel, an upgrade, or bytes the
+            # server refuses. The packet is decided on its own bytes; the following ends.
+            d_own = self.rules.decide(pkt)
+            d = d_own if d is None else stricter(d, d_own)
+            fol = [(direction, None, 0)]
+            self.stats.follow["stopped"] += 1
+        base = d if d is not None else _PASS_MESSAGE
+        if why is not None:
+            self.streams.drop(key)
+            d = self._on_doubt(pkt, base, why)
+            fol = [(direction, None, 0)]
+        else:
+            d = base
+            if fol is None and d.action not in ("drop", "reject") and d.flow != "block":
+                fol = [self._boundary(pkt, direction, boundary, walk, data, rel + len(payload))]
+        if d.flow in FLOW_VERDICTS or fol is not None:
+            self._flow_verdict(pkt, d if d.flow in FLOW_VERDICTS else d._replace(flow="none"), fol)
+        if d.action == "accept":
+            self._accept(nfpkt)
+            self.stats.actions["accept"] += 1
+        else:
+            self._verdict(nfpkt, pkt, d)
+        if d.log and d is not _PASS_MESSAGE and self.vlog is not None:
+            self.vlog.write(self.queue, pkt, d)
+        self._dirty = True
+        return True
 
     def _parse_doubt(self, pkt: Packet, joined: bytes | None) -> str | None:
         """A head, ClientHello or DNS name a rule reads that could not be read exactly as the
@@ -597,15 +800,21 @@ class Engine:
             return rewrite.replace_bytes(pkt, spec[1], spec[2])
         return rewrite.set_payload(pkt, spec[1])
 
-    def _flow_verdict(self, pkt: Packet, d: Decision) -> None:
+    def _flow_verdict(self, pkt: Packet, d: Decision, fol=None) -> None:
+        """Write ``d.flow`` for the packet's flow (``"none"`` with ``fol``: the verdict kept), and
+        ``fol``, the follow-up (Maps.write_verdict(follow=...)), with it in one write."""
         if self.maps is None:
             return
         key = self._flow_key(pkt)       # the key tc builds for it; None: tc keys no such packet
         if key is None:
             return
+        code = None if fol is not None and d.flow == "none" else _FLOW_CODES[d.flow]
         try:   # d.ttl: positive seconds (the rules compiler and _merge_verdict() check it)
             # conn_scoped: the verdict belongs to this connection; a new SYN on the 5-tuple ends it
-            self.maps.write_verdict(key[0], _FLOW_CODES[d.flow], max(1, int(d.ttl * 1e9)), conn_scoped=True)
+            if fol is None:
+                self.maps.write_verdict(key[0], code, max(1, int(d.ttl * 1e9)), conn_scoped=True)
+            else:
+                self.maps.write_verdict(key[0], code, max(1, int(d.ttl * 1e9)), conn_scoped=True, follow=fol)
             if d.flow in FLOW_VERDICTS:
                 self.stats.flow_verdicts[d.flow] += 1
         except TableFullError as exc:    # in the flow table, not pinned: an eviction would lose it
@@ -686,6 +895,7 @@ class Engine:
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
                 "reject_send_errors": st.reject_send_errors, "rewrite_errors": st.rewrite_errors,
                 "doubts": dict(st.doubts), "doubt_policy": self.rules.on_doubt,
+                "follow": {**st.follow, "states": len(self.streams), "forgotten": self.streams.forgotten},
                 "doubt_actions": dict(st.doubt_actions), "scoped": dict(st.scoped),
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),
@@ -725,7 +935,13 @@ _INSPECT_WHILE_JOINING = Decision(rule=None, action="accept", mark=None, rewrite
 # A decision that leaves the flow alone, after a join: the join's INSPECT is ended (back to NONE).
 _NONE_AFTER_JOIN = _INSPECT_WHILE_JOINING._replace(flow="none")
 _FLOW_CODES = {**FLOW_VERDICTS, "none": abi.VERDICT_NONE}
+# A followed packet that holds no whole message (a body's bytes, then a message cut at its end):
+# passed, the flow left as it is.
+_PASS_MESSAGE = _INSPECT_WHILE_JOINING._replace(flow="none")
+# The HTTP view's doubts about requests pipelined after the first: the follower reads them apart.
+_PIPELINED = frozenset(("pipelined", "pipelined_body", "pipelined_unparsed"))
 _SEQ_MASK = 0xFFFFFFFF
+_HALF = 0x80000000
 _OUT_OF_ORDER = "join:out-of-order"     # hybrid.engine.join: a piece kept with nothing before it
 # The engine reads a forwarded packet after the gateway decremented its TTL (ip_forward and
 # ip6_forward do so before the FORWARD hook); tc recorded it before. On the INPUT hook this
@@ -742,6 +958,10 @@ class _Facts(NamedTuple):
     ttl_max: int            # the highest TTL seen in the packet's direction
     isn: int | None         # the packet's direction's initial sequence number, when seen
     verdict: int            # the flow's verdict now (abi.VERDICT_*)
+    follow_bits: int = 0    # the entry's follow byte (both directions)
+    follow_on: bool = False  # the engine follows the packet's direction ...
+    follow_seq: int = 0     # ... whose next message starts here
+    follow_mode: int = 0    # ... and is this (abi.FOLLOW_M_*)
 
     @classmethod
     def of(cls, flow, direction: int) -> _Facts:
@@ -751,7 +971,8 @@ class _Facts(NamedTuple):
         return cls(direction == orig, bool(flags & abi.FLOW_MIDSTREAM),
                    flags & (abi.FLOW_ISN0 | abi.FLOW_ISN1) == abi.FLOW_ISN0 | abi.FLOW_ISN1,
                    flow.ttl_max[direction], flow.isn[direction] if flags & isn_bit else None,
-                   flow.verdict)
+                   flow.verdict, flow.follow, bool(flow.follow & abi.FOLLOW_ON(direction)),
+                   flow.follow_seq[direction], flow.follow >> abi.FOLLOW_MODE_SHIFT(direction) & 3)
 _TCP_SYN, _TCP_RST, _TCP_ACK = 0x02, 0x04, 0x10
 
 

@@ -156,6 +156,19 @@ class Packet:
         else:
             self._sni = _parse_sni(data)
 
+    def message(self, data: bytes) -> Packet:
+        """A copy of this packet whose payload (and every view of it) is ``data``: one message
+        of several the packet carries (a request head after a body, a pipelined request, a DNS
+        message on a TCP connection), for the rules to decide on its own (hybrid.engine.follow).
+        Headers, addresses and ports stay the packet's."""
+        p = Packet.__new__(Packet)
+        for name in Packet.__slots__:
+            setattr(p, name, getattr(self, name))
+        p._payload, p.payload_len = data, len(data)
+        p._http = p._sni = p._dns = _UNSET
+        p.doubt = None
+        return p
+
     @property
     def dns_qname(self) -> str | None:
         """The question name of a DNS message to or from port 53 as the server reads it

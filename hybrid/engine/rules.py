@@ -702,6 +702,9 @@ class RuleSet:
         self.needs_sni = plugins or any(r.reads("tls_sni") for r in rules)
         self.needs_http = plugins or any(r.reads("http") for r in rules)
         self.needs_join = self.needs_sni or self.needs_http
+        # Whether any rule reads the DNS question: the engine then decides every DNS message of a
+        # flow, not only its first (hybrid.engine.follow).
+        self.needs_dns = plugins or any(r.reads("dns_qname") for r in rules)
         # The rules that decide on bytes a client sends (payload, HTTP, SNI, DNS question; any
         # plugin): their flow verdicts are scoped to the side that sent them (loop.py).
         self.content_rules = frozenset(r.name for r in rules if r.plugin is not None or r.reads_content())

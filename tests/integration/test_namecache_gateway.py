@@ -13,7 +13,14 @@ import sys
 import time
 
 import pytest
-from gwlab import attached_with_engine, engine_stats, hctl, status, wait_for
+from gwlab import (
+    attached_with_engine,
+    engine_stats,
+    hctl,
+    kernel_counters,
+    status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -30,15 +37,6 @@ def dig(lab, name: str) -> str:
     proc = lab.run("client", ["dig", "+short", "+tries=1", "+time=1", f"@{lab.info.server.ipv4}", name],
                    check=False, timeout=10)
     return "\n".join(ln for ln in proc.stdout.splitlines() if ln and not ln.startswith(";;"))
-
-
-def kernel_counters(lab) -> dict:
-    st = status(lab)
-    out: dict[str, int] = {}
-    for e in st["interfaces"].values():
-        for k, v in e["counters"].items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +135,6 @@ def test_a_reload_under_load_never_applies_an_old_verdict(lab, dns, tmp_path):
         answered = [t for t, port, ok in sent if t > acked and ok and port not in old_ports]
         assert sum(after) == 0, (f"{sum(after)} of {len(after)} queries answered after the reload: "
                                  f"{[(t - acked) / 1e6 for t in answered]} ms after; engine {engine_stats(lab)}; "
-                                 f"kernel {str({k: v for k, v in kernel_counters(lab).items() if v})}")
+                                 f"kernel { {k: v for k, v in kernel_counters(lab).items() if v}!s}")
         c = kernel_counters(lab)
         assert c["cache_dropped"] >= 10, c          # the block was taught and decided in the kernel
