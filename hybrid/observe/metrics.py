@@ -323,6 +323,15 @@ def _fail_open(snap: dict) -> Iterator:
     for queue, name in sorted((d.get("policy") or {}).items()):
         policy.add_metric([queue, name], 1)
     yield policy
+    fw = snap.get("follow") or {}
+    fam_follow = CounterMetricFamily(
+        "hybrid_follow",
+        "The engines' following of a flow's messages after its first (every HTTP request, every DNS "
+        "message): " + "; ".join(f"{k}: {v}" for k, v in views.FOLLOW_WHAT.items()) + ".", labels=["what"])
+    for what in views.FOLLOW_WHAT:
+        if what in fw:
+            fam_follow.add_metric([what], fw[what])
+    yield fam_follow
     scoped = CounterMetricFamily(
         "hybrid_scoped_verdicts",
         "Flow verdicts narrowed to the side that spoke, by kind (responder-side, block-packet-only, ...).",

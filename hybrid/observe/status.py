@@ -60,6 +60,7 @@ def status() -> dict:
                                     instance, rule_packets=sum(s["queued_packets"] for s in out["netfilter"]))
     out["fail_open"] = views.fail_open(kernel, out["engines"], out["queue"])
     out["doubts"] = views.doubts(out["engines"])
+    out["follow"] = views.follow(out["engines"])
     return out
 
 
@@ -119,6 +120,11 @@ def summary_lines(st: dict) -> list[str]:
                      f"expired {nc['expired']:,}, in doubt {nc['refused']:,}; evicted ~{nc['evicted']:,}"
                      + (f"; EVENTS LOST {nc['events_lost']:,} (the engines' logs and counters miss them)"
                         if nc["events_lost"] else ""))
+    fw = st.get("follow")
+    if fw and st.get("engines"):
+        lines.append(f"follow: decided after a flow's first message: {fw['http_requests']:,} HTTP requests, "
+                     f"{fw['dns_messages']:,} TCP DNS messages; {fw['started']:,} directions followed, "
+                     f"{fw['stopped']:,} stopped (no longer HTTP), {fw['held']:,} cut messages carried")
     scoped = [(k, n) for k, n in (d or {}).get("scoped", {}).items() if n]
     if scoped:
         lines.append("flow verdicts scoped to the side that spoke: " + ", ".join(f"{k} {n:,}" for k, n in scoped))

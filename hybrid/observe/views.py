@@ -286,6 +286,24 @@ def doubts(engines: list[dict]) -> dict:
             "scoped": scoped}
 
 
+FOLLOW_WHAT = {
+    "started": "flow directions whose messages the engines began to follow",
+    "http_requests": "HTTP request heads decided after a connection's first",
+    "dns_messages": "DNS messages of a TCP connection decided after its first",
+    "held": "packets whose last message was cut and carried to the next packet",
+    "stopped": "followed directions that stopped being HTTP (a tunnel, an upgrade, refused bytes)",
+}
+
+
+def follow(engines: list[dict]) -> dict:
+    """The engines' following of flows' messages (hybrid/engine/follow.py), summed: each of
+    FOLLOW_WHAT, and ``states`` (directions with a carry or a long body's length kept now)."""
+    out = dict.fromkeys((*FOLLOW_WHAT, "states"), 0)
+    for e in engines:
+        _merge(out, e.get("follow"))
+    return out
+
+
 # ---- the engine's decision-time histogram -------------------------------------------------------------
 # Prometheus bucket bounds (seconds): powers of two from 2**9 ns (0.5 us) to 2**30 ns (~1.07 s).
 # Engine slot i counts 2**(i-1) <= dt < 2**i ns, so every slot falls entirely below one bound.
