@@ -327,11 +327,16 @@ static __always_inline int flow_is_retransmission(struct hybrid_flow *flow, cons
 	return flow->seq_end[dir & 1] - p->seq - 1 < HYBRID_RETRANS_WINDOW;
 }
 
-/* Does the engine follow this direction's messages (struct hybrid_flow, follow), and does the
- * packet carry payload that reaches the next one? */
+/* Does the engine want this payload packet (struct hybrid_flow, follow): it starts within the
+ * direction's byte budget, or it reaches the direction's next message? */
 static __always_inline int flow_followed(const struct hybrid_flow *flow, const struct hybrid_pkt *p, __u32 dir)
 {
-	if (!(flow->follow & HYBRID_FOLLOW_ON(dir & 1)) || p->payload_len == 0)
+	if (p->payload_len == 0)
+		return 0;
+	if ((flow->follow & HYBRID_FOLLOW_UNTIL(dir & 1)) && p->proto == IPPROTO_TCP &&
+	    (__s32)(p->seq - flow->until_seq[dir & 1]) < 0)
+		return 1;
+	if (!(flow->follow & HYBRID_FOLLOW_ON(dir & 1)))
 		return 0;
 	if (p->proto != IPPROTO_TCP)
 		return 1;

@@ -334,14 +334,19 @@ struct hybrid_flow {
 	 * (BYPASS: not queued). Applies with the verdicts NONE and BYPASS; only the engine writes
 	 * it (tc reads it), within 1 GiB of the bytes it decided, so the signed comparison holds. */
 	__u32 follow_seq[2];
-	__u8  follow;       /* HYBRID_FOLLOW_ON(dir) bits, and per direction what starts at follow_seq
-	                     * (HYBRID_FOLLOW_MODE(dir, m), for the engine; tc reads only the ON bits) */
+	/* TCP, per direction, with HYBRID_FOLLOW_UNTIL(dir) in follow: a rule's byte budget
+	 * (inspect_bytes): every payload packet that starts before until_seq[dir] (host order) is
+	 * queued, (s32)(seq - until_seq) < 0, whatever the verdict but BLOCK. */
+	__u32 until_seq[2];
+	__u8  follow;       /* HYBRID_FOLLOW_ON(dir) and HYBRID_FOLLOW_UNTIL(dir) bits, and per direction
+	                     * what starts at follow_seq (the mode, for the engine; tc reads the bits) */
 	__u8  _pad0[7];
-};                                 /* 112 bytes */
+};                                 /* 120 bytes */
 
 #define HYBRID_SEQ_FORGET (1U << 30)
 #define HYBRID_FOLLOW_ON(dir) ((dir) ? 0x10U : 0x01U)
 #define HYBRID_FOLLOW_MODE_SHIFT(dir) ((dir) ? 5 : 1)  /* 2 bits: HYBRID_FOLLOW_M_* */
+#define HYBRID_FOLLOW_UNTIL(dir) ((dir) ? 0x80U : 0x08U)
 #define HYBRID_FOLLOW_M_MESSAGE 0  /* an HTTP request head or a DNS message starts at follow_seq */
 #define HYBRID_FOLLOW_M_CHUNK   1  /* an HTTP chunk-size line starts there (a chunked body) */
 #define HYBRID_FOLLOW_M_BODY    2  /* a point inside a body longer than 1 GiB (the engine knows the rest) */

@@ -42,7 +42,9 @@ def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, en
     table shows each workload's main metric; --json has the extras too (newconn: p50/p99
     latency, packets queued per request, and the name cache's hit ratio under hybrid-cache;
     newconn-zipf: the same, each request's Host drawn from 10,000 names by a Zipf law (s = 1);
-    newconn-unique: each request's Host never seen before, the cache's worst case; udp-small: packets sent and lost; payload-visibility: connections seen; flood: the
+    newconn-unique: each request's Host never seen before, the cache's worst case; keepalive: wrk
+    on persistent connections, many requests each (every request still decided), with packets
+    queued per request; udp-small: packets sent and lost; payload-visibility: connections seen; flood: the
     same mode's Gbit/s without the flood, the share kept, and where the flood's packets died;
     synflood: connections/s without the flood, the share kept and completed, packets queued).
 

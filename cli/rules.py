@@ -95,6 +95,8 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
             match = (match + " " if match else "") + f"plugin={d['plugin']}"
         click.echo(f"{order:>3} {name:<{width}}  {match or ('*' if d['order'] is None else 'any')}  -> "
                    f"{_action(d)}  flow={d['flow']}" + (f"/{d['ttl']}s" if d["flow"] != "none" else "")
+                   + (f"  inspect_bytes={d['inspect_bytes']['client']}/{d['inspect_bytes']['server']}"
+                      if d.get("inspect_bytes") else "")
                    + ("  log" if d["log"] else ""))
     n = len(described) - 1
     click.echo(f"  on doubt: {ruleset.on_doubt} (what a packet the server may read otherwise gets; "

@@ -646,7 +646,7 @@ class Maps:
 
     def write_verdict(self, key: abi.FlowKey | bytes, verdict: int | None, ttl_ns: int | None,
                       origin: int = abi.PIN_ENGINE, conn_scoped: bool = False,
-                      follow: tuple | list | None = None) -> None:
+                      follow: tuple | list | None = None, until: tuple | list | None = None) -> None:
         """:meth:`set_verdict` for the verdict engine's per-packet path: arguments unchecked
         (``ttl_ns`` in nanoseconds, positive or None), the flow read into one reused buffer,
         nothing returned. Two bpf() calls: a lookup and an update, or only the update when
@@ -665,7 +665,9 @@ class Maps:
 
         ``follow``: ``(direction, seq, mode)`` (or a list of them): the engine follows that direction's messages, the
         next one at ``seq`` (TCP; any value for UDP) with ``mode`` (abi.FOLLOW_M_*), or stops
-        following it with ``seq`` None (struct hybrid_flow, follow). ``verdict`` None keeps the
+        following it with ``seq`` None (struct hybrid_flow, follow). ``until``: ``(direction,
+        seq)`` (or a list): a byte budget, every payload packet of that direction starting
+        before ``seq`` is queued (None: no budget). ``verdict`` None keeps the
         entry's verdict, its expiry and its flags (only the follow-up changes; an entry that
         is not there is created with verdict NONE)."""
         flow = self._scratch
@@ -693,6 +695,14 @@ class Maps:
                     bits |= on | (mode & 3) << shift
                     flow.follow_seq[1 if direction else 0] = seq & 0xFFFFFFFF
                 flow.follow = bits
+        if until is not None:
+            for direction, seq in (until if isinstance(until, list) else (until,)):
+                bit = abi.FOLLOW_UNTIL(direction)
+                if seq is None:
+                    flow.follow &= ~bit & 0xFF
+                else:
+                    flow.follow |= bit
+                    flow.until_seq[1 if direction else 0] = seq & 0xFFFFFFFF
         bpfsys.map_update(self.fd(abi.MAP_FLOWS), key, flow, name=abi.MAP_FLOWS)
         if verdict == abi.VERDICT_BLOCK:
             pin = self._pin_scratch

@@ -389,8 +389,9 @@ class Engine:
             if (self.maps is not None and pkt.payload_len and d.flow in ("bypass", "none", "inspect")
                     and d.action not in ("drop", "reject") and (rules.needs_http or rules.needs_dns)):
                 fol, d = self._follow_start(pkt, d, joined, joined_start, pre)
-            if self.maps is not None and (d.flow in FLOW_VERDICTS or fol is not None):
-                self._flow_verdict(pkt, d, fol)
+            until = self._budget(pkt, d) if d.inspect_bytes is not None else None
+            if self.maps is not None and (d.flow in FLOW_VERDICTS or fol is not None or until is not None):
+                self._flow_verdict(pkt, d, fol, until)
             if d.action == "accept":
                 nfpkt.set_mark(nfpkt.get_mark() & self._keep_bits)
                 nfpkt.repeat()
@@ -545,6 +546,29 @@ class Engine:
             return None, d
         self.stats.follow["started"] += 1
         return [self._boundary(pkt, direction, start, walk, data, pkt.tcp_seq + pkt.payload_len - start)], d
+
+    def _budget(self, pkt: Packet, d: Decision) -> list | None:
+        """A rule's inspect_bytes as the kernel keeps it: per direction with a budget, the
+        sequence number its stream's budget ends at (its isn + 1 + bytes); None when the flow's
+        handshake was not seen (no stream start to count from), the budget is written already,
+        or the decision drops."""
+        if self.maps is None or pkt.proto != 6 or d.action in ("drop", "reject") or d.flow == "block":
+            return None
+        key = self._flow_key(pkt)
+        if key is None:
+            return None
+        try:
+            flow = self.maps.get_flow(key[0])
+        except HybridError:
+            return None
+        if flow is None or flow.follow & (abi.FOLLOW_UNTIL(0) | abi.FOLLOW_UNTIL(1)):
+            return None
+        client = 1 if flow.flags & abi.FLOW_ORIG_HI else 0
+        out = []
+        for direction, n in ((client, d.inspect_bytes[0]), (1 - client, d.inspect_bytes[1])):
+            if n and flow.flags & (abi.FLOW_ISN1 if direction else abi.FLOW_ISN0):
+                out.append((direction, (flow.isn[direction] + 1 + n) & _SEQ_MASK))
+        return out or None
 
     def _boundary(self, pkt: Packet, direction: int, base: int, walk: follow.Walk, data: bytes,
                   reach: int) -> tuple[int, int, int]:
@@ -800,21 +824,20 @@ class Engine:
             return rewrite.replace_bytes(pkt, spec[1], spec[2])
         return rewrite.set_payload(pkt, spec[1])
 
-    def _flow_verdict(self, pkt: Packet, d: Decision, fol=None) -> None:
-        """Write ``d.flow`` for the packet's flow (``"none"`` with ``fol``: the verdict kept), and
-        ``fol``, the follow-up (Maps.write_verdict(follow=...)), with it in one write."""
+    def _flow_verdict(self, pkt: Packet, d: Decision, fol=None, until=None) -> None:
+        """Write ``d.flow`` for the packet's flow (``"none"`` with ``fol`` or ``until``: the verdict
+        kept), and ``fol``, the follow-up, and ``until``, a byte budget (Maps.write_verdict(follow=,
+        until=)), with it in one write."""
         if self.maps is None:
             return
         key = self._flow_key(pkt)       # the key tc builds for it; None: tc keys no such packet
         if key is None:
             return
-        code = None if fol is not None and d.flow == "none" else _FLOW_CODES[d.flow]
+        extra = {k: v for k, v in (("follow", fol), ("until", until)) if v is not None}
+        code = None if extra and d.flow == "none" else _FLOW_CODES[d.flow]
         try:   # d.ttl: positive seconds (the rules compiler and _merge_verdict() check it)
             # conn_scoped: the verdict belongs to this connection; a new SYN on the 5-tuple ends it
-            if fol is None:
-                self.maps.write_verdict(key[0], code, max(1, int(d.ttl * 1e9)), conn_scoped=True)
-            else:
-                self.maps.write_verdict(key[0], code, max(1, int(d.ttl * 1e9)), conn_scoped=True, follow=fol)
+            self.maps.write_verdict(key[0], code, max(1, int(d.ttl * 1e9)), conn_scoped=True, **extra)
             if d.flow in FLOW_VERDICTS:
                 self.stats.flow_verdicts[d.flow] += 1
         except TableFullError as exc:    # in the flow table, not pinned: an eviction would lose it

@@ -82,8 +82,9 @@ ON_DOUBT = ("inspect", "drop", "reset")
 RULE_KEYS = ("name", "proto", "src", "dst", "sport", "dport", "port", "tcp_flags", "iif", "fragment",
              "icmp_type", "icmp_code", "payload_len", "payload_contains", "payload_hex", "payload_regex",
              "http_method", "http_host", "http_path", "tls_sni", "dns_qname", "action", "reject_with",
-             "rewrite", "mark", "flow", "ttl", "plugin", "log")
-DECISION_KEYS = ("action", "reject_with", "rewrite", "mark", "flow", "ttl", "plugin", "log")
+             "rewrite", "mark", "flow", "ttl", "inspect_bytes", "plugin", "log")
+DECISION_KEYS = ("action", "reject_with", "rewrite", "mark", "flow", "ttl", "inspect_bytes", "plugin", "log")
+INSPECT_BYTES_MAX = 1 << 30     # a budget's bytes at most per direction (the kernel compares sequence numbers)
 REWRITE_KEYS = ("fill", "end", "replace", "set", "set_hex")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
@@ -111,6 +112,9 @@ class Decision(NamedTuple):
     flow: str
     ttl: int
     log: bool
+    # inspect_bytes: (client, server) bytes of each direction's stream the engine goes on seeing
+    # after this decision, whatever the flow verdict (the kernel queues them); None: no budget.
+    inspect_bytes: tuple[int, int] | None = None
 
 
 def _listify(value) -> list:
@@ -777,11 +781,13 @@ class RuleSet:
                         "plugin": r.plugin_ref, "action": d.action, "reject_with": d.reject_with,
                         "mark": None if d.mark is None else f"{d.mark[0]:#x}/{d.mark[1]:#x}",
                         "rewrite": None if d.rewrite is None else _show_rewrite(d.rewrite),
-                        "flow": d.flow, "ttl": d.ttl, "log": d.log})
+                        "flow": d.flow, "ttl": d.ttl, "log": d.log,
+                        "inspect_bytes": None if d.inspect_bytes is None else
+                        {"client": d.inspect_bytes[0], "server": d.inspect_bytes[1]}})
         dd = self.default
         out.append({"order": None, "name": None, "line": None, "match": {}, "plugin": None,
                     "action": dd.action, "reject_with": None, "mark": None, "rewrite": None,
-                    "flow": dd.flow, "ttl": dd.ttl, "log": dd.log})
+                    "flow": dd.flow, "ttl": dd.ttl, "log": dd.log, "inspect_bytes": None})
         return out
 
 
@@ -1088,8 +1094,35 @@ def _compile_decision(raw: dict, err: Callable[[str | None, str], RulesError], n
     if not isinstance(logged, bool):
         raise err("log", f"log {logged!r}: write true or false")
 
-    decision = Decision(name, action, mark, rewrite, reject_with, flow, ttl, logged)
+    budget = None
+    if "inspect_bytes" in raw:
+        budget = parse("inspect_bytes", _parse_inspect_bytes, raw["inspect_bytes"])
+        if action in ("drop", "reject") or flow == "block":
+            raise err("inspect_bytes", "inspect_bytes keeps a flow's first bytes in view after the decision; "
+                                       "a rule that drops or blocks has nothing left to see: remove one of them")
+        if proto is not None and proto != 6:
+            raise err("inspect_bytes", 'inspect_bytes counts a TCP stream\'s bytes: add proto = "tcp" or remove it')
+
+    decision = Decision(name, action, mark, rewrite, reject_with, flow, ttl, logged, budget)
     return decision, (decision._replace(reject_with=decision_tcp) if decision_tcp else None)
+
+
+def _parse_inspect_bytes(value) -> tuple[int, int]:
+    """``inspect_bytes = 65536`` (the client's bytes) or ``{ client = 65536, server = 4096 }``."""
+    def count(v, what):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= INSPECT_BYTES_MAX:
+            raise ValueError(f"{what} {v!r}: write a number of bytes from 0 to {INSPECT_BYTES_MAX}")
+        return v
+    if isinstance(value, dict):
+        unknown = set(value) - {"client", "server"}
+        if unknown:
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r}: write {{ client = 65536, server = 0 }}")
+        budget = (count(value.get("client", 0), "client"), count(value.get("server", 0), "server"))
+    else:
+        budget = (count(value, "inspect_bytes"), 0)
+    if budget == (0, 0):
+        raise ValueError("a budget of 0 bytes both ways sees nothing: remove inspect_bytes")
+    return budget
 
 
 def plugin_owners() -> tuple[int, ...]:

@@ -139,6 +139,10 @@ def FOLLOW_MODE_SHIFT(direction: int) -> int:  # noqa: N802
     return 5 if direction else 1
 
 
+def FOLLOW_UNTIL(direction: int) -> int:      # noqa: N802
+    return 0x80 if direction else 0x08
+
+
 FOLLOW_M_MESSAGE = 0       # an HTTP request head or a DNS message starts at follow_seq
 FOLLOW_M_CHUNK = 1         # an HTTP chunk-size line starts there
 FOLLOW_M_BODY = 2          # a point inside a body longer than 1 GiB
@@ -296,6 +300,7 @@ class Flow(ctypes.Structure):
         ("isn", ctypes.c_uint32 * 2),       # per direction, with FLOW_ISN0/1: the SYN's, the SYN-ACK's
         ("seq_bytes", ctypes.c_uint32 * 2),  # per direction: bytes[dir] (low 32 bits) when seq_end moved
         ("follow_seq", ctypes.c_uint32 * 2),  # per direction: where the next message starts (FOLLOW_ON)
+        ("until_seq", ctypes.c_uint32 * 2),   # per direction: a byte budget's end (FOLLOW_UNTIL)
         ("follow", ctypes.c_uint8),         # FOLLOW_ON(dir) bits and the FOLLOW_M_* modes
         ("_pad0", ctypes.c_uint8 * 7),
     ]
@@ -439,7 +444,7 @@ class NameEvent(ctypes.Structure):
 
 # Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
 # against bcc).
-SIZES = {Config: 56, FlowKey: 40, Flow: 112, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
+SIZES = {Config: 56, FlowKey: 40, Flow: 120, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
          PinnedVerdict: 16, Stats: 376, NameKey: 272, NameScratch: 2656, NameVerdict: 32, NameState: 8,
          NameEvent: 328}
 

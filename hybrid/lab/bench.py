@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -357,12 +358,12 @@ def _wrk_ms(text: str) -> float:
 
 def parse_wrk(out: str) -> tuple[float, dict[str, float]]:
     """Requests/s and the extras (p50/p99 latency in ms, errors) from ``wrk --latency`` output."""
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.MULTILINE)
     if not rps:
         raise HybridError(f"wrk failed: {sysutil.last_line(out) or 'no output'}")
     extra: dict[str, float] = {}
     for pct in ("50", "99"):
-        m = re.search(rf"^\s+{pct}(?:\.0+)?%\s+(\S+)", out, re.M)
+        m = re.search(rf"^\s+{pct}(?:\.0+)?%\s+(\S+)", out, re.MULTILINE)
         if m:
             extra[f"p{pct}_ms"] = _wrk_ms(m.group(1))
     errors = 0
@@ -373,22 +374,27 @@ def parse_wrk(out: str) -> tuple[float, dict[str, float]]:
     if m:
         errors += int(m.group(1))
     extra["errors"] = errors
-    m = re.search(r"^\s*(\d+) requests in ", out, re.M)
+    m = re.search(r"^\s*(\d+) requests in ", out, re.MULTILINE)
     if m:
         extra["requests"] = int(m.group(1))
     return float(rps.group(1)), extra
 
 
-def _newconn(lab: Lab, seconds: float, probe: Probe | None = None, script: str | None = None) -> Sample:
+def _newconn(lab: Lab, seconds: float, probe: Probe | None = None, script: str | None = None,
+             keepalive: bool = False) -> Sample:
     """New connections: wrk with ``Connection: close`` against nginx; requests/s, p50/p99, and
     packets queued to userspace per request (each request is one connection). ``script``: a
-    wrk Lua script that shapes the requests (the Zipf-named variant)."""
+    wrk Lua script that shapes the requests (the Zipf-named variant). ``keepalive``: wrk's
+    persistent connections instead, many requests on each (every request is still decided:
+    the engine follows each connection's requests, hybrid/engine/follow.py)."""
     extra_args = ["-s", script] if script else []
+    if not keepalive:
+        extra_args += ["-H", "Connection: close"]
     with Nginx(lab):
         cache0 = _cache_counters(lab) if probe is not None and probe.hybrid else None
         queued0 = _queued_total(lab)
         proc = lab.run("client", ["taskset", "-c", "0", "wrk", "-t", "1", "-c", str(WRK_CONNECTIONS),
-                                  "-d", f"{max(1, round(seconds))}s", "--latency", "-H", "Connection: close",
+                                  "-d", f"{max(1, round(seconds))}s", "--latency",
                                   *extra_args, f"http://{lab.info.server.ipv4}/"],
                        timeout=seconds + 30, check=False, what="wrk")
         queued = _queued_total(lab) - queued0
@@ -702,6 +708,7 @@ WORKLOADS: dict[str, Workload] = {
     "newconn": Workload("newconn", "req/s", _newconn),
     "newconn-zipf": Workload("newconn-zipf", "req/s", _newconn_zipf),
     "newconn-unique": Workload("newconn-unique", "req/s", _newconn_unique),
+    "keepalive": Workload("keepalive", "req/s", functools.partial(_newconn, keepalive=True)),
     "udp-small": Workload("udp-small", "packets/s", _udp_small),
     "payload-visibility": Workload("payload-visibility", "share seen", _payload_visibility),
     "flood": Workload("flood", "Gbit/s", _flood),

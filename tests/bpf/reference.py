@@ -247,6 +247,7 @@ class RefFlow:
     isn: list = field(default_factory=lambda: [None, None])       # None: not set (FLOW_ISN0/1 clear)
     seq_bytes: list = field(default_factory=lambda: [0, 0])       # bytes[dir] & 0xffffffff when seq_end moved
     follow_seq: list = field(default_factory=lambda: [0, 0])      # the engine's follow-up (written by it)
+    until_seq: list = field(default_factory=lambda: [0, 0])       # a byte budget's end (FOLLOW_UNTIL)
     follow: int = 0
 
 
@@ -375,11 +376,24 @@ class Reference:
     @staticmethod
     def _followed(flow: RefFlow, p: Parsed, direction: int) -> bool:
         """flow_followed(): the engine follows the direction and the packet reaches its next message."""
-        if not flow.follow & abi.FOLLOW_ON(direction) or p.payload_len == 0:
+        if p.payload_len == 0:
+            return False
+        if (flow.follow & abi.FOLLOW_UNTIL(direction) and p.proto == IPPROTO_TCP
+                and _s32(p.seq - flow.until_seq[direction]) < 0):
+            return True
+        if not flow.follow & abi.FOLLOW_ON(direction):
             return False
         if p.proto != IPPROTO_TCP:
             return True
         return _s32(p.seq + p.payload_len - flow.follow_seq[direction]) > 0
+
+    def set_until(self, key: tuple, direction: int, seq: int | None) -> None:
+        """What the engine writes for a byte budget (Maps.write_verdict(until=...)); None: none."""
+        flow = self.flows[key]
+        flow.follow &= ~abi.FOLLOW_UNTIL(direction)
+        if seq is not None:
+            flow.follow |= abi.FOLLOW_UNTIL(direction)
+            flow.until_seq[direction] = seq & 0xFFFFFFFF
 
     def set_follow(self, key: tuple, direction: int, seq: int | None, mode: int = abi.FOLLOW_M_MESSAGE) -> None:
         """What the engine writes (Maps.write_verdict(follow=...)): follow direction's next

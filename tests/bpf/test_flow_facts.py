@@ -76,9 +76,9 @@ class Both:
             isn = [kf.isn[d] if kf.flags & (abi.FLOW_ISN0, abi.FLOW_ISN1)[d] else None for d in (0, 1)]
             seq_end = [kf.seq_end[d] if kf.flags & (abi.FLOW_SEQ0, abi.FLOW_SEQ1)[d] else None for d in (0, 1)]
             assert (list(kf.packets), list(kf.payload_packets), kf.flags, kf.verdict, list(kf.ttl_max), isn,
-                    seq_end, kf.follow, list(kf.follow_seq)) == \
+                    seq_end, kf.follow, list(kf.follow_seq), list(kf.until_seq)) == \
                    (rf.packets, rf.payload_packets, rf.flags, rf.verdict, rf.ttl_max, rf.isn, rf.seq_end,
-                    rf.follow, rf.follow_seq), k
+                    rf.follow, rf.follow_seq, rf.until_seq), k
         pinned = {key_tuple(k): (p.verdict, p.expires_ns, p.origin) for k, p in self.maps.pinned()}
         assert pinned == self.ref.pinned
         self.run.check_invariant()

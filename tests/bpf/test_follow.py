@@ -144,3 +144,24 @@ def test_one_far_segment_does_not_forget(run, maps):
     assert both.tc(t4("PA", b"a" * 100, seq=1101)).mark
     assert maps.get_flow(KEY4).flags & abi.FLOW_SEQ0
     both.check()
+
+
+def test_byte_budget_queues_the_first_bytes_of_a_direction(run, maps):
+    """A rule's inspect_bytes: every payload packet starting before the budget's end is queued,
+    whatever the verdict (BYPASS here), and the message follow-up still applies after it."""
+    both = Both(run, maps)
+    handshake(both)
+    both.maps.write_verdict(KEY4, abi.VERDICT_BYPASS, None, conn_scoped=True, until=(0, 1001 + 3000))
+    both.ref.set_verdict(key_tuple(KEY4), abi.VERDICT_BYPASS, 0, both.now, conn_scoped=True)
+    both.ref.set_until(key_tuple(KEY4), 0, 1001 + 3000)
+    before = run.counters()
+    for seq in (1001, 2001, 3001, 3999):
+        assert both.tc(t4("PA", b"c" * 1000, seq=seq)).mark          # within the budget
+    assert not both.tc(t4("PA", b"c" * 1000, seq=4001)).mark          # past it: bypassed
+    assert not both.tc(t4("PA", b"r" * 1000, seq=5001, reply=True)).mark   # the other direction
+    assert both.tc(t4("PA", b"c" * 10, seq=2001)).mark                # a retransmission within it
+    assert reasons(both, before) == {"flagged": 5, "bypassed": 2, "passed": 0, "reason_follow": 5}
+    both.maps.write_verdict(KEY4, None, None, until=(0, None))
+    both.ref.set_until(key_tuple(KEY4), 0, None)
+    assert not both.tc(t4("PA", b"c" * 10, seq=2001)).mark
+    both.check()

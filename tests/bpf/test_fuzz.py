@@ -120,10 +120,15 @@ def _follow_random(rng: random.Random, maps, ref: Reference) -> None:
     seq = rng.choice([None, 0, 1, 2, 0xFFFFFFFF, 0xFFFFFFF0, 0x7FFFFFFF, rng.randrange(1 << 32)])
     mode = rng.randrange(3)
     verdict = rng.choice([None, None, R.VERDICT_BYPASS, R.VERDICT_NONE])
-    maps.write_verdict(flow_key_of(key), verdict, None, conn_scoped=True, follow=(direction, seq, mode))
+    until = None
+    if rng.random() < 0.4:                          # a byte budget, in either direction
+        until = (rng.randrange(2), rng.choice([None, 0, 1, 2, 0x80000000, 0xFFFFFFFF, rng.randrange(1 << 32)]))
+    maps.write_verdict(flow_key_of(key), verdict, None, conn_scoped=True, follow=(direction, seq, mode), until=until)
     if verdict is not None:
         ref.set_verdict(key, verdict, 0, 0, conn_scoped=True)
     ref.set_follow(key, direction, seq, mode)
+    if until is not None:
+        ref.set_until(key, *until)
 
 
 def _bytes_jump(rng: random.Random, maps, ref: Reference) -> None:
@@ -147,9 +152,9 @@ def _flow_state(fl) -> tuple:
         isn = [fl.isn[d] if fl.flags & (R.FLOW_ISN0, R.FLOW_ISN1)[d] else None for d in (0, 1)]
         seq_end = [fl.seq_end[d] if fl.flags & (R.FLOW_SEQ0, R.FLOW_SEQ1)[d] else None for d in (0, 1)]
         return (list(fl.packets), list(fl.payload_packets), fl.flags, fl.verdict, fl.verdict_expires_ns,
-                list(fl.ttl_max), isn, seq_end, fl.follow, list(fl.follow_seq))
+                list(fl.ttl_max), isn, seq_end, fl.follow, list(fl.follow_seq), list(fl.until_seq))
     return (fl.packets, fl.payload_packets, fl.flags, fl.verdict, fl.verdict_expires_ns, fl.ttl_max, fl.isn,
-            fl.seq_end, fl.follow, fl.follow_seq)
+            fl.seq_end, fl.follow, fl.follow_seq, fl.until_seq)
 
 
 def _mutate(rng: random.Random, bases: list[bytes], facts: list[bytes]) -> bytes:
