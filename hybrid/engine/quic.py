@@ -59,13 +59,14 @@ its doubt and its names. A datagram with a checksum its receiver rejects or a TT
 the server (the engine's transport checks, asked before reading) is decided in doubt and not read.
 Every datagram of a flow whose join was given up (a bound, an eviction) is decided in doubt
 (``quic:table-full``, ``source-full``, ``bytes-full``, ``evicted``, ``pieces``, ``packets``,
-``connections``) for :data:`~hybrid.engine.join.JOIN_TTL`.
+``connections``, ``overlaps``) for :data:`~hybrid.engine.join.JOIN_TTL`.
 
 **Cost in proportion to the bytes**: each packet is decrypted once per key tried (at most one per
 connection of its flow), each frame and each CRYPTO byte is looked at once, padding is skipped by a
-C search, and the ClientHello is parsed once, when it is whole. Bounded as the TCP joiner is
+C search, and each reading of the ClientHello is parsed once it is whole, again only after a piece
+with differing bytes (at most :data:`CONN_MAX_DIFFERING`). Bounded as the TCP joiner is
 (hybrid/engine/join.py): flows held at once, per source (an IPv6 source by its /64), bytes, CRYPTO
-ranges and packets per connection, connections per flow.
+ranges, packets and differing pieces per connection, connections per flow.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hybrid.engine.join import ABANDONED_MAX, HELD_MAX_BYTES, HELLO_TIMEOUT, JOIN_TTL, SOURCE_MAX_BYTES
 from hybrid.engine.packet import TLS_HELLO_MAX, Packet, client_hello_names, client_hello_sni
 
-__all__ = ["CONN_MAX_PACKETS", "CONN_MAX_RANGES", "CRYPTO_MAX", "FLOW_MAX_CONNS", "MIN_INITIAL_DATAGRAM",
+__all__ = ["CONN_MAX_DIFFERING", "CONN_MAX_PACKETS", "CONN_MAX_RANGES", "CRYPTO_MAX", "FLOW_MAX_CONNS", "MIN_INITIAL_DATAGRAM",
            "QUIC_DOUBTS", "QUIC_MAX_FLOWS", "QUIC_PORT", "QUIC_V1", "QUIC_V2", "SOURCE_MAX_FLOWS",
            "QuicCounters", "QuicJoiner", "QuicResult", "Step", "client_initial_secret", "initial_keys"]
 
@@ -98,6 +99,7 @@ MIN_INITIAL_DATAGRAM = 1200          # RFC 9000 14.1: servers discard Initials i
 CRYPTO_MAX = TLS_HELLO_MAX           # handshake stream bytes joined (64 KiB; a real one is < 3 KB)
 CONN_MAX_RANGES = 64                 # CRYPTO byte ranges held apart per connection
 CONN_MAX_PACKETS = 128               # Initial packets read per connection (64 KiB is ~55 datagrams)
+CONN_MAX_DIFFERING = 16              # pieces whose bytes differ from those held (each may re-parse)
 FLOW_MAX_CONNS = 4                   # connections per 5-tuple (a Retry makes 2)
 QUIC_MAX_FLOWS = 16384               # flows with a ClientHello joined or decided, held at once
 # Per source: flows held (joined or decided; decided ones cost no bytes and go first when room is
@@ -110,7 +112,8 @@ _KEYS_CACHED = 1024                  # (DCID, version) -> keys
 QUIC_DOUBTS = ("undecryptable", "unknown-version", "malformed", "short-datagram", "duplicate-packet",
                "forbidden-frame", "reserved-bits", "overlap-differs", "not-client-hello", "too-big",
                "sni-duplicate", "sni-malformed", "hello-malformed", "coalesced", "several-connections",
-               "table-full", "source-full", "bytes-full", "evicted", "pieces", "packets", "connections")
+               "table-full", "source-full", "bytes-full", "evicted", "pieces", "packets", "connections",
+               "overlaps")
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,13 +290,17 @@ _NONZERO = re.compile(rb"[^\x00]")
 class _Stream:
     """A connection's Initial CRYPTO stream by offset: ``first`` the first-received reading (zero
     in holes), ``last`` the last-received one once an overlap differed, ``cover`` the ranges held
-    ([a, b), sorted, disjoint)."""
-    __slots__ = ("first", "last", "cover")
+    ([a, b), sorted, disjoint). ``parsed`` keeps each reading's parse once whole: its bytes change
+    only by a differing piece (no hole is left in it), which clears it, and those are bounded
+    (CONN_MAX_DIFFERING), so a ClientHello is parsed a bounded number of times."""
+    __slots__ = ("first", "last", "cover", "differing", "parsed")
 
     def __init__(self):
         self.first = bytearray()
         self.last: bytearray | None = None
         self.cover: list[list[int]] = []
+        self.differing = 0
+        self.parsed: list = [None, None]              # per reading: (names, doubt) once whole
 
     @property
     def size(self) -> int:
@@ -318,8 +325,11 @@ class _Stream:
             if a < b and first[a:b] != data[a - off:b - off]:
                 differs = True
             j += 1
-        if differs and self.last is None:
-            self.last = bytearray(first)                 # the reading before this piece
+        if differs:
+            self.differing += 1
+            self.parsed = [None, None]
+            if self.last is None:
+                self.last = bytearray(first)             # the reading before this piece
         if end > len(first):
             first.extend(bytes(end - len(first)))
         last = self.last
@@ -355,8 +365,13 @@ class _Stream:
         names: list = []
         doubt = None
         whole = True
-        for r in (self.first, self.last):
+        for which, r in enumerate((self.first, self.last)):
             if r is None:
+                continue
+            done = self.parsed[which]
+            if done is not None:
+                names.extend(done[0])
+                doubt = doubt or done[1]
                 continue
             if n and r[0] != 1:
                 doubt = doubt or "quic:not-client-hello"     # the server aborts on it
@@ -375,10 +390,12 @@ class _Stream:
             h = bytes(r[:want])
             name, problem = client_hello_sni(h)
             if problem is None:
-                names.append(name)
+                done = ((name,), None)
             else:
-                names.extend(client_hello_names(h) or (None,))
-                doubt = doubt or "quic:" + problem.replace("_", "-")
+                done = (client_hello_names(h) or (None,), "quic:" + problem.replace("_", "-"))
+            self.parsed[which] = done
+            names.extend(done[0])
+            doubt = doubt or done[1]
         if self.last is not None:
             doubt = doubt or "quic:overlap-differs"
         return whole, tuple(dict.fromkeys(names)), doubt
@@ -628,6 +645,8 @@ class QuicJoiner:
                     differs = differs or diff
                     if len(stream.cover) > CONN_MAX_RANGES:
                         return "pieces"
+                    if stream.differing > CONN_MAX_DIFFERING:
+                        return "overlaps"
                 i += ln
             elif t in (0x02, 0x03):                      # ACK (0x03: with ECN counts)
                 vals = 4

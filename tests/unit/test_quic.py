@@ -857,3 +857,24 @@ def test_a_reading_that_is_no_client_hello_hides_no_name_of_the_other():
     j = QuicJoiner(counters())
     assert offer(j, dgram(initial(crypto(0, b"\x02"), pn=0))) == (Step.DECIDE, (), "quic:not-client-hello")
     assert offer(j, dgram(initial(crypto(0, hs), pn=1))) == (Step.DECIDE, ("hidden.example",), "quic:overlap-differs")
+
+
+def test_a_whole_hello_is_parsed_a_bounded_number_of_times(monkeypatch):
+    """The first reading whole, the last kept unfinished by rewriting its length field again and
+    again: each piece with differing bytes may parse again, up to CONN_MAX_DIFFERING; then the
+    flow is given up (`overlaps`). Work counted, not timed."""
+    parses = []
+    real = quic.client_hello_sni
+    monkeypatch.setattr(quic, "client_hello_sni", lambda h: parses.append(len(h)) or real(h))
+    hs = client_hello("parse.example")
+    assert offer(QuicJoiner(counters()), dgram(initial(crypto(0, hs)))) == (Step.DECIDE, ("parse.example",), None)
+    assert len(parses) == 1                                            # a plain hello: parsed once
+    parses.clear()
+    j = QuicJoiner(counters())
+    assert offer(j, dgram(initial(crypto(0, hs[:-1]), pn=0))) == (Step.HOLD, (), None)
+    results = [offer(j, dgram(initial(crypto(0, b"\x01\x00\x80" + bytes([pn % 2])) + crypto(len(hs) - 1, hs[-1:]),
+                                      pn=pn))) for pn in range(1, 40)]
+    assert results[0] == (Step.DECIDE, ("parse.example",), "quic:overlap-differs")
+    assert len(parses) <= 2 * (quic.CONN_MAX_DIFFERING + 1)
+    given_up = (Step.DECIDE, ("parse.example",), "quic:overlaps")      # the names seen are kept
+    assert results.index(given_up) == quic.CONN_MAX_DIFFERING and results[-1] == given_up
