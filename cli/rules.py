@@ -69,6 +69,10 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
     is refused with how to fix it (a possessive repeat or an atomic group). The engine searches
     only a payload's first bytes: a note below the rules that use a regex says how many.
 
+    The line "quic:" says what the engine does with QUIC handshakes (the file's top-level quic):
+    read their SNI for the tls_sni rules whose proto is not "tcp" (inspect), or drop them all so
+    that browsers use TCP (block).
+
     \b
     Examples:
       hybridctl rules check examples/rules/realistic.toml
@@ -82,7 +86,7 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
     described = ruleset.describe()
     if as_json:
         click.echo(json.dumps({"file": file, "rules": described[:-1], "default": described[-1],
-                               "on_doubt": ruleset.on_doubt,
+                               "on_doubt": ruleset.on_doubt, "quic": ruleset.quic,
                                "plugins_imported": ruleset.plugins_imported, "regex_window": REGEX_WINDOW},
                               indent=1))
         return
@@ -101,6 +105,9 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
     n = len(described) - 1
     click.echo(f"  on doubt: {ruleset.on_doubt} (what a packet the server may read otherwise gets; "
                f"docs/rules.md)")
+    click.echo("  quic: block (every QUIC handshake dropped: browsers fall back to TCP; docs/rules.md)"
+               if ruleset.quic == "block" else
+               "  quic: inspect (tls_sni rules without proto = \"tcp\" read QUIC Initials; docs/rules.md)")
     regexes = [d["name"] for d in described[:-1] if "payload_regex" in d["match"]]
     if regexes:
         click.echo(f"note: payload_regex reads the first {REGEX_WINDOW} bytes of a payload "

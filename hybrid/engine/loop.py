@@ -45,17 +45,11 @@ from typing import NamedTuple
 
 from hybrid import instance as inst
 from hybrid.datapath import queues
-from hybrid.engine import follow, kernelcache, rewrite
-from hybrid.engine.join import (
-    ABANDON_REASONS,
-    DECIDE,
-    JOIN_TTL,
-    SegmentJoiner,
-    Step,
-    stricter,
-)
+from hybrid.engine import follow, kernelcache, quic, rewrite
+from hybrid.engine.join import ABANDON_REASONS, DECIDE, JOIN_TTL, SegmentJoiner, Step, stricter
 from hybrid.engine.kernelcache import KernelNameCache
 from hybrid.engine.packet import Packet, client_hello_problem, decode, http_unparsed
+from hybrid.engine.quic import QuicJoiner, QuicResult
 from hybrid.engine.rules import ON_DOUBT, Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError, TableFullError
 from hybrid.kernel import abi, nfq
@@ -148,6 +142,13 @@ class EngineStats:
     joins_overlap_differs: int = 0
     joins_doubted: int = 0
     joins_forgotten: int = 0
+    # QUIC (hybrid.engine.quic): Initial packets decrypted, ClientHellos read to their end and
+    # decided, datagrams held while one was joined, datagrams dropped by quic = "block". Its
+    # doubts are counted in ``doubts`` as "quic:<reason>".
+    quic_initials: int = 0
+    quic_snis: int = 0
+    quic_held: int = 0
+    quic_blocked: int = 0
     reloads: int = 0
     reload_errors: int = 0
     last_reload_error: str | None = None
@@ -200,6 +201,7 @@ class Engine:
         self._key: tuple[bytes, int] | None = None
         self.joiner = SegmentJoiner(self.stats)   # split ClientHellos and request heads (join.py)
         self.streams = follow.Streams()            # followed directions' carries (follow.py)
+        self.quic = QuicJoiner(self.stats)         # the ClientHellos of QUIC Initials (quic.py)
         self._stop = False
         self._dirty = False
         self._publisher: threading.Thread | None = None
@@ -350,7 +352,7 @@ class Engine:
                     and (rules.needs_http or rules.needs_dns) and self._follow_packet(nfpkt, pkt)):
                 return
             ended_join = False
-            d_alt = joined = joined_start = None
+            d = d_alt = joined = joined_start = None
             if rules.needs_join and pkt.proto == 6 and pkt.payload_len:
                 j = self.joiner.offer(pkt, rules, self._at_stream_start_fn(pkt))
                 if j is not DECIDE:
@@ -365,6 +367,15 @@ class Engine:
                         d_alt = rules.decide(pkt)
                     pkt.set_joined(j.data, http=j.http)
                     joined, joined_start = j.data, j.start_seq
+            elif rules.reads_quic and pkt.proto == 17 and pkt.payload_len:
+                q = self.quic.offer(pkt, rules.quic_block is not None, lambda: self._udp_doubt(pkt))
+                if q.step is quic.Step.HOLD:                # like a held segment, same INSPECT
+                    self._hold(pkt, nfpkt, Step.HOLD)
+                    return
+                if q.step is quic.Step.BLOCK:
+                    d = rules.quic_block
+                elif q.step is quic.Step.DECIDE:
+                    d_alt, ended_join = self._quic_names(pkt, q)
             pre = None
             if pkt.proto == 6 and rules.needs_http and self.maps is not None and pkt.payload_len:
                 http = pkt.http
@@ -374,7 +385,8 @@ class Engine:
                     pre = self._walk_at_start(pkt, joined, joined_start)
                     if pre is not None:
                         pkt._http = pre.messages[0][2]
-            d = rules.decide(pkt)
+            if d is None:
+                d = rules.decide(pkt)
             if d_alt is not None:
                 d = stricter(d, d_alt)
             if pre is not None:
@@ -779,6 +791,24 @@ class Engine:
         self._accept(nfpkt)
         self._dirty = True
 
+    def _quic_names(self, pkt: Packet, q: QuicResult) -> tuple[Decision | None, bool]:
+        """A datagram the QUIC joiner decides: its ``tls_sni`` is the first of the names its
+        connection's ClientHello gave (None: no name); each other name is decided too, and the
+        strictest of those decisions is returned (for stricter()), with whether a join ended."""
+        names = q.names or (None,)
+        d_alt = None
+        for name in names[1:]:
+            pkt.set_sni(name)
+            d = self.rules.decide(pkt)
+            d_alt = d if d_alt is None else stricter(d_alt, d)
+        pkt.set_sni(names[0])
+        return d_alt, q.ended
+
+    def _udp_doubt(self, pkt: Packet) -> str | None:
+        """For the QUIC joiner, before it reads a datagram: a checksum its receiver rejects or a
+        TTL that may expire before the server (see :meth:`_transport_doubt`)."""
+        return self._transport_doubt(pkt, None, None, self._facts(pkt) if self.maps is not None else None)
+
     def _verdict(self, nfpkt, pkt: Packet, d: Decision) -> None:
         action = d.action
         if action == "accept":
@@ -915,6 +945,8 @@ class Engine:
                 "joins_abandoned": dict(st.joins_abandoned), "joins_out_of_order": st.joins_out_of_order,
                 "joins_overlap_differs": st.joins_overlap_differs, "joins_doubted": st.joins_doubted,
                 "joins_forgotten": st.joins_forgotten,
+                "quic_initials": st.quic_initials, "quic_snis": st.quic_snis, "quic_held": st.quic_held,
+                "quic_blocked": st.quic_blocked,
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
                 "reject_send_errors": st.reject_send_errors, "rewrite_errors": st.rewrite_errors,
                 "doubts": dict(st.doubts), "doubt_policy": self.rules.on_doubt,

@@ -24,7 +24,8 @@ from typing import NamedTuple
 from hybrid.datapath.maps import flow_key_bytes, packet_key_ports
 from hybrid.kernel.abi import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP  # noqa: F401 (re-exported)
 
-__all__ = ["HttpRequest", "Packet", "decode", "http_unparsed", "normalize_http_path"]
+__all__ = ["HttpRequest", "Packet", "client_hello_names", "client_hello_sni", "decode", "http_unparsed",
+           "normalize_http_path"]
 
 _U16 = struct.Struct("!H").unpack_from
 _U16x2 = struct.Struct("!HH").unpack_from
@@ -168,6 +169,12 @@ class Packet:
         p._http = p._sni = p._dns = _UNSET
         p.doubt = None
         return p
+
+    def set_sni(self, name: str | None) -> None:
+        """Read this datagram's ``tls_sni`` view as ``name``: a server_name the engine read from
+        the ClientHello carried in its QUIC Initial packets (hybrid.engine.quic), which a TLS
+        record parse of the UDP payload cannot see."""
+        self._sni = name
 
     @property
     def dns_qname(self) -> str | None:
@@ -783,6 +790,55 @@ def _sni_in_hello(h: bytes) -> tuple[str | None, str | None]:
     if whole and pos != ext_end:
         return bad
     return name, None
+
+
+def client_hello_sni(h: bytes) -> tuple[str | None, str | None]:
+    """``(server_name, problem)`` of the whole ClientHello handshake message ``h`` (from its type
+    byte, no TLS record around it: QUIC carries handshake messages in CRYPTO frames), read as
+    :func:`_sni_in_hello` reads it; the name lower-cased as :func:`_parse_sni` gives it."""
+    name, problem = _sni_in_hello(h)
+    return (None if name is None else name.lower()), problem
+
+
+def client_hello_names(h: bytes) -> tuple[str, ...]:
+    """Every name a server might take from the ClientHello handshake message ``h`` when
+    :func:`client_hello_sni` finds its server_name ambiguous or malformed: each entry of each
+    server_name extension, of any name type, lower-cased, in order, duplicates once (OpenSSL
+    refuses two server_name extensions, aioquic takes the last one). Lengths are followed only
+    as far as the bytes go; nothing else is checked."""
+    n = len(h)
+    if n < 4 or h[0] != 1:
+        return ()
+    end = min(n, 4 + int.from_bytes(h[1:4], "big"))
+    pos = 4 + 2 + 32                                     # client_version, random
+    if pos + 1 > end:
+        return ()
+    pos += 1 + h[pos]                                    # session_id
+    if pos + 2 > end:
+        return ()
+    pos += 2 + _U16(h, pos)[0]                           # cipher_suites
+    if pos + 1 > end:
+        return ()
+    pos += 1 + h[pos]                                    # compression_methods
+    if pos + 2 > end:
+        return ()
+    ext_end = min(end, pos + 2 + _U16(h, pos)[0])
+    pos += 2
+    names = []
+    while pos + 4 <= ext_end:
+        etype, elen = _U16x2(h, pos)
+        pos += 4
+        if etype == 0:                                   # server_name: its list's entries
+            stop = min(pos + elen, ext_end)
+            p = pos + 2
+            while p + 3 <= stop:
+                ln = _U16(h, p + 1)[0]
+                raw = h[p + 3:min(p + 3 + ln, stop)]
+                if raw:
+                    names.append(raw.decode("latin-1").lower())
+                p += 3 + ln
+        pos += elen
+    return tuple(dict.fromkeys(names))
 
 
 def client_hello_problem(d: bytes) -> str | None:

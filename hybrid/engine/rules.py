@@ -35,7 +35,9 @@ plugin failing.
 Packets are read through a fixed set of attributes (``version``, ``proto``, ``src_int``,
 ``dst_int``, ``sport``, ``dport``, ``tcp_flags``, ``icmp_type``, ``icmp_code``, ``payload``,
 ``payload_len``, ``fragment``, ``indev``, ``http``, ``tls_sni``, ``dns_qname``): see
-``hybrid/engine/packet.py``.
+``hybrid/engine/packet.py``. ``tls_sni`` is also the server_name of a QUIC ClientHello, read from
+a UDP datagram's Initial packets (``hybrid/engine/quic.py``): a ``tls_sni`` rule applies to QUIC
+unless its ``proto`` is "tcp"; the top-level ``quic = "block"`` drops QUIC handshakes instead.
 """
 
 from __future__ import annotations
@@ -74,11 +76,18 @@ TCP_FLAG_BITS = {"F": 1, "S": 2, "R": 4, "P": 8, "A": 16, "U": 32, "E": 64, "C":
 LOGGED_ACTIONS = ("drop", "reject", "rewrite")
 PLUGIN_ERROR_LOG_INTERVAL = 10.0         # seconds between two log lines about one failing plugin
 
-TOP_KEYS = ("default", "default_flow", "flow_ttl", "on_doubt", "plugin_paths", "rule")
+TOP_KEYS = ("default", "default_flow", "flow_ttl", "on_doubt", "plugin_paths", "quic", "rule")
 # What the engine does with a packet it would have bypassed its flow on but cannot be sure the
 # server reads as it did (loop.py): keep the flow inspected and pass the packet, or drop it, or
 # reset it (a TCP RST both ways; an ICMP error otherwise). The flow is never bypassed on it.
 ON_DOUBT = ("inspect", "drop", "reset")
+# What the engine does with QUIC (HTTP/3) handshakes (hybrid/engine/quic.py): read the SNI of each
+# Initial's ClientHello so that tls_sni rules without proto = "tcp" apply to it, or drop every
+# Initial (versions 1 and 2 on any port, any other long-header version on UDP 443), so that
+# browsers fall back to TCP, where the TCP rules apply. The drop's flow verdict is a BLOCK of the
+# 5-tuple under the name QUIC_BLOCK_RULE (not a rule name: those have no "=").
+QUIC_MODES = ("inspect", "block")
+QUIC_BLOCK_RULE = "quic=block"
 RULE_KEYS = ("name", "proto", "src", "dst", "sport", "dport", "port", "tcp_flags", "iif", "fragment",
              "icmp_type", "icmp_code", "payload_len", "payload_contains", "payload_hex", "payload_regex",
              "http_method", "http_host", "http_path", "tls_sni", "dns_qname", "action", "reject_with",
@@ -683,10 +692,12 @@ class RuleSet:
     name to the packets it decided, ``plugin_errors`` each plugin rule's name to its failures."""
 
     def __init__(self, filename: str, rules: list[_Rule], default: Decision, plugin_paths: list[str], *,
-                 mark_mask: int = 0, plugins_imported: bool = True, on_doubt: str = "inspect"):
+                 mark_mask: int = 0, plugins_imported: bool = True, on_doubt: str = "inspect",
+                 quic: str = "inspect"):
         self.digest = 1     # set by the compiler: which rules these are (kernelcache.py)
         self.filename = filename
         self.on_doubt = on_doubt                    # ON_DOUBT: what a doubtful packet gets
+        self.quic = quic                            # QUIC_MODES: read QUIC Initials, or drop them
         self.mark_mask = mark_mask                  # hybrid's bits: a plugin's mark may not touch them
         self.plugins_imported = plugins_imported    # False: plugins were only checked (rules check)
         self._rules = rules
@@ -712,6 +723,16 @@ class RuleSet:
         # The rules that decide on bytes a client sends (payload, HTTP, SNI, DNS question; any
         # plugin): their flow verdicts are scoped to the side that sent them (loop.py).
         self.content_rules = frozenset(r.name for r in rules if r.plugin is not None or r.reads_content())
+        # QUIC (quic.py): whether a rule that UDP packets meet reads the SNI (a tls_sni rule with
+        # no proto or proto = "udp", or a plugin), so that the engine reads QUIC Initials; and,
+        # with quic = "block", the decision every Initial gets (scoped like a content rule's).
+        self.needs_quic_sni = quic != "block" and any(
+            (r.plugin is not None or r.reads("tls_sni")) and (r.protos is None or 17 in r.protos) for r in rules)
+        self.quic_block = (Decision(QUIC_BLOCK_RULE, "drop", None, None, None, "block", default.ttl, True)
+                           if quic == "block" else None)
+        if self.quic_block is not None:
+            self.content_rules |= {QUIC_BLOCK_RULE}
+        self.reads_quic = self.needs_quic_sni or self.quic_block is not None
         # Whether a bare TCP SYN can be decided anything but "accept, leave the flow alone"; when
         # not, the engine tells the kernel not to queue SYNs (they would only cost a round trip).
         self.needs_syn = _needs_syn(rules, default)
@@ -903,6 +924,10 @@ def _compile(src: TomlSource, flow_ttl: int | None, mark_mask: int, import_plugi
     on_doubt = doc.get("on_doubt", "inspect")
     if on_doubt not in ON_DOUBT:
         raise src.error(None, "on_doubt", f"on_doubt {on_doubt!r}: write one of {', '.join(ON_DOUBT)}")
+    quic = doc.get("quic", "inspect")
+    if quic not in QUIC_MODES:
+        raise src.error(None, "quic", f"quic {quic!r}: write \"inspect\" (tls_sni rules read QUIC's SNI) or "
+                                      f"\"block\" (drop every QUIC handshake; browsers fall back to TCP)")
     try:
         file_ttl = _positive_int("flow_ttl", doc.get("flow_ttl", DEFAULT_FLOW_TTL), "seconds, e.g. 300")
     except ValueError as exc:
@@ -941,7 +966,7 @@ def _compile(src: TomlSource, flow_ttl: int | None, mark_mask: int, import_plugi
         seen[rule.name] = rule.line or 0
         rules.append(rule)
     rs = RuleSet(filename, rules, default, plugin_paths, mark_mask=mark_mask, plugins_imported=import_plugins,
-                 on_doubt=on_doubt)
+                 on_doubt=on_doubt, quic=quic)
     # Which rules these are, for the kernel's name cache (hybrid/engine/kernelcache.py): 32 bits of
     # the SHA-256 of the very text compiled and the TTL override, never 0.
     h = hashlib.sha256(src.text.encode() + repr(flow_ttl).encode())

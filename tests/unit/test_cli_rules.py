@@ -32,14 +32,27 @@ def test_check_ok():
         "  4 ping-other-drop  proto=icmp icmp_type=8  -> drop  flow=none  log",
         "  - default          *  -> accept  flow=none",
         "  on doubt: inspect (what a packet the server may read otherwise gets; docs/rules.md)",
+        '  quic: inspect (tls_sni rules without proto = "tcp" read QUIC Initials; docs/rules.md)',
         f"{path}: 4 rules ok",
     ]
+
+
+def test_check_shows_quic_block(tmp_path):
+    path = tmp_path / "q.toml"
+    path.write_text('quic = "block"\n[[rule]]\nname = "a"\nproto = "tcp"\ntls_sni = "x.example"\naction = "drop"\n')
+    res = run("rules", "check", str(path))
+    assert res.exit_code == 0, res.output
+    assert "  quic: block (every QUIC handshake dropped: browsers fall back to TCP; docs/rules.md)" \
+        in res.output.splitlines()
+    assert json.loads(run("rules", "check", str(path), "--json").output)["quic"] == "block"
 
 
 def test_check_realistic_shows_flow_and_ttl():
     res = run("rules", "check", os.path.join(EXAMPLES, "realistic.toml"))
     assert res.exit_code == 0, res.output
-    assert "  3 block-dns-name    proto=udp dport=53 dns_qname=.ads.example  -> drop  flow=block/60s  log" \
+    assert "  3 block-quic-sni    proto=udp dport=443 tls_sni=*.tracker.example  -> drop  flow=block/600s  log" \
+        in res.output.splitlines()
+    assert "  4 block-dns-name    proto=udp dport=53 dns_qname=.ads.example  -> drop  flow=block/60s  log" \
         in res.output.splitlines()
     assert "  - default           *  -> accept  flow=bypass/300s" in res.output.splitlines()
 
@@ -48,15 +61,18 @@ def test_check_json():
     res = run("rules", "check", os.path.join(EXAMPLES, "realistic.toml"), "--json")
     assert res.exit_code == 0
     doc = json.loads(res.output)
-    assert [r["name"] for r in doc["rules"]] == ["block-http-host", "block-tls-sni", "block-dns-name",
-                                                 "wait-for-payload"]
-    assert doc["default"]["flow"] == "bypass"
+    assert [r["name"] for r in doc["rules"]] == ["block-http-host", "block-tls-sni", "block-quic-sni",
+                                                 "block-dns-name", "wait-for-payload"]
+    assert doc["default"]["flow"] == "bypass" and doc["quic"] == "inspect"
 
 
 @pytest.mark.parametrize("text, message", [
     ('[[rule]]\nname = "a"\naction = "drop"\ndprot = 80\n', "4: unknown rule key 'dprot', did you mean 'dport'?"),
     ("default = \n", "1: TOML syntax: invalid value at column 11; check the TOML syntax (strings in quotes, "
                      "one key = value per line, [[rule]] headers)"),
+    ('quic = "drop"\n', "1: quic 'drop': write \"inspect\" (tls_sni rules read QUIC's SNI) or \"block\" (drop "
+                        "every QUIC handshake; browsers fall back to TCP)"),
+    ('qiuc = "block"\n', "1: unknown top-level key 'qiuc', did you mean 'quic'?"),
 ])
 def test_bad_file_is_one_line_exit_2(tmp_path, text, message):
     path = tmp_path / "bad.toml"
