@@ -415,7 +415,9 @@ struct hybrid_name_verdict {
 	__u32 rule;         /* the deciding rule's index + 1 in the engine's rules; 0: the default */
 	__u8  action;       /* HYBRID_NAME_ACT_* */
 	__u8  verdict;      /* the flow verdict: HYBRID_VERDICT_NONE, _BYPASS or _BLOCK */
-	__u8  _pad0[2];
+	__u8  follow;       /* 1: the engine follows such flows' messages (struct hybrid_flow, follow):
+	                     * a passed packet moves the follow-up as the engine would (namecache.h) */
+	__u8  _pad0;
 };                          /* 32 bytes */
 
 struct hybrid_name_gen {

@@ -152,7 +152,10 @@ static __always_inline int names_doubt(struct __sk_buff *skb, const struct hybri
 	if (p->proto == IPPROTO_TCP) {
 		if ((flow->flags & (HYBRID_FLOW_ISN0 | HYBRID_FLOW_ISN1)) != (HYBRID_FLOW_ISN0 | HYBRID_FLOW_ISN1))
 			return 1;
-		if ((p->tcp_flags & TCPF_SYN) || p->seq != flow->isn[dir & 1] + 1)
+		/* The stream's first byte, or the next message the engine follows (it read the
+		 * stream up to there, as the server does). */
+		if ((p->tcp_flags & TCPF_SYN) ||
+		    (p->seq != flow->isn[dir & 1] + 1 && !names_next_message(flow, p, dir)))
 			return 1;
 	}
 	return !names_csum_trusted(skb, p, s);
@@ -182,6 +185,24 @@ static __always_inline int names_report(struct __sk_buff *skb, const struct tc_p
 	__builtin_memcpy(ev->name, s->key.name, sizeof(ev->name));
 	name_event_submit(ev);
 	return 0;
+}
+
+/* After a passed message whose name the engine follows (hybrid_name_verdict.follow): the next
+ * one starts where this packet ends (names.h reads only a packet that holds exactly one message:
+ * a request head and the body a Content-Length covers, or one DNS message), as the engine would
+ * write it (hybrid/engine/loop.py, _follow_start); a UDP DNS flow is followed both ways. */
+static __always_inline void names_follow_on(struct hybrid_flow *flow, const struct hybrid_pkt *p, __u32 dir)
+{
+	__u8 f = flow->follow;
+
+	if (p->proto == IPPROTO_TCP) {
+		f &= ~(HYBRID_FOLLOW_ON(dir & 1) | (3U << HYBRID_FOLLOW_MODE_SHIFT(dir & 1)));
+		f |= HYBRID_FOLLOW_ON(dir & 1) | (HYBRID_FOLLOW_M_MESSAGE << HYBRID_FOLLOW_MODE_SHIFT(dir & 1));
+		flow->follow_seq[dir & 1] = p->seq + p->payload_len;
+	} else {
+		f |= HYBRID_FOLLOW_ON(0) | HYBRID_FOLLOW_ON(1);
+	}
+	flow->follow = f;
 }
 
 /* Look the name up and carry out a live entry's decision: HYBRID_CNT_CACHE_PASSED/_DROPPED, or
@@ -231,6 +252,8 @@ static __always_inline int names_cache(struct __sk_buff *skb, struct tc_packet *
 			pinned_put(&t->key, &pin);
 		}
 	}
+	if (v->follow && v->action == HYBRID_NAME_ACT_ACCEPT)
+		names_follow_on(flow, &t->pkt, t->dir);
 	t->cache_cnt = names_report(skb, t, s, v, generation);
 	return v->action == HYBRID_NAME_ACT_DROP ? HYBRID_CNT_CACHE_DROPPED : HYBRID_CNT_CACHE_PASSED;
 }

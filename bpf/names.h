@@ -618,6 +618,24 @@ static __always_inline int names_read(struct __sk_buff *skb, const struct hybrid
 	       kind == HYBRID_NAME_SNI ? HYBRID_CNT_NAME_SNI : HYBRID_CNT_NAME_HOST;
 }
 
+/* Does the packet start the next message of a direction the engine follows (struct hybrid_flow,
+ * follow)? TCP: it starts exactly at follow_seq, where a request head or a DNS message starts
+ * (HYBRID_FOLLOW_M_MESSAGE), outside any byte budget; UDP: every datagram of the direction. */
+static __always_inline int names_next_message(const struct hybrid_flow *flow, const struct hybrid_pkt *p,
+					      __u32 dir)
+{
+	__u8 f = flow->follow;
+
+	if (!(f & HYBRID_FOLLOW_ON(dir & 1)))
+		return 0;
+	if (p->proto != IPPROTO_TCP)
+		return 1;
+	if (((f >> HYBRID_FOLLOW_MODE_SHIFT(dir & 1)) & 3) != HYBRID_FOLLOW_M_MESSAGE ||
+	    (f & HYBRID_FOLLOW_UNTIL(dir & 1)))
+		return 0;
+	return p->seq == flow->follow_seq[dir & 1];
+}
+
 /* A flagged packet that is the first payload of the direction that opened the flow (its
  * first-N spend took payload_packets from 0 to 1), in a flow without a verdict (flagged for
  * INSPECT: the engine reads every packet anyway): the one that carries the name a client asks
@@ -627,11 +645,15 @@ static __always_inline int names_read(struct __sk_buff *skb, const struct hybrid
 static __always_inline int names_wanted(const struct hybrid_config *cfg, const struct hybrid_flow *flow,
 					const struct hybrid_pkt *p, __u32 dir, __u32 reasons)
 {
-	return (cfg->flags & HYBRID_CFG_NAMES) && flow && p->payload_len &&
-	       !(reasons & HYBRID_REASON_INSPECT) && flow->verdict == HYBRID_VERDICT_NONE &&
-	       flow->payload_packets[dir & 1] == 1 &&
-	       (dir & 1) == ((flow->flags & HYBRID_FLOW_ORIG_HI) ? 1 : 0) &&
-	       (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP);
+	if (!(cfg->flags & HYBRID_CFG_NAMES) || !flow || !p->payload_len || (reasons & HYBRID_REASON_INSPECT) ||
+	    (dir & 1) != ((flow->flags & HYBRID_FLOW_ORIG_HI) ? 1 : 0) ||
+	    (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
+		return 0;
+	if (flow->verdict == HYBRID_VERDICT_NONE && flow->payload_packets[dir & 1] == 1)
+		return 1;                                 /* the flow's first payload */
+	/* The next message of a followed direction (names_followed_at(), namecache.h). */
+	return (flow->verdict == HYBRID_VERDICT_NONE || flow->verdict == HYBRID_VERDICT_BYPASS) &&
+	       names_next_message(flow, p, dir);
 }
 
 #endif /* HYBRID_NAMES_H */

@@ -150,6 +150,15 @@ class KernelNameCache:
             return
         self._write(key, d, now)
 
+    def _follows(self, key: NameKey, d: Decision) -> int:
+        """1 when the engine would follow the messages of a flow this entry passes (hybrid/engine/
+        loop.py, _follow_start): an HTTP request when a rule reads HTTP, a DNS message when one
+        reads the question. The kernel then moves the follow-up itself (bpf/namecache.h)."""
+        rules = self._rules
+        if d.action != "accept":
+            return 0
+        return int((key.kind == "host" and rules.needs_http) or (key.kind == "dns" and rules.needs_dns))
+
     def _write(self, key: NameKey, d: Decision, now: int) -> None:
         rid = self._rule_ids.get(d.rule, 0)
         ttl_ns = max(1, int(d.ttl * 1e9))
@@ -157,7 +166,7 @@ class KernelNameCache:
                                 flow_ttl_ns=ttl_ns if d.flow != "none" else 0,
                                 rule=rid,
                                 action=abi.NAME_ACT_ACCEPT if d.action == "accept" else abi.NAME_ACT_DROP,
-                                verdict=_VERDICTS[d.flow])
+                                verdict=_VERDICTS[d.flow], follow=self._follows(key, d))
         try:
             if self.maps.put_name_verdict(
                     self.maps.name_key(self.generation, _KIND_CODES[key.kind], key.name, key.proto, key.dport), value):

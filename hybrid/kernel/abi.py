@@ -413,7 +413,8 @@ class NameVerdict(ctypes.Structure):
         ("rule", ctypes.c_uint32),
         ("action", ctypes.c_uint8),
         ("verdict", ctypes.c_uint8),
-        ("_pad0", ctypes.c_uint8 * 2),
+        ("follow", ctypes.c_uint8),         # 1: a passed packet moves the flow's follow-up
+        ("_pad0", ctypes.c_uint8),
     ]
 
 

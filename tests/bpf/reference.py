@@ -279,6 +279,7 @@ class RefNameVerdict:
     action: int                 # abi.NAME_ACT_*
     verdict: int                # abi.VERDICT_NONE, _BYPASS or _BLOCK
     hits: int = 0
+    follow: int = 0             # 1: a passed packet moves the flow's follow-up (names_follow_on())
 
 
 @dataclass
@@ -387,6 +388,18 @@ class Reference:
             return True
         return _s32(p.seq + p.payload_len - flow.follow_seq[direction]) > 0
 
+    @staticmethod
+    def _next_message(flow: RefFlow, p: Parsed, direction: int) -> bool:
+        """names_next_message(): the packet starts the next message of a followed direction."""
+        f = flow.follow
+        if not f & abi.FOLLOW_ON(direction):
+            return False
+        if p.proto != IPPROTO_TCP:
+            return True
+        if (f >> abi.FOLLOW_MODE_SHIFT(direction)) & 3 != abi.FOLLOW_M_MESSAGE or f & abi.FOLLOW_UNTIL(direction):
+            return False
+        return p.seq == flow.follow_seq[direction]
+
     def set_until(self, key: tuple, direction: int, seq: int | None) -> None:
         """What the engine writes for a byte budget (Maps.write_verdict(until=...)); None: none."""
         flow = self.flows[key]
@@ -453,6 +466,11 @@ class Reference:
             events.append(abi.CNT_CACHE_REFUSED)
             return None
         entry.hits += 1
+        if entry.follow and entry.action == abi.NAME_ACT_ACCEPT:    # names_follow_on()
+            if p.proto == IPPROTO_TCP:
+                self.set_follow(key, direction, p.seq + p.payload_len, abi.FOLLOW_M_MESSAGE)
+            else:
+                flow.follow |= abi.FOLLOW_ON(0) | abi.FOLLOW_ON(1)
         if entry.verdict in (abi.VERDICT_BYPASS, abi.VERDICT_BLOCK):
             flow.verdict = entry.verdict
             flow.verdict_expires_ns = now_ns + entry.flow_ttl_ns if entry.flow_ttl_ns else 0
@@ -472,7 +490,8 @@ class Reference:
         if p.proto == IPPROTO_TCP:
             if flow.isn[0] is None or flow.isn[1] is None:
                 return True
-            if p.tcp_flags & SYN or p.seq != (flow.isn[direction] + 1) & 0xFFFFFFFF:
+            if p.tcp_flags & SYN or (p.seq != (flow.isn[direction] + 1) & 0xFFFFFFFF
+                                     and not Reference._next_message(flow, p, direction)):
                 return True
         ip = frame[_l3_offset(frame):]
         pkt = decode(ip)
@@ -614,10 +633,14 @@ class Reference:
                 return TcResult(TC_ACT_PASS, mark, abi.CNT_OVER_PASS, 0, tuple(events), key, direction)
         # names_wanted(), at the end of tc's steps: a flagged first payload of the opening
         # direction, in a flow without a verdict, goes to its parser program and the cache.
-        if (flow is not None and cfg.flags & abi.CFG_NAMES and p.payload_len > 0 and prev == 0
-                and flow.verdict == abi.VERDICT_NONE and not reasons & abi.REASON_INSPECT
+        # So does the next message of a direction the engine follows (names_next_message()).
+        if (flow is not None and cfg.flags & abi.CFG_NAMES and p.payload_len > 0
+                and not reasons & abi.REASON_INSPECT
                 and direction == (1 if flow.flags & abi.FLOW_ORIG_HI else 0)
-                and p.proto in (IPPROTO_TCP, IPPROTO_UDP)):
+                and p.proto in (IPPROTO_TCP, IPPROTO_UDP)
+                and ((prev == 0 and flow.verdict == abi.VERDICT_NONE)
+                     or (flow.verdict in (abi.VERDICT_NONE, abi.VERDICT_BYPASS)
+                         and self._next_message(flow, p, direction)))):
             payload = frame[p.payload_off:p.payload_off + p.payload_len]
             cnt, kind, name = kernel_name(p, payload)
             events.append(cnt)

@@ -136,7 +136,8 @@ def _sync_entry(maps, ref: Reference, p, frame: bytes) -> None:
     value = abi.NameVerdict()
     if ref.name_generation and maps._lookup(abi.MAP_NAME_CACHE, maps.name_key(ref.name_generation, kind, name,
                                                                              p.proto, p.dport), value):
-        ref.name_cache[k] = RefNameVerdict(value.expires_ns, value.flow_ttl_ns, value.action, value.verdict)
+        ref.name_cache[k] = RefNameVerdict(value.expires_ns, value.flow_ttl_ns, value.action, value.verdict,
+                                            follow=value.follow)
     else:
         ref.name_cache.pop(k, None)
 

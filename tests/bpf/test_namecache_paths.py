@@ -167,3 +167,72 @@ def test_tls_the_engine_would_doubt(datapath, cache, run, hello, how):
     tcp_flow(datapath, hello, 6001, syn_ack=how != "no-handshake", start_off=1 if how == "no-handshake" else 500)
     c = run.counters()
     assert c["cache_refused"] == 1 and c["cache_passed"] == 0, c
+
+
+def teach_follow(maps, name: str, action: int, verdict: int, *, proto: int, port: int, kind: int) -> None:
+    now = time.monotonic_ns()
+    maps.put_name_verdict(maps.name_key(GEN, kind, name, proto, port),
+                          abi.NameVerdict(expires_ns=int(now + 60e9), flow_ttl_ns=int(30e9), rule=1,
+                                          action=action, verdict=verdict, follow=1))
+
+
+def get(host: str) -> bytes:
+    return f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+def http_conn(datapath, sport: int):
+    """A handshake on port 80 and a sender of client segments at an offset into the stream."""
+    tc(datapath, ETH + craft.ipv4(CLIENT, SERVER, 6, craft.tcp(CLIENT, SERVER, sport, 80, 1000, 0, 0x02)))
+    tc(datapath, ETH + craft.ipv4(SERVER, CLIENT, 6, craft.tcp(SERVER, CLIENT, 80, sport, 9000, 1001, 0x12)))
+
+    def send(off: int, payload: bytes):
+        f = ETH + craft.ipv4(CLIENT, SERVER, 6, craft.tcp(CLIENT, SERVER, sport, 80, 1001 + off, 9001, 0x18, payload))
+        return tc(datapath, f), f
+    return send
+
+
+def test_kept_alive_requests_are_decided_from_the_cache_at_each_boundary(datapath, cache, run):
+    """A first request passed from the cache sets the follow-up where the engine would (the end
+    of the packet that held exactly its head), and each next request that starts there is decided
+    from the cache too: a known allowed Host passes, a known blocked one drops and blocks."""
+    teach_follow(cache, "a.example", abi.NAME_ACT_ACCEPT, abi.VERDICT_BYPASS, proto=6, port=80, kind=abi.NAME_HOST)
+    teach(cache, "b.example", abi.NAME_ACT_DROP, abi.VERDICT_BLOCK, proto=6, port=80, kind=abi.NAME_HOST)
+    send = http_conn(datapath, 7001)
+    r, f = send(0, get("a.example"))
+    assert r != 2
+    flow = flow_of(cache, f)
+    n = len(get("a.example"))
+    assert flow.verdict == abi.VERDICT_BYPASS and flow.follow & abi.FOLLOW_ON(0) and flow.follow_seq[0] == 1001 + n
+    r, f = send(n, get("a.example"))                     # the next request: decided in the kernel
+    assert r != 2 and flow_of(cache, f).follow_seq[0] == 1001 + 2 * n
+    c = run.counters()
+    assert c["cache_passed"] == 2 and c["flagged"] == 1 and c["reason_syn"] == 1, c     # only the SYN queued
+    r, f = send(2 * n, get("b.example"))                 # a known blocked Host: dropped, blocked
+    assert r == 2 and flow_of(cache, f).verdict == abi.VERDICT_BLOCK
+    run.check_invariant()
+
+
+def test_an_unknown_next_request_goes_to_the_engine(datapath, cache, run):
+    teach_follow(cache, "a.example", abi.NAME_ACT_ACCEPT, abi.VERDICT_BYPASS, proto=6, port=80, kind=abi.NAME_HOST)
+    send = http_conn(datapath, 7002)
+    n = len(get("a.example"))
+    send(0, get("a.example"))
+    before = run.counters()
+    r, f = send(n, get("c.example"))                     # not in the cache: queued (reason follow)
+    c = run.counters()
+    assert c["flagged"] - before["flagged"] == 1 and c["reason_follow"] - before["reason_follow"] == 1
+    assert c["cache_miss"] - before["cache_miss"] == 1
+    r, f = send(n + 5, get("a.example"))                  # not at the boundary: no cache, queued
+    assert run.counters()["cache_passed"] == before["cache_passed"]
+
+
+def test_a_reused_udp_socket_is_decided_from_the_cache(datapath, cache, run):
+    teach_follow(cache, "a.example", abi.NAME_ACT_ACCEPT, abi.VERDICT_BYPASS, proto=17, port=53, kind=abi.NAME_DNS)
+    teach(cache, "x.ads.example", abi.NAME_ACT_DROP, abi.VERDICT_NONE)
+    assert tc(datapath, dns4("a.example", 5100)) != 2
+    flow = flow_of(cache, dns4("a.example", 5100))
+    assert flow.follow & abi.FOLLOW_ON(0) and flow.follow & abi.FOLLOW_ON(1)
+    assert tc(datapath, dns4("x.ads.example", 5100)) == 2     # the same socket: dropped from the cache
+    assert tc(datapath, dns4("a.example", 5100)) != 2
+    c = run.counters()
+    assert c["cache_passed"] == 2 and c["cache_dropped"] == 1 and c["flagged"] == 0, c
