@@ -309,7 +309,24 @@ static __always_inline int tc_check_prefixes(const struct hybrid_config *cfg, st
  * its verdict and add the reasons of a packet in a flow. Fragments and unparseable transports
  * have no flow entry: they are flagged for what they are and leave the table alone; a first
  * fragment that carries its ports is keyed only to drop it when its flow is blocked. */
-static __always_inline int tc_update_flow(const struct hybrid_config *cfg, struct tc_packet *t)
+/* A QUIC long-header packet (first byte's top bit set) on a UDP flow with a port 443: the
+ * handshake of a connection (its Initial, Handshake and 0-RTT packets; a connection's data uses
+ * short headers). QUIC servers tell connections apart by connection ID, not by 5-tuple, so a
+ * new connection can start on a bypassed 5-tuple: its Initial must reach the engine, which reads
+ * its SNI (hybrid/engine/quic.py). Asked for the direction that opened the flow (the client's);
+ * a handful of packets per connection. */
+static __always_inline int quic_long_header(struct __sk_buff *skb, const struct hybrid_pkt *p)
+{
+	__u8 c = 0;
+
+	if (p->proto != IPPROTO_UDP || !p->payload_len ||
+	    (p->sport != bpf_htons(443) && p->dport != bpf_htons(443)))
+		return 0;
+	return bpf_skb_load_bytes(skb, p->payload_off, &c, 1) == 0 && (c & 0x80);
+}
+
+static __always_inline int tc_update_flow(struct __sk_buff *skb, const struct hybrid_config *cfg,
+					  struct tc_packet *t)
 {
 	__u32 prev;
 	__u8 verdict = HYBRID_VERDICT_NONE;
@@ -336,7 +353,9 @@ static __always_inline int tc_update_flow(const struct hybrid_config *cfg, struc
 	prev = flow_spend_first_n(t->flow, &t->pkt, t->dir);
 	if (verdict == HYBRID_VERDICT_BLOCK)
 		return HYBRID_CNT_DROP_TC_FLOW;
-	followed = verdict != HYBRID_VERDICT_INSPECT && t->flow && flow_followed(t->flow, &t->pkt, t->dir);
+	followed = verdict != HYBRID_VERDICT_INSPECT && t->flow &&
+		   (flow_followed(t->flow, &t->pkt, t->dir) ||
+		    ((t->dir & 1) == ((t->flow->flags & HYBRID_FLOW_ORIG_HI) ? 1 : 0) && quic_long_header(skb, &t->pkt)));
 	if (verdict == HYBRID_VERDICT_BYPASS) {
 		if (!followed)
 			return HYBRID_CNT_BYPASSED;
@@ -413,7 +432,7 @@ int hybrid_tc_ingress(struct __sk_buff *skb)
 	outcome = tc_check_prefixes(cfg, &t);
 	if (outcome != OUTCOME_NONE)
 		goto out;
-	outcome = tc_update_flow(cfg, &t);
+	outcome = tc_update_flow(skb, cfg, &t);
 	if (outcome != OUTCOME_NONE)
 		goto out;
 	outcome = tc_admit(cfg, &t);

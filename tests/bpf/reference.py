@@ -581,7 +581,11 @@ class Reference:
                 flow.payload_packets[direction] += 1
             if verdict == abi.VERDICT_BLOCK:
                 return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_FLOW, 0, tuple(events), key, direction)
-            followed = verdict != abi.VERDICT_INSPECT and self._followed(flow, p, direction)
+            followed = verdict != abi.VERDICT_INSPECT and (
+                self._followed(flow, p, direction)
+                or (p.proto == IPPROTO_UDP and p.payload_len > 0 and 443 in (p.sport, p.dport)
+                    and direction == (1 if flow.flags & abi.FLOW_ORIG_HI else 0)
+                    and frame[p.payload_off] & 0x80))           # quic_long_header()
             if verdict == abi.VERDICT_BYPASS and not followed:
                 return TcResult(TC_ACT_PASS, mark, abi.CNT_BYPASSED, 0, tuple(events), key, direction)
             if verdict == abi.VERDICT_BYPASS:

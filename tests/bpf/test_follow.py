@@ -165,3 +165,23 @@ def test_byte_budget_queues_the_first_bytes_of_a_direction(run, maps):
     both.ref.set_until(key_tuple(KEY4), 0, None)
     assert not both.tc(t4("PA", b"c" * 10, seq=2001)).mark
     both.check()
+
+
+def test_a_quic_long_header_on_a_bypassed_udp_443_flow_is_queued(run, maps):
+    """A new QUIC connection can start on a bypassed 5-tuple (servers key connections by
+    connection ID): the client's long-header packets (Initial, Handshake, 0-RTT) are queued, its
+    short-header data and the server's packets are not."""
+    both = Both(run, maps)
+    q = lambda p, reply=False: frame(IP(src=B4 if reply else A4, dst=A4 if reply else B4)          # noqa: E731
+                                     / UDP(sport=443 if reply else 41001, dport=41001 if reply else 443) / Raw(p))
+    both.tc(q(b"\xc3\x00\x00\x00\x01initial"))
+    from hybrid.datapath.maps import flow_key
+    key = flow_key(A4, B4, 41001, 443, 17)[0]
+    both.maps.write_verdict(key, abi.VERDICT_BYPASS, None, conn_scoped=True)
+    both.ref.set_verdict(key_tuple(key), abi.VERDICT_BYPASS, 0, both.now, conn_scoped=True)
+    before = run.counters()
+    assert not both.tc(q(b"\x41short-header data")).mark
+    assert not both.tc(q(b"\xc3\x00\x00\x00\x01server", reply=True)).mark
+    assert both.tc(q(b"\xc3\x00\x00\x00\x01a new initial")).mark
+    assert reasons(both, before) == {"flagged": 1, "bypassed": 2, "passed": 0, "reason_follow": 1}
+    both.check()

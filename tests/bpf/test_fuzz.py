@@ -19,7 +19,7 @@ import random
 import time
 
 import pytest
-from bpfkit import IP, TCP, UDP, IPv6, Raw, frame, icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
+from bpfkit import A4, B4, IP, TCP, UDP, IPv6, Raw, frame, icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
 from reference import PKT_OK, Reference, canonical_key, flow_key_of, key_tuple, parse
 from test_names import dns_query, tls_hello
 from scapy.all import (
@@ -61,6 +61,10 @@ def _bases() -> list[bytes]:
         # first payloads whose names tc reads (with HYBRID_CFG_NAMES, bpf/names.h)
         *(udp4(dns_query(random.Random(k)), sport=41000 + k) for k in range(3)),
         *(tcp4("PA", tls_hello(random.Random(k)), sport=42000 + k, dport=443) for k in range(3)),
+        # QUIC on UDP 443: long headers (queued on a bypassed flow: quic_long_header()) and short
+        udp4(b"\xc3\x00\x00\x00\x01" + b"i" * 30, sport=43000, dport=443),
+        udp4(b"\x41" + b"d" * 30, sport=43000, dport=443),
+        udp4(b"\xc3\x00\x00\x00\x01" + b"s" * 30, src=B4, dst=A4, sport=443, dport=43000),
     ]
 
 
