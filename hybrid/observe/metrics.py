@@ -332,6 +332,15 @@ def _fail_open(snap: dict) -> Iterator:
         if what in fw:
             fam_follow.add_metric([what], fw[what])
     yield fam_follow
+    q = snap.get("quic") or {}
+    fam_quic = CounterMetricFamily(
+        "hybrid_quic",
+        "The engines' reading of QUIC handshakes: " + "; ".join(f"{k}: {v}" for k, v in views.QUIC_WHAT.items())
+        + ".", labels=["what"])
+    for what in views.QUIC_WHAT:
+        if what in q:
+            fam_quic.add_metric([what.removeprefix("quic_")], q[what])
+    yield fam_quic
     scoped = CounterMetricFamily(
         "hybrid_scoped_verdicts",
         "Flow verdicts narrowed to the side that spoke, by kind (responder-side, block-packet-only, ...).",

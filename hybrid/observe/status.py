@@ -61,6 +61,7 @@ def status() -> dict:
     out["fail_open"] = views.fail_open(kernel, out["engines"], out["queue"])
     out["doubts"] = views.doubts(out["engines"])
     out["follow"] = views.follow(out["engines"])
+    out["quic"] = views.quic(out["engines"])
     return out
 
 
@@ -125,6 +126,10 @@ def summary_lines(st: dict) -> list[str]:
         lines.append(f"follow: decided after a flow's first message: {fw['http_requests']:,} HTTP requests, "
                      f"{fw['dns_messages']:,} TCP DNS messages; {fw['started']:,} directions followed, "
                      f"{fw['stopped']:,} stopped (no longer HTTP), {fw['held']:,} cut messages carried")
+    q = st.get("quic")
+    if q and st.get("engines") and any(q.values()):
+        lines.append(f"quic: {q['quic_initials']:,} Initials read, {q['quic_snis']:,} server names decided, "
+                     f"{q['quic_held']:,} datagrams held while joining, {q['quic_blocked']:,} dropped by quic = block")
     scoped = [(k, n) for k, n in (d or {}).get("scoped", {}).items() if n]
     if scoped:
         lines.append("flow verdicts scoped to the side that spoke: " + ", ".join(f"{k} {n:,}" for k, n in scoped))

@@ -295,6 +295,25 @@ FOLLOW_WHAT = {
 }
 
 
+QUIC_WHAT = {
+    "quic_initials": "QUIC Initial packets the engines read",
+    "quic_snis": "QUIC ClientHellos whose server names the rules decided",
+    "quic_held": "QUIC datagrams held while their ClientHello was joined",
+    "quic_blocked": "QUIC Initials dropped by quic = \"block\"",
+}
+
+
+def quic(engines: list[dict]) -> dict:
+    """The engines' QUIC counters (hybrid/engine/quic.py), summed: each of QUIC_WHAT."""
+    out = dict.fromkeys(QUIC_WHAT, 0)
+    for e in engines:
+        for k in QUIC_WHAT:
+            v = e.get(k)
+            if isinstance(v, int):
+                out[k] += v
+    return out
+
+
 def follow(engines: list[dict]) -> dict:
     """The engines' following of flows' messages (hybrid/engine/follow.py), summed: each of
     FOLLOW_WHAT, and ``states`` (directions with a carry or a long body's length kept now)."""
