@@ -101,16 +101,23 @@ class VerdictLog:
                     "src": str(pkt.src) if pkt.version else None, "sport": pkt.sport,
                     "dst": str(pkt.dst) if pkt.version else None, "dport": pkt.dport})
 
-    def write_cache(self, queue: int, ev, rec: dict) -> None:
-        """A decision the kernel took from the name cache (``"by": "cache"``)."""
+    def write_cache(self, queue: int, ev, rec: dict, admitted: bool = False) -> None:
+        """A decision the kernel took from the name cache (``"by": "cache"``); ``admitted``: the
+        caller already passed :meth:`admit`."""
         src, sport, dst, dport = kernelcache.event_endpoints(ev)
         self._emit({"time": round(time.time(), 6), "queue": queue, "rule": rec["rule"], "action": rec["action"],
                     "flow": rec["flow"], "proto": ev.flow.proto, "src": src, "sport": sport, "dst": dst,
-                    "dport": dport, "by": "cache", "name": rec["name"]})
+                    "dport": dport, "by": "cache", "name": rec["name"]}, admitted)
 
-    def _emit(self, rec: dict) -> None:
+    def admit(self) -> bool:
+        """Whether the rate limit lets one more line through (counted as written, or as
+        suppressed): a caller checks before it builds a line that costs."""
         with self._lock:
-            if not self.limit.allow():
+            return self.limit.allow()
+
+    def _emit(self, rec: dict, admitted: bool = False) -> None:
+        with self._lock:
+            if not admitted and not self.limit.allow():
                 return
             if self.limit.suppressed:
                 rec["suppressed_before"] = self.limit.suppressed
