@@ -87,6 +87,7 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
     if as_json:
         click.echo(json.dumps({"file": file, "rules": described[:-1], "default": described[-1],
                                "on_doubt": ruleset.on_doubt, "quic": ruleset.quic,
+                               "dns_ports": sorted(ruleset.dns_ports),
                                "plugins_imported": ruleset.plugins_imported, "regex_window": REGEX_WINDOW},
                               indent=1))
         return
@@ -108,6 +109,9 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
     click.echo("  quic: block (every QUIC handshake dropped: browsers fall back to TCP; docs/rules.md)"
                if ruleset.quic == "block" else
                "  quic: inspect (tls_sni rules without proto = \"tcp\" read QUIC Initials; docs/rules.md)")
+    if ruleset.dns_ports != {53}:
+        click.echo(f"  dns ports: {', '.join(map(str, sorted(ruleset.dns_ports)))} (their datagrams and "
+                   "messages are DNS: dns_qname reads them, every one is decided)")
     regexes = [d["name"] for d in described[:-1] if "payload_regex" in d["match"]]
     if regexes:
         click.echo(f"note: payload_regex reads the first {REGEX_WINDOW} bytes of a payload "

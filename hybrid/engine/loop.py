@@ -506,10 +506,10 @@ class Engine:
     # -- following a flow's messages (hybrid.engine.follow) --------------------------------------
     def _follows(self, pkt: Packet) -> str | None:
         """Which messages the rules need followed on the packet's flow: "dns" (DNS to or from
-        port 53, when a rule reads the question), "http" (other TCP, when a rule reads the
+        one of the rules' dns_ports, when a rule reads the question), "http" (other TCP, when a rule reads the
         request), or None."""
         rules = self.rules
-        if pkt.sport == 53 or pkt.dport == 53:
+        if pkt.sport in rules.dns_ports or pkt.dport in rules.dns_ports:
             return "dns" if rules.needs_dns else None
         return "http" if rules.needs_http and pkt.proto == 6 else None
 

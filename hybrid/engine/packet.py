@@ -61,6 +61,10 @@ class Packet:
                  "l4_off", "payload_off", "payload_len", "fragment", "error", "indev",
                  "doubt", "_src", "_dst", "_payload", "_http", "_sni", "_dns")
 
+    # The ports whose payloads the DNS view reads (a rules file's dns_ports; RuleSet.decide sets
+    # them: one set per process, as one engine runs one rules file).
+    dns_ports: frozenset = frozenset((53,))
+
     def __repr__(self) -> str:
         if not self.version:
             return f"<Packet error={self.error!r} len={len(self.raw)}>"
@@ -178,7 +182,7 @@ class Packet:
 
     @property
     def dns_qname(self) -> str | None:
-        """The question name of a DNS message to or from port 53 as the server reads it
+        """The question name of a DNS message to or from a DNS port (53, or the rules' dns_ports) as the server reads it
         (compression pointers followed, ASCII lower-cased, no final dot; ``""`` for the root),
         or ``None`` when there is none or it cannot be read: see :func:`_parse_dns` and
         :attr:`dns_unparsed`. With several questions, the first one."""
@@ -199,7 +203,8 @@ class Packet:
     def _dns_view(self) -> tuple:
         if self._dns is _UNSET:
             self._dns = _NO_DNS
-            if self.payload_len and (self.sport == 53 or self.dport == 53):
+            ports = Packet.dns_ports
+            if self.payload_len and (self.sport in ports or self.dport in ports):
                 if self.proto == IPPROTO_UDP:
                     self._dns = _parse_dns(self.payload, 0)
                 elif self.proto == IPPROTO_TCP:

@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
-from hybrid.engine.packet import normalize_http_path
+from hybrid.engine.packet import Packet, normalize_http_path
 from hybrid.engine.regexcheck import problem as regex_problem
 from hybrid.kernel.abi import ICMP_PROTOS, PROTO_NAMES, PROTO_NUMBERS
 from hybrid.plugin import Verdict
@@ -76,7 +76,7 @@ TCP_FLAG_BITS = {"F": 1, "S": 2, "R": 4, "P": 8, "A": 16, "U": 32, "E": 64, "C":
 LOGGED_ACTIONS = ("drop", "reject", "rewrite")
 PLUGIN_ERROR_LOG_INTERVAL = 10.0         # seconds between two log lines about one failing plugin
 
-TOP_KEYS = ("default", "default_flow", "flow_ttl", "on_doubt", "plugin_paths", "quic", "rule")
+TOP_KEYS = ("default", "default_flow", "flow_ttl", "on_doubt", "plugin_paths", "quic", "dns_ports", "rule")
 # What the engine does with a packet it would have bypassed its flow on but cannot be sure the
 # server reads as it did (loop.py): keep the flow inspected and pass the packet, or drop it, or
 # reset it (a TCP RST both ways; an ICMP error otherwise). The flow is never bypassed on it.
@@ -693,8 +693,11 @@ class RuleSet:
 
     def __init__(self, filename: str, rules: list[_Rule], default: Decision, plugin_paths: list[str], *,
                  mark_mask: int = 0, plugins_imported: bool = True, on_doubt: str = "inspect",
-                 quic: str = "inspect"):
+                 quic: str = "inspect", dns_ports: frozenset = frozenset((53,))):
         self.digest = 1     # set by the compiler: which rules these are (kernelcache.py)
+        # The ports whose UDP datagrams and TCP messages are DNS (the dns_qname view, and the
+        # engine's following of every message); Packet reads them when a rule reads the view.
+        self.dns_ports = dns_ports
         self.filename = filename
         self.on_doubt = on_doubt                    # ON_DOUBT: what a doubtful packet gets
         self.quic = quic                            # QUIC_MODES: read QUIC Initials, or drop them
@@ -756,6 +759,8 @@ class RuleSet:
     def decide(self, pkt) -> Decision:
         """The first matching rule's Decision, else the default one. Never raises for a plugin's
         sake: a plugin that fails counts as not matching."""
+        if Packet.dns_ports is not self.dns_ports:      # these rules' DNS ports (one set per process)
+            Packet.dns_ports = self.dns_ports
         for name, checks, decision, decision_tcp, plugin in self._by_proto.get(pkt.proto, self._fast_other):
             for check in checks:
                 if not check(pkt):
@@ -928,6 +933,11 @@ def _compile(src: TomlSource, flow_ttl: int | None, mark_mask: int, import_plugi
     if quic not in QUIC_MODES:
         raise src.error(None, "quic", f"quic {quic!r}: write \"inspect\" (tls_sni rules read QUIC's SNI) or "
                                       f"\"block\" (drop every QUIC handshake; browsers fall back to TCP)")
+    dns_ports = doc.get("dns_ports", [53])
+    if (not isinstance(dns_ports, list) or not dns_ports or
+            not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in dns_ports)):
+        raise src.error(None, "dns_ports", f"dns_ports {dns_ports!r}: write a list of ports, e.g. [53, 5353] "
+                                           "(the ports whose traffic is DNS; 53 only when absent)")
     try:
         file_ttl = _positive_int("flow_ttl", doc.get("flow_ttl", DEFAULT_FLOW_TTL), "seconds, e.g. 300")
     except ValueError as exc:
@@ -966,7 +976,7 @@ def _compile(src: TomlSource, flow_ttl: int | None, mark_mask: int, import_plugi
         seen[rule.name] = rule.line or 0
         rules.append(rule)
     rs = RuleSet(filename, rules, default, plugin_paths, mark_mask=mark_mask, plugins_imported=import_plugins,
-                 on_doubt=on_doubt, quic=quic)
+                 on_doubt=on_doubt, quic=quic, dns_ports=frozenset(dns_ports))
     # Which rules these are, for the kernel's name cache (hybrid/engine/kernelcache.py): 32 bits of
     # the SHA-256 of the very text compiled and the TTL override, never 0.
     h = hashlib.sha256(src.text.encode() + repr(flow_ttl).encode())

@@ -252,3 +252,25 @@ def test_every_dns_query_on_one_socket_and_one_connection_is_decided(lab, tmp_pa
         assert "198.18.0.10" in answers and "198.18.0.11" in answers and "198.18.0.12" not in answers, tcp.stdout
         st = engine_stats(lab, until=lambda st: st["follow"]["dns_messages"] >= 2)
     assert st["rules"]["block-dns"] >= 2 and st["errors"] == 0
+
+
+def test_a_resolver_on_a_configured_dns_port(lab, tmp_path):
+    """dns_ports = [5353]: a resolver there has every query of a reused socket decided too."""
+    rules = """
+dns_ports = [5353]
+default = "accept"
+default_flow = "bypass"
+
+[[rule]]
+name = "block-dns"
+dns_qname = ".ads.example"
+action = "drop"
+"""
+    records = {"a.example": "198.18.0.10", "x.ads.example": "198.18.0.12"}
+    client = DNS_CLIENT.replace("(server, 53)", "(server, 5353)")
+    with Dns(lab, records=records, port=5353), attached_with_engine(lab, tmp_path, rules, "--xdp-mode", "generic"):
+        out = lab.run("client", [sys.executable, "-c", client, lab.info.server.ipv4,
+                                 "a.example,x.ads.example,a.example"], timeout=30)
+        assert json.loads(out.stdout) == ["answered", "TIMEOUT", "answered"]
+        st = engine_stats(lab, until=lambda st: st["rules"].get("block-dns"))
+    assert st["rules"]["block-dns"] >= 1 and st["errors"] == 0
