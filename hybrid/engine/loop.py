@@ -360,7 +360,9 @@ class Engine:
                 return
             ended_join = False
             d = d_alt = joined = joined_start = None
-            if rules.needs_join and pkt.proto == 6 and pkt.payload_len:
+            if rules.needs_join and pkt.proto == 6 and pkt.payload_len and self._unread(pkt):
+                pass    # a piece the server never reads is not joined: decided in doubt (pkt.doubt)
+            elif rules.needs_join and pkt.proto == 6 and pkt.payload_len:
                 j = self.joiner.offer(pkt, rules, self._at_stream_start_fn(pkt))
                 if j is not DECIDE:
                     if j.held:
@@ -753,6 +755,24 @@ class Engine:
             return d._replace(action="reject", flow="inspect", mark=None, rewrite=None,
                               reject_with="tcp-reset" if pkt.proto == 6 else None)
         return d._replace(flow="inspect")
+
+    def _unread(self, pkt: Packet) -> bool:
+        """Whether the server will never read this segment (a checksum its stack rejects, a TTL
+        lower than its direction's highest: it may expire on the way), so that the joiner must not
+        hold it: joined, such a piece could make a message read as the server never reads it (an
+        allowed Host completed by a sound piece, the real first piece sent into the bypassed flow
+        afterwards). Sets ``pkt.doubt``: the packet is decided on its own bytes, never bypassed."""
+        why = None
+        if not rewrite.transport_checksum_ok(pkt):
+            why = "tcp:bad-checksum"
+        elif self.maps is not None:
+            facts = self._facts(pkt)
+            if facts is not None and pkt.ttl + _FORWARD_HOPS < facts.ttl_max:
+                why = "ip:low-ttl"
+        if why is None:
+            return False
+        pkt.doubt = why
+        return True
 
     def _at_stream_start_fn(self, pkt: Packet) -> Callable[[], bool] | None:
         """For the joiner: whether ``pkt``'s bytes begin its stream, as the kernel's flow entry

@@ -127,3 +127,21 @@ def test_a_content_block_from_the_client_after_its_handshake_blocks_the_connecti
     e.maps.connection(client(BLOCKED))
     assert handle(e, client(BLOCKED)) == ["drop"]
     assert e.maps.writes == [(abi.VERDICT_BLOCK, 300 * 10**9)] and e.maps.conn_scoped == [True]
+
+
+@pytest.mark.parametrize("bad", [{"chksum": 0x1234}, {"ttl": 3}], ids=["bad-checksum", "low-ttl"])
+def test_a_piece_the_server_never_reads_does_not_complete_a_join(tmp_path, bad):
+    """An insertion held by the joiner: "Host: allowed" in a first piece the server discards (a bad
+    checksum, or a TTL that expires before it), then ".example" in a sound second piece. Joined,
+    they would read as an allowed host and bypass the flow on the sound piece; the sender then
+    sends the real first piece, "Host: blocked" (the same length), into the bypassed flow. A
+    piece the server never reads is not held: the second piece alone completes nothing."""
+    e = engine(tmp_path)
+    first_ok = b"GET / HTTP/1.1\r\nHost: x.allowed"
+    first_bad = b"GET / HTTP/1.1\r\nHost: x.blocked"
+    rest = b".example\r\n\r\n"
+    e.maps.connection(client(first_ok + rest), ttl=64)
+    handle(e, client(first_ok, **bad))
+    handle(e, client(rest, seq=1000 + len(first_ok)))
+    assert abi.VERDICT_BYPASS not in [v for v, _ in e.maps.writes], e.maps.writes
+    assert handle(e, client(first_bad)) == ["drop"]            # the real first piece: seen, blocked
