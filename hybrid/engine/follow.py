@@ -32,7 +32,6 @@ and bytes.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from hybrid.engine.packet import _METHOD_CHARS, HttpRequest, _read_http
@@ -65,8 +64,6 @@ class Walk:
     messages: list = field(default_factory=list)   # (start, end, HttpRequest | None) of whole messages
     next: int = 0            # where the next boundary is (may lie beyond the bytes: a body goes on)
     mode: int = MESSAGE      # what starts there
-    left: int = 0            # BODY: body bytes left after a checkpoint; CHUNK_END follows a chunk
-    after: int = MESSAGE     # BODY: what starts once they are read
     carry: bool = False      # a message starts at next but is cut at the bytes' end: keep them
     doubt: str | None = None
     stop: bool = False       # not this protocol at a message boundary: stop following
@@ -80,7 +77,7 @@ def walk_http(data: bytes, mode: int = MESSAGE, left: int = 0, after: int = MESS
     while True:
         if mode == BODY:
             if pos + left > n:
-                w.next, w.mode, w.left, w.after = pos + left, after, 0, after
+                w.next, w.mode = pos + left, after
                 return w
             pos += left
             mode, left = after, 0
@@ -293,7 +290,6 @@ class _Stream:
     carry: bytes = b""       # bytes from seq on, of a message cut at a packet's end
     left: int = 0            # BODY: body bytes left after seq
     after: int = MESSAGE     # BODY: what starts once they are read
-    touched: float = 0.0
 
 
 class Streams:
@@ -324,7 +320,7 @@ class Streams:
             old = next(iter(self._s))
             self.drop(old)
             self.forgotten += 1
-        self._s[key] = _Stream(seq & 0xFFFFFFFF, carry, left, after, time.monotonic())
+        self._s[key] = _Stream(seq & 0xFFFFFFFF, carry, left, after)
         self.bytes += len(carry)
 
     def drop(self, key: tuple) -> None:

@@ -206,6 +206,8 @@ class Engine:
         self._ifnames: dict[int, str | None] = {}
         self._key_pkt: Packet | None = None      # _flow_key()'s packet and its key
         self._key: tuple[bytes, int] | None = None
+        self._facts_pkt: Packet | None = None    # _facts()'s packet and its answer
+        self._facts_val: _Facts | None = None
         self.joiner = SegmentJoiner(self.stats)   # split ClientHellos and request heads (join.py)
         self.streams = follow.Streams()            # followed directions' carries (follow.py)
         self.quic = QuicJoiner(self.stats)         # the ClientHellos of QUIC Initials (quic.py)
@@ -515,16 +517,15 @@ class Engine:
             return "dns" if rules.needs_dns else None
         return "http" if rules.needs_http and pkt.proto == 6 else None
 
-    def _walk_at_start(self, pkt: Packet, joined: bytes | None, joined_start: int | None) -> follow.Walk | None:
-        """The HTTP messages in a client's first bytes, when they begin its stream and read
-        without doubt; else None."""
+    def _walk_at_start(self, pkt: Packet, joined: bytes | None, joined_start: int | None,
+                       kind: str = "http") -> follow.Walk | None:
+        """The HTTP (or DNS) messages in a client's first TCP bytes, when they begin its stream
+        and read without doubt; else None."""
         facts = self._facts(pkt)
-        if facts is None or not facts.from_client or facts.isn is None:
+        if facts is None or not facts.from_client or not self._starts_stream(pkt, facts, joined_start):
             return None
-        start = joined_start if joined_start is not None else pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
-        if (start - facts.isn - 1) & _SEQ_MASK:
-            return None
-        walk = follow.walk_http(joined if joined is not None else pkt.payload)
+        data = joined if joined is not None else pkt.payload
+        walk = follow.walk_http(data) if kind == "http" else follow.walk_dns(data)
         if walk.doubt is not None or walk.stop or not walk.messages:
             return None
         return walk
@@ -549,20 +550,19 @@ class Engine:
                 return None, d
             self.stats.follow["started"] += 1
             return [(0, 0, follow.MESSAGE), (1, 0, follow.MESSAGE)], d
-        if not facts.from_client or facts.isn is None or facts.follow_on:
+        if facts.follow_on:
             return None, d
-        start = joined_start if joined_start is not None else pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
-        if (start - facts.isn - 1) & _SEQ_MASK:
-            return None, d                      # not the stream's start: where messages begin is unknown
         data = joined if joined is not None else pkt.payload
         if pre is not None:
             walk = pre                          # its further messages were decided with the first
         else:
-            walk = follow.walk_http(data) if kind == "http" else follow.walk_dns(data)
-            if walk.doubt is not None or walk.stop or not walk.messages:
-                return None, d                  # decided as it is; nothing to follow
+            # None: not the stream's start (where messages begin is unknown), or nothing to follow
+            walk = self._walk_at_start(pkt, joined, joined_start, kind)
+            if walk is None:
+                return None, d
             for a, b, req in walk.messages[1:]:
                 d = stricter(d, self._decide_message(pkt, data[a:b], req, kind))
+        start = joined_start if joined_start is not None else pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
         if d.action in ("drop", "reject") or d.flow not in ("bypass", "none", "inspect"):
             return None, d
         self.stats.follow["started"] += 1
@@ -575,20 +575,16 @@ class Engine:
         or the decision drops."""
         if self.maps is None or pkt.proto != 6 or d.action in ("drop", "reject") or d.flow == "block":
             return None
-        key = self._flow_key(pkt)
-        if key is None:
+        facts = self._facts(pkt)
+        if facts is None or facts.follow_bits & (abi.FOLLOW_UNTIL(0) | abi.FOLLOW_UNTIL(1)):
             return None
-        try:
-            flow = self.maps.get_flow(key[0])
-        except HybridError:
-            return None
-        if flow is None or flow.follow & (abi.FOLLOW_UNTIL(0) | abi.FOLLOW_UNTIL(1)):
-            return None
-        client = 1 if flow.flags & abi.FLOW_ORIG_HI else 0
+        mine = self._flow_key(pkt)[1]
+        client = mine if facts.from_client else 1 - mine
         out = []
         for direction, n in ((client, d.inspect_bytes[0]), (1 - client, d.inspect_bytes[1])):
-            if n and flow.flags & (abi.FLOW_ISN1 if direction else abi.FLOW_ISN0):
-                out.append((direction, (flow.isn[direction] + 1 + n) & _SEQ_MASK))
+            isn = facts.isns[direction]
+            if n and isn is not None:
+                out.append((direction, (isn + 1 + n) & _SEQ_MASK))
         return out or None
 
     def _boundary(self, pkt: Packet, direction: int, base: int, walk: follow.Walk, data: bytes,
@@ -597,13 +593,13 @@ class Engine:
         the next boundary, a checkpoint AHEAD_MAX past the packet's end (``reach`` bytes past
         base) when a body goes on further, and the carry kept for a cut message."""
         key = self._flow_key(pkt)
-        nxt, mode, left, after = walk.next, walk.mode, 0, walk.mode
-        if nxt - reach > follow.AHEAD_MAX:
-            left, after = nxt - (reach + follow.AHEAD_MAX), walk.mode
+        nxt, mode, left = walk.next, walk.mode, 0
+        if nxt - reach > follow.AHEAD_MAX:      # a checkpoint; the mode after the body is kept
+            left = nxt - (reach + follow.AHEAD_MAX)
             nxt, mode = reach + follow.AHEAD_MAX, follow.BODY
         seq = (base + nxt) & _SEQ_MASK
         carry = data[nxt:] if walk.carry else b""
-        self.streams.put(key, seq, carry, left, after)
+        self.streams.put(key, seq, carry, left, walk.mode)
         if carry:
             self.stats.follow["held"] += 1
         return (direction, seq, mode)
@@ -626,11 +622,11 @@ class Engine:
         every whole message from the boundary on (with the bytes carried from the packet before
         when a message was cut), write the next boundary with the flow verdict, then the packet's
         verdict. Returns False when the packet is not one (the usual path decides it)."""
-        facts = self._facts(pkt)
-        if facts is None or not facts.follow_on:
-            return False
         kind = self._follows(pkt)
         if kind is None:
+            return False
+        facts = self._facts(pkt)
+        if facts is None or not facts.follow_on:
             return False
         boundary = facts.follow_seq
         rel = ((pkt.tcp_seq - boundary + _HALF) & _SEQ_MASK) - _HALF     # where the packet starts
@@ -664,11 +660,7 @@ class Engine:
             for a, b, req in walk.messages:
                 d_i = self._decide_message(pkt, data[a:b], req, kind)
                 d = d_i if d is None else stricter(d, d_i)
-            why = walk.doubt
-            if why is None and not rewrite.transport_checksum_ok(pkt):
-                why = "tcp:bad-checksum"
-            if why is None and pkt.ttl + _FORWARD_HOPS < facts.ttl_max:
-                why = "ip:low-ttl"
+            why = walk.doubt or self._delivery_doubt(pkt, facts)
         fol = None
         if walk is not None and walk.stop and why is None:
             # Not HTTP (or DNS) any more at the boundary: a tunnel, an upgrade, or bytes the
@@ -687,7 +679,7 @@ class Engine:
             if fol is None and d.action not in ("drop", "reject") and d.flow != "block":
                 fol = [self._boundary(pkt, direction, boundary, walk, data, rel + len(payload))]
         if d.flow in FLOW_VERDICTS or fol is not None:
-            self._flow_verdict(pkt, d if d.flow in FLOW_VERDICTS else d._replace(flow="none"), fol)
+            self._flow_verdict(pkt, d, fol)
         if d.action == "accept":
             self._accept(nfpkt)
             self.stats.actions["accept"] += 1
@@ -726,21 +718,11 @@ class Engine:
         piece decided before the start, which the server then reads unseen)."""
         if not pkt.payload_len:
             return None
-        proto = pkt.proto
-        if not rewrite.transport_checksum_ok(pkt):
-            return ("tcp:" if proto == 6 else "udp:") + "bad-checksum"
-        if facts is None:
-            return None
-        if pkt.ttl + _FORWARD_HOPS < facts.ttl_max:
-            return "ip:low-ttl"
-        if proto == 6 and facts.isn is not None and self.rules.content_rules:
-            if joined_start is not None:
-                start = joined_start
-            else:                           # a SYN's data (TCP Fast Open) begins one after its seq
-                start = pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
-            if (start - facts.isn - 1) & _SEQ_MASK:
-                return "tcp:not-stream-start"
-        return None
+        why = self._delivery_doubt(pkt, facts)
+        if why is None and facts is not None and pkt.proto == 6 and facts.isn is not None \
+                and self.rules.content_rules and not self._starts_stream(pkt, facts, joined_start):
+            why = "tcp:not-stream-start"
+        return why
 
     def _on_doubt(self, pkt: Packet, d: Decision, why: str) -> Decision:
         stats = self.stats
@@ -762,13 +744,7 @@ class Engine:
         hold it: joined, such a piece could make a message read as the server never reads it (an
         allowed Host completed by a sound piece, the real first piece sent into the bypassed flow
         afterwards). Sets ``pkt.doubt``: the packet is decided on its own bytes, never bypassed."""
-        why = None
-        if not rewrite.transport_checksum_ok(pkt):
-            why = "tcp:bad-checksum"
-        elif self.maps is not None:
-            facts = self._facts(pkt)
-            if facts is not None and pkt.ttl + _FORWARD_HOPS < facts.ttl_max:
-                why = "ip:low-ttl"
+        why = self._delivery_doubt(pkt, self._facts(pkt) if self.maps is not None else None)
         if why is None:
             return False
         pkt.doubt = why
@@ -782,25 +758,47 @@ class Engine:
 
         def at_start() -> bool:
             facts = self._facts(pkt)
-            if facts is None or facts.isn is None:
-                return False
-            start = pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
-            return not (start - facts.isn - 1) & _SEQ_MASK
+            return facts is not None and self._starts_stream(pkt, facts)
         return at_start
 
     def _facts(self, pkt: Packet) -> _Facts | None:
         """What the kernel's flow entry knows about this packet's connection (None: no entry,
-        or no key). One map lookup, made only for a decision that writes a flow verdict."""
+        or no key). One map lookup per packet, made only when a step asks (following, joining,
+        a flow verdict): the answer is kept for the packet's other steps, which run before the
+        packet's own write."""
+        if pkt is self._facts_pkt:
+            return self._facts_val
         key = self._flow_key(pkt)
-        if key is None:
-            return None
-        try:
-            flow = self.maps.get_flow(key[0])
-        except HybridError:
-            return None
-        if flow is None:
-            return None
-        return _Facts.of(flow, key[1])
+        facts = None
+        if key is not None:
+            try:
+                flow = self.maps.get_flow(key[0])
+            except HybridError:
+                flow = None
+            if flow is not None:
+                facts = _Facts.of(flow, key[1])
+        self._facts_pkt, self._facts_val = pkt, facts
+        return facts
+
+    @staticmethod
+    def _starts_stream(pkt: Packet, facts: _Facts, joined_start: int | None = None) -> bool:
+        """Whether the packet's bytes (or the joined message's, from ``joined_start``) begin its
+        direction's stream: they start at the isn + 1 the kernel saw (a SYN's data, TCP Fast
+        Open, begins one after its seq). False when the isn is unknown."""
+        if facts.isn is None:
+            return False
+        start = joined_start if joined_start is not None else pkt.tcp_seq + (1 if pkt.tcp_flags & _TCP_SYN else 0)
+        return not (start - facts.isn - 1) & _SEQ_MASK
+
+    @staticmethod
+    def _delivery_doubt(pkt: Packet, facts: _Facts | None) -> str | None:
+        """Why the server may never read this packet: a transport checksum its stack rejects, or
+        a TTL lower than its direction's highest (it may expire on the way); None otherwise."""
+        if not rewrite.transport_checksum_ok(pkt):
+            return ("tcp:" if pkt.proto == 6 else "udp:") + "bad-checksum"
+        if facts is not None and pkt.ttl + _FORWARD_HOPS < facts.ttl_max:
+            return "ip:low-ttl"
+        return None
 
     def _flow_key(self, pkt: Packet) -> tuple[bytes, int] | None:
         """``pkt.flow_key()``, built once per packet: the same key object for the facts' read and
@@ -1018,8 +1016,8 @@ _INSPECT_WHILE_JOINING = Decision(rule=None, action="accept", mark=None, rewrite
 _NONE_AFTER_JOIN = _INSPECT_WHILE_JOINING._replace(flow="none")
 _FLOW_CODES = {**FLOW_VERDICTS, "none": abi.VERDICT_NONE}
 # A followed packet that holds no whole message (a body's bytes, then a message cut at its end):
-# passed, the flow left as it is.
-_PASS_MESSAGE = _INSPECT_WHILE_JOINING._replace(flow="none")
+# passed, the flow left as it is (the same decision as the one that ends a join).
+_PASS_MESSAGE = _NONE_AFTER_JOIN
 # The HTTP view's doubts about requests pipelined after the first: the follower reads them apart.
 _PIPELINED = frozenset(("pipelined", "pipelined_body", "pipelined_unparsed"))
 _SEQ_MASK = 0xFFFFFFFF
@@ -1040,6 +1038,7 @@ class _Facts(NamedTuple):
     ttl_max: int            # the highest TTL seen in the packet's direction
     isn: int | None         # the packet's direction's initial sequence number, when seen
     verdict: int            # the flow's verdict now (abi.VERDICT_*)
+    isns: tuple = (None, None)  # both directions' isns (by direction), None when not seen
     follow_bits: int = 0    # the entry's follow byte (both directions)
     follow_on: bool = False  # the engine follows the packet's direction ...
     follow_seq: int = 0     # ... whose next message starts here
@@ -1053,7 +1052,9 @@ class _Facts(NamedTuple):
         return cls(direction == orig, bool(flags & abi.FLOW_MIDSTREAM),
                    flags & (abi.FLOW_ISN0 | abi.FLOW_ISN1) == abi.FLOW_ISN0 | abi.FLOW_ISN1,
                    flow.ttl_max[direction], flow.isn[direction] if flags & isn_bit else None,
-                   flow.verdict, flow.follow, bool(flow.follow & abi.FOLLOW_ON(direction)),
+                   flow.verdict,
+                   tuple(flow.isn[d] if flags & (abi.FLOW_ISN1 if d else abi.FLOW_ISN0) else None for d in (0, 1)),
+                   flow.follow, bool(flow.follow & abi.FOLLOW_ON(direction)),
                    flow.follow_seq[direction], flow.follow >> abi.FOLLOW_MODE_SHIFT(direction) & 3)
 _TCP_SYN, _TCP_RST, _TCP_ACK = 0x02, 0x04, 0x10
 
