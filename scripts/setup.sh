@@ -22,6 +22,8 @@ command -v apt-get >/dev/null || die "apt-get not found: this script supports De
 #   throwaway certificate for its HTTPS server, and dig as DNS client (hybrid/lab/servers.py)
 # systemd, libseccomp2: systemd-analyze checks the unit's sandbox offline, and the tests rebuild that
 #   sandbox with libseccomp (tests/unitsandbox.py); no systemd needs to run
+# crowdsec, crowdsec-firewall-bouncer: a real CrowdSec Local API for the fleet tests (each test runs its
+#   own instance, tests/crowdsec.py) and CrowdSec's own bouncer for the comparison (scripts/crowdsec-bench.sh)
 packages=(
   python3 python3-venv python3-dev python3-bpfcc gcc
   linux-headers-amd64 libnetfilter-queue-dev
@@ -29,16 +31,35 @@ packages=(
   iperf3 nginx-light wrk curl iputils-ping
   dnsmasq-base openssl dnsutils
   systemd libseccomp2
+  crowdsec crowdsec-firewall-bouncer
 )
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+# crowdsec's post-install step registers with CrowdSec's Central API unless its credentials file
+# already exists and is non-empty; that registration needs the internet and fails the install
+# without it. hybrid needs only the Local API, so the file says so before the package is configured.
+capi=/etc/crowdsec/online_api_credentials.yaml
+if [ ! -s "$capi" ]; then
+  mkdir -p /etc/crowdsec
+  printf '# No Central API on this machine (hybrid scripts/setup.sh): delete this file and run\n# "cscli capi register" to join it.\n' > "$capi"
+fi
+# An earlier crowdsec install that failed at that registration is finished now (apt-get refuses
+# to run while a package is left half-configured).
+if dpkg --audit 2>/dev/null | grep -q crowdsec; then dpkg --configure -a >/dev/null; fi
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The packages enable CrowdSec's services: the tests run their own Local API, and the stock
+  # bouncer would add firewall rules of its own. Stopped and disabled here (no-op without systemd).
+  for unit in crowdsec crowdsec-firewall-bouncer; do
+    case " ${missing[*]} " in *" $unit "*)
+      command -v systemctl >/dev/null && systemctl disable --now "$unit" >/dev/null 2>&1 || true ;;
+    esac
+  done
 else
   say "Debian packages already installed"
 fi
