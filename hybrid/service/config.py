@@ -11,6 +11,8 @@ declares the other tables with the same record (:class:`~hybrid.datapath.options
     [log]       level, verdicts (the engine's verdict log)
     [service]   keep_attached_on_stop, standby_engines
     [metrics]   enabled, listen, socket_group, token_file
+    [crowdsec]  lapi_url, bouncer_key_file, machine_id, machine_password_file, poll_interval, scopes,
+                origins, types, never_block, min_prefix_v4, min_prefix_v6, ca_file, timeout, share_per_minute
 
 Every key but ``attach.interfaces`` and ``engine.rules`` has a default, so a minimal file is
 three lines. Relative paths are relative to the configuration file. Options given on the command
@@ -32,14 +34,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrid import instance as inst
-from hybrid.datapath.options import ATTACH, REQUIRED, AttachOptions, Choice, Int, Option, boolean, queue_range
+from hybrid.datapath.options import (ATTACH, REQUIRED, AttachOptions, BadValue, Choice, Int, List, Option, Subset,
+                                     boolean, cidr, queue_range)
 from hybrid.errors import ConfigError
 from hybrid.tomlfile import TomlFileError, TomlFormat, TomlSource, suggest
 
 DEFAULT_PATH = "/etc/hybrid/hybrid.toml"
 DEFAULT_METRICS_LISTEN = f"unix:{inst.RUN_ROOT}/metrics.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-SECTIONS = ("attach", "engine", "log", "service", "metrics")
+SECTIONS = ("attach", "engine", "log", "service", "metrics", "crowdsec")
 
 
 class ConfigFileError(TomlFileError):
@@ -142,54 +145,115 @@ def group_id(group: str | int) -> int:
     return group if isinstance(group, int) else grp.getgrnam(group).st_gid
 
 
-# The metrics token file: root's, and nobody else may read or write it. A token is what
-# RFC 6750 allows in an Authorization header (b64token), long enough not to be guessed.
+# Secret files (the metrics token, CrowdSec's bouncer key and machine password): root's, and nobody
+# else may read or write them. A token is what RFC 6750 allows in an Authorization header (b64token),
+# long enough not to be guessed; a CrowdSec key or password is any word of printable ASCII.
 TOKEN_OWNER_UID = 0
 TOKEN_MIN_LENGTH = 16
 _TOKEN_RE = re.compile(rb"[A-Za-z0-9._~+/-]+=*")
+_SECRET_RE = re.compile(rb"[!-~]+")
 
 
-def _token_file_problem(path: str, st: os.stat_result) -> str | None:
+def _secret_file_problem(path: str, st: os.stat_result, key: str = "token_file") -> str | None:
     if not stat.S_ISREG(st.st_mode):
-        return f"token_file {path} is not a regular file"
+        return f"{key} {path} is not a regular file"
     if st.st_uid != TOKEN_OWNER_UID:
-        return f"token_file {path} is owned by uid {st.st_uid}: it must be root's (chown root: {path})"
+        return f"{key} {path} is owned by uid {st.st_uid}: it must be root's (chown root: {path})"
     if st.st_mode & 0o077:
-        return (f"token_file {path} has mode {stat.S_IMODE(st.st_mode):04o}: group and others must have no "
+        return (f"{key} {path} has mode {stat.S_IMODE(st.st_mode):04o}: group and others must have no "
                 f"access to it (chmod 600 {path})")
     if st.st_size == 0:
-        return f"token_file {path} is empty: write a token into it (e.g. openssl rand -hex 32 > {path})"
+        return f"{key} {path} is empty: write the secret into it"
     return None
 
 
-def check_token_file(path: str) -> None:
+def check_token_file(path: str, key: str = "token_file") -> None:
     """ConfigError unless ``path`` is a non-empty regular file owned by root that group and
     others cannot read or write. Reads only its status: ``config check`` works unprivileged."""
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise ConfigError(f"token_file {path}: {exc.strerror}") from None
-    problem = _token_file_problem(path, st)
+        raise ConfigError(f"{key} {path}: {exc.strerror}") from None
+    problem = _secret_file_problem(path, st, key)
     if problem:
         raise ConfigError(problem)
 
 
-def read_token(path: str) -> bytes:
-    """The bearer token in ``path`` (surrounding whitespace stripped), after the checks of
-    :func:`check_token_file` on the file actually opened; ConfigError otherwise."""
+def _read_secret_file(path: str, key: str) -> bytes:
+    """The file's content (surrounding whitespace stripped, at most 4097 bytes read), after the
+    checks of :func:`check_token_file` on the file actually opened."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
-        raise ConfigError(f"token_file {path}: cannot read it: {exc.strerror}") from None
+        raise ConfigError(f"{key} {path}: cannot read it: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
-        problem = _token_file_problem(path, os.fstat(fd))
+        problem = _secret_file_problem(path, os.fstat(fd), key)
         if problem:
             raise ConfigError(problem)
-        token = f.read(4097).strip()
+        return f.read(4097).strip()
+
+
+def read_secret(path: str, key: str) -> bytes:
+    """The secret in ``path``: one word of printable ASCII (no message ever quotes it)."""
+    secret = _read_secret_file(path, key)
+    if not 0 < len(secret) <= 4096 or not _SECRET_RE.fullmatch(secret):
+        raise ConfigError(f"{key} {path}: write the secret alone, one word of printable ASCII (no spaces) "
+                          "of at most 4096 characters")
+    return secret
+
+
+def read_token(path: str) -> bytes:
+    """The metrics bearer token in ``path``: a b64token of at least TOKEN_MIN_LENGTH characters."""
+    token = _read_secret_file(path, "token_file")
     if len(token) > 4096 or len(token) < TOKEN_MIN_LENGTH or not _TOKEN_RE.fullmatch(token):
         raise ConfigError(f"token_file {path}: the token must be one word of at least {TOKEN_MIN_LENGTH} letters, "
                           f"digits or -._~+/ (e.g. openssl rand -hex 32 > {path})")
     return token
+
+
+def _lapi_url(value) -> str:
+    """An http(s) URL of a CrowdSec Local API, without a path: "http://127.0.0.1:8080"."""
+    from urllib.parse import urlsplit
+    hint = 'write the Local API\'s URL, e.g. "http://127.0.0.1:8080" or "https://lapi.example:8080"'
+    if not isinstance(value, str):
+        raise BadValue(f"{value!r}: {hint}")
+    u = urlsplit(value.strip())
+    try:
+        u.port
+    except ValueError:
+        raise BadValue(f"{value!r}: bad port; {hint}") from None
+    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query or u.fragment:
+        raise BadValue(f"{value!r}: {hint}")
+    if u.username or u.password:
+        raise BadValue(f"{value!r}: no credentials in the URL: put the key in bouncer_key_file")
+    return f"{u.scheme}://{u.netloc}"
+
+
+def _seconds(lo: float, hi: float):
+    def parse(value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise BadValue(f"{value!r}: write seconds, e.g. 1 or 0.5")
+        try:
+            v = float(value)
+        except ValueError:
+            raise BadValue(f"{value!r}: write seconds, e.g. 1 or 0.5") from None
+        if not lo <= v <= hi:
+            raise BadValue(f"{value!r}: write {lo:g} to {hi:g} seconds")
+        return v
+    return parse
+
+
+def _machine_id(value) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", value):
+        raise BadValue(f"{value!r}: write the machine's name as registered with cscli machines add "
+                       "(letters, digits, ._-)")
+    return value
+
+
+def _decision_word(value) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._:/-]{1,64}", value):
+        raise BadValue(f"{value!r}: write a name as CrowdSec writes it, e.g. \"ban\", \"crowdsec\", \"cscli\"")
+    return value
 
 
 # -- the schema: the attach options, then the other tables -----------------------------------------
@@ -226,9 +290,49 @@ FIELDS: tuple[Option, ...] = ATTACH + (
     Option("token_file", "--metrics-token-file", _path, None,
            "File holding the bearer token scrapes must send (root's, mode 0600); required for a TCP listen "
            "on an address other than loopback.", metavar="FILE", section="metrics"),
+    # [crowdsec]: hybrid in a CrowdSec deployment (hybrid/fleet/; docs/crowdsec.md)
+    Option("lapi_url", "--crowdsec-url", _lapi_url, None,
+           "CrowdSec Local API to pull bans from and share blocks with; not set: no CrowdSec link.",
+           metavar="URL", section="crowdsec"),
+    Option("bouncer_key_file", "--crowdsec-bouncer-key-file", _path, None,
+           "File holding the bouncer API key (cscli bouncers add; root's, mode 0600): bans are pulled and "
+           "dropped in the kernel.", metavar="FILE", section="crowdsec"),
+    Option("machine_id", "--crowdsec-machine-id", _machine_id, None,
+           "Machine name (cscli machines add) under which rules with share = {...} report their blocks.",
+           metavar="NAME", section="crowdsec"),
+    Option("machine_password_file", "--crowdsec-machine-password-file", _path, None,
+           "File holding the machine's password (root's, mode 0600).", metavar="FILE", section="crowdsec"),
+    Option("poll_interval", "--crowdsec-poll-interval", _seconds(0.2, 3600), 1.0,
+           "Seconds between two pulls of the decision stream.", metavar="SECONDS", section="crowdsec"),
+    Option("scopes", "--crowdsec-scopes", Subset(("ip", "range")), ["ip", "range"],
+           "Decision scopes to enforce (comma-separated: ip, range).", "commas", metavar="SCOPES",
+           section="crowdsec"),
+    Option("origins", "--crowdsec-origin", List(_decision_word), [],
+           "Decision origins to enforce (e.g. crowdsec, cscli, lists); none given: every origin.", "list",
+           metavar="ORIGIN", section="crowdsec"),
+    Option("types", "--crowdsec-type", List(_decision_word, nonempty=True), ["ban"],
+           "Decision types enforced as a drop (a gateway shows no captcha: list \"captcha\" to drop those too).",
+           "list", metavar="TYPE", section="crowdsec"),
+    Option("never_block", "--crowdsec-never-block", List(cidr), [],
+           "Prefixes no decision may cover or touch, besides the gateway's own addresses, loopback, "
+           "link-local and the Local API's address.", "list", metavar="CIDR", section="crowdsec"),
+    Option("min_prefix_v4", "--crowdsec-min-prefix-v4", Int(0, 32, 12), 12,
+           "Shortest IPv4 prefix a decision may ban; shorter ones are refused as a blackhole risk.",
+           metavar="BITS", section="crowdsec"),
+    Option("min_prefix_v6", "--crowdsec-min-prefix-v6", Int(0, 128, 32), 32,
+           "Shortest IPv6 prefix a decision may ban.", metavar="BITS", section="crowdsec"),
+    Option("ca_file", "--crowdsec-ca-file", _path, None,
+           "CA certificates to verify an https Local API with (default: the system's).", metavar="FILE",
+           section="crowdsec"),
+    Option("timeout", "--crowdsec-timeout", _seconds(0.5, 120), 5.0,
+           "Seconds a Local API request may take.", metavar="SECONDS", section="crowdsec"),
+    Option("share_per_minute", "--crowdsec-share-per-minute", Int(1, 100_000, 120), 120,
+           "Most blocks reported to the Local API per minute (the rest are counted, not sent).",
+           section="crowdsec"),
 )
 BY_NAME = {f.name: f for f in FIELDS}
-PATH_FIELDS = ("engine.rules", "log.verdicts", "metrics.token_file")
+PATH_FIELDS = ("engine.rules", "log.verdicts", "metrics.token_file", "crowdsec.bouncer_key_file",
+               "crowdsec.machine_password_file", "crowdsec.ca_file")
 
 
 # -- the configuration ------------------------------------------------------------------------------
@@ -282,6 +386,8 @@ def _toml_value(value, as_hex: bool = False) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return f"0x{value:x}" if as_hex else str(value)
+    if isinstance(value, float):
+        return repr(value)
     if isinstance(value, str):
         return json.dumps(value)          # a JSON string is a valid TOML basic string
     if isinstance(value, list):
@@ -368,6 +474,32 @@ def _check_whole(cfg: Config, src: TomlSource | None) -> None:
     except ConfigError as exc:
         raise error("attach", "interfaces", str(exc)) from None
     _check_metrics(cfg, error)
+    _check_crowdsec(cfg, error)
+
+
+def _check_crowdsec(cfg: Config, error) -> None:
+    """The link has a URL and something to do with it; its secret files are root's alone."""
+    url = cfg["crowdsec.lapi_url"]
+    key_file, machine, pw_file = (cfg["crowdsec.bouncer_key_file"], cfg["crowdsec.machine_id"],
+                                  cfg["crowdsec.machine_password_file"])
+    if url is None:
+        for k in ("bouncer_key_file", "machine_id", "machine_password_file"):
+            if cfg[f"crowdsec.{k}"] is not None:
+                raise error("crowdsec", k, f"{k} is set but lapi_url is not: set lapi_url, e.g. "
+                                           "\"http://127.0.0.1:8080\"")
+        return
+    if key_file is None and machine is None:
+        raise error("crowdsec", "lapi_url", "lapi_url is set but neither bouncer_key_file (pull bans) nor "
+                                            "machine_id (share blocks) is: set one or both")
+    if (machine is None) != (pw_file is None):
+        k = "machine_password_file" if machine is not None else "machine_id"
+        raise error("crowdsec", k, "machine_id and machine_password_file go together: set both")
+    for k, path in (("bouncer_key_file", key_file), ("machine_password_file", pw_file)):
+        if path is not None:
+            try:
+                check_token_file(path, k)
+            except ConfigError as exc:
+                raise error("crowdsec", k, str(exc)) from None
 
 
 def _check_metrics(cfg: Config, error) -> None:
