@@ -102,6 +102,7 @@ def check(file: str, mark_mask: int, import_plugins: bool, as_json: bool) -> Non
                    f"{_action(d)}  flow={d['flow']}" + (f"/{d['ttl']}s" if d["flow"] != "none" else "")
                    + (f"  inspect_bytes={d['inspect_bytes']['client']}/{d['inspect_bytes']['server']}"
                       if d.get("inspect_bytes") else "")
+                   + (f"  share={d['share']['ban']}/{d['share']['duration']}s" if d.get("share") else "")
                    + ("  log" if d["log"] else ""))
     n = len(described) - 1
     click.echo(f"  on doubt: {ruleset.on_doubt} (what a packet the server may read otherwise gets; "

@@ -97,8 +97,10 @@ def _determined(key_name: str, value: Any, key: NameKey, view: _View) -> bool | 
 
 def kernel_can_apply(d: Decision) -> bool:
     """Whether the tc program can carry the decision out: accept or drop (no reject: its RST or
-    ICMP error is sent from userspace; no rewrite, no mark, no byte budget to write)."""
-    return d.action in ("accept", "drop") and d.mark is None and d.rewrite is None and d.inspect_bytes is None
+    ICMP error is sent from userspace; no rewrite, no mark, no byte budget to write; no block
+    shared with the fleet: each one is reported from the engine, hybrid/fleet/share.py)."""
+    return (d.action in ("accept", "drop") and d.mark is None and d.rewrite is None and d.inspect_bytes is None
+            and d.share is None)
 
 
 def cached_decision(rules: RuleSet, key: NameKey) -> Decision | None:

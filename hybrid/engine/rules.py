@@ -91,8 +91,11 @@ QUIC_BLOCK_RULE = "quic=block"
 RULE_KEYS = ("name", "proto", "src", "dst", "sport", "dport", "port", "tcp_flags", "iif", "fragment",
              "icmp_type", "icmp_code", "payload_len", "payload_contains", "payload_hex", "payload_regex",
              "http_method", "http_host", "http_path", "tls_sni", "dns_qname", "action", "reject_with",
-             "rewrite", "mark", "flow", "ttl", "inspect_bytes", "plugin", "log")
-DECISION_KEYS = ("action", "reject_with", "rewrite", "mark", "flow", "ttl", "inspect_bytes", "plugin", "log")
+             "rewrite", "mark", "flow", "ttl", "inspect_bytes", "share", "plugin", "log")
+DECISION_KEYS = ("action", "reject_with", "rewrite", "mark", "flow", "ttl", "inspect_bytes", "share", "plugin", "log")
+SHARE_SIDES = ("source", "destination")
+SHARE_MAX = 365 * 86400          # a shared ban lasts a year at most
+_DURATION_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 INSPECT_BYTES_MAX = 1 << 30     # a budget's bytes at most per direction (the kernel compares sequence numbers)
 REWRITE_KEYS = ("fill", "end", "replace", "set", "set_hex")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -124,6 +127,9 @@ class Decision(NamedTuple):
     # inspect_bytes: (client, server) bytes of each direction's stream the engine goes on seeing
     # after this decision, whatever the flow verdict (the kernel queues them); None: no budget.
     inspect_bytes: tuple[int, int] | None = None
+    # share: ("source" | "destination", seconds, reason): the blocked packet's address that
+    # the fleet bans through CrowdSec (hybrid/fleet/share.py); None: the block stays local.
+    share: tuple[str, int, str] | None = None
 
 
 def _listify(value) -> list:
@@ -809,11 +815,13 @@ class RuleSet:
                         "rewrite": None if d.rewrite is None else _show_rewrite(d.rewrite),
                         "flow": d.flow, "ttl": d.ttl, "log": d.log,
                         "inspect_bytes": None if d.inspect_bytes is None else
-                        {"client": d.inspect_bytes[0], "server": d.inspect_bytes[1]}})
+                        {"client": d.inspect_bytes[0], "server": d.inspect_bytes[1]},
+                        "share": None if d.share is None else
+                        {"ban": d.share[0], "duration": d.share[1], "reason": d.share[2]}})
         dd = self.default
         out.append({"order": None, "name": None, "line": None, "match": {}, "plugin": None,
                     "action": dd.action, "reject_with": None, "mark": None, "rewrite": None,
-                    "flow": dd.flow, "ttl": dd.ttl, "log": dd.log, "inspect_bytes": None})
+                    "flow": dd.flow, "ttl": dd.ttl, "log": dd.log, "inspect_bytes": None, "share": None})
         return out
 
 
@@ -887,7 +895,7 @@ def _merge_verdict(base: Decision, v, pkt, mark_mask: int = 0) -> Decision:
     logged = v.log if v.log is not None else (base.log or action in LOGGED_ACTIONS)
     return Decision(base.rule, action, mark if action == "mark" else None,
                     rewrite if action == "rewrite" else None, reject_with if action == "reject" else None,
-                    flow, ttl, bool(logged))
+                    flow, ttl, bool(logged), share=base.share if action in ("drop", "reject") else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1138,7 +1146,14 @@ def _compile_decision(raw: dict, err: Callable[[str | None, str], RulesError], n
         if proto is not None and proto != 6:
             raise err("inspect_bytes", 'inspect_bytes counts a TCP stream\'s bytes: add proto = "tcp" or remove it')
 
-    decision = Decision(name, action, mark, rewrite, reject_with, flow, ttl, logged, budget)
+    share = None
+    if "share" in raw:
+        share = parse("share", _parse_share, raw["share"], name)
+        if action not in ("drop", "reject"):
+            raise err("share", f"share reports a block to the fleet: it goes with action = \"drop\" or \"reject\" "
+                               f"(this rule's is {action!r})")
+
+    decision = Decision(name, action, mark, rewrite, reject_with, flow, ttl, logged, budget, share)
     return decision, (decision._replace(reject_with=decision_tcp) if decision_tcp else None)
 
 
@@ -1158,6 +1173,45 @@ def _parse_inspect_bytes(value) -> tuple[int, int]:
     if budget == (0, 0):
         raise ValueError("a budget of 0 bytes both ways sees nothing: remove inspect_bytes")
     return budget
+
+
+def parse_duration(value) -> int:
+    """Seconds: an integer, or "4h", "30m", "1h30m", "2d", "90s"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str) and value and (m := _DURATION_RE.fullmatch(value.strip())) and any(m.groups()):
+        d, h, mi, sec = (int(g or 0) for g in m.groups())
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + sec
+    else:
+        raise ValueError(f"{value!r}: write seconds or a duration like \"4h\", \"30m\", \"1h30m\", \"2d\"")
+    if not 0 < seconds <= SHARE_MAX:
+        raise ValueError(f"{value!r}: a duration from 1 second to 365 days")
+    return seconds
+
+
+def _parse_share(value, rule: str) -> tuple[str, int, str]:
+    """``share = { ban = "source", duration = "4h", reason = "..." }``: which address of the
+    blocked packet the fleet bans, for how long, and why (the alert's message)."""
+    example = '{ ban = "source", duration = "4h", reason = "scanner" }'
+    if not isinstance(value, dict):
+        raise ValueError(f"write a table, e.g. share = {example}")
+    unknown = set(value) - {"ban", "duration", "reason"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r} in share: write {example}")
+    side = value.get("ban")
+    if side not in SHARE_SIDES:
+        raise ValueError(f"ban {side!r}: write ban = \"source\" or \"destination\" (the blocked packet's "
+                         "address the fleet bans; there is no default: a name rule's destination may be a CDN)")
+    if "duration" not in value:
+        raise ValueError(f"share needs a duration, e.g. share = {example}")
+    try:
+        seconds = parse_duration(value["duration"])
+    except ValueError as exc:
+        raise ValueError(f"duration {exc}") from None
+    reason = value.get("reason", f"blocked by hybrid rule {rule}")
+    if not isinstance(reason, str) or not reason or len(reason) > 256 or not reason.isprintable():
+        raise ValueError("reason: write a short text (at most 256 printable characters)")
+    return side, seconds, reason
 
 
 def plugin_owners() -> tuple[int, ...]:
