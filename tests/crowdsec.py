@@ -300,10 +300,13 @@ class Lapi:
             self.cscli("decisions", "delete", "--value", value)
 
     def decisions(self) -> list[dict]:
-        """Every active decision (all origins, scopes and types; not deduplicated), as cscli
-        shows them: dicts with id, origin, type, scope, value, duration, scenario, simulated."""
-        alerts = self.cscli("decisions", "list", "--all", "--limit", "0", json_out=True) or []
-        return [d for a in alerts for d in (a.get("decisions") or [])]
+        """Every active decision (all origins, scopes and types, also those a longer decision on
+        the same value hides from bouncers and from ``cscli decisions list``): dicts with id,
+        origin, type, scope, value, duration, scenario, simulated, read from ``cscli alerts
+        list --all`` (without ``--all``, cscli shows only origins crowdsec and cscli: not
+        cscli-import, not hybrid). Expired ones (a duration Go writes with a "-") are left out."""
+        alerts = self.cscli("alerts", "list", "--all", "--limit", "0", json_out=True) or []
+        return [d for a in alerts for d in (a.get("decisions") or []) if not d["duration"].startswith("-")]
 
     def import_decisions(self, values: Iterable[str], *, duration: str = "4h", type: str = "ban",
                          reason: str = "hybrid-test-flood", scope: str | None = None) -> float:

@@ -149,6 +149,37 @@ def test_expired_decision_shows_up_as_deleted(lapi, secrets_seen):
     assert (d.id, d.value, d.type) == (first.new[0].id, "198.18.0.7", "ban") and d.duration_s < 0
 
 
+def test_one_decision_per_value_and_type_and_deletes_that_repeat(lapi, secrets_seen):
+    """What a bouncer must cope with (LAPI 1.4.6): the stream shows only the longest decision
+    per (value, scope, type); deleting it while a shorter one remains changes no delta (the
+    value stays banned; the shorter one's expiry comes as a delete later); a delete is repeated
+    in the deltas of the next 2 s, also for a decision the bouncer never saw; decisions of two
+    types on one value are two entries."""
+    client, _ = bouncer(lapi, secrets_seen)
+    client.stream(startup=True)
+    lapi.add_decision("198.18.7.1", duration="1h")
+    lapi.add_decision("198.18.7.1", duration="4h")
+    [shown] = client.stream(startup=False).new
+    assert shown.value == "198.18.7.1" and shown.duration_s > 3600
+    assert sorted(d["duration"][:2] for d in lapi.decisions()) == ["3h", "59"]
+    lapi.delete_decision(id=shown.id)
+    quiet = client.stream(startup=False)
+    assert (quiet.new, quiet.deleted) == ([], [])
+    [left] = client.stream(startup=True).new
+    assert left.value == "198.18.7.1" and left.id != shown.id and left.duration_s <= 3600
+
+    lapi.add_decision("198.18.7.2", duration="1h")
+    lapi.delete_decision(value="198.18.7.2")
+    first, second = client.stream(startup=False), client.stream(startup=False)
+    assert first.new == second.new == []
+    assert values(first.deleted) == values(second.deleted) == {"198.18.7.2"}
+
+    lapi.add_decision("198.18.7.3", type="captcha")
+    lapi.add_decision("198.18.7.3", type="ban")
+    assert sorted((d.value, d.type) for d in client.stream(startup=False).new) == \
+        [("198.18.7.3", "ban"), ("198.18.7.3", "captcha")]
+
+
 def test_scope_origin_and_scenario_filters(lapi, secrets_seen):
     client, _ = bouncer(lapi, secrets_seen)
     lapi.add_decision("198.18.1.1", reason="ssh-bf")
