@@ -9,11 +9,14 @@ checked against the real LAPI in tests/integration/test_lapi.py:
   pull time itself; ``startup=true`` answers every active decision in ``new`` and every expired
   one still in the database in ``deleted``; otherwise ``new`` holds the decisions created
   since the last pull and ``deleted`` those that expired or were deleted (a delete expires a
-  decision now) since 2 s before it. So ``deleted`` may repeat an entry, ``new`` may repeat one
-  created while the previous answer was being made, and a pull that failed half-way may have
-  moved the bouncer's pull time: after any failure, pull with ``startup=true`` again. The
-  answer is deduplicated per (value, scope, type): only the longest-lasting decision is shown,
-  and an expiry is reported only when no later decision on the same value remains.
+  decision now) since 2 s before the last pull. So ``deleted`` repeats an entry for about 2 s
+  (also one the bouncer never saw), ``new`` may repeat one created while the previous answer
+  was being made, and a pull that failed half-way may have moved the bouncer's pull time:
+  after any failure, pull with ``startup=true`` again. The answer is deduplicated per (value,
+  scope, type): only the longest-lasting decision is shown, an expiry is reported only when no
+  later decision of the same value and type remains (deleting the longest of two changes no
+  delta: the value stays banned until the shorter one's expiry is reported), and a value with
+  a ban and a captcha appears twice. Apply ``deleted`` before ``new``, by (value, type).
 - A decision is ``{"id", "origin", "type", "scope", "value", "duration", "scenario"}``; the
   duration is Go's ``time.Duration.String()`` of what remains ("3h59m58.7s"; negative once
   expired). Scopes "ip"/"range" of the filter mean the LAPI's "Ip"/"Range"; other scopes are
@@ -28,7 +31,9 @@ went away mid-answer), ``auth`` (a key, password or token refused; an untrusted 
 ``protocol`` (not the answer the protocol promises) and ``server`` (the LAPI's own 5xx).
 Secrets (API key, password, token) never appear in a message, a ``repr`` or a log line.
 The client is not thread-safe; each request uses a fresh connection (the LAPI may restart
-between two polls) with a per-operation ``timeout`` and a ``deadline`` for the whole request.
+between two polls) with a ``timeout`` per network operation, a longer ``answer_timeout`` for the
+LAPI to compute its answer (seconds for a 100,000-decision snapshot) and a ``deadline`` for the
+whole request.
 """
 
 from __future__ import annotations
@@ -181,8 +186,9 @@ class _Bad(Exception):
 
 
 def _parse_prefix(value: str) -> tuple[bytes, int]:
-    """(network address bytes, prefix length) of an IP or CIDR as the LAPI parses them (Go's
-    net.ParseIP / net.ParseCIDR: no zone, no leading zeros in IPv4); raises _Bad."""
+    """(network address bytes, prefix length) of an IP or CIDR as the LAPI parses them (Go
+    1.19's net.ParseIP / net.ParseCIDR: no zone, no leading zeros in an IPv4 address, a decimal
+    prefix length that may have them); raises _Bad."""
     addr, slash, plen_text = value.partition("/")
     try:
         packed = socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
@@ -190,8 +196,7 @@ def _parse_prefix(value: str) -> tuple[bytes, int]:
         raise _Bad(f"value {_short(value)} is not an IP address or range") from None
     bits = len(packed) * 8
     if slash:
-        if not plen_text.isdigit() or not plen_text.isascii() or (len(plen_text) > 1 and plen_text[0] == "0") \
-                or int(plen_text) > bits:
+        if not plen_text.isascii() or not plen_text.isdigit() or len(plen_text) > 8 or int(plen_text) > bits:
             raise _Bad(f"value {_short(value)} has a bad prefix length")
         plen = int(plen_text)
     else:

@@ -162,6 +162,7 @@ def answer(new=(), deleted=()) -> bytes:
     ("Ip", "2001:2::7", "2001:2::7", 128),
     ("Range", "198.18.4.0/22", "198.18.4.0", 22),
     ("Range", "198.18.4.9/22", "198.18.4.0", 22),            # host bits: the LAPI (Go) masks them
+    ("Range", "198.18.4.0/022", "198.18.4.0", 22),           # Go's ParseCIDR reads leading zeros
     ("Range", "2001:2:0:ab::/56", "2001:2::", 56),
     ("Range", "198.18.0.7", "198.18.0.7", 32),
     ("Ip", "198.18.77.0/24", "198.18.77.0", 24),             # what `cscli decisions import` stores
@@ -213,7 +214,7 @@ def test_extra_fields_of_newer_lapis_are_ignored_and_simulated_is_read():
     ({"value": "fe80::1%eth0"}, "is not an IP address"),
     ({"value": "example.test"}, "is not an IP address"),
     ({"value": "198.18.0.0/33"}, "bad prefix length"),
-    ({"value": "198.18.0.0/024"}, "bad prefix length"),
+    ({"value": "198.18.0.0/0330"}, "bad prefix length"),
     ({"value": "198.18.0.0/-1"}, "bad prefix length"),
     ({"value": "198.18.0.0/"}, "bad prefix length"),
     ({"value": "2001:2::/129"}, "bad prefix length"),
