@@ -99,7 +99,8 @@ class Lapi:
         self.dir: str | None = None
         self.proc: subprocess.Popen | None = None
         self.ca_file: str | None = None
-        self._log = None
+        self._cscli_password = ""
+        self._log_offset = 0
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -175,6 +176,10 @@ class Lapi:
         :meth:`kill`: same database, same port) and return once ``/health`` answers."""
         if self.running:
             raise LapiFixtureError("the LAPI is already running")
+        # /health alone could be another server that took the port: also wait for this run's
+        # "listening" line in crowdsec's log
+        with contextlib.suppress(OSError):
+            self._log_offset = os.path.getsize(self._p("crowdsec.log"))
         out = open(self._p("crowdsec.out"), "ab")
         try:
             self.proc = subprocess.Popen(
@@ -189,7 +194,7 @@ class Lapi:
                 rc = self.proc.returncode
                 self.proc = None
                 raise LapiFixtureError(f"crowdsec exited with status {rc} before answering: {self._tail()}")
-            if self._healthy():
+            if self._listening() and self._healthy():
                 return
             time.sleep(0.05)
         self.kill()
@@ -350,6 +355,17 @@ class Lapi:
             s.bind((self.host, 0))
             return s.getsockname()[1]
 
+    def _listening(self) -> bool:
+        try:
+            with open(self._p("crowdsec.log"), errors="replace") as f:
+                f.seek(self._log_offset)
+                return f"CrowdSec Local API listening on {self._listen_uri()}" in f.read()
+        except OSError:
+            return False
+
+    def _listen_uri(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
     def _healthy(self) -> bool:
         try:
             if self.tls:
@@ -417,7 +433,7 @@ api:
     credentials_path: {_yaml_str(self._p('local_api_credentials.yaml'))}
   server:
     log_level: {self.log_level}
-    listen_uri: {_yaml_str(f'[{self.host}]:{self.port}' if ':' in self.host else f'{self.host}:{self.port}')}
+    listen_uri: {_yaml_str(self._listen_uri())}
     profiles_path: {_yaml_str(self._p('profiles.yaml'))}
     console_path: {_yaml_str(self._p('console.yaml'))}
     trusted_ips:

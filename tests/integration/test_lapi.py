@@ -267,10 +267,17 @@ def test_wrong_password_and_unknown_machine_are_auth_errors(lapi, secrets_seen):
     failure(lambda: nobody.push_alerts([Alert("198.18.0.1", 60, "hybrid/r")]), "auth", secrets_seen)
 
 
-def requests_in_log(lapi, what: str) -> list[str]:
-    """The LAPI's log lines of requests made by hybrid (not cscli's) that contain ``what``."""
-    with open(lapi.log_file) as f:
-        return [line for line in f if what in line and '"hybrid/' in line]
+def requests_in_log(lapi, what: str, expect: int) -> int:
+    """How many of the LAPI's log lines of requests made by hybrid (not cscli's) contain
+    ``what``, once there are ``expect`` (the LAPI logs a request after answering it: wait up to
+    5 s for the line) or more."""
+    deadline = time.monotonic() + 5
+    while True:
+        with open(lapi.log_file) as f:
+            n = sum(1 for line in f if what in line and '"hybrid/' in line)
+        if n >= expect or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
 
 
 def test_token_is_renewed_after_a_restart_and_before_it_expires(lapi, secrets_seen):
@@ -279,15 +286,17 @@ def test_token_is_renewed_after_a_restart_and_before_it_expires(lapi, secrets_se
     pusher = machine(lapi, secrets_seen)
     pusher.push_alerts([Alert("198.18.5.1", 600, "hybrid/r")])
     secrets_seen.append(pusher._token)
-    assert len(requests_in_log(lapi, "POST /v1/watchers/login HTTP/1.1 200")) == 1
+    assert requests_in_log(lapi, "POST /v1/watchers/login HTTP/1.1 200", 1) == 1
+    assert requests_in_log(lapi, "POST /v1/alerts HTTP/1.1 201", 1) == 1
     lapi.restart()                                 # a new JWT secret: the old token is refused
     pusher.push_alerts([Alert("198.18.5.2", 600, "hybrid/r")])
-    assert len(requests_in_log(lapi, "POST /v1/alerts HTTP/1.1 401")) == 1
-    assert len(requests_in_log(lapi, "POST /v1/watchers/login HTTP/1.1 200")) == 2
+    assert requests_in_log(lapi, "POST /v1/alerts HTTP/1.1 401", 1) == 1
+    assert requests_in_log(lapi, "POST /v1/watchers/login HTTP/1.1 200", 2) == 2
     pusher._token_expires = time.time() + 30       # expires within the margin: log in first
     pusher.push_alerts([Alert("198.18.5.3", 600, "hybrid/r")])
-    assert len(requests_in_log(lapi, "POST /v1/watchers/login HTTP/1.1 200")) == 3
-    assert len(requests_in_log(lapi, "POST /v1/alerts HTTP/1.1 401")) == 1
+    assert requests_in_log(lapi, "POST /v1/alerts HTTP/1.1 201", 3) == 3
+    assert requests_in_log(lapi, "POST /v1/watchers/login HTTP/1.1 200", 3) == 3
+    assert requests_in_log(lapi, "POST /v1/alerts HTTP/1.1 401", 1) == 1
     assert values(client.stream(startup=False).new) == {"198.18.5.1", "198.18.5.2", "198.18.5.3"}
 
 
@@ -463,8 +472,9 @@ class RawServer:
                     for line in head.split(b"\r\n"):
                         if line.lower().startswith(b"content-length:"):
                             n = int(line.split(b":")[1])
-                            while len(rest) < n:
-                                rest += conn.recv(65536)
+                            while len(rest) < n and (chunk := conn.recv(65536)):
+                                rest += chunk
+                    data = head + b"\r\n\r\n" + rest
                 self.requests.append(data)
                 with contextlib.suppress(OSError):
                     out = self.reply(data, conn)
