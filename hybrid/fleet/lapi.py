@@ -43,11 +43,9 @@ import http.client
 import ipaddress
 import json
 import logging
-import os
 import re
 import socket
 import ssl
-import stat
 import time
 import urllib.parse
 from collections.abc import Iterable, Sequence
@@ -62,7 +60,6 @@ KINDS = ("unreachable", "auth", "protocol", "server")
 DEFAULT_USER_AGENT = f"hybrid/{__version__}"
 MAX_ANSWER = 256 << 20           # bytes: a 100,000-decision snapshot is ~14 MB
 TOKEN_MARGIN_S = 60.0            # log in again this long before the JWT expires
-MAX_SECRET_FILE = 64 << 10
 _READ_CHUNK = 1 << 20
 # Go's time.Duration is an int64 of nanoseconds
 _GO_DURATION_MAX_S = (2 ** 63 - 1) / 1e9
@@ -369,46 +366,7 @@ class Alert:
         }
 
 
-# -- secrets -------------------------------------------------------------------------------------
-
-def read_secret(path: str, what: str = "secret") -> str:
-    """The secret in a file (surrounding whitespace stripped). Refused, with one line that says
-    what to fix: a missing or unreadable file, not a regular file, a file any group or other
-    permission bit is set on, one owned by someone other than root or the current user, an
-    empty one, one of several lines. The secret itself is never in the message."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file {path} does not exist: create it (mode 0600) with the secret on one line") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} file {path}: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{what} file {path} is not a regular file")
-        if st.st_uid not in (0, os.geteuid()):
-            raise ConfigError(f"{what} file {path} is owned by uid {st.st_uid}, not root or this user "
-                              f"(uid {os.geteuid()}): chown it")
-        if st.st_mode & 0o077:
-            raise ConfigError(f"{what} file {path} has mode {stat.S_IMODE(st.st_mode):04o}: group and others must "
-                              f"have no access (chmod 600 {path})")
-        data = os.read(fd, MAX_SECRET_FILE + 1)
-    except OSError as exc:
-        raise ConfigError(f"{what} file {path}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SECRET_FILE:
-        raise ConfigError(f"{what} file {path} is larger than {MAX_SECRET_FILE} bytes: is it the right file?")
-    try:
-        text = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} file {path} is not UTF-8 text") from None
-    if not text:
-        raise ConfigError(f"{what} file {path} is empty: write the secret in it")
-    if "\n" in text or "\r" in text:
-        raise ConfigError(f"{what} file {path} holds several lines: write only the secret, on one line")
-    return text
-
+# -- secrets (read from their files by hybrid.service.config.read_secret) -------------------------
 
 def _check_header_secret(value: str | None, what: str) -> None:
     """http.client would quote a bad header value in its error: refuse it here without it."""

@@ -1,4 +1,4 @@
-"""hybrid.fleet.lapi against a real CrowdSec Local API (Debian's crowdsec 1.4.6, tests/crowdsec.py):
+"""hybrid.fleet.lapi against a real CrowdSec Local API (Debian's crowdsec 1.4.6, hybrid/lab/crowdsec.py):
 the decision stream (snapshot, deltas after cscli adds and deletes, expiry, filters), a revoked
 key, a LAPI killed (also in the middle of an answer) and restarted, a machine's alerts reaching a
 bouncer, HTTPS with a CA file, a 10,000-decision flood in one delta; and, from a small
@@ -15,7 +15,6 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -23,7 +22,7 @@ import tracemalloc
 import urllib.request
 
 import pytest
-from crowdsec import Lapi, decision_values, missing
+from hybrid.lab.crowdsec import Lapi, decision_values, missing
 
 from hybrid.fleet.lapi import Alert, LapiClient, LapiError, parse_stream
 from hybrid.lab.topology import netns

@@ -1,21 +1,27 @@
 """hybrid.fleet.lapi without a network: Go durations, the decision stream's answers (real ones
-captured from CrowdSec 1.4.6, and garbage), alerts as the LAPI's model wants them, secret files
-and their permissions, and secrets kept out of every message and repr."""
+captured from CrowdSec 1.4.6, and garbage), alerts as the LAPI's model wants them, and secrets
+kept out of every message and repr (the secret files: tests/unit/test_config_crowdsec.py)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import stat
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybrid.errors import ConfigError, HybridError
-from hybrid.fleet.lapi import (Alert, Decision, LapiClient, LapiError, format_go_duration,
-                               parse_go_duration, parse_stream, read_secret, _parse_rfc3339)
+from hybrid.fleet.lapi import (
+    Alert,
+    Decision,
+    LapiClient,
+    LapiError,
+    _parse_rfc3339,
+    format_go_duration,
+    parse_go_duration,
+    parse_stream,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -330,76 +336,6 @@ def test_rfc3339_as_go_writes_it():
     with pytest.raises(ValueError):
         _parse_rfc3339("tomorrow")
 
-
-# -- secret files --------------------------------------------------------------------------------
-
-@pytest.fixture
-def secret(tmp_path):
-    def make(content: bytes | str = KEY + "\n", mode: int = 0o600, name: str = "key"):
-        p = tmp_path / name
-        p.write_bytes(content.encode() if isinstance(content, str) else content)
-        os.chmod(p, mode)
-        return str(p)
-    return make
-
-
-def test_secret_file_ok(secret):
-    assert read_secret(secret()) == KEY
-    assert read_secret(secret(f"  {PASSWORD}\r\n", 0o400)) == PASSWORD
-
-
-def test_secret_file_through_a_symlink_checks_the_target(secret, tmp_path):
-    link = tmp_path / "link"
-    link.symlink_to(secret())
-    assert read_secret(str(link)) == KEY
-    os.chmod(tmp_path / "key", 0o644)
-    with pytest.raises(ConfigError, match="mode 0644"):
-        read_secret(str(link))
-
-
-@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602, 0o644, 0o660, 0o666, 0o601, 0o610])
-def test_secret_file_open_to_group_or_others_is_refused(secret, mode):
-    with pytest.raises(ConfigError) as exc:
-        read_secret(secret(mode=mode), "LAPI API key")
-    text = one_line(exc.value)
-    assert text.startswith("LAPI API key file ") and f"mode {mode:04o}" in text and "chmod 600" in text
-    assert KEY not in text
-
-
-@pytest.mark.parametrize("content, says", [
-    ("", "is empty"), ("  \n\n", "is empty"), (KEY + "\n" + KEY + "\n", "several lines"),
-    (b"\xff\xfe\x00k", "not UTF-8"), ("x" * 70_000, "larger than"),
-])
-def test_secret_file_content_refused(secret, content, says):
-    with pytest.raises(ConfigError) as exc:
-        read_secret(secret(content))
-    text = one_line(exc.value)
-    assert says in text and KEY not in text
-
-
-def test_secret_file_missing_or_not_a_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"does not exist: create it \(mode 0600\)"):
-        read_secret(str(tmp_path / "nope"))
-    with pytest.raises(ConfigError, match="is not a regular file"):
-        read_secret(str(tmp_path))
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
-def test_secret_file_owned_by_someone_else_is_refused(secret):
-    path = secret()
-    os.chown(path, 65534, 65534)
-    with pytest.raises(ConfigError) as exc:
-        read_secret(path)
-    assert "owned by uid 65534" in one_line(exc.value) and KEY not in str(exc.value)
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 file")
-def test_secret_file_unreadable(secret):
-    with pytest.raises(ConfigError, match="Permission denied"):
-        read_secret(secret(mode=0o000))
-
-
-# -- the client's arguments, and secrets in messages ---------------------------------------------
 
 def test_repr_hides_secrets():
     c = LapiClient("http://127.0.0.1:8080/", api_key=KEY, machine_id="gw-a", password=PASSWORD)
