@@ -378,6 +378,23 @@ def _check_header_secret(value: str | None, what: str) -> None:
 
 # -- the client ----------------------------------------------------------------------------------
 
+def split_url(url) -> urllib.parse.SplitResult:
+    """A LAPI URL, checked: http(s), a host, a valid port, no credentials, query or fragment
+    (ConfigError, one line, otherwise)."""
+    parts = urllib.parse.urlsplit(url.strip()) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"LAPI URL {_short(url)}: write http://HOST:PORT or https://HOST:PORT")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("LAPI URL: credentials do not belong in the URL (give the API key in a key file)")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"LAPI URL {_short(url)}: no ?query or #fragment")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"LAPI URL {_short(url)}: bad port") from None
+    return parts
+
+
 class LapiClient:
     """Talk to one LAPI. Give ``api_key`` to pull decisions, ``machine_id`` and ``password``
     to push alerts (either or both). ``ca_file``: a PEM CA bundle for an https URL (else the
@@ -391,17 +408,8 @@ class LapiClient:
                  password: str | None = None, timeout: float = 5.0, ca_file: str | None = None,
                  user_agent: str = DEFAULT_USER_AGENT, answer_timeout: float = 60.0,
                  deadline: float | None = None, max_answer: int = MAX_ANSWER):
-        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"LAPI URL {_short(url)}: write http://HOST:PORT or https://HOST:PORT")
-        if parts.username is not None or parts.password is not None:
-            raise ConfigError("LAPI URL: credentials do not belong in the URL (give the API key in a key file)")
-        if parts.query or parts.fragment:
-            raise ConfigError(f"LAPI URL {_short(url)}: no ?query or #fragment")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ConfigError(f"LAPI URL {_short(url)}: bad port") from None
+        parts = split_url(url)
+        port = parts.port
         self._host = parts.hostname
         self._port = port or (443 if parts.scheme == "https" else 80)
         self._base = parts.path.rstrip("/")

@@ -34,8 +34,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrid import instance as inst
-from hybrid.datapath.options import (ATTACH, REQUIRED, AttachOptions, BadValue, Choice, Int, List, Option, Subset,
-                                     boolean, cidr, queue_range)
+from hybrid.datapath.options import (
+    ATTACH,
+    REQUIRED,
+    AttachOptions,
+    BadValue,
+    Choice,
+    Int,
+    List,
+    Option,
+    Subset,
+    boolean,
+    cidr,
+    queue_range,
+)
 from hybrid.errors import ConfigError
 from hybrid.tomlfile import TomlFileError, TomlFormat, TomlSource, suggest
 
@@ -212,21 +224,13 @@ def read_token(path: str) -> bytes:
 
 
 def _lapi_url(value) -> str:
-    """An http(s) URL of a CrowdSec Local API, without a path: "http://127.0.0.1:8080"."""
-    from urllib.parse import urlsplit
-    hint = 'write the Local API\'s URL, e.g. "http://127.0.0.1:8080" or "https://lapi.example:8080"'
-    if not isinstance(value, str):
-        raise BadValue(f"{value!r}: {hint}")
-    u = urlsplit(value.strip())
+    """An http(s) URL of a CrowdSec Local API: "http://127.0.0.1:8080" (hybrid.fleet.lapi checks it)."""
+    from hybrid.fleet.lapi import split_url
     try:
-        u.port
-    except ValueError:
-        raise BadValue(f"{value!r}: bad port; {hint}") from None
-    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query or u.fragment:
-        raise BadValue(f"{value!r}: {hint}")
-    if u.username or u.password:
-        raise BadValue(f"{value!r}: no credentials in the URL: put the key in bouncer_key_file")
-    return f"{u.scheme}://{u.netloc}"
+        u = split_url(value)
+    except ConfigError as exc:
+        raise BadValue(f"{str(exc).removeprefix('LAPI URL ')}; e.g. \"http://127.0.0.1:8080\"") from None
+    return f"{u.scheme}://{u.netloc}{u.path.rstrip('/')}"
 
 
 def _seconds(lo: float, hi: float):

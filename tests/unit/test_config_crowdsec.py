@@ -51,9 +51,9 @@ def test_a_bouncer(files):
 
 
 @pytest.mark.parametrize("table, words", [
-    ('lapi_url = "ftp://x:21"\n', "write the Local API's URL"),
-    ('lapi_url = "http://127.0.0.1:8080/v1/decisions"\n', "write the Local API's URL"),
-    ('lapi_url = "http://user:pw@127.0.0.1:8080"\n', "no credentials in the URL"),
+    ('lapi_url = "ftp://x:21"\n', "write http://HOST:PORT"),
+    ('lapi_url = "http://127.0.0.1:8080/?x=1"\n', "no ?query"),
+    ('lapi_url = "http://user:pw@127.0.0.1:8080"\n', "credentials do not belong in the URL"),
     ('lapi_url = "http://127.0.0.1:99999"\n', "bad port"),
     ('lapi_url = "http://127.0.0.1:8080"\n', "neither bouncer_key_file"),
     ('bouncer_key_file = "KEY"\n', "lapi_url is not"),
