@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -36,6 +36,13 @@ _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 APPLY = "apply"
 FILTERED = ("unsupported_type", "unsupported_scope", "origin")
 REFUSED = ("invalid", "too_broad", "protected")
+
+
+def _unmapped(net: Network) -> Network:
+    """An IPv4-mapped IPv6 network as the IPv4 network the kernel keys it as."""
+    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
 
 
 class Intervals:
@@ -65,25 +72,6 @@ class Intervals:
         return i >= 0 and ends[i] >= lo
 
 
-def parse_value(scope: str, value: str) -> Network | None:
-    """A decision's value as the network the kernel would hold (IPv4-mapped IPv6 as IPv4), or
-    None when it is not one: an ``ip`` is one address (a /32 or /128 written as a prefix too), a
-    ``range`` a prefix (host bits cleared, as the stock bouncers' ipset and nftables sets do)."""
-    text = value.strip()
-    try:
-        if scope == "ip":
-            net = ipaddress.ip_network(text, strict=True)
-            if net.num_addresses != 1:
-                return None
-        else:
-            net = ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        return None
-    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
-        net = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
-    return net
-
-
 class Policy:
     """The bouncer's filters and refusals (module docstring). ``own`` is refreshed with
     :meth:`set_own` (the gateway's addresses change at run time)."""
@@ -95,18 +83,19 @@ class Policy:
         self.types = frozenset(types)
         self.origins = frozenset(origins)
         self.min_prefix = {4: min_prefix_v4, 6: min_prefix_v6}
-        self._fixed = [ipaddress.ip_network(n, strict=False)
+        self._fixed = [_unmapped(ipaddress.ip_network(n, strict=False))
                        for n in (*ALWAYS_PROTECTED, *never_block, *lapi_addresses)]
         self.set_own(own)
 
     def set_own(self, addresses: Iterable[str]) -> None:
         """The gateway's own addresses (each protected as a single address)."""
-        own = [ipaddress.ip_network(a, strict=False) for a in addresses]
+        own = [_unmapped(ipaddress.ip_network(a, strict=False)) for a in addresses]
         self.own = tuple(sorted({str(n) for n in own}))
-        self._protected = Intervals([*self._fixed, *(parse_value("range", str(n)) for n in own)])
+        self._protected = Intervals([*self._fixed, *own])
 
     def refusal(self, net: Network) -> str | None:
         """Why the kernel must not drop ``net`` (a REFUSED word), or None."""
+        net = _unmapped(net)
         if net.version == 6 and net.overlaps(_MAPPED):
             return "too_broad"                 # it would hold every IPv4 address (IPv4-mapped keys)
         if net.prefixlen < self.min_prefix[net.version]:
@@ -115,18 +104,16 @@ class Policy:
             return "protected"
         return None
 
-    def judge(self, scope: str, type_: str, origin: str, value: str) -> tuple[str, Network | None]:
-        """(APPLY, network) for a decision the kernel enforces, else (the FILTERED or REFUSED
-        word, the network when there is one)."""
-        scope = scope.lower()
+    def judge(self, scope: str, type_: str, origin: str, net: Network | None) -> str:
+        """APPLY for a decision the kernel enforces, else the FILTERED or REFUSED word. ``net``:
+        the decision's value as a network (hybrid.fleet.lapi.Decision.network: IPv4-mapped IPv6
+        read as IPv4, as the LAPI reads it), None when it is not one."""
         if type_ not in self.types:
-            return "unsupported_type", None
-        if scope not in self.scopes:
-            return "unsupported_scope", None
+            return "unsupported_type"
+        if scope.lower() not in self.scopes:
+            return "unsupported_scope"
         if self.origins and origin not in self.origins:
-            return "origin", None
-        net = parse_value(scope, value)
+            return "origin"
         if net is None:
-            return "invalid", None
-        why = self.refusal(net)
-        return (why, net) if why else (APPLY, net)
+            return "invalid"
+        return self.refusal(net) or APPLY
