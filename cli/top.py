@@ -11,7 +11,7 @@ import click
 
 from hybrid.errors import NotFoundError
 from hybrid.kernel import abi
-from hybrid.observe import views
+from hybrid.observe import status, views
 
 # (total name, label) in display order; rates are per second over the last interval.
 ROWS = [
@@ -63,6 +63,7 @@ def frame(before: dict, after: dict) -> dict:
         "decision_ns": {"p50": views.quantile_ns(delta, 0.5), "p99": views.quantile_ns(delta, 0.99),
                         "packets": sum(delta)},
         "top_flows": after["top_flows"],
+        "crowdsec": status.crowdsec_lines(after.get("crowdsec")),
     }
 
 
@@ -118,6 +119,8 @@ def render(f: dict):
     for x in f["top_flows"]:
         fl.add_row(x["flow"], x["verdict"], f"{x['flagged']:,}", f"{sum(x['packets']):,}", f"{sum(x['bytes']):,}")
     parts = [head, Text(""), pk, Text(""), q, dec]
+    if f.get("crowdsec"):
+        parts += [Text(""), *(Text(line) for line in f["crowdsec"])]
     if f["top_flows"]:
         parts += [Text(""), fl]
     return Group(*parts)

@@ -58,6 +58,11 @@ def spares_path(instance: str | None = None) -> str:
     return os.path.join(RUN_ROOT, f"run-{instance or name()}.spares.json")
 
 
+def crowdsec_path(instance: str | None = None) -> str:
+    """What the CrowdSec link of `hybridctl run` last published (hybrid/fleet/link.py)."""
+    return os.path.join(RUN_ROOT, f"run-{instance or name()}.crowdsec.json")
+
+
 def lab_record_path(lab: str) -> str:
     return os.path.join(LABS, f"{lab}.json")
 
@@ -120,6 +125,15 @@ def spares(instance: str | None = None) -> dict[str, int]:
     if not isinstance(doc, dict) or not sysutil.pid_alive(doc.get("supervisor")):
         return {}
     return {str(q): int(pid) for q, pid in (doc.get("spares") or {}).items() if sysutil.pid_alive(pid)}
+
+
+def crowdsec_status(instance: str | None = None) -> dict | None:
+    """The CrowdSec link's last report, or None (no link ran here, or its file is unreadable)."""
+    try:
+        doc = read_json(crowdsec_path(instance))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def instances() -> list[str]:

@@ -46,12 +46,20 @@ from typing import NamedTuple
 from hybrid import instance as inst
 from hybrid.datapath import queues
 from hybrid.engine import follow, kernelcache, quic, rewrite
-from hybrid.engine.join import ABANDON_REASONS, DECIDE, JOIN_TTL, SegmentJoiner, Step, stricter
+from hybrid.engine.join import (
+    ABANDON_REASONS,
+    DECIDE,
+    JOIN_TTL,
+    SegmentJoiner,
+    Step,
+    stricter,
+)
 from hybrid.engine.kernelcache import KernelNameCache
 from hybrid.engine.packet import Packet, client_hello_problem, decode, http_unparsed
 from hybrid.engine.quic import QuicJoiner, QuicResult
 from hybrid.engine.rules import ON_DOUBT, Decision, RulesError, RuleSet, load_rules
 from hybrid.errors import HybridError, TableFullError
+from hybrid.fleet.share import ShareSender
 from hybrid.kernel import abi, nfq
 
 log = logging.getLogger(__name__)
@@ -186,7 +194,7 @@ class Engine:
 
     def __init__(self, queue: int, rules_path: str, *, maps=None, mark_mask: int = 0,
                  fail_open: bool = True, maxlen: int = 4096, log_stream=None,
-                 stats_path: str | None = None, flow_ttl: int | None = None):
+                 stats_path: str | None = None, flow_ttl: int | None = None, share_fd: int | None = None):
         self.queue = queue
         self.rules_path = rules_path
         self.flow_ttl = flow_ttl                           # overrides the file's (service config)
@@ -219,6 +227,8 @@ class Engine:
         # The kernel's name-verdict cache (kernelcache.py), when the datapath has one: set up
         # at bind, its generation renewed by every reload.
         self.names: KernelNameCache | None = None
+        # Blocks a rule shares with the fleet go to the supervisor's CrowdSec link (share.py).
+        self.share = ShareSender.from_fd(share_fd)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -840,9 +850,13 @@ class Engine:
             self._accept(nfpkt)
         elif action == "drop":
             nfpkt.drop()
+            if d.share is not None:
+                self._share(pkt, d)
         elif action == "reject":
             nfpkt.drop()            # first: no failure to send the reset may turn into an accept
             self._send_reject(pkt, d.reject_with)
+            if d.share is not None:
+                self._share(pkt, d)
         elif action == "rewrite":
             try:
                 out = self._rewritten(pkt, d.rewrite)
@@ -861,6 +875,10 @@ class Engine:
         else:   # the rule compiler accepts no other action
             raise HybridError(f"unknown action {action!r}")
         self.stats.actions[action] += 1
+
+    def _share(self, pkt: Packet, d: Decision) -> None:
+        side, seconds, reason = d.share
+        self.share.offer(str(pkt.src if side == "source" else pkt.dst), d.rule or "(default)", seconds, reason)
 
     def _accept(self, nfpkt, set_bits: tuple[int, int] | None = None) -> None:
         mark = nfpkt.get_mark() & self._keep_bits
@@ -976,7 +994,7 @@ class Engine:
                 "reject_send_errors": st.reject_send_errors, "rewrite_errors": st.rewrite_errors,
                 "doubts": dict(st.doubts), "doubt_policy": self.rules.on_doubt,
                 "follow": {**st.follow, "states": len(self.streams), "forgotten": self.streams.forgotten},
-                "doubt_actions": dict(st.doubt_actions), "scoped": dict(st.scoped),
+                "doubt_actions": dict(st.doubt_actions), "scoped": dict(st.scoped), "share": self.share.snapshot(),
                 "rules": dict(self.rules.counters), "default": self.rules.default_count,
                 "rules_file": os.path.abspath(self.rules_path),
                 "fail_open": self.fail_open, "flags_confirmed": self.setup.flags_confirmed if self.setup else None,

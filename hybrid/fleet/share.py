@@ -53,7 +53,7 @@ class ShareRequest:
                            "rule": self.rule}).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, now: float) -> "ShareRequest":
+    def from_bytes(cls, data: bytes, now: float) -> ShareRequest:
         """ValueError for anything but what :meth:`to_bytes` writes (the engines parse what the
         network sends: a datagram from one is checked, not trusted)."""
         doc = json.loads(data)
@@ -78,7 +78,7 @@ class ShareSender:
         self.sent = self.repeated = self.dropped = self.unsent = 0
 
     @classmethod
-    def from_fd(cls, fd: int | None) -> "ShareSender":
+    def from_fd(cls, fd: int | None) -> ShareSender:
         return cls(socket.socket(fileno=fd) if fd is not None else None)
 
     def offer(self, address: str, rule: str, duration_s: int, reason: str) -> None:

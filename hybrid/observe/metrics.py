@@ -168,6 +168,67 @@ class InstanceCollector:
         yield from _queues(snap)
         yield from _engines(snap)
         yield from _fail_open(snap)
+        yield from _crowdsec(snap.get("crowdsec"))
+
+
+def _crowdsec(cs: dict | None) -> Iterator:
+    """The CrowdSec link (hybrid/fleet/link.py), when ``hybridctl run`` has one."""
+    if not cs:
+        return
+    up = GaugeMetricFamily("hybrid_crowdsec_connected", "1 while the last request to the CrowdSec Local API "
+                           "succeeded (0: down, the kernel keeps its bans until they expire).")
+    up.add_metric([], 1 if cs.get("alive") and cs.get("connected") else 0)
+    yield up
+    if cs.get("last_pull"):
+        yield GaugeMetricFamily("hybrid_crowdsec_last_pull_timestamp_seconds",
+                                "When the decision stream was last pulled (Unix time).", value=cs["last_pull"])
+    b, sh = cs.get("bouncer"), cs.get("share")
+    if b is not None:
+        dec = GaugeMetricFamily("hybrid_crowdsec_decisions", "Decisions enforced in the kernel, by origin and scope.",
+                                labels=["origin", "scope"])
+        for key, n in b["applied"].items():
+            origin, _, scope = key.rpartition("/")
+            dec.add_metric([origin, scope], n)
+        yield dec
+        ref = CounterMetricFamily("hybrid_crowdsec_refused", "Decisions refused because they would blackhole the "
+                                  "gateway: invalid, too_broad, protected.", labels=["reason"])
+        for reason, n in b["refused"].items():
+            ref.add_metric([reason], n)
+        yield ref
+        ne = CounterMetricFamily("hybrid_crowdsec_not_enforced", "Decisions not enforced: a type or scope "
+                                 "hybrid does not apply (type:captcha, scope:country, ...), or an origin filtered.",
+                                 labels=["what"])
+        for what, n in b["unsupported"].items():
+            ne.add_metric([what], n)
+        if b["filtered"].get("origin"):
+            ne.add_metric(["origin"], b["filtered"]["origin"])
+        yield ne
+        pulls = CounterMetricFamily("hybrid_crowdsec_pulls", "Successful pulls of the decision stream.",
+                                    labels=["kind"])
+        counts = b["counts"]
+        pulls.add_metric(["snapshot"], counts.get("snapshots", 0))
+        pulls.add_metric(["delta"], counts.get("pulls", 0) - counts.get("snapshots", 0))
+        yield pulls
+        drops = CounterMetricFamily("hybrid_crowdsec_dropped_packets", "Packets dropped by a ban.", labels=["hook"])
+        drops.add_metric(["xdp"], cs.get("dropped_xdp", 0))
+        drops.add_metric(["tc"], cs.get("dropped_tc", 0))
+        yield drops
+    errs = CounterMetricFamily("hybrid_crowdsec_errors", "Failed requests to the Local API, by operation and kind "
+                               "(unreachable, auth, protocol, server).", labels=["op", "kind"])
+    for op, key in (("pull", "errors"), ("push", "push_errors")):
+        for kind, n in (cs.get(key) or {}).items():
+            errs.add_metric([op, kind], n)
+    yield errs
+    if sh is not None:
+        shared = CounterMetricFamily("hybrid_crowdsec_shared", "Blocks shared with the fleet as alerts: pushed, "
+                                     "deduplicated, rate_limited, protected (never reported), malformed, "
+                                     "lost_while_down, expired_unsent.", labels=["what"])
+        for what, n in sh.items():
+            if what != "pending":
+                shared.add_metric([what], n)
+        yield shared
+        yield GaugeMetricFamily("hybrid_crowdsec_share_pending", "Alerts waiting for the Local API.",
+                                value=sh.get("pending", 0))
 
 
 def _kernel(snap: dict) -> Iterator:

@@ -3,6 +3,7 @@ netfilter queue and the engines counted. Reads; changes nothing."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 from hybrid import instance as inst
@@ -62,6 +63,7 @@ def status() -> dict:
     out["doubts"] = views.doubts(out["engines"])
     out["follow"] = views.follow(out["engines"])
     out["quic"] = views.quic(out["engines"])
+    out["crowdsec"] = views.crowdsec(inst.crowdsec_status(instance), kernel, out["engines"])
     return out
 
 
@@ -130,9 +132,53 @@ def summary_lines(st: dict) -> list[str]:
     if q and st.get("engines") and any(q.values()):
         lines.append(f"quic: {q['quic_initials']:,} Initials read, {q['quic_snis']:,} server names decided, "
                      f"{q['quic_held']:,} datagrams held while joining, {q['quic_blocked']:,} dropped by quic = block")
+    lines.extend(crowdsec_lines(st.get("crowdsec")))
     scoped = [(k, n) for k, n in (d or {}).get("scoped", {}).items() if n]
     if scoped:
         lines.append("flow verdicts scoped to the side that spoke: " + ", ".join(f"{k} {n:,}" for k, n in scoped))
+    return lines
+
+
+def _counts(d: dict | None) -> str:
+    return ", ".join(f"{k} {n:,}" for k, n in sorted((d or {}).items(), key=lambda kv: -kv[1]) if n)
+
+
+def crowdsec_lines(cs: dict | None) -> list[str]:
+    """The CrowdSec link's lines of ``hybridctl status`` (views.crowdsec)."""
+    if not cs:
+        return []
+    if not cs.get("alive"):
+        return [f"crowdsec: no link running (the last report, {cs.get('age_s')} s old, is from a supervisor "
+                "that is gone); bans in the kernel expire on their own"]
+    b, sh = cs.get("bouncer"), cs.get("share")
+    if cs.get("connected"):
+        ago = f"{time.time() - cs['last_pull']:.1f} s ago" if cs.get("last_pull") else "not yet"
+        head = f"crowdsec: connected to {cs['url']}, last pull {ago}"
+    elif cs.get("connected") is None:
+        head = f"crowdsec: connecting to {cs['url']}"
+    else:
+        head = (f"crowdsec: DOWN ({cs.get('error_kind')}: {cs.get('last_error')}); the kernel keeps its bans "
+                "until they expire, retrying")
+    lines = [head]
+    if b is not None:
+        lines.append(f"  bans: {b['decisions']:,} decisions in the kernel"
+                     + (f" ({_counts(b['applied'])})" if b["applied"] else "")
+                     + f"; dropped {cs['dropped_xdp'] + cs['dropped_tc']:,} packets (XDP {cs['dropped_xdp']:,}, "
+                     f"tc {cs['dropped_tc']:,})")
+        if b["refused"]:
+            lines.append(f"  refused (would blackhole the gateway): {_counts(b['refused'])}")
+        if b["filtered"]:
+            lines.append(f"  not enforced: {_counts(b['unsupported'])}"
+                         + (f", origin filtered {b['filtered'].get('origin', 0):,}" if b["filtered"].get("origin") else ""))
+    if sh is not None:
+        es = cs.get("engines_share") or {}
+        lines.append(f"  shared blocks: pushed {sh['pushed']:,}, pending {sh['pending']:,}, deduplicated "
+                     f"{sh['deduplicated'] + es.get('repeated', 0):,}, rate-limited {sh['rate_limited']:,}, "
+                     f"protected {sh['protected']:,}" + (f", lost {es['dropped']:,}" if es.get("dropped") else ""))
+    errors = {**{f"pull {k}": n for k, n in cs.get("errors", {}).items()},
+              **{f"push {k}": n for k, n in cs.get("push_errors", {}).items()}}
+    if errors:
+        lines.append(f"  errors since start: {_counts(errors)}")
     return lines
 
 

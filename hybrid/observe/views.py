@@ -113,6 +113,7 @@ def snapshot(instance: str | None = None, *, top_flows: int = 0, flow_scan: bool
     counters = [*snap["interfaces"].values(), snap["unregistered"]]
     snap["fail_open"] = fail_open(counters, snap["engines"], rep)
     snap["doubts"] = doubts(snap["engines"])
+    snap["crowdsec"] = crowdsec(inst.crowdsec_status(name), counters, snap["engines"])
     return snap
 
 
@@ -327,6 +328,26 @@ def follow(engines: list[dict]) -> dict:
 # Prometheus bucket bounds (seconds): powers of two from 2**9 ns (0.5 us) to 2**30 ns (~1.07 s).
 # Engine slot i counts 2**(i-1) <= dt < 2**i ns, so every slot falls entirely below one bound.
 HIST_FIRST, HIST_LAST = 9, 30
+
+
+def crowdsec(link: dict | None, counters: list[dict], engines: list[dict]) -> dict | None:
+    """The CrowdSec link as ``hybridctl run`` last published it (hybrid/fleet/link.py), with the
+    kernel's ban drops and the engines' shared blocks; None when no link ever ran here. ``alive``:
+    the process that published it still runs (a killed supervisor leaves a stale report)."""
+    if link is None:
+        return None
+    out = dict(link)
+    pid = link.get("pid")
+    out["alive"] = isinstance(pid, int) and pid > 0 and pid_alive(pid)
+    out["age_s"] = round(time.time() - link["updated"], 1) if isinstance(link.get("updated"), (int, float)) else None
+    out["dropped_xdp"] = sum(_num(c.get("xdp_drop_ban")) for c in counters)
+    out["dropped_tc"] = sum(_num(c.get("drop_tc_ban")) for c in counters)
+    sent = dict.fromkeys(("sent", "repeated", "dropped", "unsent"), 0)
+    for e in engines:
+        for k in sent:
+            sent[k] += _num((e.get("share") or {}).get(k))
+    out["engines_share"] = sent
+    return out
 
 
 def decision_buckets(log2_counts: list[int]) -> list[tuple[float, int]]:

@@ -46,8 +46,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hybrid import __version__
 from hybrid import instance as inst
@@ -57,8 +57,15 @@ from hybrid.engine import loop as eng
 from hybrid.engine import runner
 from hybrid.engine.rules import load_rules
 from hybrid.errors import ConfigError, HybridError
+from hybrid.fleet import share
 from hybrid.kernel import bpffs, caps, sysutil
-from hybrid.service.config import Config, read_token, split_listen, unix_path
+from hybrid.service.config import (
+    Config,
+    read_secret,
+    read_token,
+    split_listen,
+    unix_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ SPARE_RETRY = 30.0             # seconds before a spare that died (e.g. a rules 
 PR_SET_PDEATHSIG = 1
 # Settings an engine process is started with: a change restarts the engines.
 ENGINE_KEYS = ("attach.queues", "attach.fail_open", "attach.mark_mask", "engine.rules", "engine.flow_ttl",
-               "engine.queue_len", "log.verdicts", "log.level", "service.standby_engines")
+               "engine.queue_len", "log.verdicts", "log.level", "service.standby_engines", "crowdsec.machine_id")
 
 
 class JsonFormatter(logging.Formatter):
@@ -131,6 +138,11 @@ class Service:
         self.deaths: list[float] = []
         self.metrics = None
         self.attached = False
+        self.pin_dir: str | None = None
+        self.link = None                                # the CrowdSec link (hybrid/fleet/link.py)
+        self._link_maps = None
+        # The engines' blocks shared with the fleet reach the link through this pair (share.py).
+        self._share_link, self._share_engines = share.socketpair()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -139,6 +151,7 @@ class Service:
         cfg = self.load_config()
         load_rules(cfg["engine.rules"], cfg["engine.flow_ttl"])
         _check_verdict_log(cfg)
+        secrets = _crowdsec_secrets(cfg)
         self.cfg = cfg
         lock = _lock_instance()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -158,17 +171,21 @@ class Service:
                     self._go()
                 self._attach(cfg, "attached")
                 self._go()
+                self._start_link(cfg, secrets)
             except HybridError as exc:
                 event(logging.ERROR, "start_failed", f"start failed: {exc}", error=str(exc))
                 raise
             rc = self._loop()
         finally:
+            self._stop_link()
             self._stop_engines()
             self._stop_metrics()
             if self.attached:
                 self._release()
             with contextlib.suppress(OSError):
                 os.unlink(inst.spares_path())
+            self._share_link.close()
+            self._share_engines.close()
             _unlock_instance(lock)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         event(logging.INFO, "stopped", "hybrid stopped", exit_status=rc)
@@ -209,6 +226,7 @@ class Service:
     def _attach(self, cfg: Config, name: str, changed: list[str] | None = None) -> None:
         res = att.attach(cfg.attach_options())
         self.attached = True
+        self.pin_dir = res.pin_dir
         fields = dict(interfaces=res.interfaces, instance=res.instance, pin_dir=res.pin_dir,
                       reused_pins=res.reused_pins, queues=cfg["attach.queues"],
                       fail_open=cfg["attach.fail_open"])
@@ -223,23 +241,25 @@ class Service:
         return {"queue": queue, "rules": c["engine.rules"], "flow_ttl": c["engine.flow_ttl"],
                 "queue_len": c["engine.queue_len"], "fail_open": c["attach.fail_open"],
                 "mark_mask": c["attach.mark_mask"], "verdicts": c["log.verdicts"], "level": c["log.level"],
-                "parent": os.getpid()}
+                "parent": os.getpid(),
+                "share_fd": self._share_engines.fileno() if c["crowdsec.machine_id"] else None}
 
     def _start_engine(self, queue: int, handshake: bool = False) -> None:
         """Start the engine of one queue. With ``handshake`` it binds its queue and then waits
         for :meth:`_go` before it opens the maps and decides packets."""
         spec = self._spec(queue)
-        fds: tuple[int, ...] = ()
+        fds: tuple[int, ...] = () if spec["share_fd"] is None else (spec["share_fd"],)
         if handshake:
             ready_r, ready_w = os.pipe()
             go_r, go_w = os.pipe()
             spec.update(ready_fd=ready_w, go_fd=go_r)
-            fds = (ready_w, go_r)
+            fds += (ready_w, go_r)
         try:
             proc = subprocess.Popen(self.argv_for_child(spec), stdin=subprocess.DEVNULL, pass_fds=fds)
         finally:
             for fd in fds:
-                os.close(fd)
+                if fd != spec["share_fd"]:
+                    os.close(fd)
         q = self.queues.setdefault(queue, QueueEngines())
         if handshake:
             q.ready_fd, q.go_fd = ready_r, go_w
@@ -266,8 +286,9 @@ class Service:
         go_r, go_w = os.pipe()
         spec = self._spec(queue)
         spec["standby_fd"] = go_r
+        fds = (go_r,) if spec["share_fd"] is None else (go_r, spec["share_fd"])
         try:
-            proc = subprocess.Popen(self.argv_for_child(spec), stdin=subprocess.DEVNULL, pass_fds=(go_r,))
+            proc = subprocess.Popen(self.argv_for_child(spec), stdin=subprocess.DEVNULL, pass_fds=fds)
         except BaseException:
             os.close(go_w)
             raise
@@ -455,6 +476,12 @@ class Service:
                 self._start_metrics(new)
             except HybridError as exc:
                 event(logging.ERROR, "metrics_failed", str(exc), error=str(exc))
+        if any(k.startswith("crowdsec.") for k in changed):
+            self._stop_link()
+            try:
+                self._start_link(new, _crowdsec_secrets(new))
+            except HybridError as exc:
+                event(logging.ERROR, "crowdsec_failed", f"the CrowdSec link cannot start: {exc}", error=str(exc))
         restart = [k for k in ENGINE_KEYS if k in changed]
         if restart:
             self._stop_engines()
@@ -471,6 +498,33 @@ class Service:
             event(logging.INFO, "reloaded", "configuration reloaded; engines reload the rules",
                   changed=changed, rules=new["engine.rules"])
         return True
+
+    # -- the CrowdSec link -------------------------------------------------------------------------
+    def _start_link(self, cfg: Config, secrets: tuple[str | None, str | None]) -> None:
+        if cfg["crowdsec.lapi_url"] is None:
+            return
+        from hybrid.fleet import link  # the HTTP client, only when there is a Local API
+        self._link_maps = Maps.open_pinned(self.pin_dir)
+        try:
+            self.link = link.Link(cfg, self._link_maps, self._share_link, api_key=secrets[0], password=secrets[1])
+        except Exception:
+            self._link_maps.close()
+            self._link_maps = None
+            raise
+        self.link.start()
+        event(logging.INFO, "crowdsec_started", f"CrowdSec link to {cfg['crowdsec.lapi_url']}: "
+              + ", ".join(w for w, on in (("pulling bans", cfg["crowdsec.bouncer_key_file"]),
+                                          ("sharing blocks", cfg["crowdsec.machine_id"])) if on),
+              url=cfg["crowdsec.lapi_url"], bouncer=bool(cfg["crowdsec.bouncer_key_file"]),
+              machine=cfg["crowdsec.machine_id"])
+
+    def _stop_link(self) -> None:
+        if self.link is not None:
+            self.link.stop()
+            self.link = None
+        if self._link_maps is not None:
+            self._link_maps.close()
+            self._link_maps = None
 
     # -- metrics -----------------------------------------------------------------------------------
     def _start_metrics(self, cfg: Config) -> None:
@@ -509,6 +563,18 @@ class Service:
             with contextlib.suppress(Exception):
                 self.metrics.stop()
             self.metrics = None
+
+
+def _crowdsec_secrets(cfg: Config) -> tuple[str | None, str | None]:
+    """The bouncer key and the machine password, read from their files (never from the command
+    line, never logged)."""
+    key = pw = None
+    if cfg["crowdsec.lapi_url"] is not None:
+        if cfg["crowdsec.bouncer_key_file"]:
+            key = read_secret(cfg["crowdsec.bouncer_key_file"], "bouncer_key_file").decode()
+        if cfg["crowdsec.machine_password_file"]:
+            pw = read_secret(cfg["crowdsec.machine_password_file"], "machine_password_file").decode()
+    return key, pw
 
 
 def _attached_here() -> bool:
@@ -591,7 +657,8 @@ def run_engine_child(spec: dict) -> int:
                   pid=os.getpid(), kept=caps.names(kept.effective), bounding=caps.names(kept.bounding))
         engine = eng.Engine(queue, spec["rules"], maps=None, mark_mask=spec["mark_mask"],
                             fail_open=spec["fail_open"], maxlen=spec["queue_len"], log_stream=stream,
-                            stats_path=inst.engine_stats_path(instance, queue), flow_ttl=spec["flow_ttl"])
+                            stats_path=inst.engine_stats_path(instance, queue), flow_ttl=spec["flow_ttl"],
+                            share_fd=spec.get("share_fd"))
         if spec.get("standby_fd") is not None:     # a spare: wait to be promoted (EOF: never)
             go = os.read(spec["standby_fd"], 1)
             os.close(spec["standby_fd"])
