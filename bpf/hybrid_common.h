@@ -8,11 +8,11 @@
  * bitfields, every struct a multiple of 8 bytes. Byte order is stated on every field.
  *
  * Division of labour (why two programs, and how they talk):
- *   hybrid_xdp         (XDP)           drop checks only: blocked prefixes and flows whose verdict
- *                                      is BLOCK. Lookups, never writes to the flow table.
+ *   hybrid_xdp         (XDP)           drop checks only: bans, blocked prefixes and flows whose
+ *                                      verdict is BLOCK. Lookups, never writes to the flow table.
  *   hybrid_tc_ingress  (tc clsact in)  full classification: flow table update, flag reasons,
  *                                      the mark (an skb exists here; XDP cannot set skb->mark).
- * XDP learns what to drop from the maps (flow table and prefix trie), not from metadata:
+ * XDP learns what to drop from the maps (ban and prefix tries, flow table), not from metadata:
  * data_meta is unsupported by several drivers' native XDP, and a packet must never go
  * unclassified because of the NIC it arrived on. tc enforces blocks too, so an interface
  * attached without XDP (or a packet that raced a new BLOCK verdict) still drops at tc.
@@ -27,6 +27,9 @@
 #ifndef HYBRID_PREFIX_TABLE_SIZE
 #define HYBRID_PREFIX_TABLE_SIZE 16384
 #endif /* HYBRID_PREFIX_TABLE_SIZE */
+#ifndef HYBRID_BAN_TABLE_SIZE
+#define HYBRID_BAN_TABLE_SIZE 131072    /* LPM trie of bans: a 100,000-decision blocklist fits */
+#endif /* HYBRID_BAN_TABLE_SIZE */
 #ifndef HYBRID_PINNED_TABLE_SIZE
 #define HYBRID_PINNED_TABLE_SIZE 65536  /* hash, not LRU: a full table refuses userspace's insert */
 #endif /* HYBRID_PINNED_TABLE_SIZE */
@@ -50,6 +53,7 @@
 #define HYBRID_MAP_SOURCES  "hybrid_sources"   /* lru_hash  struct hybrid_addr_key -> struct hybrid_bucket */
 #define HYBRID_MAP_BUDGET   "hybrid_budget"    /* array[1]  of struct hybrid_bucket (the global budget) */
 #define HYBRID_MAP_PINNED   "hybrid_pinned"    /* hash      struct hybrid_flow_key -> struct hybrid_pinned_verdict */
+#define HYBRID_MAP_BANS     "hybrid_bans"      /* lpm_trie  struct hybrid_prefix_key -> struct hybrid_ban */
 
 /* ---- Program names --------------------------------------------------------------------------- */
 #define HYBRID_PROG_XDP "hybrid_xdp"
@@ -105,6 +109,19 @@
 #define HYBRID_CFG_HAVE_PORTS    (1U << 1)  /* some port is watched: skip the array lookup otherwise */
 #define HYBRID_CFG_OVER_DROP     (1U << 2)  /* over budget and no payload: drop (else pass unflagged) */
 #define HYBRID_CFG_NAMES         (1U << 3)  /* read the name of first payloads (bpf/names.h) */
+#define HYBRID_CFG_HAVE_BANS     (1U << 4)  /* the ban trie is non-empty: skip lookups otherwise */
+
+/* ---- Bans (hybrid_bans) ------------------------------------------------------------------------
+ * Prefixes banned by the fleet (CrowdSec decisions, hybrid/fleet/bantable.py), each with a TTL:
+ * a packet whose source OR destination lies in a live ban is dropped at XDP
+ * (HYBRID_CNT_XDP_DROP_BAN) and at tc (HYBRID_CNT_DROP_TC_BAN, for interfaces without XDP),
+ * before any flow-table work. A ban is live while expires_ns is 0 or later than now; an
+ * expired entry drops nothing and stays until userspace deletes it. The trie answers with the
+ * longest match only, so userspace writes every entry with its EFFECTIVE expiry: the latest of
+ * every ban on that prefix or on any prefix covering it (a /32 that expires before its /24 must
+ * not open a hole in the /24). Same key as hybrid_prefixes (IPv4 mapped); a separate trie
+ * because bans come and go by the thousand and carry a TTL, which the operator's prefixes do
+ * not. Only userspace writes it. */
 
 /* ---- Admission control ------------------------------------------------------------------------
  * Budgets on flagged packets, so that no traffic can flood the engine (and its queue, whose
@@ -201,7 +218,7 @@
 /* ---- Counters: index into struct hybrid_stats.c ----------------------------------------------
  * XDP counts XDP_*; tc counts the rest. Invariant at tc, per interface:
  *   PACKETS = NOT_IP + MALFORMED_L3 + FLAGGED + BYPASSED + PASSED + DROP_TC_FLOW + DROP_TC_PREFIX
- *           + OVER_DROP + OVER_PASS + CACHE_PASSED + CACHE_DROPPED
+ *           + OVER_DROP + OVER_PASS + CACHE_PASSED + CACHE_DROPPED + DROP_TC_BAN
  * and FLAGGED <= sum(REASON_*) (a packet may have several reasons; each is counted). */
 #define HYBRID_CNT_XDP_PACKETS     0   /* packets seen by hybrid_xdp */
 #define HYBRID_CNT_XDP_DROP_FLOW   1   /* dropped at XDP: flow verdict BLOCK */
@@ -255,7 +272,9 @@
 #define HYBRID_CNT_CACHE_LOST      44  /* a cached decision whose event found the ring full */
 #define HYBRID_CNT_NAMES_NO_PROG   45  /* a name wanted, but the parser program was not there */
 #define HYBRID_CNT_REASON_FOLLOW   46  /* flagged packets with HYBRID_REASON_FOLLOW */
-#define HYBRID_CNT_MAX             47
+#define HYBRID_CNT_XDP_DROP_BAN    47  /* dropped at XDP: source or destination in a live ban */
+#define HYBRID_CNT_DROP_TC_BAN     48  /* outcome: dropped at tc, source or destination in a live ban */
+#define HYBRID_CNT_MAX             49
 
 /* ---- Structs ---------------------------------------------------------------------------------- */
 
@@ -370,6 +389,12 @@ struct hybrid_prefix {
 	__u32 _pad0;
 };                          /* 8 bytes */
 
+/* A ban's value (hybrid_bans). */
+struct hybrid_ban {
+	__u64 expires_ns;   /* CLOCK_MONOTONIC, as bpf_ktime_get_ns(); the effective expiry (see
+	                     * "Bans"); 0 = never */
+};                          /* 8 bytes */
+
 struct hybrid_iface {
 	__u32 slot;         /* index into hybrid_stats, 1..HYBRID_MAX_IFACES-1 */
 	__u32 flags;        /* HYBRID_IFACE_* */
@@ -393,7 +418,7 @@ struct hybrid_pinned_verdict {
 
 struct hybrid_stats {
 	__u64 c[HYBRID_CNT_MAX];
-};                          /* 376 bytes; per CPU: userspace sums over possible CPUs */
+};                          /* 392 bytes; per CPU: userspace sums over possible CPUs */
 
 /* A name as tc read it: the whole name (no hash: two names never share a key), what it names
  * and where the flow goes. */

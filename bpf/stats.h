@@ -83,7 +83,8 @@ static __always_inline int xdp_action(int outcome)
 static __always_inline int tc_action(int outcome)
 {
 	if (outcome == HYBRID_CNT_DROP_TC_PREFIX || outcome == HYBRID_CNT_DROP_TC_FLOW ||
-	    outcome == HYBRID_CNT_OVER_DROP || outcome == HYBRID_CNT_CACHE_DROPPED)
+	    outcome == HYBRID_CNT_OVER_DROP || outcome == HYBRID_CNT_CACHE_DROPPED ||
+	    outcome == HYBRID_CNT_DROP_TC_BAN)
 		return TC_ACT_SHOT;
 	return TC_ACT_UNSPEC;
 }

@@ -199,9 +199,9 @@ def _apply_config(maps, opts: AttachOptions, old_cfg) -> None:
     again means "this configuration", not "this configuration added to the last one"."""
     cfg = opts.config()
     if old_cfg is not None:
-        # Keep what the maps API maintains (HAVE_PORTS/PREFIXES) and what a running engine
-        # declared (skip_reasons); the options own the rest.
-        cfg.flags |= old_cfg.flags & (abi.CFG_HAVE_PORTS | abi.CFG_HAVE_PREFIXES)
+        # Keep what the maps API maintains (HAVE_PORTS/PREFIXES/BANS: the pinned tables keep
+        # their entries) and what a running engine declared (skip_reasons); the options own the rest.
+        cfg.flags |= old_cfg.flags & (abi.CFG_HAVE_PORTS | abi.CFG_HAVE_PREFIXES | abi.CFG_HAVE_BANS)
         cfg.skip_reasons = old_cfg.skip_reasons
     maps.set_config(cfg)
     wanted_prefixes: dict[str, int] = {}

@@ -5,9 +5,9 @@ verdict engine and status use hybrid.datapath.maps on pinned maps (or maps found
 and never compile anything.
 
 Load-time knobs go to the compiler as -D flags (HYBRID_FLOW_TABLE_SIZE, HYBRID_PREFIX_TABLE_SIZE,
-HYBRID_PIN_DIR); the source is never edited. With a pin directory every map is created pinned
-there, or reopened when a pin already exists, so flows, verdicts, config and counters survive a
-restart.
+HYBRID_BAN_TABLE_SIZE, HYBRID_PIN_DIR); the source is never edited. With a pin directory every
+map is created pinned there, or reopened when a pin already exists, so flows, verdicts, bans,
+config and counters survive a restart.
 
 Note: closing a Datapath closes bcc's fds; it does not detach anything (bcc's cleanup never
 removes XDP programs or tc filters, and this module never asks it to). Detaching is the attach
@@ -48,16 +48,18 @@ def bpf_dir() -> Path:
 
 
 def cflags(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TABLE_SIZE,
-           prefix_table_size: int = abi.PREFIX_TABLE_SIZE, extra_cflags: Sequence[str] = (),
-           include_dir: Path | None = None) -> list[str]:
+           prefix_table_size: int = abi.PREFIX_TABLE_SIZE, ban_table_size: int = abi.BAN_TABLE_SIZE,
+           extra_cflags: Sequence[str] = (), include_dir: Path | None = None) -> list[str]:
     """The compiler flags for one build (validated)."""
-    for what, value in (("flow table size", flow_table_size), ("prefix table size", prefix_table_size)):
+    for what, value in (("flow table size", flow_table_size), ("prefix table size", prefix_table_size),
+                        ("ban table size", ban_table_size)):
         if not isinstance(value, int) or not 1 <= value <= _MAX_ENTRIES:
             raise ConfigError(f"{what} must be an integer between 1 and {_MAX_ENTRIES}, not {value!r}")
     flags = [
         f"-I{include_dir or bpf_dir()}",
         f"-DHYBRID_FLOW_TABLE_SIZE={flow_table_size}",
         f"-DHYBRID_PREFIX_TABLE_SIZE={prefix_table_size}",
+        f"-DHYBRID_BAN_TABLE_SIZE={ban_table_size}",
     ]
     if pin_dir is not None:
         if not os.path.isabs(pin_dir) or any(c in pin_dir for c in '"\\\n'):
@@ -115,7 +117,7 @@ class Datapath:
 
 
 def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TABLE_SIZE,
-                     prefix_table_size: int = abi.PREFIX_TABLE_SIZE,
+                     prefix_table_size: int = abi.PREFIX_TABLE_SIZE, ban_table_size: int = abi.BAN_TABLE_SIZE,
                      extra_cflags: Sequence[str] = (), names: bool = False) -> Datapath:
     """Compile bpf/hybrid.bpf.c with bcc and load both programs (not attached anywhere).
 
@@ -126,7 +128,7 @@ def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TAB
     """
     src_dir = bpf_dir()
     flags = cflags(pin_dir, flow_table_size=flow_table_size, prefix_table_size=prefix_table_size,
-                   extra_cflags=extra_cflags, include_dir=src_dir)
+                   ban_table_size=ban_table_size, extra_cflags=extra_cflags, include_dir=src_dir)
     if names:
         flags.append("-DHYBRID_NAMES")
     if pin_dir is not None and not os.path.isdir(pin_dir):

@@ -15,6 +15,7 @@ FLOW_TABLE_SIZE = 131072
 PREFIX_TABLE_SIZE = 16384
 SOURCE_TABLE_SIZE = 65536
 PINNED_TABLE_SIZE = 65536
+BAN_TABLE_SIZE = 131072
 
 MAX_IFACES = 64
 MAX_VLAN_DEPTH = 2
@@ -30,6 +31,7 @@ MAP_STATS = "hybrid_stats"
 MAP_SOURCES = "hybrid_sources"
 MAP_BUDGET = "hybrid_budget"
 MAP_PINNED = "hybrid_pinned"
+MAP_BANS = "hybrid_bans"
 MAP_NAMES_SCRATCH = "hybrid_scratch"
 MAP_NAME_CACHE = "hybrid_names"
 MAP_NAME_STATE = "hybrid_name_gen"
@@ -37,7 +39,7 @@ MAP_NAME_EVENTS = "hybrid_name_ev"
 MAP_NAME_PROGS = "hybrid_name_prg"      # a program array (pinned; no typed access: not in MAP_NAMES)
 # Every datapath has these.
 MAP_NAMES = (MAP_CONFIG, MAP_FLOWS, MAP_PREFIXES, MAP_PORTS, MAP_IFACES, MAP_STATS, MAP_SOURCES, MAP_BUDGET,
-             MAP_PINNED)
+             MAP_PINNED, MAP_BANS)
 # Only a datapath built with the name cache (-DHYBRID_NAMES, attach option name_cache) has these.
 NAME_CACHE_MAPS = (MAP_NAMES_SCRATCH, MAP_NAME_CACHE, MAP_NAME_STATE, MAP_NAME_EVENTS)
 
@@ -115,6 +117,7 @@ CFG_HAVE_PREFIXES = 1 << 0
 CFG_HAVE_PORTS = 1 << 1
 CFG_OVER_DROP = 1 << 2
 CFG_NAMES = 1 << 3          # tc reads the name of first payloads (bpf/names.h)
+CFG_HAVE_BANS = 1 << 4      # the ban trie is non-empty (hybrid_bans)
 
 PORT_TCP = 1 << 0
 PORT_UDP = 1 << 1
@@ -192,7 +195,9 @@ CNT_CACHE_REFUSED = 43
 CNT_CACHE_LOST = 44
 CNT_NAMES_NO_PROG = 45
 CNT_REASON_FOLLOW = 46
-CNT_MAX = 47
+CNT_XDP_DROP_BAN = 47
+CNT_DROP_TC_BAN = 48
+CNT_MAX = 49
 
 # index -> snake_case name
 COUNTER_NAMES: dict[int, str] = {
@@ -237,11 +242,13 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_CACHE_LOST: "cache_lost",
     CNT_NAMES_NO_PROG: "names_no_prog",
     CNT_REASON_FOLLOW: "reason_follow",
+    CNT_XDP_DROP_BAN: "xdp_drop_ban",
+    CNT_DROP_TC_BAN: "drop_tc_ban",
 }
 # The tc counters whose sum equals CNT_PACKETS (the invariant in the header).
 TC_OUTCOMES = (CNT_NOT_IP, CNT_MALFORMED_L3, CNT_FLAGGED, CNT_BYPASSED, CNT_PASSED,
                CNT_DROP_TC_FLOW, CNT_DROP_TC_PREFIX, CNT_OVER_DROP, CNT_OVER_PASS, CNT_CACHE_PASSED,
-               CNT_CACHE_DROPPED)
+               CNT_CACHE_DROPPED, CNT_DROP_TC_BAN)
 
 
 def reason_counter(bit: int) -> int:
@@ -317,6 +324,12 @@ class Prefix(ctypes.Structure):
     _fields_ = [
         ("action", ctypes.c_uint32),
         ("_pad0", ctypes.c_uint32),
+    ]
+
+
+class Ban(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),    # CLOCK_MONOTONIC, the effective expiry; 0 = never
     ]
 
 
@@ -445,8 +458,8 @@ class NameEvent(ctypes.Structure):
 
 # Sizes stated in the header (checked by the unit tests against ctypes, and by the bpf tests
 # against bcc).
-SIZES = {Config: 56, FlowKey: 40, Flow: 120, PrefixKey: 20, Prefix: 8, Iface: 8, AddrKey: 16, Bucket: 8,
-         PinnedVerdict: 16, Stats: 376, NameKey: 272, NameScratch: 2656, NameVerdict: 32, NameState: 8,
+SIZES = {Config: 56, FlowKey: 40, Flow: 120, PrefixKey: 20, Prefix: 8, Ban: 8, Iface: 8, AddrKey: 16, Bucket: 8,
+         PinnedVerdict: 16, Stats: 392, NameKey: 272, NameScratch: 2656, NameVerdict: 32, NameState: 8,
          NameEvent: 328}
 
 # map name -> (key type, value type); value is per CPU for hybrid_stats.
@@ -460,6 +473,7 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     MAP_SOURCES: (AddrKey, Bucket),
     MAP_BUDGET: (ctypes.c_uint32, Bucket),
     MAP_PINNED: (FlowKey, PinnedVerdict),
+    MAP_BANS: (PrefixKey, Ban),
     MAP_NAMES_SCRATCH: (ctypes.c_uint32, NameScratch),
     MAP_NAME_CACHE: (NameKey, NameVerdict),
     MAP_NAME_STATE: (ctypes.c_uint32, NameState),

@@ -180,6 +180,10 @@ _SIGNATURES = {
     "bpf_map_lookup_batch": ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p],
                              ctypes.c_int),
+    "bpf_map_update_batch": ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+                              ctypes.c_void_p], ctypes.c_int),
+    "bpf_map_delete_batch": ([ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p],
+                             ctypes.c_int),
     "bpf_obj_pin": ([ctypes.c_int, ctypes.c_char_p], ctypes.c_int),
     "bpf_obj_get": ([ctypes.c_char_p], ctypes.c_int),
     "bpf_prog_get_fd_by_id": ([ctypes.c_uint32], ctypes.c_int),
@@ -304,6 +308,26 @@ def map_lookup_batch(fd: int, in_batch, out_batch, keys, values, count: int, *,
             return n.value, True
         raise _error(ret, f"batch lookup in {name}")
     return n.value, False
+
+
+def map_update_batch(fd: int, keys, values, count: int, flags: int = BPF_ANY) -> tuple[int, int]:
+    """One BPF_MAP_UPDATE_BATCH: ``count`` elements from the ``keys``/``values`` buffers (packed
+    back to back), each with ``flags``. Returns (elements written, 0), or (elements written
+    before the one that failed, its errno): the kernel stops at the first failure."""
+    n = ctypes.c_uint32(count)
+    opts = BpfMapBatchOpts(sz=ctypes.sizeof(BpfMapBatchOpts), elem_flags=flags)
+    ret = lib().bpf_map_update_batch(fd, _ref(keys), _ref(values), ctypes.byref(n),
+                                     ctypes.cast(ctypes.byref(opts), ctypes.c_void_p))
+    return n.value, (-ret if ret < 0 else 0)
+
+
+def map_delete_batch(fd: int, keys, count: int) -> tuple[int, int]:
+    """One BPF_MAP_DELETE_BATCH of ``count`` keys; as :func:`map_update_batch` (an absent key
+    stops it with ENOENT)."""
+    n = ctypes.c_uint32(count)
+    opts = BpfMapBatchOpts(sz=ctypes.sizeof(BpfMapBatchOpts))
+    ret = lib().bpf_map_delete_batch(fd, _ref(keys), ctypes.byref(n), ctypes.cast(ctypes.byref(opts), ctypes.c_void_p))
+    return n.value, (-ret if ret < 0 else 0)
 
 
 # ---- objects -----------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def default_config(**overrides) -> abi.Config:
 # shares the session's datapath could see what an earlier one left.
 RESET_MAPS = frozenset({abi.MAP_CONFIG, abi.MAP_FLOWS, abi.MAP_PREFIXES, abi.MAP_PORTS, abi.MAP_IFACES,
                         abi.MAP_STATS, abi.MAP_SOURCES, abi.MAP_BUDGET, abi.MAP_PINNED, abi.MAP_NAMES_SCRATCH,
-                        abi.MAP_NAME_CACHE, abi.MAP_NAME_STATE, abi.MAP_NAME_EVENTS})
+                        abi.MAP_NAME_CACHE, abi.MAP_NAME_STATE, abi.MAP_NAME_EVENTS, abi.MAP_BANS})
 
 
 def reset(maps: Maps) -> None:
@@ -46,6 +46,7 @@ def reset(maps: Maps) -> None:
         maps.unpin_verdict(key)
     for cidr in list(maps.prefixes()):
         maps.del_prefix(cidr)
+    maps.write_bans({}, list(maps.bans()))
     for port in list(maps.watched_ports()):
         maps.unwatch_port(port)
     for ifindex in list(maps.ifaces()):

@@ -11,7 +11,8 @@ INSPECT replacing the PREFIX reason, too many IPv6 extension headers = MALFORMED
 makes the same one, and says so in tests/bpf/test_tc.py. It does not model a full flow table
 (FLOW_FULL) or concurrent CPUs; the LRU's evictions are modelled as the test makes them
 (:meth:`Reference.evict`, with the kernel's entry deleted), and the pinned verdicts that
-survive them (:meth:`Reference.pin`, hybrid_pinned).
+survive them (:meth:`Reference.pin`, hybrid_pinned). Bans (hybrid_bans) are modelled as the
+kernel holds them, one expiry per prefix, looked up by longest match (:meth:`Reference.ban`).
 """
 
 from __future__ import annotations
@@ -290,12 +291,15 @@ class XdpResult:
 
 class Reference:
     def __init__(self, config: abi.Config, ports: dict[int, int] | None = None,
-                 prefixes: dict[str, int] | None = None):
+                 prefixes: dict[str, int] | None = None, bans: dict[str, int] | None = None):
         self.config = config
         self.ports = dict(ports or {})
         self.prefixes: dict[tuple[int, int], int] = {}
         for cidr, action in (prefixes or {}).items():
             self.add_prefix(cidr, action)
+        self.bans: dict[tuple[int, int], int] = {}      # hybrid_bans: (prefixlen, prefix) -> expires_ns
+        for cidr, expires in (bans or {}).items():
+            self.ban(cidr, expires)
         self.flows: dict[tuple, RefFlow] = {}
         self.pinned: dict[tuple, tuple[int, int, int]] = {}   # hybrid_pinned: key -> (verdict, expires_ns, origin)
         self.sources: dict[bytes, int] = {}     # admission: source address -> tat (GCRA)
@@ -348,6 +352,36 @@ class Reference:
         if not self.config.flags & abi.CFG_HAVE_PREFIXES:
             return 0
         return self.prefix_action(p.saddr) | self.prefix_action(p.daddr)
+
+    def ban(self, cidr: str, expires_ns: int) -> None:
+        """What Maps.write_bans() writes: one entry of the ban trie (expires_ns 0 = never)."""
+        key = parse_cidr(cidr)
+        self.bans[(key.prefixlen, int.from_bytes(bytes(key.addr), "big"))] = expires_ns
+
+    def unban(self, cidr: str) -> None:
+        key = parse_cidr(cidr)
+        self.bans.pop((key.prefixlen, int.from_bytes(bytes(key.addr), "big")), None)
+
+    def ban_expiry(self, addr: bytes) -> int | None:
+        """The expiry of the longest ban containing addr (None: in no ban)."""
+        value = int.from_bytes(addr, "big")
+        best, expires = -1, None
+        for (plen, net), exp in self.bans.items():
+            mask = ((1 << plen) - 1) << (128 - plen) if plen else 0
+            if value & mask == net & mask and plen > best:
+                best, expires = plen, exp
+        return expires
+
+    def _banned(self, p: Parsed, now_ns: int) -> bool:
+        """bans_match(): the source or the destination in a live ban (the longest match only:
+        an expired entry does not fall back to a shorter one), while HAVE_BANS is set."""
+        if not self.config.flags & abi.CFG_HAVE_BANS:
+            return False
+        for addr in (p.saddr, p.daddr):
+            exp = self.ban_expiry(addr)
+            if exp is not None and self._live(exp, now_ns):
+                return True
+        return False
 
     def set_verdict(self, key: tuple, verdict: int, expires_ns: int = 0, now_ns: int = 0,
                     conn_scoped: bool = False) -> None:
@@ -505,6 +539,8 @@ class Reference:
             return XdpResult(XDP_PASS, None)
         if self._prefixes_match(p) & abi.PREFIX_BLOCK:
             return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_PREFIX)
+        if self._banned(p, now_ns):
+            return XdpResult(XDP_DROP, abi.CNT_XDP_DROP_BAN)
         if p.status != PKT_OK and not p.frag_keyed:
             return XdpResult(XDP_PASS, None)
         cfg = self.config
@@ -532,6 +568,8 @@ class Reference:
             return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_PREFIX)
         if act & abi.PREFIX_WATCH:
             reasons |= abi.REASON_PREFIX
+        if self._banned(p, now_ns):
+            return TcResult(TC_ACT_SHOT, mark, abi.CNT_DROP_TC_BAN)
         key = direction = flow = prev = None
         events: list[int] = []
         if p.status == PKT_FRAGMENT and p.frag_keyed and self._fragment_blocked(canonical_key(p)[0], now_ns):

@@ -58,6 +58,7 @@ EXPECTED_MAPS = {
     abi.MAP_SOURCES: (bpfsys.BPF_MAP_TYPE_LRU_HASH, abi.SOURCE_TABLE_SIZE, 0),
     abi.MAP_BUDGET: (bpfsys.BPF_MAP_TYPE_ARRAY, 1, 0),
     abi.MAP_PINNED: (bpfsys.BPF_MAP_TYPE_HASH, abi.PINNED_TABLE_SIZE, 1),          # BPF_F_NO_PREALLOC
+    abi.MAP_BANS: (bpfsys.BPF_MAP_TYPE_LPM_TRIE, abi.BAN_TABLE_SIZE, 1),          # BPF_F_NO_PREALLOC
     abi.MAP_NAMES_SCRATCH: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 1, 0),
     abi.MAP_NAME_CACHE: (bpfsys.BPF_MAP_TYPE_LRU_HASH, abi.NAME_CACHE_SIZE, 0),
     abi.MAP_NAME_STATE: (bpfsys.BPF_MAP_TYPE_ARRAY, 1, 0),
@@ -108,6 +109,8 @@ def test_from_fds_dups_and_survives_close(datapath):
 def test_loader_rejects_bad_knobs():
     with pytest.raises(ConfigError, match="flow table size"):
         loader.compile_datapath(None, flow_table_size=0)
+    with pytest.raises(ConfigError, match="ban table size"):
+        loader.compile_datapath(None, ban_table_size=(1 << 24) + 1)
     with pytest.raises(ConfigError, match="pin directory"):
         loader.compile_datapath('/tmp/a"b')
     with pytest.raises(NotFoundError, match="does not exist"):
@@ -152,6 +155,7 @@ def test_pinned_maps_are_reopened_by_a_second_compile(tmp_bpffs):
             m.add_prefix("198.18.0.0/15", abi.PREFIX_WATCH)
             key, _ = m.flow_key("198.18.1.2", "198.18.2.2", 1, 2, 6)
             m.set_verdict(key, abi.VERDICT_BYPASS, None)
+            m.write_bans({"198.18.7.0/24": 0, "2001:2::/64": 123}, [])
     finally:
         first.close()
     # The first Datapath is gone: only the pins keep the maps alive.
@@ -164,5 +168,7 @@ def test_pinned_maps_are_reopened_by_a_second_compile(tmp_bpffs):
             assert m.get_config().mark_value == 0x20
             assert m.prefixes() == {"198.18.0.0/15": abi.PREFIX_WATCH}
             assert m.get_flow(key).verdict == abi.VERDICT_BYPASS
+            assert m.bans() == {"198.18.7.0/24": 0, "2001:2::/64": 123}      # bans survive a restart
+            assert m.get_config().flags & abi.CFG_HAVE_BANS
     finally:
         second.close()

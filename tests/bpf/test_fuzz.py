@@ -7,7 +7,10 @@ write them (connection-scoped or not) and entries are evicted; the frames includ
 SYN-ACKs whose sequence numbers repeat (retransmissions) or not (new connections), varying
 TTLs, and first fragments with and without their ports; the engine's follow-up is written on
 random flows and directions (boundaries on both sides of a sequence wrap), and byte counters
-jump by a gigabyte or more (a stream that wrapped its sequence numbers: seq_end forgotten).
+jump by a gigabyte or more (a stream that wrapped its sequence numbers: seq_end forgotten). One
+chunk in four has bans (hybrid_bans), written and deleted between frames: nested prefixes over
+the frames' addresses, IPv4, IPv6 and IPv4-mapped, live forever, live for a while or expired
+(an expired longest match shadows a live shorter ban: it must not drop).
 
 The generator is seeded (HYBRID_FUZZ_SEED overrides, HYBRID_FUZZ_FRAMES the count) so a failure
 names the seed and frame that reproduce it."""
@@ -20,7 +23,7 @@ import time
 
 import pytest
 from bpfkit import A4, B4, IP, TCP, UDP, IPv6, Raw, frame, icmp4_echo, icmp6_echo, reset, tcp4, tcp6, udp4
-from reference import PKT_OK, Reference, canonical_key, flow_key_of, key_tuple, parse
+from reference import PKT_BAD_L3, PKT_NOT_IP, PKT_OK, Reference, canonical_key, flow_key_of, key_tuple, parse
 from test_names import dns_query, tls_hello
 from scapy.all import (
     IPv6ExtHdrDestOpt,
@@ -29,6 +32,7 @@ from scapy.all import (
     IPv6ExtHdrRouting,
 )
 
+from hybrid.datapath.maps import parse_cidr
 from hybrid.kernel import abi
 from hybrid.kernel import abi as R
 
@@ -199,6 +203,41 @@ def _mutate(rng: random.Random, bases: list[bytes], facts: list[bytes]) -> bytes
     return bytes(f[:rng.randrange(max(1, len(f) // 2), len(f) + 1)])
 
 
+# Bans over the frames' endpoints (A4 198.18.1.2, B4 198.18.2.2, 198.18.99.x, 2001:db8:1::2,
+# 2001:db8:2::2), nested in each other, and two covering everything.
+BAN_CIDRS = ["198.18.0.0/15", "198.18.1.0/24", "198.18.1.2/32", "198.18.2.0/23", "198.18.2.2/32",
+             "198.18.99.0/25", "198.18.99.8/32", "::ffff:198.18.1.0/120", "2001:db8::/32", "2001:db8:1::/48",
+             "2001:db8:1::2/128", "2001:db8:2::2/128", "::/0"]
+
+
+def _ban_random(rng: random.Random, maps, ref: Reference, now: int) -> None:
+    """One ban written (never expiring, far in the future, or expired) or deleted, as the bouncer
+    writes them through Maps.write_bans; the broad ones rarely."""
+    cidr = rng.choice(BAN_CIDRS[1:-1] * 4 + BAN_CIDRS[:1] + BAN_CIDRS[-1:])
+    if rng.random() < 0.3:
+        maps.write_bans({}, [cidr])
+        ref.unban(cidr)
+    else:
+        expires = rng.choice([0, now + 10**15, 1, 1])
+        maps.write_bans({cidr: expires}, [])
+        ref.ban(cidr, expires)
+    ref.config.flags = maps.get_config().flags          # write_bans keeps HYBRID_CFG_HAVE_BANS
+
+
+def _ban_shadowed(ref: Reference, p, now: int) -> bool:
+    """An endpoint whose longest ban has expired while a shorter one is live (it must pass)."""
+    for addr in (p.saddr, p.daddr):
+        exp = ref.ban_expiry(addr)
+        if exp is None or ref._live(exp, now):
+            continue
+        value = int.from_bytes(addr, "big")
+        for (plen, net), e in ref.bans.items():
+            mask = ((1 << plen) - 1) << (128 - plen) if plen else 0
+            if value & mask == net & mask and ref._live(e, now):
+                return True
+    return False
+
+
 def _pin_random(rng: random.Random, maps, ref: Reference, keys: list[tuple], now: int) -> None:
     """Pinned verdicts (hybrid_pinned) for about half of the base frames' flows, as if an
     earlier BLOCK had been written and its entry evicted: mostly BLOCKs, some of the verdicts
@@ -237,9 +276,9 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
     cfg_prefixes = {"198.18.99.0/24": R.PREFIX_BLOCK, "2001:db8:2::/48": R.PREFIX_WATCH}
     seen_outcomes: set[int] = set()
     base_keys = sorted({canonical_key(p)[0] for p in map(parse, bases + facts) if p.status == PKT_OK})
-    restored = names_read = followed = 0
+    restored = names_read = followed = shadowed = 0
     fragments_dropped = restarts = 0
-    tc_runs = xdp_runs = short = 0
+    tc_runs = xdp_runs = short = xdp_ban_drops = 0
     start = time.monotonic()
     for chunk_start in range(0, FRAMES, CHUNK):
         if chunk_start:
@@ -257,6 +296,7 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
         if (chunk_start // CHUNK) % 3 != 2:
             maps.update_config(flags=maps.get_config().flags | R.CFG_NAMES)    # tc reads names
         ref = Reference(maps.get_config(), ports=cfg_ports, prefixes=cfg_prefixes)
+        banning = (chunk_start // CHUNK) % 4 == 3
         # The model's clock stands still at the chunk's start; the kernel's runs on. Expiries
         # are chosen far from both (0, 1 or 10^15 ns ahead), and budgets are 1000 s per token.
         now = time.monotonic_ns()
@@ -276,13 +316,18 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
                 _follow_random(rng, maps, ref)
             if rng.random() < 1 / 40:
                 _bytes_jump(rng, maps, ref)
+            if banning and rng.random() < 1 / 60:
+                _ban_random(rng, maps, ref, now)
             want_x = ref.xdp(f, now_ns=now)
             got_x = run.xdp(f)
             xdp_runs += 1
             assert got_x == want_x.action, where
+            xdp_ban_drops += want_x.counter == R.CNT_XDP_DROP_BAN
             for idx in (abi.CNT_XDP_PACKETS, want_x.counter):
                 if idx is not None:
                     totals[abi.COUNTER_NAMES[idx]] = totals.get(abi.COUNTER_NAMES[idx], 0) + 1
+            if banning and parse(f).status not in (PKT_NOT_IP, PKT_BAD_L3) and _ban_shadowed(ref, parse(f), now):
+                shadowed += 1
             if not _testable(f):
                 continue
             want = ref.tc(f, now_ns=now, mark=0x4000)
@@ -298,6 +343,9 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
         assert kernel == {k: _flow_state(fl) for k, fl in ref.flows.items()}, f"flows, chunk at {chunk_start}"
         pinned = {key_tuple(k): (p.verdict, p.expires_ns, p.origin) for k, p in maps.pinned()}
         assert pinned == ref.pinned, f"pinned verdicts, chunk at {chunk_start}"
+        bans = {(parse_cidr(c).prefixlen, int.from_bytes(bytes(parse_cidr(c).addr), "big")): e
+                for c, e in maps.bans().items()}
+        assert bans == ref.bans, f"bans, chunk at {chunk_start}"
         restored += totals.get("evicted_decided", 0)
         names_read += totals.get("name_dns", 0) + totals.get("name_sni", 0)
         restarts += totals.get("conn_restart", 0)
@@ -305,7 +353,9 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
         run.check_invariant()
     # The generator reached every kind of outcome, not just the easy ones.
     assert {R.CNT_FLAGGED, R.CNT_PASSED, R.CNT_NOT_IP, R.CNT_MALFORMED_L3, R.CNT_DROP_TC_PREFIX,
-            R.CNT_OVER_DROP} <= seen_outcomes
+            R.CNT_OVER_DROP, R.CNT_DROP_TC_BAN} <= seen_outcomes
+    assert xdp_ban_drops > 0, "XDP never dropped a banned packet"
+    assert shadowed > 0, "no packet's longest ban was ever expired over a live shorter one"
     assert restored > 0, "no evicted decided flow was ever restored"
     assert restarts > 0, "no new connection ever started a connection-scoped verdict over"
     assert fragments_dropped > 0, "no first fragment of a blocked flow was ever dropped at tc"
@@ -313,5 +363,6 @@ def test_fuzz_tc_and_xdp_against_reference(run, maps):
     assert followed > 0, "no packet ever reached a followed direction's next message"
     assert tc_runs >= FRAMES * 0.6 and xdp_runs + short == FRAMES and short < FRAMES * 0.05
     print(f"\nfuzz: {FRAMES} frames ({tc_runs} through tc, {xdp_runs} through XDP, {restored} evicted decided "
-          f"flows restored, {restarts} connection restarts, {fragments_dropped} first fragments dropped) in "
+          f"flows restored, {restarts} connection restarts, {fragments_dropped} first fragments dropped, "
+          f"{xdp_ban_drops} banned at XDP, {shadowed} under an expired ban over a live one) in "
           f"{time.monotonic() - start:.1f} s, seed {SEED}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import random
 import re
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from hybrid.datapath.maps import (
     format_prefix,
     key_ports,
     parse_cidr,
+    prefix_key_bytes,
 )
 from hybrid.errors import ConfigError
 from hybrid.kernel import abi
@@ -62,7 +64,8 @@ def test_struct_sizes_match_header_comments():
     text = HEADER.read_text()
     stated = dict(re.findall(r"struct hybrid_(\w+) \{.*?\};\s+/\* (\d+) bytes", text, re.S))
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
-                 "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
+                 "prefix": abi.Prefix, "ban": abi.Ban, "iface": abi.Iface, "addr_key": abi.AddrKey,
+                 "bucket": abi.Bucket,
                  "pinned_verdict": abi.PinnedVerdict,
                  "stats": abi.Stats, "name_key": abi.NameKey, "name_scratch": abi.NameScratch,
                  "name_verdict": abi.NameVerdict, "name_gen": abi.NameState, "name_event": abi.NameEvent}
@@ -76,7 +79,8 @@ def test_struct_fields_match_header():
     text = HEADER.read_text()
     structs = dict(re.findall(r"struct hybrid_(\w+) \{(.*?)\};", text, re.S))
     by_c_name = {"config": abi.Config, "flow_key": abi.FlowKey, "flow": abi.Flow, "prefix_key": abi.PrefixKey,
-                 "prefix": abi.Prefix, "iface": abi.Iface, "addr_key": abi.AddrKey, "bucket": abi.Bucket,
+                 "prefix": abi.Prefix, "ban": abi.Ban, "iface": abi.Iface, "addr_key": abi.AddrKey,
+                 "bucket": abi.Bucket,
                  "pinned_verdict": abi.PinnedVerdict,
                  "stats": abi.Stats, "name_key": abi.NameKey, "name_scratch": abi.NameScratch,
                  "name_verdict": abi.NameVerdict, "name_gen": abi.NameState, "name_event": abi.NameEvent}
@@ -105,7 +109,13 @@ def test_counter_names_table():
     assert set(abi.TC_OUTCOMES) | {abi.CNT_PACKETS} == {
         abi.CNT_PACKETS, abi.CNT_NOT_IP, abi.CNT_MALFORMED_L3, abi.CNT_FLAGGED, abi.CNT_BYPASSED,
         abi.CNT_PASSED, abi.CNT_DROP_TC_FLOW, abi.CNT_DROP_TC_PREFIX, abi.CNT_OVER_DROP, abi.CNT_OVER_PASS,
-        abi.CNT_CACHE_PASSED, abi.CNT_CACHE_DROPPED}
+        abi.CNT_CACHE_PASSED, abi.CNT_CACHE_DROPPED, abi.CNT_DROP_TC_BAN}
+    # Bans are dropped at XDP (an XDP counter) and at tc (a tc outcome); the config flag is its own bit.
+    assert abi.CNT_XDP_DROP_BAN not in abi.TC_OUTCOMES and abi.CNT_DROP_TC_BAN in abi.TC_OUTCOMES
+    flags = [abi.CFG_HAVE_PREFIXES, abi.CFG_HAVE_PORTS, abi.CFG_OVER_DROP, abi.CFG_NAMES, abi.CFG_HAVE_BANS]
+    assert len(set(flags)) == len(flags) and all(b & (b - 1) == 0 for b in flags)
+    assert abi.MAP_BANS in abi.MAP_NAMES and abi.MAP_LAYOUTS[abi.MAP_BANS] == (abi.PrefixKey, abi.Ban)
+    assert abi.BAN_TABLE_SIZE >= 100_000        # a blocklist of 100,000 decisions fits (issue 15)
 
 
 def test_verdict_names():
@@ -239,3 +249,40 @@ def test_parse_cidr(cidr, plen, canonical):
 def test_parse_cidr_rejects(bad):
     with pytest.raises(ConfigError, match="is not an IPv4 or IPv6 CIDR"):
         parse_cidr(bad)
+
+
+def test_ban_drops_are_in_the_drop_totals():
+    """status/top/metrics sum the kernel's drops by stage (hybrid/observe/views.py): the ban
+    counters sit in the same totals as the prefix counters, and have their own metrics help."""
+    from hybrid.observe import metrics, views
+    assert {"xdp_drop_prefix", "xdp_drop_ban"} <= set(views._KERNEL_TOTALS["dropped_xdp"])
+    assert {"drop_tc_prefix", "drop_tc_ban"} <= set(views._KERNEL_TOTALS["dropped_tc"])
+    assert {"xdp_drop_ban", "drop_tc_ban"} <= set(metrics._KERNEL_HELP)
+    assert {"xdp_drop_ban", "drop_tc_ban"} <= set(abi.COUNTER_NAMES.values())
+
+
+# ---- the CIDR fast path Maps.write_bans goes through -------------------------------------------
+def test_prefix_key_bytes_equals_parse_cidr():
+    rng = random.Random(3)
+    cases = ["198.18.5.7/24", "198.18.0.0/15", "198.18.5.7", "0.0.0.0/0", "2001:2::/48", "2001:2::1",
+             "::/0", "::ffff:198.18.5.7/120", "::ffff:198.18.5.7", " 198.18.1.1/32 ", "198.18.1.1/032",
+             "2001:2:0:0:0:0:0:1/128", "fe80::1%eth0/64"]
+    for _ in range(500):
+        v4 = rng.random() < 0.5
+        addr = ipaddress.IPv4Address(rng.getrandbits(32)) if v4 else ipaddress.IPv6Address(rng.getrandbits(128))
+        cases.append(f"{addr}/{rng.randint(0, 32 if v4 else 128)}")
+    for cidr in cases:
+        try:
+            want = bytes(parse_cidr(cidr))
+        except ConfigError:
+            with pytest.raises(ConfigError):
+                prefix_key_bytes(cidr)
+            continue
+        assert prefix_key_bytes(cidr) == want, cidr
+
+
+@pytest.mark.parametrize("bad", ["", "198.18.0.0/33", "2001:2::/129", "198.18.0.0/-1", "198.18.0.0/+8",
+                                 "198.18.0.0/2_4", "198.18.0.0/ 8", "01.2.3.4/8", "1.2.3/8", "x/8"])
+def test_prefix_key_bytes_rejects_what_parse_cidr_rejects(bad):
+    with pytest.raises(ConfigError, match="is not an IPv4 or IPv6 CIDR"):
+        prefix_key_bytes(bad)
