@@ -198,12 +198,14 @@ def _apply_config(maps, opts: AttachOptions, old_cfg) -> None:
     the previous options: ports and prefixes no longer asked for are removed, so attaching
     again means "this configuration", not "this configuration added to the last one"."""
     cfg = opts.config()
-    if old_cfg is not None:
-        # Keep what the maps API maintains (HAVE_PORTS/PREFIXES/BANS: the pinned tables keep
-        # their entries) and what a running engine declared (skip_reasons); the options own the rest.
-        cfg.flags |= old_cfg.flags & (abi.CFG_HAVE_PORTS | abi.CFG_HAVE_PREFIXES | abi.CFG_HAVE_BANS)
-        cfg.skip_reasons = old_cfg.skip_reasons
-    maps.set_config(cfg)
+    with maps.config_lock():     # engines and the CrowdSec link may write it meanwhile
+        if old_cfg is not None:
+            # Keep what the maps API maintains (HAVE_PORTS/PREFIXES/BANS: the pinned tables keep
+            # their entries) and what a running engine declared (skip_reasons); the options own the rest.
+            now = maps.get_config()
+            cfg.flags |= now.flags & (abi.CFG_HAVE_PORTS | abi.CFG_HAVE_PREFIXES | abi.CFG_HAVE_BANS)
+            cfg.skip_reasons = now.skip_reasons
+        maps.set_config(cfg)
     wanted_prefixes: dict[str, int] = {}
     for cidrs, action in ((opts.watch_prefixes, abi.PREFIX_WATCH), (opts.block_prefixes, abi.PREFIX_BLOCK)):
         for cidr in cidrs:

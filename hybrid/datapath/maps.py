@@ -15,8 +15,10 @@ twin of ``flow_key_build()`` in bpf/flow_table.h, and :func:`packet_key_ports` o
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as _errno
+import fcntl
 import ipaddress
 import logging
 import os
@@ -25,8 +27,10 @@ import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
 
+from hybrid import instance as inst
 from hybrid.errors import ConfigError, HybridError, NotFoundError, TableFullError
 from hybrid.kernel import abi, bpfsys
+
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +284,11 @@ def _element(array, index: int, ctype):
     return ctype.from_buffer_copy(array, index * ctypes.sizeof(ctype))
 
 
+def config_lock_path(pin_dir: str) -> str:
+    """The config lock of the instance whose maps are pinned in ``pin_dir`` (named as the instance)."""
+    return os.path.join(inst.directory(os.path.basename(os.path.normpath(pin_dir))), "config.lock")
+
+
 # ---- the maps of one instance -------------------------------------------------------------------
 class Maps:
     """Open fds of every map in abi.MAP_NAMES, with typed operations on them."""
@@ -288,6 +297,7 @@ class Maps:
         """Take ownership of ``fds`` (map name -> fd). Use the classmethods instead."""
         self._fds: dict[str, int] = dict(fds)
         self.origin = origin
+        self.lock_path: str | None = None     # config_lock()'s file: set for an instance's pinned maps
         self._ncpu: int | None = None
         self._scratch = abi.Flow()      # write_verdict()'s buffer
         self._pin_scratch = abi.PinnedVerdict()
@@ -320,7 +330,9 @@ class Maps:
             raise NotFoundError(
                 f"no hybrid maps pinned in {pin_dir} (missing: {', '.join(missing)}): "
                 "is hybrid attached in this namespace? (hybridctl status)", _errno.ENOENT)
-        return cls(fds, origin=pin_dir)
+        maps = cls(fds, origin=pin_dir)
+        maps.lock_path = config_lock_path(pin_dir)
+        return maps
 
     @classmethod
     def from_fds(cls, fds: Mapping[str, int]) -> Maps:
@@ -470,23 +482,45 @@ class Maps:
     def set_config(self, cfg: abi.Config) -> None:
         self._update(abi.MAP_CONFIG, ctypes.c_uint32(0), cfg)
 
+    @contextlib.contextmanager
+    def config_lock(self) -> Iterator[None]:
+        """Hold while reading, changing and writing back the config: the engines (skip_reasons),
+        the CrowdSec link (HAVE_BANS), `hybridctl block` (HAVE_PREFIXES) and a re-attach write it
+        from different processes and threads, and a write made from a stale read would undo
+        another's flag (the kernel would then skip the bans it holds). An flock on the instance's
+        ``config.lock`` (removed with the instance's files at detach); maps that are not pinned
+        (one process's own, as in BPF tests) need none."""
+        if self.lock_path is None:
+            yield
+            return
+        os.makedirs(os.path.dirname(self.lock_path), mode=0o700, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def update_config(self, **fields: int) -> abi.Config:
-        """Read-modify-write of named config fields; returns the new config."""
-        cfg = self.get_config()
+        """Read-modify-write of named config fields (under :meth:`config_lock`); returns the new config."""
         names = {f[0] for f in abi.Config._fields_}
-        for field, value in fields.items():
+        for field in fields:
             if field not in names or field.startswith("_"):
                 raise ConfigError(f"unknown config field '{field}'")
-            setattr(cfg, field, value)
-        self.set_config(cfg)
+        with self.config_lock():
+            cfg = self.get_config()
+            for field, value in fields.items():
+                setattr(cfg, field, value)
+            self.set_config(cfg)
         return cfg
 
     def _set_cfg_flag(self, flag: int, on: bool) -> None:
-        cfg = self.get_config()
-        new = (cfg.flags | flag) if on else (cfg.flags & ~flag)
-        if new != cfg.flags:
-            cfg.flags = new
-            self.set_config(cfg)
+        with self.config_lock():
+            cfg = self.get_config()
+            new = (cfg.flags | flag) if on else (cfg.flags & ~flag)
+            if new != cfg.flags:
+                cfg.flags = new
+                self.set_config(cfg)
 
     # -- interfaces and counters -------------------------------------------------------------------
     def ifaces(self) -> dict[int, abi.Iface]:
