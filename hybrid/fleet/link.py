@@ -80,7 +80,7 @@ class Link:
         self.pusher = SharePusher(self.policy, cfg["crowdsec.share_per_minute"]) if cfg["crowdsec.machine_id"] else None
         self.share_sock = share_sock
         self.path = inst.crowdsec_path(instance)
-        self.state = {"connected": None, "last_pull": None, "last_error": None, "error_kind": None,
+        self.state = {"connected": None, "last_pull": None, "last_push": None, "last_error": None, "error_kind": None,
                       "down_since": None, "errors": {}, "push_errors": {}}
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="crowdsec-link", daemon=True)
@@ -150,14 +150,8 @@ class Link:
             self.bouncer.tick()
             self._failure("pull", exc)
             return min(BACKOFF_MAX, max(self.interval, backoff * 2 or self.interval)) * random.uniform(0.8, 1.2)
-        st = self.state
-        if st["connected"] is not True:
-            down = time.time() - st["down_since"] if st["down_since"] else None
-            log.info("crowdsec link up: %s, %d decisions in the kernel%s", self.cfg["crowdsec.lapi_url"],
-                     len(self.bouncer.table), f" (down {down:.1f} s)" if down is not None else "",
-                     extra={"event": "crowdsec_connected", "fields": {"url": self.cfg["crowdsec.lapi_url"],
-                            "decisions": len(self.bouncer.table), "down_s": down}})
-        st.update(connected=True, last_pull=time.time(), down_since=None, error_kind=None)
+        self._up()
+        self.state["last_pull"] = time.time()
         if result["startup"] or result["added"] or result["removed"]:
             log.info("crowdsec %s: %d new, %d deleted, %d applied, %d removed, %d expired; %d decisions",
                      "snapshot" if result["startup"] else "delta", result["new"], result["deleted"],
@@ -167,11 +161,26 @@ class Link:
 
     def _push(self, backoff: float) -> float:
         try:
-            self.pusher.flush(self._push_batch)
+            pushed = self.pusher.flush(self._push_batch)
         except lapi.LapiError as exc:
             self._failure("push", exc)
             return min(BACKOFF_MAX, max(self.interval, backoff * 2 or self.interval)) * random.uniform(0.8, 1.2)
+        if pushed:
+            self.state["last_push"] = time.time()
+            if self.bouncer is None:           # a machine alone: its pushes say whether the link is up
+                self._up()
         return 0.0
+
+    def _up(self) -> None:
+        st = self.state
+        if st["connected"] is not True:
+            down = time.time() - st["down_since"] if st["down_since"] else None
+            n = len(self.bouncer.table) if self.bouncer else 0
+            log.info("crowdsec link up: %s, %d decisions in the kernel%s", self.cfg["crowdsec.lapi_url"], n,
+                     f" (down {down:.1f} s)" if down is not None else "",
+                     extra={"event": "crowdsec_connected", "fields": {"url": self.cfg["crowdsec.lapi_url"],
+                            "decisions": n, "down_s": down}})
+        st.update(connected=True, down_since=None, error_kind=None)
 
     def _push_batch(self, batch) -> None:
         """One POST of alerts, each carrying one ban decision (ShareRequest, seconds left)."""

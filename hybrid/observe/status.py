@@ -152,8 +152,9 @@ def crowdsec_lines(cs: dict | None) -> list[str]:
                 "that is gone); bans in the kernel expire on their own"]
     b, sh = cs.get("bouncer"), cs.get("share")
     if cs.get("connected"):
-        ago = f"{time.time() - cs['last_pull']:.1f} s ago" if cs.get("last_pull") else "not yet"
-        head = f"crowdsec: connected to {cs['url']}, last pull {ago}"
+        what = "pull" if b is not None else "push"
+        at = cs.get(f"last_{what}")
+        head = f"crowdsec: connected to {cs['url']}, last {what} " + (f"{time.time() - at:.1f} s ago" if at else "not yet")
     elif cs.get("connected") is None:
         head = f"crowdsec: connecting to {cs['url']}"
     else:
