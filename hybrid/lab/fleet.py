@@ -8,21 +8,32 @@
         |-- veth -- [LAB2-gw] mgmt0 198.18.200.12/24
 
 Each gateway keeps its own client and server (hybrid/lab/topology.py); only the management
-network is shared. Everything lives in namespaces: removing the management namespace removes the
+network is shared. :class:`ServiceRun` runs `hybridctl run` in a gateway with a [crowdsec] table
+(:func:`service_config`). Everything lives in namespaces: removing the management namespace removes the
 bridge and every veth. No default route anywhere: nothing can leave the lab.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import signal
+import subprocess
+import time
 
+from hybrid.datapath.maps import Maps
+from hybrid.engine.runner import hybridctl_argv
 from hybrid.errors import HybridError
 from hybrid.kernel import sysutil
 from hybrid.lab.topology import NAME_RE, _kill_netns_pids, existing_netns
 
 log = logging.getLogger(__name__)
 
+HYBRIDCTL = hybridctl_argv()
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
+RULES = os.path.join(EXAMPLES, "rules", "realistic.toml")
 MGMT_V4 = "198.18.200"
 MGMT_V6 = "2001:2:0:200"
 
@@ -85,3 +96,106 @@ class FleetNet:
 
     def __exit__(self, *exc) -> None:
         self.down()
+
+
+def wait_for(cond, what: str, timeout: float = 30.0, step: float = 0.05):
+    """``cond()``'s first true value, polled; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(step)
+
+
+def secret_file(path, text: str) -> str:
+    """A file of root's alone, as bouncer_key_file and machine_password_file must be."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return str(path)
+
+
+def service_config(tmp_path, lapi, *, key: str | None = None, machine: tuple[str, str] | None = None,
+                   rules: str = RULES, interval: float = 0.5, extra: str = "", name: str = "hybrid") -> str:
+    """A configuration file for a lab gateway linked to ``lapi``."""
+    lines = ['[attach]', 'interfaces = ["to-client", "to-server"]', '[engine]', f'rules = "{rules}"',
+             '[service]', 'standby_engines = false', '[crowdsec]', f'lapi_url = "{lapi.url}"',
+             f"poll_interval = {interval}"]
+    if key is not None:
+        lines.append(f'bouncer_key_file = "{secret_file(tmp_path / f"{name}.key", key)}"')
+    if machine is not None:
+        lines.append(f'machine_id = "{machine[0]}"')
+        lines.append(f'machine_password_file = "{secret_file(tmp_path / f"{name}.pw", machine[1])}"')
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return str(path)
+
+
+class ServiceRun:
+    """One `hybridctl run` in a gateway namespace, its JSON log in a file."""
+
+    def __init__(self, netns: str, tmp_path, conf: str, name: str = "run"):
+        self.netns = netns
+        self.log_path = tmp_path / f"{name}.jsonl"
+        self.err_path = tmp_path / f"{name}.stderr"
+        with open(self.log_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", netns, *HYBRIDCTL, "run", "--config", conf],
+                                         stdout=out, stderr=err, start_new_session=True)
+
+    def lines(self) -> list[dict]:
+        with open(self.log_path) as f:
+            return [json.loads(ln) for ln in f if ln.strip()]
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in self.lines() if e["event"] == name]
+
+    def wait_event(self, name: str, count: int = 1, timeout: float = 60.0, since: int = 0) -> dict:
+        def ready():
+            got = self.events(name)[since:]
+            if len(got) >= count:
+                return got[count - 1]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hybridctl run exited ({self.proc.returncode}) before {name}: "
+                                     f"{self.err_path.read_text()} {self.log_path.read_text()[-3000:]}")
+            return None
+        return wait_for(ready, f"event {name} #{count}", timeout)
+
+    def status(self) -> dict:
+        proc = subprocess.run(["ip", "netns", "exec", self.netns, *HYBRIDCTL, "status", "--json"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def status_text(self) -> str:
+        proc = subprocess.run(["ip", "netns", "exec", self.netns, *HYBRIDCTL, "status"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def cleanup(self) -> None:
+        """Kill what runs, detach, and remove the run's files in /run/hybrid."""
+        self.kill()
+        subprocess.run(["ip", "netns", "exec", self.netns, *HYBRIDCTL, "detach", "--all"], capture_output=True,
+                       timeout=120)
+        for left in ("lock", "spares.json", "crowdsec.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/run/hybrid/run-{self.netns}.{left}")
+
+
+def kernel_bans(run: ServiceRun) -> dict[str, int]:
+    """The gateway's ban trie: CIDR -> expiry (CLOCK_MONOTONIC ns, 0 never)."""
+    with Maps.open_pinned(run.status()["pin_dir"]) as maps:
+        return maps.bans()

@@ -5,11 +5,13 @@ gateway B drops that address in its kernel: the client behind B loses its server
 from __future__ import annotations
 
 import pytest
-from fleetlab import Run, config, kernel_bans, probe, wait_for
+from fleetlab import probe
 from leakcheck import new_lab_name
 
 from hybrid.lab.crowdsec import Lapi, missing
-from hybrid.lab.fleet import FleetNet
+from hybrid.lab.fleet import FleetNet, kernel_bans, wait_for
+from hybrid.lab.fleet import ServiceRun as Run
+from hybrid.lab.fleet import service_config as config
 from hybrid.lab.servers import Nginx
 from hybrid.lab.topology import Lab
 

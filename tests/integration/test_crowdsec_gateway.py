@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from fleetlab import Run, config, kernel_bans, lapi_networks, probe, wait_for
+from fleetlab import lapi_networks, probe
 
 from hybrid.lab.crowdsec import Lapi, decision_values, missing
+from hybrid.lab.fleet import ServiceRun as Run
+from hybrid.lab.fleet import kernel_bans, wait_for
+from hybrid.lab.fleet import service_config as config
 
 pytestmark = pytest.mark.integration
 
