@@ -186,11 +186,15 @@ class ServiceRun:
             self.proc.wait()
 
     def cleanup(self) -> None:
-        """Kill what runs, detach, and remove the run's files in /run/hybrid."""
-        self.kill()
+        """Stop what runs (SIGTERM, then SIGKILL), detach, and remove the run's files in
+        /run/hybrid (those a killed run leaves: its lock, spares and CrowdSec reports)."""
+        try:
+            self.stop()
+        except subprocess.TimeoutExpired:
+            self.kill()
         subprocess.run(["ip", "netns", "exec", self.netns, *HYBRIDCTL, "detach", "--all"], capture_output=True,
                        timeout=120)
-        for left in ("lock", "spares.json", "crowdsec.json"):
+        for left in ("lock", "spares.json", "crowdsec.json", "crowdsec.json.tmp", "spares.json.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"/run/hybrid/run-{self.netns}.{left}")
 

@@ -163,7 +163,10 @@ def load(count: int, seconds_steady: int = 5, interval: float = 1.0) -> dict:
                                              "--json"], stdout=subprocess.PIPE)
                 t_start = time.monotonic()
                 time.sleep(seconds_steady)
-                values = decision_values(count, offset=1 << 16)        # 198.19.0.0 on: no lab address
+                # 198.19.0.0/16 (at most 60,000) and 2001:2:0:ff::/64 for the rest: no lab address
+                v4 = min(count, 60_000)
+                values = (decision_values(v4, offset=1 << 16)
+                          + decision_values(count - v4, family=6, offset=0xff << 64))
                 t_import0 = time.monotonic()
                 import_s = lapi.import_decisions(values, duration="4h")
                 t_import1 = time.monotonic()
