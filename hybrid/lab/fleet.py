@@ -120,10 +120,11 @@ def secret_file(path, text: str) -> str:
 
 def service_config(tmp_path, lapi, *, key: str | None = None, machine: tuple[str, str] | None = None,
                    rules: str = RULES, interval: float = 0.5, extra: str = "", name: str = "hybrid") -> str:
-    """A configuration file for a lab gateway linked to ``lapi``."""
+    """A configuration file for a lab gateway linked to ``lapi`` (None: no [crowdsec] table)."""
     lines = ['[attach]', 'interfaces = ["to-client", "to-server"]', '[engine]', f'rules = "{rules}"',
-             '[service]', 'standby_engines = false', '[crowdsec]', f'lapi_url = "{lapi.url}"',
-             f"poll_interval = {interval}"]
+             '[service]', 'standby_engines = false']
+    if lapi is not None:
+        lines += ['[crowdsec]', f'lapi_url = "{lapi.url}"', f"poll_interval = {interval}"]
     if key is not None:
         lines.append(f'bouncer_key_file = "{secret_file(tmp_path / f"{name}.key", key)}"')
     if machine is not None:

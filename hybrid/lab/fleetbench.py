@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -148,64 +149,65 @@ def _memlock(maps: Maps, name: str) -> int | None:
 
 
 def load(count: int, seconds_steady: int = 5, interval: float = 1.0) -> dict:
+    """The decisions are stored first (a big import and a bouncer's pulls lock each other out of
+    the LAPI's SQLite database); the gateway runs without a link while an iperf3 stream crosses
+    it; then a SIGHUP adds the [crowdsec] table and the link pulls them all in one snapshot."""
     with tempfile.TemporaryDirectory() as d, Lab(_name("l")) as lab, \
             Lapi(netns=lab.netns("server"), host=lab.info.server.ipv4) as lapi:
         tmp = Path(d)
-        with _gateway(lab, lapi, tmp, interval, key=lapi.add_bouncer("bench")) as run:
+        # 198.19.0.0/16 (at most 60,000) and 2001:2:0:ff::/64 for the rest: no lab address
+        v4 = min(count, 60_000)
+        values = decision_values(v4, offset=1 << 16) + decision_values(count - v4, family=6, offset=0xff << 64)
+        import_s = lapi.import_decisions(values, duration="4h")
+        key = lapi.add_bouncer("bench")
+        conf = service_config(tmp, None, name="gw")
+        run = ServiceRun(lab.netns("gw"), tmp, conf, name="gw")
+        server = iperf = None
+        try:
+            run.wait_event("engine_running", timeout=120)
             pid = run.events("starting")[0]["pid"]
             rss0 = _rss_kib(pid)
             server = lab.popen("server", ["iperf3", "-s", "-1"])
-            iperf = None
-            try:
-                time.sleep(0.3)
-                total_s = 2 * seconds_steady + 60
-                iperf = lab.popen("client", ["iperf3", "-c", lab.info.server.ipv4, "-t", str(total_s), "-i", "1",
-                                             "--json"], stdout=subprocess.PIPE)
-                t_start = time.monotonic()
-                time.sleep(seconds_steady)
-                # 198.19.0.0/16 (at most 60,000) and 2001:2:0:ff::/64 for the rest: no lab address
-                v4 = min(count, 60_000)
-                values = (decision_values(v4, offset=1 << 16)
-                          + decision_values(count - v4, family=6, offset=0xff << 64))
-                t_import0 = time.monotonic()
-                import_s = lapi.import_decisions(values, duration="4h")
-                t_import1 = time.monotonic()
-                seen = len(run.events("crowdsec_pull"))
-
-                def applied():     # the LAPI stores an import in batches: several deltas carry it
-                    pulls = run.events("crowdsec_pull")[seen:]
-                    return pulls if sum(e.get("added", 0) for e in pulls) >= count else None
-                pulls = wait_for(applied, "the decisions in the kernel", 300, step=0.05)
-                t_applied = time.monotonic()
-                time.sleep(seconds_steady)
-                t_end = time.monotonic()
-                iperf.terminate()
-                out, _ = iperf.communicate(timeout=30)
-            finally:
-                for proc in (iperf, server):
-                    if proc is not None and proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
+            time.sleep(0.3)
+            iperf = lab.popen("client", ["iperf3", "-c", lab.info.server.ipv4, "-t", str(2 * seconds_steady + 120),
+                                         "-i", "1", "--json"], stdout=subprocess.PIPE)
+            t_start = time.monotonic()
+            time.sleep(seconds_steady)
+            service_config(tmp, lapi, key=key, interval=interval, name="gw")      # the same file, now linked
+            t_hup = time.monotonic()
+            run.proc.send_signal(signal.SIGHUP)
+            pulled = run.wait_event("crowdsec_pull", timeout=300)
+            t_applied = time.monotonic()
+            time.sleep(seconds_steady)
+            t_end = time.monotonic()
+            iperf.terminate()
+            out, _ = iperf.communicate(timeout=30)
             rss1 = _rss_kib(pid)
             with Maps.open_pinned(run.status()["pin_dir"]) as maps:
                 entries = len(maps.bans())
                 memlock = _memlock(maps, "hybrid_bans")
-            per_s = _intervals(out, t_start)
+        finally:
+            for proc in (iperf, server):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            run.cleanup()
+        per_s = _intervals(out, t_start)
 
-            def phase(a: float, b: float) -> dict | None:
-                v = [g for t, g in per_s if a <= t < b]
-                return {"gbit_s_median": round(statistics.median(v), 2), "seconds": len(v)} if v else None
-            return {
-                "decisions": count, "kernel_entries": entries, "cscli_import_s": round(import_s, 1),
-                "pulls": len(pulls), "written": sum(e.get("written", 0) for e in pulls),
-                "applied_after_import_s": round(t_applied - t_import1, 2),
-                "supervisor_rss_kib": {"before": rss0["VmRSS"], "after": rss1["VmRSS"], "peak": rss1["VmHWM"]},
-                "ban_trie_memlock_bytes": memlock,
-                "throughput": {"before": phase(0, t_import0 - t_start),
-                               "cscli_import": phase(t_import0 - t_start, t_import1 - t_start),
-                               "applying": phase(t_import1 - t_start, t_applied - t_start + 1),
-                               "after_100k": phase(t_applied - t_start + 1, t_end - t_start)},
-            }
+        def phase(a: float, b: float) -> dict | None:
+            v = [g for t, g in per_s if a <= t < b]
+            return {"gbit_s_median": round(statistics.median(v), 2), "seconds": len(v),
+                    "min": round(min(v), 2), "max": round(max(v), 2)} if v else None
+        return {
+            "decisions": count, "kernel_entries": entries, "cscli_import_s": round(import_s, 1),
+            "snapshot": {k: pulled.get(k) for k in ("startup", "new", "added", "written")},
+            "sighup_to_applied_s": round(t_applied - t_hup, 2),
+            "supervisor_rss_kib": {"before": rss0["VmRSS"], "after": rss1["VmRSS"], "peak": rss1["VmHWM"]},
+            "ban_trie_memlock_bytes": memlock,
+            "throughput": {"before": phase(0, t_hup - t_start),
+                           "applying": phase(t_hup - t_start, t_applied - t_start + 1),
+                           "after": phase(t_applied - t_start + 1, t_end - t_start)},
+        }
 
 
 def _intervals(iperf_json: bytes, t_start: float) -> list[tuple[float, float]]:
