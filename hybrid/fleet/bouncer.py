@@ -80,6 +80,7 @@ class Bouncer:
         startup = not self.synced or t0 - self._snapshot_at > self.resync_every or self._settled(t0)
         stream = self.client.stream(startup=startup, scopes=tuple(sorted(self.policy.scopes)),
                                     origins=tuple(sorted(self.policy.origins)) or None)
+        t_fetched = time.monotonic()
         now = self.clock()
         logged: Counter = Counter()
         if startup:                                      # a snapshot replaces everything we knew
@@ -96,6 +97,7 @@ class Bouncer:
         for bad in stream.bad:
             self._not_enforced("invalid", logged, f"decision {bad.reason}", {"id": bad.id, "where": bad.where})
         expired = self._expire(now)
+        t_applied = time.monotonic()
         written = self._sync(snapshot=startup) if startup or added or removed or expired else 0
         self.synced = True
         self.counts["pulls"] += 1
@@ -108,8 +110,11 @@ class Bouncer:
             self.counts["snapshots"] += 1
             self.last_snapshot = {"decisions": len(stream.new), "seconds": round(time.monotonic() - t0, 3),
                                   "bytes": stream.size, "at": time.time()}
+        t_end = time.monotonic()
         return {"startup": startup, "new": len(stream.new), "deleted": len(stream.deleted), "added": added,
-                "removed": removed, "expired": expired, "written": written, "bad": len(stream.bad)}
+                "removed": removed, "expired": expired, "written": written, "bad": len(stream.bad),
+                "bytes": stream.size, "fetch_s": round(t_fetched - t0, 3), "table_s": round(t_applied - t_fetched, 3),
+                "kernel_s": round(t_end - t_applied, 3)}
 
     def _settled(self, now: float) -> bool:
         """A snapshot is due after a burst of new decisions has settled. The LAPI (1.4.6) serves as

@@ -200,7 +200,8 @@ def load(count: int, seconds_steady: int = 5, interval: float = 1.0) -> dict:
                     "min": round(min(v), 2), "max": round(max(v), 2)} if v else None
         return {
             "decisions": count, "kernel_entries": entries, "cscli_import_s": round(import_s, 1),
-            "snapshot": {k: pulled.get(k) for k in ("startup", "new", "added", "written")},
+            "snapshot": {k: pulled.get(k) for k in ("startup", "new", "added", "written", "bytes", "fetch_s",
+                                                     "table_s", "kernel_s")},
             "sighup_to_applied_s": round(t_applied - t_hup, 2),
             "supervisor_rss_kib": {"before": rss0["VmRSS"], "after": rss1["VmRSS"], "peak": rss1["VmHWM"]},
             "ban_trie_memlock_bytes": memlock,
