@@ -13,13 +13,14 @@ client's namespace, on one CPU, through the gateway towards the server. Modes:
 - ``flood``: the flood, nothing to stop it (what it costs);
 - ``hybrid``: ``hybridctl run`` with a [crowdsec] table (its own bouncer key): the ban is pulled
   into the kernel's ban trie and the flood dropped at XDP (``--xdp-mode``, generic by default:
-  on a veth that runs where a NIC driver's native XDP would, and native XDP on a veth strips the
-  peer's GSO, see docs/design.md);
+  native XDP on a veth strips the peer's GSO, see docs/design.md);
+- ``hybrid-tc``: the same without XDP, as ``--xdp-mode auto`` runs on a veth: dropped by the tc
+  program (on a veth the skb exists before either hook runs, so tc is as early as generic XDP);
 - ``crowdsec-fw``: Debian's crowdsec-firewall-bouncer (0.0.25), in the gateway namespace with
   its own configuration in a temp dir, in the one mode that drops forwarded traffic there:
   ``iptables`` with ``iptables_chains: [FORWARD]`` (an ipset of type hash:net, which needs the
-  ``ipset`` tool); optional modes ``crowdsec-nft`` (its default nftables mode), ``hybrid-tc``
-  (no XDP: dropped at tc) and ``hybrid-native`` (native XDP).
+  ``ipset`` tool); optional modes ``crowdsec-nft`` (its default nftables mode) and
+  ``hybrid-native`` (native XDP).
 
 Before the samples, one check of the firewall bouncer's default (nftables) mode is recorded in
 ``findings``: the hooks of its chains, what its set holds for the Range decision, and what of a
@@ -36,9 +37,19 @@ reached netfilter at all (prerouting, priority -300) and that conntrack saw as n
 -150, after conntrack); in the server, packets of BANNED that arrived. The gateway tracks
 connections in every mode (that counting rule turns conntrack on in its namespace, as NAT or a
 stateful firewall does, and as hybrid's own queue rule does anyway; ``--no-conntrack``: not
-in the modes that do not turn it on themselves). CPU: softirq time of the whole machine during
-each stream (/proc/stat is not per namespace; on veth the gateway's receive work runs on the
-sender's CPU). Nothing here asserts a time or a rate: this is measurement, reported.
+in the modes that do not turn it on themselves). The table's size (``conntrack -C``, recorded as
+``conntrack_entries``) does not show what a FORWARD drop cost: conntrack makes an entry for each
+new packet in prerouting but confirms it only at the last hook, so a packet dropped in FORWARD
+leaves nothing behind; the ct-new counter shows that each one was tracked all the same.
+
+CPU: the robust figure is ``us_per_packet``, the CPU time of the flood's sender (pinned to
+FLOOD_CPU) and of that CPU's ksoftirqd per flood packet: on veth, the gateway's receive (and for
+a forwarded packet the server's) runs in the sender's softirqs, so this is what one flood packet
+costs the machine from its send to its death, and it is CPU time, not wall time, so other work
+on the machine barely moves it (the flood's packets/s and the stream's Gbit/s move a lot on a
+shared 2-core machine). Also the softirq share of the whole machine and of FLOOD_CPU during each
+stream (/proc/stat is not per namespace). ``--flood-rate`` gives every mode the same flood.
+Nothing here asserts a time or a rate: this is measurement, reported.
 
 Clean: every process (LAPI, bouncers, flood, iperf3), the lab's namespaces (and with them every
 rule, set, program and qdisc in them), hybrid's pins and run files, and the temp dir are
@@ -95,7 +106,7 @@ MODES: dict[str, str] = {
     "hybrid-tc": "as hybrid, without XDP: dropped by the tc program",
     "hybrid-native": "as hybrid, native XDP on the gateway's veths",
 }
-DEFAULT_MODES = ("baseline", "flood", "hybrid", "crowdsec-fw")
+DEFAULT_MODES = ("baseline", "flood", "hybrid", "hybrid-tc", "crowdsec-fw")
 XDP_MODES = ("generic", "native")
 STAGES = ("xdp", "tc", "netfilter", "conntrack_new", "rule", "server", "unaccounted")
 
@@ -133,6 +144,30 @@ def _cpu_ticks() -> dict[str, tuple[int, int]]:
             vals = [int(v) for v in fields[1:9]]      # user nice system idle iowait irq softirq steal
             out[fields[0]] = (vals[6], sum(vals))
     return out
+
+
+def _task_cpu(pid: int | None) -> float | None:
+    """Seconds of CPU a task has used so far (user + system, /proc/PID/stat; tick-sampled), or
+    None when it is gone. Softirq work a task runs on its way out of the kernel is counted in
+    its system time; what ksoftirqd runs is ksoftirqd's."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ksoftirqd(cpu: int) -> int | None:
+    """The pid of ``cpu``'s ksoftirqd thread (it runs that CPU's softirqs when they pile up)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == f"ksoftirqd/{cpu}":
+                    return int(pid)
+    return None
 
 
 def _backlog_drops() -> int:
@@ -485,10 +520,15 @@ def _flood_sample(lab: Lab, seconds: float, probe: Probe, rate: float = 0) -> di
     """The stream while BANNED floods (``rate`` packets/s, 0: as fast as one CPU sends); the
     flood's fate in packets, stage by stage."""
     before, entries0, backlog0 = _counters(lab, probe), _conntrack_entries(lab), _backlog_drops()
+    ksoftirqd = _ksoftirqd(FLOOD_CPU)
     with flooding(lab, BANNED, kind="udp", port=FLOOD_PORT, rate=rate, cpu=FLOOD_CPU) as f:
+        # from here to the stop, what the flood sends costs its CPU: the sender's own time (the
+        # gateway's and the server's receive run in its softirqs) and ksoftirqd's when they pile up
+        cpu0 = _task_cpu(f.proc.pid), _task_cpu(ksoftirqd)
         time.sleep(SETTLE)
         stream = _stream(lab, seconds)
         entries_during = _conntrack_entries(lab)
+        cpu1 = _task_cpu(f.proc.pid), _task_cpu(ksoftirqd)
     time.sleep(DRAIN)
     after, backlog1 = _counters(lab, probe), _backlog_drops()
     if f.result is None or not f.result.seconds:
@@ -496,8 +536,11 @@ def _flood_sample(lab: Lab, seconds: float, probe: Probe, rate: float = 0) -> di
     packets = {k: after[k] - before[k] for k in after}
     dropped = sum(packets.get(k, 0) for k in ("xdp", "tc", "rule"))
     packets["unaccounted"] = max(0, f.result.sent - dropped - packets["server"])
+    sender, soft = (None if a is None or b is None else b - a for a, b in zip(cpu0, cpu1))
+    cost = (sender + soft) / f.result.sent * 1e6 if sender is not None and soft is not None and f.result.sent else None
     return {**stream, "flood": {"sent": f.result.sent, "seconds": f.result.seconds, "pps": f.result.pps,
                                 "errors": f.result.errors},
+            "flood_cpu": {"sender_s": sender, "ksoftirqd_s": soft, "us_per_packet": cost},
             "packets": packets,
             "pps": {k: v / f.result.seconds for k, v in packets.items()},
             "conntrack_entries": {"before": entries0, "during": entries_during},
@@ -616,6 +659,8 @@ def _report(command, modes, repetitions, seconds, samples, findings, **options) 
             "quiet_ratio_median": _median([s.get("quiet_ratio") for s in ss]),
             "quiet_ratio_spread": _spread([s.get("quiet_ratio") for s in ss]),
             "flood_sent_pps_median": _median([s["flood"]["pps"] for s in ss]),
+            "us_per_flood_packet_median": _median([s["flood_cpu"]["us_per_packet"] for s in ss]),
+            "us_per_flood_packet_spread": _spread([s["flood_cpu"]["us_per_packet"] for s in ss]),
             "died_pps_median": {k: _median([s["pps"].get(k, 0) for s in ss]) for k in STAGES
                                 if any(k in s["pps"] for s in ss)},
             "softirq_share_median": _median([s["softirq_share"] for s in ss]),
@@ -647,7 +692,7 @@ def _where(died: dict[str, float]) -> str:
 def table(report: dict) -> str:
     """The human summary: legitimate throughput under the flood and where the flood died."""
     cpu = f"cpu{report.get('flood_cpu', FLOOD_CPU)}"
-    head = (f"{'mode':<14}{'Gbit/s':>7}{'kept (range)':>20}{'quiet':>7}{'flood/s':>9}"
+    head = (f"{'mode':<14}{'Gbit/s':>7}{'kept (range)':>20}{'quiet':>7}{'flood/s':>9}{'us/pkt':>8}"
             f"{'softirq all|' + cpu:>18}  where the flood died (packets/s)")
     lines = [head, "-" * len(head)]
     pct = lambda v: "?" if v is None else f"{v:.0%}"             # noqa: E731
@@ -655,13 +700,14 @@ def table(report: dict) -> str:
         s = report["summary"][m]
         soft = f"{pct(s['softirq_share_median'])} | {pct(s['softirq_share_flood_cpu_median'])}"
         if m == "baseline":
-            lines.append(f"{m:<14}{s['gbps_median']:>7.2f}{'1':>20}{'':>7}{'-':>9}{soft:>18}")
+            lines.append(f"{m:<14}{s['gbps_median']:>7.2f}{'1':>20}{'':>7}{'-':>9}{'-':>8}{soft:>18}")
             continue
         lo, hi = s["ratio_spread"]
         kept = f"{s['ratio_median']:.2f} ({lo:.2f}-{hi:.2f})"
         quiet = f"{s['quiet_ratio_median']:.2f}" if s["quiet_ratio_median"] is not None else "-"
+        us = s["us_per_flood_packet_median"]
         lines.append(f"{m:<14}{s['gbps_median']:>7.2f}{kept:>20}{quiet:>7}{s['flood_sent_pps_median'] / 1e3:>8,.0f}k"
-                     f"{soft:>18}  {_where(s['died_pps_median'])}")
+                     f"{'?' if us is None else f'{us:.2f}':>8}{soft:>18}  {_where(s['died_pps_median'])}")
     f = report["findings"].get("crowdsec_nftables")
     if f:
         elems = f["set"]["elements"] if f["set"] else []
@@ -676,7 +722,8 @@ def table(report: dict) -> str:
     rate = report.get("flood_rate") or 0
     lines.append(f"kept: legitimate Gbit/s under the flood ({f'{rate:,.0f}/s' if rate else 'as fast as one CPU sends'})"
                  " over the baseline just before (median of pairs); quiet: the same mode without the flood; "
-                 "softirq: share of CPU time, tick-sampled")
+                 f"us/pkt: CPU time of the flood's sender and {cpu}'s ksoftirqd per flood packet (send, gateway, "
+                 "server: everything a packet costs until it dies); softirq: share of CPU time, tick-sampled")
     return "\n".join(lines)
 
 

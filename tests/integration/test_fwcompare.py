@@ -99,11 +99,11 @@ def _only(report: dict, mode: str) -> dict:
 def test_the_report_has_every_mode_once_and_a_table(quick):
     rep = quick["report"]
     assert rep["repetitions"] == 1 and rep["seconds"] == 2
-    assert rep["modes"] == ["baseline", "flood", "hybrid", "crowdsec-fw"]
+    assert rep["modes"] == ["baseline", "flood", "hybrid", "hybrid-tc", "crowdsec-fw"]
     assert rep["banned"] == fwcompare.BANNED and rep["conntrack"] is True and rep["xdp_mode"] == "generic"
-    # one baseline next to each of the three other modes, each paired with the one before it
-    assert len(rep["samples"]["baseline"]) == 3
-    for mode in ("flood", "hybrid", "crowdsec-fw"):
+    # one baseline next to each of the other modes, each paired with the one before it
+    assert len(rep["samples"]["baseline"]) == 4
+    for mode in ("flood", "hybrid", "hybrid-tc", "crowdsec-fw"):
         s = _only(rep, mode)
         assert s["gbps"] > 0 and s["baseline_gbps"] > 0
         assert math.isclose(s["ratio"], s["gbps"] / s["baseline_gbps"])
@@ -111,6 +111,7 @@ def test_the_report_has_every_mode_once_and_a_table(quick):
         assert s["baseline_gbps"] in [b["gbps"] for b in rep["samples"]["baseline"]]
         assert ("quiet_gbps" in s) == (mode != "flood")
         assert 0 <= s["softirq_share"] <= 1
+        assert s["flood_cpu"]["sender_s"] > 0 and s["flood_cpu"]["us_per_packet"] > 0   # the sender's CPU is read
         summary = rep["summary"][mode]
         assert summary["samples"] == 1 and summary["ratio_median"] == s["ratio"]
         assert summary["ratio_spread"] == [s["ratio"], s["ratio"]]
@@ -130,6 +131,12 @@ def test_hybrid_drops_the_flood_at_xdp_before_netfilter_and_nothing_reaches_the_
     assert died["tc"] == 0, died                    # XDP saw every packet of the banned prefix first
     assert died["netfilter"] == 0 and died.get("conntrack_new", 0) == 0, died
     assert died["server"] == 0, died
+
+
+def test_without_xdp_hybrid_drops_the_flood_at_tc_before_netfilter(quick):
+    died = _only(quick["report"], "hybrid-tc")["packets"]
+    assert died["tc"] > 0 and died["xdp"] == 0, died
+    assert died["netfilter"] == 0 and died["server"] == 0, died
 
 
 def test_the_firewall_bouncer_drops_in_its_forward_rule_after_netfilter_and_conntrack(quick):
