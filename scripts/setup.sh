@@ -22,8 +22,9 @@ command -v apt-get >/dev/null || die "apt-get not found: this script supports De
 #   throwaway certificate for its HTTPS server, and dig as DNS client (hybrid/lab/servers.py)
 # systemd, libseccomp2: systemd-analyze checks the unit's sandbox offline, and the tests rebuild that
 #   sandbox with libseccomp (tests/unitsandbox.py); no systemd needs to run
-# crowdsec, crowdsec-firewall-bouncer: a real CrowdSec Local API for the fleet tests (each test runs its
-#   own instance, tests/crowdsec.py) and CrowdSec's own bouncer for the comparison (scripts/crowdsec-bench.sh)
+# crowdsec, crowdsec-firewall-bouncer, ipset: a real CrowdSec Local API for the fleet tests (each runs
+#   its own instance, hybrid/lab/crowdsec.py) and CrowdSec's own bouncer for the comparison
+#   (hybrid/lab/fwcompare.py; its iptables mode, the one that drops forwarded traffic, needs ipset)
 packages=(
   python3 python3-venv python3-dev python3-bpfcc gcc
   linux-headers-amd64 libnetfilter-queue-dev
@@ -31,7 +32,7 @@ packages=(
   iperf3 nginx-light wrk curl iputils-ping
   dnsmasq-base openssl dnsutils
   systemd libseccomp2
-  crowdsec crowdsec-firewall-bouncer
+  crowdsec crowdsec-firewall-bouncer ipset
 )
 missing=()
 for p in "${packages[@]}"; do
