@@ -31,6 +31,9 @@ from hybrid.fleet.policy import APPLY, Policy
 log = logging.getLogger(__name__)
 
 LOG_PER_PULL = 5          # decisions of each refused/filtered kind named in the log per pull
+# Scopes asked for only to be counted as not enforced (the LAPI serves a scope only when asked):
+# CrowdSec's own scopes that the kernel cannot match on an address.
+COUNTED_SCOPES = ("Country", "AS")
 RESYNC_EVERY = 300.0
 SETTLE_S = 3.0             # seconds without new decisions before a burst's snapshot (Bouncer._settled)       # seconds between two snapshots while the link is healthy
 SAME_EXPIRY_NS = 1_000_000_000   # a snapshot does not rewrite an entry whose expiry moved by less
@@ -78,7 +81,7 @@ class Bouncer:
         """One pull; returns what it changed. Raises the client's LapiError (nothing changed)."""
         t0 = time.monotonic()
         startup = not self.synced or t0 - self._snapshot_at > self.resync_every or self._settled(t0)
-        stream = self.client.stream(startup=startup, scopes=tuple(sorted(self.policy.scopes)),
+        stream = self.client.stream(startup=startup, scopes=(*sorted(self.policy.scopes), *COUNTED_SCOPES),
                                     origins=tuple(sorted(self.policy.origins)) or None)
         t_fetched = time.monotonic()
         now = self.clock()

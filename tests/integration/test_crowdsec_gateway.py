@@ -101,6 +101,7 @@ def test_decisions_that_would_blackhole_the_gateway_are_refused(lab, lapi, gatew
     lapi.add_decision("0.0.0.0/0", duration="1h")
     lapi.add_decision("::ffff:0:0/96", duration="1h")       # all of IPv4, written as IPv6
     lapi.add_decision("198.18.1.3", duration="1h", type="captcha")
+    lapi.add_decision("FR", duration="1h", scope="Country")
     lapi.add_decision("198.18.1.2", duration="1h")          # and one that is fine
     wait_for(lambda: not reaches(lab), "the fine ban", 15)
 
@@ -108,13 +109,14 @@ def test_decisions_that_would_blackhole_the_gateway_are_refused(lab, lapi, gatew
         b = run.status()["crowdsec"]["bouncer"]
         return b if b["refused"].get("protected", 0) >= 2 and b["refused"].get("too_broad", 0) >= 2 else None
     b = wait_for(refused, "the refusals to be counted", 15)
-    assert b["unsupported"] == {"type:captcha": 1}
+    assert b["unsupported"] == {"type:captcha": 1, "scope:country": 1}
     assert set(kernel_bans(run)) == {"198.18.1.2/32"}      # nothing else reached the kernel
     assert reaches(lab, "198.18.1.3")                        # a captcha is not a drop unless listed
     refusals = [e for e in run.events("crowdsec_not_enforced") if e["why"] in ("protected", "too_broad")]
     assert {e["value"] for e in refusals} >= {"198.18.2.0/24", lab.info.server.ipv4, "0.0.0.0/0"}
     text = run.status_text()
-    assert "refused (would blackhole the gateway): " in text and "not enforced: type:captcha 1" in text, text
+    assert "refused (would blackhole the gateway): " in text and "type:captcha 1" in text, text
+    assert "scope:country 1" in text, text
 
 
 def test_the_kernel_keeps_its_bans_while_the_lapi_is_down_and_then_equals_it(lab, lapi, gateway):
