@@ -141,8 +141,8 @@ class Service:
         self.pin_dir: str | None = None
         self.link = None                                # the CrowdSec link (hybrid/fleet/link.py)
         self._link_maps = None
-        # The engines' blocks shared with the fleet reach the link through this pair (share.py).
-        self._share_link, self._share_engines = share.socketpair()
+        # The engines' blocks shared with the fleet reach the link through a socketpair (share.py), made by run().
+        self._share_link = self._share_engines = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -154,6 +154,7 @@ class Service:
         secrets = _crowdsec_secrets(cfg)
         self.cfg = cfg
         lock = _lock_instance()
+        self._share_link, self._share_engines = share.socketpair()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         rc = 1
         try:
@@ -184,8 +185,9 @@ class Service:
                 self._release()
             with contextlib.suppress(OSError):
                 os.unlink(inst.spares_path())
-            self._share_link.close()
-            self._share_engines.close()
+            for sock in (self._share_link, self._share_engines):
+                sock.close()
+            self._share_link = self._share_engines = None
             _unlock_instance(lock)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         event(logging.INFO, "stopped", "hybrid stopped", exit_status=rc)
@@ -242,7 +244,7 @@ class Service:
                 "queue_len": c["engine.queue_len"], "fail_open": c["attach.fail_open"],
                 "mark_mask": c["attach.mark_mask"], "verdicts": c["log.verdicts"], "level": c["log.level"],
                 "parent": os.getpid(),
-                "share_fd": self._share_engines.fileno() if c["crowdsec.machine_id"] else None}
+                "share_fd": self._share_engines.fileno() if c["crowdsec.machine_id"] and self._share_engines else None}
 
     def _start_engine(self, queue: int, handshake: bool = False) -> None:
         """Start the engine of one queue. With ``handshake`` it binds its queue and then waits
