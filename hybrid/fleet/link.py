@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MAX = 30.0          # seconds between two attempts at most
 OWN_REFRESH = 30.0          # seconds between two reads of the gateway's own addresses
-PUBLISH_EVERY = 1.0         # seconds between two writes of crowdsec.json at most
+PUBLISH_EVERY = 1.0
+STOP_WAIT = 10.0            # seconds stop() waits for the thread         # seconds between two writes of crowdsec.json at most
 
 
 def own_addresses() -> list[str]:
@@ -83,6 +84,7 @@ class Link:
         self.state = {"connected": None, "last_pull": None, "last_push": None, "last_error": None, "error_kind": None,
                       "down_since": None, "errors": {}, "push_errors": {}}
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="crowdsec-link", daemon=True)
         self._published = 0.0
 
@@ -90,9 +92,15 @@ class Link:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread. One in the middle of a long pull (a 100,000-decision snapshot takes
+        seconds) finishes it and then stops; it is not waited for beyond STOP_WAIT."""
+        self._stopping.set()
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=STOP_WAIT)
+        if self._thread.is_alive():
+            log.warning("crowdsec link: still finishing a request after %.0f s; it stops when that ends", STOP_WAIT)
+            return                        # its pipe stays open for it
         for fd in (self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -110,8 +118,7 @@ class Link:
             due = min(next_pull if self.bouncer else float("inf"),
                       next_push if self.pusher and self.pusher.pending else float("inf"), now + self.interval)
             ready = select.select(watch, [], [], max(0.0, due - now))[0]
-            if self._stop_r in ready:
-                self._publish(force=True)
+            if self._stop_r in ready or self._stopping.is_set():
                 return
             try:
                 if self.share_sock is not None and self.share_sock in ready:
@@ -121,6 +128,8 @@ class Link:
                     own_at = now
                     with contextlib.suppress(Exception):
                         self.policy.set_own(own_addresses())
+                if self._stopping.is_set():
+                    continue
                 if self.bouncer is not None and now >= next_pull:
                     pull_backoff = self._pull(pull_backoff)
                     next_pull = time.monotonic() + (pull_backoff or self.interval)
@@ -205,9 +214,9 @@ class Link:
                 "bouncer": self.bouncer.snapshot() if self.bouncer else None,
                 "share": self.pusher.snapshot() if self.pusher else None}
 
-    def _publish(self, force: bool = False) -> None:
+    def _publish(self) -> None:
         now = time.monotonic()
-        if not force and now - self._published < PUBLISH_EVERY:
+        if now - self._published < PUBLISH_EVERY:
             return
         self._published = now
         with contextlib.suppress(OSError):
