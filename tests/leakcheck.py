@@ -19,12 +19,12 @@ from hybrid.kernel import bpffs, netfilter
 from hybrid.lab import topology as lab
 
 PROCESSES = "processes the session started"
-RUN_FILES = "run lock and spares files (/run/hybrid)"
+RUN_FILES = "run lock, spares and CrowdSec report files (/run/hybrid)"
 BPFFS_MOUNTS = "bpffs mounts"
 # hybridctl doctor names its throwaway namespaces after itself, not after the session
 DOCTOR_PREFIX = "hybrid-doctor-"
 INIT_PID = 2            # kthreadd: always in the initial namespaces (see hybrid.kernel.sysutil)
-_RUN_FILE = re.compile(r"run-(?P<instance>.+?)\.(lock|spares\.json)(\.tmp)?$")
+_RUN_FILE = re.compile(r"run-(?P<instance>.+?)\.(lock|spares\.json|crowdsec\.json)(\.tmp)?$")
 
 
 def session_tag() -> str:
@@ -122,7 +122,7 @@ def session_processes(session_pid: int | None = None) -> dict[int, str]:
 # -- files and mounts ----------------------------------------------------------------------------
 
 def run_files() -> set[str]:
-    """The run-<instance>.lock and run-<instance>.spares.json files under /run/hybrid."""
+    """The run-<instance>.lock, .spares.json and .crowdsec.json files under /run/hybrid."""
     try:
         return {f for f in os.listdir(instance.RUN_ROOT) if _RUN_FILE.match(f)}
     except (FileNotFoundError, NotADirectoryError):
