@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hybrid import resources
-from hybrid.datapath.maps import Maps, config_lock_path
+from hybrid.datapath.maps import Maps
 from hybrid.errors import ConfigError, HybridError, KernelFeatureError, NotFoundError
 from hybrid.kernel import abi
 
@@ -99,8 +99,7 @@ class Datapath:
     def maps(self) -> Maps:
         """A Maps on duplicated fds: it stays usable after this Datapath is closed."""
         maps = Maps.from_fds(self.map_fds())
-        if self.pin_dir is not None:
-            maps.lock_path = config_lock_path(self.pin_dir)
+        maps.pin_dir = self.pin_dir
         return maps
 
     def close(self) -> None:

@@ -27,7 +27,6 @@ import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
 
-from hybrid import instance as inst
 from hybrid.errors import ConfigError, HybridError, NotFoundError, TableFullError
 from hybrid.kernel import abi, bpfsys
 
@@ -284,11 +283,6 @@ def _element(array, index: int, ctype):
     return ctype.from_buffer_copy(array, index * ctypes.sizeof(ctype))
 
 
-def config_lock_path(pin_dir: str) -> str:
-    """The config lock of the instance whose maps are pinned in ``pin_dir`` (named as the instance)."""
-    return os.path.join(inst.directory(os.path.basename(os.path.normpath(pin_dir))), "config.lock")
-
-
 # ---- the maps of one instance -------------------------------------------------------------------
 class Maps:
     """Open fds of every map in abi.MAP_NAMES, with typed operations on them."""
@@ -297,7 +291,7 @@ class Maps:
         """Take ownership of ``fds`` (map name -> fd). Use the classmethods instead."""
         self._fds: dict[str, int] = dict(fds)
         self.origin = origin
-        self.lock_path: str | None = None     # config_lock()'s file: set for an instance's pinned maps
+        self.pin_dir: str | None = None       # where the maps are pinned (config_lock() locks it), if known
         self._ncpu: int | None = None
         self._scratch = abi.Flow()      # write_verdict()'s buffer
         self._pin_scratch = abi.PinnedVerdict()
@@ -331,7 +325,7 @@ class Maps:
                 f"no hybrid maps pinned in {pin_dir} (missing: {', '.join(missing)}): "
                 "is hybrid attached in this namespace? (hybridctl status)", _errno.ENOENT)
         maps = cls(fds, origin=pin_dir)
-        maps.lock_path = config_lock_path(pin_dir)
+        maps.pin_dir = pin_dir
         return maps
 
     @classmethod
@@ -487,14 +481,14 @@ class Maps:
         """Hold while reading, changing and writing back the config: the engines (skip_reasons),
         the CrowdSec link (HAVE_BANS), `hybridctl block` (HAVE_PREFIXES) and a re-attach write it
         from different processes and threads, and a write made from a stale read would undo
-        another's flag (the kernel would then skip the bans it holds). An flock on the instance's
-        ``config.lock`` (removed with the instance's files at detach); maps that are not pinned
-        (one process's own, as in BPF tests) need none."""
-        if self.lock_path is None:
+        another's flag (the kernel would then skip the bans it holds). An flock on the pin
+        directory itself (no file to create or remove; every opener of the instance's maps
+        reaches the same directory, also through /proc/2/root); maps that are not pinned (one
+        process's own, as in BPF tests) need none."""
+        if self.pin_dir is None:
             yield
             return
-        os.makedirs(os.path.dirname(self.lock_path), mode=0o700, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
