@@ -556,8 +556,12 @@ def test_two_queues_two_engine_processes(lab, tmp_path):
                 tx.bind((a, 0))
                 tx.sendto(b"x", (lab.info.server.ipv4, 10010))
                 assert rx.recv(10) == b"x"
-        per_queue = [engine_stats(lab, q, until=lambda st: st["packets"] > 0)["packets"] for q in (0, 1)]
-        assert all(n > 0 for n in per_queue) and sum(per_queue) >= 16
+        # Each engine publishes its counters every 0.5 s: wait until both files count all 16
+        # (each datagram reached the server, so each was decided), then judge the split.
+        deadline = time.monotonic() + 10
+        while sum(per_queue := [engine_stats(lab, q)["packets"] for q in (0, 1)]) < 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(n > 0 for n in per_queue) and sum(per_queue) >= 16, per_queue
         pids = {engine_stats(lab, q)["pid"] for q in (0, 1)}
         assert len(pids) == 2                   # two processes
     finally:
