@@ -44,6 +44,10 @@ DNS_BLOCK = ('default = "accept"\ndefault_flow = "bypass"\n[[rule]]\nname = "blo
              'dns_qname = ["x.ads.example"]\naction = "drop"\n')
 ACCEPT_ALL = 'default = "accept"\ndefault_flow = "none"\n'
 _idents = itertools.count(random.randrange(1, 1 << 15))
+# Hand-made connections' source ports: never one twice in a session. A server-side connection
+# that outlives its test (one whose request never arrived ignores our closing RST, RFC 5961) would
+# answer a new SYN from its port with an ACK, not a SYN-ACK.
+_sports = itertools.count(random.randrange(30000, 40000))
 
 
 def ends(lab, family: str) -> tuple[str, str]:
@@ -310,7 +314,7 @@ class RawTcp:
         self.src, self.dst = ends(lab, family)
         self.v6 = family == "ipv6"
         self.ipt = "ip6tables" if self.v6 else "iptables"
-        self.sport = random.randrange(30000, 60000)
+        self.sport = next(_sports)
         self.seq = random.randrange(1 << 32)
         self.ack = 0
         self.rule = ["OUTPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-m", "mark", "--mark", "0",
@@ -359,12 +363,16 @@ class RawTcp:
                 yield flags, seq, data[(off >> 4) * 4:]
 
     def connect(self, timeout: float = 3.0) -> bool:
-        self._send([self._whole(self._tcp(craft.SYN, options=struct.pack("!BBH", 2, 4, 1400)))])
-        for flags, seq, _ in self._segments(time.monotonic() + timeout):
-            if flags & (craft.SYN | craft.ACK) == craft.SYN | craft.ACK:
-                self.seq, self.ack = self.seq + 1, seq + 1
-                self._send([self._whole(self._tcp(craft.ACK))])
-                return True
+        """The handshake; the SYN is sent again every second without an answer, as a TCP stack
+        would (a loaded machine may lose one)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self._send([self._whole(self._tcp(craft.SYN, options=struct.pack("!BBH", 2, 4, 1400)))])
+            for flags, seq, _ in self._segments(min(end, time.monotonic() + 1.0)):
+                if flags & (craft.SYN | craft.ACK) == craft.SYN | craft.ACK:
+                    self.seq, self.ack = self.seq + 1, seq + 1
+                    self._send([self._whole(self._tcp(craft.ACK))])
+                    return True
         return False
 
     def request(self, payload: bytes, pieces, timeout: float = 2.0) -> str:
