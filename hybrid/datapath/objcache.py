@@ -281,6 +281,20 @@ class _NotCacheable(Exception):
     pass
 
 
+def _pinned_id(path: str) -> int | None:
+    """The id of the map pinned at ``path``, None when there is none."""
+    try:
+        fd = bpfsys.obj_get(path)
+    except HybridError:
+        return None
+    try:
+        return bpfsys.map_info(fd).id
+    except HybridError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def describe(bpf, pin_dir: str | None) -> dict:
     """The cache entry of a freshly compiled bcc.BPF (maps created, no program loaded yet)."""
     lib, mod = _lib(), bpf.module
@@ -291,15 +305,8 @@ def describe(bpf, pin_dir: str | None) -> dict:
         if fd < 0:
             raise _NotCacheable(f"table {table} has no map")
         info = bpfsys.map_info(fd)
-        if pin_dir is not None:
-            pinned = os.path.join(pin_dir, table)
-            try:
-                same = bpfsys.map_info(held := bpfsys.obj_get(pinned)).id == info.id
-                os.close(held)
-            except HybridError:
-                same = False
-            if not same:
-                raise _NotCacheable(f"map {table} is not pinned at {pinned}")
+        if pin_dir is not None and _pinned_id(os.path.join(pin_dir, table)) != info.id:
+            raise _NotCacheable(f"map {table} is not pinned in {pin_dir}")
         maps.append({"table": table, "fd": fd, "name": info.name, "type": info.type, "key_size": info.key_size,
                      "value_size": info.value_size, "max_entries": info.max_entries, "flags": info.map_flags})
     known = {m["fd"] for m in maps}
