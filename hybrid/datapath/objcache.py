@@ -14,8 +14,10 @@ flags, the license and kernel version. Loading creates the maps, or opens their 
 bcc's BPF_TABLE_PINNED does (an existing pin is reused as it is, a missing one is created and
 pinned), rewrites the fd numbers and loads the programs with bcc's own calls (bcc_create_map,
 bcc_prog_load). Same instructions on maps of the same kinds: the kernel computes the same program
-tag (tests/bpf/test_objcache.py checks it). Not kept: BTF, the debug description bpftool uses to
-pretty-print map contents; the kernel needs none for these program and map types.
+tag (tests/bpf/test_objcache.py checks it). Not kept: BTF, the type description bpftool uses to
+pretty-print map contents. The kernel needs none for these programs and maps, and a build is
+only kept once every program of it has passed the verifier without BTF (a map value with a
+spin lock or a timer, say, would need it): what the cache holds always loads.
 
 The key covers everything the build depends on: every file in the source's directory, the flags
 (the pin directory's path is not part of the build: it only names where maps are pinned), bcc's
@@ -39,7 +41,7 @@ import struct
 import tempfile
 
 from hybrid.errors import HybridError
-from hybrid.kernel import bpfsys
+from hybrid.kernel import abi, bpfsys
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ ENV = "HYBRID_BPF_CACHE"
 FORMAT = 1
 PIN_FLAG = "-DHYBRID_PIN_DIR="
 _LIBBCC = "libbcc.so.0"
+_LIBBPF = "libbpf.so.1"
+_PROG_XDP, _PROG_SCHED_CLS = 6, 3        # enum bpf_prog_type: what the loader loads each program as
 _LD_IMM64 = 0x18                 # BPF_LD | BPF_DW | BPF_IMM: two instruction slots
 _PSEUDO_MAP_FD = 1               # src_reg of an ld_imm64 that loads a map by fd
 _INSN = struct.Struct("<BBhi")   # code, dst_reg:4 | src_reg:4, off, imm
@@ -318,9 +322,34 @@ def describe(bpf, pin_dir: str | None) -> dict:
         if used is None or not used <= known:
             raise _NotCacheable(f"function {name.decode()} refers to what the cache cannot relocate")
         functions[name.decode()] = code.hex()
-    license_ = lib.bpf_module_license(mod)
-    return {"format": FORMAT, "license": (license_ or b"").decode(), "kern_version": lib.bpf_module_kern_version(mod),
+    license_ = lib.bpf_module_license(mod) or b""
+    for name, code in functions.items():
+        _check_loads_without_btf(name, bytes.fromhex(code), license_)
+    return {"format": FORMAT, "license": license_.decode(), "kern_version": lib.bpf_module_kern_version(mod),
             "maps": maps, "functions": functions}
+
+
+def _check_loads_without_btf(name: str, code: bytes, license_: bytes) -> None:
+    """Have the kernel verify ``code`` (its maps: bcc's, still open in this process) as the
+    loader will load it from the cache: without BTF. libbpf's call, which prints nothing when
+    the verifier says no (bcc's prints the verifier's log)."""
+    global _libbpf
+    if _libbpf is None:
+        lib = ctypes.CDLL(_LIBBPF, use_errno=True)
+        fn = lib.bpf_prog_load          # (type, name, license, insns, insn_cnt, opts)
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
+                       ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _libbpf = fn
+    buf = ctypes.create_string_buffer(code, len(code))
+    prog_type = _PROG_XDP if name == abi.PROG_XDP else _PROG_SCHED_CLS
+    fd = _libbpf(prog_type, name.encode()[:15], license_, buf, len(code) // _INSN.size, None)
+    if fd < 0:
+        raise _NotCacheable(f"function {name} does not load without BTF ({os.strerror(-fd)})")
+    os.close(fd)
+
+
+_libbpf = None
 
 
 class _Table:

@@ -210,3 +210,13 @@ def test_a_cache_others_can_write_or_a_foreign_entry_is_never_loaded(tmp_path, m
     os.chmod(path / "k2.json", 0o600)
     os.chown(path / "k2.json", 65534, 65534)
     assert cache._read("k2") is None                          # someone else's
+
+
+def test_only_programs_that_load_without_btf_are_kept():
+    """The kernel's verifier is asked before an entry is written: a program it refuses (here one
+    that returns an unset register) makes the build not cacheable; one it accepts does not."""
+    mov_r0_0, exit_ = bytes.fromhex("b700000000000000"), bytes.fromhex("9500000000000000")
+    objcache._check_loads_without_btf("hybrid_tc_ingress", mov_r0_0 + exit_, b"GPL")
+    objcache._check_loads_without_btf(abi.PROG_XDP, mov_r0_0 + exit_, b"GPL")
+    with pytest.raises(objcache._NotCacheable, match="does not load without BTF"):
+        objcache._check_loads_without_btf("hybrid_tc_ingress", exit_, b"GPL")
