@@ -247,7 +247,7 @@ class Cache:
         bpf = compile_with_bcc()
         try:
             self._write(k, describe(bpf, pin_dir))
-        except _NotCacheable as exc:
+        except (_NotCacheable, HybridError) as exc:
             log.debug("BPF compile cache: build not kept (%s)", exc)
         except OSError as exc:
             log.debug("BPF compile cache: entry %s not written (%s)", k, exc)
