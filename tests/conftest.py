@@ -10,13 +10,16 @@ Root-only tests skip with a reason when not root; CI runs as root, so there they
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import leakcheck
 import pytest
 from leakcheck import new_lab_name
 
+from hybrid.datapath import objcache
 from hybrid.lab.topology import Lab
 
 IS_ROOT = os.geteuid() == 0
@@ -30,12 +33,28 @@ LEAK_GRACE_S = 3.0
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
+# A bcc compile of the datapath takes 5-10 s of CPU, and the integration tests attach it about a
+# hundred times (hybridctl attach, run, bench, demo) with a handful of different flag sets. The
+# session keeps a compile cache (hybrid.datapath.objcache) that every process it starts
+# inherits: each flag set is compiled by bcc once, and every later attach loads that same build
+# (the same instructions on the same maps, verified by the kernel at every load; test_objcache
+# proves it equal to bcc's). tests/bpf compiles with bcc alone (its conftest), and so do the
+# sandboxed runs, which cannot see /tmp. A cache the caller set already is used as it is.
+_BPF_CACHE = None
+if IS_ROOT and not os.environ.get(objcache.ENV):
+    _BPF_CACHE = os.environ[objcache.ENV] = tempfile.mkdtemp(prefix="hybrid-bpf-cache-")
+
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs root: run sudo ./scripts/test.sh")
     for item in items:
         if not IS_ROOT and ("integration" in item.keywords or "bpf" in item.keywords):
             item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    if _BPF_CACHE is not None:
+        shutil.rmtree(_BPF_CACHE, ignore_errors=True)
 
 
 def pytest_sessionstart(session):

@@ -145,7 +145,7 @@ def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TAB
     src = str(src_dir / SOURCE_NAME)
     log.debug("compiling %s with %s", src, " ".join(flags))
     try:
-        bpf = BPF(src_file=src.encode(), cflags=flags)
+        bpf = _build(BPF, src, flags)
     except Exception as exc:  # bcc raises bare Exception for compile and map-creation errors
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise KernelFeatureError(f"compiling {src} with bcc failed ({detail}): {_kernel_hint()}") from exc
@@ -161,6 +161,18 @@ def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TAB
         bpf.cleanup()
         raise
     return Datapath(bpf, xdp.fd, tc.fd, pin_dir, names)
+
+
+def _build(BPF, src: str, flags: list[str]):
+    """bcc's compile of ``src`` with ``flags``; with a compile cache named by $HYBRID_BPF_CACHE,
+    the same build loaded from it when it holds one (hybrid.datapath.objcache)."""
+    from hybrid.datapath import objcache
+
+    def compile_with_bcc():
+        return BPF(src_file=src.encode(), cflags=flags)
+
+    cache = objcache.from_env()
+    return compile_with_bcc() if cache is None else cache.build(compile_with_bcc, src, flags)
 
 
 def _load(bpf, name: str, prog_type: int, what: str, feature: str):

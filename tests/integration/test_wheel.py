@@ -54,9 +54,11 @@ class Installed:
 
 
 def _clean_env(venv: Path) -> dict:
-    """The caller's environment without anything that points Python or hybrid at the checkout."""
+    """The caller's environment without anything that points Python or hybrid at the checkout,
+    nor the session's compile cache: the installed hybridctl compiles its own copy of the BPF
+    sources with bcc."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("HYBRID_BPF_DIR", "VIRTUAL_ENV") and not k.startswith("PYTHON")}
+           if k not in ("HYBRID_BPF_DIR", "VIRTUAL_ENV", "HYBRID_BPF_CACHE") and not k.startswith("PYTHON")}
     path = [p for p in env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").split(":")
             if p and not Path(p).resolve().is_relative_to(ROOT)]
     env["PATH"] = ":".join([str(venv / "bin"), *path])
