@@ -12,19 +12,15 @@ would run, so the client crosses the lab's link to reach them."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import os
 import socket
 import threading
 import time
-import tracemalloc
-import urllib.request
 
 import pytest
 from hybrid.lab.crowdsec import Lapi, decision_values, missing
 
-from hybrid.fleet.lapi import Alert, LapiClient, LapiError, parse_stream
+from hybrid.fleet.lapi import Alert, LapiClient, LapiError
 from hybrid.lab.topology import netns
 
 pytestmark = [pytest.mark.integration,
@@ -366,70 +362,6 @@ def _catch(call):
         return call()
     except Exception as exc:       # the thread hands the failure to the test
         return exc
-
-
-def percentile(samples: list[float], p: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
-
-
-@pytest.mark.skipif(os.environ.get("HYBRID_LAPI_MEASURE") != "1",
-                    reason="the measurements for the report (~1 min): HYBRID_LAPI_MEASURE=1")
-def test_measure(lapi, record_property):
-    """Figures for the report, each checked for correctness too: a delta pull with nothing new
-    and with one new decision (p50/p99 of 50), the cscli import of 100,000 decisions, the delta
-    and snapshot pulls of them (time, bytes), and parsing the snapshot (time; memory with
-    tracemalloc: peak while parsing, kept by the result)."""
-    key = lapi.add_bouncer("gw-big")
-    client = LapiClient(lapi.url, api_key=key)
-    client.stream(startup=True)
-    empty, one = [], []
-    for i in range(50):
-        t0 = time.perf_counter()
-        assert client.stream(startup=False).new == []
-        empty.append(time.perf_counter() - t0)
-        lapi.add_decision(decision_values(1, offset=120_000 + i)[0])
-        t0 = time.perf_counter()
-        assert len(client.stream(startup=False).new) == 1
-        one.append(time.perf_counter() - t0)
-    import_s = lapi.import_decisions(decision_values(100_000))
-    t0 = time.perf_counter()
-    delta = client.stream(startup=False)
-    delta_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    snap = client.stream(startup=True)
-    snap_s = time.perf_counter() - t0
-    assert len(delta.new) == 100_000 and len(snap.new) == 100_050
-    req = urllib.request.Request(lapi.url + "/v1/decisions/stream?startup=true", headers={"X-Api-Key": key})
-    t0 = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=120) as answer:
-        first_byte_s = time.perf_counter() - t0
-        body = answer.read()
-    raw_s = time.perf_counter() - t0
-    del delta, snap
-    gc.collect()
-    t0, c0 = time.perf_counter(), time.process_time()
-    parse_stream(body)
-    parse_s, parse_cpu = time.perf_counter() - t0, time.process_time() - c0
-    gc.collect()
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    parsed = parse_stream(body)
-    kept, peak = (m - base for m in tracemalloc.get_traced_memory())
-    tracemalloc.stop()
-    assert len(parsed.new) == 100_050
-    lines = [
-        f"delta pull, nothing new: p50 {percentile(empty, 50) * 1000:.1f} ms, p99 {percentile(empty, 99) * 1000:.1f} ms (50)",
-        f"delta pull, one new decision: p50 {percentile(one, 50) * 1000:.1f} ms, p99 {percentile(one, 99) * 1000:.1f} ms (50)",
-        f"cscli decisions import of 100,000: {import_s:.1f} s",
-        f"delta pull of 100,000 new: {delta_s:.2f} s; snapshot pull of 100,050: {snap_s:.2f} s, {len(body)} bytes",
-        f"the same snapshot read raw (urllib): first byte after {first_byte_s:.2f} s, all after {raw_s:.2f} s",
-        f"parse_stream of the snapshot: {parse_s:.2f} s ({parse_cpu:.2f} s CPU); the Stream keeps "
-        f"{kept / 2**20:.1f} MiB, peak while parsing {peak / 2**20:.1f} MiB (tracemalloc)",
-    ]
-    for line in lines:
-        record_property("measure", line)
-    print("\n" + "\n".join(lines))
 
 
 # -- answers no LAPI should give: a small server on loopback -------------------------------------
