@@ -60,6 +60,9 @@ SCOPES = {"ip": "Ip", "range": "Range"}
 INSTALL_HINT = "install Debian's crowdsec (apt-get install crowdsec; see scripts/setup.sh)"
 
 
+IMPORT_TRIES = 5           # cscli decisions import attempts while SQLite says "database is locked"
+
+
 class LapiFixtureError(RuntimeError):
     """The fixture could not do what it was asked; the message is one line."""
 
@@ -330,7 +333,17 @@ class Lapi:
             with open(path, "w") as f:
                 json.dump(rows, f)
             try:
-                self.cscli("decisions", "import", "-i", path, "--scope", sc)
+                # A bouncer pulling meanwhile can make the import fail with "database is locked"
+                # (SQLite; docs/crowdsec.md). It is tried again: decisions stored twice by a half
+                # stored attempt are served once per value and type.
+                for attempt in range(IMPORT_TRIES):
+                    try:
+                        self.cscli("decisions", "import", "-i", path, "--scope", sc)
+                        break
+                    except LapiFixtureError as exc:
+                        if "database is locked" not in str(exc) or attempt == IMPORT_TRIES - 1:
+                            raise
+                        time.sleep(0.5)
             finally:
                 os.unlink(path)
         return time.perf_counter() - t0
