@@ -35,16 +35,20 @@ def lab() -> None:
 
 @lab.command()
 @NAME_OPT
+@click.option("--kind", type=click.Choice(labmod.KINDS), default="router", show_default=True,
+              help="router: the gateway routes between two subnets; bridge: the gateway bridges its two "
+                   "ports (br0), client and server share one subnet, nothing is routed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the layout as JSON.")
-def up(name: str, as_json: bool) -> None:
-    """Create the lab's namespaces, veth pairs, addresses and routes."""
-    info = labmod.Lab(name).up()
+def up(name: str, kind: str, as_json: bool) -> None:
+    """Create the lab's namespaces, veth pairs, addresses and routes (or bridge)."""
+    info = labmod.Lab(name, kind).up()
     if as_json:
         click.echo(json.dumps(_layout(info), indent=1))
         return
     for h in (info.client, info.gw_client, info.gw_server, info.server):
-        click.echo(f"{h.netns:<22} {h.ifname:<10} {h.ipv4:<12} {h.ipv6}")
-    click.echo(f"lab {name} is up; check it with: hybridctl lab status --name {name}")
+        where = h.ipv4 or f"port of {info.bridge}"
+        click.echo(f"{h.netns:<22} {h.ifname:<10} {where:<12} {h.ipv6}")
+    click.echo(f"lab {name} ({kind}) is up; check it with: hybridctl lab status --name {name}")
 
 
 @lab.command()

@@ -86,6 +86,16 @@ def lab():
         yield lab
 
 
+@pytest.fixture(scope="module")
+def bridge_lab():
+    """A client -- bridge -- server lab (the gateway bridges its two ports, one subnet) for the
+    whole module, removed afterwards."""
+    if not IS_ROOT:
+        pytest.skip("needs root: run sudo ./scripts/test.sh")
+    with Lab(new_lab_name(), kind="bridge") as lab:
+        yield lab
+
+
 @pytest.fixture
 def fresh_lab():
     """A lab of its own for one test."""

@@ -1,14 +1,26 @@
 """A three-namespace testbed: client -- gateway -- server, joined by veth pairs.
 
-::
+A router lab (the default)::
 
     [NAME-client] eth0 ---- to-client [NAME-gw] to-server ---- eth0 [NAME-server]
      198.18.1.2/24          198.18.1.1/24        198.18.2.1/24       198.18.2.2/24
      2001:2:0:1::2/64       2001:2:0:1::1/64     2001:2:0:2::1/64    2001:2:0:2::2/64
 
+A bridge lab (``kind="bridge"``, a bump in the wire)::
+
+    [NAME-client] eth0 ---- to-client [NAME-gw: br0] to-server ---- eth0 [NAME-server]
+     198.18.1.2/16          (bridge ports, no addresses)            198.18.2.2/16
+     2001:2:0:1::2/48                                               2001:2:0:2::2/48
+
+In the bridge lab client and server share one subnet (198.18.0.0/16, 2001:2::/48) and find each
+other by ARP and neighbour discovery across the bridge; nothing is routed. The gateway's bridge
+and its ports have no address and no IPv6 at all (a transparent bridge says nothing on the wire).
+The end hosts keep the router lab's addresses, so every test and workload written for the router
+lab addresses the same hosts in either kind.
+
 Addresses come from the benchmarking ranges (RFC 2544 198.18.0.0/15, RFC 5180 2001:2::/48).
-The gateway forwards; the client and server have a route to each other's subnet through it and
-no default route, so nothing can leave the lab. The same code builds the lab for
+In the router lab the gateway forwards; the client and server have a route to each other's
+subnet through it and no default route, so nothing can leave the lab. The same code builds the lab for
 ``hybridctl lab``, the test fixtures and the benchmarks. Names are prefixed so that several labs
 (tests running side by side) never collide; a lab's record lives in /run/hybrid/labs so that
 ``lab down``/``status`` work from another process.
@@ -35,6 +47,8 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,20}$")
 ROLES = ("client", "gw", "server")
+KINDS = ("router", "bridge")
+BRIDGE = "br0"          # the bridge in a bridge lab's gateway
 
 
 @dataclass(frozen=True)
@@ -51,21 +65,37 @@ class LabInfo:
     name: str
     client: Host
     server: Host
-    gw_client: Host   # the gateway's interface facing the client
-    gw_server: Host   # the gateway's interface facing the server
+    gw_client: Host   # the gateway's interface facing the client (a bridge port in a bridge lab)
+    gw_server: Host   # the gateway's interface facing the server (likewise)
+    kind: str = "router"        # "router" or "bridge"
+    bridge: str | None = None   # the gateway's bridge (bridge lab only)
+
+    @property
+    def prefix4(self) -> int:
+        """The end hosts' IPv4 prefix length: one subnet per side, or one for the whole bridge."""
+        return 16 if self.kind == "bridge" else 24
+
+    @property
+    def prefix6(self) -> int:
+        return 48 if self.kind == "bridge" else 64
 
 
-def lab_info(name: str) -> LabInfo:
+def lab_info(name: str, kind: str = "router") -> LabInfo:
     """The fixed layout of the lab called ``name`` (no system access)."""
     if not NAME_RE.match(name):
         raise ConfigError(f"lab name {name!r}: use 1-21 lowercase letters, digits or '-', starting with a letter")
+    if kind not in KINDS:
+        raise ConfigError(f"lab kind {kind!r}: use one of {', '.join(KINDS)}")
     gw = f"{name}-gw"
+    bridged = kind == "bridge"
     return LabInfo(
         name=name,
         client=Host("client", f"{name}-client", "eth0", "198.18.1.2", "2001:2:0:1::2"),
         server=Host("server", f"{name}-server", "eth0", "198.18.2.2", "2001:2:0:2::2"),
-        gw_client=Host("gw", gw, "to-client", "198.18.1.1", "2001:2:0:1::1"),
-        gw_server=Host("gw", gw, "to-server", "198.18.2.1", "2001:2:0:2::1"),
+        gw_client=Host("gw", gw, "to-client", "" if bridged else "198.18.1.1", "" if bridged else "2001:2:0:1::1"),
+        gw_server=Host("gw", gw, "to-server", "" if bridged else "198.18.2.1", "" if bridged else "2001:2:0:2::1"),
+        kind=kind,
+        bridge=BRIDGE if bridged else None,
     )
 
 
@@ -80,9 +110,10 @@ class Lab:
     """Build, query and remove one lab. ``with Lab(name) as lab:`` brings it up and always
     tears it down."""
 
-    def __init__(self, name: str = "hlab"):
-        self.info = lab_info(name)
+    def __init__(self, name: str = "hlab", kind: str = "router"):
+        self.info = lab_info(name, kind)
         self.name = name
+        self.kind = kind
 
     # -- names -------------------------------------------------------------------------------
     @property
@@ -129,11 +160,17 @@ class Lab:
             sysutil.run([ip, "-n", gw_if.netns, "link", "add", gw_if.ifname, "type", "veth",
                          "peer", "name", host.ifname, "netns", host.netns],
                         what=f"creating veth {gw_if.ifname}")
+        if i.kind == "bridge":
+            self._build_bridge(ip)
         for h in (i.client, i.gw_client, i.gw_server, i.server):
+            if not h.ipv4:
+                continue     # a bridge port: no address
+            plen4, plen6 = (i.prefix4, i.prefix6) if h.role != "gw" else (24, 64)
             # No IPv6 duplicate address detection: addresses are usable at once, not "tentative".
             sysutil.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{h.ifname}.accept_dad=0"], netns=h.netns)
-            sysutil.run([ip, "-n", h.netns, "addr", "add", f"{h.ipv4}/24", "dev", h.ifname])
-            sysutil.run([ip, "-n", h.netns, "addr", "add", f"{h.ipv6}/64", "dev", h.ifname, "nodad"])
+            sysutil.run([ip, "-n", h.netns, "addr", "add", f"{h.ipv4}/{plen4}", "dev", h.ifname])
+            sysutil.run([ip, "-n", h.netns, "addr", "add", f"{h.ipv6}/{plen6}", "dev", h.ifname, "nodad"])
+        for h in (i.client, i.gw_client, i.gw_server, i.server):
             sysutil.run([ip, "-n", h.netns, "link", "set", h.ifname, "up"])
         for ns in self.namespaces:
             sysutil.run([ip, "-n", ns, "link", "set", "lo", "up"])
@@ -146,6 +183,8 @@ class Lab:
         sysutil.run(["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1",
                      "net.ipv4.ip_local_port_range=1024 65000"], netns=i.client.netns)
         sysutil.run(["sysctl", "-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"], netns=i.server.netns)
+        if i.kind == "bridge":
+            return       # one subnet: the hosts reach each other on-link, nothing is routed
         sysutil.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], netns=i.gw_client.netns)
         sysutil.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"], netns=i.gw_client.netns)
         # Routes to the far subnet only: no default route, so nothing can leave the lab.
@@ -154,6 +193,21 @@ class Lab:
             net6 = far.ipv6.rsplit("::", 1)[0] + "::/64"
             sysutil.run([ip, "-n", host.netns, "route", "add", net4, "via", gw_if.ipv4])
             sysutil.run([ip, "-n", host.netns, "-6", "route", "add", net6, "via", gw_if.ipv6])
+
+    def _build_bridge(self, ip: str) -> None:
+        """The gateway's bridge with both veths as ports. No STP (two ports, no loop): ports
+        forward as soon as they are up. No IPv6 on the bridge or its ports, so the gateway sends
+        no router or neighbour solicitations of its own: only the end hosts talk."""
+        i = self.info
+        gw = i.gw_client.netns
+        for dev in (i.bridge, i.gw_client.ifname, i.gw_server.ifname):
+            if dev == i.bridge:
+                sysutil.run([ip, "-n", gw, "link", "add", dev, "type", "bridge", "stp_state", "0"],
+                            what=f"creating bridge {dev}")
+            sysutil.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{dev}.disable_ipv6=1"], netns=gw)
+        for port in (i.gw_client.ifname, i.gw_server.ifname):
+            sysutil.run([ip, "-n", gw, "link", "set", port, "master", i.bridge])
+        sysutil.run([ip, "-n", gw, "link", "set", i.bridge, "up"])
 
     def down(self) -> list[str]:
         """Remove the lab's namespaces (which removes their veths, iptables rules and XDP/tc

@@ -87,3 +87,22 @@ def test_lab_exec_runs_inside_the_namespace(lab):
                           capture_output=True, text=True)
     assert proc.returncode == 0
     assert "198.18.2.2/24" in proc.stdout
+
+
+def test_bridge_lab_bridges_one_subnet_and_routes_nothing(bridge_lab):
+    """The bridge lab: client and server on one subnet, reached through the gateway's bridge
+    (its ports carry no address, it forwards nothing at layer 3), and no way out."""
+    lab = bridge_lab
+    assert lab.info.kind == "bridge" and lab.info.gw_client.ipv4 == ""
+    assert lab.ping("client", lab.info.server.ipv4)
+    assert lab.ping("client", lab.info.server.ipv6)
+    gw = json.loads(lab.run("gw", ["ip", "-j", "addr", "show"]).stdout)
+    addressed = {link["ifname"]: [a["local"] for a in link.get("addr_info", [])] for link in gw}
+    assert addressed["br0"] == [] and addressed["to-client"] == [] and addressed["to-server"] == []
+    assert lab.run("gw", ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"
+    ports = json.loads(lab.run("gw", ["ip", "-j", "link", "show", "master", "br0"]).stdout)
+    assert sorted(p["ifname"] for p in ports) == ["to-client", "to-server"]
+    for role in labmod.ROLES:
+        assert lab.run(role, ["ip", "route", "show", "default"]).stdout.strip() == ""
+    res = iperf3(lab, seconds=1)
+    assert res["end"]["sum_received"]["bytes"] > 1_000_000
