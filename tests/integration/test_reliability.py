@@ -32,8 +32,14 @@ def test_kill_9_of_the_engine_under_load(lab, tmp_path, policy):
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     stats = f"/run/hybrid/instances/{lab.netns('gw')}/engine-0.json"
-    engine = start_engine(lab, rules, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    iperf_server = None
+    errlog = open(tmp_path / "engine.err", "w+")
+    engine = start_engine(lab, rules, stdout=subprocess.DEVNULL, stderr=errlog, start_new_session=True)
+    iperf_server = bulk = None
+
+    def gone(what: str) -> str:
+        errlog.seek(0)
+        return f"the engine exited ({engine.returncode}) {what}: " + " | ".join(errlog.read().splitlines()[-5:])
+
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(stats):
@@ -46,6 +52,9 @@ def test_kill_9_of_the_engine_under_load(lab, tmp_path, policy):
         time.sleep(1.5)                                   # the stream is established and bypassed
         with open(stats) as f:
             child = json.load(f)["pid"]
+        # The engine must still be there to be killed: if it left by itself, say why (seen once in
+        # CI as a bare ProcessLookupError from killpg, with its stderr thrown away).
+        assert engine.poll() is None, gone("before the test killed it")
         os.killpg(engine.pid, signal.SIGKILL)             # the engine parent and its queue process
         if _alive(child):
             os.kill(child, signal.SIGKILL)
@@ -69,9 +78,12 @@ def test_kill_9_of_the_engine_under_load(lab, tmp_path, policy):
         if engine.poll() is None:
             os.killpg(engine.pid, signal.SIGKILL)
             engine.wait()
-        if iperf_server is not None and iperf_server.poll() is None:
-            iperf_server.kill()
-            iperf_server.wait()
+        errlog.close()
+        for proc in (bulk, iperf_server):      # a failed run must not leave a Popen to be collected later
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.communicate()
         assert in_gw(lab, *HYBRIDCTL, "detach", "--all").returncode == 0
 
 
