@@ -33,7 +33,7 @@ from hybrid.fleet.share import MAX_DATAGRAM, SharePusher
 log = logging.getLogger(__name__)
 
 BACKOFF_MAX = 30.0          # seconds between two attempts at most
-OWN_REFRESH = 30.0          # seconds between two reads of the gateway's own addresses
+OWN_REFRESH = 30.0          # seconds between two reads of the gateway's own (and the LAPI's) addresses
 PUBLISH_EVERY = 1.0
 STOP_WAIT = 10.0            # seconds stop() waits for the thread         # seconds between two writes of crowdsec.json at most
 
@@ -128,6 +128,11 @@ class Link:
                     own_at = now
                     with contextlib.suppress(Exception):
                         self.policy.set_own(own_addresses())
+                    # A LAPI named by host name is resolved again; a failed lookup keeps the last
+                    # addresses protected rather than none.
+                    with contextlib.suppress(Exception):
+                        if lapi_now := lapi_addresses(self.cfg["crowdsec.lapi_url"]):
+                            self.policy.set_lapi(lapi_now)
                 if self._stopping.is_set():
                     continue
                 if self.bouncer is not None and now >= next_pull:
@@ -210,7 +215,7 @@ class Link:
 
     def snapshot(self) -> dict:
         return {"url": self.cfg["crowdsec.lapi_url"], "poll_interval": self.interval, **self.state,
-                "own": list(self.policy.own),
+                "own": list(self.policy.own), "lapi_addresses": list(self.policy.lapi),
                 "bouncer": self.bouncer.snapshot() if self.bouncer else None,
                 "share": self.pusher.snapshot() if self.pusher else None}
 

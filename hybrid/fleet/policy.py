@@ -72,9 +72,14 @@ class Intervals:
         return i >= 0 and ends[i] >= lo
 
 
+def _singles(addresses: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted({str(_unmapped(ipaddress.ip_network(a, strict=False))) for a in addresses}))
+
+
 class Policy:
     """The bouncer's filters and refusals (module docstring). ``own`` is refreshed with
-    :meth:`set_own` (the gateway's addresses change at run time)."""
+    :meth:`set_own` (the gateway's addresses change at run time), the Local API's addresses with
+    :meth:`set_lapi` (a host name may resolve elsewhere later)."""
 
     def __init__(self, *, scopes: Iterable[str] = ("ip", "range"), types: Iterable[str] = ("ban",),
                  origins: Iterable[str] = (), never_block: Iterable[str] = (), min_prefix_v4: int = 12,
@@ -83,15 +88,25 @@ class Policy:
         self.types = frozenset(types)
         self.origins = frozenset(origins)
         self.min_prefix = {4: min_prefix_v4, 6: min_prefix_v6}
-        self._fixed = [_unmapped(ipaddress.ip_network(n, strict=False))
-                       for n in (*ALWAYS_PROTECTED, *never_block, *lapi_addresses)]
+        self._fixed = [_unmapped(ipaddress.ip_network(n, strict=False)) for n in (*ALWAYS_PROTECTED, *never_block)]
+        self.own: tuple[str, ...] = ()
+        self.lapi: tuple[str, ...] = ()
+        self.set_lapi(lapi_addresses)
         self.set_own(own)
 
     def set_own(self, addresses: Iterable[str]) -> None:
         """The gateway's own addresses (each protected as a single address)."""
-        own = [_unmapped(ipaddress.ip_network(a, strict=False)) for a in addresses]
-        self.own = tuple(sorted({str(n) for n in own}))
-        self._protected = Intervals([*self._fixed, *own])
+        self.own = _singles(addresses)
+        self._rebuild()
+
+    def set_lapi(self, addresses: Iterable[str]) -> None:
+        """The Local API's addresses (each protected as a single address: a ban on it would cut
+        the link that could lift the ban)."""
+        self.lapi = _singles(addresses)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._protected = Intervals([*self._fixed, *(ipaddress.ip_network(a) for a in (*self.own, *self.lapi))])
 
     def refusal(self, net: Network) -> str | None:
         """Why the kernel must not drop ``net`` (a REFUSED word), or None."""

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from hybrid.datapath.maps import Maps
+from hybrid.errors import HybridError
 from hybrid.lab.crowdsec import Lapi, decision_values
 from hybrid.lab.fleet import FleetNet, ServiceRun, kernel_bans, service_config, wait_for
 from hybrid.lab.topology import Lab
@@ -139,8 +140,8 @@ def _rss_kib(pid: int) -> dict:
 
 
 def _memlock(maps: Maps, name: str) -> int | None:
-    fd = maps._fds.get(name)
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, HybridError):
+        fd = maps.fd(name)
         with open(f"/proc/self/fdinfo/{fd}") as f:
             for line in f:
                 if line.startswith("memlock:"):

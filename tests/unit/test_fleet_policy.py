@@ -87,6 +87,16 @@ def test_own_addresses_refresh():
     assert judge(p, "ip", "198.18.0.1") == APPLY                  # no longer ours
 
 
+def test_lapi_addresses_refresh_apart_from_own():
+    p = policy()
+    assert judge(p, "ip", "198.18.9.9") == "protected"
+    p.set_lapi(["::ffff:203.0.113.7"])                             # the LAPI's name now resolves elsewhere
+    assert judge(p, "ip", "203.0.113.7") == "protected"            # mapped or not, the same address
+    assert judge(p, "ip", "198.18.9.9") == APPLY
+    p.set_own(["192.0.2.5"])                                       # refreshing one keeps the other
+    assert judge(p, "ip", "203.0.113.7") == "protected" and p.lapi == ("203.0.113.7/32",)
+
+
 def test_intervals_against_brute_force():
     import random
     rnd = random.Random(7)
