@@ -68,6 +68,8 @@ def names(capture: str | os.PathLike, *, decode_as: Sequence[str] = ()) -> list[
     path = os.fspath(capture)
     if not os.path.isfile(path):
         raise HybridError(f"{path}: no such capture file")
+    if os.path.getsize(path) == 0:                  # tshark reads an empty file as no packets
+        raise HybridError(f"tshark cannot read {path}: the file is empty, not a capture")
     argv = [tshark_path(), "-n", "-r", path, "-Y", _FILTER, "-T", "json"]
     for d in decode_as:
         argv += ["-d", d]
