@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -190,14 +191,23 @@ def _tls(ctx: _Ctx) -> dict[str, object]:
 
 def _dns(ctx: _Ctx) -> dict[str, object]:
     """dig for an allowed and a blocked name: over UDP to each server address, and over TCP;
-    the answer's addresses (empty: none)."""
+    the answer's addresses (empty: no answer, e.g. refused)."""
     out: dict[str, object] = {}
     srv = ctx.lab.info.server
     for how, addr, extra in (("udp ipv4", srv.ipv4, []), ("udp ipv6", srv.ipv6, []), ("tcp ipv4", srv.ipv4, ["+tcp"])):
         for name in DNS_NAMES:
             proc = ctx.client(["dig", "+short", "+tries=1", f"+time={CLIENT_TIMEOUT}", *extra, f"@{addr}", name, "A"])
-            out[f"dns {name} {how}"] = [ln for ln in proc.stdout.split() if ln and not ln.startswith(";")]
+            out[f"dns {name} {how}"] = _answers(proc.stdout)
     return out
+
+
+def _answers(dig_short: str) -> list[str]:
+    """The addresses in ``dig +short``'s output (dig prints its errors there too, ";;" lines)."""
+    found = []
+    for word in dig_short.split():
+        with contextlib.suppress(ValueError):
+            found.append(str(ipaddress.ip_address(word)))
+    return found
 
 
 def _bulk(ctx: _Ctx) -> dict[str, object]:

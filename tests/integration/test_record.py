@@ -89,6 +89,15 @@ def test_a_recorded_dns_scenario_in_a_bridge_lab(bridge_lab, tmp_path):
     assert rec.capture_dropped == {"to-client": 0, "to-server": 0}
     queries = {n.name for n in tshark.names(rec.capture) if n.kind == "dns_qname"}
     assert queries == set(DNS_NAMES)
+    # Live, through the bridge: the allowed name answered over UDP (both families) and TCP, the
+    # blocked one refused, each refusal in the verdict log.
+    allowed, blocked = DNS_NAMES
+    for how in ("udp ipv4", "udp ipv6", "tcp ipv4"):
+        assert rec.outcomes[f"dns {allowed} {how}"] == [bridge_lab.info.server.ipv4], rec.outcomes
+        assert rec.outcomes[f"dns {blocked} {how}"] == [], rec.outcomes
+    refused = sorted((v["proto"], v["src"]) for v in rec.verdicts if v["rule"] == "block-dns")
+    client = bridge_lab.info.client
+    assert refused == sorted([(6, client.ipv4), (17, client.ipv4), (17, client.ipv6)]), rec.verdicts
     assert left_behind(bridge_lab) == {"pids": {}, "attached": False, "netfilter": []}
 
 
