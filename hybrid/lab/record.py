@@ -468,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="an option for hybridctl attach, repeatable (e.g. --attach-opt=--name-cache)")
     a = p.parse_args(argv)
     try:
+        if a.rules is not None:
+            load_rules(a.rules)     # a broken rules file: one line, before any lab is made
         lab = Lab(a.lab, a.kind)
         with contextlib.ExitStack() as stack:
             if set(lab.namespaces) <= existing_netns():

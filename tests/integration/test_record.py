@@ -6,6 +6,7 @@ recording is left in the lab; a DNS scenario recorded in a bridge lab holds both
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -18,8 +19,7 @@ from hybrid.lab import tshark
 from hybrid.lab.record import DNS_NAMES, WEB_HOSTS, record
 
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(subprocess.run(["which", "dumpcap"], capture_output=True).returncode != 0,
-                                 reason="dumpcap missing: run scripts/setup.sh")]
+              pytest.mark.skipif(shutil.which("dumpcap") is None, reason="dumpcap missing: run scripts/setup.sh")]
 
 
 def frames(capture) -> list[tuple[int, str, str, str]]:
