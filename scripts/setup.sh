@@ -25,6 +25,9 @@ command -v apt-get >/dev/null || die "apt-get not found: this script supports De
 # crowdsec, crowdsec-firewall-bouncer, ipset: a real CrowdSec Local API for the fleet tests (each runs
 #   its own instance, hybrid/lab/crowdsec.py) and CrowdSec's own bouncer for the comparison
 #   (hybrid/lab/fwcompare.py; its iptables mode, the one that drops forwarded traffic, needs ipset)
+# tshark (with wireshark-common's dumpcap and mergecap): the lab recorder captures the gateway's
+#   links with dumpcap (hybrid/lab/record.py), and Wireshark's dissectors are the independent oracle
+#   for the names hybrid reads (hybrid/lab/tshark.py)
 packages=(
   python3 python3-venv python3-dev python3-bpfcc gcc
   linux-headers-amd64 libnetfilter-queue-dev
@@ -33,6 +36,7 @@ packages=(
   dnsmasq-base openssl dnsutils
   systemd libseccomp2
   crowdsec crowdsec-firewall-bouncer ipset
+  tshark
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -49,6 +53,11 @@ fi
 # An earlier crowdsec install that failed at that registration is finished now (apt-get refuses
 # to run while a package is left half-configured).
 if dpkg --audit 2>/dev/null | grep -q crowdsec; then dpkg --configure -a >/dev/null; fi
+# wireshark-common asks whether users outside root may capture (a setuid dumpcap and a wireshark
+# group); only root captures here, so the answer is no, given before the package asks.
+if command -v debconf-set-selections >/dev/null; then
+  echo 'wireshark-common wireshark-common/install-setuid boolean false' | debconf-set-selections
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
