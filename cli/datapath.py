@@ -61,6 +61,7 @@ def attach(interfaces, options, rules, keep, log_path, as_json) -> None:
     \b
     Examples:
       hybridctl attach eth0 eth1                       # a gateway, FORWARD path
+      hybridctl attach br0                             # a transparent bridge: its ports
       hybridctl attach eth0 --hook input               # a host
       hybridctl attach eth0 --queues 0-1 --watch-port 53 --block-prefix 203.0.113.0/24
       hybridctl attach eth0 eth1 --rules examples/rules/realistic.toml   # attach + engine; Ctrl-C detaches
@@ -79,6 +80,11 @@ def attach(interfaces, options, rules, keep, log_path, as_json) -> None:
     qa, qb = opts.queue_first, opts.queue_last
     for name, mode in res.interfaces.items():
         click.echo(f"attached {name}: tc ingress + " + ("no XDP" if mode == "off" else f"XDP {mode}"))
+    for br, ports in res.bridges.items():
+        click.echo(f"bridge mode: {br} (ports {', '.join(ports)}); a port added to {br} later is not inspected "
+                   "until attached too")
+    if res.sysctls:
+        click.echo("set " + ", ".join(f"{k}={v}" for k, v in res.sysctls.items()) + " (restored by detach)")
     click.echo(f"maps pinned in {res.pin_dir}" + (" (reused: verdicts and counters kept)" if res.reused_pins else ""))
     click.echo("marked packets go to NFQUEUE " + (f"{qa}" if qa == qb else f"{qa}-{qb}") +
                (" (fail-open)" if opts.fail_open else " (fail-closed)") + "; see: hybridctl status")
@@ -119,7 +125,7 @@ def detach(interfaces, all_, as_json) -> None:
     if as_json:
         click.echo(json.dumps(res.__dict__, indent=1))
         return
-    if not (res.interfaces or res.netfilter_families or res.pins_removed):
+    if not (res.interfaces or res.netfilter_families or res.pins_removed or res.sysctls):
         click.echo("nothing of hybrid to remove")
         return
     if res.interfaces:
@@ -128,6 +134,8 @@ def detach(interfaces, all_, as_json) -> None:
         click.echo(f"removed the queue chain ({', '.join(res.netfilter_families)})")
     if res.pins_removed:
         click.echo("removed the pinned maps")
+    for line in res.sysctls:
+        click.echo(line)
     if res.remaining:
         click.echo(f"still attached: {', '.join(res.remaining)}")
     for name in res.kept_clsact:
