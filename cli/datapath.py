@@ -14,6 +14,7 @@ from hybrid.engine.rules import load_rules
 from hybrid.kernel import abi
 from hybrid.kernel.sysutil import pid_alive
 from hybrid.observe.status import status as status_view
+from hybrid.observe import views
 from hybrid.observe.status import summary_lines
 
 from .common import InputError
@@ -130,8 +131,11 @@ def detach(interfaces, all_, as_json) -> None:
         return
     if res.interfaces:
         click.echo(f"detached from {', '.join(res.interfaces)}")
-    if res.netfilter_families:
-        click.echo(f"removed the queue chain ({', '.join(res.netfilter_families)})")
+    chains = [f for f in res.netfilter_families if f != "bridge"]
+    if chains:
+        click.echo(f"removed the queue chain ({', '.join(chains)})")
+    if "bridge" in res.netfilter_families:
+        click.echo("removed the bridge table (nft: table bridge hybrid)")
     if res.pins_removed:
         click.echo("removed the pinned maps")
     for line in res.sysctls:
@@ -172,6 +176,8 @@ def status(as_json: bool) -> None:
             click.echo(f"warning: {st['warning']}")
         return
     click.echo(f"instance {st['instance']}, maps in {st['pin_dir']}, {st['flows']} flows in the table")
+    for line in views.bridge_lines(st.get("bridge")):
+        click.echo(line)
     if st.get("pinned"):
         p = st["pinned"]
         evicted = sum(e["counters"].get("evicted_decided", 0) for e in st["interfaces"].values())

@@ -300,6 +300,10 @@ def attach(opts: AttachOptions) -> AttachResult:
             for br, ports in bridges.items():
                 state.bridges[br] = sorted(set(state.bridges.get(br, [])) | set(ports))
             sysctls = _set_sysctls(undo, state, bridge_sysctls(rule.families))
+            had_table = netfilter.bridge_installed()
+            netfilter.bridge_install(rule.mark_value, rule.mark_mask)   # what br_netfilter cannot queue
+            if not had_table:
+                undo.callback(netfilter.bridge_remove)
         netfilter.install(rule)
         undo.callback(netfilter.remove, rule.families)
         # Other families we installed before (a re-attach that drops ipv6) must not linger.
@@ -490,6 +494,8 @@ def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
             sysctls = restore_sysctls(state)
     if not remaining:
         families = netfilter.remove()
+        if netfilter.bridge_remove():
+            families.append("bridge")
         pin_dir = pin_access(instance)
         if pin_dir and os.path.isdir(pin_dir):
             _remove_pins(pin_dir)

@@ -33,6 +33,7 @@ TOOL_PACKAGES = {
     "curl": "curl",
     "nsenter": "util-linux",
     "mount": "mount",
+    "nft": "nftables",
 }
 
 
