@@ -1044,14 +1044,8 @@ class Engine:
             out = build(pkt)
             if self._l2 is not None:
                 self._send_l2(out, pkt, what)
-            elif pkt.version == 4:
-                if self._raw4 is None:
-                    self._raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-                self._raw4.sendto(out, (socket.inet_ntop(socket.AF_INET, out[16:20]), 0))
             else:
-                if self._raw6 is None:
-                    self._raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-                self._raw6.sendto(out, (socket.inet_ntop(socket.AF_INET6, out[24:40]), 0))
+                self._send_routed(out, pkt.version)
         except _Stop:
             raise
         except Exception as exc:   # noqa: BLE001 - HybridError (not buildable), OSError (not sent)
@@ -1059,6 +1053,16 @@ class Engine:
             if self.stats.reject_send_errors <= 10:
                 log.error("queue %d: reject: %s not sent (%s); the packet is dropped",
                           self.queue, what, exc)
+
+    def _send_routed(self, out: bytes, version: int) -> None:
+        if version == 4:
+            if self._raw4 is None:
+                self._raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._raw4.sendto(out, (socket.inet_ntop(socket.AF_INET, out[16:20]), 0))
+        else:
+            if self._raw6 is None:
+                self._raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._raw6.sendto(out, (socket.inet_ntop(socket.AF_INET6, out[24:40]), 0))
 
     # -- layer 2, for bridged packets ------------------------------------------------------------
     _MACS_MAX = 65536
@@ -1110,8 +1114,11 @@ class Engine:
                 raise HybridError("the packet's source MAC address is unknown")
             port, dst_mac = in_port, sender_mac
             src_mac = self._macs.get((out_port, pkt.dst_bytes)) or self._port_mac(in_port)
+        elif not out_port:              # on to this host (the INPUT hook, through the bridge)
+            self._send_routed(out, 4 if v4 else 6)
+            return
         else:                           # on to the receiver, as from the sender
-            port, dst_mac = out_port, self._macs.get((out_port, dst)) if out_port else None
+            port, dst_mac = out_port, self._macs.get((out_port, dst))
             src_mac = sender_mac or self._port_mac(out_port)
             if dst_mac is None:
                 self.stats.reject_no_mac += 1

@@ -157,6 +157,10 @@ def test_attach_a_bridge_sets_the_sysctls_and_detach_restores_them(bridge_lab):
         assert sysctls(lab) == dict.fromkeys(SYSCTLS, "0")
         assert nothing_left(lab) == []
         assert forwards(lab)
+        assert "bridge mode: br0 (ports to-client, to-server)" in hctl(lab, "attach", *PORTS).stdout  # ports named
+        assert sysctls(lab) == dict.fromkeys(SYSCTLS, "1")
+        hctl(lab, "detach", *PORTS)
+        assert sysctls(lab) == dict.fromkeys(SYSCTLS, "0") and nothing_left(lab) == []
     finally:
         hctl(lab, "detach", "--all")
         set_sysctls(lab, "1")
