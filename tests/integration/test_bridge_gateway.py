@@ -20,7 +20,7 @@ import pytest
 from gwlab import HYBRIDCTL, Engine, engine_stats, hctl, kernel_counters, start_engine, status, wait_for
 
 from hybrid.kernel import netfilter
-from hybrid.lab.servers import Dns, Nginx, UdpSink, iperf3
+from hybrid.lab.servers import Dns, Nginx, UdpSink, iperf3, udp_send_from_client
 from hybrid.lab.topology import netns
 
 pytestmark = pytest.mark.integration
@@ -222,86 +222,6 @@ def test_a_port_added_after_attach_is_named_by_status_and_doctor(bridge_lab):
 
 
 # -- the engine on bridged packets -----------------------------------------------------------------
-@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_host_sni_and_dns_blocks_with_resets_at_layer_2(bridge_lab, tmp_path, v6):
-    """examples/rules/realistic.toml on the bridge: a blocked Host and a blocked SNI are reset
-    (curl sees the reset at once, not a timeout) and the server keeps no connection (the onward
-    RST reached it at layer 2); a blocked DNS name gets no answer; allowed ones are served."""
-    lab = bridge_lab
-    with (Nginx(lab, tls_port=443, server_names=("www.example.test", "x.tracker.example")) as nginx,
-          Dns(lab, records={"ok.example": "192.0.2.8", "x.ads.example": "192.0.2.9"}),
-          bridge_attached(lab), engine(lab, tmp_path)):
-        assert curl_http(lab, "www.example.test", v6).stdout == "200"
-        p = curl_http(lab, "x.blocked.example", v6)
-        assert p.returncode == 56 and "reset" in p.stderr.lower(), p.stderr        # reset, not timed out (28)
-        assert curl_tls(lab, nginx, "www.example.test", v6).stdout == "200"
-        p = curl_tls(lab, nginx, "x.tracker.example", v6)
-        assert p.returncode == 35 and "reset" in p.stderr.lower(), (p.returncode, p.stderr)
-        assert dig(lab, "ok.example", v6) == "192.0.2.8"
-        blocked = dig(lab, "x.ads.example", v6)
-        assert "192.0.2.9" not in blocked and "timed out" in blocked, blocked
-        wait_for(lambda: established(lab) == [], 5, "the server's connections to end")
-        st = engine_stats(lab, until=lambda s: s["actions"]["reject"] >= 2)
-        assert st["actions"]["reject"] >= 2 and st["rules"]["block-dns-name"] >= 1
-        assert st["reject_send_errors"] == 0 and st["reject_no_mac"] == 0, st
-        assert st["errors"] == 0
-
-
-def test_iif_is_the_bridge_port_and_rewrite_works(bridge_lab, tmp_path):
-    lab = bridge_lab
-    rules = ('[[rule]]\nname = "from-server-side"\niif = "to-server"\nproto = "udp"\ndport = 9999\n'
-             'action = "drop"\n\n'
-             '[[rule]]\nname = "from-client-side"\niif = "to-client"\nproto = "udp"\ndport = 9998\n'
-             'action = "drop"\n\n'
-             '[[rule]]\nname = "fill"\nproto = "udp"\ndport = 10010\naction = "rewrite"\n'
-             'rewrite = { fill = "h", end = "\\n" }\n')
-    from hybrid.lab.servers import udp_send_from_client
-    with (UdpSink(lab, port=9999) as s9, UdpSink(lab, port=9998) as s8, UdpSink(lab, port=10010) as s10,
-          bridge_attached(lab), engine(lab, tmp_path, rules)):
-        udp_send_from_client(lab, b"to 9999", 9999)          # came in by to-client: not the first rule
-        udp_send_from_client(lab, b"to 9998", 9998)          # dropped by the second
-        udp_send_from_client(lab, b"abcdef", 10010)
-        assert s9.wait(1) == [b"to 9999"]
-        assert s10.wait(1) == [b"hhhhh\n"]
-        st = engine_stats(lab, until=lambda s: s["rules"].get("from-client-side", 0) >= 1)
-        assert st["rules"]["from-client-side"] == 1 and st["rules"]["from-server-side"] == 0
-        assert s8.payloads == []
-
-
-def test_a_bypassed_flow_is_decided_in_the_kernel(bridge_lab, tmp_path):
-    lab = bridge_lab
-    with bridge_attached(lab), engine(lab, tmp_path):
-        before = kernel_counters(lab)
-        res = iperf3(lab, 2)
-        after = kernel_counters(lab)
-    packets = after["packets"] - before["packets"]
-    flagged = after["flagged"] - before["flagged"]
-    assert res["end"]["sum_received"]["bytes"] > 10_000_000
-    assert packets > 1000 and flagged < 40, (packets, flagged)
-    assert after["bypassed"] - before["bypassed"] > 1000
-
-
-def test_flow_block_drops_at_tc_and_xdp_generic_drops_a_prefix(bridge_lab, tmp_path):
-    lab = bridge_lab
-    from hybrid.lab.servers import udp_send_from_client
-    query = bytes.fromhex("12340100000100000000000001780361647307657861") + b"mple\x00\x00\x01\x00\x01"
-    with UdpSink(lab, port=53) as sink, bridge_attached(lab, "--xdp-mode", "generic"), engine(lab, tmp_path):
-        udp_send_from_client(lab, query, 53, sport=40053)   # the engine drops it and blocks the flow
-        engine_stats(lab, until=lambda s: s["rules"]["block-dns-name"] >= 1)
-        for _ in range(2):                                  # the same 5-tuple again: dropped in the kernel
-            udp_send_from_client(lab, query, 53, sport=40053)
-        wait_for(lambda: kernel_counters(lab)["drop_tc_flow"] + kernel_counters(lab)["xdp_drop_flow"] >= 1, 5,
-                 "the blocked flow's next datagram dropped in the kernel")
-        assert sink.payloads == []
-        st = status(lab)
-        assert {e["xdp_mode"] for e in st["interfaces"].values()} == {"generic"}
-        assert all(e["xdp_attached"] for e in st["interfaces"].values())
-        hctl(lab, "attach", "br0", "--xdp-mode", "generic", "--block-prefix", f"{lab.info.server.ipv4}/32")
-        assert not lab.ping("client", lab.info.server.ipv4)
-        assert kernel_counters(lab)["xdp_drop_prefix"] >= 1
-    assert forwards(lab)
-
-
 @pytest.mark.parametrize("policy", ["--fail-open", "--fail-closed"])
 def test_engine_death(bridge_lab, tmp_path, policy):
     """kill -9 of the engine: fail-open, a blocked Host passes (uninspected, as the policy says);
@@ -362,56 +282,6 @@ def test_kill_9_of_hybridctl_and_of_the_engine_then_detach_leaves_nothing(bridge
         set_sysctls(lab, "1")
 
 
-# -- VLAN tags: what br_netfilter hands to iptables, and what it never does ------------------------
-def test_vlan_tagged_frames_are_inspected_and_double_tags_never_pass_uninspected(bridge_lab, tmp_path):
-    """A priority tag (VID 0) is taken as untagged by the server: with bridge-nf-filter-vlan-tagged
-    off such a frame would cross the bridge unqueued (shown: the blocked payload arrives), so attach
-    turns it on. Two tags (0/0) reach the server too and br_netfilter never queues them: the
-    bridge table drops the flagged ones."""
-    from scapy.layers.inet import IP, UDP
-    from scapy.layers.inet6 import IPv6
-    from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
-    from scapy.packet import Raw
-    lab = bridge_lab
-    c, s = lab.info.client, lab.info.server
-    cmac, smac = mac(lab, "client"), mac(lab, "server")
-    rules = '[[rule]]\nname = "evil"\nproto = "udp"\ndport = 9999\npayload_contains = "evil"\naction = "drop"\n'
-    sport = iter(range(42000, 43000))
-
-    def send(tags, payload: bytes, v6: bool) -> None:
-        l3 = IPv6(src=c.ipv6, dst=s.ipv6) if v6 else IP(src=c.ipv4, dst=s.ipv4)
-        frame = Ether(src=cmac, dst=smac)
-        for i, t in enumerate(tags):
-            frame = frame / (Dot1AD(vlan=t) if len(tags) == 2 and i == 0 else Dot1Q(vlan=t))
-        send_frame(lab, bytes(frame / l3 / UDP(sport=next(sport), dport=9999) / Raw(payload)))
-
-    def delivered(sink, sent: list[tuple[list[int], bytes, bool]]) -> set[bytes]:
-        """Send the frames, then an untagged marker the engine passes: one queue decides in
-        order, so once the marker is in, every earlier queued frame was decided."""
-        for tags, payload, v6 in sent:
-            send(tags, payload, v6)
-        marker = b"marker %d" % next(sport)
-        send([], marker, False)
-        wait_for(lambda: marker in sink.payloads, 5, "the marker")
-        return set(sink.payloads)
-
-    assert forwards(lab)     # neighbours known both ways
-    with UdpSink(lab, port=9999) as sink, bridge_attached(lab), engine(lab, tmp_path, rules):
-        cases = [(tags, b"%s %s %r" % (what, b"v6" if v6 else b"v4", tags), v6)
-                 for v6 in (False, True) for tags in ([], [0], [0, 0]) for what in (b"fine", b"evil")]
-        got = delivered(sink, cases)
-        for tags, payload, _v6 in cases:
-            # untagged and one tag: inspected (evil dropped); two tags: not inspectable, dropped
-            assert (payload in got) == (payload.startswith(b"fine") and len(tags) < 2), (payload, got)
-        assert status(lab)["bridge"]["dropped_two_tags"] >= 4
-        lab.run("gw", ["sysctl", "-q", "-w", "net.bridge.bridge-nf-filter-vlan-tagged=0"])
-        try:   # the blind spot attach closes: with the sysctl off, a tagged payload the rules drop arrives
-            assert b"evil off" in delivered(sink, [([0], b"evil off", False)])
-        finally:
-            lab.run("gw", ["sysctl", "-q", "-w", "net.bridge.bridge-nf-filter-vlan-tagged=1"])
-    assert nothing_left(lab) == []
-
-
 # -- the service -----------------------------------------------------------------------------------
 def test_run_with_the_bridge_in_the_configuration(bridge_lab, tmp_path):
     lab = bridge_lab
@@ -449,3 +319,173 @@ def test_run_with_the_bridge_in_the_configuration(bridge_lab, tmp_path):
     finally:
         hctl(lab, "detach", "--all")
         set_sysctls(lab, "1")
+
+
+# -- one attachment (generic XDP) and one engine for the tests below ------------------------------
+EXTRA_RULES = """
+[[rule]]
+name = "from-server-side"
+iif = "to-server"
+proto = "udp"
+dport = 9999
+action = "drop"
+
+[[rule]]
+name = "from-client-side"
+iif = "to-client"
+proto = "udp"
+dport = 9998
+action = "drop"
+
+[[rule]]
+name = "fill"
+proto = "udp"
+dport = 10010
+action = "rewrite"
+rewrite = { fill = "h", end = "\\n" }
+
+[[rule]]
+name = "evil"
+proto = "udp"
+dport = 9997
+payload_contains = "evil"
+action = "drop"
+"""
+
+
+@pytest.fixture(scope="module")
+def inline(bridge_lab, tmp_path_factory):
+    """br0 attached with generic XDP on its ports and an engine running realistic.toml plus
+    EXTRA_RULES (a UDP port each, after realistic's rules), for the rest of the module; the tests
+    that detach come before the first user of this fixture."""
+    lab = bridge_lab
+    with bridge_attached(lab, "--xdp-mode", "generic"), engine(lab, tmp_path_factory.mktemp("inline"),
+                                                               REALISTIC_TEXT + EXTRA_RULES):
+        yield lab
+    assert nothing_left(lab) == []
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_host_sni_and_dns_blocks_with_resets_at_layer_2(inline, v6):
+    """examples/rules/realistic.toml on the bridge: a blocked Host and a blocked SNI are reset
+    (curl sees the reset at once, not a timeout) and the server keeps no connection (the onward
+    RST reached it at layer 2); a blocked DNS name gets no answer; allowed ones are served."""
+    lab = inline
+    with (Nginx(lab, tls_port=443, server_names=("www.example.test", "x.tracker.example")) as nginx,
+          Dns(lab, records={"ok.example": "192.0.2.8", "x.ads.example": "192.0.2.9"})):
+        assert curl_http(lab, "www.example.test", v6).stdout == "200"
+        p = curl_http(lab, "x.blocked.example", v6)
+        assert p.returncode == 56 and "reset" in p.stderr.lower(), p.stderr        # reset, not timed out (28)
+        assert curl_tls(lab, nginx, "www.example.test", v6).stdout == "200"
+        p = curl_tls(lab, nginx, "x.tracker.example", v6)
+        assert p.returncode == 35 and "reset" in p.stderr.lower(), (p.returncode, p.stderr)
+        assert dig(lab, "ok.example", v6) == "192.0.2.8"
+        blocked = dig(lab, "x.ads.example", v6)
+        assert "192.0.2.9" not in blocked and "timed out" in blocked, blocked
+        wait_for(lambda: established(lab) == [], 5, "the server's connections to end")
+        st = engine_stats(lab, until=lambda s: s["actions"]["reject"] >= 2)
+        assert st["actions"]["reject"] >= 2 and st["rules"]["block-dns-name"] >= 1
+        assert st["reject_send_errors"] == 0 and st["reject_no_mac"] == 0, st
+        assert st["errors"] == 0
+
+
+def test_iif_is_the_bridge_port_and_rewrite_works(inline):
+    lab = inline
+    with UdpSink(lab, port=9999) as s9, UdpSink(lab, port=9998) as s8, UdpSink(lab, port=10010) as s10:
+        udp_send_from_client(lab, b"to 9999", 9999)          # came in by to-client: not the first rule
+        udp_send_from_client(lab, b"to 9998", 9998)          # dropped by the second
+        udp_send_from_client(lab, b"abcdef", 10010)
+        assert s9.wait(1) == [b"to 9999"]
+        assert s10.wait(1) == [b"hhhhh\n"]
+        st = engine_stats(lab, until=lambda s: s["rules"].get("from-client-side", 0) >= 1)
+        assert st["rules"]["from-client-side"] == 1 and st["rules"]["from-server-side"] == 0
+        assert s8.payloads == []
+
+
+def test_a_bypassed_flow_is_decided_in_the_kernel(inline):
+    lab = inline
+    before = kernel_counters(lab)
+    res = iperf3(lab, 2)
+    after = kernel_counters(lab)
+    packets = after["packets"] - before["packets"]
+    flagged = after["flagged"] - before["flagged"]
+    assert res["end"]["sum_received"]["bytes"] > 10_000_000
+    assert packets > 1000 and flagged < 40, (packets, flagged)
+    assert after["bypassed"] - before["bypassed"] > 1000
+
+
+def test_flow_block_drops_in_the_kernel_and_xdp_generic_drops_a_prefix(inline):
+    lab = inline
+    query = bytes.fromhex("12340100000100000000000001780361647307657861") + b"mple\x00\x00\x01\x00\x01"
+    with UdpSink(lab, port=53) as sink:
+        blocked = engine_stats(lab)["rules"]["block-dns-name"]
+        c = kernel_counters(lab)
+        dropped = c["drop_tc_flow"] + c["xdp_drop_flow"]
+        udp_send_from_client(lab, query, 53, sport=40053)   # the engine drops it and blocks the flow
+        engine_stats(lab, until=lambda s: s["rules"]["block-dns-name"] > blocked)
+        for _ in range(2):                                  # the same 5-tuple again: dropped in the kernel
+            udp_send_from_client(lab, query, 53, sport=40053)
+
+        def kernel_dropped():
+            c = kernel_counters(lab)
+            return c["drop_tc_flow"] + c["xdp_drop_flow"] - dropped >= 2
+        wait_for(kernel_dropped, 5, "the blocked flow's next datagrams dropped in the kernel")
+        assert sink.payloads == []
+        st = status(lab)
+        assert {e["xdp_mode"] for e in st["interfaces"].values()} == {"generic"}
+        assert all(e["xdp_attached"] for e in st["interfaces"].values())
+    hctl(lab, "attach", "br0", "--xdp-mode", "generic", "--block-prefix", f"{lab.info.server.ipv4}/32")
+    try:
+        assert not lab.ping("client", lab.info.server.ipv4)
+        assert kernel_counters(lab)["xdp_drop_prefix"] >= 1
+    finally:
+        hctl(lab, "attach", "br0", "--xdp-mode", "generic")     # the same attachment without the prefix
+    assert forwards(lab)
+
+
+# -- VLAN tags: what br_netfilter hands to iptables, and what it never does ------------------------
+def test_vlan_tagged_frames_are_inspected_and_double_tags_never_pass_uninspected(inline):
+    """A priority tag (VID 0) is taken as untagged by the server: with bridge-nf-filter-vlan-tagged
+    off such a frame would cross the bridge unqueued (shown: the blocked payload arrives), so attach
+    turns it on. Two tags (0/0) reach the server too and br_netfilter never queues them: the
+    bridge table drops the flagged ones."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
+    from scapy.packet import Raw
+    lab = inline
+    c, s = lab.info.client, lab.info.server
+    cmac, smac = mac(lab, "client"), mac(lab, "server")
+    sport = iter(range(42000, 43000))
+
+    def send(tags, payload: bytes, v6: bool) -> None:
+        l3 = IPv6(src=c.ipv6, dst=s.ipv6) if v6 else IP(src=c.ipv4, dst=s.ipv4)
+        frame = Ether(src=cmac, dst=smac)
+        for i, t in enumerate(tags):
+            frame = frame / (Dot1AD(vlan=t) if len(tags) == 2 and i == 0 else Dot1Q(vlan=t))
+        send_frame(lab, bytes(frame / l3 / UDP(sport=next(sport), dport=9997) / Raw(payload)))
+
+    def delivered(sink, sent: list[tuple[list[int], bytes, bool]]) -> set[bytes]:
+        """Send the frames, then an untagged marker the engine passes: one queue decides in
+        order, so once the marker is in, every earlier queued frame was decided."""
+        for tags, payload, v6 in sent:
+            send(tags, payload, v6)
+        marker = b"marker %d" % next(sport)
+        send([], marker, False)
+        wait_for(lambda: marker in sink.payloads, 5, "the marker")
+        return set(sink.payloads)
+
+    assert forwards(lab)     # neighbours known both ways
+    with UdpSink(lab, port=9997) as sink:
+        cases = [(tags, b"%s %s %r" % (what, b"v6" if v6 else b"v4", tags), v6)
+                 for v6 in (False, True) for tags in ([], [0], [0, 0]) for what in (b"fine", b"evil")]
+        got = delivered(sink, cases)
+        for tags, payload, _v6 in cases:
+            # untagged and one tag: inspected (evil dropped); two tags: not inspectable, dropped
+            assert (payload in got) == (payload.startswith(b"fine") and len(tags) < 2), (payload, got)
+        assert status(lab)["bridge"]["dropped_two_tags"] >= 4      # this test is the only one sending two tags
+        lab.run("gw", ["sysctl", "-q", "-w", "net.bridge.bridge-nf-filter-vlan-tagged=0"])
+        try:   # the blind spot attach closes: with the sysctl off, a tagged payload the rules drop arrives
+            assert b"evil off" in delivered(sink, [([0], b"evil off", False)])
+        finally:
+            lab.run("gw", ["sysctl", "-q", "-w", "net.bridge.bridge-nf-filter-vlan-tagged=1"])
