@@ -18,7 +18,9 @@ and naming ports of a bridge is bridge mode too. Bridged packets meet iptables o
 br_netfilter, so attach sets the namespace's ``net.bridge.bridge-nf-call-iptables`` /
 ``-ip6tables`` (per family queued) and ``bridge-nf-filter-vlan-tagged`` to 1, in the same
 transaction (undone on failure), their old values written ahead in the state file; detach puts
-back each value hybrid set, unless someone changed it meanwhile (then it is left and said).
+back each value hybrid set, unless someone changed it meanwhile (then it is left and said). A
+bridge table (hybrid.kernel.netfilter, "bridge mode") drops the flagged frames br_netfilter cannot
+queue (two VLAN tags).
 """
 
 from __future__ import annotations
