@@ -468,8 +468,8 @@ def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
         targets = sorted(known | set(discover_attached()))
     else:
         targets = []
-        for name in interfaces:      # a bridge hybrid is attached to stands for its ports
-            targets += state.bridges[name] if state and name in state.bridges else [name]
+        for name in interfaces:      # a bridge stands for its ports (the state's, else the kernel's)
+            targets += state.bridges[name] if state and name in state.bridges else _ports_if_bridge(name)
         targets = list(dict.fromkeys(targets))
     touched, kept_clsact = [], []
     maps = open_maps(state)
@@ -506,6 +506,16 @@ def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
     elif state:
         state.save()
     return DetachResult(instance, touched, families, pins_removed, remaining, kept_clsact, sysctls)
+
+
+def _ports_if_bridge(name: str) -> list[str]:
+    """A bridge's ports, or [name] for any other link (or one that is gone)."""
+    try:
+        if netlink.link_info(name).kind == "bridge":
+            return netlink.bridge_ports(name) or [name]
+    except HybridError:
+        pass
+    return [name]
 
 
 def pin_access(instance: str) -> str | None:
