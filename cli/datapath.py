@@ -14,6 +14,7 @@ from hybrid.engine.rules import load_rules
 from hybrid.kernel import abi
 from hybrid.kernel.sysutil import pid_alive
 from hybrid.observe.status import status as status_view
+from hybrid.observe import views
 from hybrid.observe.status import summary_lines
 
 from .common import InputError
@@ -61,6 +62,7 @@ def attach(interfaces, options, rules, keep, log_path, as_json) -> None:
     \b
     Examples:
       hybridctl attach eth0 eth1                       # a gateway, FORWARD path
+      hybridctl attach br0                             # a transparent bridge: its ports
       hybridctl attach eth0 --hook input               # a host
       hybridctl attach eth0 --queues 0-1 --watch-port 53 --block-prefix 203.0.113.0/24
       hybridctl attach eth0 eth1 --rules examples/rules/realistic.toml   # attach + engine; Ctrl-C detaches
@@ -79,6 +81,11 @@ def attach(interfaces, options, rules, keep, log_path, as_json) -> None:
     qa, qb = opts.queue_first, opts.queue_last
     for name, mode in res.interfaces.items():
         click.echo(f"attached {name}: tc ingress + " + ("no XDP" if mode == "off" else f"XDP {mode}"))
+    for br, ports in res.bridges.items():
+        click.echo(f"bridge mode: {br} (ports {', '.join(ports)}); a port added to {br} later is not inspected "
+                   "until attached too")
+    if res.sysctls:
+        click.echo("set " + ", ".join(f"{k}={v}" for k, v in res.sysctls.items()) + " (restored by detach)")
     click.echo(f"maps pinned in {res.pin_dir}" + (" (reused: verdicts and counters kept)" if res.reused_pins else ""))
     click.echo("marked packets go to NFQUEUE " + (f"{qa}" if qa == qb else f"{qa}-{qb}") +
                (" (fail-open)" if opts.fail_open else " (fail-closed)") + "; see: hybridctl status")
@@ -119,15 +126,20 @@ def detach(interfaces, all_, as_json) -> None:
     if as_json:
         click.echo(json.dumps(res.__dict__, indent=1))
         return
-    if not (res.interfaces or res.netfilter_families or res.pins_removed):
+    if not (res.interfaces or res.netfilter_families or res.pins_removed or res.sysctls):
         click.echo("nothing of hybrid to remove")
         return
     if res.interfaces:
         click.echo(f"detached from {', '.join(res.interfaces)}")
-    if res.netfilter_families:
-        click.echo(f"removed the queue chain ({', '.join(res.netfilter_families)})")
+    chains = [f for f in res.netfilter_families if f != "bridge"]
+    if chains:
+        click.echo(f"removed the queue chain ({', '.join(chains)})")
+    if "bridge" in res.netfilter_families:
+        click.echo("removed the bridge table (nft: table bridge hybrid)")
     if res.pins_removed:
         click.echo("removed the pinned maps")
+    for line in res.sysctls:
+        click.echo(line)
     if res.remaining:
         click.echo(f"still attached: {', '.join(res.remaining)}")
     for name in res.kept_clsact:
@@ -164,6 +176,8 @@ def status(as_json: bool) -> None:
             click.echo(f"warning: {st['warning']}")
         return
     click.echo(f"instance {st['instance']}, maps in {st['pin_dir']}, {st['flows']} flows in the table")
+    for line in views.bridge_lines(st.get("bridge")):
+        click.echo(line)
     if st.get("pinned"):
         p = st["pinned"]
         evicted = sum(e["counters"].get("evicted_decided", 0) for e in st["interfaces"].values())

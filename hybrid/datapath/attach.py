@@ -12,6 +12,15 @@ Where things live:
 - maps: pinned in <bpffs>/<instance>/ (see hybrid.bpffs), reopened by the next attach so that
   verdicts and counters survive a restart;
 - programs: attached to the interfaces (XDP and clsact ingress), referenced by nothing else.
+
+On a bridge (docs/deployment.md, "On a bridge"): naming a bridge attaches to its Ethernet ports,
+and naming ports of a bridge is bridge mode too. Bridged packets meet iptables only through
+br_netfilter, so attach sets the namespace's ``net.bridge.bridge-nf-call-iptables`` /
+``-ip6tables`` (per family queued) and ``bridge-nf-filter-vlan-tagged`` to 1, in the same
+transaction (undone on failure), their old values written ahead in the state file; detach puts
+back each value hybrid set, unless someone changed it meanwhile (then it is left and said). A
+bridge table (hybrid.kernel.netfilter, "bridge mode") drops the flagged frames br_netfilter cannot
+queue (two VLAN tags).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from hybrid import instance as inst
 from hybrid.datapath import loader
 from hybrid.datapath.maps import Maps, format_prefix, parse_cidr
 from hybrid.datapath.options import AttachOptions
-from hybrid.errors import ConfigError, HybridError, NotFoundError, PrivilegeError
+from hybrid.errors import ConfigError, HybridError, KernelFeatureError, NotFoundError, PrivilegeError
 from hybrid.kernel import abi, bpffs, bpfsys, netfilter, netlink, sysutil
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,8 @@ class State:
     options: dict = field(default_factory=dict)
     interfaces: dict[str, IfaceState] = field(default_factory=dict)
     netfilter: dict | None = None
+    bridges: dict[str, list[str]] = field(default_factory=dict)    # bridge -> its ports hybrid attached to
+    sysctls: dict[str, list[str]] = field(default_factory=dict)    # sysctl -> [value before attach, value set]
 
     @staticmethod
     def path(instance: str) -> str:
@@ -73,7 +84,8 @@ class State:
             log.warning("ignoring unreadable state %s: %s", cls.path(instance), exc)
             return None
         ifaces = {k: IfaceState(**v) for k, v in raw.get("interfaces", {}).items()}
-        return cls(raw["instance"], raw["pin_dir"], raw.get("options", {}), ifaces, raw.get("netfilter"))
+        return cls(raw["instance"], raw["pin_dir"], raw.get("options", {}), ifaces, raw.get("netfilter"),
+                   raw.get("bridges", {}), raw.get("sysctls", {}))
 
     def save(self) -> None:
         inst.make_dirs(self.instance)
@@ -121,6 +133,123 @@ class AttachResult:
     pin_dir: str
     interfaces: dict[str, str]   # ifname -> xdp mode used
     reused_pins: bool
+    bridges: dict[str, list[str]] = field(default_factory=dict)   # bridge -> ports attached
+    sysctls: dict[str, str] = field(default_factory=dict)         # sysctl -> value set
+
+
+# -- bridges ---------------------------------------------------------------------------------------
+BRIDGE_SYSCTLS = "/proc/sys/net/bridge"
+NF_CALL = {"ipv4": "net.bridge.bridge-nf-call-iptables", "ipv6": "net.bridge.bridge-nf-call-ip6tables"}
+# VLAN-tagged IP frames reach iptables only with this on; the BPF programs parse and flag tagged
+# frames like untagged ones, so with it off a flagged tagged frame would cross the bridge
+# unqueued: an attacker tags (VID 0, a priority tag, is taken as untagged by every Linux receiver)
+# and is never inspected (tests/integration/test_bridge_gateway.py shows it).
+VLAN_TAGGED = "net.bridge.bridge-nf-filter-vlan-tagged"
+BR_NETFILTER_NEEDED = ("bridge mode needs br_netfilter (/proc/sys/net/bridge is missing): "
+                       "modprobe br_netfilter, or a kernel with CONFIG_BRIDGE_NETFILTER")
+
+
+def bridge_sysctls(families) -> list[str]:
+    """The sysctls bridge mode sets to 1, for the netfilter families queued."""
+    return [NF_CALL[f] for f in families if f in NF_CALL] + [VLAN_TAGGED]
+
+
+def resolve_links(names: Sequence[str]) -> tuple[dict[str, netlink.LinkInfo], dict[str, list[str]]]:
+    """(the links to attach to, by name; the bridges involved -> their ports among those). A
+    bridge stands for its ports; a port stands for itself and makes its bridge involved. Every
+    link must exist and be Ethernet, else nothing changes (one ConfigError/NotFoundError line)."""
+    links: dict[str, netlink.LinkInfo] = {}
+    bridges: dict[str, list[str]] = {}
+    for name in names:
+        link = netlink.link_info(name)
+        if link.kind == "bridge":
+            ports = netlink.bridge_ports(name)
+            if not ports:
+                raise ConfigError(f"{name} is a bridge with no port: hybrid inspects a bridge on its ports; "
+                                  f"add them first (ip link set PORT master {name})")
+            for port in ports:
+                plink = netlink.link_info(port)
+                if refusal := link_type_refusal(port, plink.link_type):
+                    raise ConfigError(f"bridge {name}: {refusal}")
+                links[port] = plink
+                bridges.setdefault(name, []).append(port)
+            continue
+        if refusal := link_type_refusal(link.ifname, link.link_type):
+            raise ConfigError(refusal)
+        links[name] = link
+        if link.master:
+            master = netlink.ifname(link.master)
+            if master and netlink.link_info(master).kind == "bridge":
+                bridges.setdefault(master, []).append(name)
+    return links, {br: sorted(set(ports)) for br, ports in bridges.items()}
+
+
+def _set_sysctls(undo: contextlib.ExitStack, state: State, wanted: list[str]) -> dict[str, str]:
+    """Set each of ``wanted`` to 1, writing its old value to the state file first; a sysctl
+    hybrid set before (a re-attach) keeps the old value recorded then. Sysctls set by an earlier
+    attach and no longer wanted are put back."""
+    if not os.path.isdir(BRIDGE_SYSCTLS):
+        raise KernelFeatureError(BR_NETFILTER_NEEDED)
+    for name in [n for n in state.sysctls if n not in wanted]:
+        _restore_sysctl(name, *state.sysctls.pop(name))
+    for name in wanted:
+        now = sysutil.read_sysctl(name)
+        if now is None:
+            raise KernelFeatureError(f"{name} is missing: {BR_NETFILTER_NEEDED}")
+        if name not in state.sysctls:
+            state.sysctls[name] = [now, "1"]
+            state.save()                       # write-ahead: a kill -9 after the write still restores
+            undo.callback(_undo_sysctl, state, name)
+        if now != "1":
+            sysutil.write_sysctl(name, "1")
+    return dict.fromkeys(wanted, "1")
+
+
+def _undo_sysctl(state: State, name: str) -> None:
+    old, _ = state.sysctls.pop(name)
+    with contextlib.suppress(HybridError):
+        sysutil.write_sysctl(name, old)
+    if state.interfaces:
+        state.save()
+
+
+def _restore_sysctl(name: str, old: str, set_to: str) -> str:
+    """Put a sysctl back to its value before attach, unless someone changed it since hybrid set
+    it; a line saying what happened."""
+    try:
+        now = sysutil.read_sysctl(name)
+        if now is None:
+            return f"{name} is gone (br_netfilter unloaded?): nothing to restore"
+        if now == old:
+            return f"{name} is {old} as before attach"
+        if now != set_to:
+            return f"{name} left at {now}: changed by someone else since attach (was {old}, hybrid set {set_to})"
+        sysutil.write_sysctl(name, old)
+        return f"{name} restored to {old}"
+    except HybridError as exc:
+        return f"{name} not restored to {old}: {exc}"
+
+
+def restore_sysctls(state: State) -> list[str]:
+    """Put back every sysctl the state says hybrid set (see _restore_sysctl); lines for people."""
+    out = [_restore_sysctl(name, *vals) for name, vals in state.sysctls.items()]
+    state.sysctls.clear()
+    return out
+
+
+def unattached_ports(state: State | None) -> dict[str, list[str]]:
+    """Ports of each bridge hybrid is attached to that hybrid is not attached to (added to the
+    bridge after attach: their traffic is not inspected). Bridges that are gone are skipped."""
+    out = {}
+    for br in (state.bridges if state else {}):
+        try:
+            ports = netlink.bridge_ports(br)
+        except HybridError:
+            continue
+        missing = [p for p in ports if p not in state.interfaces]
+        if missing:
+            out[br] = missing
+    return out
 
 
 def attach(opts: AttachOptions) -> AttachResult:
@@ -129,10 +258,12 @@ def attach(opts: AttachOptions) -> AttachResult:
 
     sysutil.require_root("attach")
     opts.validate()
-    links = {name: netlink.link_info(name) for name in opts.interfaces}  # all exist, or nothing changes
-    for link in links.values():                                           # all are Ethernet, likewise
-        if refusal := link_type_refusal(link.ifname, link.link_type):
-            raise ConfigError(refusal)
+    links, bridges = resolve_links(opts.interfaces)   # all exist and are Ethernet, or nothing changes
+    if bridges and "forward" not in opts.hooks:
+        raise ConfigError(f"bridge {', '.join(bridges)}: bridged packets meet iptables in FORWARD "
+                          "(through br_netfilter); attach with the forward hook")
+    if bridges and not os.path.isdir(BRIDGE_SYSCTLS):
+        raise KernelFeatureError(BR_NETFILTER_NEEDED)
     instance = inst.name()
     old = State.load(instance)
     pin_dir = os.path.join(bpffs.ensure(), instance)   # how this process reaches it
@@ -164,6 +295,17 @@ def attach(opts: AttachOptions) -> AttachResult:
         rule = opts.queue_rule()
         state.netfilter = asdict(rule)
         state.save()
+        # Bridged packets reach the queue rule only through br_netfilter: on before any mark.
+        sysctls: dict[str, str] = {}
+        if bridges:
+            undo.callback(setattr, state, "bridges", {k: list(v) for k, v in state.bridges.items()})
+            for br, ports in bridges.items():
+                state.bridges[br] = sorted(set(state.bridges.get(br, [])) | set(ports))
+            sysctls = _set_sysctls(undo, state, bridge_sysctls(rule.families))
+            had_table = netfilter.bridge_installed()
+            netfilter.bridge_install(rule.mark_value, rule.mark_mask)   # what br_netfilter cannot queue
+            if not had_table:
+                undo.callback(netfilter.bridge_remove)
         netfilter.install(rule)
         undo.callback(netfilter.remove, rule.families)
         # Other families we installed before (a re-attach that drops ipv6) must not linger.
@@ -190,7 +332,7 @@ def attach(opts: AttachOptions) -> AttachResult:
     maps.close()
     dp.close()
     log.info("attached %s in instance %s", ", ".join(f"{k} (xdp {v})" for k, v in used.items()), instance)
-    return AttachResult(instance, state.pin_dir, used, reused)
+    return AttachResult(instance, state.pin_dir, used, reused, dict(state.bridges), sysctls)
 
 
 def _apply_config(maps, opts: AttachOptions, old_cfg) -> None:
@@ -311,6 +453,7 @@ class DetachResult:
     pins_removed: bool
     remaining: list[str]              # interfaces still attached
     kept_clsact: list[str] = field(default_factory=list)  # clsact qdiscs left: not known to be ours
+    sysctls: list[str] = field(default_factory=list)      # what became of the bridge sysctls hybrid set
 
 
 def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
@@ -324,7 +467,10 @@ def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
     if interfaces is None:
         targets = sorted(known | set(discover_attached()))
     else:
-        targets = list(interfaces)
+        targets = []
+        for name in interfaces:      # a bridge stands for its ports (the state's, else the kernel's)
+            targets += state.bridges[name] if state and name in state.bridges else _ports_if_bridge(name)
+        targets = list(dict.fromkeys(targets))
     touched, kept_clsact = [], []
     maps = open_maps(state)
     try:
@@ -340,9 +486,18 @@ def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
         if maps is not None:
             maps.close()
     remaining = sorted(state.interfaces) if state else []
-    families, pins_removed = [], False
+    families, pins_removed, sysctls = [], False, []
+    if state:
+        for br in list(state.bridges):
+            state.bridges[br] = [p for p in state.bridges[br] if p in state.interfaces]
+            if not state.bridges[br]:
+                del state.bridges[br]
+        if not state.bridges and state.sysctls:    # no bridge port left attached
+            sysctls = restore_sysctls(state)
     if not remaining:
         families = netfilter.remove()
+        if netfilter.bridge_remove():
+            families.append("bridge")
         pin_dir = pin_access(instance)
         if pin_dir and os.path.isdir(pin_dir):
             _remove_pins(pin_dir)
@@ -350,7 +505,17 @@ def detach(interfaces: Sequence[str] | None = None) -> DetachResult:
         inst.remove(instance)
     elif state:
         state.save()
-    return DetachResult(instance, touched, families, pins_removed, remaining, kept_clsact)
+    return DetachResult(instance, touched, families, pins_removed, remaining, kept_clsact, sysctls)
+
+
+def _ports_if_bridge(name: str) -> list[str]:
+    """A bridge's ports, or [name] for any other link (or one that is gone)."""
+    try:
+        if netlink.link_info(name).kind == "bridge":
+            return netlink.bridge_ports(name) or [name]
+    except HybridError:
+        pass
+    return [name]
 
 
 def pin_access(instance: str) -> str | None:

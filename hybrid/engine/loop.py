@@ -10,7 +10,8 @@ are already bypassed or blocked in the kernel -> the packet verdict:
   hook, no longer matches the queue rule, and meets the user's own rules after it (a plain
   NF_ACCEPT would skip them all);
 - drop; reject (drop, then through a raw socket a TCP RST to the sender and one on to the
-  receiver, or an ICMP unreachable to the sender); rewrite (new payload, checksums recomputed,
+  receiver, or an ICMP unreachable to the sender; on a bridge, which has no address to route
+  from, as Ethernet frames out of the bridge ports, see :meth:`Engine._send_l2`); rewrite (new payload, checksums recomputed,
   then as accept); mark (set the rule's bits under its mask, then as accept).
 
 Before a flow verdict is written, one place (:meth:`Engine._settle`) checks it against what the
@@ -32,11 +33,14 @@ engine is away). The engine never compiles BPF: it only opens the pinned maps.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import json
 import logging
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -168,6 +172,9 @@ class EngineStats:
     reload_errors: int = 0
     last_reload_error: str | None = None
     reject_send_errors: int = 0    # a reject's RSTs or ICMP errors not built or not sent (dropped still)
+    # On a bridge: onward RSTs not sent because the receiver's MAC address behind its port was
+    # not learnt yet (no queued packet of the other direction came from it); never guessed.
+    reject_no_mac: int = 0
     rewrite_errors: int = 0        # a rewrite that cannot be made (a fragment, IPsec AH): dropped instead
     # Packets the engine would have bypassed their flow on, but could not be sure the server
     # reads as it did, by reason ("http:several-hosts", "tls:interleaved", "dns:forward-pointer",
@@ -186,6 +193,76 @@ class EngineStats:
         ("started", "http_requests", "dns_messages", "held", "stopped"), 0))
     decision_ns_log2: list[int] = field(default_factory=lambda: [0] * DECISION_SLOTS)
     decision_ns_sum: int = 0
+
+
+def _attached_to_a_bridge() -> bool:
+    """Whether this namespace's hybrid instance is attached to bridge ports (its state says so)."""
+    try:
+        with open(inst.state_path(inst.name())) as f:
+            return bool(json.load(f).get("bridges"))
+    except (OSError, ValueError, HybridError):
+        return False
+
+
+class _SynLearner:
+    """On a bridge, the MAC addresses of TCP endpoints by (port, address), learnt from every SYN
+    and SYN-ACK crossing the namespace's links (an AF_PACKET socket whose classic BPF filter
+    passes only those, 128 bytes of each): an onward RST must reach the receiver at layer 2, and
+    a receiver's own packets are seldom queued before the packet that gets rejected (tc queues
+    the client's first payload, not the server's SYN-ACK). Every connection a RST can end showed
+    both ends in its handshake. Keyed by the port the frame came in by, as Engine._learn."""
+
+    # ldh [12]; v4: proto 6, not a later fragment, flags at 14 + IHL + 13; v6: next header 6,
+    # flags at 14 + 40 + 13; SYN set -> keep 128 bytes, else nothing.
+    _FILTER = ((0x28, 0, 0, 12), (0x15, 0, 7, 0x0800), (0x30, 0, 0, 23), (0x15, 0, 11, 6), (0x28, 0, 0, 20),
+               (0x45, 9, 0, 0x1FFF), (0xB1, 0, 0, 14), (0x50, 0, 0, 27), (0x45, 5, 6, 0x02),
+               (0x15, 0, 5, 0x86DD), (0x30, 0, 0, 20), (0x15, 0, 3, 6), (0x30, 0, 0, 67), (0x45, 0, 1, 0x02),
+               (0x06, 0, 0, 128), (0x06, 0, 0, 0))
+    _SO_ATTACH_FILTER = 26
+    _PACKET_OUTGOING = 4
+
+    def __init__(self, learn: Callable[[int, bytes, bytes], None]):
+        self.learn = learn
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        prog = b"".join(struct.pack("HBBI", *ins) for ins in self._FILTER)
+        buf = ctypes.create_string_buffer(prog)
+        self.sock.setsockopt(socket.SOL_SOCKET, self._SO_ATTACH_FILTER,
+                             struct.pack("HL", len(self._FILTER), ctypes.addressof(buf)))
+        self.sock.settimeout(0.5)
+        self._stop = threading.Event()
+        self._indexes: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._run, name="syn-learner", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame, addr = self.sock.recvfrom(128)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if addr[2] == self._PACKET_OUTGOING or len(frame) < 54:
+                continue
+            etype = frame[12:14]
+            if etype == b"\x08\x00" and frame[23] == 6:
+                src = frame[26:30]
+            elif etype == b"\x86\xdd" and frame[20] == 6:
+                src = frame[22:38]
+            else:
+                continue            # read before the filter was attached
+            index = self._indexes.get(addr[0])
+            if index is None:
+                try:
+                    index = self._indexes[addr[0]] = socket.if_nametoindex(addr[0])
+                except OSError:
+                    continue
+            self.learn(index, src, frame[6:12])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=2)
+        self.sock.close()
 
 
 class Engine:
@@ -212,6 +289,13 @@ class Engine:
         self._raw4: socket.socket | None = None
         self._raw6: socket.socket | None = None
         self._ifnames: dict[int, str | None] = {}
+        # Bridged packets (a physical in-port): (port ifindex, source address) -> source MAC,
+        # learnt from queued packets, so a reject can address a receiver at layer 2.
+        self._macs: dict[tuple[int, bytes], bytes] = {}
+        self._port_macs: dict[int, bytes | None] = {}
+        self._l2: tuple[int, int, bytes | None] | None = None   # the rejected packet's ports and source MAC
+        self._packet_sock: socket.socket | None = None
+        self._syn_learner: _SynLearner | bool | None = None   # started by the first bridged packet
         self._key_pkt: Packet | None = None      # _flow_key()'s packet and its key
         self._key: tuple[bytes, int] | None = None
         self._facts_pkt: Packet | None = None    # _facts()'s packet and its answer
@@ -246,6 +330,8 @@ class Engine:
             log.warning("queue %d: counters at bind not recorded: %s", self.queue, exc)
         self._declare_needs()
         self._link_name_cache()
+        if self.maps is not None and _attached_to_a_bridge():
+            self._start_syn_learner()     # before the first handshake the engine may have to end
 
     def _link_name_cache(self) -> None:
         if self.maps is None or not getattr(self.maps, "has_name_cache", False):
@@ -308,10 +394,13 @@ class Engine:
             self._declare_needs(bound=False)
         if self.names is not None:
             self.names.stop()
-        for s in (self._raw4, self._raw6):
+        if self._syn_learner:
+            self._syn_learner.stop()
+            self._syn_learner = None
+        for s in (self._raw4, self._raw6, self._packet_sock):
             if s is not None:
                 s.close()
-        self._raw4 = self._raw6 = None
+        self._raw4 = self._raw6 = self._packet_sock = None
         self._write_stats(force=True)
 
     def install_signals(self) -> None:
@@ -365,8 +454,11 @@ class Engine:
         try:
             pkt = decode(nfpkt.get_payload())
             rules = self.rules
+            phys = getattr(nfpkt, "physindev", 0)    # a bridge port when the packet was bridged
+            if phys and pkt.version:
+                self._learn(phys, pkt.src_bytes, nfpkt)
             if rules.needs_indev:
-                pkt.indev = self._ifname(nfpkt.indev)
+                pkt.indev = self._ifname(phys or nfpkt.indev)
             if (pkt.proto == 6 and pkt.payload_len and self.maps is not None
                     and (rules.needs_http or rules.needs_dns) and self._follow_packet(nfpkt, pkt)):
                 return
@@ -854,6 +946,8 @@ class Engine:
                 self._share(pkt, d)
         elif action == "reject":
             nfpkt.drop()            # first: no failure to send the reset may turn into an accept
+            phys = getattr(nfpkt, "physindev", 0)
+            self._l2 = (phys, nfpkt.physoutdev, self._hw(nfpkt)) if phys else None
             self._send_reject(pkt, d.reject_with)
             if d.share is not None:
                 self._share(pkt, d)
@@ -944,17 +1038,14 @@ class Engine:
 
     def _send_raw(self, pkt: Packet, build: Callable[[Packet], bytes], what: str) -> None:
         """Build ``build(pkt)`` and send it through the raw socket of its IP version (routing
-        picks the interface: the client's side or the server's)."""
+        picks the interface: the client's side or the server's), or for a bridged packet as an
+        Ethernet frame out of a bridge port (:meth:`_send_l2`)."""
         try:
             out = build(pkt)
-            if pkt.version == 4:
-                if self._raw4 is None:
-                    self._raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-                self._raw4.sendto(out, (socket.inet_ntop(socket.AF_INET, out[16:20]), 0))
+            if self._l2 is not None:
+                self._send_l2(out, pkt, what)
             else:
-                if self._raw6 is None:
-                    self._raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-                self._raw6.sendto(out, (socket.inet_ntop(socket.AF_INET6, out[24:40]), 0))
+                self._send_routed(out, pkt.version)
         except _Stop:
             raise
         except Exception as exc:   # noqa: BLE001 - HybridError (not buildable), OSError (not sent)
@@ -962,6 +1053,98 @@ class Engine:
             if self.stats.reject_send_errors <= 10:
                 log.error("queue %d: reject: %s not sent (%s); the packet is dropped",
                           self.queue, what, exc)
+
+    def _send_routed(self, out: bytes, version: int) -> None:
+        if version == 4:
+            if self._raw4 is None:
+                self._raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._raw4.sendto(out, (socket.inet_ntop(socket.AF_INET, out[16:20]), 0))
+        else:
+            if self._raw6 is None:
+                self._raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._raw6.sendto(out, (socket.inet_ntop(socket.AF_INET6, out[24:40]), 0))
+
+    # -- layer 2, for bridged packets ------------------------------------------------------------
+    _MACS_MAX = 65536
+
+    def _learn(self, port: int, src: bytes, nfpkt) -> None:
+        """Remember the source MAC of a queued bridged packet by (in-port, source address): the
+        address a reject later sends to on that port. Keyed by port, so a frame that claims
+        another host's address on the wrong side of the bridge cannot redirect RSTs meant for it."""
+        mac = self._hw(nfpkt)
+        if mac is not None:
+            self._learn_mac(port, src, mac)
+        if self._syn_learner is None:
+            self._start_syn_learner()
+
+    def _start_syn_learner(self) -> None:
+        try:
+            self._syn_learner = _SynLearner(self._learn_mac)
+        except OSError as exc:
+            self._syn_learner = False     # tried once; rejects then rely on queued packets
+            log.warning("queue %d: on a bridge, endpoints' MAC addresses are learnt from queued packets "
+                        "only (%s)", self.queue, exc)
+
+    def _learn_mac(self, port: int, src: bytes, mac: bytes) -> None:
+        key = (port, src)
+        macs = self._macs
+        if macs.get(key) != mac:
+            if key not in macs and len(macs) >= self._MACS_MAX:
+                with contextlib.suppress(StopIteration, RuntimeError):   # the learner thread writes too
+                    macs.pop(next(iter(macs)), None)                     # the oldest learnt
+            macs[key] = mac
+
+    @staticmethod
+    def _hw(nfpkt) -> bytes | None:
+        hw = nfpkt.get_hw()
+        return bytes(hw[:6]) if hw is not None and len(hw) >= 6 else None
+
+    def _send_l2(self, out: bytes, pkt: Packet, what: str) -> None:
+        """Send the IP packet ``out`` built for a reject of the bridged packet ``pkt`` as an
+        Ethernet frame through an AF_PACKET socket: a bridge has no address, so nothing can be
+        routed. Back to the sender (``out`` is addressed to pkt's source): out of the port the
+        packet came in by, to the MAC it came from. On to the receiver: out of the port it was
+        bridged to, to the MAC learnt for the receiver's address on that port; unknown, it is
+        counted (``reject_no_mac``) and logged once, never broadcast."""
+        in_port, out_port, sender_mac = self._l2
+        v4 = out[0] >> 4 == 4
+        dst = out[16:20] if v4 else out[24:40]
+        if dst == pkt.src_bytes:        # to the sender
+            if sender_mac is None:
+                raise HybridError("the packet's source MAC address is unknown")
+            port, dst_mac = in_port, sender_mac
+            src_mac = self._macs.get((out_port, pkt.dst_bytes)) or self._port_mac(in_port)
+        elif not out_port:              # on to this host (the INPUT hook, through the bridge)
+            self._send_routed(out, 4 if v4 else 6)
+            return
+        else:                           # on to the receiver, as from the sender
+            port, dst_mac = out_port, self._macs.get((out_port, dst))
+            src_mac = sender_mac or self._port_mac(out_port)
+            if dst_mac is None:
+                self.stats.reject_no_mac += 1
+                if self.stats.reject_no_mac == 1:
+                    log.warning("queue %d: reject: %s not sent: the receiver's MAC address on the bridge "
+                                "is not known yet (counted in reject_no_mac; logged once)", self.queue, what)
+                return
+        name = self._ifname(port)
+        if name is None or src_mac is None:
+            raise HybridError(f"bridge port {port} is gone")
+        if self._packet_sock is None:
+            self._packet_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)   # sends only
+        frame = dst_mac + src_mac + (b"\x08\x00" if v4 else b"\x86\xdd") + out
+        self._packet_sock.sendto(frame, (name, 0))
+
+    def _port_mac(self, index: int) -> bytes | None:
+        """A bridge port's own MAC address (cached), read through SIOCGIFHWADDR."""
+        if index not in self._port_macs:
+            mac = None
+            name = self._ifname(index)
+            if name is not None:
+                with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    req = fcntl.ioctl(s.fileno(), _SIOCGIFHWADDR, struct.pack("256s", name.encode()))
+                    mac = req[18:24]
+            self._port_macs[index] = mac
+        return self._port_macs[index]
 
     def _ifname(self, index: int) -> str | None:
         if not index:
@@ -991,7 +1174,8 @@ class Engine:
                 "quic_initials": st.quic_initials, "quic_snis": st.quic_snis, "quic_held": st.quic_held,
                 "quic_blocked": st.quic_blocked,
                 "reload_errors": st.reload_errors, "last_reload_error": st.last_reload_error,
-                "reject_send_errors": st.reject_send_errors, "rewrite_errors": st.rewrite_errors,
+                "reject_send_errors": st.reject_send_errors, "reject_no_mac": st.reject_no_mac,
+                "rewrite_errors": st.rewrite_errors,
                 "doubts": dict(st.doubts), "doubt_policy": self.rules.on_doubt,
                 "follow": {**st.follow, "states": len(self.streams), "forgotten": self.streams.forgotten},
                 "doubt_actions": dict(st.doubt_actions), "scoped": dict(st.scoped), "share": self.share.snapshot(),
@@ -1075,6 +1259,7 @@ class _Facts(NamedTuple):
                    flow.follow, bool(flow.follow & abi.FOLLOW_ON(direction)),
                    flow.follow_seq[direction], flow.follow >> abi.FOLLOW_MODE_SHIFT(direction) & 3)
 _TCP_SYN, _TCP_RST, _TCP_ACK = 0x02, 0x04, 0x10
+_SIOCGIFHWADDR = 0x8927
 
 
 class _Stop(Exception):

@@ -252,4 +252,66 @@ def leftovers(netns: str | None = None) -> list[str]:
         except HybridError:
             continue
         found += [f"{family}: {ln}" for ln in save.splitlines() if COMMENT in ln.lower() and not ln.startswith("#")]
+    if bridge_installed(netns):
+        found.append(f"bridge: table bridge {BRIDGE_TABLE}")
     return found
+
+
+# -- bridge mode: what br_netfilter cannot queue ---------------------------------------------------
+# br_netfilter hands iptables untagged IPv4/IPv6 and, with bridge-nf-filter-vlan-tagged, IP under
+# one VLAN tag; an IP packet under two tags (802.1ad or 802.1Q over 802.1Q) crosses the bridge
+# without meeting any iptables hook. hybrid's programs parse two tags and flag such packets like
+# any other, and every Linux receiver takes a 0/0 double tag as untagged (measured in the bridge
+# lab: a payload the rules drop reached the server). So in bridge mode a flagged frame whose
+# first tag does not carry IP directly is dropped in the bridge's own forward hook, where nothing
+# can inspect it: a QinQ trunk is not inspectable through br_netfilter, and is refused rather than
+# waved through. Frames the engine accepted have the flag cleared; single-tagged and untagged IP
+# never match (they were queued, or passed by --queue-bypass as the policy says).
+BRIDGE_TABLE = "hybrid"
+_NFT_GONE = f"table bridge {BRIDGE_TABLE} {{}}\ndelete table bridge {BRIDGE_TABLE}\n"   # idempotent removal
+
+
+def bridge_table_text(mark_value: int, mark_mask: int) -> str:
+    return _NFT_GONE + (
+        f"table bridge {BRIDGE_TABLE} {{\n"
+        "  chain forward {\n"
+        "    type filter hook forward priority 0; policy accept;\n"
+        f"    meta mark & 0x{mark_mask:x} == 0x{mark_value:x} @ll,96,16 {{ 0x8100, 0x88a8 }} "
+        "@ll,128,16 != { 0x0800, 0x86dd } counter drop "
+        f'comment "{COMMENT}: flagged, two VLAN tags: br_netfilter cannot queue it"\n'
+        "  }\n}\n")
+
+
+def bridge_install(mark_value: int, mark_mask: int, netns: str | None = None) -> None:
+    """Install (or replace, atomically) the bridge table that drops flagged frames br_netfilter
+    cannot queue."""
+    sysutil.run(["nft", "-f", "-"], input=bridge_table_text(mark_value, mark_mask), netns=netns,
+                what="installing hybrid's bridge table (nft)")
+
+
+def bridge_installed(netns: str | None = None) -> bool:
+    try:
+        proc = sysutil.run(["nft", "list", "table", "bridge", BRIDGE_TABLE], netns=netns, check=False)
+    except sysutil.ToolMissingError:
+        return False
+    return proc.returncode == 0
+
+
+def bridge_remove(netns: str | None = None) -> bool:
+    """Remove the bridge table; whether there was one. Idempotent (nothing without nft)."""
+    if not bridge_installed(netns):
+        return False
+    sysutil.run(["nft", "-f", "-"], input=_NFT_GONE, netns=netns, what="removing hybrid's bridge table (nft)")
+    return True
+
+
+def bridge_dropped(netns: str | None = None) -> int | None:
+    """Frames the bridge table dropped (None when it is not installed)."""
+    try:
+        proc = sysutil.run(["nft", "list", "table", "bridge", BRIDGE_TABLE], netns=netns, check=False)
+    except sysutil.ToolMissingError:
+        return None
+    if proc.returncode != 0:
+        return None
+    m = re.search(r"counter packets (\d+)", proc.stdout)
+    return int(m.group(1)) if m else 0

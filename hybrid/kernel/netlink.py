@@ -104,6 +104,7 @@ class LinkInfo:
     driver_xdp: str | None    # "native"/"generic"/... when an XDP program is attached
     xdp_prog_id: int
     oper_up: bool
+    master: int = 0           # ifindex of the device this one is enslaved to (a bridge's port: the bridge)
 
 
 def link_info(name: str) -> LinkInfo:
@@ -119,7 +120,17 @@ def link_info(name: str) -> LinkInfo:
     if xdp is not None:
         mode = _ATTACHED.get(xdp.get_attr("IFLA_XDP_ATTACHED"), "unknown")
         prog = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
-    return LinkInfo(name, idx, kind, link["ifi_type"], mode, prog, link.get_attr("IFLA_OPERSTATE") == "UP")
+    return LinkInfo(name, idx, kind, link["ifi_type"], mode, prog, link.get_attr("IFLA_OPERSTATE") == "UP",
+                    link.get_attr("IFLA_MASTER") or 0)
+
+
+def bridge_ports(name: str) -> list[str]:
+    """The names of the ports of bridge ``name`` (the links enslaved to it), sorted. Read through
+    netlink, so it answers for the network namespace we run in (sysfs may show another one)."""
+    idx = ifindex(name)
+    with _ipr() as ipr:
+        links = ipr.get_links()
+    return sorted(ln.get_attr("IFLA_IFNAME") for ln in links if ln.get_attr("IFLA_MASTER") == idx)
 
 
 def xdp_attach(name: str, prog_fd: int, mode: str, *, replace_prog_fd: int | None = None) -> None:

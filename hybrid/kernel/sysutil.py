@@ -33,6 +33,7 @@ TOOL_PACKAGES = {
     "curl": "curl",
     "nsenter": "util-linux",
     "mount": "mount",
+    "nft": "nftables",
 }
 
 
@@ -160,3 +161,31 @@ def pid_alive(pid) -> bool:
         return True
     except (OSError, TypeError, ValueError, OverflowError):
         return False
+
+
+def sysctl_path(name: str) -> str:
+    """/proc/sys path of a dotted sysctl name (``net.bridge.bridge-nf-call-iptables``). The net.*
+    ones are per network namespace: /proc/sys/net answers for the namespace of the process that
+    opens the file."""
+    return "/proc/sys/" + name.replace(".", "/")
+
+
+def read_sysctl(name: str) -> str | None:
+    """A sysctl's value, stripped; None when it does not exist in this kernel or namespace."""
+    try:
+        with open(sysctl_path(name)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise HybridError(f"reading {name}: {exc.strerror}") from None
+
+
+def write_sysctl(name: str, value: str) -> None:
+    try:
+        with open(sysctl_path(name), "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        raise HybridError(f"setting {name}: no such sysctl in this kernel") from None
+    except OSError as exc:
+        raise HybridError(f"setting {name} to {value}: {exc.strerror}") from None

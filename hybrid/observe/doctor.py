@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
+from hybrid import instance as inst
 from hybrid.errors import HybridError, ToolMissingError
 from hybrid.kernel import bpffs, sysutil
 
@@ -537,6 +538,47 @@ def check_nf_conntrack(probe: Probe) -> Check:
     return Check("nf conntrack", OK, False, "conntrack --ctstate and connbytes matches work (IPv4 and IPv6)")
 
 
+# --- bridge ---------------------------------------------------------------------------------------
+
+def check_bridge(probe: Probe) -> Check:
+    """What bridge mode needs (docs/deployment.md, "On a bridge"): br_netfilter's sysctls present,
+    and, when this namespace's instance is attached to a bridge, on for every family queued
+    (bridged packets reach the queue rule only through them), filter-vlan-tagged on (else a
+    flagged VLAN-tagged frame crosses unqueued), every port of the bridge attached (a port added
+    later is not inspected) and the queue rule's conntrack match in place."""
+    from hybrid.datapath import attach as att
+    from hybrid.kernel import netfilter
+    if not os.path.isdir(att.BRIDGE_SYSCTLS):
+        return Check("bridge", WARN, False, "br_netfilter is missing (/proc/sys/net/bridge): bridge mode cannot "
+                     "queue bridged packets (a router needs nothing of it)",
+                     "modprobe br_netfilter, or a kernel with CONFIG_BRIDGE_NETFILTER")
+    state = att.State.load(inst.name())
+    if state is None or not state.bridges:
+        now = ", ".join(f"{n.rsplit('.', 1)[1]} {sysutil.read_sysctl(n)}"
+                        for n in att.bridge_sysctls(netfilter.FAMILIES))
+        return Check("bridge", OK, False, f"br_netfilter present ({now}); not attached to a bridge here "
+                     "(hybridctl attach BRIDGE sets what bridge mode needs)")
+    problems, fixes = [], []
+    families = tuple((state.netfilter or {}).get("families") or netfilter.FAMILIES)
+    off = [n for n in att.bridge_sysctls(families) if sysutil.read_sysctl(n) != "1"]
+    if off:
+        problems.append(f"{', '.join(off)} not 1: " + ("VLAN-tagged frames cross the bridge unqueued"
+                                                      if off == [att.VLAN_TAGGED] else "bridged packets are not queued"))
+        fixes.append("attach again (hybridctl attach " + " ".join(state.bridges) + ")")
+    for br, ports in att.unattached_ports(state).items():
+        problems.append(f"{br}'s port(s) {', '.join(ports)} added after attach: not inspected")
+        fixes.append(f"hybridctl attach {' '.join(ports)}")
+    chains = [c for c in netfilter.status(families) if c.installed]
+    if chains and not all(c.reassembles for c in chains):
+        problems.append("the queue rule has no conntrack match (fragments are not reassembled before it)")
+        fixes.append("attach again")
+    what = "; ".join(f"{br} (ports {', '.join(p)})" for br, p in state.bridges.items())
+    if problems:
+        return Check("bridge", WARN, False, f"bridge mode on {what}: " + "; ".join(problems), "; ".join(fixes))
+    return Check("bridge", OK, False, f"bridge mode on {what}: br_netfilter sysctls on, every port attached, "
+                 "conntrack on (every bridged packet is tracked)")
+
+
 # --- bpffs ----------------------------------------------------------------------------------------
 
 def bpffs_supported(filesystems: str = "/proc/filesystems") -> bool:
@@ -607,6 +649,7 @@ CHECKS: list[tuple[str, bool, Callable[[Probe], Check]]] = [
     ("tc clsact", True, check_tc_clsact),
     ("nfqueue", True, check_nfqueue),
     ("nf conntrack", False, check_nf_conntrack),
+    ("bridge", False, check_bridge),
     ("bpffs", True, check_bpffs),
     ("tools", True, check_tools),
     ("lab tools", False, check_lab_tools),

@@ -64,6 +64,7 @@ def status() -> dict:
     out["follow"] = views.follow(out["engines"])
     out["quic"] = views.quic(out["engines"])
     out["crowdsec"] = views.crowdsec(inst.crowdsec_status(instance), kernel, out["engines"])
+    out["bridge"] = views.bridge(state)
     return out
 
 

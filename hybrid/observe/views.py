@@ -525,3 +525,35 @@ def name_cache(maps, counters: list[dict], engines: list[dict]) -> dict | None:
             "inserted": inserted, "evicted": max(0, inserted - present - got["cache_expired"]),
             "not_cacheable": sum(_num(t.get("not_cacheable")) for t in taught),
             "reported": sum(_num(t.get("kernel_decisions")) for t in taught)}
+
+
+def bridge(state) -> dict | None:
+    """Bridge mode (docs/deployment.md, "On a bridge"): the bridges hybrid is attached to, their
+    ports attached, ports added since attach (not inspected), and the br_netfilter sysctls hybrid
+    set with their values now; None on a router."""
+    from hybrid.datapath import attach
+    from hybrid.kernel import netfilter, sysutil
+    if not state.bridges:
+        return None
+    return {"bridges": {br: list(ports) for br, ports in state.bridges.items()},
+            "not_inspected": attach.unattached_ports(state),
+            "sysctls": {name: sysutil.read_sysctl(name) for name in state.sysctls},
+            "dropped_two_tags": netfilter.bridge_dropped()}
+
+
+def bridge_lines(b: dict | None) -> list[str]:
+    """``hybridctl status``'s bridge lines for :func:`bridge`'s view."""
+    if not b:
+        return []
+    lines = ["bridge mode: " + "; ".join(f"{br} (ports {', '.join(p)})" for br, p in b["bridges"].items())
+             + (f"; flagged frames under two VLAN tags dropped (br_netfilter cannot queue them): "
+                f"{b['dropped_two_tags']:,}" if b.get("dropped_two_tags") is not None else
+                "; warning: the bridge table (nft) is missing: frames under two VLAN tags pass uninspected")]
+    for br, ports in b["not_inspected"].items():
+        lines.append(f"warning: {br}'s port(s) {', '.join(ports)} added after attach are not inspected "
+                     f"(hybridctl attach {' '.join(ports)})")
+    off = [n for n, v in b["sysctls"].items() if v != "1"]
+    if off:
+        lines.append(f"warning: {', '.join(off)} no longer 1: bridged packets (or VLAN-tagged ones) are not queued; "
+                     "attach again")
+    return lines

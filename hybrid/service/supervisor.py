@@ -222,7 +222,8 @@ class Service:
             event(logging.ERROR, "detach_failed", f"detach failed: {exc}", error=str(exc))
             return
         event(logging.INFO, "detached", "hybrid detached", interfaces=res.interfaces,
-              netfilter=res.netfilter_families, pins_removed=res.pins_removed)
+              netfilter=res.netfilter_families, pins_removed=res.pins_removed,
+              **({"sysctls": res.sysctls} if res.sysctls else {}))
 
     # -- attach ------------------------------------------------------------------------------------
     def _attach(self, cfg: Config, name: str, changed: list[str] | None = None) -> None:
@@ -232,6 +233,8 @@ class Service:
         fields = dict(interfaces=res.interfaces, instance=res.instance, pin_dir=res.pin_dir,
                       reused_pins=res.reused_pins, queues=cfg["attach.queues"],
                       fail_open=cfg["attach.fail_open"])
+        if res.bridges:     # bridge mode: the ports attached and br_netfilter's sysctls set
+            fields.update(bridges=res.bridges, sysctls=res.sysctls)
         if changed is not None:
             fields["changed"] = changed
         event(logging.INFO, name, ("attached again" if changed is not None else "attached")

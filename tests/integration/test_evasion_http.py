@@ -10,14 +10,27 @@ The server's reading, not ours, decides what a variant is: a variant whose head 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
 from gwlab import attached_with_engine, engine_stats
+from leakcheck import new_lab_name
 
 from hybrid.lab.demo import Nginx
+from hybrid.lab.topology import Lab
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", params=["router", "bridge"])
+def lab(request):
+    """The same evasions through a routing gateway and through a transparent bridge (issue 16:
+    attaching to a bridge's ports is bridge mode, queued through br_netfilter)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: run sudo ./scripts/test.sh")
+    with Lab(new_lab_name(), kind=request.param) as lab:
+        yield lab
 
 A, B = "allowed.example", "x.blocked.example"
 

@@ -171,7 +171,7 @@ def test_unit_hardening():
     assert v["SystemCallFilter"] == ["@system-service bpf", "~@resources"]
     assert v["SystemCallArchitectures"] == ["native"] and v["SystemCallErrorNumber"] == ["EPERM"]
     assert v["DevicePolicy"] == ["closed"]
-    assert v["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK AF_INET AF_INET6"]
+    assert v["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK AF_INET AF_INET6 AF_PACKET"]
     for absent in ("ProtectKernelModules", "ProtectProc", "ProcSubset", "User", "DynamicUser", "PrivateUsers",
                    "PrivateNetwork", "IPAddressDeny"):         # left out on purpose: the unit says why
         assert absent not in v, absent
@@ -182,7 +182,7 @@ def test_unit_hardening():
     proc = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", "--no-pager", UNIT], capture_output=True,
                           text=True, timeout=60, check=True)
     exposure = float(proc.stdout.rsplit("Overall exposure level for hybrid.service:", 1)[1].split()[0])
-    assert exposure <= 2.4, proc.stdout
+    assert exposure <= 2.6, proc.stdout    # 2.4 + AF_PACKET (0.2), which bridge mode needs
 
 
 @pytest.mark.integration
