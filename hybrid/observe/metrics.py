@@ -321,6 +321,8 @@ def _engines(snap: dict) -> Iterator:
         ("reload_errors", "Rule reloads refused (the old rules stayed)."),
         ("reject_send_errors", "Reject messages (TCP RSTs, ICMP errors) not built or not sent; "
                                "the packets were dropped all the same."),
+        ("reject_no_mac", "Rejects on a bridge whose onward RST was not sent: the receiver's MAC on its "
+                          "port was not known yet (the packet was dropped all the same)."),
     )}
     cached = CounterMetricFamily("hybrid_engine_cache_rule_verdicts",
                                  "First payloads the kernel decided from the name cache, by the rule that "
