@@ -391,11 +391,12 @@ def _ageing_time(lab: Lab) -> int:
 
 
 @contextlib.contextmanager
-def bridge_flood(lab: Lab) -> Iterator[Probe]:
+def bridge_flood(lab: Lab, read: bool = True) -> Iterator[Probe]:
     """The field report's monitor port: br0's ageing time set to 0, so the bridge forgets every
     address at once and floods every frame to all its ports, one of which (MONITOR) is a veth
-    whose other end (MONITOR_RX, no address, no IPv6) the AF_PACKET consumer reads. The ageing
-    time is restored and the monitor veth removed on the way out, also on failure."""
+    whose other end (MONITOR_RX, no address, no IPv6) the AF_PACKET consumer reads (``read``;
+    without it nobody reads there: the flooding's own cost). The ageing time is restored and
+    the monitor veth removed on the way out, also on failure."""
     if lab.info.bridge is None:
         raise ConfigError("bridge-flood needs the bridge lab (--lab bridge)")
     br = lab.info.bridge
@@ -411,7 +412,7 @@ def bridge_flood(lab: Lab) -> Iterator[Probe]:
         lab.run("gw", ["ip", "link", "set", br, "type", "bridge", "ageing_time", "0"])
         undo.callback(lab.run, "gw", ["ip", "link", "set", br, "type", "bridge", "ageing_time", str(old)],
                       check=False)
-        yield undo.enter_context(capture_consumer(lab, [MONITOR_RX]))
+        yield undo.enter_context(capture_consumer(lab, [MONITOR_RX])) if read else Probe()
 
 
 # What each kind of userspace side sees and can do (the capability table).
@@ -454,6 +455,10 @@ MODES: dict[str, Mode] = {
     "bridge-flood": Mode("bridge-flood", "bridge ageing time 0: every frame flooded to a monitor port, read "
                          "there by the same AF_PACKET consumer; it cannot act", bridge_flood,
                          sees=_COPY + " at a monitor port (what the ring kept)", lab="bridge"),
+    "bridge-flood-bare": Mode("bridge-flood-bare", "as bridge-flood with nobody reading the monitor port "
+                              "(reference: the cost of the flooding alone)",
+                              lambda lab: bridge_flood(lab, read=False), sees="nothing (nobody reads)",
+                              lab="bridge"),
 }
 
 
