@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import json
 import mmap
 import os
@@ -213,6 +214,9 @@ class Ring:
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)   # protocol 0: not receiving yet
         try:
             self._setup(ifindexes, group)
+        except CaptureError:
+            self.sock.close()
+            raise
         except OSError as exc:
             self.sock.close()
             raise CaptureError(f"AF_PACKET ring: {exc.strerror or exc}") from None
@@ -233,7 +237,13 @@ class Ring:
                              mmap.PROT_READ | mmap.PROT_WRITE)
         _bind_all(s)                                       # every interface; the filter picks
         fanout = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_IGNORE_OUTGOING
-        s.setsockopt(SOL_PACKET, PACKET_FANOUT, (group & 0xFFFF) | (fanout << 16))
+        try:
+            s.setsockopt(SOL_PACKET, PACKET_FANOUT, (group & 0xFFFF) | (fanout << 16))
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise CaptureError("the kernel refused an ingress-only fanout group "
+                                   "(PACKET_FANOUT_FLAG_IGNORE_OUTGOING): it needs a newer kernel") from None
+            raise
 
     def ready_blocks(self) -> Iterator[int]:
         """Offsets of the blocks the kernel has handed over, in ring order; each is released
