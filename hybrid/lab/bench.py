@@ -945,8 +945,8 @@ def capability_table(report: Report) -> str:
     head = ("mode", "sees", "share read", "blocks inline", "rewrites")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{n}}}" for n in widths)
-    out = [fmt.format(*head), "-" * (sum(widths) + 2 * (len(widths) - 1))]
-    out += [fmt.format(*r) for r in rows]
+    out = [fmt.format(*head).rstrip(), "-" * (sum(widths) + 2 * (len(widths) - 1))]
+    out += [fmt.format(*r).rstrip() for r in rows]
     return "\n".join(out)
 
 
