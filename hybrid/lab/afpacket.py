@@ -167,8 +167,10 @@ class Counts:
         return d
 
 
-def inspect_block(buf, block: int, counts: Counts, decide: Callable | None, names: dict[int, str]) -> None:
-    """Read every frame of one block into ``counts``: decode the IP ones, run the rules."""
+def inspect_block(buf, block: int, counts: Counts, decide: Callable | None, names: dict[int, str],
+                  decode_ip: bool = True) -> None:
+    """Read every frame of one block into ``counts``: decode the IP ones, run the rules
+    (``decode_ip=False``: count them only)."""
     from hybrid.engine.packet import decode
     for fr in block_frames(buf, block):
         counts.frames += 1
@@ -180,6 +182,8 @@ def inspect_block(buf, block: int, counts: Counts, decide: Callable | None, name
         counts.ip += 1
         if fr.snaplen < fr.length:
             counts.truncated += 1
+        if not decode_ip:
+            continue
         start = fr.offset + fr.net
         pkt = decode(buf[start:fr.offset + fr.mac + fr.snaplen])
         if pkt.error is not None:
@@ -278,7 +282,8 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _worker(cpu: int, ifaces: dict[int, str], group: int, rules: str | None, out: int) -> None:
+def _worker(cpu: int, ifaces: dict[int, str], group: int, rules: str | None, out: int,
+            decode_ip: bool = True) -> None:
     """A forked worker: pinned to ``cpu``, reads its ring until SIGTERM, writes its counts as
     JSON to the pipe ``out``. Never returns."""
     code = 0
@@ -301,13 +306,13 @@ def _worker(cpu: int, ifaces: dict[int, str], group: int, rules: str | None, out
         while not stop:
             got = False
             for block in ring.ready_blocks():
-                inspect_block(ring.map, block, counts, decide, ifaces)
+                inspect_block(ring.map, block, counts, decide, ifaces, decode_ip)
                 got = True
             if not got:
                 poller.poll(100)
         time.sleep(3 * RETIRE_MS / 1000)                   # the open block is retired by then
         for block in ring.ready_blocks():
-            inspect_block(ring.map, block, counts, decide, ifaces)
+            inspect_block(ring.map, block, counts, decide, ifaces, decode_ip)
         packets, drops, freezes = ring.stats()
         counts.kernel_packets, counts.drops, counts.freeze_q = packets, drops, freezes
         ring.close()
@@ -337,7 +342,7 @@ def _read_line(fd: int, timeout: float) -> str:
 
 
 def capture(ifnames: list[str], rules: str | None, cpus: list[int], group: int,
-            ready: Callable[[], None]) -> dict:
+            ready: Callable[[], None], decode_ip: bool = True) -> dict:
     """Run one worker per CPU until SIGTERM/SIGINT; return the summed counts."""
     ifaces: dict[int, str] = {}
     for name in ifnames:
@@ -357,7 +362,7 @@ def capture(ifnames: list[str], rules: str | None, cpus: list[int], group: int,
             pid = os.fork()
             if pid == 0:
                 os.close(r)
-                _worker(cpu, ifaces, group, rules, w)
+                _worker(cpu, ifaces, group, rules, w, decode_ip)
             os.close(w)
             workers.append((pid, r))
         for _pid, r in workers:
@@ -398,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rules", help="a rules file every IP packet is run through (see, never act)")
     ap.add_argument("--cpus", help="comma-separated CPUs, one worker each (default: every CPU)")
     ap.add_argument("--group", type=int, default=os.getpid() & 0xFFFF, help="the PACKET_FANOUT group id")
+    ap.add_argument("--count-only", action="store_true",
+                    help="count frames and bytes only: no decoding, no rules (what the ring alone costs)")
     args = ap.parse_args(argv)
     try:
         cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else sorted(os.sched_getaffinity(0))
@@ -405,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"afpacket: --cpus {args.cpus!r}: give CPU numbers like 0,1", file=sys.stderr)
         return 2
     try:
+        if args.count_only and args.rules:
+            print("afpacket: --count-only runs no rules: drop --rules", file=sys.stderr)
+            return 2
         res = capture([i for i in args.ifaces.split(",") if i], args.rules, cpus, args.group,
-                      ready=lambda: print("ready", flush=True))
+                      ready=lambda: print("ready", flush=True), decode_ip=not args.count_only)
     except CaptureError as exc:
         print(f"afpacket: {exc}", file=sys.stderr)
         return 1

@@ -340,13 +340,14 @@ MONITOR_RX = "hb-mon-rx"    # ... and its veth peer, not enslaved, where the con
 
 
 @contextlib.contextmanager
-def capture_consumer(lab: Lab, ifaces: list[str]) -> Iterator[Probe]:
+def capture_consumer(lab: Lab, ifaces: list[str], count_only: bool = False) -> Iterator[Probe]:
     """The AF_PACKET consumer in the gateway on ``ifaces`` (ingress), one worker per CPU,
-    deciding with BENCH_RULES; on the way out it is stopped and its counts become the sample's
-    extras (``capture_*``): frames read, bytes, IP packets decoded, rule hits, the kernel's
-    ring drops and the share of packets read."""
-    proc = lab.popen("gw", [sys.executable, "-m", "hybrid.lab.afpacket", "--ifaces", ",".join(ifaces),
-                            "--rules", os.path.abspath(BENCH_RULES)],
+    deciding with BENCH_RULES (``count_only``: counting frames, no decoding, no rules); on the
+    way out it is stopped and its counts become the sample's extras (``capture_*``): frames
+    read, bytes, IP packets decoded, rule hits, the kernel's ring drops and the share of
+    packets read."""
+    work = ["--count-only"] if count_only else ["--rules", os.path.abspath(BENCH_RULES)]
+    proc = lab.popen("gw", [sys.executable, "-m", "hybrid.lab.afpacket", "--ifaces", ",".join(ifaces), *work],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     probe = Probe()
     started = False
@@ -376,9 +377,9 @@ def capture_consumer(lab: Lab, ifaces: list[str]) -> Iterator[Probe]:
         "capture_seen_share": c["seen_share"] if c["seen_share"] is not None else float("nan")})
 
 
-def afpacket_ports(lab: Lab) -> contextlib.AbstractContextManager:
+def afpacket_ports(lab: Lab, count_only: bool = False) -> contextlib.AbstractContextManager:
     """The consumer on the gateway's two ports: every forwarded packet, where it came in."""
-    return capture_consumer(lab, [lab.info.gw_client.ifname, lab.info.gw_server.ifname])
+    return capture_consumer(lab, [lab.info.gw_client.ifname, lab.info.gw_server.ifname], count_only)
 
 
 def _ageing_time(lab: Lab) -> int:
@@ -452,6 +453,10 @@ MODES: dict[str, Mode] = {
     "afpacket": Mode("afpacket", "an AF_PACKET consumer (TPACKET_V3 ring, fanout per CPU) reads a copy of every "
                      "packet on the gateway's ports, decodes it and runs the rules; it cannot act",
                      afpacket_ports, sees=_COPY + " (what the ring kept)"),
+    "afpacket-bare": Mode("afpacket-bare", "as afpacket, the consumer only counting frames (reference: what "
+                          "the rings cost without the decoder and rules)",
+                          lambda lab: afpacket_ports(lab, count_only=True),
+                          sees="a count of the packets (what the ring kept)"),
     "bridge-flood": Mode("bridge-flood", "bridge ageing time 0: every frame flooded to a monitor port, read "
                          "there by the same AF_PACKET consumer; it cannot act", bridge_flood,
                          sees=_COPY + " at a monitor port (what the ring kept)", lab="bridge"),

@@ -85,6 +85,15 @@ def test_inspect_decodes_ip_frames_runs_the_rules_and_counts_the_rest():
     assert counts.bytes == len(req) + len(other) + 60 + len(broken)
 
 
+def test_count_only_decodes_nothing():
+    ring = bytearray(BLOCK)
+    req = ether(0x0800, ipv4_tcp(b"GET / HTTP/1.1\r\nHost: a.seen.example\r\n\r\n"))
+    lay_block(ring, 0, [(3, req, len(req))] * 3)
+    counts = af.Counts()
+    af.inspect_block(ring, 0, counts, compile_rules(RULES).decide, {3: "p"}, decode_ip=False)
+    assert counts.frames == counts.ip == 3 and counts.decoded == 0 and counts.rule_hits == {}
+
+
 def test_a_frame_cut_by_the_ring_is_counted_as_truncated():
     ring = bytearray(BLOCK)
     big = ether(0x0800, ipv4_tcp(b"x" * 1000))
