@@ -27,12 +27,16 @@ QUICK_WORKLOADS = ["bulk-1"]
 @click.option("--quick", is_flag=True, help="Smoke run: 1 repetition of 1 s; bulk-1 only unless --workloads is given.")
 @click.option("--json", "json_path", metavar="FILE", help="Also write the results as JSON ('-' for stdout).")
 @click.option("--lab-name", default="hbench", show_default=True)
+@click.option("--lab", "lab_kind", type=click.Choice(["router", "bridge"]), default="router", show_default=True,
+              help="The lab the modes run on: the gateway routes, or bridges its two ports (br0); "
+                   "bridge-flood needs the bridge.")
 @click.option("--engine-pps", "engine_rules", metavar="RULES", default=None,
               help="Instead: packets/s through the engine with RULES vs a bare accept-all consumer.")
 @click.option("--takeover", is_flag=True,
               help="Instead: how long a killed engine's queue stays unbound under `hybridctl run`, with "
                    "a spare engine waiting and without (one fresh run per sample).")
-def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, engine_rules, takeover) -> None:
+def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, lab_kind, engine_rules,
+          takeover) -> None:
     """Measure modes of feeding a userspace engine side by side, in one run, on a fresh lab.
 
     Reports the median of the repetitions and its ratio to `baseline` (nothing attached): each
@@ -48,10 +52,19 @@ def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, en
     same mode's Gbit/s without the flood, the share kept, and where the flood's packets died;
     synflood: connections/s without the flood, the share kept and completed, packets queued).
 
+    The passive modes read a copy of the traffic with an AF_PACKET consumer that decodes it and
+    runs the same rules but cannot act: afpacket on the gateway's ports, bridge-flood (--lab
+    bridge) at a monitor port the bridge floods every frame to. Their extras (capture_*) count
+    what the consumer read and the packets its ring dropped. A capability table follows the
+    figures: what each mode sees (and the share a passive mode read), whether it can block or
+    rewrite inline.
+
     \b
     Example:
       sudo hybridctl bench --modes baseline,hybrid --workloads bulk-1 -r 5
       sudo hybridctl bench --quick --modes ct-new,connbytes --workloads newconn,payload-visibility
+      sudo hybridctl bench --lab bridge --modes nfq-all,afpacket,bridge-flood,hybrid \
+           --workloads bulk-1,newconn -r 5
     """
     say = (lambda m: click.echo(m, err=True))
     if takeover:
@@ -87,7 +100,7 @@ def bench(modes, workloads, repetitions, seconds, quick, json_path, lab_name, en
         if click.get_current_context().get_parameter_source("workloads") is click.core.ParameterSource.DEFAULT:
             wl_list = QUICK_WORKLOADS
     report = benchmod.run(mode_list, wl_list, repetitions, seconds, lab_name=lab_name, progress=say,
-                          command=" ".join(shlex.quote(a) for a in sys.argv))
+                          command=" ".join(shlex.quote(a) for a in sys.argv), lab_kind=lab_kind)
     if json_path == "-":
         click.echo(json.dumps(report.as_dict(), indent=1))
         return

@@ -6,7 +6,9 @@ workload, from the JSON that ``scripts/bench.py --json`` writes.
 
 payload-visibility has no baseline ratio (nothing is inspected without an engine); its bars are
 the share of connections whose first payload the engine saw, on the same 0-1 scale, and the
-chart says so. Values are printed on the bars, so a collapse to 0.04 stays readable.
+chart says so. Values are printed on the bars, so a collapse to 0.04 stays readable. Modes whose
+userspace side cannot block (the passive ones: the JSON's ``capabilities``) are hatched and
+labelled so: a fast bar that cannot stop anything is not the same kind of bar.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def main(argv: list[str]) -> int:
             if v is not None:
                 xs.append(j + (i - (len(modes) - 1) / 2) * width)
                 ys.append(v)
-        bars = ax.bar(xs, ys, width, label=mode)
+        passive = doc.get("capabilities", {}).get(mode, {}).get("blocks") == "no"
+        bars = ax.bar(xs, ys, width, label=mode + (" (cannot block)" if passive else ""),
+                      hatch="//" if passive else None, edgecolor="white" if passive else None)
         for bar, v in zip(bars, ys):
             ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=6, rotation=90, xytext=(0, 2),
@@ -64,8 +68,9 @@ def main(argv: list[str]) -> int:
     top = max([v for v in by.values() if v is not None] + [1.0])
     ax.set_ylim(0, top * 1.18)
     m = doc.get("machine", {})
+    lab = f", {doc['lab']} lab" if doc.get("lab") else ""
     ax.set_title(f"hybrid vs other ways of feeding a userspace engine — {m.get('cpus', '?')} CPUs, "
-                 f"Linux {m.get('kernel', '?')}, {doc.get('repetitions', '?')} repetitions", fontsize=9)
+                 f"Linux {m.get('kernel', '?')}, {doc.get('repetitions', '?')} repetitions{lab}", fontsize=9)
     ax.legend(fontsize=7, ncol=min(4, len(modes)), loc="upper right")
     fig.tight_layout()
     fig.savefig(argv[2])

@@ -9,7 +9,12 @@ measurement, reported; tests only check that the harness works.
 Every queued mode runs the project's engine with one rules file (``scripts/bench-rules.toml``),
 so that inspection costs are equal and only the choice of packets queued differs; the engine is
 pinned to the last CPU in every such mode. ``nfq-all-bare`` keeps the cheapest possible consumer
-(accept-all, no decoding) for reference.
+(accept-all, no decoding) for reference. The passive modes (``afpacket``, ``bridge-flood``) run
+the same decoder and rules on a copy of the traffic (hybrid/lab/afpacket.py), one worker per CPU.
+
+Every mode also says what it can do (:data:`MODES`' ``sees``/``blocks``/``rewrites``), printed
+beside the figures with the share of packets a passive mode actually read: the field report's
+point is the trade-off between speed and what the userspace side can see and do.
 """
 
 from __future__ import annotations
@@ -79,6 +84,10 @@ class Probe:
     """What a mode tells the workloads run under it."""
     engine_log: str | None = None     # the engine's verdict log (JSON lines); None: no engine
     hybrid: bool = False              # hybrid is attached (blocks go into its maps, not iptables)
+    # Extras the mode itself measured over the sample, filled in when the mode is taken down
+    # (a passive consumer's counts): added to the sample's extras.
+    after: dict[str, float] = field(default_factory=dict)
+    capture: dict | None = None       # a passive consumer's whole summary (hybrid/lab/afpacket.py)
 
 
 @dataclass
@@ -87,6 +96,11 @@ class Mode:
     description: str
     # Yields a Probe (or None: nothing to tell) while the mode is in place.
     setup: Callable[[Lab], contextlib.AbstractContextManager]
+    # What the userspace side gets and can do, for the capability table.
+    sees: str = ""
+    blocks: str = "no"
+    rewrites: str = "no"
+    lab: str | None = None            # the lab kind the mode needs (None: either)
 
 
 # A workload's sample: its main metric, or the main metric and extra named metrics.
@@ -132,9 +146,12 @@ class Result:
     def add(self, sample: Sample) -> float:
         value, extra = sample if isinstance(sample, tuple) else (sample, {})
         self.samples.append(float(value))
+        self.add_extra(extra)
+        return float(value)
+
+    def add_extra(self, extra: dict[str, float]) -> None:
         for k, v in extra.items():
             self.extra.setdefault(k, []).append(float(v))
-        return float(value)
 
 
 @dataclass
@@ -144,6 +161,7 @@ class Report:
     repetitions: int
     seconds: float
     results: list[Result]
+    lab: str = "router"               # the lab kind it ran on
 
     def ratio(self, mode: str, workload: str) -> float:
         """The median of the paired ratios (each sample over the baseline measured right before
@@ -166,6 +184,7 @@ class Report:
             d["extra_median"] = r.extra_median
             d["ratio_to_baseline"] = self.ratio(r.mode, r.workload)
             d["paired_spread"] = r.paired_spread
+        out["capabilities"] = capabilities(self)
         return out
 
 
@@ -315,33 +334,158 @@ def _hybrid_engine(lab: Lab, rules: str, log: str) -> Iterator[Probe]:
         yield Probe(engine_log=log, hybrid=True)
 
 
+# -- passive modes: a copy of the traffic to an AF_PACKET consumer (hybrid/lab/afpacket.py) --------
+MONITOR = "hb-mon"          # bridge-flood: the monitor port in br0 ...
+MONITOR_RX = "hb-mon-rx"    # ... and its veth peer, not enslaved, where the consumer reads
+
+
+@contextlib.contextmanager
+def capture_consumer(lab: Lab, ifaces: list[str], count_only: bool = False) -> Iterator[Probe]:
+    """The AF_PACKET consumer in the gateway on ``ifaces`` (ingress), one worker per CPU,
+    deciding with BENCH_RULES (``count_only``: counting frames, no decoding, no rules); on the
+    way out it is stopped and its counts become the sample's extras (``capture_*``): frames
+    read, bytes, IP packets decoded, rule hits, the kernel's ring drops and the share of
+    packets read."""
+    work = ["--count-only"] if count_only else ["--rules", os.path.abspath(BENCH_RULES)]
+    proc = lab.popen("gw", [sys.executable, "-m", "hybrid.lab.afpacket", "--ifaces", ",".join(ifaces), *work],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    probe = Probe()
+    started = False
+    try:
+        started = proc.stdout.readline().strip() == "ready"
+        if started:
+            yield probe
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    if not started:
+        raise HybridError(f"the AF_PACKET consumer did not start: {sysutil.last_line(err) or f'exit {proc.returncode}'}")
+    summary = next((ln[len("afpacket "):] for ln in out.splitlines() if ln.startswith("afpacket ")), None)
+    if summary is None:
+        raise HybridError(f"the AF_PACKET consumer did not report: {sysutil.last_line(err) or f'exit {proc.returncode}'}")
+    c = probe.capture = json.loads(summary)
+    probe.after.update({
+        "capture_frames": c["frames"], "capture_bytes": c["bytes"], "capture_ip": c["ip"],
+        "capture_decoded": c["decoded"], "capture_undecodable": c["undecodable"],
+        "capture_truncated": c["truncated"], "capture_rule_hits": sum(c["rule_hits"].values()),
+        "capture_drops": c["drops"],
+        "capture_seen_share": c["seen_share"] if c["seen_share"] is not None else float("nan")})
+
+
+def afpacket_ports(lab: Lab, count_only: bool = False) -> contextlib.AbstractContextManager:
+    """The consumer on the gateway's two ports: every forwarded packet, where it came in."""
+    return capture_consumer(lab, [lab.info.gw_client.ifname, lab.info.gw_server.ifname], count_only)
+
+
+def _ageing_time(lab: Lab) -> int:
+    """The bridge's ageing time, in the centiseconds ``ip link`` takes."""
+    out = lab.run("gw", ["ip", "-j", "-d", "link", "show", lab.info.bridge]).stdout
+    try:
+        return int(json.loads(out)[0]["linkinfo"]["info_data"]["ageing_time"])
+    except (ValueError, LookupError, TypeError):
+        raise HybridError(f"cannot read {lab.info.bridge}'s ageing time from 'ip -j -d link show'") from None
+
+
+@contextlib.contextmanager
+def bridge_flood(lab: Lab, read: bool = True) -> Iterator[Probe]:
+    """The field report's monitor port: br0's ageing time set to 0, so the bridge forgets every
+    address at once and floods every frame to all its ports, one of which (MONITOR) is a veth
+    whose other end (MONITOR_RX, no address, no IPv6) the AF_PACKET consumer reads (``read``;
+    without it nobody reads there: the flooding's own cost). The ageing time is restored and
+    the monitor veth removed on the way out, also on failure."""
+    if lab.info.bridge is None:
+        raise ConfigError("bridge-flood needs the bridge lab (--lab bridge)")
+    br = lab.info.bridge
+    with contextlib.ExitStack() as undo:
+        old = _ageing_time(lab)
+        lab.run("gw", ["ip", "link", "add", MONITOR, "type", "veth", "peer", "name", MONITOR_RX])
+        undo.callback(lab.run, "gw", ["ip", "link", "del", MONITOR], check=False)
+        for dev in (MONITOR, MONITOR_RX):
+            lab.run("gw", ["sysctl", "-q", "-w", f"net.ipv6.conf.{dev}.disable_ipv6=1"])
+        lab.run("gw", ["ip", "link", "set", MONITOR, "master", br])
+        for dev in (MONITOR, MONITOR_RX):
+            lab.run("gw", ["ip", "link", "set", dev, "up"])
+        lab.run("gw", ["ip", "link", "set", br, "type", "bridge", "ageing_time", "0"])
+        undo.callback(lab.run, "gw", ["ip", "link", "set", br, "type", "bridge", "ageing_time", str(old)],
+                      check=False)
+        yield undo.enter_context(capture_consumer(lab, [MONITOR_RX])) if read else Probe()
+
+
+# What each kind of userspace side sees and can do (the capability table).
+_QUEUED = dict(blocks="yes", rewrites="yes")
+_COPY = "a copy of every packet"
+
 MODES: dict[str, Mode] = {
-    "baseline": Mode("baseline", "nothing attached, nothing queued", nothing),
+    "baseline": Mode("baseline", "nothing attached, nothing queued", nothing, sees="nothing"),
     "nfq-all": Mode("nfq-all", "every forwarded packet queued to the engine",
-                    lambda lab: engine_queue(lab, [[]])),
+                    lambda lab: engine_queue(lab, [[]]), sees="every packet", **_QUEUED),
     "nfq-all-bare": Mode("nfq-all-bare", "every forwarded packet queued to a bare accept-all consumer "
-                         "(reference: the cheapest userspace side)", lambda lab: iptables_queue(lab, [])),
+                         "(reference: the cheapest userspace side)", lambda lab: iptables_queue(lab, []),
+                         sees="every packet (accepts all)", **_QUEUED),
     "ct-new": Mode("ct-new", "OpenSnitch style: TCP SYNs and conntrack NEW/RELATED queued to the engine",
-                   lambda lab: engine_queue(lab, CT_NEW)),
+                   lambda lab: engine_queue(lab, CT_NEW), sees="first packets (handshakes, no payload)",
+                   blocks="new connections", rewrites="no payload"),
     "connbytes": Mode("connbytes", "the first 4 KiB of each connection queued to the engine",
-                      lambda lab: engine_queue(lab, CONNBYTES)),
+                      lambda lab: engine_queue(lab, CONNBYTES), sees="first 4 KiB of each connection",
+                      blocks="yes", rewrites="first 4 KiB"),
     "hybrid": Mode("hybrid", "hybrid attached (xdp auto), flagged packets to the engine with flow verdicts",
-                   lambda lab: hybrid_attached(lab, "auto")),
+                   lambda lab: hybrid_attached(lab, "auto"),
+                   sees="flagged packets (each flow's first payload); kernel: every packet",
+                   blocks="yes (kernel + engine)", rewrites="flagged packets"),
     "hybrid-cache": Mode("hybrid-cache", "as hybrid, with the name-verdict cache (--name-cache): new "
                          "connections to names the engine decided are decided in the kernel",
-                         lambda lab: hybrid_attached(lab, "auto", name_cache=True)),
+                         lambda lab: hybrid_attached(lab, "auto", name_cache=True),
+                         sees="flagged packets, fewer (names decided in the kernel)",
+                         blocks="yes (kernel + engine)", rewrites="flagged packets"),
     "hybrid-generic": Mode("hybrid-generic", "as hybrid, with generic XDP on both gateway links",
-                           lambda lab: hybrid_attached(lab, "generic")),
+                           lambda lab: hybrid_attached(lab, "generic"),
+                           sees="flagged packets; kernel: every packet", blocks="yes (kernel + engine)",
+                           rewrites="flagged packets"),
     "hybrid-native": Mode("hybrid-native", "as hybrid, with native XDP on both gateway links",
-                          lambda lab: hybrid_attached(lab, "native")),
+                          lambda lab: hybrid_attached(lab, "native"),
+                          sees="flagged packets; kernel: every packet", blocks="yes (kernel + engine)",
+                          rewrites="flagged packets"),
+    "afpacket": Mode("afpacket", "an AF_PACKET consumer (TPACKET_V3 ring, fanout per CPU) reads a copy of every "
+                     "packet on the gateway's ports, decodes it and runs the rules; it cannot act",
+                     afpacket_ports, sees=_COPY + " (what the ring kept)"),
+    "afpacket-bare": Mode("afpacket-bare", "as afpacket, the consumer only counting frames (reference: what "
+                          "the rings cost without the decoder and rules)",
+                          lambda lab: afpacket_ports(lab, count_only=True),
+                          sees="a count of the packets (what the ring kept)"),
+    "bridge-flood": Mode("bridge-flood", "bridge ageing time 0: every frame flooded to a monitor port, read "
+                         "there by the same AF_PACKET consumer; it cannot act", bridge_flood,
+                         sees=_COPY + " at a monitor port (what the ring kept)", lab="bridge"),
+    "bridge-flood-bare": Mode("bridge-flood-bare", "as bridge-flood with nobody reading the monitor port "
+                              "(reference: the cost of the flooding alone)",
+                              lambda lab: bridge_flood(lab, read=False), sees="nothing (nobody reads)",
+                              lab="bridge"),
 }
 
 
+def capabilities(report: Report) -> dict[str, dict]:
+    """Per mode: what it sees, whether it blocks and rewrites inline, and (passive modes) the
+    median share of packets its consumer read, per workload (the rest were ring drops)."""
+    out = {}
+    for m in dict.fromkeys(r.mode for r in report.results):
+        mode = MODES.get(m)
+        seen = {r.workload: r.extra_median["capture_seen_share"] for r in report.results
+                if r.mode == m and "capture_seen_share" in r.extra_median}
+        out[m] = {"sees": mode.sees if mode else "?", "seen_share": seen or None,
+                  "blocks": mode.blocks if mode else "?", "rewrites": mode.rewrites if mode else "?"}
+    return out
+
+
 # -- workloads ------------------------------------------------------------------------------------
-def _bulk(streams: int) -> Callable[[Lab, float, Probe], float]:
-    def run(lab: Lab, seconds: float, probe: Probe | None = None) -> float:
+def _bulk(streams: int) -> Callable[[Lab, float, Probe], Sample]:
+    def run(lab: Lab, seconds: float, probe: Probe | None = None) -> Sample:
         res = iperf3(lab, seconds, streams=streams)
-        return res["end"]["sum_received"]["bits_per_second"] / 1e9
+        got = res["end"]["sum_received"]
+        return got["bits_per_second"] / 1e9, {"bytes": got["bytes"]}
     return run
 
 
@@ -723,15 +867,19 @@ def machine() -> dict:
 
 def run(modes: list[str], workloads: list[str], repetitions: int, seconds: float, *,
         lab_name: str = "hbench", progress: Callable[[str], None] = lambda _m: None,
-        command: str = "") -> Report:
-    """Run every workload under every mode, ``repetitions`` times. Every sample of a mode is
-    paired with a baseline sample of the same workload measured right before it (a machine
-    whose speed drifts by 15% between samples would otherwise hide an 8% cost), and the modes
-    take turns going first from one repetition to the next."""
-    sysutil.require_root("bench")
+        command: str = "", lab_kind: str = "router") -> Report:
+    """Run every workload under every mode, ``repetitions`` times, on a fresh lab of
+    ``lab_kind`` ("router" or "bridge"). Every sample of a mode is paired with a baseline
+    sample of the same workload measured right before it (a machine whose speed drifts by 15%
+    between samples would otherwise hide an 8% cost), and the modes take turns going first
+    from one repetition to the next."""
     for m in modes:
         if m not in MODES:
             raise ConfigError(f"mode {m!r}: use any of {', '.join(MODES)}")
+        need = MODES[m].lab
+        if need and need != lab_kind:
+            raise ConfigError(f"mode {m!r} needs the {need} lab: add --lab {need}")
+    sysutil.require_root("bench")
     for w in workloads:
         if w not in WORKLOADS:
             raise ConfigError(f"workload {w!r}: use any of {', '.join(WORKLOADS)}")
@@ -747,7 +895,9 @@ def run(modes: list[str], workloads: list[str], repetitions: int, seconds: float
     def sample(lab: Lab, m: str, w: str, rep: int) -> float:
         nonlocal done
         with MODES[m].setup(lab) as probe:
-            value = results[(m, w)].add(WORKLOADS[w].run(lab, seconds, probe or Probe()))
+            probe = probe or Probe()
+            value = results[(m, w)].add(WORKLOADS[w].run(lab, seconds, probe))
+        results[(m, w)].add_extra(probe.after)     # what the mode measured, now that it is down
         if w in ("flood", "synflood"):
             _forget_spoofed(lab)
         done += 1
@@ -755,7 +905,7 @@ def run(modes: list[str], workloads: list[str], repetitions: int, seconds: float
         time.sleep(0.2)
         return value
 
-    with Lab(lab_name) as lab:
+    with Lab(lab_name, kind=lab_kind) as lab:
         for rep in range(repetitions):
             order = others if rep % 2 == 0 else list(reversed(others))   # no mode always runs first
             for m in order:
@@ -765,7 +915,7 @@ def run(modes: list[str], workloads: list[str], repetitions: int, seconds: float
                         continue
                     value = sample(lab, m, w, rep)
                     results[(m, w)].paired.append(value / base if base else float("nan"))
-    return Report(command, machine(), repetitions, seconds, list(results.values()))
+    return Report(command, machine(), repetitions, seconds, list(results.values()), lab=lab_kind)
 
 
 def table(report: Report) -> str:
@@ -785,7 +935,24 @@ def table(report: Report) -> str:
             rng = f" {spread[0]:.2f}-{spread[1]:.2f}" if spread and m != "baseline" else ""
             cells.append(f"{r.median:>10.2f} ({report.ratio(m, w):>5.3f} of base{rng})".rjust(n))
         lines.append(f"{m:<16}" + "".join(cells))
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + capability_table(report)
+
+
+def capability_table(report: Report) -> str:
+    """What each mode's userspace side sees (and, for a passive mode, the share of packets its
+    consumer read per workload: the rest were dropped by a full ring), and whether it can block
+    or rewrite inline."""
+    caps = capabilities(report)
+    rows = []
+    for m, c in caps.items():
+        seen = ", ".join(f"{w} {v:.2f}" for w, v in c["seen_share"].items()) if c["seen_share"] else "-"
+        rows.append((m, c["sees"], seen, c["blocks"], c["rewrites"]))
+    head = ("mode", "sees", "share read", "blocks inline", "rewrites")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{n}}}" for n in widths)
+    out = [fmt.format(*head).rstrip(), "-" * (sum(widths) + 2 * (len(widths) - 1))]
+    out += [fmt.format(*r).rstrip() for r in rows]
+    return "\n".join(out)
 
 
 # -- the engine against a bare consumer -----------------------------------------------------------

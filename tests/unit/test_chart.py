@@ -29,6 +29,21 @@ def test_chart_from_results(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_chart_draws_a_report_with_capabilities_and_a_lab(tmp_path):
+    results = [
+        {"mode": "baseline", "workload": "bulk-1", "median": 20.0, "ratio_to_baseline": 1.0},
+        {"mode": "afpacket", "workload": "bulk-1", "median": 13.0, "ratio_to_baseline": 0.65},
+    ]
+    caps = {"baseline": {"blocks": "no"}, "afpacket": {"blocks": "no"}}
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps({"results": results, "capabilities": caps, "lab": "bridge", "machine": {},
+                               "repetitions": 1}))
+    out = tmp_path / "c.png"
+    p = subprocess.run([sys.executable, CHART, str(src), str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_unreadable_results_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
