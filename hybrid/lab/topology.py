@@ -207,6 +207,10 @@ class Lab:
             sysutil.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{dev}.disable_ipv6=1"], netns=gw)
         for port in (i.gw_client.ifname, i.gw_server.ifname):
             sysutil.run([ip, "-n", gw, "link", "set", port, "master", i.bridge])
+        # br_netfilter hands bridged IP to iptables (as a new namespace does by default): the bench's
+        # iptables modes (nfq-all, ct-new, ...) queue nothing without it. Said here, not assumed.
+        sysutil.run(["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1",
+                     "net.bridge.bridge-nf-call-ip6tables=1"], netns=gw)
         sysutil.run([ip, "-n", gw, "link", "set", i.bridge, "up"])
 
     def down(self) -> list[str]:
