@@ -1,0 +1,643 @@
+"""Running a capture through the datapath and the verdict engine, offline.
+
+What a live attachment does with a packet, done on a buffer:
+
+1. the replay clock (bpf/hybrid.bpf.c, "The clock") is set to the packet's capture time;
+2. XDP runs on the frame with BPF_PROG_TEST_RUN (unless ``xdp_mode`` is off, as on a link
+   attached without XDP); XDP_DROP drops it;
+3. tc runs on it; TC_ACT_SHOT drops it; a decision the kernel took from the name cache comes
+   back on the name-event ring, as live;
+4. a packet tc marked (hybrid's mark bits in the returned __sk_buff) goes to the engine's own
+   per-packet handler (:class:`ReplayEngine`, hybrid.engine.loop.Engine with nothing sent and
+   nothing bound), whose flow verdicts and name-cache entries land in the same private maps, so
+   later packets are bypassed, blocked or decided in the kernel as they would be live.
+
+Everything is private: one datapath compiled for the replay (same sources, same flags as
+``attach`` plus -DHYBRID_REPLAY_CLOCK), no pin, no interface, no namespace; every fd is closed
+at the end. Programs run as received on ifindex 1 (lo, the only device every namespace has:
+the kernel refuses a test run on a device that does not exist), which is registered as the
+attachment's interfaces are; the side of each packet (client or server) is the replay's own
+bookkeeping and the engine's ``indev``.
+
+Time is the capture's, for the kernel (the replay clock) and for the engine: while a replay runs,
+the ``time`` the engine's modules and hybrid.datapath.maps see answers ``monotonic()``,
+``monotonic_ns()``, ``time()`` and ``time_ns()`` with the current packet's timestamp (verdict
+TTLs, join timeouts, the verdict log's rate limit and its ``time`` field all follow the capture).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import struct
+import sys
+import time as _time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from hybrid.datapath.options import AttachOptions
+from hybrid.errors import ConfigError, HybridError
+from hybrid.kernel import abi, bpfsys
+from hybrid.replay.capture import Capture, Frame, open_capture
+
+log = logging.getLogger(__name__)
+
+XDP_DROP = 1
+TC_ACT_SHOT = 2
+REPLAY_IFINDEX = 1                 # lo: see the module's docstring
+SIDE_INDEX = {"client": 1, "server": 2}     # the engine's nfpkt.indev for each side
+PASSED, DROPPED, REWRITTEN = "passed", "dropped", "rewritten"
+_TCP_SYN, _TCP_ACK = 0x02, 0x10
+_VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
+
+
+# -- the capture's clock, for the engine -------------------------------------------------------------
+
+class ReplayTime:
+    """Stands in for the ``time`` module in the engine's modules while a replay runs: the clocks
+    read the capture's time (``now_ns``, set per packet); everything else is the real module's."""
+
+    def __init__(self):
+        self.now_ns = 0
+
+    def monotonic(self) -> float:
+        return self.now_ns / 1e9
+
+    def monotonic_ns(self) -> int:
+        return self.now_ns
+
+    def time(self) -> float:
+        return self.now_ns / 1e9
+
+    def time_ns(self) -> int:
+        return self.now_ns
+
+    def __getattr__(self, name):
+        return getattr(_time, name)
+
+
+# Modules whose ``time`` the replay replaces: every module of the engine and the maps API (verdict
+# expiries). A module added to hybrid.engine that imports time is covered by the prefix.
+_CLOCK_MODULES = ("hybrid.engine.", "hybrid.datapath.maps")
+
+
+@contextlib.contextmanager
+def capture_clock(clock: ReplayTime):
+    """While inside, the engine's modules read ``clock`` as their ``time``."""
+    import hybrid.datapath.maps  # noqa: F401 - imported before the swap, or it is not swapped
+    import hybrid.engine.loop  # noqa: F401 - and with it every engine module it uses
+    swapped = []
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not name.startswith(_CLOCK_MODULES):
+            continue
+        if getattr(mod, "time", None) is _time:
+            mod.time = clock
+            swapped.append(mod)
+    try:
+        yield clock
+    finally:
+        for mod in swapped:
+            mod.time = _time
+
+
+# -- which side a packet came in on -------------------------------------------------------------------
+
+@dataclass
+class Sides:
+    """How a packet's side is told. First that applies: the pcapng interface name
+    (``client_ifaces`` / ``server_ifaces``), the source MAC (``client_macs``), the source address
+    (``client_nets``); else the default: a packet from an address that has sent a connection's
+    first SYN (SYN without ACK) is the client side's, any other the server side's."""
+    client_ifaces: frozenset[str] = frozenset()
+    server_ifaces: frozenset[str] = frozenset()
+    client_macs: frozenset[bytes] = frozenset()
+    client_nets: tuple = ()
+    _syn_senders: set = field(default_factory=set)
+
+    @classmethod
+    def parse(cls, client_ifaces: Iterable[str] = (), server_ifaces: Iterable[str] = (),
+              client_macs: Iterable[str] = (), client_nets: Iterable[str] = ()) -> Sides:
+        macs = set()
+        for m in client_macs:
+            try:
+                b = bytes.fromhex(m.replace(":", "").replace("-", ""))
+            except ValueError:
+                b = b""
+            if len(b) != 6:
+                raise ConfigError(f"client MAC {m!r}: write six hex bytes, e.g. 02:00:00:00:01:02")
+            macs.add(b)
+        nets = []
+        for n in client_nets:
+            try:
+                nets.append(ipaddress.ip_network(n, strict=False))
+            except ValueError:
+                raise ConfigError(f"client net {n!r}: write an address or a prefix, e.g. 198.18.1.0/24") from None
+        return cls(frozenset(client_ifaces), frozenset(server_ifaces), frozenset(macs), tuple(nets))
+
+    def side(self, frame: Frame, src: bytes | None, syn: bool) -> str:
+        if frame.iface is not None:
+            if frame.iface in self.client_ifaces:
+                return "client"
+            if frame.iface in self.server_ifaces:
+                return "server"
+        if self.client_macs:
+            return "client" if frame.data[6:12] in self.client_macs else "server"
+        if self.client_nets:
+            if src is None:
+                return "server"
+            a = ipaddress.ip_address(src)
+            return "client" if any(a in n for n in self.client_nets) else "server"
+        if src is None:
+            return "server"
+        if syn:
+            self._syn_senders.add(src)
+        return "client" if src in self._syn_senders else "server"
+
+
+# -- a packet's addresses -------------------------------------------------------------------------------
+
+def parse_l3(eth: bytes) -> tuple[int, int, int, bytes, bytes, int, int, int] | None:
+    """(offset of the IP header, version, protocol, src, dst, sport, dport, tcp flags) of an
+    Ethernet frame (VLAN tags skipped), ports 0 when there are none (not TCP/UDP, a later
+    fragment); None when it is not IP."""
+    off = 12
+    n = len(eth)
+    if n < 14:
+        return None
+    etype = (eth[12] << 8) | eth[13]
+    while etype in _VLAN_TPIDS and off + 6 <= n:
+        off += 4
+        etype = (eth[off] << 8) | eth[off + 1]
+    off += 2
+    if etype == 0x0800 and n >= off + 20:
+        ihl = (eth[off] & 0x0F) * 4
+        proto = eth[off + 9]
+        src, dst = eth[off + 12:off + 16], eth[off + 16:off + 20]
+        frag = ((eth[off + 6] & 0x1F) << 8) | eth[off + 7]
+        l4 = off + ihl
+        if frag or proto not in (6, 17) or n < l4 + 4:
+            return off, 4, proto, src, dst, 0, 0, 0
+        sport, dport = struct.unpack_from(">HH", eth, l4)
+        flags = eth[l4 + 13] if proto == 6 and n > l4 + 13 else 0
+        return off, 4, proto, src, dst, sport, dport, flags
+    if etype == 0x86DD and n >= off + 40:
+        proto = eth[off + 6]
+        src, dst = eth[off + 8:off + 24], eth[off + 24:off + 40]
+        l4 = off + 40
+        for _ in range(6):
+            if proto in (0, 43, 60) and n >= l4 + 8:
+                proto, l4 = eth[l4], l4 + (eth[l4 + 1] + 1) * 8
+            elif proto == 44 and n >= l4 + 8:
+                if struct.unpack_from(">H", eth, l4 + 2)[0] & 0xFFF8:
+                    return off, 6, eth[l4], src, dst, 0, 0, 0
+                proto, l4 = eth[l4], l4 + 8
+            else:
+                break
+        if proto not in (6, 17) or n < l4 + 4:
+            return off, 6, proto, src, dst, 0, 0, 0
+        sport, dport = struct.unpack_from(">HH", eth, l4)
+        flags = eth[l4 + 13] if proto == 6 and n > l4 + 13 else 0
+        return off, 6, proto, src, dst, sport, dport, flags
+    return None
+
+
+def endpoint(addr: bytes, port: int) -> str:
+    ip = ipaddress.ip_address(addr)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+# -- the engine, offline --------------------------------------------------------------------------------
+
+class NfPacket:
+    """What the engine's handler asks of a NetfilterQueue packet, recorded instead of sent."""
+    __slots__ = ("payload", "mark", "indev", "verdict", "rewritten")
+
+    def __init__(self, payload: bytes, mark: int, indev: int):
+        self.payload = payload
+        self.mark = mark
+        self.indev = indev
+        self.verdict = None         # "accept" (repeat) or "drop"
+        self.rewritten = False
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def get_mark(self) -> int:
+        return self.mark
+
+    def set_mark(self, mark: int) -> None:
+        self.mark = mark
+
+    def set_payload(self, payload: bytes) -> None:
+        self.payload = bytes(payload)
+        self.rewritten = True
+
+    def repeat(self) -> None:
+        self.verdict = "accept"
+
+    def accept(self) -> None:
+        self.verdict = "accept"
+
+    def drop(self) -> None:
+        self.verdict = "drop"
+
+
+def _engine_class():
+    from hybrid.engine.loop import Engine
+
+    class ReplayEngine(Engine):
+        """The engine's real decision code; what it would send (a reject's RSTs and ICMP errors)
+        is counted, never sent, and its input interfaces are the replay's sides."""
+
+        side_names: dict[int, str] = {}
+        sent: list[bytes]
+
+        def _send_raw(self, pkt, build, what):   # noqa: D401 - replaces the raw socket
+            try:
+                self.sent.append(build(pkt))
+            except Exception as exc:  # noqa: BLE001 - as the engine: counted, never raised
+                self.stats.reject_send_errors += 1
+                log.debug("reject: %s not built (%s)", what, exc)
+
+        def _ifname(self, index):
+            return self.side_names.get(index)
+
+    return ReplayEngine
+
+
+# -- results ----------------------------------------------------------------------------------------
+
+@dataclass
+class FlowRecord:
+    """One flow of the replay, oriented from the endpoint that sent its first packet (``a``)."""
+    proto: int
+    a: str
+    b: str
+    first_seen_ns: int
+    packets: list[int] = field(default_factory=lambda: [0, 0])     # [from a, from b]
+    bytes: list[int] = field(default_factory=lambda: [0, 0])
+    flagged: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    engine_packets: int = 0
+    cache_packets: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: {PASSED: 0, DROPPED: 0, REWRITTEN: 0})
+    decided_by: str = "nothing"           # "engine", "kernel cache", "kernel" (prefix, ban), "nothing"
+    rule: str | None = None               # the rule that decided (None: none matched, or undecided)
+    action: str | None = None             # the engine's or the cache's last action on the flow
+    flow_verdict: str | None = None       # the last flow verdict written (bypass, block, inspect)
+    side: str = "client"                  # the side of the flow's first packet
+
+    @property
+    def verdict(self) -> str:
+        """dropped: every packet after the decision dropped (or any dropped and none passed after);
+        rewritten: any rewritten; else passed. A flow whose packets were dropped only some of the
+        time says ``mixed``."""
+        o = self.outcomes
+        if o[REWRITTEN]:
+            return REWRITTEN
+        if o[DROPPED] and not o[PASSED]:
+            return DROPPED
+        if o[DROPPED]:
+            return "mixed" if self.flow_verdict != "block" else DROPPED
+        return PASSED
+
+    def as_dict(self) -> dict:
+        return {"proto": {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(self.proto, str(self.proto)),
+                "a": self.a, "b": self.b, "first_seen": round(self.first_seen_ns / 1e9, 6), "side": self.side,
+                "packets": list(self.packets), "bytes": list(self.bytes), "flagged": self.flagged,
+                "reasons": dict(self.reasons), "engine_packets": self.engine_packets,
+                "cache_packets": self.cache_packets, "outcomes": dict(self.outcomes),
+                "decided_by": self.decided_by, "rule": self.rule, "action": self.action,
+                "flow_verdict": self.flow_verdict, "verdict": self.verdict}
+
+
+@dataclass
+class Report:
+    capture: str
+    format: str
+    packets: int = 0                      # records in the capture
+    replayed: int = 0                     # run through the programs
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated: str | None = None
+    outcomes: dict[str, int] = field(default_factory=lambda: {PASSED: 0, DROPPED: 0, REWRITTEN: 0})
+    sides: dict[str, dict[str, int]] = field(default_factory=lambda: {
+        s: {"packets": 0, "bytes": 0, "flagged": 0, "dropped": 0} for s in ("client", "server")})
+    kernel: dict[str, int] = field(default_factory=dict)      # the datapath's counters (status's names)
+    engine: dict = field(default_factory=dict)                # the engine's snapshot (status's names)
+    flows: list[FlowRecord] = field(default_factory=list)
+    first_ns: int = 0
+    last_ns: int = 0
+    elapsed_s: float = 0.0
+    rejects_built: int = 0
+
+    def as_dict(self) -> dict:
+        return {"capture": self.capture, "format": self.format, "packets": self.packets, "replayed": self.replayed,
+                "skipped": dict(self.skipped), "truncated": self.truncated, "outcomes": dict(self.outcomes),
+                "sides": self.sides, "kernel": self.kernel, "engine": self.engine,
+                "capture_seconds": round((self.last_ns - self.first_ns) / 1e9, 6),
+                "elapsed_seconds": round(self.elapsed_s, 3), "rejects_built": self.rejects_built,
+                "flows": [f.as_dict() for f in self.flows]}
+
+
+# -- the replay ------------------------------------------------------------------------------------
+
+class _PcapOut:
+    """A pcap file of Ethernet frames (nanosecond timestamps), written as the replay goes."""
+
+    def __init__(self, path: str):
+        import dpkt
+        try:
+            self.f = open(path, "wb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        self.w = dpkt.pcap.Writer(self.f, linktype=1, nano=True)
+        self.count = 0
+
+    def write(self, ts_ns: int, frame: bytes) -> None:
+        self.w.writepkt(frame, ts=ts_ns / 1e9)
+        self.count += 1
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class Replay:
+    """One replay: ``opts`` the attach options that shape classification (their ``interfaces``
+    are not used), ``rules_path`` the engine's rules, ``sides`` how packets are given a side."""
+
+    def __init__(self, rules_path: str, opts: AttachOptions, sides: Sides | None = None, *,
+                 log_stream=None, write_passed: str | None = None, write_dropped: str | None = None,
+                 progress: Callable[[int, int, int, float], None] | None = None,
+                 side_names: tuple[str, str] = ("client", "server")):
+        self.rules_path = rules_path
+        self.opts = opts
+        self.sides = sides or Sides()
+        self.log_stream = log_stream
+        self.write_passed = write_passed
+        self.write_dropped = write_dropped
+        self.progress = progress
+        self.side_names = side_names
+
+    def run(self, capture: str | Capture) -> Report:
+        from hybrid.engine.rules import load_rules
+        cap = capture if isinstance(capture, Capture) else open_capture(capture)
+        load_rules(self.rules_path, mark_mask=self.opts.mark_mask)   # a broken file: one line, before compiling
+        opts = self.opts
+        with contextlib.ExitStack() as stack:
+            from hybrid.datapath import loader
+            dp = loader.compile_datapath(None, flow_table_size=opts.flow_table_size, names=opts.name_cache,
+                                         replay_clock=True)
+            stack.callback(dp.close)
+            maps = dp.maps()
+            stack.callback(maps.close)
+            clock = ReplayTime()
+            stack.enter_context(capture_clock(clock))
+            run = _Run(self, dp, maps, clock, stack)
+            return run.go(cap)
+
+
+class _Run:
+    """The state of one replay while it runs."""
+
+    def __init__(self, replay: Replay, dp, maps, clock: ReplayTime, stack: contextlib.ExitStack):
+        from hybrid.datapath import attach as attach_mod
+        self.replay = replay
+        self.opts = opts = replay.opts
+        self.dp, self.maps, self.clock = dp, maps, clock
+        attach_mod._apply_config(maps, opts, None)        # what attach writes, from the same options
+        maps.register_iface(REPLAY_IFINDEX, abi.IFACE_XDP if opts.xdp_mode != "off" else 0)
+        self.run_xdp = opts.xdp_mode != "off"
+        self.mark_value = opts.mark & opts.mark_mask
+        self.mark_mask = opts.mark_mask
+        Engine = _engine_class()
+        self.engine = Engine(opts.queue_first, replay.rules_path, maps=maps, mark_mask=opts.mark_mask,
+                             fail_open=opts.fail_open, log_stream=replay.log_stream)
+        self.engine.sent = []
+        self.engine.side_names = {SIDE_INDEX["client"]: replay.side_names[0],
+                                  SIDE_INDEX["server"]: replay.side_names[1]}
+        stack.callback(self._close_engine)
+        self.engine._declare_needs()                      # what bind() tells the kernel
+        self.engine._link_name_cache()
+        self.ring = None
+        if self.engine.names is not None:
+            from hybrid.kernel.ringbuf import RingBuffer
+            self.ring = RingBuffer.open(maps.fd(abi.MAP_NAME_EVENTS))
+            stack.callback(self.ring.close)
+            self.engine.names.vlog = self.engine.vlog
+        # What the engine decided for the packet being handled: the last rule decision and the
+        # flow verdicts written (wrapped on these instances only).
+        self._decided: list = []
+        self._written: list = []
+        rules = self.engine.rules
+        decide = rules.decide
+
+        def recording_decide(pkt, _decide=decide, _log=self._decided):
+            d = _decide(pkt)
+            _log.append(d)
+            return d
+        rules.decide = recording_decide
+        write_verdict = maps.write_verdict
+
+        def recording_write(key, verdict, ttl_ns, *a, _w=write_verdict, _log=self._written, **kw):
+            _log.append(verdict)
+            return _w(key, verdict, ttl_ns, *a, **kw)
+        maps.write_verdict = recording_write
+        self.out_passed = _PcapOut(replay.write_passed) if replay.write_passed else None
+        self.out_dropped = _PcapOut(replay.write_dropped) if replay.write_dropped else None
+        for out in (self.out_passed, self.out_dropped):
+            if out is not None:
+                stack.callback(out.close)
+        # The clock's key and value, and the tc and XDP contexts, made once.
+        self.clock_fd = dp.clock_fd()
+        self.clock_key = ctypes.c_uint32(0)
+        self.clock_val = ctypes.c_uint64(0)
+        self.flows: dict[tuple, FlowRecord] = {}
+        self.last_reasons = self._reason_counts()
+        self.pending_cache: list = []
+
+    def _close_engine(self) -> None:
+        eng = self.engine
+        if eng.names is not None:
+            eng.names.stop()
+        with contextlib.suppress(Exception):
+            eng._declare_needs(bound=False)
+
+    def _reason_counts(self) -> dict[str, int]:
+        c = self.maps.stats().get(REPLAY_IFINDEX) or {}
+        return {name: c.get(f"reason_{name}", 0) for name in abi.REASON_NAMES.values()}
+
+    def _on_event(self, data) -> None:
+        ev = abi.NameEvent.from_buffer_copy(bytes(data[:ctypes.sizeof(abi.NameEvent)]))
+        self.pending_cache.append(ev)
+        self.engine.names._event(data)
+
+    def go(self, cap: Capture) -> Report:
+        rep = Report(cap.path, cap.format)
+        t0 = _time.monotonic()
+        last_progress = t0
+        progress = self.replay.progress
+        xdp_fd, tc_fd = self.dp.xdp_fd, self.dp.tc_fd
+        prog_test_run = bpfsys.prog_test_run
+        SkBuff, XdpMd = bpfsys.SkBuff, bpfsys.XdpMd
+        sides = self.replay.sides
+        for frame in cap:
+            rep.packets = cap.packets
+            if frame.direction == "out":
+                rep.skipped["sent by the capturing host (a copy of a packet received on another link)"] = \
+                    rep.skipped.get("sent by the capturing host (a copy of a packet received on another link)", 0) + 1
+                continue
+            l3 = parse_l3(frame.data)
+            src = l3[3] if l3 else None
+            syn = bool(l3 and l3[2] == 6 and (l3[7] & (_TCP_SYN | _TCP_ACK)) == _TCP_SYN)
+            side = sides.side(frame, src, syn)
+            ts = frame.ts_ns
+            if not rep.first_ns:
+                rep.first_ns = ts
+            rep.last_ns = ts
+            self.clock.now_ns = ts
+            self.clock_val.value = ts
+            bpfsys.map_update(self.clock_fd, self.clock_key, self.clock_val, name="hybrid_clock")
+            rep.replayed += 1
+            data = frame.data
+            st = rep.sides[side]
+            st["packets"] += 1
+            st["bytes"] += len(data)
+            rec = self._flow(l3, frame, side)
+            if rec is not None:
+                d = 0 if rec.a == endpoint(l3[3], l3[5]) else 1
+                rec.packets[d] += 1
+                rec.bytes[d] += len(data)
+            outcome = PASSED
+            out_frame = data
+            if self.run_xdp:
+                r = prog_test_run(xdp_fd, data, XdpMd(data_end=len(data), ingress_ifindex=REPLAY_IFINDEX),
+                                  name=abi.PROG_XDP)
+                if r.retval == XDP_DROP:
+                    outcome = DROPPED
+                    if rec is not None and rec.decided_by == "nothing":
+                        rec.decided_by = "kernel"
+            if outcome is PASSED:
+                r = prog_test_run(tc_fd, data, SkBuff(ifindex=REPLAY_IFINDEX, ingress_ifindex=REPLAY_IFINDEX),
+                                  name=abi.PROG_TC)
+                cache = self._drain_cache(rec)
+                mark = r.ctx.mark
+                if r.retval == TC_ACT_SHOT:
+                    outcome = DROPPED
+                    if rec is not None and not cache and rec.decided_by == "nothing":
+                        rec.decided_by = "kernel"
+                elif (mark & self.mark_mask) == self.mark_value:
+                    st["flagged"] += 1
+                    outcome, out_frame = self._to_engine(frame, l3, rec, side, mark)
+            rep.outcomes[outcome] += 1
+            if rec is not None:
+                rec.outcomes[outcome] += 1
+            if outcome is DROPPED:
+                st["dropped"] += 1
+                if self.out_dropped is not None:
+                    self.out_dropped.write(ts, data)
+            elif self.out_passed is not None:
+                self.out_passed.write(ts, out_frame)
+            if progress is not None and rep.replayed % 1024 == 0:
+                now = _time.monotonic()
+                if now - last_progress >= 0.5:
+                    last_progress = now
+                    progress(rep.replayed, cap.packets, len(self.flows), now - t0)
+        rep.packets = cap.packets
+        for k, v in cap.skipped.items():
+            rep.skipped[k] = rep.skipped.get(k, 0) + v
+        rep.truncated = cap.truncated
+        rep.format = cap.format
+        rep.elapsed_s = _time.monotonic() - t0
+        rep.kernel = self._kernel_totals()
+        eng = self.engine
+        snap = {"packets": eng.stats.packets, "actions": dict(eng.stats.actions),
+                "flow_verdicts": dict(eng.stats.flow_verdicts), "errors": eng.stats.errors,
+                "doubts": dict(eng.stats.doubts), "rules": dict(eng.rules.counters), "default": eng.rules.default_count,
+                "name_cache": eng.names.snapshot() if eng.names is not None else None}
+        rep.engine = snap
+        rep.rejects_built = len(eng.sent)
+        rep.flows = sorted(self.flows.values(), key=lambda f: f.first_seen_ns)
+        return rep
+
+    def _kernel_totals(self) -> dict[str, int]:
+        c = dict(self.maps.stats().get(REPLAY_IFINDEX) or {})
+        return c
+
+    def _flow(self, l3, frame: Frame, side: str) -> FlowRecord | None:
+        if l3 is None:
+            return None
+        _, _, proto, src, dst, sport, dport, _ = l3
+        a, b = (src, sport), (dst, dport)
+        key = (proto,) + ((a, b) if a <= b else (b, a))
+        rec = self.flows.get(key)
+        if rec is None:
+            rec = FlowRecord(proto, endpoint(src, sport), endpoint(dst, dport), frame.ts_ns, side=side)
+            self.flows[key] = rec
+        return rec
+
+    def _drain_cache(self, rec: FlowRecord | None) -> bool:
+        if self.ring is None or not self.ring.pending():
+            return False
+        self.pending_cache.clear()
+        self.ring.drain(self._on_event)
+        hit = False
+        for ev in self.pending_cache:
+            hit = True
+            if rec is not None:
+                rec.cache_packets += 1
+                rec.decided_by = "kernel cache"
+                names = self.engine.names._rule_names
+                rule_id = ev.rule
+                rec.rule = names[rule_id] if 0 < rule_id < len(names) else None
+                rec.action = abi.NAME_ACTIONS.get(ev.action, "?")
+                v = abi.VERDICT_NAMES.get(ev.verdict)
+                if v in ("bypass", "block"):
+                    rec.flow_verdict = v
+        return hit
+
+    def _to_engine(self, frame: Frame, l3, rec: FlowRecord | None, side: str, mark: int):
+        """The engine's handler on a flagged packet: (outcome, the frame as it leaves)."""
+        data = frame.data
+        if rec is not None:
+            rec.flagged += 1
+            now = self._reason_counts()
+            for name, n in now.items():
+                delta = n - self.last_reasons.get(name, 0)
+                if delta:
+                    rec.reasons[name] = rec.reasons.get(name, 0) + delta
+            self.last_reasons = now
+        if l3 is None:              # the queue rule is an iptables/ip6tables rule: IP only
+            return PASSED, data
+        ip_off = l3[0]
+        nf = NfPacket(data[ip_off:], mark, SIDE_INDEX[side])
+        self._decided.clear()
+        self._written.clear()
+        self.engine._handle(nf)
+        if rec is not None:
+            rec.engine_packets += 1
+            if self._decided:
+                d = self._decided[-1]
+                if d.rule is not None or rec.decided_by != "engine":
+                    rec.rule = d.rule
+                rec.action = d.action
+                if d.rule is not None or d.flow in ("bypass", "block") or d.action != "accept":
+                    rec.decided_by = "engine"
+            for code in self._written:
+                v = abi.VERDICT_NAMES.get(code) if code is not None else None
+                if v in ("bypass", "block"):
+                    rec.flow_verdict = v
+                    rec.decided_by = "engine"
+        if nf.verdict == "drop" or nf.verdict is None and not self.opts.fail_open:
+            return DROPPED, data
+        if nf.rewritten:
+            return REWRITTEN, data[:ip_off] + nf.payload
+        return PASSED, data
+
+
+def replay(capture: str, rules_path: str, opts: AttachOptions, sides: Sides | None = None, **kw) -> Report:
+    """Replay ``capture`` (see :class:`Replay`)."""
+    if not isinstance(opts, AttachOptions):
+        raise HybridError("replay needs AttachOptions")
+    return Replay(rules_path, opts, sides, **kw).run(capture)
