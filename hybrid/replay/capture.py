@@ -20,6 +20,8 @@ skipped and counted by reason in :attr:`Capture.skipped`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,6 +97,8 @@ class Capture:
     skipped: dict[str, int] = field(default_factory=dict)
     truncated: str | None = None                        # where and how the file was cut, if it was
     interfaces: list[str | None] = field(default_factory=list)
+    offset: int = 0                                     # bytes read so far (for progress)
+    size: int = 0                                       # the file's size
 
     def skip(self, why: str) -> None:
         self.skipped[why] = self.skipped.get(why, 0) + 1
@@ -105,6 +109,8 @@ class Capture:
         except OSError as exc:
             raise CaptureError(f"{self.path}: {exc.strerror}") from None
         with f:
+            with contextlib.suppress(OSError):
+                self.size = os.fstat(f.fileno()).st_size
             head = f.read(4)
             f.seek(0)
             if head == _PCAPNG_MAGIC:
@@ -148,6 +154,7 @@ class Capture:
                 self.truncated = f"packet record at byte {offset}: {len(data)} of {rec.caplen} bytes"
                 return
             self.packets += 1
+            self.offset = offset + hlen + rec.caplen
             ts_ns = rec.tv_sec * 1_000_000_000 + rec.tv_usec * (1 if nano else 1000)
             frame = self._frame(self.packets, ts_ns, iface, data, rec.len, None)
             if frame is not None:
@@ -194,6 +201,7 @@ class Capture:
                 return
             buf = head + rest
             first = False
+            self.offset = offset + blen
             try:
                 if btype == pcapng.PCAPNG_BT_SHB:
                     continue

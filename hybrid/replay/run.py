@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import itertools
 import logging
 import struct
 import sys
@@ -384,6 +385,9 @@ class Replay:
         from hybrid.engine.rules import load_rules
         cap = capture if isinstance(capture, Capture) else open_capture(capture)
         load_rules(self.rules_path, mark_mask=self.opts.mark_mask)   # a broken file: one line, before compiling
+        frames = iter(cap)
+        first = next(frames, None)            # so is a file that is not a capture
+        frames = itertools.chain((first,), frames) if first is not None else iter(())
         opts = self.opts
         with contextlib.ExitStack() as stack:
             from hybrid.datapath import loader
@@ -395,7 +399,7 @@ class Replay:
             clock = ReplayTime()
             stack.enter_context(capture_clock(clock))
             run = _Run(self, dp, maps, clock, stack)
-            return run.go(cap)
+            return run.go(cap, frames)
 
 
 class _Run:
@@ -473,7 +477,7 @@ class _Run:
         self.pending_cache.append(ev)
         self.engine.names._event(data)
 
-    def go(self, cap: Capture) -> Report:
+    def go(self, cap: Capture, frames: Iterable[Frame]) -> Report:
         rep = Report(cap.path, cap.format)
         t0 = _time.monotonic()
         last_progress = t0
@@ -482,7 +486,7 @@ class _Run:
         prog_test_run = bpfsys.prog_test_run
         SkBuff, XdpMd = bpfsys.SkBuff, bpfsys.XdpMd
         sides = self.replay.sides
-        for frame in cap:
+        for frame in frames:
             rep.packets = cap.packets
             if frame.direction == "out":
                 rep.skipped["sent by the capturing host (a copy of a packet received on another link)"] = \
