@@ -83,7 +83,7 @@ class Frame:
 class _Iface:
     linktype: int
     name: str | None
-    ts_unit_ns: float         # ns per timestamp unit
+    ts_unit_ns: tuple[int, int]   # ns per timestamp unit, as (numerator, denominator)
     ts_offset_s: int = 0
 
 
@@ -137,7 +137,7 @@ class Capture:
         nano = magic in (pcap.TCPDUMP_MAGIC_NANO, pcap.PMUDPCT_MAGIC_NANO)
         linktype = fh.linktype & 0x0FFFFFFF        # the upper bits hold FCS information
         self._check_linktype(linktype)
-        iface = _Iface(linktype, None, 1.0 if nano else 1000.0)
+        iface = _Iface(linktype, None, (1, 1) if nano else (1000, 1))
         self.interfaces = [None]
         hlen = hdr_cls.__hdr_len__
         while True:
@@ -224,7 +224,8 @@ class Capture:
                             bits = struct.unpack("<I" if little else ">I", opt.data[:4])[0] & 3
                             direction = {1: "in", 2: "out"}.get(bits)
                     ts = (epb.ts_high << 32) | epb.ts_low
-                    ts_ns = int(ts * iface.ts_unit_ns) + iface.ts_offset_s * 1_000_000_000
+                    num, den = iface.ts_unit_ns
+                    ts_ns = ts * num // den + iface.ts_offset_s * 1_000_000_000
                     frame = self._frame(self.packets, ts_ns, iface, epb.pkt_data, epb.pkt_len, direction)
                     if frame is not None:
                         yield frame
@@ -244,7 +245,7 @@ class Capture:
 
     def _idb(self, idb, little: bool) -> _Iface:
         name = None
-        unit = 1000.0                     # default resolution: microseconds
+        unit = (1000, 1)                  # ns per unit as a fraction; default resolution: microseconds
         offset = 0
         for opt in idb.opts:
             if opt.code == pcapng.PCAPNG_OPT_IF_NAME:
@@ -252,7 +253,7 @@ class Capture:
             elif opt.code == pcapng.PCAPNG_OPT_IF_TSRESOL and opt.data:
                 res = opt.data[0]
                 exp = res & 0x7F
-                unit = 1e9 / (2 ** exp) if res & 0x80 else 1e9 / (10 ** exp)
+                unit = (10**9, 2**exp) if res & 0x80 else (10**9, 10**exp)
             elif opt.code == pcapng.PCAPNG_OPT_IF_TSOFFSET and len(opt.data) >= 8:
                 offset = struct.unpack("<q" if little else ">q", opt.data[:8])[0]
         return _Iface(idb.linktype, name, unit, offset)
