@@ -13,18 +13,9 @@ import click
 
 from hybrid.datapath.options import ATTACH, AttachOptions, Option
 from hybrid.kernel import abi
+from hybrid.replay.run import REPLAY_KEYS
 
 from .config import default_text, schema_option
-
-# The attach options that shape what the datapath and the engine decide. Not here: the
-# interfaces (a replay has none), the netfilter hooks and families, and how a range of queues is
-# balanced (one engine decides every flagged packet of a replay).
-REPLAY_KEYS = ("xdp_mode", "mark", "mark_mask", "queues", "fail_open", "flag", "first_n", "watch_port",
-               "watch_prefix", "block_prefix", "flow_table_size", "source_rate", "source_burst",
-               "global_rate", "global_burst", "name_cache", "over_budget")
-# What a replay's xdp_mode means: auto and native and generic run XDP before tc (a NIC with XDP);
-# off runs tc alone (a link attached without XDP, as veth is by auto).
-
 
 def replay_options(fn):
     """The classification options of ``attach`` (hybrid.datapath.options.ATTACH), with the same
@@ -130,7 +121,7 @@ def flow_lines(rep) -> list[str]:
         if f.cache_packets:
             flagged += f" cache {f.cache_packets}"
         verdict = f.verdict + (f"/{f.flow_verdict}" if f.flow_verdict else "")
-        rule = f.rule if f.rule is not None else ("(default)" if f.decided_by == "engine" else "-")
+        rule = f.rule if f.rule is not None else ("(default)" if f.decided_by in ("engine", "kernel cache") else "-")
         rows.append((f"+{(f.first_seen_ns - rep.first_ns) / 1e9:.3f}", _proto(f.proto), f"{f.a} -> {f.b}",
                      f"{f.packets[0]}/{f.packets[1]}", f"{f.bytes[0]}/{f.bytes[1]}", flagged,
                      f.decided_by, rule, verdict))

@@ -45,7 +45,22 @@ from hybrid.replay.capture import Capture, Frame, open_capture
 
 log = logging.getLogger(__name__)
 
+# The attach options that shape what the datapath and the engine decide (hybridctl replay and
+# rules test take them). Not here: the interfaces (a replay has none), the netfilter hooks and
+# families, and how a range of queues is balanced (one engine decides every flagged packet).
+# xdp_mode: off runs tc alone (a link attached without XDP, as veth is by auto); any other runs
+# XDP before tc.
+REPLAY_KEYS = ("xdp_mode", "mark", "mark_mask", "queues", "fail_open", "flag", "first_n", "watch_port",
+               "watch_prefix", "block_prefix", "flow_table_size", "source_rate", "source_burst",
+               "global_rate", "global_burst", "name_cache", "over_budget")
 XDP_DROP = 1
+# BPF_PROG_TEST_RUN takes a buffer of at most about a page for tc (the kernel's bpf_test_init:
+# PAGE_SIZE less the skb's head- and tailroom). A longer frame (a GRO/GSO aggregate a capture on
+# the gateway records as one packet, as tc sees it) runs on its first TEST_RUN_MAX bytes: the
+# programs classify by the headers' own lengths and read names from the first payload bytes; the
+# engine gets the whole packet. Counted in the report (``cut_for_test_run``).
+TEST_RUN_MAX = 3500
+CSUM_COMPLETE_MAX = 2048           # see _Run.go: checksums completed on packets up to this size
 TC_ACT_SHOT = 2
 REPLAY_IFINDEX = 1                 # lo: see the module's docstring
 SIDE_INDEX = {"client": 1, "server": 2}     # the engine's nfpkt.indev for each side
@@ -204,6 +219,59 @@ def parse_l3(eth: bytes) -> tuple[int, int, int, bytes, bytes, int, int, int] | 
     return None
 
 
+def _sum16(data: bytes, acc: int = 0) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    acc += sum(struct.unpack(f">{len(data) // 2}H", data))
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return acc
+
+
+def complete_offload_checksum(ip: bytes) -> bytes:
+    """The packet as the engine gets it from NFQUEUE, which completes a checksum the sender left
+    to the NIC (CHECKSUM_PARTIAL: veth, and any sender with checksum offload, puts only the
+    pseudo-header's sum in the field; a capture on the path records it so). A TCP or UDP
+    checksum field holding exactly that partial sum is completed; any other is left as it is (a
+    checksum that is simply wrong stays wrong, as the receiver will see it). Fragments and
+    other protocols are returned unchanged."""
+    if len(ip) < 20:
+        return ip
+    version = ip[0] >> 4
+    if version == 4:
+        ihl = (ip[0] & 0x0F) * 4
+        proto = ip[9]
+        total = struct.unpack_from(">H", ip, 2)[0]
+        if proto not in (6, 17) or struct.unpack_from(">H", ip, 6)[0] & 0x3FFF or total > len(ip) or total < ihl:
+            return ip
+        l4, end = ihl, total
+        pseudo = ip[12:20] + struct.pack(">BBH", 0, proto, end - l4)
+    elif version == 6 and len(ip) >= 40:
+        proto = ip[6]
+        end = 40 + struct.unpack_from(">H", ip, 4)[0]
+        if proto not in (6, 17) or end > len(ip):        # extension headers: left alone
+            return ip
+        l4 = 40
+        pseudo = ip[8:40] + struct.pack(">IxxxB", end - l4, proto)
+    else:
+        return ip
+    off = l4 + (16 if proto == 6 else 6)
+    if end < off + 2:
+        return ip
+    field_ = struct.unpack_from(">H", ip, off)[0]
+    partial = _sum16(pseudo)
+    if field_ != partial:
+        return ip
+    seg = bytearray(ip[l4:end])
+    seg[off - l4:off - l4 + 2] = b"\0\0"
+    full = (~_sum16(bytes(seg), partial)) & 0xFFFF
+    if proto == 17 and full == 0:
+        full = 0xFFFF
+    out = bytearray(ip)
+    struct.pack_into(">H", out, off, full)
+    return bytes(out)
+
+
 def endpoint(addr: bytes, port: int) -> str:
     ip = ipaddress.ip_address(addr)
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
@@ -332,6 +400,7 @@ class Report:
     last_ns: int = 0
     elapsed_s: float = 0.0
     rejects_built: int = 0
+    cut_for_test_run: int = 0
 
     def as_dict(self) -> dict:
         return {"capture": self.capture, "format": self.format, "packets": self.packets, "replayed": self.replayed,
@@ -339,6 +408,7 @@ class Report:
                 "sides": self.sides, "kernel": self.kernel, "engine": self.engine,
                 "capture_seconds": round((self.last_ns - self.first_ns) / 1e9, 6),
                 "elapsed_seconds": round(self.elapsed_s, 3), "rejects_built": self.rejects_built,
+                "cut_for_test_run": self.cut_for_test_run,
                 "flows": [f.as_dict() for f in self.flows]}
 
 
@@ -505,6 +575,14 @@ class _Run:
             bpfsys.map_update(self.clock_fd, self.clock_key, self.clock_val, name="hybrid_clock")
             rep.replayed += 1
             data = frame.data
+            if l3 is not None and l3[2] in (6, 17) and len(data) - l3[0] <= CSUM_COMPLETE_MAX:
+                # What the sender's stack completes on the way out (CHECKSUM_PARTIAL), completed
+                # here: the name parsers trust such a packet live (bpf/namecache.h) and NFQUEUE
+                # hands the engine it completed. Larger packets (bulk data, aggregates) are left
+                # as captured: no name is read from them, and summing them costs.
+                fixed = complete_offload_checksum(data[l3[0]:])
+                if fixed is not data[l3[0]:] and fixed != data[l3[0]:]:
+                    data = data[:l3[0]] + fixed
             st = rep.sides[side]
             st["packets"] += 1
             st["bytes"] += len(data)
@@ -515,15 +593,20 @@ class _Run:
                 rec.bytes[d] += len(data)
             outcome = PASSED
             out_frame = data
+            run_data = data
+            if len(data) > TEST_RUN_MAX:
+                run_data = data[:TEST_RUN_MAX]
+                rep.cut_for_test_run += 1
             if self.run_xdp:
-                r = prog_test_run(xdp_fd, data, XdpMd(data_end=len(data), ingress_ifindex=REPLAY_IFINDEX),
+                r = prog_test_run(xdp_fd, run_data, XdpMd(data_end=len(run_data), ingress_ifindex=REPLAY_IFINDEX),
                                   name=abi.PROG_XDP)
                 if r.retval == XDP_DROP:
                     outcome = DROPPED
                     if rec is not None and rec.decided_by == "nothing":
                         rec.decided_by = "kernel"
             if outcome is PASSED:
-                r = prog_test_run(tc_fd, data, SkBuff(ifindex=REPLAY_IFINDEX, ingress_ifindex=REPLAY_IFINDEX),
+                r = prog_test_run(tc_fd, run_data, SkBuff(ifindex=REPLAY_IFINDEX, ingress_ifindex=REPLAY_IFINDEX,
+                                                          wire_len=min(len(data), 65535)),
                                   name=abi.PROG_TC)
                 cache = self._drain_cache(rec)
                 mark = r.ctx.mark
@@ -533,7 +616,7 @@ class _Run:
                         rec.decided_by = "kernel"
                 elif (mark & self.mark_mask) == self.mark_value:
                     st["flagged"] += 1
-                    outcome, out_frame = self._to_engine(frame, l3, rec, side, mark)
+                    outcome, out_frame = self._to_engine(data, l3, rec, side, mark)
             rep.outcomes[outcome] += 1
             if rec is not None:
                 rec.outcomes[outcome] += 1
@@ -601,9 +684,8 @@ class _Run:
                     rec.flow_verdict = v
         return hit
 
-    def _to_engine(self, frame: Frame, l3, rec: FlowRecord | None, side: str, mark: int):
+    def _to_engine(self, data: bytes, l3, rec: FlowRecord | None, side: str, mark: int):
         """The engine's handler on a flagged packet: (outcome, the frame as it leaves)."""
-        data = frame.data
         if rec is not None:
             rec.flagged += 1
             now = self._reason_counts()
@@ -615,24 +697,26 @@ class _Run:
         if l3 is None:              # the queue rule is an iptables/ip6tables rule: IP only
             return PASSED, data
         ip_off = l3[0]
-        nf = NfPacket(data[ip_off:], mark, SIDE_INDEX[side])
+        nf = NfPacket(complete_offload_checksum(data[ip_off:]), mark, SIDE_INDEX[side])
         self._decided.clear()
         self._written.clear()
         self.engine._handle(nf)
         if rec is not None:
             rec.engine_packets += 1
+            written = [abi.VERDICT_NAMES.get(c) for c in self._written if c is not None]
+            written = [v for v in written if v in ("bypass", "block")]
             if self._decided:
                 d = self._decided[-1]
-                if d.rule is not None or rec.decided_by != "engine":
+                acted = d.rule is not None or d.action != "accept" or bool(written) or nf.verdict == "drop"
+                # a later pass-through (the responder's packets of a flow the cache decided, say)
+                # does not take the decision away from who made it
+                if acted or rec.decided_by in ("nothing", "engine"):
+                    rec.decided_by = "engine"
                     rec.rule = d.rule
-                rec.action = d.action
-                if d.rule is not None or d.flow in ("bypass", "block") or d.action != "accept":
-                    rec.decided_by = "engine"
-            for code in self._written:
-                v = abi.VERDICT_NAMES.get(code) if code is not None else None
-                if v in ("bypass", "block"):
-                    rec.flow_verdict = v
-                    rec.decided_by = "engine"
+                    rec.action = d.action
+            if written:
+                rec.flow_verdict = written[-1]
+                rec.decided_by = "engine"
         if nf.verdict == "drop" or nf.verdict is None and not self.opts.fail_open:
             return DROPPED, data
         if nf.rewritten:
