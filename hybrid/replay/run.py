@@ -176,8 +176,9 @@ class Sides:
 
 def parse_l3(eth: bytes) -> tuple[int, int, int, bytes, bytes, int, int, int] | None:
     """(offset of the IP header, version, protocol, src, dst, sport, dport, tcp flags) of an
-    Ethernet frame (VLAN tags skipped), ports 0 when there are none (not TCP/UDP, a later
-    fragment); None when it is not IP."""
+    Ethernet frame (VLAN tags skipped); an ICMP/ICMPv6 echo's identifier as both ports (as tc
+    keys it), ports 0 when there are none (other protocols, a later fragment); None when it is
+    not IP."""
     off = 12
     n = len(eth)
     if n < 14:
@@ -193,6 +194,9 @@ def parse_l3(eth: bytes) -> tuple[int, int, int, bytes, bytes, int, int, int] | 
         src, dst = eth[off + 12:off + 16], eth[off + 16:off + 20]
         frag = ((eth[off + 6] & 0x1F) << 8) | eth[off + 7]
         l4 = off + ihl
+        if not frag and proto == 1 and n >= l4 + 6 and eth[l4] in (0, 8):    # echo: keyed by its id
+            ident = (eth[l4 + 4] << 8) | eth[l4 + 5]
+            return off, 4, proto, src, dst, ident, ident, 0
         if frag or proto not in (6, 17) or n < l4 + 4:
             return off, 4, proto, src, dst, 0, 0, 0
         sport, dport = struct.unpack_from(">HH", eth, l4)
@@ -211,6 +215,9 @@ def parse_l3(eth: bytes) -> tuple[int, int, int, bytes, bytes, int, int, int] | 
                 proto, l4 = eth[l4], l4 + 8
             else:
                 break
+        if proto == 58 and n >= l4 + 6 and eth[l4] in (128, 129):
+            ident = (eth[l4 + 4] << 8) | eth[l4 + 5]
+            return off, 6, proto, src, dst, ident, ident, 0
         if proto not in (6, 17) or n < l4 + 4:
             return off, 6, proto, src, dst, 0, 0, 0
         sport, dport = struct.unpack_from(">HH", eth, l4)
@@ -710,7 +717,7 @@ class _Run:
                 acted = d.rule is not None or d.action != "accept" or bool(written) or nf.verdict == "drop"
                 # a later pass-through (the responder's packets of a flow the cache decided, say)
                 # does not take the decision away from who made it
-                if acted or rec.decided_by in ("nothing", "engine"):
+                if acted or rec.decided_by == "nothing":
                     rec.decided_by = "engine"
                     rec.rule = d.rule
                     rec.action = d.action

@@ -139,3 +139,49 @@ def test_replay_engine_counts_a_reject_instead_of_sending(tmp_path):
     eng._handle(nf)
     assert nf.verdict == "drop" and eng.stats.actions["reject"] == 1
     assert len(eng.sent) == 2 and eng._raw4 is None          # RST to the sender and onward, built not sent
+
+
+def test_parse_l3_icmp_echo_is_keyed_by_its_identifier():
+    from scapy.layers.inet import ICMP
+    from scapy.layers.inet6 import ICMPv6EchoRequest
+    eth = bytes(Ether(**MACS) / IP(src="198.18.1.2", dst="198.18.2.2") / ICMP(type=8, id=77))
+    assert run.parse_l3(eth)[5:7] == (77, 77)
+    eth6 = bytes(Ether(**MACS) / IPv6(src="2001:2::1", dst="2001:2::2") / ICMPv6EchoRequest(id=78))
+    assert run.parse_l3(eth6)[5:7] == (78, 78)
+
+
+def _partial(pkt) -> bytes:
+    """``pkt`` as a sender with checksum offload hands it over: the transport checksum field
+    holding only the pseudo-header's sum (what Linux writes for CHECKSUM_PARTIAL)."""
+    import struct as st
+    raw = bytearray(bytes(pkt))
+    v4 = raw[0] >> 4 == 4
+    l4 = (raw[0] & 15) * 4 if v4 else 40
+    proto = raw[9] if v4 else raw[6]
+    length = len(raw) - l4
+    pseudo = (bytes(raw[12:20]) + st.pack(">BBH", 0, proto, length) if v4
+              else bytes(raw[8:40]) + st.pack(">IxxxB", length, proto))
+    st.pack_into(">H", raw, l4 + (16 if proto == 6 else 6), run._sum16(pseudo))
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("pkt", [
+    IP(src="198.18.1.2", dst="198.18.2.2") / TCP(sport=1, dport=80, flags="PA") / b"GET / HTTP/1.1\r\n\r\n",
+    IP(src="198.18.1.2", dst="198.18.2.2") / UDP(sport=5353, dport=53) / b"\x12\x34query",
+    IPv6(src="2001:2::1", dst="2001:2::2") / UDP(sport=5353, dport=53) / b"odd",
+    IPv6(src="2001:2::1", dst="2001:2::2") / TCP(sport=1, dport=443, flags="PA") / b"\x16\x03\x01",
+])
+def test_an_offload_partial_checksum_is_completed_as_nfqueue_does(pkt):
+    from hybrid.engine.packet import decode
+    from hybrid.engine.rewrite import transport_checksum_ok
+    good = bytes(pkt.__class__(bytes(pkt)))            # scapy fills in the right checksum
+    partial = _partial(pkt)
+    assert partial != good and not transport_checksum_ok(decode(partial))
+    assert run.complete_offload_checksum(partial) == good
+    assert transport_checksum_ok(decode(run.complete_offload_checksum(partial)))
+
+
+def test_a_plainly_wrong_checksum_stays_wrong():
+    raw = bytearray(bytes(IP(src="198.18.1.2", dst="198.18.2.2") / UDP(sport=1, dport=53) / b"x"))
+    raw[26] ^= 0xFF                                  # the UDP checksum, neither right nor partial
+    assert run.complete_offload_checksum(bytes(raw)) == bytes(raw)
