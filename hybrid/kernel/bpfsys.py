@@ -478,3 +478,37 @@ def prog_test_run(prog_fd: int, data: bytes, ctx=None, *, repeat: int = 1,
         ctx=ctx_out,
         duration_ns=opts.duration,
     )
+
+
+class TestRun:
+    """One program run again and again on frames of up to ``max_size`` bytes (BPF_PROG_TEST_RUN),
+    its buffers and options made once: a replay runs every packet of a capture this way. ``ctx``
+    (SkBuff or XdpMd) is passed in on every run (change its fields between runs);
+    :attr:`ctx_out` holds what the program left in it. The output frame is not copied back."""
+
+    def __init__(self, prog_fd: int, ctx, max_size: int, *, name: str = "program"):
+        self.prog_fd, self.name, self.max_size = prog_fd, name, max_size
+        self.buf = ctypes.create_string_buffer(max_size)
+        self.ctx = ctx
+        self.ctx_out = type(ctx)()
+        opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), repeat=1)
+        opts.data_in = ctypes.addressof(self.buf)
+        opts.ctx_in = ctypes.addressof(ctx)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
+        opts.ctx_out = ctypes.addressof(self.ctx_out)
+        opts.ctx_size_out = ctypes.sizeof(self.ctx_out)
+        self.opts = opts
+        self._ref = ctypes.byref(opts)
+        self._call = lib().bpf_prog_test_run_opts
+
+    def __call__(self, data: bytes) -> int:
+        """The program's return value on ``data`` (at most max_size bytes)."""
+        n = len(data)
+        ctypes.memmove(self.buf, data, n)
+        opts = self.opts
+        opts.data_size_in = n
+        opts.data_size_out = 0          # the kernel writes the output's size back; 0: none wanted
+        ret = self._call(self.prog_fd, self._ref)
+        if ret:
+            _check(ret, f"test run of {self.name}")
+        return self.opts.retval

@@ -140,23 +140,29 @@ class Capture:
         iface = _Iface(linktype, None, (1, 1) if nano else (1000, 1))
         self.interfaces = [None]
         hlen = hdr_cls.__hdr_len__
+        # dpkt's record header, read with its own layout (tv_sec, tv_usec, caplen, len) through
+        # struct rather than one dpkt object per packet: the same fields, at a fraction of the cost.
+        unpack = struct.Struct(hdr_cls.__hdr_fmt__).unpack
+        scale = 1 if nano else 1000
+        offset = f.tell()
+        read = f.read
         while True:
-            offset = f.tell()
-            h = f.read(hlen)
+            h = read(hlen)
             if not h:
                 return
             if len(h) < hlen:
                 self.truncated = f"packet record at byte {offset}: {len(h)} of its {hlen}-byte header"
                 return
-            rec = hdr_cls(h)
-            data = f.read(rec.caplen)
-            if len(data) < rec.caplen:
-                self.truncated = f"packet record at byte {offset}: {len(data)} of {rec.caplen} bytes"
+            tv_sec, tv_frac, caplen, wire_len = unpack(h)
+            data = read(caplen)
+            if len(data) < caplen:
+                self.truncated = f"packet record at byte {offset}: {len(data)} of {caplen} bytes"
                 return
             self.packets += 1
-            self.offset = offset + hlen + rec.caplen
-            ts_ns = rec.tv_sec * 1_000_000_000 + rec.tv_usec * (1 if nano else 1000)
-            frame = self._frame(self.packets, ts_ns, iface, data, rec.len, None)
+            offset += hlen + caplen
+            self.offset = offset
+            ts_ns = tv_sec * 1_000_000_000 + tv_frac * scale
+            frame = self._frame(self.packets, ts_ns, iface, data, wire_len, None)
             if frame is not None:
                 yield frame
 

@@ -32,6 +32,7 @@ import ctypes
 import ipaddress
 import itertools
 import logging
+import mmap
 import struct
 import sys
 import time as _time
@@ -48,8 +49,11 @@ log = logging.getLogger(__name__)
 # The attach options that shape what the datapath and the engine decide (hybridctl replay and
 # rules test take them). Not here: the interfaces (a replay has none), the netfilter hooks and
 # families, and how a range of queues is balanced (one engine decides every flagged packet).
-# xdp_mode: off runs tc alone (a link attached without XDP, as veth is by auto); any other runs
-# XDP before tc.
+# xdp_mode: native and generic run XDP before tc (a link attached with XDP); off and auto run tc
+# alone (auto: what attach picks on veth and virtual links; on a physical NIC it would pick
+# native). tc enforces every drop XDP makes (bpf/hybrid_common.h), so verdicts are the same
+# either way; only the counters say where a packet was dropped (xdp_drop_* or drop_tc_*), and a
+# replay without XDP runs twice as fast.
 REPLAY_KEYS = ("xdp_mode", "mark", "mark_mask", "queues", "fail_open", "flag", "first_n", "watch_port",
                "watch_prefix", "block_prefix", "flow_table_size", "source_rate", "source_burst",
                "global_rate", "global_burst", "name_cache", "over_budget")
@@ -131,6 +135,7 @@ class Sides:
     client_macs: frozenset[bytes] = frozenset()
     client_nets: tuple = ()
     _syn_senders: set = field(default_factory=set)
+    _net_sides: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, client_ifaces: Iterable[str] = (), server_ifaces: Iterable[str] = (),
@@ -163,8 +168,13 @@ class Sides:
         if self.client_nets:
             if src is None:
                 return "server"
-            a = ipaddress.ip_address(src)
-            return "client" if any(a in n for n in self.client_nets) else "server"
+            side = self._net_sides.get(src)
+            if side is None:
+                a = ipaddress.ip_address(src)
+                side = "client" if any(a in n for n in self.client_nets) else "server"
+                if len(self._net_sides) < 1 << 16:
+                    self._net_sides[src] = side
+            return side
         if src is None:
             return "server"
         if syn:
@@ -364,6 +374,7 @@ class FlowRecord:
     action: str | None = None             # the engine's or the cache's last action on the flow
     flow_verdict: str | None = None       # the last flow verdict written (bypass, block, inspect)
     side: str = "client"                  # the side of the flow's first packet
+    orig: tuple = ()                      # (address bytes, port) of a: the packets' direction
 
     @property
     def verdict(self) -> str:
@@ -488,8 +499,8 @@ class _Run:
         self.opts = opts = replay.opts
         self.dp, self.maps, self.clock = dp, maps, clock
         attach_mod._apply_config(maps, opts, None)        # what attach writes, from the same options
-        maps.register_iface(REPLAY_IFINDEX, abi.IFACE_XDP if opts.xdp_mode != "off" else 0)
-        self.run_xdp = opts.xdp_mode != "off"
+        self.run_xdp = opts.xdp_mode in ("native", "generic")
+        self.slot = maps.register_iface(REPLAY_IFINDEX, abi.IFACE_XDP if self.run_xdp else 0)
         self.mark_value = opts.mark & opts.mark_mask
         self.mark_mask = opts.mark_mask
         Engine = _engine_class()
@@ -531,12 +542,17 @@ class _Run:
             if out is not None:
                 stack.callback(out.close)
         # The clock's key and value, and the tc and XDP contexts, made once.
-        self.clock_fd = dp.clock_fd()
-        self.clock_key = ctypes.c_uint32(0)
-        self.clock_val = ctypes.c_uint64(0)
+        # The clock is a BPF_F_MMAPABLE array: its one value is written through the mapping.
+        self.clock_map = mmap.mmap(dp.clock_fd(), mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.clock_words = memoryview(self.clock_map).cast("Q")
+        stack.callback(self._close_clock)
         self.flows: dict[tuple, FlowRecord] = {}
         self.last_reasons = self._reason_counts()
         self.pending_cache: list = []
+
+    def _close_clock(self) -> None:
+        self.clock_words.release()
+        self.clock_map.close()
 
     def _close_engine(self) -> None:
         eng = self.engine
@@ -546,7 +562,7 @@ class _Run:
             eng._declare_needs(bound=False)
 
     def _reason_counts(self) -> dict[str, int]:
-        c = self.maps.stats().get(REPLAY_IFINDEX) or {}
+        c = self.maps.slot_counters(self.slot)         # one slot's per-CPU values: one lookup
         return {name: c.get(f"reason_{name}", 0) for name in abi.REASON_NAMES.values()}
 
     def _on_event(self, data) -> None:
@@ -555,89 +571,116 @@ class _Run:
         self.engine.names._event(data)
 
     def go(self, cap: Capture, frames: Iterable[Frame]) -> Report:
+        # The per-packet path: kept flat and free of per-packet allocations where it can be
+        # (measured by docs/benchmarks.md's "Replay"); every test run reuses its buffers.
         rep = Report(cap.path, cap.format)
         t0 = _time.monotonic()
         last_progress = t0
         progress = self.replay.progress
-        xdp_fd, tc_fd = self.dp.xdp_fd, self.dp.tc_fd
-        prog_test_run = bpfsys.prog_test_run
-        SkBuff, XdpMd = bpfsys.SkBuff, bpfsys.XdpMd
+        tc = bpfsys.TestRun(self.dp.tc_fd, bpfsys.SkBuff(ifindex=REPLAY_IFINDEX, ingress_ifindex=REPLAY_IFINDEX),
+                            TEST_RUN_MAX, name=abi.PROG_TC)
+        tc_in, tc_out = tc.ctx, tc.ctx_out
+        xdp = None
+        if self.run_xdp:
+            xdp = bpfsys.TestRun(self.dp.xdp_fd, bpfsys.XdpMd(ingress_ifindex=REPLAY_IFINDEX), TEST_RUN_MAX,
+                                 name=abi.PROG_XDP)
+            xdp_in = xdp.ctx
+        clock, clock_words = self.clock, self.clock_words
         sides = self.replay.sides
+        flows = self.flows
+        outcomes = rep.outcomes
+        mark_mask, mark_value = self.mark_mask, self.mark_value
+        out_passed, out_dropped = self.out_passed, self.out_dropped
+        ring = self.ring
+        side_stats = rep.sides
+        skipped_out = "sent by the capturing host (a copy of a packet received on another link)"
+        n_out = 0
+        replayed = 0
+        first_ns = last_ns = 0
         for frame in frames:
-            rep.packets = cap.packets
             if frame.direction == "out":
-                rep.skipped["sent by the capturing host (a copy of a packet received on another link)"] = \
-                    rep.skipped.get("sent by the capturing host (a copy of a packet received on another link)", 0) + 1
+                n_out += 1
                 continue
-            l3 = parse_l3(frame.data)
-            src = l3[3] if l3 else None
-            syn = bool(l3 and l3[2] == 6 and (l3[7] & (_TCP_SYN | _TCP_ACK)) == _TCP_SYN)
-            side = sides.side(frame, src, syn)
-            ts = frame.ts_ns
-            if not rep.first_ns:
-                rep.first_ns = ts
-            rep.last_ns = ts
-            self.clock.now_ns = ts
-            self.clock_val.value = ts
-            bpfsys.map_update(self.clock_fd, self.clock_key, self.clock_val, name="hybrid_clock")
-            rep.replayed += 1
             data = frame.data
-            if l3 is not None and l3[2] in (6, 17) and len(data) - l3[0] <= CSUM_COMPLETE_MAX:
+            l3 = parse_l3(data)
+            if l3 is not None:
+                src = l3[3]
+                side = sides.side(frame, src, l3[2] == 6 and (l3[7] & 0x12) == _TCP_SYN)
+            else:
+                side = sides.side(frame, None, False)
+            ts = frame.ts_ns
+            if not first_ns:
+                first_ns = ts
+            last_ns = ts
+            clock.now_ns = ts
+            clock_words[0] = ts
+            replayed += 1
+            n = len(data)
+            if l3 is not None and (l3[2] == 6 or l3[2] == 17) and n - l3[0] <= CSUM_COMPLETE_MAX:
                 # What the sender's stack completes on the way out (CHECKSUM_PARTIAL), completed
                 # here: the name parsers trust such a packet live (bpf/namecache.h) and NFQUEUE
                 # hands the engine it completed. Larger packets (bulk data, aggregates) are left
                 # as captured: no name is read from them, and summing them costs.
-                fixed = complete_offload_checksum(data[l3[0]:])
-                if fixed is not data[l3[0]:] and fixed != data[l3[0]:]:
+                ip = data[l3[0]:]
+                fixed = complete_offload_checksum(ip)
+                if fixed is not ip:
                     data = data[:l3[0]] + fixed
-            st = rep.sides[side]
+            st = side_stats[side]
             st["packets"] += 1
-            st["bytes"] += len(data)
-            rec = self._flow(l3, frame, side)
-            if rec is not None:
-                d = 0 if rec.a == endpoint(l3[3], l3[5]) else 1
+            st["bytes"] += n
+            rec = None
+            if l3 is not None:
+                _, _, proto, src, dst, sport, dport, _ = l3
+                a, b = (src, sport), (dst, dport)
+                key = (proto, a, b) if a <= b else (proto, b, a)
+                rec = flows.get(key)
+                if rec is None:
+                    rec = flows[key] = FlowRecord(proto, endpoint(src, sport), endpoint(dst, dport), ts, side=side)
+                    rec.orig = a
+                d = 0 if a == rec.orig else 1
                 rec.packets[d] += 1
-                rec.bytes[d] += len(data)
+                rec.bytes[d] += n
             outcome = PASSED
             out_frame = data
             run_data = data
-            if len(data) > TEST_RUN_MAX:
+            if n > TEST_RUN_MAX:
                 run_data = data[:TEST_RUN_MAX]
                 rep.cut_for_test_run += 1
-            if self.run_xdp:
-                r = prog_test_run(xdp_fd, run_data, XdpMd(data_end=len(run_data), ingress_ifindex=REPLAY_IFINDEX),
-                                  name=abi.PROG_XDP)
-                if r.retval == XDP_DROP:
+            if xdp is not None:
+                xdp_in.data_end = len(run_data)
+                if xdp(run_data) == XDP_DROP:
                     outcome = DROPPED
                     if rec is not None and rec.decided_by == "nothing":
                         rec.decided_by = "kernel"
             if outcome is PASSED:
-                r = prog_test_run(tc_fd, run_data, SkBuff(ifindex=REPLAY_IFINDEX, ingress_ifindex=REPLAY_IFINDEX,
-                                                          wire_len=min(len(data), 65535)),
-                                  name=abi.PROG_TC)
-                cache = self._drain_cache(rec)
-                mark = r.ctx.mark
-                if r.retval == TC_ACT_SHOT:
+                tc_in.wire_len = n if n < 65535 else 65535
+                ret = tc(run_data)
+                cache = ring is not None and self._drain_cache(rec)
+                mark = tc_out.mark
+                if ret == TC_ACT_SHOT:
                     outcome = DROPPED
                     if rec is not None and not cache and rec.decided_by == "nothing":
                         rec.decided_by = "kernel"
-                elif (mark & self.mark_mask) == self.mark_value:
+                elif (mark & mark_mask) == mark_value:
                     st["flagged"] += 1
                     outcome, out_frame = self._to_engine(data, l3, rec, side, mark)
-            rep.outcomes[outcome] += 1
+            outcomes[outcome] += 1
             if rec is not None:
                 rec.outcomes[outcome] += 1
             if outcome is DROPPED:
                 st["dropped"] += 1
-                if self.out_dropped is not None:
-                    self.out_dropped.write(ts, data)
-            elif self.out_passed is not None:
-                self.out_passed.write(ts, out_frame)
-            if progress is not None and rep.replayed % 1024 == 0:
+                if out_dropped is not None:
+                    out_dropped.write(ts, data)
+            elif out_passed is not None:
+                out_passed.write(ts, out_frame)
+            if progress is not None and not replayed & 1023:
                 now = _time.monotonic()
                 if now - last_progress >= 0.5:
                     last_progress = now
-                    progress(rep.replayed, cap.packets, len(self.flows), now - t0)
+                    progress(replayed, cap.packets, len(flows), now - t0)
+        if n_out:
+            rep.skipped[skipped_out] = n_out
+        rep.replayed, rep.first_ns, rep.last_ns = replayed, first_ns, last_ns
         rep.packets = cap.packets
         for k, v in cap.skipped.items():
             rep.skipped[k] = rep.skipped.get(k, 0) + v
@@ -659,20 +702,8 @@ class _Run:
         c = dict(self.maps.stats().get(REPLAY_IFINDEX) or {})
         return c
 
-    def _flow(self, l3, frame: Frame, side: str) -> FlowRecord | None:
-        if l3 is None:
-            return None
-        _, _, proto, src, dst, sport, dport, _ = l3
-        a, b = (src, sport), (dst, dport)
-        key = (proto,) + ((a, b) if a <= b else (b, a))
-        rec = self.flows.get(key)
-        if rec is None:
-            rec = FlowRecord(proto, endpoint(src, sport), endpoint(dst, dport), frame.ts_ns, side=side)
-            self.flows[key] = rec
-        return rec
-
     def _drain_cache(self, rec: FlowRecord | None) -> bool:
-        if self.ring is None or not self.ring.pending():
+        if not self.ring.pending():
             return False
         self.pending_cache.clear()
         self.ring.drain(self._on_event)
