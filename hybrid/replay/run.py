@@ -575,7 +575,7 @@ class _Run:
         # (measured by docs/benchmarks.md's "Replay"); every test run reuses its buffers.
         rep = Report(cap.path, cap.format)
         t0 = _time.monotonic()
-        last_progress = t0
+        last_progress = t0 - 1.0            # the first report at the first 1,024 packets, then every 0.5 s
         progress = self.replay.progress
         tc = bpfsys.TestRun(self.dp.tc_fd, bpfsys.SkBuff(ifindex=REPLAY_IFINDEX, ingress_ifindex=REPLAY_IFINDEX),
                             TEST_RUN_MAX, name=abi.PROG_TC)
