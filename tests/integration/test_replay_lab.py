@@ -2,8 +2,8 @@
 engine, real clients and servers (curl and nginx over HTTP and TLS, dig and dnsmasq), the
 gateway's links captured with dumpcap while it runs; then the capture replayed with the same
 rules and options through ``hybridctl replay``. The servers' and clients' answers say what the
-live gateway did; the replay must say the same per flow, and its rules and verdict log must
-match the live engine's.
+live gateway did; the replay must say the same per flow, and its counters and verdict log must
+match the live engine's and the live datapath's.
 
 :func:`record_session` is also how examples/rules-tests/ was made (see its README)."""
 
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 import os
+import signal
 import subprocess
 import time
 
 import pytest
-from gwlab import HYBRIDCTL, attached_with_engine, engine_stats, kernel_counters
+from gwlab import HYBRIDCTL, IFACES, engine_stats, hctl, kernel_counters, start_engine, stats_file, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -123,11 +125,42 @@ def dns_session(lab) -> dict[str, bool]:
     return got
 
 
-def record_session(lab, tmp_path, capture: str, session, *attach_args) -> dict:
-    """Attach with ``attach_args``, run an engine with RULES, capture the
-    gateway while ``session(lab)`` runs; the clients' results and the live counters."""
+@contextlib.contextmanager
+def attached_with_logging_engine(lab, tmp_path, *attach_args):
+    """hybrid attached to the gateway's links and an engine running RULES with its verdict log
+    (tmp_path/live.jsonl); both stopped and detached afterwards, also when the body fails."""
     rules_path = tmp_path / "rules.toml"
-    with attached_with_engine(lab, tmp_path, RULES, *attach_args):
+    rules_path.write_text(RULES)
+    log_path = tmp_path / "live.jsonl"
+    hctl(lab, "attach", *IFACES, *attach_args)
+    proc = None
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stats_file(lab))
+        proc = start_engine(lab, rules_path, log_path=str(log_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: os.path.exists(stats_file(lab)) or proc.poll() is not None, timeout=30,
+                 what="the engine")
+        assert proc.poll() is None, proc.communicate()[1]
+        yield rules_path, log_path
+    finally:
+        err = ""
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _, err = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+        hctl(lab, "detach", "--all")
+        assert "Traceback" not in err, err
+
+
+def record_session(lab, tmp_path, capture: str, session, *attach_args) -> dict:
+    """Attach with ``attach_args``, run an engine with RULES and its verdict log, capture the
+    gateway while ``session(lab)`` runs; the clients' results, the live counters (of the
+    capture's window) and the live verdict log."""
+    with attached_with_logging_engine(lab, tmp_path, *attach_args) as (rules_path, log_path):
         with dumpcap_any(lab, capture):
             before = kernel_counters(lab)               # what the capture saw: from here
             got = session(lab)
@@ -136,14 +169,24 @@ def record_session(lab, tmp_path, capture: str, session, *attach_args) -> dict:
         live = {"got": got, "kernel": {k: after[k] - before.get(k, 0) for k in after},
                 "engine": engine_stats(lab)}
     live["rules"] = str(rules_path)
+    live["log"] = [json.loads(ln) for ln in log_path.read_text().splitlines()]
     return live
 
 
-def replay_json(capture: str, rules: str, *args) -> dict:
-    proc = subprocess.run([*HYBRIDCTL, "replay", capture, "--rules", rules, "--json", *args],
+def log_entries(lines: list[dict]) -> list[tuple]:
+    """A verdict log without its times, in order: what was decided for which packet, by whom."""
+    return [(x["rule"], x["action"], x["flow"], x["proto"], x["src"], x["sport"], x["dst"], x["dport"],
+             x.get("by", "engine"), x.get("name")) for x in lines]
+
+
+def replay_json(capture: str, rules: str, *args) -> tuple[dict, list[dict]]:
+    """The replay's report (--json) and its verdict log (--log)."""
+    log = capture + ".replay.jsonl"
+    proc = subprocess.run([*HYBRIDCTL, "replay", capture, "--rules", rules, "--json", "--log", log, *args],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    return json.loads(proc.stdout)
+    with open(log) as f:
+        return json.loads(proc.stdout), [json.loads(ln) for ln in f]
 
 
 def _flows(rep: dict, dport: int) -> list[dict]:
@@ -163,7 +206,8 @@ def test_replay_of_web_traffic_says_what_the_live_gateway_did(lab, servers, tmp_
     # the servers are the oracle: the allowed ones answered, the blocked ones did not
     assert live["got"] == {"http ok.example": True, "http www.blocked.example": False,
                            "tls www.example.test": True, "tls x.tracker.example": False}, live["got"]
-    rep = replay_json(capture, live["rules"], "--client-net", CLIENT_NET, "--xdp-mode", "off")
+    rep, log = replay_json(capture, live["rules"], "--client-net", CLIENT_NET)
+    assert log_entries(log) == log_entries(live["log"]), (log, live["log"])
     http, tls = _flows(rep, 80), _flows(rep, 443)
     assert [(f["rule"], f["verdict"], f["flow_verdict"]) for f in http] == [
         (None, "passed", "bypass"), ("block-http-host", "dropped", "block")], http
@@ -185,7 +229,9 @@ def test_replay_of_dns_with_the_name_cache(lab, servers, tmp_path):
     live = record_session(lab, tmp_path, capture, dns_session, "--name-cache")
     assert live["got"] == {"dns a.example 0": True, "dns a.example 1": True, "dns a.example 2": True,
                            "dns x.ads.example 0": False, "dns x.ads.example 1": False}, live["got"]
-    rep = replay_json(capture, live["rules"], "--client-net", CLIENT_NET, "--xdp-mode", "off", "--name-cache")
+    rep, log = replay_json(capture, live["rules"], "--client-net", CLIENT_NET, "--name-cache")
+    # the cache's lines come from the live engine's reader thread, in its own time: as multisets
+    assert Counter(log_entries(log)) == Counter(log_entries(live["log"])), (log, live["log"])
     dns = _flows(rep, 53)
     assert [(f["decided_by"], f["verdict"]) for f in dns] == [
         ("engine", "passed"), ("kernel cache", "passed"), ("kernel cache", "passed"),
