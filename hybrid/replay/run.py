@@ -245,6 +245,41 @@ def _sum16(data: bytes, acc: int = 0) -> int:
     return acc
 
 
+_ADDR4 = struct.Struct(">4H")
+_ADDR6 = struct.Struct(">16H")
+
+
+def has_partial_checksum(frame: bytes, off: int) -> bool:
+    """Whether the TCP/UDP checksum of the IP packet at ``off`` holds exactly its pseudo-header's
+    sum (see :func:`complete_offload_checksum`): the replay's per-packet check, made in place."""
+    n = len(frame)
+    v = frame[off] >> 4
+    if v == 4:
+        ihl = (frame[off] & 15) * 4
+        proto = frame[off + 9]
+        total = (frame[off + 2] << 8) | frame[off + 3]
+        if (proto != 6 and proto != 17) or frame[off + 6] & 0x3F or frame[off + 7] or total < ihl or off + total > n:
+            return False
+        a, b, c, d = _ADDR4.unpack_from(frame, off + 12)
+        acc = a + b + c + d + proto + total - ihl
+        field_at = off + ihl + (16 if proto == 6 else 6)
+    elif v == 6 and n >= off + 40:
+        proto = frame[off + 6]
+        length = (frame[off + 4] << 8) | frame[off + 5]
+        total = 40 + length
+        if (proto != 6 and proto != 17) or off + total > n:
+            return False
+        acc = sum(_ADDR6.unpack_from(frame, off + 8)) + length + proto
+        field_at = off + 40 + (16 if proto == 6 else 6)
+    else:
+        return False
+    if field_at + 2 > off + total:
+        return False
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return ((frame[field_at] << 8) | frame[field_at + 1]) == acc
+
+
 def complete_offload_checksum(ip: bytes) -> bytes:
     """The packet as the engine gets it from NFQUEUE, which completes a checksum the sender left
     to the NIC (CHECKSUM_PARTIAL: veth, and any sender with checksum offload, puts only the
@@ -621,10 +656,8 @@ class _Run:
                 # here: the name parsers trust such a packet live (bpf/namecache.h) and NFQUEUE
                 # hands the engine it completed. Larger packets (bulk data, aggregates) are left
                 # as captured: no name is read from them, and summing them costs.
-                ip = data[l3[0]:]
-                fixed = complete_offload_checksum(ip)
-                if fixed is not ip:
-                    data = data[:l3[0]] + fixed
+                if has_partial_checksum(data, l3[0]):
+                    data = data[:l3[0]] + complete_offload_checksum(data[l3[0]:])
             st = side_stats[side]
             st["packets"] += 1
             st["bytes"] += n

@@ -185,3 +185,14 @@ def test_a_plainly_wrong_checksum_stays_wrong():
     raw = bytearray(bytes(IP(src="198.18.1.2", dst="198.18.2.2") / UDP(sport=1, dport=53) / b"x"))
     raw[26] ^= 0xFF                                  # the UDP checksum, neither right nor partial
     assert run.complete_offload_checksum(bytes(raw)) == bytes(raw)
+
+
+def test_the_in_place_check_agrees_with_the_completion():
+    for pkt in (IP(src="198.18.1.2", dst="198.18.2.2") / TCP(sport=1, dport=80, flags="PA") / b"GET /",
+                IPv6(src="2001:2::1", dst="2001:2::2") / UDP(sport=5353, dport=53) / b"q",
+                IP(src="198.18.1.2", dst="198.18.2.2", frag=3) / UDP(sport=1, dport=53) / b"q"):
+        eth = bytes(Ether(**MACS)) + _partial(pkt)
+        frag = isinstance(pkt, IP) and pkt.frag
+        assert run.has_partial_checksum(eth, 14) == (not frag)
+        good = bytes(Ether(**MACS)) + bytes(pkt.__class__(bytes(pkt)))
+        assert not run.has_partial_checksum(good, 14)
