@@ -184,6 +184,10 @@ class Sides:
 
 # -- a packet's addresses -------------------------------------------------------------------------------
 
+_IP4 = struct.Struct(">B5xHxB2x4s4s")      # version/IHL, flags/fragment offset, protocol, src, dst
+_PORTS = struct.Struct(">HH")
+
+
 def parse_l3(eth: bytes) -> tuple[int, int, int, bytes, bytes, int, int, int] | None:
     """(offset of the IP header, version, protocol, src, dst, sport, dport, tcp flags) of an
     Ethernet frame (VLAN tags skipped); an ICMP/ICMPv6 echo's identifier as both ports (as tc
@@ -199,17 +203,15 @@ def parse_l3(eth: bytes) -> tuple[int, int, int, bytes, bytes, int, int, int] | 
         etype = (eth[off] << 8) | eth[off + 1]
     off += 2
     if etype == 0x0800 and n >= off + 20:
-        ihl = (eth[off] & 0x0F) * 4
-        proto = eth[off + 9]
-        src, dst = eth[off + 12:off + 16], eth[off + 16:off + 20]
-        frag = ((eth[off + 6] & 0x1F) << 8) | eth[off + 7]
-        l4 = off + ihl
+        vihl, frag, proto, src, dst = _IP4.unpack_from(eth, off)
+        frag &= 0x1FFF
+        l4 = off + (vihl & 0x0F) * 4
         if not frag and proto == 1 and n >= l4 + 6 and eth[l4] in (0, 8):    # echo: keyed by its id
             ident = (eth[l4 + 4] << 8) | eth[l4 + 5]
             return off, 4, proto, src, dst, ident, ident, 0
         if frag or proto not in (6, 17) or n < l4 + 4:
             return off, 4, proto, src, dst, 0, 0, 0
-        sport, dport = struct.unpack_from(">HH", eth, l4)
+        sport, dport = _PORTS.unpack_from(eth, l4)
         flags = eth[l4 + 13] if proto == 6 and n > l4 + 13 else 0
         return off, 4, proto, src, dst, sport, dport, flags
     if etype == 0x86DD and n >= off + 40:
