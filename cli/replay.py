@@ -138,6 +138,11 @@ def total_lines(rep) -> list[str]:
                  f"replayed {rep.replayed:,}" + (f"; skipped {sum(rep.skipped.values()):,}: "
                                                  + ", ".join(f"{r} {n:,}" for r, n in rep.skipped.items())
                                                  if rep.skipped else ""))
+    if rep.flagged_not_forwarded:
+        lines.append(f"flagged but never at the forward hook (link-local or multicast): {rep.flagged_not_forwarded:,} "
+                     "(not queued; --hook input queues them)")
+    if rep.cut_for_test_run:
+        lines.append(f"longer than a test run takes: {rep.cut_for_test_run:,} (run on their first bytes)")
     if rep.truncated:
         lines.append(f"capture truncated: {rep.truncated} (what came before was replayed)")
     lines.append(f"verdicts: passed {rep.outcomes['passed']:,}, dropped {rep.outcomes['dropped']:,}, "

@@ -47,14 +47,15 @@ from hybrid.replay.capture import Capture, Frame, open_capture
 log = logging.getLogger(__name__)
 
 # The attach options that shape what the datapath and the engine decide (hybridctl replay and
-# rules test take them). Not here: the interfaces (a replay has none), the netfilter hooks and
+# rules test take them). hook: with forward alone (the default) a marked packet no router forwards
+# (link-local, multicast) is not queued, as live. Not here: the interfaces (a replay has none), the
 # families, and how a range of queues is balanced (one engine decides every flagged packet).
 # xdp_mode: native and generic run XDP before tc (a link attached with XDP); off and auto run tc
 # alone (auto: what attach picks on veth and virtual links; on a physical NIC it would pick
 # native). tc enforces every drop XDP makes (bpf/hybrid_common.h), so verdicts are the same
 # either way; only the counters say where a packet was dropped (xdp_drop_* or drop_tc_*), and a
 # replay without XDP runs twice as fast.
-REPLAY_KEYS = ("xdp_mode", "mark", "mark_mask", "queues", "fail_open", "flag", "first_n", "watch_port",
+REPLAY_KEYS = ("xdp_mode", "hook", "mark", "mark_mask", "queues", "fail_open", "flag", "first_n", "watch_port",
                "watch_prefix", "block_prefix", "flow_table_size", "source_rate", "source_burst",
                "global_rate", "global_burst", "name_cache", "over_budget")
 XDP_DROP = 1
@@ -326,6 +327,18 @@ def complete_offload_checksum(ip: bytes) -> bytes:
     return bytes(out)
 
 
+def forwarded(l3) -> bool:
+    """Whether a router could forward the packet (what reaches the FORWARD hook, where the queue
+    rule is by default): not to or from a link-local address, not to a multicast or broadcast
+    address, not from an unspecified one. (The gateway's own unicast addresses are the other
+    packets FORWARD never sees; a capture does not say which they are.)"""
+    src, dst = l3[3], l3[4]
+    if l3[1] == 4:
+        return not (dst[0] >= 224 or dst[:2] == b"\xa9\xfe" or src[:2] == b"\xa9\xfe" or src == b"\0\0\0\0")
+    return not (dst[0] == 0xFF or (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80)
+                or (src[0] == 0xFE and src[1] & 0xC0 == 0x80) or src == bytes(16))
+
+
 def endpoint(addr: bytes, port: int) -> str:
     ip = ipaddress.ip_address(addr)
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
@@ -456,6 +469,7 @@ class Report:
     elapsed_s: float = 0.0
     rejects_built: int = 0
     cut_for_test_run: int = 0
+    flagged_not_forwarded: int = 0        # marked but link-local/multicast: never at the FORWARD hook
 
     def as_dict(self) -> dict:
         return {"capture": self.capture, "format": self.format, "packets": self.packets, "replayed": self.replayed,
@@ -463,7 +477,7 @@ class Report:
                 "sides": self.sides, "kernel": self.kernel, "engine": self.engine,
                 "capture_seconds": round((self.last_ns - self.first_ns) / 1e9, 6),
                 "elapsed_seconds": round(self.elapsed_s, 3), "rejects_built": self.rejects_built,
-                "cut_for_test_run": self.cut_for_test_run,
+                "cut_for_test_run": self.cut_for_test_run, "flagged_not_forwarded": self.flagged_not_forwarded,
                 "flows": [f.as_dict() for f in self.flows]}
 
 
@@ -538,6 +552,10 @@ class _Run:
         attach_mod._apply_config(maps, opts, None)        # what attach writes, from the same options
         self.run_xdp = opts.xdp_mode in ("native", "generic")
         self.slot = maps.register_iface(REPLAY_IFINDEX, abi.IFACE_XDP if self.run_xdp else 0)
+        # The queue rule's hooks: with input (or output) the gateway's own packets are queued
+        # too; with forward alone (the default) only what it forwards.
+        self.queue_local = bool(set(opts.hooks) - {"forward"})
+        self.not_forwarded = 0
         self.mark_value = opts.mark & opts.mark_mask
         self.mark_mask = opts.mark_mask
         Engine = _engine_class()
@@ -716,6 +734,7 @@ class _Run:
         if n_out:
             rep.skipped[skipped_out] = n_out
         rep.replayed, rep.first_ns, rep.last_ns = replayed, first_ns, last_ns
+        rep.flagged_not_forwarded = self.not_forwarded
         rep.packets = cap.packets
         for k, v in cap.skipped.items():
             rep.skipped[k] = rep.skipped.get(k, 0) + v
@@ -768,6 +787,11 @@ class _Run:
                     rec.reasons[name] = rec.reasons.get(name, 0) + delta
             self.last_reasons = now
         if l3 is None:              # the queue rule is an iptables/ip6tables rule: IP only
+            return PASSED, data
+        if not self.queue_local and not forwarded(l3):
+            # Marked, but never at the hook the queue rule is in: it goes up to the gateway's own
+            # stack (an ICMPv6 router solicitation, say) unqueued, as live.
+            self.not_forwarded += 1
             return PASSED, data
         ip_off = l3[0]
         nf = NfPacket(complete_offload_checksum(data[ip_off:]), mark, SIDE_INDEX[side])

@@ -196,3 +196,13 @@ def test_the_in_place_check_agrees_with_the_completion():
         assert run.has_partial_checksum(eth, 14) == (not frag)
         good = bytes(Ether(**MACS)) + bytes(pkt.__class__(bytes(pkt)))
         assert not run.has_partial_checksum(good, 14)
+
+
+@pytest.mark.parametrize("src,dst,fwd", [
+    ("198.18.1.2", "198.18.2.2", True), ("198.18.1.2", "224.0.0.251", False), ("169.254.1.1", "198.18.2.2", False),
+    ("198.18.1.2", "255.255.255.255", False), ("2001:2::1", "2001:2::2", True), ("fe80::1", "ff02::2", False),
+    ("2001:2::1", "fe80::2", False), ("2001:2::1", "ff05::1:3", False),
+])
+def test_what_a_router_forwards(src, dst, fwd):
+    l3 = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
+    assert run.forwarded(run.parse_l3(bytes(Ether(**MACS) / l3 / UDP(sport=1, dport=2)))) is fwd
