@@ -537,8 +537,34 @@ class Replay:
             stack.callback(maps.close)
             clock = ReplayTime()
             stack.enter_context(capture_clock(clock))
+            stack.enter_context(_one_line_engine_errors())
             run = _Run(self, dp, maps, clock, stack)
             return run.go(cap, frames)
+
+
+class _OneLine(logging.Filter):
+    """An engine error about a packet of the capture is one line (the engine logs the first few
+    with their traceback, live); they are counted in the totals (engine errors)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+@contextlib.contextmanager
+def _one_line_engine_errors():
+    logger = logging.getLogger("hybrid.engine.loop")
+    f = _OneLine()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
 
 
 class _Run:

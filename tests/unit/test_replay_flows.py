@@ -206,3 +206,16 @@ def test_the_in_place_check_agrees_with_the_completion():
 def test_what_a_router_forwards(src, dst, fwd):
     l3 = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
     assert run.forwarded(run.parse_l3(bytes(Ether(**MACS) / l3 / UDP(sport=1, dport=2)))) is fwd
+
+
+def test_an_engine_error_on_a_captured_packet_is_one_line(caplog):
+    import logging
+    log = logging.getLogger("hybrid.engine.loop")
+    with run._one_line_engine_errors(), caplog.at_level(logging.ERROR):
+        try:
+            raise ValueError("bad packet")
+        except ValueError:
+            log.exception("queue %d: packet handling failed; accepted", 0)
+    rec = caplog.records[-1]
+    assert rec.exc_info is None and rec.getMessage() == "queue 0: packet handling failed; accepted: ValueError: bad packet"
+    assert not log.filters
