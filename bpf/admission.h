@@ -100,7 +100,7 @@ static __always_inline int admission_check(const struct hybrid_config *cfg, cons
 	if (!cfg->source_interval_ns && !cfg->global_interval_ns)
 		return HYBRID_CNT_FLAGGED;
 	if (!now)
-		now = bpf_ktime_get_ns();
+		now = hybrid_now();
 	over = admit(cfg, p->saddr, unproven || (flow && !flow->flagged),
 		     unproven || !(reasons & ~(HYBRID_REASON_PORT | HYBRID_REASON_PREFIX | HYBRID_REASON_INSPECT)),
 		     now);

@@ -61,7 +61,7 @@ static __always_inline int bans_match(const struct hybrid_config *cfg, const str
 	d = ban_until(p->daddr);
 	if (d > s)
 		s = d;
-	return s && s > bpf_ktime_get_ns();
+	return s && s > hybrid_now();
 }
 
 /* Is either port watched for the packet's protocol (TCP and UDP only)? Skipped, like the

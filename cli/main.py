@@ -95,6 +95,9 @@ main.add_command(name_cache)
 from .service import install_service  # noqa: E402
 
 main.add_command(install_service)
+from .replay import replay  # noqa: E402
+
+main.add_command(replay)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from hybrid.kernel import abi
 log = logging.getLogger(__name__)
 
 SOURCE_NAME = "hybrid.bpf.c"
+REPLAY_CLOCK_FLAG = "-DHYBRID_REPLAY_CLOCK"
+REPLAY_CLOCK_MAP = "hybrid_clock"     # bpf/hybrid.bpf.c, "The clock"
 _MAX_ENTRIES = 1 << 24
 
 
@@ -80,9 +82,11 @@ class Datapath:
     ``bpf`` is the bcc.BPF object (kept alive: closing it closes the program and map fds).
     """
 
-    def __init__(self, bpf, xdp_fd: int, tc_fd: int, pin_dir: str | None, names: bool = False):
+    def __init__(self, bpf, xdp_fd: int, tc_fd: int, pin_dir: str | None, names: bool = False,
+                 replay_clock: bool = False):
         self.bpf = bpf
         self.names = names              # built with the name cache (its maps and parser programs)
+        self.replay_clock = replay_clock  # built to read hybrid_clock, not CLOCK_MONOTONIC
         self.xdp_fd = xdp_fd
         self.tc_fd = tc_fd
         self.pin_dir = pin_dir
@@ -95,6 +99,15 @@ class Datapath:
         if self.names:
             fds.update({name: self.bpf.get_table(name.encode()).get_fd() for name in abi.NAME_CACHE_MAPS})
         return fds
+
+    def clock_fd(self) -> int:
+        """The fd of the replay clock (``hybrid_clock``: one __u64 of ns the programs read as the
+        time; owned by bcc, valid until close()). Only a replay build has one."""
+        if self.bpf is None:
+            raise HybridError("datapath is closed")
+        if not self.replay_clock:
+            raise HybridError("this datapath reads the kernel's clock: compile it with replay_clock=True")
+        return self.bpf.get_table(REPLAY_CLOCK_MAP.encode()).get_fd()
 
     def maps(self) -> Maps:
         """A Maps on duplicated fds: it stays usable after this Datapath is closed."""
@@ -120,19 +133,25 @@ class Datapath:
 
 def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TABLE_SIZE,
                      prefix_table_size: int = abi.PREFIX_TABLE_SIZE, ban_table_size: int = abi.BAN_TABLE_SIZE,
-                     extra_cflags: Sequence[str] = (), names: bool = False) -> Datapath:
+                     extra_cflags: Sequence[str] = (), names: bool = False,
+                     replay_clock: bool = False) -> Datapath:
     """Compile bpf/hybrid.bpf.c with bcc and load both programs (not attached anywhere).
 
     ``pin_dir``: a directory on a bpffs where every map is pinned (or reopened), or None for
     private maps that die with the returned Datapath. ``names``: compile in the name parsers
     and the name-verdict cache (-DHYBRID_NAMES) and load the parser programs into the program
     array tc tail-calls (bpf/namecache.h); they cost verifier time at every load.
+    ``replay_clock``: the programs read the time from the ``hybrid_clock`` array, which the
+    caller sets (:meth:`Datapath.clock_fd`), instead of CLOCK_MONOTONIC (-DHYBRID_REPLAY_CLOCK,
+    for hybrid.replay; a live build never has it). The compile cache keys on it like on every flag.
     """
     src_dir = bpf_dir()
     flags = cflags(pin_dir, flow_table_size=flow_table_size, prefix_table_size=prefix_table_size,
                    ban_table_size=ban_table_size, extra_cflags=extra_cflags, include_dir=src_dir)
     if names:
         flags.append("-DHYBRID_NAMES")
+    if replay_clock:
+        flags.append(REPLAY_CLOCK_FLAG)
     if pin_dir is not None and not os.path.isdir(pin_dir):
         raise NotFoundError(f"pin directory {pin_dir} does not exist (it must be on a mounted bpffs)")
     try:
@@ -160,7 +179,7 @@ def compile_datapath(pin_dir: str | None, *, flow_table_size: int = abi.FLOW_TAB
     except BaseException:
         bpf.cleanup()
         raise
-    return Datapath(bpf, xdp.fd, tc.fd, pin_dir, names)
+    return Datapath(bpf, xdp.fd, tc.fd, pin_dir, names, replay_clock)
 
 
 def _build(BPF, src: str, flags: list[str]):

@@ -348,6 +348,38 @@ def map_get_fd_by_id(map_id: int) -> int:
     return _check(lib().bpf_map_get_fd_by_id(map_id), f"opening BPF map id {map_id}")
 
 
+class BpfProgInfoStats(ctypes.Structure):
+    """uapi struct bpf_prog_info up to verified_insns (Linux 5.16): what the verifier processed
+    for the program. Pointers and counts of the arrays it could fill stay zero (none asked for)."""
+    _fields_ = BpfProgInfo._fields_ + [
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
+        ("attach_btf_obj_id", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("_pad2", ctypes.c_uint32),
+    ]
+
+
 def _info(fd: int, info, what: str):
     n = ctypes.c_uint32(ctypes.sizeof(info))
     _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.cast(ctypes.byref(info), ctypes.c_void_p), ctypes.byref(n)),
@@ -384,6 +416,19 @@ def prog_info(fd: int) -> ProgInfo:
     n = min(info.nr_map_ids, first.nr_map_ids)
     return ProgInfo(id=info.id, type=info.type, name=info.name.decode(errors="replace"),
                     map_ids=tuple(ids[i] for i in range(n)))
+
+
+def prog_tag(fd: int) -> str:
+    """The kernel's tag of a loaded program (hex): its hash of the program's instructions with
+    map references blanked, so two loads of the same build have the same tag."""
+    info = _info(fd, BpfProgInfo(), f"reading info of BPF program fd {fd}")
+    return bytes(info.tag).hex()
+
+
+def prog_verified_insns(fd: int) -> int:
+    """The instructions the verifier processed loading the program (0 before Linux 5.16); the
+    kernel's limit is 1,000,000."""
+    return _info(fd, BpfProgInfoStats(), f"reading info of BPF program fd {fd}").verified_insns
 
 
 def map_info(fd: int) -> MapInfo:
@@ -433,3 +478,37 @@ def prog_test_run(prog_fd: int, data: bytes, ctx=None, *, repeat: int = 1,
         ctx=ctx_out,
         duration_ns=opts.duration,
     )
+
+
+class TestRun:
+    """One program run again and again on frames of up to ``max_size`` bytes (BPF_PROG_TEST_RUN),
+    its buffers and options made once: a replay runs every packet of a capture this way. ``ctx``
+    (SkBuff or XdpMd) is passed in on every run (change its fields between runs);
+    :attr:`ctx_out` holds what the program left in it. The output frame is not copied back."""
+
+    def __init__(self, prog_fd: int, ctx, max_size: int, *, name: str = "program"):
+        self.prog_fd, self.name, self.max_size = prog_fd, name, max_size
+        self.buf = ctypes.create_string_buffer(max_size)
+        self.ctx = ctx
+        self.ctx_out = type(ctx)()
+        opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), repeat=1)
+        opts.data_in = ctypes.addressof(self.buf)
+        opts.ctx_in = ctypes.addressof(ctx)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
+        opts.ctx_out = ctypes.addressof(self.ctx_out)
+        opts.ctx_size_out = ctypes.sizeof(self.ctx_out)
+        self.opts = opts
+        self._ref = ctypes.byref(opts)
+        self._call = lib().bpf_prog_test_run_opts
+
+    def __call__(self, data: bytes) -> int:
+        """The program's return value on ``data`` (at most max_size bytes)."""
+        n = len(data)
+        ctypes.memmove(self.buf, data, n)
+        opts = self.opts
+        opts.data_size_in = n
+        opts.data_size_out = 0          # the kernel writes the output's size back; 0: none wanted
+        ret = self._call(self.prog_fd, self._ref)
+        if ret:
+            _check(ret, f"test run of {self.name}")
+        return self.opts.retval
