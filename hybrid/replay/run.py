@@ -397,6 +397,18 @@ def _engine_class():
                 self.stats.reject_send_errors += 1
                 log.debug("reject: %s not built (%s)", what, exc)
 
+        def _send_routed(self, out, version):     # reached only through _send_raw, replaced above
+            self.sent.append(out)
+
+        def _send_l2(self, out, pkt, what):       # likewise (a bridged packet's reject)
+            self.sent.append(out)
+
+        def _start_syn_learner(self):             # a packet socket reading this host's traffic: never
+            self._syn_learner = False
+
+        def _port_mac(self, index):               # the sides are no interfaces of this host
+            return None
+
         def _ifname(self, index):
             return self.side_names.get(index)
 
