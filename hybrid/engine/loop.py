@@ -98,6 +98,9 @@ class RateLimiter:
         return False
 
 
+NAME_LOG_MAX = 255     # a Host header may be long; a DNS name or SNI never is
+
+
 class VerdictLog:
     """JSON lines: time, queue, flow, rule, action (and the flow follow-up). Rate-limited; when
     lines were suppressed, the next line that passes says how many."""
@@ -108,10 +111,13 @@ class VerdictLog:
         self._lock = threading.Lock()      # the engine's thread and the name-cache reader
 
     def write(self, queue: int, pkt: Packet, d: Decision) -> None:
-        self._emit({"time": round(time.time(), 6), "queue": queue, "rule": d.rule, "action": d.action,
-                    "flow": d.flow, "proto": pkt.proto,
-                    "src": str(pkt.src) if pkt.version else None, "sport": pkt.sport,
-                    "dst": str(pkt.dst) if pkt.version else None, "dport": pkt.dport})
+        rec = {"time": round(time.time(), 6), "queue": queue, "rule": d.rule, "action": d.action,
+               "flow": d.flow, "proto": pkt.proto,
+               "src": str(pkt.src) if pkt.version else None, "sport": pkt.sport,
+               "dst": str(pkt.dst) if pkt.version else None, "dport": pkt.dport}
+        if named := pkt.names_read():     # the name the decision was about, as the rules read it
+            rec["view"], rec["name"] = named[0], named[1][:NAME_LOG_MAX]
+        self._emit(rec)
 
     def write_cache(self, queue: int, ev, rec: dict, admitted: bool = False) -> None:
         """A decision the kernel took from the name cache (``"by": "cache"``); ``admitted``: the

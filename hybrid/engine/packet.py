@@ -174,6 +174,18 @@ class Packet:
         p.doubt = None
         return p
 
+    def names_read(self) -> tuple[str, str] | None:
+        """(view, name) of the name the rules read from this packet, if one was read: ``http_host``,
+        ``tls_sni`` or ``dns_qname``. Nothing is parsed here (a view no rule read stays unread):
+        for the verdict log, which says what name a decision was about."""
+        if self._http is not _UNSET and self._http is not None and self._http.host:
+            return "http_host", self._http.host
+        if self._sni is not _UNSET and self._sni:
+            return "tls_sni", self._sni
+        if self._dns is not _UNSET and self._dns[1] is not None:
+            return "dns_qname", self._dns[1]
+        return None
+
     def set_sni(self, name: str | None) -> None:
         """Read this datagram's ``tls_sni`` view as ``name``: a server_name the engine read from
         the ClientHello carried in its QUIC Initial packets (hybrid.engine.quic), which a TLS
