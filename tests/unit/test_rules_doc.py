@@ -13,7 +13,8 @@ from hybrid.engine import rules as R
 
 pytestmark = pytest.mark.unit
 
-DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "rules.md")
+REPO = os.path.join(os.path.dirname(__file__), "..", "..")
+DOC = os.path.join(REPO, "docs", "rules.md")
 _ROW = re.compile(r"^\| `([a-z_.]+)` \|")
 
 
@@ -116,13 +117,25 @@ def test_every_value_of_an_enumerated_key_is_named(values):
     assert not missing, f"docs/rules.md never names the value(s) {', '.join(missing)}"
 
 
+EXPECT_EXAMPLE = os.path.join(REPO, "examples", "rules-tests", "dns-name-cache", "expect.toml")
+
+
 def test_every_toml_example_compiles():
     blocks = re.findall(r"```toml\n(.*?)```", doc_text(), re.S)
     assert len(blocks) >= 5
     for block in blocks:
+        if block.startswith("description = "):
+            continue        # the worked rules-test example: an expect.toml, checked below
         err = _error(block)
         assert err is None, f"a TOML example in docs/rules.md does not compile: {err}\n{block}"
 
 
 def test_the_rules_test_section_is_there():
     assert "`hybridctl rules test" in section("Testing rules against captures")
+
+
+def test_the_worked_rules_test_example_is_the_shipped_one():
+    """The doc's expect.toml is the one CI runs (tests/integration/test_replay_examples.py)."""
+    blocks = re.findall(r"```toml\n(.*?)```", section("Testing rules against captures"), re.S)
+    with open(EXPECT_EXAMPLE) as f:
+        assert blocks and blocks[0] == f.read(), "docs/rules.md's worked example differs from " + EXPECT_EXAMPLE
