@@ -50,6 +50,50 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not IS_ROOT and ("integration" in item.keywords or "bpf" in item.keywords):
             item.add_marker(skip)
+    if os.environ.get(SHARD_ENV):
+        _keep_shard(config, items, os.environ[SHARD_ENV])
+
+
+# -- shards: scripts/test.sh runs the whole suite as concurrent sessions ---------------------------
+# Most integration tests wait (on servers, timeouts, the kernel) more than they compute: one session
+# kept a 2-core machine at a load of 0.7. Each session keeps the modules of its shard, whole (a
+# module's lab fixture stays in one session), assigned longest first to the shard with the least
+# time so far, by tests/shard_weights.json (seconds per module as measured; a module not listed
+# counts 0.05 s per unit test, 3 s per other test). Every session computes the same assignment from the same
+# collection. Sessions do not disturb each other: every namespace, lab, pin and run file is named
+# after the session (leakcheck.session_tag), and so is the leak check.
+SHARD_ENV = "HYBRID_TEST_SHARD"       # "I/N": keep shard I of N (1-based)
+SHARD_WEIGHTS = os.path.join(os.path.dirname(__file__), "shard_weights.json")
+
+
+def _keep_shard(config, items, spec: str) -> None:
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+        if not 1 <= index <= count:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"{SHARD_ENV}={spec!r}: write I/N with 1 <= I <= N") from None
+    import json
+    with open(SHARD_WEIGHTS) as f:
+        weights = json.load(f)
+    modules: dict[str, int] = {}
+    for item in items:
+        mod = item.nodeid.split("::", 1)[0]
+        modules[mod] = modules.get(mod, 0) + 1
+    def weight(mod: str) -> float:
+        return weights.get(mod, modules[mod] * (0.05 if mod.startswith("tests/unit/") else 3.0))
+
+    load = [0.0] * count
+    shard_of = {}
+    for mod in sorted(modules, key=lambda m: (-weight(m), m)):
+        i = min(range(count), key=lambda k: (load[k], k))
+        shard_of[mod] = i
+        load[i] += weight(mod)
+    keep = [it for it in items if shard_of[it.nodeid.split("::", 1)[0]] == index - 1]
+    dropped = [it for it in items if shard_of[it.nodeid.split("::", 1)[0]] != index - 1]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
 
 
 def pytest_unconfigure(config):
