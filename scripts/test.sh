@@ -32,12 +32,15 @@ trap 'exit 130' INT TERM
 # One BPF compile cache for every session (hybrid.datapath.objcache writes entries atomically).
 export HYBRID_BPF_CACHE="$work/bpf-cache"
 mkdir -p "$HYBRID_BPF_CACHE"
+# A background job of a non-interactive shell starts with SIGINT and SIGQUIT ignored, and so would every
+# process the tests start (a hybridctl that must stop on Ctrl-C, tested): undo that before pytest.
+session=("$py" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); signal.signal(signal.SIGQUIT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])'
+         "$py" -m pytest -W error -ra --durations=15 -p no:cacheprovider)
 for i in $(seq 1 "$shards"); do
   if [ "$i" = 1 ]; then
-    HYBRID_TEST_SHARD="$i/$shards" "$py" -m pytest -W error -ra --durations=15 -p no:cacheprovider &
+    HYBRID_TEST_SHARD="$i/$shards" "${session[@]}" &
   else
-    HYBRID_TEST_SHARD="$i/$shards" "$py" -m pytest -W error -ra --durations=15 -p no:cacheprovider \
-      >"$work/shard-$i.log" 2>&1 &
+    HYBRID_TEST_SHARD="$i/$shards" "${session[@]}" >"$work/shard-$i.log" 2>&1 &
   fi
   pids+=("$!")
 done
