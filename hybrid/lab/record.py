@@ -74,6 +74,7 @@ DNS_NAMES = ("dns.allowed.test", "dns.blocked.test")
 HTTP_PORT, TLS_PORT, IPERF_PORT = 80, 443, 5201
 CLIENT_TIMEOUT = 3          # seconds a client waits for an answer (a dropped request times out)
 SENTINEL = "6879627269642d7265636f7264"     # ping -p: "hybrid-record", the capture's last frames
+START_SENTINEL = "6879627269642d7374617274"   # ping -p: "hybrid-start", the capture's first frames
 FLUSH_TIMEOUT = 15.0
 DUMPCAP_BUFFER_MB = 64      # per link: a bulk burst must not overflow the kernel's capture ring
 
@@ -301,6 +302,39 @@ class _Capture:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise HybridError(f"dumpcap on {ifname} did not start: {self._reason(ifname)}")
                 time.sleep(0.05)
+        self._ready()
+
+    def _ready(self) -> None:
+        """Ping each way until each link's file holds one of these pings: only then is the
+        capture really running. A dumpcap that has said "Capturing on" can still miss the next
+        packets (seen in CI under load: the client's first requests were not in the file)."""
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        pending = set(IFACES)
+        while pending:
+            self._ping(START_SENTINEL)
+            until = time.monotonic() + 1.0
+            while pending and time.monotonic() < until:
+                pending -= {ifname for ifname in pending if self._holds(ifname, START_SENTINEL)}
+                if pending:
+                    time.sleep(0.1)
+            if pending and time.monotonic() > deadline:
+                raise HybridError(f"the capture on {', '.join(sorted(pending))} never saw its start ping "
+                                  f"within {FLUSH_TIMEOUT:g} s")
+
+    def _ping(self, pattern: str) -> None:
+        i = self.lab.info
+        for role, dst in (("client", i.server.ipv4), ("server", i.client.ipv4)):
+            self.lab.run(role, ["ping", "-n", "-q", "-c", "1", "-W", "1", "-p", pattern, dst], check=False, timeout=10)
+
+    def _holds(self, ifname: str, pattern: str) -> bool:
+        """Whether the link's file holds an echo request padded with ``pattern``. dumpcap writes
+        the file out at each of its updates (every 0.1 s with new packets); a file read mid-write
+        ends short, which tshark reports and survives."""
+        want = ":".join(pattern[k:k + 2] for k in range(0, len(pattern), 2))
+        proc = subprocess.run([_tool("tshark"), "-n", "-r", self.files[ifname], "-Y",
+                               f"icmp.type == 8 and data.data contains {want}", "-T", "fields",
+                               "-e", "frame.number"], capture_output=True, text=True, timeout=60)
+        return bool(proc.stdout.strip())
 
     def _log(self, ifname: str) -> str:
         with open(self.errs[ifname], errors="replace") as f:
@@ -313,22 +347,11 @@ class _Capture:
     def flush(self) -> None:
         """Send the sentinels (a ping each way, padded with SENTINEL) and wait until each link's
         file holds its own: then everything sent before them is in the files too."""
-        i = self.lab.info
-        for role, dst in (("client", i.server.ipv4), ("server", i.client.ipv4)):
-            self.lab.run(role, ["ping", "-n", "-q", "-c", "1", "-W", "1", "-p", SENTINEL, dst], check=False, timeout=10)
-        tshark = _tool("tshark")
-        want = ":".join(SENTINEL[k:k + 2] for k in range(0, len(SENTINEL), 2))
+        self._ping(SENTINEL)
         deadline = time.monotonic() + FLUSH_TIMEOUT
         pending = set(IFACES)
         while pending:
-            for ifname in sorted(pending):
-                # dumpcap writes the file out at each of its updates (every 0.1 s with new
-                # packets); a file read mid-write ends short, which tshark reports and survives.
-                proc = subprocess.run([tshark, "-n", "-r", self.files[ifname], "-Y",
-                                       f"icmp.type == 8 and data.data contains {want}", "-T", "fields",
-                                       "-e", "frame.number"], capture_output=True, text=True, timeout=60)
-                if proc.stdout.strip():
-                    pending.discard(ifname)
+            pending -= {ifname for ifname in pending if self._holds(ifname, SENTINEL)}
             if pending and time.monotonic() > deadline:
                 raise HybridError(f"the capture on {', '.join(sorted(pending))} did not receive its sentinel "
                                   f"ping within {FLUSH_TIMEOUT:g} s")
